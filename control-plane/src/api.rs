@@ -1,0 +1,600 @@
+//! The management HTTP API (TCP): routes, authentication and request bodies.
+//! `control-plane/API.md` is the contract; every handler is a thin translation to a
+//! [`Store`] operation, run on the blocking pool because sled flushes and Argon2id
+//! block.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use agent_vault_rules::{Grant, Role, Service, UnmatchedHostPolicy};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::Secret;
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::users::LoginLimiter;
+use crate::vaults::{Principal, VaultRole};
+
+/// Largest request body the API reads.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Cookie the browser UI carries the session in.
+pub const SESSION_COOKIE: &str = "av_session";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub limiter: Arc<LoginLimiter>,
+    /// Base URL for links shown to humans (approval links).
+    pub public_url: String,
+    pub snapshots: crate::dataplane::SharedSnapshotCache,
+}
+
+impl AppState {
+    pub fn new(store: Arc<Store>, public_url: &str) -> AppState {
+        AppState {
+            store,
+            limiter: Arc::new(LoginLimiter::default()),
+            public_url: public_url.trim_end_matches('/').to_string(),
+            snapshots: Arc::default(),
+        }
+    }
+}
+
+/// Runs a store operation on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("task failed: {e}")))?
+}
+
+/// A JSON body: at most [`MAX_BODY_BYTES`], unknown fields refused by the types.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a request body, telling malformed JSON from a well-formed wrong shape.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            Error::bad_request("invalid_request", format!("invalid request body: {e}"))
+        }
+        _ => Error::bad_request("invalid_json", format!("malformed JSON: {e}")),
+    })
+}
+
+/// The authenticated caller.
+pub struct Caller(pub Principal);
+
+/// The bearer token, or the UI's session cookie.
+pub fn presented_token(headers: &HeaderMap) -> Option<String> {
+    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.to_string())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let token = presented_token(&parts.headers).ok_or_else(|| {
+            Error::Unauthorized("not logged in: send Authorization: Bearer <token>".into())
+        })?;
+        let store = state.store.clone();
+        blocking(move || store.authenticate(&token)).await.map(Caller)
+    }
+}
+
+/// The vault an agent-facing request is about: `X-Vault`, else the agent's only vault.
+pub fn requested_vault(headers: &HeaderMap, principal: &Principal) -> Result<String> {
+    if let Some(vault) = headers.get("x-vault").and_then(|v| v.to_str().ok()) {
+        return Ok(vault.trim().to_string());
+    }
+    match principal {
+        Principal::Agent { grants, .. } if grants.len() == 1 => Ok(grants[0].vault.clone()),
+        Principal::Agent { .. } => Err(Error::bad_request(
+            "vault_required",
+            "this agent has several vaults: name one with the X-Vault header",
+        )),
+        Principal::User { .. } => Ok(crate::vaults::DEFAULT_VAULT.to_string()),
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/auth/register", post(register))
+        .route("/v1/auth/login", post(login))
+        .route("/v1/auth/logout", post(logout))
+        .route("/v1/auth/whoami", get(whoami))
+        .route("/v1/vaults", get(list_vaults).post(create_vault))
+        .route("/v1/vaults/{vault}", axum::routing::patch(update_vault).delete(delete_vault))
+        .route("/v1/vaults/{vault}/users", get(list_members).post(add_member))
+        .route("/v1/vaults/{vault}/users/{email}", axum::routing::delete(remove_member))
+        .route("/v1/vaults/{vault}/credentials", get(list_credentials).post(set_credentials))
+        .route("/v1/vaults/{vault}/credentials/delete", post(delete_credentials))
+        .route("/v1/vaults/{vault}/credentials/{key}", get(get_credential))
+        .route(
+            "/v1/vaults/{vault}/services",
+            get(list_services).post(add_service).put(replace_services),
+        )
+        .route("/v1/vaults/{vault}/services/{name}", axum::routing::delete(remove_service))
+        .route("/v1/vaults/{vault}/services/{name}/enable", post(enable_service))
+        .route("/v1/vaults/{vault}/services/{name}/disable", post(disable_service))
+        .route("/v1/agents", get(list_agents).post(create_agent))
+        .route("/v1/agents/{name}", axum::routing::delete(revoke_agent))
+        .route("/v1/agents/{name}/rotate", post(rotate_agent))
+        .route("/discover", get(discover))
+        .route("/v1/master-password", post(change_master_password))
+        .route("/v1/master-key/rotate", post(rotate_master_key))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> Error {
+    Error::not_found("not_found", "no such route")
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Runs `f(store, principal)` on the blocking pool and answers JSON.
+async fn with_store<T: Serialize + Send + 'static>(
+    state: &AppState,
+    caller: Caller,
+    f: impl FnOnce(&Store, &Principal) -> Result<T> + Send + 'static,
+) -> Result<Json<T>> {
+    let store = state.store.clone();
+    blocking(move || f(&store, &caller.0)).await.map(Json)
+}
+
+fn no_content<T>(result: Result<Json<T>>) -> Result<StatusCode> {
+    result.map(|_| StatusCode::NO_CONTENT)
+}
+
+fn created<T: Serialize>(result: Result<Json<T>>) -> Result<Response> {
+    result.map(|body| (StatusCode::CREATED, body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    email: String,
+    password: String,
+    #[serde(default)]
+    invite: Option<String>,
+}
+
+async fn register(State(state): State<AppState>, JsonBody(body): JsonBody<RegisterBody>) -> Result<Response> {
+    let store = state.store.clone();
+    let registered =
+        blocking(move || store.register(&body.email, &body.password, body.invite.as_deref())).await?;
+    Ok((StatusCode::CREATED, Json(registered)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginBody>) -> Result<Response> {
+    let store = state.store.clone();
+    let limiter = state.limiter.clone();
+    let logged_in = blocking(move || store.login(&limiter, &body.email, &body.password)).await?;
+    Ok(Json(logged_in).into_response())
+}
+
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<StatusCode> {
+    let token = presented_token(&headers)
+        .ok_or_else(|| Error::Unauthorized("not logged in".into()))?;
+    let store = state.store.clone();
+    blocking(move || {
+        store.authenticate(&token)?;
+        store.logout(&token)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn whoami(caller: Caller) -> Json<serde_json::Value> {
+    Json(match caller.0 {
+        Principal::User { email, owner } => {
+            serde_json::json!({"kind": "user", "email": email, "owner": owner})
+        }
+        Principal::Agent { name, grants } => {
+            serde_json::json!({"kind": "agent", "name": name, "vaults": grants})
+        }
+    })
+}
+
+async fn list_vaults(State(state): State<AppState>, caller: Caller) -> Result<Response> {
+    Ok(with_store(&state, caller, |store, who| store.list_vaults(who)).await?.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVaultBody {
+    name: String,
+}
+
+async fn create_vault(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateVaultBody>,
+) -> Result<Response> {
+    created(with_store(&state, caller, move |store, who| store.create_vault(who, &body.name)).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateVaultBody {
+    unmatched_host_policy: UnmatchedHostPolicy,
+}
+
+async fn update_vault(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    JsonBody(body): JsonBody<UpdateVaultBody>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| {
+        store.update_vault_policy(who, &vault, body.unmatched_host_policy)
+    })
+    .await?
+    .into_response())
+}
+
+async fn delete_vault(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+) -> Result<StatusCode> {
+    no_content(with_store(&state, caller, move |store, who| store.delete_vault(who, &vault)).await)
+}
+
+async fn list_members(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| store.list_members(who, &vault))
+        .await?
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMemberBody {
+    email: String,
+    role: VaultRole,
+}
+
+async fn add_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    JsonBody(body): JsonBody<AddMemberBody>,
+) -> Result<Response> {
+    created(
+        with_store(&state, caller, move |store, who| {
+            store.add_member(who, &vault, &body.email, body.role)
+        })
+        .await,
+    )
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, email)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    no_content(
+        with_store(&state, caller, move |store, who| store.remove_member(who, &vault, &email)).await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevealQuery {
+    #[serde(default)]
+    reveal: bool,
+}
+
+async fn list_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    Query(query): Query<RevealQuery>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| {
+        store.list_credentials(who, &vault, query.reveal)
+    })
+    .await?
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetCredentialsBody {
+    credentials: BTreeMap<String, Secret>,
+}
+
+async fn set_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    JsonBody(body): JsonBody<SetCredentialsBody>,
+) -> Result<Response> {
+    let set = with_store(&state, caller, move |store, who| {
+        store.set_credentials(who, &vault, &body.credentials)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"set": set.0})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteCredentialsBody {
+    keys: Vec<String>,
+}
+
+async fn delete_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    JsonBody(body): JsonBody<DeleteCredentialsBody>,
+) -> Result<Response> {
+    let deleted = with_store(&state, caller, move |store, who| {
+        store.delete_credentials(who, &vault, &body.keys)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"deleted": deleted.0})).into_response())
+}
+
+async fn get_credential(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, key)): Path<(String, String)>,
+) -> Result<Response> {
+    let value = with_store(&state, caller, move |store, who| {
+        let secret = store.get_credential(who, &vault, &key)?;
+        Ok(serde_json::json!({"key": key, "value": secret.expose()}))
+    })
+    .await?;
+    Ok(value.into_response())
+}
+
+async fn list_services(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| store.list_services(who, &vault))
+        .await?
+        .into_response())
+}
+
+async fn add_service(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    JsonBody(service): JsonBody<Service>,
+) -> Result<Response> {
+    created(with_store(&state, caller, move |store, who| store.add_service(who, &vault, service)).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplaceServicesBody {
+    services: Vec<Service>,
+}
+
+async fn replace_services(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    JsonBody(body): JsonBody<ReplaceServicesBody>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| {
+        store.replace_services(who, &vault, body.services)
+    })
+    .await?
+    .into_response())
+}
+
+async fn remove_service(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, name)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    no_content(
+        with_store(&state, caller, move |store, who| store.remove_service(who, &vault, &name)).await,
+    )
+}
+
+async fn enable_service(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, name)): Path<(String, String)>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| {
+        store.set_service_enabled(who, &vault, &name, true)
+    })
+    .await?
+    .into_response())
+}
+
+async fn disable_service(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, name)): Path<(String, String)>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| {
+        store.set_service_enabled(who, &vault, &name, false)
+    })
+    .await?
+    .into_response())
+}
+
+async fn list_agents(State(state): State<AppState>, caller: Caller) -> Result<Response> {
+    Ok(with_store(&state, caller, |store, who| store.list_agents(who)).await?.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    vault: String,
+    #[serde(default)]
+    role: Role,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAgentBody {
+    name: String,
+    vaults: Vec<GrantBody>,
+    #[serde(default)]
+    expires_at: Option<i64>,
+}
+
+async fn create_agent(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateAgentBody>,
+) -> Result<Response> {
+    let grants = body
+        .vaults
+        .into_iter()
+        .map(|g| Grant { vault: g.vault, role: g.role })
+        .collect();
+    created(
+        with_store(&state, caller, move |store, who| {
+            store.create_agent(who, &body.name, grants, body.expires_at)
+        })
+        .await,
+    )
+}
+
+async fn revoke_agent(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    no_content(with_store(&state, caller, move |store, who| store.revoke_agent(who, &name)).await)
+}
+
+async fn rotate_agent(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    Ok(with_store(&state, caller, move |store, who| store.rotate_agent(who, &name))
+        .await?
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct DiscoveredService {
+    name: String,
+    host: String,
+    auth_type: &'static str,
+    enabled: bool,
+}
+
+async fn discover(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Result<Response> {
+    let vault = requested_vault(&headers, &caller.0)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        let (record, _) = store.access(who, &vault)?;
+        let services: Vec<DiscoveredService> = store
+            .services_of(&record.id)?
+            .into_iter()
+            .map(|s| DiscoveredService {
+                auth_type: s.auth.type_name(),
+                name: s.name,
+                host: s.host,
+                enabled: s.enabled,
+            })
+            .collect();
+        let credentials: Vec<String> = store.credential_keys(&record.id)?.into_iter().collect();
+        Ok(serde_json::json!({"vault": vault, "services": services, "credentials": credentials}))
+    })
+    .await?
+    .into_response())
+}
+
+fn require_owner(principal: &Principal) -> Result<()> {
+    match principal {
+        Principal::User { owner: true, .. } => Ok(()),
+        _ => Err(Error::forbidden("only the owner can manage the master key")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MasterPasswordBody {
+    current: Option<String>,
+    new: Option<String>,
+}
+
+async fn change_master_password(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<MasterPasswordBody>,
+) -> Result<StatusCode> {
+    no_content(
+        with_store(&state, caller, move |store, who| {
+            require_owner(who)?;
+            if let Some(new) = &body.new {
+                if new.chars().count() < crate::users::MIN_PASSWORD_LEN {
+                    return Err(Error::bad_request(
+                        "weak_password",
+                        format!("the master password needs at least {} characters", crate::users::MIN_PASSWORD_LEN),
+                    ));
+                }
+            }
+            let current = body.current.as_deref().filter(|c| !c.is_empty());
+            store.change_master_password(current, body.new.as_deref())
+        })
+        .await,
+    )
+}
+
+async fn rotate_master_key(State(state): State<AppState>, caller: Caller) -> Result<Response> {
+    let count = with_store(&state, caller, |store, who| {
+        require_owner(who)?;
+        store.rotate_data_key()
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"reencrypted": count.0})).into_response())
+}

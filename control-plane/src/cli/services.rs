@@ -1,0 +1,640 @@
+//! `agent-vault vault service`: the rules that say which host gets which credential.
+//!
+//! `service add` turns flags into the service JSON of DESIGN.md §5; the server (through
+//! the `agent-vault-rules` crate) validates hosts and templates. The CLI only checks
+//! what it can say more clearly: which flag is missing or does not fit the auth type.
+
+use std::io::Read;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Map, Value};
+
+use super::client::api_path;
+use super::context::Context;
+use super::credentials::check_key;
+use super::output::{self, str_field};
+use super::vaults::yes_no;
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Add a service: a host and how to authenticate to it
+    Add(AddService),
+    /// List the vault's services in match order
+    List,
+    /// Remove a service
+    Remove { name: String },
+    /// Enable a disabled service
+    Enable { name: String },
+    /// Disable a service (the proxy answers 403 service_disabled)
+    Disable { name: String },
+    /// Replace every service of the vault with the ones in a JSON file, atomically
+    Set {
+        /// A JSON array of services or {"services": [...]}; `-` reads stdin
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthType {
+    /// Authorization: Bearer <token-key>
+    Bearer,
+    /// Authorization: Basic base64(<username-key>:<password-key>)
+    Basic,
+    /// <api-key-header>: <api-key-prefix><api-key-key>
+    ApiKey,
+    /// Headers rendered from templates (--custom-header)
+    Custom,
+    /// Allow the host, inject nothing
+    Passthrough,
+}
+
+impl AuthType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bearer => "bearer",
+            Self::Basic => "basic",
+            Self::ApiKey => "api-key",
+            Self::Custom => "custom",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AddService {
+    /// Service name, unique in the vault
+    #[arg(long)]
+    pub name: String,
+    /// api.stripe.com, *.github.com, with optional :port and /path* suffix
+    #[arg(long)]
+    pub host: String,
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub auth_type: AuthType,
+    /// Credential key of the bearer token (bearer)
+    #[arg(long, value_name = "KEY")]
+    pub token_key: Option<String>,
+    /// Credential key of the username (basic)
+    #[arg(long, value_name = "KEY")]
+    pub username_key: Option<String>,
+    /// Credential key of the password (basic)
+    #[arg(long, value_name = "KEY")]
+    pub password_key: Option<String>,
+    /// Credential key of the API key (api-key)
+    #[arg(long, value_name = "KEY")]
+    pub api_key_key: Option<String>,
+    /// Header that carries the API key (api-key) [default: x-api-key]
+    #[arg(long, value_name = "HEADER")]
+    pub api_key_header: Option<String>,
+    /// Text before the API key in the header, e.g. "Token " (api-key) [default: ""]
+    #[arg(long, value_name = "PREFIX", allow_hyphen_values = true)]
+    pub api_key_prefix: Option<String>,
+    /// A header and its template, e.g. 'X-Token: tok {{ KEY }}' (custom; repeatable)
+    #[arg(long = "custom-header", value_name = "'HEADER: TEMPLATE'")]
+    pub custom_header: Vec<String>,
+    /// Talk plain HTTP to the upstream (internal services only)
+    #[arg(long)]
+    pub no_upstream_tls: bool,
+    /// Add the service disabled
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+pub fn run(cmd: ServiceCommand, ctx: &Context) -> anyhow::Result<()> {
+    let vault = ctx.vault().name;
+    match cmd {
+        ServiceCommand::Add(args) => add(ctx, &vault, &args),
+        ServiceCommand::List => list(ctx, &vault),
+        ServiceCommand::Remove { name } => {
+            ctx.client()?
+                .delete(&api_path(&["v1", "vaults", &vault, "services", &name]))?;
+            output::line(&format!("Removed service {name} from vault {vault}"))
+        }
+        ServiceCommand::Enable { name } => toggle(ctx, &vault, &name, true),
+        ServiceCommand::Disable { name } => toggle(ctx, &vault, &name, false),
+        ServiceCommand::Set { file } => set(ctx, &vault, &file),
+    }
+}
+
+/// The `auth` object of DESIGN.md §5 for `service add`'s flags.
+pub fn build_auth(args: &AddService) -> anyhow::Result<Value> {
+    let kind = args.auth_type;
+    // A flag for another auth type is a mistake worth stopping on, not ignoring.
+    let flags: [(&str, bool, &[AuthType]); 7] = [
+        ("--token-key", args.token_key.is_some(), &[AuthType::Bearer]),
+        (
+            "--username-key",
+            args.username_key.is_some(),
+            &[AuthType::Basic],
+        ),
+        (
+            "--password-key",
+            args.password_key.is_some(),
+            &[AuthType::Basic],
+        ),
+        (
+            "--api-key-key",
+            args.api_key_key.is_some(),
+            &[AuthType::ApiKey],
+        ),
+        (
+            "--api-key-header",
+            args.api_key_header.is_some(),
+            &[AuthType::ApiKey],
+        ),
+        (
+            "--api-key-prefix",
+            args.api_key_prefix.is_some(),
+            &[AuthType::ApiKey],
+        ),
+        (
+            "--custom-header",
+            !args.custom_header.is_empty(),
+            &[AuthType::Custom],
+        ),
+    ];
+    for (flag, given, applies_to) in flags {
+        if given && !applies_to.contains(&kind) {
+            bail!("{flag} does not apply to --auth-type {}", kind.as_str());
+        }
+    }
+    let required = |value: &Option<String>, flag: &str| -> anyhow::Result<String> {
+        let key = value
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| anyhow!("--auth-type {} needs {flag} KEY", kind.as_str()))?;
+        check_key(key)?;
+        Ok(key.to_owned())
+    };
+    Ok(match kind {
+        AuthType::Bearer => json!({
+            "type": "bearer",
+            "token": required(&args.token_key, "--token-key")?,
+        }),
+        AuthType::Basic => json!({
+            "type": "basic",
+            "username": required(&args.username_key, "--username-key")?,
+            "password": required(&args.password_key, "--password-key")?,
+        }),
+        AuthType::ApiKey => {
+            let header = args.api_key_header.as_deref().unwrap_or("x-api-key");
+            if header.trim().is_empty() {
+                bail!("--api-key-header cannot be empty");
+            }
+            json!({
+                "type": "api-key",
+                "key": required(&args.api_key_key, "--api-key-key")?,
+                "header": header.trim(),
+                "prefix": args.api_key_prefix.as_deref().unwrap_or(""),
+            })
+        }
+        AuthType::Custom => {
+            if args.custom_header.is_empty() {
+                bail!("--auth-type custom needs --custom-header 'HEADER: TEMPLATE' (at least one)");
+            }
+            let mut headers = Map::new();
+            for raw in &args.custom_header {
+                let (name, template) = parse_custom_header(raw)?;
+                if headers.keys().any(|h| h.eq_ignore_ascii_case(&name)) {
+                    bail!("--custom-header {name} is given twice");
+                }
+                headers.insert(name, Value::String(template));
+            }
+            json!({ "type": "custom", "headers": headers })
+        }
+        AuthType::Passthrough => json!({ "type": "passthrough" }),
+    })
+}
+
+/// `'X-Token: tok {{ KEY }}'` → `("X-Token", "tok {{ KEY }}")`.
+pub fn parse_custom_header(raw: &str) -> anyhow::Result<(String, String)> {
+    let Some((name, template)) = raw.split_once(':') else {
+        bail!("--custom-header expects 'HEADER: TEMPLATE', e.g. 'X-Token: tok {{{{ KEY }}}}'");
+    };
+    let name = name.trim();
+    let template = template.trim();
+    let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token_char) {
+        bail!("--custom-header has an invalid header name {name:?}");
+    }
+    if template.is_empty() {
+        bail!("--custom-header {name} has an empty template");
+    }
+    Ok((name.to_owned(), template.to_owned()))
+}
+
+/// The service JSON that `service add` sends.
+pub fn build_service(args: &AddService) -> anyhow::Result<Value> {
+    Ok(json!({
+        "name": args.name,
+        "host": args.host,
+        "enabled": !args.disabled,
+        "auth": build_auth(args)?,
+        "upstream_tls": !args.no_upstream_tls,
+    }))
+}
+
+fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
+    let service = build_service(args)?;
+    let added = ctx
+        .client()?
+        .post(&api_path(&["v1", "vaults", vault, "services"]), &service)?;
+    if ctx.json {
+        return output::json(&added);
+    }
+    output::line(&format!(
+        "Added service {} ({}, {}) to vault {vault}{}",
+        args.name,
+        args.host,
+        args.auth_type.as_str(),
+        if args.disabled { ", disabled" } else { "" }
+    ))
+}
+
+fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
+    let services = ctx
+        .client()?
+        .get(&api_path(&["v1", "vaults", vault, "services"]))?;
+    if ctx.json {
+        return output::json(&services);
+    }
+    let rows: Vec<Vec<String>> = output::items(&services)
+        .iter()
+        .map(|s| {
+            let auth = s.get("auth").unwrap_or(&Value::Null);
+            vec![
+                str_field(s, "name").to_owned(),
+                str_field(s, "host").to_owned(),
+                str_field(auth, "type").to_owned(),
+                auth_keys(auth).join(","),
+                yes_no(s.get("enabled")).to_owned(),
+                yes_no(s.get("upstream_tls")).to_owned(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return output::line(&format!("No services in vault {vault}"));
+    }
+    output::text(&output::table(
+        &["NAME", "HOST", "AUTH", "KEYS", "ENABLED", "TLS"],
+        &rows,
+    ))
+}
+
+/// The credential keys an auth object references, for the `KEYS` column.
+fn auth_keys(auth: &Value) -> Vec<String> {
+    let field = |name: &str| str_field(auth, name).to_owned();
+    match str_field(auth, "type") {
+        "bearer" => vec![field("token")],
+        "basic" => vec![field("username"), field("password")],
+        "api-key" => vec![field("key")],
+        "custom" => {
+            let mut keys = Vec::new();
+            if let Some(headers) = auth.get("headers").and_then(Value::as_object) {
+                for template in headers.values().filter_map(Value::as_str) {
+                    for key in template_keys(template) {
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+            keys
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// `tok {{ A }}:{{B}}` → `["A", "B"]` (display only; the rules crate is the parser).
+fn template_keys(template: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else { break };
+        keys.push(after[..end].trim().to_owned());
+        rest = &after[end + 2..];
+    }
+    keys
+}
+
+fn toggle(ctx: &Context, vault: &str, name: &str, enable: bool) -> anyhow::Result<()> {
+    let action = if enable { "enable" } else { "disable" };
+    let service = ctx.client()?.post(
+        &api_path(&["v1", "vaults", vault, "services", name, action]),
+        &json!({}),
+    )?;
+    if ctx.json {
+        return output::json(&service);
+    }
+    output::line(&format!(
+        "{} service {name} in vault {vault}",
+        if enable { "Enabled" } else { "Disabled" }
+    ))
+}
+
+/// Reads `service set -f`'s input: a JSON array of services or `{"services": [...]}`.
+pub fn parse_services_file(text: &str, source: &str) -> anyhow::Result<Vec<Value>> {
+    let value: Value =
+        serde_json::from_str(text).with_context(|| format!("{source} is not valid JSON"))?;
+    let shape =
+        || anyhow!("{source}: expected a JSON array of services or {{\"services\": [...]}}");
+    let services = match value {
+        Value::Array(services) => services,
+        Value::Object(mut object) => {
+            if let Some(other) = object.keys().find(|k| k.as_str() != "services") {
+                bail!("{source}: unexpected field {other:?}; expected {{\"services\": [...]}}");
+            }
+            match object.remove("services") {
+                Some(Value::Array(services)) => services,
+                _ => return Err(shape()),
+            }
+        }
+        _ => return Err(shape()),
+    };
+    if let Some(i) = services.iter().position(|s| !s.is_object()) {
+        bail!("{source}: service #{} is not a JSON object", i + 1);
+    }
+    Ok(services)
+}
+
+fn set(ctx: &Context, vault: &str, file: &str) -> anyhow::Result<()> {
+    let (text, source) = if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the services from stdin")?;
+        (text, "stdin".to_owned())
+    } else {
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
+        (text, file.to_owned())
+    };
+    let services = parse_services_file(&text, &source)?;
+    let client = ctx.client()?;
+    let applied = client.put(
+        &api_path(&["v1", "vaults", vault, "services"]),
+        &json!({ "services": services }),
+    )?;
+    if ctx.json {
+        return output::json(&applied);
+    }
+    let names: Vec<&str> = output::items(&applied)
+        .iter()
+        .map(|s| str_field(s, "name"))
+        .collect();
+    let names = if names.is_empty() && !applied.is_array() {
+        services.iter().map(|s| str_field(s, "name")).collect()
+    } else {
+        names
+    };
+    let mut message = format!(
+        "Vault {vault} now has {}",
+        output::count(names.len(), "service", "services")
+    );
+    if !names.is_empty() {
+        message.push_str(&format!(": {}", names.join(", ")));
+    }
+    output::line(&message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Parses `service add` flags the way the CLI does.
+    fn add_args(flags: &[&str]) -> AddService {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            add: AddService,
+        }
+        let args = std::iter::once("add").chain(flags.iter().copied());
+        match Wrapper::try_parse_from(args) {
+            Ok(w) => w.add,
+            Err(err) => panic!("{flags:?}: {err}"),
+        }
+    }
+
+    fn auth(flags: &[&str]) -> anyhow::Result<Value> {
+        let mut all = vec!["--name", "svc", "--host", "api.example.com"];
+        all.extend_from_slice(flags);
+        build_auth(&add_args(&all))
+    }
+
+    fn err(flags: &[&str]) -> String {
+        match auth(flags) {
+            Ok(v) => panic!("{flags:?} built {v}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bearer() {
+        assert_eq!(
+            auth(&["--auth-type", "bearer", "--token-key", "STRIPE_KEY"]).unwrap(),
+            json!({"type": "bearer", "token": "STRIPE_KEY"})
+        );
+        assert_eq!(
+            err(&["--auth-type", "bearer"]),
+            "--auth-type bearer needs --token-key KEY"
+        );
+    }
+
+    #[test]
+    fn basic() {
+        assert_eq!(
+            auth(&[
+                "--auth-type",
+                "basic",
+                "--username-key",
+                "U",
+                "--password-key",
+                "P"
+            ])
+            .unwrap(),
+            json!({"type": "basic", "username": "U", "password": "P"})
+        );
+        assert_eq!(
+            err(&["--auth-type", "basic", "--username-key", "U"]),
+            "--auth-type basic needs --password-key KEY"
+        );
+        assert_eq!(
+            err(&["--auth-type", "basic", "--password-key", "P"]),
+            "--auth-type basic needs --username-key KEY"
+        );
+    }
+
+    #[test]
+    fn api_key_with_defaults() {
+        assert_eq!(
+            auth(&["--auth-type", "api-key", "--api-key-key", "OPENAI_KEY"]).unwrap(),
+            json!({"type": "api-key", "key": "OPENAI_KEY", "header": "x-api-key", "prefix": ""})
+        );
+    }
+
+    #[test]
+    fn api_key_with_header_and_prefix() {
+        assert_eq!(
+            auth(&[
+                "--auth-type",
+                "api-key",
+                "--api-key-key",
+                "K",
+                "--api-key-header",
+                "Authorization",
+                "--api-key-prefix",
+                "Token "
+            ])
+            .unwrap(),
+            json!({"type": "api-key", "key": "K", "header": "Authorization", "prefix": "Token "})
+        );
+        assert_eq!(
+            err(&["--auth-type", "api-key"]),
+            "--auth-type api-key needs --api-key-key KEY"
+        );
+    }
+
+    #[test]
+    fn custom_headers() {
+        assert_eq!(
+            auth(&[
+                "--auth-type",
+                "custom",
+                "--custom-header",
+                "X-Token: tok {{ KEY }}",
+                "--custom-header",
+                "X-Org:{{ORG}}"
+            ])
+            .unwrap(),
+            json!({"type": "custom", "headers": {"X-Token": "tok {{ KEY }}", "X-Org": "{{ORG}}"}})
+        );
+        assert!(err(&["--auth-type", "custom"]).contains("needs --custom-header"));
+        assert!(
+            err(&["--auth-type", "custom", "--custom-header", "no colon"])
+                .contains("expects 'HEADER: TEMPLATE'")
+        );
+        assert!(
+            err(&["--auth-type", "custom", "--custom-header", "X-A:"]).contains("empty template")
+        );
+        assert!(
+            err(&["--auth-type", "custom", "--custom-header", "Bad Name: x"])
+                .contains("invalid header name")
+        );
+        assert!(err(&[
+            "--auth-type",
+            "custom",
+            "--custom-header",
+            "X-A: 1",
+            "--custom-header",
+            "x-a: 2"
+        ])
+        .contains("given twice"));
+    }
+
+    #[test]
+    fn passthrough() {
+        assert_eq!(
+            auth(&["--auth-type", "passthrough"]).unwrap(),
+            json!({"type": "passthrough"})
+        );
+    }
+
+    #[test]
+    fn flags_for_another_auth_type_are_refused() {
+        assert_eq!(
+            err(&["--auth-type", "passthrough", "--token-key", "K"]),
+            "--token-key does not apply to --auth-type passthrough"
+        );
+        assert_eq!(
+            err(&[
+                "--auth-type",
+                "bearer",
+                "--token-key",
+                "K",
+                "--api-key-header",
+                "X"
+            ]),
+            "--api-key-header does not apply to --auth-type bearer"
+        );
+    }
+
+    #[test]
+    fn referenced_keys_must_be_valid() {
+        assert!(err(&["--auth-type", "bearer", "--token-key", "stripe"])
+            .contains("invalid credential key"));
+    }
+
+    #[test]
+    fn service_json_has_flags_applied() {
+        let args = add_args(&[
+            "--name",
+            "internal",
+            "--host",
+            "svc.internal:8080",
+            "--auth-type",
+            "passthrough",
+            "--no-upstream-tls",
+            "--disabled",
+        ]);
+        assert_eq!(
+            build_service(&args).unwrap(),
+            json!({
+                "name": "internal",
+                "host": "svc.internal:8080",
+                "enabled": false,
+                "auth": {"type": "passthrough"},
+                "upstream_tls": false,
+            })
+        );
+        let args = add_args(&[
+            "--name",
+            "stripe",
+            "--host",
+            "api.stripe.com",
+            "--auth-type",
+            "bearer",
+            "--token-key",
+            "STRIPE_KEY",
+        ]);
+        let service = build_service(&args).unwrap();
+        assert_eq!(service["enabled"], true);
+        assert_eq!(service["upstream_tls"], true);
+    }
+
+    #[test]
+    fn services_file_shapes() {
+        let one = r#"{"name":"a","host":"a.com","auth":{"type":"passthrough"}}"#;
+        assert_eq!(
+            parse_services_file(&format!("[{one}]"), "f").unwrap().len(),
+            1
+        );
+        assert_eq!(
+            parse_services_file(&format!(r#"{{"services":[{one},{one}]}}"#), "f")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_services_file("[]", "f").unwrap().is_empty());
+        assert!(parse_services_file(r#"{"services":{}}"#, "f").is_err());
+        assert!(parse_services_file(r#"{"services":[],"x":1}"#, "f").is_err());
+        assert!(parse_services_file("[1]", "f").is_err());
+        assert!(parse_services_file("nope", "f")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid JSON"));
+    }
+
+    #[test]
+    fn keys_column() {
+        assert_eq!(
+            auth_keys(&json!({"type":"custom","headers":{"A":"{{ K1 }} {{K2}}","B":"{{K1}}"}})),
+            vec!["K1".to_owned(), "K2".to_owned()]
+        );
+        assert_eq!(
+            auth_keys(&json!({"type":"basic","username":"U","password":"P"})),
+            vec!["U".to_owned(), "P".to_owned()]
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! `agent-vault vault`: vaults themselves, and the subtrees for what lives in a vault
+//! (users, credentials, services; proposals and logs slot in here the same way).
+
+use anyhow::bail;
+use clap::{Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use super::client::api_path;
+use super::context::{Context, VaultSource};
+use super::output::{self, str_field};
+use super::{credentials, prompt, services, users};
+
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Create a vault; you become its admin
+    Create { name: String },
+    /// List the vaults you can see (* marks the one commands act on)
+    List,
+    /// Delete a vault with its credentials, services, members and agent grants
+    Delete {
+        name: String,
+        /// Do not ask for confirmation (required when stdin is not a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Make NAME the vault commands act on when --vault is not given
+    Use { name: String },
+    /// Change a vault's settings
+    Update {
+        name: String,
+        /// What the proxy does with a host no service matches
+        #[arg(long, value_enum, value_name = "POLICY")]
+        unmatched_host_policy: UnmatchedHostPolicy,
+    },
+    /// Invite and manage the vault's users
+    #[command(subcommand)]
+    User(users::UserCommand),
+    /// Set, read and delete credentials
+    #[command(subcommand, visible_alias = "creds", alias = "credentials")]
+    Credential(credentials::CredentialCommand),
+    /// Manage the service rules that say which host gets which credential
+    #[command(subcommand)]
+    Service(services::ServiceCommand),
+    /// Show the vault's services and credential keys (what an agent can discover)
+    Discover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UnmatchedHostPolicy {
+    /// Refuse requests to hosts no service matches (403 with a proposal hint)
+    Deny,
+    /// Forward them untouched, without credentials
+    Passthrough,
+}
+
+impl UnmatchedHostPolicy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+pub fn run(cmd: VaultCommand, ctx: &Context) -> anyhow::Result<()> {
+    match cmd {
+        VaultCommand::Create { name } => create(ctx, &name),
+        VaultCommand::List => list(ctx),
+        VaultCommand::Delete { name, yes } => delete(ctx, &name, yes),
+        VaultCommand::Use { name } => use_vault(ctx, &name),
+        VaultCommand::Update {
+            name,
+            unmatched_host_policy,
+        } => update(ctx, &name, unmatched_host_policy),
+        VaultCommand::User(cmd) => users::run(cmd, ctx),
+        VaultCommand::Credential(cmd) => credentials::run(cmd, ctx),
+        VaultCommand::Service(cmd) => services::run(cmd, ctx),
+        VaultCommand::Discover => discover(ctx),
+    }
+}
+
+/// DESIGN.md §5: `^[a-z0-9]([a-z0-9-]{1,62}[a-z0-9])$`.
+pub fn valid_vault_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (3..=64).contains(&bytes.len())
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes.iter().all(|b| edge(b) || *b == b'-')
+}
+
+fn check_vault_name(name: &str) -> anyhow::Result<()> {
+    if !valid_vault_name(name) {
+        bail!(
+            "invalid vault name {name:?}: use 3-64 lowercase letters, digits and dashes, \
+             starting and ending with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
+fn create(ctx: &Context, name: &str) -> anyhow::Result<()> {
+    check_vault_name(name)?;
+    let vault = ctx
+        .client()?
+        .post(&api_path(&["v1", "vaults"]), &json!({ "name": name }))?;
+    if ctx.json {
+        return output::json(&vault);
+    }
+    output::line(&format!("Created vault {name}"))
+}
+
+fn list(ctx: &Context) -> anyhow::Result<()> {
+    let vaults = ctx.client()?.get(&api_path(&["v1", "vaults"]))?;
+    if ctx.json {
+        return output::json(&vaults);
+    }
+    let current = ctx.vault().name;
+    let rows: Vec<Vec<String>> = output::items(&vaults)
+        .iter()
+        .map(|v| {
+            let name = str_field(v, "name");
+            vec![
+                if name == current { "*" } else { "" }.to_owned(),
+                name.to_owned(),
+                str_field(v, "role").to_owned(),
+                str_field(v, "unmatched_host_policy").to_owned(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return output::line("No vaults");
+    }
+    output::text(&output::table(
+        &["", "NAME", "ROLE", "UNMATCHED HOSTS"],
+        &rows,
+    ))
+}
+
+fn delete(ctx: &Context, name: &str, yes: bool) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    if !yes {
+        if !prompt::stdin_is_terminal() {
+            bail!("refusing to delete vault {name} without confirmation: pass --yes");
+        }
+        let question = format!(
+            "Delete vault {name} with all its credentials, services, members and agent grants? \
+             This cannot be undone."
+        );
+        if !prompt::confirm(&question)? {
+            bail!("vault {name} not deleted");
+        }
+    }
+    client.delete(&api_path(&["v1", "vaults", name]))?;
+    // A deleted vault must not stay the implicit target of every later command.
+    if ctx.config.vault.as_deref() == Some(name) {
+        let mut config = ctx.config.clone();
+        config.vault = None;
+        ctx.state.save_config(&config)?;
+        output::note(&format!(
+            "note: vault {name} was the one chosen with `vault use`; commands now act on `default`"
+        ));
+    }
+    output::line(&format!("Deleted vault {name}"))
+}
+
+fn use_vault(ctx: &Context, name: &str) -> anyhow::Result<()> {
+    check_vault_name(name)?;
+    let mut config = ctx.config.clone();
+    config.vault = Some(name.to_owned());
+    ctx.state.save_config(&config)?;
+    if std::env::var(super::context::VAULT_ENV).is_ok_and(|v| !v.trim().is_empty()) {
+        output::note(&format!(
+            "note: {} is set and takes precedence over `vault use`",
+            super::context::VAULT_ENV
+        ));
+    }
+    output::line(&format!("Using vault {name}"))
+}
+
+fn update(ctx: &Context, name: &str, policy: UnmatchedHostPolicy) -> anyhow::Result<()> {
+    let vault = ctx.client()?.patch(
+        &api_path(&["v1", "vaults", name]),
+        &json!({ "unmatched_host_policy": policy.as_str() }),
+    )?;
+    if ctx.json {
+        return output::json(&vault);
+    }
+    let effect = match policy {
+        UnmatchedHostPolicy::Deny => "refused",
+        UnmatchedHostPolicy::Passthrough => "passed through without credentials",
+    };
+    output::line(&format!(
+        "Vault {name}: requests to unmatched hosts are now {effect}"
+    ))
+}
+
+fn discover(ctx: &Context) -> anyhow::Result<()> {
+    let vault = ctx.vault();
+    let client = ctx.client()?;
+    // An agent with a single vault may leave the vault out; name it only when the
+    // caller did, or when it is a user (for whom `default` is the documented fallback).
+    let is_agent = ctx
+        .token()
+        .is_ok_and(|(token, _)| token.starts_with("av_agt_"));
+    let header = if is_agent && vault.source == VaultSource::Default {
+        None
+    } else {
+        Some(vault.name.clone())
+    };
+    let found = client
+        .with_vault_header(header)
+        .get(&api_path(&["discover"]))?;
+    if ctx.json {
+        return output::json(&found);
+    }
+    let name = match str_field(&found, "vault") {
+        "" => vault.name.as_str(),
+        name => name,
+    };
+    let services: Vec<Vec<String>> = output::items(found.get("services").unwrap_or(&Value::Null))
+        .iter()
+        .map(|s| {
+            vec![
+                str_field(s, "name").to_owned(),
+                str_field(s, "host").to_owned(),
+                str_field(s, "auth_type").to_owned(),
+                yes_no(s.get("enabled")).to_owned(),
+            ]
+        })
+        .collect();
+    let keys: Vec<&str> = output::items(found.get("credentials").unwrap_or(&Value::Null))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut text = format!("Vault {name}\n\n");
+    if services.is_empty() {
+        text.push_str("No services\n");
+    } else {
+        text.push_str(&output::table(
+            &["SERVICE", "HOST", "AUTH", "ENABLED"],
+            &services,
+        ));
+    }
+    text.push('\n');
+    if keys.is_empty() {
+        text.push_str("No credentials\n");
+    } else {
+        text.push_str(&format!("Credentials: {}\n", keys.join(", ")));
+    }
+    output::text(&text)
+}
+
+pub(crate) fn yes_no(value: Option<&Value>) -> &'static str {
+    match value.and_then(Value::as_bool) {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vault_names() {
+        for good in ["default", "my-vault", "a1b", "x".repeat(64).as_str()] {
+            assert!(valid_vault_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "ab",
+            "-abc",
+            "abc-",
+            "My-Vault",
+            "my_vault",
+            "a b c",
+            "x".repeat(65).as_str(),
+        ] {
+            assert!(!valid_vault_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Starting and stopping the server: the TCP listener for the management API and UI,
+//! and the Unix socket for the data plane.
+//!
+//! [`serve`] takes pre-bound listeners and a shutdown future so tests bind port 0 and
+//! stop cleanly; [`run_from_args`] is what `agent-vault server` does around it.
+//!
+//! The data-plane socket is the trust boundary between Envoy and everything else:
+//! whoever can connect can fetch credentials. So it lives in a 0700 (or 0750 with a
+//! group) directory, the socket file is 0600 (0660 with `--socket-gid`), and every
+//! accepted connection's peer credentials (`SO_PEERCRED`) are checked against the
+//! allowed uid/gid before a byte is read.
+
+use std::future::{Future, IntoFuture};
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+
+use crate::api::AppState;
+use crate::clock::{SharedClock, SystemClock};
+use crate::store::Store;
+
+pub use crate::server_args::ServerArgs;
+
+/// Who may connect to the data-plane socket.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerPolicy {
+    pub uid: u32,
+    pub gid: Option<u32>,
+}
+
+impl PeerPolicy {
+    /// The server's own user (and root, which can read the data dir anyway).
+    pub fn current_user(gid: Option<u32>) -> PeerPolicy {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        PeerPolicy { uid, gid }
+    }
+
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == self.uid || uid == 0 || self.gid == Some(gid)
+    }
+}
+
+/// A Unix listener that drops connections from peers the policy does not allow.
+pub struct PeerCheckedListener {
+    inner: UnixListener,
+    policy: PeerPolicy,
+}
+
+impl axum::serve::Listener for PeerCheckedListener {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => match stream.peer_cred() {
+                    Ok(cred) if self.policy.allows(cred.uid(), cred.gid()) => {
+                        return (stream, addr)
+                    }
+                    Ok(cred) => tracing::warn!(
+                        uid = cred.uid(),
+                        gid = cred.gid(),
+                        "refused a data-plane connection from a peer that is not allowed"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cannot read data-plane peer credentials"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "data-plane accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Binds the data-plane socket: replaces a stale socket file, refuses a live one,
+/// and sets the directory and file modes.
+pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<PeerCheckedListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    crate::store::create_private_dir(dir)
+        .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another agent-vault server is already listening on {}; stop it or pass another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the data-plane socket {}", path.display()))?;
+    let (file_mode, dir_mode) = match policy.gid {
+        Some(_) => (0o660, 0o750),
+        None => (0o600, 0o700),
+    };
+    if let Some(gid) = policy.gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .and_then(|_| std::os::unix::fs::chown(dir, None, Some(gid)))
+            .with_context(|| format!("cannot give group {gid} to {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(file_mode))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+    Ok(PeerCheckedListener {
+        inner: listener,
+        policy,
+    })
+}
+
+/// The routes of the data-plane socket. The management API never answers here.
+pub fn dataplane_router(state: AppState) -> Router {
+    crate::dataplane::router(state)
+}
+
+/// Serves the API on `tcp` and the data plane on `socket` until `shutdown` resolves.
+pub async fn serve(
+    state: AppState,
+    tcp: TcpListener,
+    socket: PeerCheckedListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let api = axum::serve(tcp, crate::api::router(state.clone()))
+        .with_graceful_shutdown(wait(stop_rx.clone()));
+    let dataplane =
+        axum::serve(socket, dataplane_router(state)).with_graceful_shutdown(wait(stop_rx));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let (api, dataplane) = tokio::join!(api.into_future(), dataplane.into_future());
+    api.context("management API")?;
+    dataplane.context("data-plane socket")?;
+    Ok(())
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("agent-vault");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/agent-vault")
+}
+
+/// The master password from `--password-stdin` or `AGENT_VAULT_MASTER_PASSWORD`.
+fn master_password(args: &ServerArgs) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
+    if args.password_stdin {
+        if std::io::stdin().is_terminal() {
+            let password = rpassword::prompt_password("Master password: ")
+                .context("cannot read the master password")?;
+            return Ok(Some(zeroize::Zeroizing::new(password)));
+        }
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the master password from stdin")?;
+        let password = line.trim_end_matches(['\r', '\n']).to_string();
+        anyhow::ensure!(!password.is_empty(), "--password-stdin: stdin gave an empty password");
+        return Ok(Some(zeroize::Zeroizing::new(password)));
+    }
+    Ok(std::env::var("AGENT_VAULT_MASTER_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(zeroize::Zeroizing::new))
+}
+
+/// `agent-vault server`: opens the store, binds both listeners, serves until Ctrl-C
+/// or SIGTERM.
+pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENT_VAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| data_dir.join("run").join("dataplane.sock"));
+    let password = master_password(&args)?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let store = Store::open(
+        &data_dir,
+        password.as_deref().map(String::as_str),
+        clock,
+        args.allow_private_upstreams,
+    )?;
+    if store.is_passwordless() {
+        eprintln!(
+            "agent-vault: running passwordless: the data key is protected only by the file {} (set a master password with `agent-vault master-password change`)",
+            data_dir.join(crate::store::KEY_FILE).display()
+        );
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let tcp = TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let addr = tcp.local_addr()?;
+        let unix = bind_socket(&socket, PeerPolicy::current_user(args.socket_gid)).await?;
+        let public_url = args
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let state = AppState::new(Arc::new(store), &public_url);
+        // One line for humans and for scripts (tests parse the address from it).
+        println!(
+            "agent-vault listening on http://{addr} (data-plane socket {}, data dir {})",
+            socket.display(),
+            data_dir.display()
+        );
+        serve(state, tcp, unix, shutdown_signal()).await?;
+        let _ = std::fs::remove_file(&socket);
+        eprintln!("agent-vault: stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! Users, sessions, invites and vault membership.
+//!
+//! Passwords are Argon2id hashes; session and invite tokens are stored as SHA-256 so
+//! a copy of the store does not log anyone in. Login answers the same way, in about
+//! the same time, for an unknown email and a wrong password, and is rate-limited per
+//! email address.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{dummy_password_hash, hash_password, new_token, sha256_hex, verify_password};
+use crate::error::{Error, Result};
+use crate::store::{abort, get_json, put_json, read_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult};
+use crate::vaults::{vault_not_found, Access, Principal, VaultRole};
+
+pub const SESSION_PREFIX: &str = "av_sess_";
+pub const INVITE_PREFIX: &str = "av_inv_";
+pub const AGENT_PREFIX: &str = "av_agt_";
+const SESSION_TTL_SECS: i64 = 7 * 24 * 3600;
+const INVITE_TTL_SECS: i64 = 7 * 24 * 3600;
+const LOGIN_WINDOW_SECS: i64 = 15 * 60;
+const LOGIN_MAX_FAILURES: usize = 5;
+const OWNER_MARKER: &[u8] = b"owner";
+pub const MIN_PASSWORD_LEN: usize = 8;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub email: String,
+    pub password_hash: String,
+    pub owner: bool,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SessionRecord {
+    email: String,
+    created_at: i64,
+    expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InviteRecord {
+    email: String,
+    vault_id: String,
+    vault: String,
+    role: VaultRole,
+    expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Registered {
+    pub email: String,
+    pub owner: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedIn {
+    pub token: String,
+    pub email: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub email: String,
+    pub role: VaultRole,
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberAdded {
+    pub email: String,
+    pub role: VaultRole,
+    pub invite: Option<String>,
+}
+
+/// Failed logins per email, for rate limiting. In memory: a restart forgets them,
+/// which only ever helps a legitimate user.
+#[derive(Default)]
+pub struct LoginLimiter(Mutex<HashMap<String, Vec<i64>>>);
+
+impl LoginLimiter {
+    fn recent_failures(&self, email: &str, now: i64) -> usize {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(email.to_string()).or_default();
+        entry.retain(|&t| now - t < LOGIN_WINDOW_SECS);
+        entry.len()
+    }
+
+    fn record_failure(&self, email: &str, now: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(email.to_string()).or_default().push(now);
+    }
+
+    fn clear(&self, email: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(email);
+    }
+}
+
+/// Lowercases and checks an email address; returns the canonical form.
+pub fn normalize_email(email: &str) -> Result<String> {
+    let email = email.trim().to_lowercase();
+    let valid = email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && matches!(email.split_once('@'), Some((local, domain))
+            if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+    if valid {
+        Ok(email)
+    } else {
+        Err(Error::bad_request(
+            "invalid_email",
+            format!("\"{email}\" is not an email address"),
+        ))
+    }
+}
+
+fn check_password_strength(password: &str) -> Result<()> {
+    if password.chars().count() < MIN_PASSWORD_LEN {
+        return Err(Error::bad_request(
+            "weak_password",
+            format!("passwords need at least {MIN_PASSWORD_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn put_member(tx: &Tx, vault_id: &str, email: &str, role: VaultRole) -> TxResult<()> {
+    tx.members
+        .insert(vault_key(vault_id, email), role.as_str().as_bytes())?;
+    Ok(())
+}
+
+fn parse_role(raw: &[u8]) -> Option<VaultRole> {
+    match raw {
+        b"admin" => Some(VaultRole::Admin),
+        b"member" => Some(VaultRole::Member),
+        _ => None,
+    }
+}
+
+impl Store {
+    pub fn register(&self, email: &str, password: &str, invite: Option<&str>) -> Result<Registered> {
+        let email = normalize_email(email)?;
+        check_password_strength(password)?;
+        let password_hash = hash_password(password)?;
+        let invite_hash = invite.map(|token| sha256_hex(token.trim().as_bytes()));
+        let now = self.now_secs();
+        let owner = self.write(|tx| {
+            if tx.users.get(email.as_bytes())?.is_some() {
+                return abort(Error::conflict(
+                    "user_exists",
+                    format!("a user with email {email} already exists"),
+                ));
+            }
+            // The first user needs no invite and becomes the owner. The marker is read
+            // inside the transaction so two racing registrations cannot both win.
+            let first = tx.meta.get(OWNER_MARKER)?.is_none();
+            if first {
+                tx.meta.insert(OWNER_MARKER, email.as_bytes())?;
+            }
+            if !first {
+                let Some(hash) = &invite_hash else {
+                    return abort(Error::Forbidden(
+                        "registration needs an invite from a vault admin (--invite TOKEN)".into(),
+                    ));
+                };
+                let invalid = || {
+                    Error::bad_request("invalid_invite", "this invite is unknown, used, expired or for another email")
+                };
+                let Some(invite) = get_json::<InviteRecord>(tx.invites, hash)? else {
+                    return abort(invalid());
+                };
+                if invite.email != email || invite.expires_at <= now {
+                    return abort(invalid());
+                }
+                tx.invites.remove(hash.as_bytes())?;
+                if get_json::<crate::vaults::VaultRecord>(tx.vaults, &invite.vault)?
+                    .is_some_and(|v| v.id == invite.vault_id)
+                {
+                    put_member(tx, &invite.vault_id, &email, invite.role)?;
+                }
+            }
+            let user = UserRecord {
+                email: email.clone(),
+                password_hash: password_hash.clone(),
+                owner: first,
+                created_at: now,
+            };
+            put_json(tx.users, email.as_bytes(), &user)?;
+            Ok(first)
+        })?;
+        Ok(Registered { email, owner })
+    }
+
+    pub fn login(&self, limiter: &LoginLimiter, email: &str, password: &str) -> Result<LoggedIn> {
+        let email = email.trim().to_lowercase();
+        let now = self.now_secs();
+        if limiter.recent_failures(&email, now) >= LOGIN_MAX_FAILURES {
+            return Err(Error::RateLimited(
+                "too many failed logins for this email; try again in 15 minutes".into(),
+            ));
+        }
+        let user: Option<UserRecord> = read_json(&self.trees.users, email.as_bytes())?;
+        // Verify against a dummy hash for unknown emails: same work, same answer.
+        let hash = user
+            .as_ref()
+            .map(|u| u.password_hash.as_str())
+            .unwrap_or_else(|| dummy_password_hash());
+        let ok = verify_password(password, hash) && user.is_some();
+        if !ok {
+            limiter.record_failure(&email, now);
+            return Err(Error::InvalidCredentials);
+        }
+        limiter.clear(&email);
+        let token = new_token(SESSION_PREFIX);
+        let session = SessionRecord {
+            email: email.clone(),
+            created_at: now,
+            expires_at: now + SESSION_TTL_SECS,
+        };
+        let hash = sha256_hex(token.as_bytes());
+        self.write(|tx| put_json(tx.sessions, &hash, &session))?;
+        Ok(LoggedIn {
+            token,
+            email,
+            expires_at: session.expires_at,
+        })
+    }
+
+    pub fn logout(&self, token: &str) -> Result<()> {
+        let hash = sha256_hex(token.as_bytes());
+        self.write(|tx| {
+            tx.sessions.remove(hash.as_bytes())?;
+            Ok(())
+        })
+    }
+
+    /// Resolves a bearer token (session or agent) to the principal it stands for.
+    pub fn authenticate(&self, token: &str) -> Result<Principal> {
+        let unauthorized = || Error::Unauthorized("missing, unknown or expired token; log in again".into());
+        let now = self.now_secs();
+        let hash = sha256_hex(token.as_bytes());
+        if token.starts_with(SESSION_PREFIX) {
+            let session: SessionRecord =
+                read_json(&self.trees.sessions, &hash)?.ok_or_else(unauthorized)?;
+            if session.expires_at <= now {
+                return Err(unauthorized());
+            }
+            let user: UserRecord =
+                read_json(&self.trees.users, session.email.as_bytes())?.ok_or_else(unauthorized)?;
+            return Ok(Principal::User {
+                email: user.email,
+                owner: user.owner,
+            });
+        }
+        if token.starts_with(AGENT_PREFIX) {
+            let agent = self.agent_by_token_hash(&hash)?.ok_or_else(unauthorized)?;
+            if agent.expires_at.is_some_and(|at| at <= now) {
+                return Err(unauthorized());
+            }
+            return Ok(Principal::Agent {
+                name: agent.name,
+                grants: agent.vaults,
+            });
+        }
+        Err(unauthorized())
+    }
+
+    pub(crate) fn member_role(&self, vault_id: &str, email: &str) -> Result<Option<VaultRole>> {
+        Ok(self
+            .trees
+            .members
+            .get(vault_key(vault_id, email))?
+            .and_then(|raw| parse_role(&raw)))
+    }
+
+    pub fn list_members(&self, principal: &Principal, vault: &str) -> Result<Vec<MemberView>> {
+        let (record, access) = self.access(principal, vault)?;
+        access.require_member()?;
+        let prefix = vault_prefix(&record.id);
+        let mut members = Vec::new();
+        for entry in self.trees.members.scan_prefix(&prefix) {
+            let (key, raw) = entry?;
+            let email = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            if let Some(role) = parse_role(&raw) {
+                members.push(MemberView { email, role, pending: false });
+            }
+        }
+        let now = self.now_secs();
+        for (_, invite) in scan_json::<InviteRecord>(&self.trees.invites, b"")? {
+            if invite.vault_id == record.id && invite.expires_at > now {
+                members.push(MemberView {
+                    email: invite.email,
+                    role: invite.role,
+                    pending: true,
+                });
+            }
+        }
+        Ok(members)
+    }
+
+    /// Adds a user to a vault; an email without an account gets a one-time invite.
+    pub fn add_member(
+        &self,
+        principal: &Principal,
+        vault: &str,
+        email: &str,
+        role: VaultRole,
+    ) -> Result<MemberAdded> {
+        let (record, access) = self.access(principal, vault)?;
+        access.require_admin()?;
+        let email = normalize_email(email)?;
+        let token = new_token(INVITE_PREFIX);
+        let invite = InviteRecord {
+            email: email.clone(),
+            vault_id: record.id.clone(),
+            vault: record.name.clone(),
+            role,
+            expires_at: self.now_secs() + INVITE_TTL_SECS,
+        };
+        let hash = sha256_hex(token.as_bytes());
+        let invited = self.write(|tx| {
+            if get_json::<crate::vaults::VaultRecord>(tx.vaults, vault)?.is_none() {
+                return abort(vault_not_found(vault));
+            }
+            if tx.users.get(email.as_bytes())?.is_some() {
+                put_member(tx, &record.id, &email, role)?;
+                Ok(false)
+            } else {
+                put_json(tx.invites, &hash, &invite)?;
+                Ok(true)
+            }
+        })?;
+        Ok(MemberAdded {
+            email,
+            role,
+            invite: invited.then_some(token),
+        })
+    }
+
+    pub fn remove_member(&self, principal: &Principal, vault: &str, email: &str) -> Result<()> {
+        let (record, access) = self.access(principal, vault)?;
+        access.require_admin()?;
+        let email = email.trim().to_lowercase();
+        let prefix = vault_prefix(&record.id);
+        let pending: Vec<String> = scan_json::<InviteRecord>(&self.trees.invites, b"")?
+            .into_iter()
+            .filter(|(_, invite)| invite.vault_id == record.id && invite.email == email)
+            .map(|(key, _)| String::from_utf8_lossy(&key).into_owned())
+            .collect();
+        self.write(|tx| {
+            let key = vault_key(&record.id, &email);
+            let was = tx.members.remove(key.as_slice())?;
+            if was.is_none() && pending.is_empty() {
+                return abort(Error::not_found(
+                    "member_not_found",
+                    format!("{email} is not a member of vault \"{vault}\""),
+                ));
+            }
+            for hash in &pending {
+                tx.invites.remove(hash.as_bytes())?;
+            }
+            if was.as_deref().and_then(parse_role) == Some(VaultRole::Admin)
+                && !self.has_other_admin(tx, &prefix)?
+            {
+                return abort(Error::conflict(
+                    "last_admin",
+                    format!("{email} is the last admin of vault \"{vault}\"; add another admin first"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether any admin is left under `prefix` (called after removing one, in the
+    /// same transaction). Transactional trees cannot scan, so this reads the committed
+    /// tree and skips the removed key through the transaction's view.
+    fn has_other_admin(&self, tx: &Tx, prefix: &[u8]) -> TxResult<bool> {
+        for entry in self.trees.members.scan_prefix(prefix) {
+            let Ok((key, _)) = entry else { continue };
+            if tx.members.get(&key)?.as_deref().and_then(parse_role) == Some(VaultRole::Admin) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    pub fn is_admin_of(&self, principal: &Principal, vault: &str) -> bool {
+        matches!(self.access(principal, vault), Ok((_, Access::Admin)))
+    }
+}

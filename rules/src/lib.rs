@@ -1,0 +1,44 @@
+//! Agent Vault's service rules: the one source of truth shared by the proxy-wasm filter
+//! (to match requests and inject credentials) and the control plane (to validate and
+//! publish rules). Pure Rust, no I/O; it builds for the host and for
+//! `wasm32-unknown-unknown`.
+//!
+//! | concept (DESIGN.md)                          | module      |
+//! |----------------------------------------------|-------------|
+//! | vault, credential key, service, agent names  | [`names`]   |
+//! | host patterns and request matching           | [`host`]    |
+//! | auth types and header rendering              | [`auth`]    |
+//! | services and the unmatched-host policy       | [`service`] |
+//! | data-plane protocol (snapshot, credentials, logs) | [`wire`] |
+//! | validation errors and their codes            | [`error`]   |
+//!
+//! The filter's hot path: build a [`ServiceMatcher`] per vault when a snapshot
+//! arrives, then per request [`normalize_authority`] → [`ServiceMatcher::find`] →
+//! [`ServiceMatcher::auth`] → [`CompiledAuth::render`].
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod error;
+pub mod host;
+pub mod names;
+pub mod service;
+pub mod wire;
+
+pub use auth::{Auth, CompiledAuth, RenderError};
+pub use error::RuleError;
+pub use host::{normalize_authority, HostPattern, PathPattern, ServiceMatcher, ValidationOptions};
+pub use names::{
+    validate_agent_name, validate_credential_key, validate_service_name, validate_vault_name,
+};
+pub use service::{validate_services, Service, UnmatchedHostPolicy};
+pub use wire::{
+    CredentialsRequest, CredentialsResponse, Grant, LogRecord, Role, Snapshot, SnapshotAgent,
+    SnapshotVault, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
+    SUPPORTED_AUTH_TYPES,
+};

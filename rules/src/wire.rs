@@ -1,0 +1,328 @@
+//! The data-plane protocol between the filter and the control plane (DESIGN.md §4):
+//! JSON bodies over the control plane's Unix socket.
+//!
+//! The snapshot carries rules and agents' token hashes, never a credential value;
+//! values travel only in [`CredentialsResponse`], whose `Debug` output is redacted.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::service::{Service, UnmatchedHostPolicy};
+
+/// `GET`: the rules snapshot (`If-None-Match: "<version>"` → 304 when unchanged).
+pub const SNAPSHOT_PATH: &str = "/v1/dataplane/snapshot";
+/// `POST` a [`CredentialsRequest`] → [`CredentialsResponse`].
+pub const CREDENTIALS_PATH: &str = "/v1/dataplane/credentials";
+/// `POST` a JSON array of [`LogRecord`] → 204.
+pub const LOGS_PATH: &str = "/v1/dataplane/logs";
+/// Response header the control plane sets on every data-plane reply, so the filter can
+/// tell them from the 503/504 replies Envoy synthesizes when the socket is down or slow.
+pub const CONTROL_PLANE_HEADER: &str = "x-agent-vault-control-plane";
+/// The `type` values of [`crate::Auth`], for the 403 `proposal_hint`.
+pub const SUPPORTED_AUTH_TYPES: [&str; 5] = ["bearer", "basic", "api-key", "custom", "passthrough"];
+
+/// Everything the filter needs to authenticate agents and match services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Changes on every write that affects rules, agents or credentials; sent back in
+    /// `If-None-Match`.
+    pub version: String,
+    /// Every vault with its services.
+    pub vaults: Vec<SnapshotVault>,
+    /// Every agent that can use the proxy.
+    pub agents: Vec<SnapshotAgent>,
+}
+
+/// A vault's rules in the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotVault {
+    /// Vault name.
+    pub name: String,
+    /// What to do with a host no service matches.
+    #[serde(default)]
+    pub unmatched_host_policy: UnmatchedHostPolicy,
+    /// Services in declaration order (the order breaks matching ties).
+    pub services: Vec<Service>,
+}
+
+/// An agent in the snapshot: identified by the SHA-256 of its token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAgent {
+    /// Lowercase hex SHA-256 of the agent token.
+    pub token_sha256: String,
+    /// Agent name.
+    pub name: String,
+    /// Vaults the agent may use.
+    pub vaults: Vec<Grant>,
+    /// Unix seconds after which the token is refused; `None` never expires.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+}
+
+/// An agent's access to one vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Vault name.
+    pub vault: String,
+    /// What the agent may do in it.
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// An agent's role in a vault.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Use the proxy, create and read its proposals, discover service names and keys.
+    #[default]
+    Proxy,
+}
+
+/// Filter → control plane: the values of some keys, for one agent and vault. The
+/// control plane re-checks the agent's access.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialsRequest {
+    /// Lowercase hex SHA-256 of the agent token.
+    pub token_sha256: String,
+    /// Vault name.
+    pub vault: String,
+    /// Keys wanted.
+    pub keys: Vec<String>,
+}
+
+/// Control plane → filter: decrypted values, and the keys the vault does not have.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialsResponse {
+    /// Key → decrypted value.
+    pub values: BTreeMap<String, String>,
+    /// Requested keys with no credential.
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+/// Shows keys, never values.
+impl fmt::Debug for CredentialsResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Redacted<'a>(&'a BTreeMap<String, String>);
+        impl fmt::Debug for Redacted<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.keys().map(|k| (k, "<redacted>")))
+                    .finish()
+            }
+        }
+        f.debug_struct("CredentialsResponse")
+            .field("values", &Redacted(&self.values))
+            .field("missing", &self.missing)
+            .finish()
+    }
+}
+
+/// One proxied request in the request log: no header values, no query string, no body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Unix milliseconds.
+    pub ts: i64,
+    /// Agent name.
+    pub agent: String,
+    /// Vault name.
+    pub vault: String,
+    /// HTTP method.
+    pub method: String,
+    /// Request host (without port).
+    pub host: String,
+    /// Request path without the query string.
+    pub path: String,
+    /// Matched service, if any.
+    pub service: Option<String>,
+    /// Status sent to the agent.
+    pub status: u16,
+    /// Time from request to response.
+    pub latency_ms: u64,
+    /// Error code when the filter answered itself (`forbidden`, ...).
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Auth;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            version: "42".to_owned(),
+            vaults: vec![SnapshotVault {
+                name: "default".to_owned(),
+                unmatched_host_policy: UnmatchedHostPolicy::Deny,
+                services: vec![Service {
+                    name: "stripe".to_owned(),
+                    host: "api.stripe.com".to_owned(),
+                    enabled: true,
+                    auth: Auth::Bearer {
+                        token: "STRIPE_KEY".to_owned(),
+                    },
+                    upstream_tls: true,
+                }],
+            }],
+            agents: vec![SnapshotAgent {
+                token_sha256: "ab".repeat(32),
+                name: "claude".to_owned(),
+                vaults: vec![Grant {
+                    vault: "default".to_owned(),
+                    role: Role::Proxy,
+                }],
+                expires_at: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn snapshot_json_has_the_designed_shape() {
+        let json = serde_json::to_value(snapshot()).unwrap_or_default();
+        let expected = serde_json::json!({
+            "version": "42",
+            "vaults": [{
+                "name": "default",
+                "unmatched_host_policy": "deny",
+                "services": [{
+                    "name": "stripe",
+                    "host": "api.stripe.com",
+                    "enabled": true,
+                    "auth": {"type": "bearer", "token": "STRIPE_KEY"},
+                    "upstream_tls": true
+                }]
+            }],
+            "agents": [{
+                "token_sha256": "ab".repeat(32),
+                "name": "claude",
+                "vaults": [{"vault": "default", "role": "proxy"}],
+                "expires_at": null
+            }]
+        });
+        assert_eq!(json, expected);
+        let back: Option<Snapshot> = serde_json::from_value(json).ok();
+        assert_eq!(back, Some(snapshot()));
+    }
+
+    #[test]
+    fn optional_snapshot_fields_have_defaults() {
+        let json = r#"{"version":"1","vaults":[{"name":"v1x","services":[]}],
+            "agents":[{"token_sha256":"00","name":"a","vaults":[{"vault":"v1x"}]}]}"#;
+        let parsed: Snapshot = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            parsed.vaults.first().map(|v| v.unmatched_host_policy),
+            Some(UnmatchedHostPolicy::Deny)
+        );
+        let agent = parsed.agents.first();
+        assert_eq!(agent.and_then(|a| a.expires_at), None);
+        assert_eq!(
+            agent.and_then(|a| a.vaults.first()).map(|g| g.role),
+            Some(Role::Proxy)
+        );
+    }
+
+    #[test]
+    fn credentials_round_trip() {
+        let request = CredentialsRequest {
+            token_sha256: "ff".repeat(32),
+            vault: "default".to_owned(),
+            keys: vec!["A".to_owned(), "B".to_owned()],
+        };
+        let json = serde_json::to_string(&request).unwrap_or_default();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"token_sha256":"{}","vault":"default","keys":["A","B"]}}"#,
+                "ff".repeat(32)
+            )
+        );
+        assert_eq!(
+            serde_json::from_str::<CredentialsRequest>(&json).ok(),
+            Some(request)
+        );
+
+        let response: CredentialsResponse =
+            serde_json::from_str(r#"{"values":{"A":"secret-a"},"missing":["B"]}"#)
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            response.values.get("A").map(String::as_str),
+            Some("secret-a")
+        );
+        assert_eq!(response.missing, vec!["B".to_owned()]);
+    }
+
+    #[test]
+    fn credentials_response_debug_redacts_values() {
+        let response = CredentialsResponse {
+            values: BTreeMap::from([("STRIPE_KEY".to_owned(), "sk_live_secret".to_owned())]),
+            missing: vec!["OTHER".to_owned()],
+        };
+        let debug = format!("{response:?}");
+        assert!(
+            debug.contains("STRIPE_KEY") && debug.contains("OTHER"),
+            "{debug}"
+        );
+        assert!(!debug.contains("sk_live_secret"), "{debug}");
+    }
+
+    #[test]
+    fn log_record_round_trip() {
+        let record = LogRecord {
+            ts: 1_700_000_000_000,
+            agent: "claude".to_owned(),
+            vault: "default".to_owned(),
+            method: "GET".to_owned(),
+            host: "api.stripe.com".to_owned(),
+            path: "/v1/charges".to_owned(),
+            service: None,
+            status: 403,
+            latency_ms: 1,
+            error: Some("forbidden".to_owned()),
+        };
+        let json = serde_json::to_value(vec![record.clone()]).unwrap_or_default();
+        assert_eq!(
+            json,
+            serde_json::json!([{
+                "ts": 1_700_000_000_000_i64, "agent": "claude", "vault": "default", "method": "GET",
+                "host": "api.stripe.com", "path": "/v1/charges", "service": null, "status": 403,
+                "latency_ms": 1, "error": "forbidden"
+            }])
+        );
+        assert_eq!(
+            serde_json::from_value::<Vec<LogRecord>>(json).ok(),
+            Some(vec![record])
+        );
+    }
+
+    #[test]
+    fn supported_auth_types_match_the_model() {
+        let all = [
+            Auth::Bearer { token: "K".into() },
+            Auth::Basic {
+                username: "U".into(),
+                password: "P".into(),
+            },
+            Auth::ApiKey {
+                key: "K".into(),
+                header: "x-api-key".into(),
+                prefix: String::new(),
+            },
+            Auth::Custom {
+                headers: BTreeMap::new(),
+            },
+            Auth::Passthrough {},
+        ];
+        let names: Vec<&str> = all.iter().map(Auth::type_name).collect();
+        assert_eq!(names, SUPPORTED_AUTH_TYPES);
+    }
+
+    #[test]
+    fn protocol_constants() {
+        assert_eq!(SNAPSHOT_PATH, "/v1/dataplane/snapshot");
+        assert_eq!(CREDENTIALS_PATH, "/v1/dataplane/credentials");
+        assert_eq!(LOGS_PATH, "/v1/dataplane/logs");
+        assert_eq!(CONTROL_PLANE_HEADER, "x-agent-vault-control-plane");
+    }
+}
