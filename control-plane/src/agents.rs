@@ -116,7 +116,9 @@ impl Store {
             if tx.agents.get(name)?.is_some() {
                 return abort(Error::conflict(
                     "agent_exists",
-                    format!("agent \"{name}\" already exists; rotate its token or pick another name"),
+                    format!(
+                        "agent \"{name}\" already exists; rotate its token or pick another name"
+                    ),
                 ));
             }
             for grant in &record.vaults {
@@ -157,7 +159,8 @@ impl Store {
     }
 
     fn managed_agent(&self, principal: &Principal, name: &str) -> Result<AgentRecord> {
-        let agent: AgentRecord = read_json(&self.trees.agents, name)?.ok_or_else(|| agent_not_found(name))?;
+        let agent: AgentRecord =
+            read_json(&self.trees.agents, name)?.ok_or_else(|| agent_not_found(name))?;
         if matches!(principal, Principal::User { owner: true, .. }) {
             return Ok(agent);
         }
@@ -167,7 +170,7 @@ impl Store {
     }
 
     pub fn revoke_agent(&self, principal: &Principal, name: &str) -> Result<()> {
-        let agent = self.managed_agent(principal, name)?;
+        self.managed_agent(principal, name)?;
         self.write_rules(|tx| {
             let Some(current) = get_json::<AgentRecord>(tx.agents, name)? else {
                 return abort(agent_not_found(name));
@@ -175,9 +178,7 @@ impl Store {
             tx.agents.remove(name)?;
             tx.agent_tokens.remove(current.token_sha256.as_bytes())?;
             Ok(())
-        })?;
-        let _ = agent;
-        Ok(())
+        })
     }
 
     pub fn rotate_agent(&self, principal: &Principal, name: &str) -> Result<AgentCreated> {

@@ -85,7 +85,10 @@ pub struct Caller(pub Principal);
 
 /// The bearer token, or the UI's session cookie.
 pub fn presented_token(headers: &HeaderMap) -> Option<String> {
-    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let (scheme, token) = value.trim().split_once(' ')?;
         return scheme
             .eq_ignore_ascii_case("bearer")
@@ -109,7 +112,9 @@ impl FromRequestParts<AppState> for Caller {
             Error::Unauthorized("not logged in: send Authorization: Bearer <token>".into())
         })?;
         let store = state.store.clone();
-        blocking(move || store.authenticate(&token)).await.map(Caller)
+        blocking(move || store.authenticate(&token))
+            .await
+            .map(Caller)
     }
 }
 
@@ -136,19 +141,43 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/logout", post(logout))
         .route("/v1/auth/whoami", get(whoami))
         .route("/v1/vaults", get(list_vaults).post(create_vault))
-        .route("/v1/vaults/{vault}", axum::routing::patch(update_vault).delete(delete_vault))
-        .route("/v1/vaults/{vault}/users", get(list_members).post(add_member))
-        .route("/v1/vaults/{vault}/users/{email}", axum::routing::delete(remove_member))
-        .route("/v1/vaults/{vault}/credentials", get(list_credentials).post(set_credentials))
-        .route("/v1/vaults/{vault}/credentials/delete", post(delete_credentials))
+        .route(
+            "/v1/vaults/{vault}",
+            axum::routing::patch(update_vault).delete(delete_vault),
+        )
+        .route(
+            "/v1/vaults/{vault}/users",
+            get(list_members).post(add_member),
+        )
+        .route(
+            "/v1/vaults/{vault}/users/{email}",
+            axum::routing::delete(remove_member),
+        )
+        .route(
+            "/v1/vaults/{vault}/credentials",
+            get(list_credentials).post(set_credentials),
+        )
+        .route(
+            "/v1/vaults/{vault}/credentials/delete",
+            post(delete_credentials),
+        )
         .route("/v1/vaults/{vault}/credentials/{key}", get(get_credential))
         .route(
             "/v1/vaults/{vault}/services",
             get(list_services).post(add_service).put(replace_services),
         )
-        .route("/v1/vaults/{vault}/services/{name}", axum::routing::delete(remove_service))
-        .route("/v1/vaults/{vault}/services/{name}/enable", post(enable_service))
-        .route("/v1/vaults/{vault}/services/{name}/disable", post(disable_service))
+        .route(
+            "/v1/vaults/{vault}/services/{name}",
+            axum::routing::delete(remove_service),
+        )
+        .route(
+            "/v1/vaults/{vault}/services/{name}/enable",
+            post(enable_service),
+        )
+        .route(
+            "/v1/vaults/{vault}/services/{name}/disable",
+            post(disable_service),
+        )
         .route("/v1/agents", get(list_agents).post(create_agent))
         .route("/v1/agents/{name}", axum::routing::delete(revoke_agent))
         .route("/v1/agents/{name}/rotate", post(rotate_agent))
@@ -194,10 +223,14 @@ struct RegisterBody {
     invite: Option<String>,
 }
 
-async fn register(State(state): State<AppState>, JsonBody(body): JsonBody<RegisterBody>) -> Result<Response> {
+async fn register(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> Result<Response> {
     let store = state.store.clone();
     let registered =
-        blocking(move || store.register(&body.email, &body.password, body.invite.as_deref())).await?;
+        blocking(move || store.register(&body.email, &body.password, body.invite.as_deref()))
+            .await?;
     Ok((StatusCode::CREATED, Json(registered)).into_response())
 }
 
@@ -208,7 +241,10 @@ struct LoginBody {
     password: String,
 }
 
-async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginBody>) -> Result<Response> {
+async fn login(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<LoginBody>,
+) -> Result<Response> {
     let store = state.store.clone();
     let limiter = state.limiter.clone();
     let logged_in = blocking(move || store.login(&limiter, &body.email, &body.password)).await?;
@@ -216,8 +252,8 @@ async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginBody
 }
 
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<StatusCode> {
-    let token = presented_token(&headers)
-        .ok_or_else(|| Error::Unauthorized("not logged in".into()))?;
+    let token =
+        presented_token(&headers).ok_or_else(|| Error::Unauthorized("not logged in".into()))?;
     let store = state.store.clone();
     blocking(move || {
         store.authenticate(&token)?;
@@ -239,7 +275,11 @@ async fn whoami(caller: Caller) -> Json<serde_json::Value> {
 }
 
 async fn list_vaults(State(state): State<AppState>, caller: Caller) -> Result<Response> {
-    Ok(with_store(&state, caller, |store, who| store.list_vaults(who)).await?.into_response())
+    Ok(
+        with_store(&state, caller, |store, who| store.list_vaults(who))
+            .await?
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -253,7 +293,12 @@ async fn create_vault(
     caller: Caller,
     JsonBody(body): JsonBody<CreateVaultBody>,
 ) -> Result<Response> {
-    created(with_store(&state, caller, move |store, who| store.create_vault(who, &body.name)).await)
+    created(
+        with_store(&state, caller, move |store, who| {
+            store.create_vault(who, &body.name)
+        })
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -280,7 +325,12 @@ async fn delete_vault(
     caller: Caller,
     Path(vault): Path<String>,
 ) -> Result<StatusCode> {
-    no_content(with_store(&state, caller, move |store, who| store.delete_vault(who, &vault)).await)
+    no_content(
+        with_store(&state, caller, move |store, who| {
+            store.delete_vault(who, &vault)
+        })
+        .await,
+    )
 }
 
 async fn list_members(
@@ -288,9 +338,11 @@ async fn list_members(
     caller: Caller,
     Path(vault): Path<String>,
 ) -> Result<Response> {
-    Ok(with_store(&state, caller, move |store, who| store.list_members(who, &vault))
-        .await?
-        .into_response())
+    Ok(with_store(&state, caller, move |store, who| {
+        store.list_members(who, &vault)
+    })
+    .await?
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -320,7 +372,10 @@ async fn remove_member(
     Path((vault, email)): Path<(String, String)>,
 ) -> Result<StatusCode> {
     no_content(
-        with_store(&state, caller, move |store, who| store.remove_member(who, &vault, &email)).await,
+        with_store(&state, caller, move |store, who| {
+            store.remove_member(who, &vault, &email)
+        })
+        .await,
     )
 }
 
@@ -400,9 +455,11 @@ async fn list_services(
     caller: Caller,
     Path(vault): Path<String>,
 ) -> Result<Response> {
-    Ok(with_store(&state, caller, move |store, who| store.list_services(who, &vault))
-        .await?
-        .into_response())
+    Ok(with_store(&state, caller, move |store, who| {
+        store.list_services(who, &vault)
+    })
+    .await?
+    .into_response())
 }
 
 async fn add_service(
@@ -411,7 +468,12 @@ async fn add_service(
     Path(vault): Path<String>,
     JsonBody(service): JsonBody<Service>,
 ) -> Result<Response> {
-    created(with_store(&state, caller, move |store, who| store.add_service(who, &vault, service)).await)
+    created(
+        with_store(&state, caller, move |store, who| {
+            store.add_service(who, &vault, service)
+        })
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -439,7 +501,10 @@ async fn remove_service(
     Path((vault, name)): Path<(String, String)>,
 ) -> Result<StatusCode> {
     no_content(
-        with_store(&state, caller, move |store, who| store.remove_service(who, &vault, &name)).await,
+        with_store(&state, caller, move |store, who| {
+            store.remove_service(who, &vault, &name)
+        })
+        .await,
     )
 }
 
@@ -468,7 +533,11 @@ async fn disable_service(
 }
 
 async fn list_agents(State(state): State<AppState>, caller: Caller) -> Result<Response> {
-    Ok(with_store(&state, caller, |store, who| store.list_agents(who)).await?.into_response())
+    Ok(
+        with_store(&state, caller, |store, who| store.list_agents(who))
+            .await?
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -496,7 +565,10 @@ async fn create_agent(
     let grants = body
         .vaults
         .into_iter()
-        .map(|g| Grant { vault: g.vault, role: g.role })
+        .map(|g| Grant {
+            vault: g.vault,
+            role: g.role,
+        })
         .collect();
     created(
         with_store(&state, caller, move |store, who| {
@@ -511,7 +583,12 @@ async fn revoke_agent(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
-    no_content(with_store(&state, caller, move |store, who| store.revoke_agent(who, &name)).await)
+    no_content(
+        with_store(&state, caller, move |store, who| {
+            store.revoke_agent(who, &name)
+        })
+        .await,
+    )
 }
 
 async fn rotate_agent(
@@ -519,9 +596,11 @@ async fn rotate_agent(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    Ok(with_store(&state, caller, move |store, who| store.rotate_agent(who, &name))
-        .await?
-        .into_response())
+    Ok(with_store(&state, caller, move |store, who| {
+        store.rotate_agent(who, &name)
+    })
+    .await?
+    .into_response())
 }
 
 #[derive(Serialize)]
@@ -532,7 +611,11 @@ struct DiscoveredService {
     enabled: bool,
 }
 
-async fn discover(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Result<Response> {
+async fn discover(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Response> {
     let vault = requested_vault(&headers, &caller.0)?;
     Ok(with_store(&state, caller, move |store, who| {
         let (record, _) = store.access(who, &vault)?;
@@ -579,7 +662,10 @@ async fn change_master_password(
                 if new.chars().count() < crate::users::MIN_PASSWORD_LEN {
                     return Err(Error::bad_request(
                         "weak_password",
-                        format!("the master password needs at least {} characters", crate::users::MIN_PASSWORD_LEN),
+                        format!(
+                            "the master password needs at least {} characters",
+                            crate::users::MIN_PASSWORD_LEN
+                        ),
                     ));
                 }
             }

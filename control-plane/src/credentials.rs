@@ -12,7 +12,9 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{credential_aad, Key};
 use crate::error::{Error, Result};
-use crate::store::{abort, get_json, put_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult};
+use crate::store::{
+    abort, get_json, put_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult,
+};
 use crate::vaults::Principal;
 
 /// Largest value accepted for one credential.
@@ -84,7 +86,13 @@ pub fn validate_entry(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn seal_record(key: &Key, vault_id: &str, name: &str, value: &str, now: i64) -> CredentialRecord {
+pub(crate) fn seal_record(
+    key: &Key,
+    vault_id: &str,
+    name: &str,
+    value: &str,
+    now: i64,
+) -> CredentialRecord {
     let sealed = key.seal(&credential_aad(vault_id, name), value.as_bytes());
     CredentialRecord {
         sealed: base64::engine::general_purpose::STANDARD.encode(sealed),
@@ -116,12 +124,11 @@ pub(crate) fn put_credentials(
     Ok(())
 }
 
-/// Re-encrypts every credential from `old` to `new` (master-key rotation).
-pub(crate) fn reseal_all(store: &Store, tx: &Tx, old: &Key, new: &Key) -> TxResult<usize> {
+/// Re-encrypts the credentials stored under `db_keys` from `old` to `new`.
+pub(crate) fn reseal(tx: &Tx, db_keys: &[sled::IVec], old: &Key, new: &Key) -> TxResult<usize> {
     let mut count = 0;
-    for entry in store.trees.credentials.iter() {
-        let Ok((db_key, _)) = entry else { continue };
-        let Some(record) = get_json::<CredentialRecord>(tx.credentials, &db_key)? else {
+    for db_key in db_keys {
+        let Some(record) = get_json::<CredentialRecord>(tx.credentials, db_key)? else {
             continue;
         };
         let Some(split) = db_key.iter().position(|&b| b == 0) else {
@@ -134,7 +141,7 @@ pub(crate) fn reseal_all(store: &Store, tx: &Tx, old: &Key, new: &Key) -> TxResu
             Err(e) => return abort(e),
         };
         let resealed = seal_record(new, &vault_id, &name, secret.expose(), record.updated_at);
-        put_json(tx.credentials, &db_key, &resealed)?;
+        put_json(tx.credentials, db_key, &resealed)?;
         count += 1;
     }
     Ok(count)
@@ -151,7 +158,10 @@ impl Store {
         let (record, access) = self.access(principal, vault)?;
         access.require_member()?;
         if entries.is_empty() {
-            return Err(Error::bad_request("invalid_request", "no credentials given"));
+            return Err(Error::bad_request(
+                "invalid_request",
+                "no credentials given",
+            ));
         }
         for (key, value) in entries {
             validate_entry(key, value.expose())?;
@@ -160,7 +170,12 @@ impl Store {
         let now = self.now_secs();
         let sealed: BTreeMap<String, CredentialRecord> = entries
             .iter()
-            .map(|(k, v)| (k.clone(), seal_record(&data_key, &record.id, k, v.expose(), now)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    seal_record(&data_key, &record.id, k, v.expose(), now),
+                )
+            })
             .collect();
         self.write_rules(|tx| {
             ensure_vault_unchanged(tx, vault, &record.id)?;
@@ -172,10 +187,11 @@ impl Store {
     pub fn get_credential(&self, principal: &Principal, vault: &str, key: &str) -> Result<Secret> {
         let (record, access) = self.access(principal, vault)?;
         access.require_member()?;
+        let data_key = self.data_key();
         let stored: CredentialRecord =
             crate::store::read_json(&self.trees.credentials, vault_key(&record.id, key))?
                 .ok_or_else(|| credential_not_found(key, vault))?;
-        open_record(&self.data_key(), &record.id, key, &stored)
+        open_record(&data_key, &record.id, key, &stored)
     }
 
     /// Keys (and, with `reveal`, values) of a vault. Agents may list keys only.
@@ -189,13 +205,17 @@ impl Store {
         if reveal {
             access.require_member()?;
         }
-        let prefix = vault_prefix(&record.id);
         let data_key = self.data_key();
+        let prefix = vault_prefix(&record.id);
         let mut views = Vec::new();
         for (db_key, stored) in scan_json::<CredentialRecord>(&self.trees.credentials, &prefix)? {
             let key = String::from_utf8_lossy(&db_key[prefix.len()..]).into_owned();
             let value = if reveal {
-                Some(open_record(&data_key, &record.id, &key, &stored)?.expose().to_string())
+                Some(
+                    open_record(&data_key, &record.id, &key, &stored)?
+                        .expose()
+                        .to_string(),
+                )
             } else {
                 None
             };
@@ -278,5 +298,167 @@ pub(crate) fn ensure_vault_unchanged(tx: &Tx, vault: &str, vault_id: &str) -> Tx
     match get_json::<crate::vaults::VaultRecord>(tx.vaults, vault)? {
         Some(record) if record.id == vault_id => Ok(()),
         _ => abort(crate::vaults::vault_not_found(vault)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use std::sync::Arc;
+
+    fn owner() -> Principal {
+        Principal::User {
+            email: "owner@example.com".into(),
+            owner: true,
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(dir, None, Arc::new(SystemClock), false).unwrap()
+    }
+
+    fn set(store: &Store, key: &str, value: &str) {
+        let entries = BTreeMap::from([(key.to_string(), Secret::new(value.to_string()))]);
+        store
+            .set_credentials(&owner(), "default", &entries)
+            .unwrap();
+    }
+
+    fn raw_key(store: &Store, key: &str) -> Vec<u8> {
+        let vault = store.vault("default").unwrap().unwrap();
+        vault_key(&vault.id, key)
+    }
+
+    #[test]
+    fn tampered_ciphertext_is_an_error_not_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        set(&store, "A", "secret-a");
+        let key = raw_key(&store, "A");
+        let mut record: CredentialRecord =
+            serde_json::from_slice(&store.trees.credentials.get(&key).unwrap().unwrap()).unwrap();
+        let mut sealed = base64::engine::general_purpose::STANDARD
+            .decode(&record.sealed)
+            .unwrap();
+        let middle = sealed.len() / 2;
+        sealed[middle] ^= 0x01;
+        record.sealed = base64::engine::general_purpose::STANDARD.encode(sealed);
+        store
+            .trees
+            .credentials
+            .insert(&key, serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        let err = store.get_credential(&owner(), "default", "A").unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{err:?}");
+        assert!(store
+            .resolve_credentials(&store.vault("default").unwrap().unwrap().id, &["A".into()])
+            .is_err());
+    }
+
+    #[test]
+    fn ciphertext_swapped_between_keys_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        set(&store, "A", "secret-a");
+        set(&store, "B", "secret-b");
+        let a = store
+            .trees
+            .credentials
+            .get(raw_key(&store, "A"))
+            .unwrap()
+            .unwrap();
+        store
+            .trees
+            .credentials
+            .insert(raw_key(&store, "B"), a)
+            .unwrap();
+        assert!(store.get_credential(&owner(), "default", "B").is_err());
+        assert_eq!(
+            store
+                .get_credential(&owner(), "default", "A")
+                .unwrap()
+                .expose(),
+            "secret-a"
+        );
+    }
+
+    #[test]
+    fn rotation_reencrypts_every_value_and_they_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        set(&store, "A", "secret-a");
+        set(&store, "B", "secret-b");
+        let before = store
+            .trees
+            .credentials
+            .get(raw_key(&store, "A"))
+            .unwrap()
+            .unwrap();
+        let version = store.snapshot_version().unwrap();
+        assert_eq!(store.rotate_data_key().unwrap(), 2);
+        let after = store
+            .trees
+            .credentials
+            .get(raw_key(&store, "A"))
+            .unwrap()
+            .unwrap();
+        assert_ne!(before, after, "the value was re-encrypted");
+        assert!(store.snapshot_version().unwrap() > version);
+        assert_eq!(
+            store
+                .get_credential(&owner(), "default", "B")
+                .unwrap()
+                .expose(),
+            "secret-b"
+        );
+        drop(store);
+        let reopened = open(dir.path());
+        assert_eq!(
+            reopened
+                .get_credential(&owner(), "default", "A")
+                .unwrap()
+                .expose(),
+            "secret-a"
+        );
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_entry_sets_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let entries = BTreeMap::from([
+            ("GOOD".to_string(), Secret::new("1".into())),
+            ("bad-key".to_string(), Secret::new("2".into())),
+        ]);
+        assert!(store
+            .set_credentials(&owner(), "default", &entries)
+            .is_err());
+        assert!(store
+            .list_credentials(&owner(), "default", false)
+            .unwrap()
+            .is_empty());
+        let empty = BTreeMap::from([("EMPTY".to_string(), Secret::new(String::new()))]);
+        assert!(store.set_credentials(&owner(), "default", &empty).is_err());
+    }
+
+    #[test]
+    fn delete_of_an_unknown_key_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        set(&store, "A", "secret-a");
+        let err = store
+            .delete_credentials(&owner(), "default", &["A".into(), "MISSING".into()])
+            .unwrap_err();
+        assert_eq!(err.code(), "credential_not_found");
+        assert!(store.get_credential(&owner(), "default", "A").is_ok());
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        assert_eq!(
+            format!("{:?}", Secret::new("sk_live".into())),
+            "Secret(<redacted>)"
+        );
     }
 }

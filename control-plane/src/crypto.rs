@@ -64,7 +64,13 @@ impl Key {
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         // Encryption with a valid key and in-memory buffers cannot fail.
         let ciphertext = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .unwrap_or_default();
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
         out.push(SEAL_V1);
@@ -81,7 +87,13 @@ impl Key {
         let (nonce, ciphertext) = sealed[1..].split_at(NONCE_LEN);
         let cipher = Aes256Gcm::new((&self.0).into());
         cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
             .map(Zeroizing::new)
             .map_err(|_| CryptoError::Tampered)
     }
@@ -193,7 +205,10 @@ mod tests {
         let mut sealed = key.seal(b"aad", b"secret");
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
-        assert!(matches!(key.open(b"aad", &sealed), Err(CryptoError::Tampered)));
+        assert!(matches!(
+            key.open(b"aad", &sealed),
+            Err(CryptoError::Tampered)
+        ));
         assert!(key.open(b"aad", &[]).is_err());
         assert!(key.open(b"aad", &[SEAL_V1; 10]).is_err());
     }

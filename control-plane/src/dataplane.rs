@@ -128,7 +128,11 @@ async fn credentials(
             .agent_by_token_hash(&request.token_sha256)?
             .filter(|agent| agent.expires_at.is_none_or(|at| at > now))
             .ok_or_else(|| Error::forbidden("unknown, revoked or expired agent"))?;
-        if !agent.vaults.iter().any(|grant| grant.vault == request.vault) {
+        if !agent
+            .vaults
+            .iter()
+            .any(|grant| grant.vault == request.vault)
+        {
             return Err(Error::forbidden(format!(
                 "agent \"{}\" has no grant on vault \"{}\"",
                 agent.name, request.vault

@@ -11,8 +11,9 @@ pub enum Error {
     BadRequest(&'static str, String),
     #[error("{0}")]
     Unauthorized(String),
-    #[error("invalid email or password")]
-    InvalidCredentials,
+    /// A password (login or master) was wrong.
+    #[error("{0}")]
+    InvalidCredentials(String),
     #[error("{0}")]
     Forbidden(String),
     /// Something named does not exist: (code, message).
@@ -58,7 +59,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(..) | Error::Rule(_) => StatusCode::BAD_REQUEST,
-            Error::Unauthorized(_) | Error::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized(_) | Error::InvalidCredentials(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(..) => StatusCode::NOT_FOUND,
             Error::Conflict(..) => StatusCode::CONFLICT,
@@ -75,7 +76,7 @@ impl Error {
             }
             Error::Rule(rule) => rule.code(),
             Error::Unauthorized(_) => "unauthorized",
-            Error::InvalidCredentials => "invalid_credentials",
+            Error::InvalidCredentials(_) => "invalid_credentials",
             Error::Forbidden(_) => "forbidden",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::RateLimited(_) => "rate_limited",

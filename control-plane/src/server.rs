@@ -173,7 +173,10 @@ fn master_password(args: &ServerArgs) -> anyhow::Result<Option<zeroize::Zeroizin
             .read_line(&mut line)
             .context("cannot read the master password from stdin")?;
         let password = line.trim_end_matches(['\r', '\n']).to_string();
-        anyhow::ensure!(!password.is_empty(), "--password-stdin: stdin gave an empty password");
+        anyhow::ensure!(
+            !password.is_empty(),
+            "--password-stdin: stdin gave an empty password"
+        );
         return Ok(Some(zeroize::Zeroizing::new(password)));
     }
     Ok(std::env::var("AGENT_VAULT_MASTER_PASSWORD")

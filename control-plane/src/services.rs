@@ -99,12 +99,20 @@ impl Store {
         })
     }
 
-    pub fn add_service(&self, principal: &Principal, vault: &str, service: Service) -> Result<Service> {
+    pub fn add_service(
+        &self,
+        principal: &Principal,
+        vault: &str,
+        service: Service,
+    ) -> Result<Service> {
         self.change_services(principal, vault, |services| {
             if services.iter().any(|s| s.name == service.name) {
                 return Err(Error::conflict(
                     "service_exists",
-                    format!("service \"{}\" already exists in vault \"{vault}\"", service.name),
+                    format!(
+                        "service \"{}\" already exists in vault \"{vault}\"",
+                        service.name
+                    ),
                 ));
             }
             services.push(service.clone());

@@ -11,7 +11,7 @@
 //! operations as `impl Store` blocks; this module only knows about storage.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -121,7 +121,10 @@ pub struct Store {
     pub(crate) trees: Trees,
     all: Vec<sled::Tree>,
     data_dir: PathBuf,
-    data_key: RwLock<Arc<Key>>,
+    /// Held for reading by everything that seals or opens a value (across the
+    /// transaction that stores it), and for writing by rotation, so no value is ever
+    /// sealed with a key that is being replaced.
+    data_key: RwLock<Key>,
     kek: Mutex<Kek>,
     pub(crate) clock: SharedClock,
     pub(crate) allow_private_upstreams: bool,
@@ -192,10 +195,7 @@ impl Store {
                 };
                 let record = serde_json::to_vec(&wrap_data_key(&data_key, &kek))
                     .map_err(|e| OpenError::Corrupt(e.to_string()))?;
-                trees
-                    .meta
-                    .insert(META_DATA_KEY, record)
-                    .map_err(sled_err)?;
+                trees.meta.insert(META_DATA_KEY, record).map_err(sled_err)?;
                 (data_key, kek)
             }
         };
@@ -207,7 +207,7 @@ impl Store {
             trees,
             all,
             data_dir: data_dir.to_path_buf(),
-            data_key: RwLock::new(Arc::new(data_key)),
+            data_key: RwLock::new(data_key),
             kek: Mutex::new(kek),
             clock,
             allow_private_upstreams,
@@ -230,11 +230,9 @@ impl Store {
         self.clock.now_secs()
     }
 
-    pub(crate) fn data_key(&self) -> Arc<Key> {
-        match self.data_key.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    /// The data key; hold the guard while sealing/opening and storing the result.
+    pub(crate) fn data_key(&self) -> RwLockReadGuard<'_, Key> {
+        self.data_key.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs `f` in one transaction over every tree and flushes before returning.
@@ -255,8 +253,7 @@ impl Store {
             let result = f(&tx)?;
             if bump {
                 let version = read_version(tx.meta.get(META_VERSION)?.as_deref());
-                tx.meta
-                    .insert(META_VERSION, &(version + 1).to_be_bytes())?;
+                tx.meta.insert(META_VERSION, &(version + 1).to_be_bytes())?;
             }
             Ok(result)
         })?;
@@ -285,12 +282,17 @@ impl Store {
             (Kek::File(_), None) => true,
             (Kek::Password(key, kdf), Some(given)) => kdf
                 .derive(given)
-                .map(|derived| bool::from(subtle::ConstantTimeEq::ct_eq(&derived.as_bytes()[..], &key.as_bytes()[..])))
+                .map(|derived| {
+                    bool::from(subtle::ConstantTimeEq::ct_eq(
+                        &derived.as_bytes()[..],
+                        &key.as_bytes()[..],
+                    ))
+                })
                 .unwrap_or(false),
             _ => false,
         };
         if !current_ok {
-            return Err(Error::Unauthorized(
+            return Err(Error::InvalidCredentials(
                 "the current master password is wrong".into(),
             ));
         }
@@ -323,20 +325,26 @@ impl Store {
     }
 
     /// Replaces the data key and re-encrypts every sealed value in one transaction.
-    /// `reseal` is given each tree's entries to re-encrypt (credentials, proposals).
+    /// Holds the data key's write lock throughout, so no value is sealed or opened
+    /// with the old key while the new one takes over.
     pub fn rotate_data_key(&self) -> Result<usize> {
         let kek = lock(&self.kek);
-        let old = self.data_key();
+        let mut data_key = self.data_key.write().unwrap_or_else(|p| p.into_inner());
         let new = Key::generate();
         let record = serde_json::to_vec(&wrap_data_key(&new, &kek))?;
+        // sled cannot iterate inside a transaction; with the write lock held no value
+        // can be added meanwhile, so listing the keys first is complete.
+        let sealed_keys = self
+            .trees
+            .credentials
+            .iter()
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let count = self.write_rules(|tx| {
             tx.meta.insert(META_DATA_KEY, record.clone())?;
-            crate::credentials::reseal_all(self, tx, &old, &new)
+            crate::credentials::reseal(tx, &sealed_keys, &data_key, &new)
         })?;
-        match self.data_key.write() {
-            Ok(mut guard) => *guard = Arc::new(new),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
-        }
+        *data_key = new;
         Ok(count)
     }
 }
@@ -380,7 +388,11 @@ fn unwrap_data_key(
             let derived = kdf
                 .derive(password)
                 .map_err(|e| OpenError::Corrupt(e.to_string()))?;
-            (Kek::Password(derived, kdf.clone()), wrapped, OpenError::WrongPassword)
+            (
+                Kek::Password(derived, kdf.clone()),
+                wrapped,
+                OpenError::WrongPassword,
+            )
         }
         (WrappedDataKey::File { wrapped }, None) => {
             let text = std::fs::read_to_string(key_file)
@@ -403,7 +415,8 @@ fn unwrap_data_key(
     };
     let sealed = hex::decode(wrapped).map_err(|e| OpenError::Corrupt(e.to_string()))?;
     let plain = kek_key.open(DATA_KEY_AAD, &sealed).map_err(|_| wrong)?;
-    let data_key = Key::from_bytes(&plain).ok_or_else(|| OpenError::Corrupt("data key length".into()))?;
+    let data_key =
+        Key::from_bytes(&plain).ok_or_else(|| OpenError::Corrupt("data key length".into()))?;
     Ok((data_key, kek))
 }
 

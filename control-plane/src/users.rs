@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{dummy_password_hash, hash_password, new_token, sha256_hex, verify_password};
 use crate::error::{Error, Result};
-use crate::store::{abort, get_json, put_json, read_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult};
+use crate::store::{
+    abort, get_json, put_json, read_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult,
+};
 use crate::vaults::{vault_not_found, Access, Principal, VaultRole};
 
 pub const SESSION_PREFIX: &str = "av_sess_";
@@ -142,7 +144,12 @@ fn parse_role(raw: &[u8]) -> Option<VaultRole> {
 }
 
 impl Store {
-    pub fn register(&self, email: &str, password: &str, invite: Option<&str>) -> Result<Registered> {
+    pub fn register(
+        &self,
+        email: &str,
+        password: &str,
+        invite: Option<&str>,
+    ) -> Result<Registered> {
         let email = normalize_email(email)?;
         check_password_strength(password)?;
         let password_hash = hash_password(password)?;
@@ -168,7 +175,10 @@ impl Store {
                     ));
                 };
                 let invalid = || {
-                    Error::bad_request("invalid_invite", "this invite is unknown, used, expired or for another email")
+                    Error::bad_request(
+                        "invalid_invite",
+                        "this invite is unknown, used, expired or for another email",
+                    )
                 };
                 let Some(invite) = get_json::<InviteRecord>(tx.invites, hash)? else {
                     return abort(invalid());
@@ -212,7 +222,9 @@ impl Store {
         let ok = verify_password(password, hash) && user.is_some();
         if !ok {
             limiter.record_failure(&email, now);
-            return Err(Error::InvalidCredentials);
+            return Err(Error::InvalidCredentials(
+                "invalid email or password".into(),
+            ));
         }
         limiter.clear(&email);
         let token = new_token(SESSION_PREFIX);
@@ -240,7 +252,8 @@ impl Store {
 
     /// Resolves a bearer token (session or agent) to the principal it stands for.
     pub fn authenticate(&self, token: &str) -> Result<Principal> {
-        let unauthorized = || Error::Unauthorized("missing, unknown or expired token; log in again".into());
+        let unauthorized =
+            || Error::Unauthorized("missing, unknown or expired token; log in again".into());
         let now = self.now_secs();
         let hash = sha256_hex(token.as_bytes());
         if token.starts_with(SESSION_PREFIX) {
@@ -286,7 +299,11 @@ impl Store {
             let (key, raw) = entry?;
             let email = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             if let Some(role) = parse_role(&raw) {
-                members.push(MemberView { email, role, pending: false });
+                members.push(MemberView {
+                    email,
+                    role,
+                    pending: false,
+                });
             }
         }
         let now = self.now_secs();
@@ -345,7 +362,14 @@ impl Store {
         let (record, access) = self.access(principal, vault)?;
         access.require_admin()?;
         let email = email.trim().to_lowercase();
-        let prefix = vault_prefix(&record.id);
+        // sled cannot scan inside a transaction: list the vault's members first and
+        // re-read each inside it (the transaction conflicts if one changes meanwhile).
+        let member_keys = self
+            .trees
+            .members
+            .scan_prefix(vault_prefix(&record.id))
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let pending: Vec<String> = scan_json::<InviteRecord>(&self.trees.invites, b"")?
             .into_iter()
             .filter(|(_, invite)| invite.vault_id == record.id && invite.email == email)
@@ -364,31 +388,30 @@ impl Store {
                 tx.invites.remove(hash.as_bytes())?;
             }
             if was.as_deref().and_then(parse_role) == Some(VaultRole::Admin)
-                && !self.has_other_admin(tx, &prefix)?
+                && !has_admin(tx, &member_keys)?
             {
                 return abort(Error::conflict(
                     "last_admin",
-                    format!("{email} is the last admin of vault \"{vault}\"; add another admin first"),
+                    format!(
+                        "{email} is the last admin of vault \"{vault}\"; add another admin first"
+                    ),
                 ));
             }
             Ok(())
         })
     }
 
-    /// Whether any admin is left under `prefix` (called after removing one, in the
-    /// same transaction). Transactional trees cannot scan, so this reads the committed
-    /// tree and skips the removed key through the transaction's view.
-    fn has_other_admin(&self, tx: &Tx, prefix: &[u8]) -> TxResult<bool> {
-        for entry in self.trees.members.scan_prefix(prefix) {
-            let Ok((key, _)) = entry else { continue };
-            if tx.members.get(&key)?.as_deref().and_then(parse_role) == Some(VaultRole::Admin) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     pub fn is_admin_of(&self, principal: &Principal, vault: &str) -> bool {
         matches!(self.access(principal, vault), Ok((_, Access::Admin)))
     }
+}
+
+/// Whether any of `member_keys` is still an admin, as seen inside the transaction.
+fn has_admin(tx: &Tx, member_keys: &[sled::IVec]) -> TxResult<bool> {
+    for key in member_keys {
+        if tx.members.get(key)?.as_deref().and_then(parse_role) == Some(VaultRole::Admin) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

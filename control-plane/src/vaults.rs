@@ -8,7 +8,9 @@ use agent_vault_rules::{validate_vault_name, Grant, UnmatchedHostPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::{abort, get_json, put_json, read_json, scan_json, vault_prefix, Store, Tx, TxResult};
+use crate::store::{
+    abort, get_json, put_json, read_json, scan_json, vault_prefix, Store, Tx, TxResult,
+};
 
 pub const DEFAULT_VAULT: &str = "default";
 
@@ -59,7 +61,7 @@ impl Access {
         match self {
             Access::Member | Access::Admin => Ok(()),
             Access::Agent => Err(Error::forbidden(
-                "agents cannot read or change credential values; a vault member must",
+                "agents cannot read or change credential values; only vault members and admins can",
             )),
         }
     }
@@ -135,7 +137,9 @@ impl Store {
                 .any(|grant| grant.vault == name)
                 .then_some(Access::Agent),
         };
-        access.map(|a| (vault, a)).ok_or_else(|| vault_not_found(name))
+        access
+            .map(|a| (vault, a))
+            .ok_or_else(|| vault_not_found(name))
     }
 
     pub fn list_vaults(&self, principal: &Principal) -> Result<Vec<VaultView>> {
@@ -234,11 +238,7 @@ impl Store {
     }
 }
 
-fn remove_grants(
-    tx: &Tx,
-    agents: &[crate::agents::AgentRecord],
-    vault: &str,
-) -> TxResult<()> {
+fn remove_grants(tx: &Tx, agents: &[crate::agents::AgentRecord], vault: &str) -> TxResult<()> {
     for agent in agents {
         let mut agent = agent.clone();
         agent.vaults.retain(|grant| grant.vault != vault);

@@ -3,14 +3,14 @@
 //! publish rules). Pure Rust, no I/O; it builds for the host and for
 //! `wasm32-unknown-unknown`.
 //!
-//! | concept (DESIGN.md)                          | module      |
-//! |----------------------------------------------|-------------|
-//! | vault, credential key, service, agent names  | [`names`]   |
-//! | host patterns and request matching           | [`host`]    |
-//! | auth types and header rendering              | [`auth`]    |
-//! | services and the unmatched-host policy       | [`service`] |
-//! | data-plane protocol (snapshot, credentials, logs) | [`wire`] |
-//! | validation errors and their codes            | [`error`]   |
+//! | concept (DESIGN.md)                               | module      |
+//! |---------------------------------------------------|-------------|
+//! | vault, credential key, service and agent names    | [`names`]   |
+//! | host patterns and matching requests to services   | [`host`]    |
+//! | auth types and header rendering                   | [`auth`]    |
+//! | services and the unmatched-host policy            | [`service`] |
+//! | data-plane protocol (snapshot, credentials, logs) | [`wire`]    |
+//! | validation errors and their stable codes          | [`error`]   |
 //!
 //! The filter's hot path: build a [`ServiceMatcher`] per vault when a snapshot
 //! arrives, then per request [`normalize_authority`] → [`ServiceMatcher::find`] →

@@ -18,6 +18,7 @@ pub const DEFAULT_AGENT_ROLE: &str = "proxy";
 pub enum AgentCommand {
     /// Create an agent and print its token (shown once)
     Create {
+        /// The agent's name, unique on this server
         name: String,
         /// Grant access to VAULT with ROLE (default proxy); repeatable.
         /// Without it: the global vault (AGENT_VAULT_VAULT, `vault use`, `default`)
@@ -27,9 +28,15 @@ pub enum AgentCommand {
     /// List agents with a grant on a vault you administer
     List,
     /// Revoke an agent: its token stops working at the next snapshot
-    Revoke { name: String },
+    Revoke {
+        /// The agent to revoke
+        name: String,
+    },
     /// Give an agent a new token; the old one stops working
-    Rotate { name: String },
+    Rotate {
+        /// The agent whose token to replace
+        name: String,
+    },
 }
 
 /// A vault grant of an agent.

@@ -75,7 +75,7 @@ pub struct Client {
     address: String,
     token: Option<String>,
     vault_header: Option<String>,
-    /// Appended to a 401 answer, e.g. how to log in again.
+    /// Appended to a 401 `unauthorized` answer, e.g. how to log in again.
     unauthorized_hint: Option<String>,
 }
 
@@ -161,7 +161,9 @@ impl Client {
         let text = response.text().map_err(|err| self.transport_error(err))?;
         if !status.is_success() {
             let mut error = ApiError::from_response(status.as_u16(), &text);
-            if status.as_u16() == 401 {
+            // Only a rejected token is fixed by logging in again; a wrong password
+            // (`invalid_credentials`, also 401) is not.
+            if status.as_u16() == 401 && error.code == "unauthorized" {
                 error.hint.clone_from(&self.unauthorized_hint);
             }
             return Err(error.into());

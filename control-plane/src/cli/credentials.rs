@@ -20,7 +20,10 @@ pub enum CredentialCommand {
         pairs: Vec<String>,
     },
     /// Print one credential's value alone (for pipes)
-    Get { key: String },
+    Get {
+        /// The credential key, e.g. STRIPE_KEY
+        key: String,
+    },
     /// List credential keys and when they changed
     List {
         /// Also print the values

@@ -23,11 +23,20 @@ pub enum ServiceCommand {
     /// List the vault's services in match order
     List,
     /// Remove a service
-    Remove { name: String },
+    Remove {
+        /// The service to remove
+        name: String,
+    },
     /// Enable a disabled service
-    Enable { name: String },
+    Enable {
+        /// The service to enable
+        name: String,
+    },
     /// Disable a service (the proxy answers 403 service_disabled)
-    Disable { name: String },
+    Disable {
+        /// The service to disable
+        name: String,
+    },
     /// Replace every service of the vault with the ones in a JSON file, atomically
     Set {
         /// A JSON array of services or {"services": [...]}; `-` reads stdin
@@ -379,15 +388,13 @@ fn set(ctx: &Context, vault: &str, file: &str) -> anyhow::Result<()> {
     if ctx.json {
         return output::json(&applied);
     }
-    let names: Vec<&str> = output::items(&applied)
-        .iter()
-        .map(|s| str_field(s, "name"))
-        .collect();
-    let names = if names.is_empty() && !applied.is_array() {
-        services.iter().map(|s| str_field(s, "name")).collect()
+    // The server answers with the list it stored; fall back to what was sent.
+    let stored = if applied.is_array() {
+        output::items(&applied)
     } else {
-        names
+        services.as_slice()
     };
+    let names: Vec<&str> = stored.iter().map(|s| str_field(s, "name")).collect();
     let mut message = format!(
         "Vault {vault} now has {}",
         output::count(names.len(), "service", "services")

@@ -11,6 +11,7 @@ use super::output::{self, str_field};
 pub enum UserCommand {
     /// Add a user to the vault; prints a one-time invite when they have no account yet
     Add {
+        /// The user's email; they get an invite if they have no account yet
         email: String,
         #[arg(long, value_enum, default_value_t = UserRole::Member)]
         role: UserRole,
@@ -18,7 +19,10 @@ pub enum UserCommand {
     /// List the vault's users and pending invites
     List,
     /// Remove a user from the vault
-    Remove { email: String },
+    Remove {
+        /// The user to remove
+        email: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,20 +13,28 @@ use super::{credentials, prompt, services, users};
 #[derive(Debug, Subcommand)]
 pub enum VaultCommand {
     /// Create a vault; you become its admin
-    Create { name: String },
+    Create {
+        /// Lowercase letters, digits and dashes, e.g. my-vault
+        name: String,
+    },
     /// List the vaults you can see (* marks the one commands act on)
     List,
     /// Delete a vault with its credentials, services, members and agent grants
     Delete {
+        /// The vault to delete
         name: String,
         /// Do not ask for confirmation (required when stdin is not a terminal)
         #[arg(long, short = 'y')]
         yes: bool,
     },
     /// Make NAME the vault commands act on when --vault is not given
-    Use { name: String },
+    Use {
+        /// The vault to act on from now on
+        name: String,
+    },
     /// Change a vault's settings
     Update {
+        /// The vault to change
         name: String,
         /// What the proxy does with a host no service matches
         #[arg(long, value_enum, value_name = "POLICY")]
@@ -43,6 +51,8 @@ pub enum VaultCommand {
     Service(services::ServiceCommand),
     /// Show the vault's services and credential keys (what an agent can discover)
     Discover,
+    // `proposal` and `logs` join here as `Proposal(proposals::ProposalCommand)` and
+    // `Logs(logs::LogsArgs)`, each in its own module like `credentials`.
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
