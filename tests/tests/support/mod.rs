@@ -1,0 +1,453 @@
+//! Shared harness for the end-to-end tests: the real `agent-vault` binary as server
+//! and CLI, each server on port 0 with its own data dir, socket and HOME.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The built `agent-vault` binary next to this test's executable.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/agent-vault
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("agent-vault");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --workspace --bins, or ./dev test)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct ServerOptions {
+    pub password: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            password: None,
+            extra_args: vec!["--allow-private-upstreams".into()],
+        }
+    }
+}
+
+/// A running server; killed when dropped.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    child: Option<Child>,
+    options: ServerOptions,
+    log_index: usize,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(ServerOptions::default())
+    }
+
+    pub fn start_with(options: ServerOptions) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = Server {
+            dir,
+            addr: String::new(),
+            child: None,
+            options,
+            log_index: 0,
+        };
+        server.spawn().expect("server starts");
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run").join("dataplane.sock")
+    }
+
+    pub fn home(&self) -> PathBuf {
+        let home = self.dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        home
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything the server wrote to stderr so far, across restarts.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for i in 0..=self.log_index {
+            all.push_str(
+                &std::fs::read_to_string(self.dir.path().join(format!("server-{i}.log")))
+                    .unwrap_or_default(),
+            );
+        }
+        all
+    }
+
+    /// Starts the process; returns the error text if it exits before listening.
+    fn spawn(&mut self) -> Result<(), String> {
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("server-{}.log", self.log_index));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("server")
+            .arg("--port")
+            .arg("0")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(&self.options.extra_args)
+            .env_remove("AGENT_VAULT_MASTER_PASSWORD")
+            .env("HOME", self.home())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        if let Some(password) = &self.options.password {
+            cmd.arg("--password-stdin").stdin(Stdio::piped());
+            let _ = password;
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        let mut child = cmd.spawn().expect("spawn agent-vault server");
+        if let Some(password) = &self.options.password {
+            let mut stdin = child.stdin.take().expect("stdin");
+            writeln!(stdin, "{password}").expect("write password");
+        }
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the server never blocks on a full pipe.
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string);
+        match addr {
+            Some(addr) => {
+                self.addr = addr;
+                self.child = Some(child);
+                Ok(())
+            }
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::fs::read_to_string(&log_path).unwrap_or_default())
+            }
+        }
+    }
+
+    /// Stops the server with SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops with SIGTERM and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same data dir (a new port).
+    pub fn restart(&mut self) {
+        self.try_restart().expect("server restarts");
+    }
+
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        self.kill9();
+        self.log_index += 1;
+        self.spawn()
+    }
+
+    pub fn set_password(&mut self, password: Option<&str>) {
+        self.options.password = password.map(str::to_string);
+    }
+
+    pub fn cli(&self) -> Cli {
+        Cli {
+            home: self.home(),
+            addr: self.url(),
+            token: None,
+        }
+    }
+
+    pub fn api(&self, token: Option<&str>) -> Api {
+        Api {
+            base: self.url(),
+            token: token.map(str::to_string),
+            client: reqwest::blocking::Client::new(),
+        }
+    }
+
+    /// Registers the owner through the API and returns a session token.
+    pub fn owner_token(&self) -> String {
+        let api = self.api(None);
+        let (status, _) = api.post(
+            "/v1/auth/register",
+            &serde_json::json!({"email": "owner@example.com", "password": "owner-password"}),
+        );
+        assert!(status == 201 || status == 409, "register owner: {status}");
+        let (status, body) = api.post(
+            "/v1/auth/login",
+            &serde_json::json!({"email": "owner@example.com", "password": "owner-password"}),
+        );
+        assert_eq!(status, 200, "login: {body}");
+        body["token"].as_str().expect("token").to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The CLI with its own HOME, pointed at one server.
+#[derive(Clone)]
+pub struct Cli {
+    pub home: PathBuf,
+    pub addr: String,
+    pub token: Option<String>,
+}
+
+pub struct CliOutput {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    #[track_caller]
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(
+            self.status, 0,
+            "command failed: stdout={} stderr={}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn fails(self) -> CliOutput {
+        assert_ne!(
+            self.status, 0,
+            "command should fail: stdout={} stderr={}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            !self.stderr.trim().is_empty(),
+            "a failure says why on stderr"
+        );
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Cli {
+    pub fn with_token(&self, token: &str) -> Cli {
+        Cli {
+            token: Some(token.to_string()),
+            ..self.clone()
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> CliOutput {
+        self.run_stdin(args, "")
+    }
+
+    pub fn run_stdin(&self, args: &[&str], stdin: &str) -> CliOutput {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env("HOME", &self.home)
+            .env("AGENT_VAULT_ADDR", &self.addr)
+            .env_remove("AGENT_VAULT_VAULT")
+            .env_remove("AGENT_VAULT_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(token) = &self.token {
+            cmd.env("AGENT_VAULT_TOKEN", token);
+        }
+        let mut child = cmd.spawn().expect("spawn cli");
+        {
+            let mut input = child.stdin.take().expect("stdin");
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = child.wait_with_output().expect("cli output");
+        CliOutput {
+            status: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    /// Registers (first user = owner) and logs in, saving the session under HOME.
+    pub fn register_and_login(&self, email: &str, password: &str) {
+        self.run_stdin(
+            &["auth", "register", "--email", email, "--password-stdin"],
+            &format!("{password}\n"),
+        )
+        .ok();
+        self.login(email, password);
+    }
+
+    pub fn login(&self, email: &str, password: &str) {
+        self.run_stdin(
+            &["auth", "login", "--email", email, "--password-stdin"],
+            &format!("{password}\n"),
+        )
+        .ok();
+    }
+}
+
+/// Raw HTTP against the management API.
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+    pub client: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req.send().expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None, &[])
+    }
+
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None, headers)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(
+            reqwest::Method::POST,
+            path,
+            Some(body.to_string().into_bytes()),
+            &[],
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body.to_vec()), &[])
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(
+            reqwest::Method::PUT,
+            path,
+            Some(body.to_string().into_bytes()),
+            &[],
+        )
+    }
+
+    pub fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(
+            reqwest::Method::PATCH,
+            path,
+            Some(body.to_string().into_bytes()),
+            &[],
+        )
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::DELETE, path, None, &[])
+    }
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in any file under `dir`.
+pub fn bytes_on_disk(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            std::fs::read(path)
+                .map(|data| data.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
