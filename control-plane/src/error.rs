@@ -14,8 +14,9 @@ pub enum Error {
     /// A password (login or master) was wrong.
     #[error("{0}")]
     InvalidCredentials(String),
-    #[error("{0}")]
-    Forbidden(String),
+    /// Known caller, not allowed: (code, message).
+    #[error("{1}")]
+    Forbidden(&'static str, String),
     /// Something named does not exist: (code, message).
     #[error("{1}")]
     NotFound(&'static str, String),
@@ -24,6 +25,9 @@ pub enum Error {
     Conflict(&'static str, String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// A batch with more items than a route takes: (limit, what the items are).
+    #[error("a batch holds at most {0} {1}")]
+    BatchTooLarge(usize, &'static str),
     #[error("{0}")]
     RateLimited(String),
     #[error(transparent)]
@@ -49,7 +53,7 @@ impl Error {
     }
 
     pub fn forbidden(message: impl Into<String>) -> Error {
-        Error::Forbidden(message.into())
+        Error::Forbidden("forbidden", message.into())
     }
 
     pub fn internal(message: impl std::fmt::Display) -> Error {
@@ -60,10 +64,10 @@ impl Error {
         match self {
             Error::BadRequest(..) | Error::Rule(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized(_) | Error::InvalidCredentials(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(..) => StatusCode::FORBIDDEN,
             Error::NotFound(..) => StatusCode::NOT_FOUND,
             Error::Conflict(..) => StatusCode::CONFLICT,
-            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,14 +75,16 @@ impl Error {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Error::BadRequest(code, _) | Error::NotFound(code, _) | Error::Conflict(code, _) => {
+            Error::BadRequest(code, _)
+            | Error::NotFound(code, _)
+            | Error::Conflict(code, _)
+            | Error::Forbidden(code, _) => {
                 code
             }
             Error::Rule(rule) => rule.code(),
             Error::Unauthorized(_) => "unauthorized",
             Error::InvalidCredentials(_) => "invalid_credentials",
-            Error::Forbidden(_) => "forbidden",
-            Error::PayloadTooLarge(_) => "payload_too_large",
+            Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => "payload_too_large",
             Error::RateLimited(_) => "rate_limited",
             Error::Internal(_) => "internal",
         }

@@ -171,6 +171,7 @@ impl Store {
             if !first {
                 let Some(hash) = &invite_hash else {
                     return abort(Error::Forbidden(
+                        "invite_required",
                         "registration needs an invite from a vault admin (--invite TOKEN)".into(),
                     ));
                 };
