@@ -72,11 +72,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
 /// Parses a request body, telling malformed JSON from a well-formed wrong shape.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde reports the first type mismatch of a truncated document as a shape
+        // error; a second, shape-free pass tells malformed JSON apart.
+        let well_formed = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+        if e.classify() == serde_json::error::Category::Data && well_formed {
             Error::bad_request("invalid_request", format!("invalid request body: {e}"))
+        } else {
+            Error::bad_request("invalid_json", format!("malformed JSON: {e}"))
         }
-        _ => Error::bad_request("invalid_json", format!("malformed JSON: {e}")),
     })
 }
 
@@ -162,6 +166,7 @@ pub fn router(state: AppState) -> Router {
             post(delete_credentials),
         )
         .route("/v1/vaults/{vault}/credentials/{key}", get(get_credential))
+        .route("/v1/vaults/{vault}/logs", get(read_logs))
         .route(
             "/v1/vaults/{vault}/services",
             get(list_services).post(add_service).put(replace_services),
@@ -448,6 +453,28 @@ async fn get_credential(
     })
     .await?;
     Ok(value.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn read_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    query: std::result::Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response> {
+    let Query(query) = query.map_err(|e| Error::bad_request("invalid_request", e.body_text()))?;
+    let limit = query.limit.unwrap_or(crate::logs::DEFAULT_PAGE);
+    Ok(with_store(&state, caller, move |store, who| {
+        store.read_logs(who, &vault, query.after, limit)
+    })
+    .await?
+    .into_response())
 }
 
 async fn list_services(

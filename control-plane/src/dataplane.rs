@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use agent_vault_rules::{
-    CredentialsRequest, Snapshot, SnapshotAgent, SnapshotVault, CONTROL_PLANE_HEADER,
-    CREDENTIALS_PATH, SNAPSHOT_PATH,
+    CredentialsRequest, LogRecord, Snapshot, SnapshotAgent, SnapshotVault, CONTROL_PLANE_HEADER,
+    CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
 };
 use axum::body::Bytes;
 use axum::extract::State;
@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(SNAPSHOT_PATH, get(snapshot))
         .route(CREDENTIALS_PATH, post(credentials))
+        .route(LOGS_PATH, post(logs))
         .fallback(|| async { Error::not_found("not_found", "no such data-plane route") })
         .layer(axum::middleware::map_response(mark_reply))
         .with_state(state)
@@ -154,6 +155,17 @@ async fn credentials(
     })
     .await
     .map(|bytes| ([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// A batch of request-log records (at most [`crate::logs::MAX_BATCH_RECORDS`]); records
+/// for unknown vaults are dropped. Stored and flushed before the 204.
+async fn logs(
+    State(state): State<AppState>,
+    JsonBody(records): JsonBody<Vec<LogRecord>>,
+) -> Result<StatusCode> {
+    let store = state.store.clone();
+    blocking(move || store.append_logs(records)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Shared snapshot cache handle for [`AppState`].

@@ -10,6 +10,7 @@
 //! | credential values | [`credentials`] |
 //! | service rules (validated by `agent-vault-rules`) | [`services`] |
 //! | agents and their tokens | [`agents`] |
+//! | the request log and its retention | [`logs`] |
 //! | the management HTTP API (TCP) | [`api`] |
 //! | the data-plane protocol (Unix socket only) | [`dataplane`] |
 //! | listeners, socket permissions, startup | [`server`] |
@@ -24,6 +25,7 @@ pub mod credentials;
 pub mod crypto;
 pub mod dataplane;
 pub mod error;
+pub mod logs;
 pub mod server;
 mod server_args;
 pub mod services;

@@ -202,12 +202,16 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| data_dir.join("run").join("dataplane.sock"));
     let password = master_password(&args)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let store = Store::open(
+    let mut store = Store::open(
         &data_dir,
         password.as_deref().map(String::as_str),
         clock,
         args.allow_private_upstreams,
     )?;
+    store.set_log_retention(crate::logs::LogRetention {
+        max_records: usize::try_from(args.log_max_records).unwrap_or(usize::MAX),
+        max_age_days: args.log_retention_days,
+    });
     if store.is_passwordless() {
         eprintln!(
             "agent-vault: running passwordless: the data key is protected only by the file {} (set a master password with `agent-vault master-password change`)",

@@ -28,4 +28,10 @@ pub struct ServerArgs {
     /// Extra group id allowed on the data-plane socket (socket becomes 0660 with this group).
     #[arg(long, env = "AGENT_VAULT_SOCKET_GID")]
     pub socket_gid: Option<u32>,
+    /// Request-log records older than this many days are dropped.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..), env = "AGENT_VAULT_LOG_RETENTION_DAYS")]
+    pub log_retention_days: u32,
+    /// Request-log records kept per vault (the oldest are dropped first).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..), env = "AGENT_VAULT_LOG_MAX_RECORDS")]
+    pub log_max_records: u64,
 }

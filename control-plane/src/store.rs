@@ -78,6 +78,7 @@ trees!(
     services,
     agents,
     agent_tokens,
+    logs,
 );
 
 /// How the data key is wrapped, as stored in `meta/data_key`.
@@ -128,6 +129,8 @@ pub struct Store {
     kek: Mutex<Kek>,
     pub(crate) clock: SharedClock,
     pub(crate) allow_private_upstreams: bool,
+    /// Request-log retention and pruning bookkeeping (see [`crate::logs`]).
+    pub(crate) request_log: crate::logs::RequestLogState,
 }
 
 impl Store {
@@ -211,6 +214,7 @@ impl Store {
             kek: Mutex::new(kek),
             clock,
             allow_private_upstreams,
+            request_log: crate::logs::RequestLogState::default(),
         };
         store
             .ensure_default_vault()
@@ -228,6 +232,11 @@ impl Store {
 
     pub(crate) fn now_secs(&self) -> i64 {
         self.clock.now_secs()
+    }
+
+    /// A number larger than every one returned before, also across restarts.
+    pub(crate) fn generate_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
     }
 
     /// The data key; hold the guard while sealing/opening and storing the result.

@@ -121,7 +121,9 @@ impl fmt::Debug for CredentialsResponse {
 }
 
 /// One proxied request in the request log: no header values, no query string, no body.
+/// Unknown fields are refused, so a record can never smuggle extra data into the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogRecord {
     /// Unix milliseconds.
     pub ts: i64,
@@ -294,6 +296,16 @@ mod tests {
             serde_json::from_value::<Vec<LogRecord>>(json).ok(),
             Some(vec![record])
         );
+    }
+
+    #[test]
+    fn log_record_refuses_unknown_fields() {
+        let json = serde_json::json!({
+            "ts": 1, "agent": "a", "vault": "default", "method": "GET", "host": "h",
+            "path": "/", "service": null, "status": 200, "latency_ms": 0, "error": null,
+            "authorization": "Bearer sk_live_x"
+        });
+        assert!(serde_json::from_value::<LogRecord>(json).is_err());
     }
 
     #[test]

@@ -3,16 +3,14 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{bytes_on_disk, Server, ServerOptions};
+use support::{bytes_on_disk, socket_request, Server, ServerOptions};
 
 fn set(server: &Server, token: &str, key: &str, value: &str) {
     let (status, body) = server.api(Some(token)).post(
@@ -26,16 +24,6 @@ fn get(server: &Server, token: &str, key: &str) -> (u16, Value) {
     server
         .api(Some(token))
         .get(&format!("/v1/vaults/default/credentials/{key}"))
-}
-
-/// One raw HTTP/1.1 request over the data-plane socket; `None` if the server hung up.
-fn socket_request(path: &std::path::Path, request: &str) -> Option<String> {
-    let mut stream = UnixStream::connect(path).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    (!response.is_empty()).then_some(response)
 }
 
 #[test]

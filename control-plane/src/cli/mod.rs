@@ -17,6 +17,7 @@
 //! | [`users`] | `vault user` |
 //! | [`credentials`] | `vault credential` (alias `creds`) |
 //! | [`services`] | `vault service` |
+//! | [`logs`] | `vault logs` |
 //! | [`agents`] | `agent` |
 //! | [`master_key`] | `master-password change`, `master-key rotate` |
 //!
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod client;
 pub mod context;
 pub mod credentials;
+pub mod logs;
 pub mod master_key;
 pub mod output;
 pub mod prompt;
@@ -300,12 +302,41 @@ mod tests {
     }
 
     #[test]
+    fn vault_logs_takes_follow_limit_and_the_global_flags() {
+        let cli = parse(&[
+            "agent-vault",
+            "vault",
+            "logs",
+            "--follow",
+            "--limit",
+            "5",
+            "--json",
+            "--vault",
+            "v1x",
+        ]);
+        assert!(cli.global.json);
+        assert_eq!(cli.global.vault.as_deref(), Some("v1x"));
+        match cli.command {
+            Command::Vault(vaults::VaultCommand::Logs(args)) => {
+                assert!(args.follow);
+                assert_eq!(args.limit, 5);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for bad in ["0", "1001", "x"] {
+            assert!(Cli::try_parse_from(["agent-vault", "vault", "logs", "--limit", bad]).is_err());
+        }
+    }
+
+    #[test]
     fn server_subcommand_takes_server_flags() {
         let cli = parse(&["agent-vault", "server", "--port", "0", "--password-stdin"]);
         match cli.command {
             Command::Server(args) => {
                 assert_eq!(args.port, 0);
                 assert!(args.password_stdin);
+                assert_eq!(args.log_retention_days, 7);
+                assert_eq!(args.log_max_records, 10_000);
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -114,6 +114,19 @@ pub fn time(value: Option<&Value>) -> String {
     }
 }
 
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC), for the request log.
+pub fn utc_seconds(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let rem = secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
 fn format_unix(secs: i64) -> String {
     // Milliseconds, in case the server sends them.
     let secs = if secs > 100_000_000_000 {
@@ -183,6 +196,13 @@ mod tests {
         );
         assert_eq!(time(Some(&Value::Null)), "-");
         assert_eq!(time(None), "-");
+    }
+
+    #[test]
+    fn utc_seconds_from_milliseconds() {
+        assert_eq!(utc_seconds(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_seconds(1_700_000_000_999), "2023-11-14 22:13:20");
+        assert_eq!(utc_seconds(-1), "1969-12-31 23:59:59");
     }
 
     #[test]

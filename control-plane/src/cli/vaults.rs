@@ -1,5 +1,5 @@
 //! `agent-vault vault`: vaults themselves, and the subtrees for what lives in a vault
-//! (users, credentials, services; proposals and logs slot in here the same way).
+//! (users, credentials, services, logs; proposals slot in here the same way).
 
 use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::client::api_path;
 use super::context::{Context, VaultSource};
 use super::output::{self, str_field};
-use super::{credentials, prompt, services, users};
+use super::{credentials, logs, prompt, services, users};
 
 #[derive(Debug, Subcommand)]
 pub enum VaultCommand {
@@ -51,8 +51,10 @@ pub enum VaultCommand {
     Service(services::ServiceCommand),
     /// Show the vault's services and credential keys (what an agent can discover)
     Discover,
-    // `proposal` and `logs` join here as `Proposal(proposals::ProposalCommand)` and
-    // `Logs(logs::LogsArgs)`, each in its own module like `credentials`.
+    /// Show the vault's request log (what agents sent through the proxy)
+    Logs(logs::LogsArgs),
+    // `proposal` joins here as `Proposal(proposals::ProposalCommand)`, in its own
+    // module like `credentials`.
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +88,7 @@ pub fn run(cmd: VaultCommand, ctx: &Context) -> anyhow::Result<()> {
         VaultCommand::Credential(cmd) => credentials::run(cmd, ctx),
         VaultCommand::Service(cmd) => services::run(cmd, ctx),
         VaultCommand::Discover => discover(ctx),
+        VaultCommand::Logs(args) => logs::run(&args, ctx),
     }
 }
 

@@ -2,6 +2,9 @@
 //! and CLI, each server on port 0 with its own data dir, socket and HOME.
 #![allow(dead_code)]
 
+pub mod envoy;
+pub mod upstream;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -450,4 +453,20 @@ pub fn bytes_on_disk(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// One raw HTTP/1.1 request over the data-plane socket (send `Connection: close`);
+/// the whole answer, or `None` if the server hung up without one. A failed write is
+/// not fatal: a server refusing an oversized body answers before reading all of it.
+pub fn socket_request(path: &Path, request: impl AsRef<[u8]>) -> Option<String> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
+    let _ = stream.write_all(request.as_ref());
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    (!response.is_empty()).then(|| String::from_utf8_lossy(&response).into_owned())
 }

@@ -1,0 +1,665 @@
+//! The request log (DESIGN.md §3 step 7): what Envoy's filter reports about each
+//! proxied request, stored per vault with retention.
+//!
+//! Records arrive in batches over the data-plane socket ([`crate::dataplane`]) and are
+//! read through the management API (`GET /v1/vaults/{vault}/logs`). Each one is stored
+//! in the `logs` tree under `<vault id>\0<8-byte big-endian sequence>`, the sequence
+//! drawn from sled's id generator (from 1, increasing across restarts), so a vault's records are in arrival order and a
+//! reader continues `after` the last sequence it saw. A record holds no header value,
+//! no query string and no body: the filter never sends them, and the path is cut at
+//! `?` / `#` here as well, in case one does.
+//!
+//! Retention: at most `max_records` per vault and nothing older than `max_age_days`
+//! (by the record's `ts`). Pruning happens on insert and stays cheap: a vault is pruned
+//! when its record count (counted once, then tracked in memory) passes the limit, and
+//! the whole tree every [`PRUNE_EVERY`] batches (the first batch after a start
+//! included), which also drops the records of deleted vaults.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use agent_vault_rules::LogRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::store::{scan_json, vault_prefix, Store};
+use crate::vaults::{Access, Principal, VaultRecord};
+
+/// Most records one data-plane batch may carry.
+pub const MAX_BATCH_RECORDS: usize = 1000;
+/// Records per page when the reader does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most records per page.
+pub const MAX_PAGE: usize = 1000;
+/// Every this many batches, the whole tree is pruned.
+pub const PRUNE_EVERY: u64 = 100;
+
+const MAX_HOST: usize = 253;
+const MAX_PATH: usize = 2048;
+const MAX_METHOD: usize = 16;
+const MAX_NAME: usize = 128;
+const MAX_ERROR: usize = 64;
+/// Keys removed per transaction while pruning.
+const PRUNE_CHUNK: usize = 5000;
+const DAY_MS: i64 = 86_400_000;
+
+/// How much of the request log is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRetention {
+    /// Records kept per vault; the oldest go first.
+    pub max_records: usize,
+    /// Records older than this many days (by their `ts`) are dropped.
+    pub max_age_days: u32,
+}
+
+impl Default for LogRetention {
+    fn default() -> Self {
+        LogRetention {
+            max_records: 10_000,
+            max_age_days: 7,
+        }
+    }
+}
+
+/// Retention settings and pruning bookkeeping, held by the [`Store`].
+#[derive(Default)]
+pub(crate) struct RequestLogState {
+    retention: LogRetention,
+    batches: AtomicU64,
+    /// Records per vault id as far as this process knows: counted on first use, then
+    /// kept up to date by inserts and prunes (an overestimate only prunes early).
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+/// One stored record and its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogEntry {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub record: LogRecord,
+}
+
+/// A page of the log, oldest first; `next` is the `after` for the following page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogPage {
+    pub records: Vec<LogEntry>,
+    pub next: u64,
+}
+
+/// Only the timestamp of a stored record, for pruning.
+#[derive(Deserialize)]
+struct Stamp {
+    ts: i64,
+}
+
+impl Store {
+    /// Sets the retention; call before the store is shared.
+    pub fn set_log_retention(&mut self, retention: LogRetention) {
+        self.request_log.retention = retention;
+    }
+
+    pub fn log_retention(&self) -> LogRetention {
+        self.request_log.retention
+    }
+
+    /// Stores a batch from the data plane in one flushed write and prunes when due.
+    /// Records naming an unknown vault are dropped. Returns how many were stored.
+    pub fn append_logs(&self, records: Vec<LogRecord>) -> Result<usize> {
+        if records.len() > MAX_BATCH_RECORDS {
+            return Err(Error::BatchTooLarge(MAX_BATCH_RECORDS, "records"));
+        }
+        let mut vault_ids: HashMap<String, Option<String>> = HashMap::new();
+        let mut added: HashMap<String, usize> = HashMap::new();
+        let mut entries = Vec::with_capacity(records.len());
+        for record in records {
+            let record = sanitize(record);
+            let id = match vault_ids.get(&record.vault) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = self.vault(&record.vault)?.map(|v| v.id);
+                    vault_ids.insert(record.vault.clone(), id.clone());
+                    id
+                }
+            };
+            let Some(id) = id else { continue };
+            // sled's ids start at 0; sequences start at 1, so `after=0` means "from
+            // the start" and `next: 0` means "nothing yet".
+            let seq = self.generate_id()?.saturating_add(1);
+            entries.push((log_key(&id, seq), serde_json::to_vec(&record)?));
+            *added.entry(id).or_default() += 1;
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        self.write(|tx| {
+            for (key, value) in &entries {
+                tx.logs.insert(key.as_slice(), value.as_slice())?;
+            }
+            Ok(())
+        })?;
+        self.prune_after_insert(&added)?;
+        Ok(entries.len())
+    }
+
+    /// A page of `vault`'s log for a member or admin: the records after `after` in
+    /// ascending order, or without `after` the newest `limit` (still ascending).
+    pub fn read_logs(
+        &self,
+        principal: &Principal,
+        vault: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<LogPage> {
+        let (record, access) = self.access(principal, vault)?;
+        if access == Access::Agent {
+            return Err(Error::forbidden(
+                "agents cannot read the request log; only vault members and admins can",
+            ));
+        }
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Error::bad_request(
+                "invalid_limit",
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+        let prefix = vault_prefix(&record.id);
+        let end = prefix_end(&prefix);
+        let raw = match after {
+            Some(after) => match after.checked_add(1) {
+                Some(first) => self
+                    .trees
+                    .logs
+                    .range(log_key(&record.id, first)..end)
+                    .take(limit)
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            },
+            None => {
+                let mut newest = self
+                    .trees
+                    .logs
+                    .range(prefix..end)
+                    .rev()
+                    .take(limit)
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                newest.reverse();
+                newest
+            }
+        };
+        let records = raw
+            .into_iter()
+            .map(|(key, value)| {
+                Ok(LogEntry {
+                    seq: seq_of(&key),
+                    record: serde_json::from_slice(&value)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let next = records.last().map(|entry| entry.seq).or(after).unwrap_or(0);
+        Ok(LogPage { records, next })
+    }
+
+    /// Prunes the whole tree every [`PRUNE_EVERY`] batches, and in between every
+    /// vault of this batch that went over the record limit.
+    fn prune_after_insert(&self, added: &HashMap<String, usize>) -> Result<()> {
+        let state = &self.request_log;
+        if state.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0 {
+            return self.prune_logs();
+        }
+        let mut over = Vec::new();
+        {
+            let mut counts = lock(&state.counts);
+            for (id, n) in added {
+                let count = match counts.get(id) {
+                    Some(count) => count + n,
+                    None => self.trees.logs.scan_prefix(vault_prefix(id)).count(),
+                };
+                counts.insert(id.clone(), count);
+                if count > state.retention.max_records {
+                    over.push(id.clone());
+                }
+            }
+        }
+        let cutoff = self.log_cutoff_ms();
+        for id in over {
+            self.prune_vault_logs(&id, cutoff)?;
+        }
+        Ok(())
+    }
+
+    /// Applies retention to every vault's records and drops those of deleted vaults.
+    pub fn prune_logs(&self) -> Result<()> {
+        let live: HashSet<String> = scan_json::<VaultRecord>(&self.trees.vaults, b"")?
+            .into_iter()
+            .map(|(_, vault)| vault.id)
+            .collect();
+        let cutoff = self.log_cutoff_ms();
+        for id in self.log_vault_ids()? {
+            if live.contains(&id) {
+                self.prune_vault_logs(&id, cutoff)?;
+            } else {
+                let keys = self
+                    .trees
+                    .logs
+                    .scan_prefix(vault_prefix(&id))
+                    .keys()
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                self.remove_log_keys(&keys)?;
+                lock(&self.request_log.counts).remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records with a `ts` before this (unix ms) are past retention.
+    fn log_cutoff_ms(&self) -> i64 {
+        let days = i64::from(self.request_log.retention.max_age_days);
+        self.clock
+            .now_ms()
+            .saturating_sub(days.saturating_mul(DAY_MS))
+    }
+
+    /// Drops a vault's records older than `cutoff` and then the oldest beyond the limit.
+    fn prune_vault_logs(&self, vault_id: &str, cutoff: i64) -> Result<()> {
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for entry in self.trees.logs.scan_prefix(vault_prefix(vault_id)) {
+            let (key, value) = entry?;
+            match serde_json::from_slice::<Stamp>(&value) {
+                Ok(stamp) if stamp.ts >= cutoff => kept.push(key),
+                // Too old, or unreadable: either way not worth keeping.
+                _ => doomed.push(key),
+            }
+        }
+        let excess = kept
+            .len()
+            .saturating_sub(self.request_log.retention.max_records);
+        doomed.extend(kept.drain(..excess));
+        self.remove_log_keys(&doomed)?;
+        lock(&self.request_log.counts).insert(vault_id.to_string(), kept.len());
+        Ok(())
+    }
+
+    fn remove_log_keys(&self, keys: &[sled::IVec]) -> Result<()> {
+        for chunk in keys.chunks(PRUNE_CHUNK) {
+            self.write(|tx| {
+                for key in chunk {
+                    tx.logs.remove(key)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The distinct vault ids in the `logs` tree, jumping from one prefix to the next.
+    fn log_vault_ids(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(entry) = self.trees.logs.range(from.as_slice()..).next() {
+            let (key, _) = entry?;
+            let id = key.split(|b| *b == 0).next().unwrap_or(&[]);
+            ids.push(String::from_utf8_lossy(id).into_owned());
+            // `<id>\x01` sorts after every `<id>\0…` key (and after a bare `<id>`).
+            from = id.to_vec();
+            from.push(1);
+        }
+        Ok(ids)
+    }
+}
+
+/// `<vault id>\0<seq as 8 big-endian bytes>`.
+fn log_key(vault_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = vault_prefix(vault_id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The sequence number at the end of a log key.
+fn seq_of(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .and_then(|start| key[start..].try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// The first key after every key starting with `prefix` (which ends in `\0`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    match end.last_mut() {
+        Some(last) if *last < u8::MAX => *last += 1,
+        _ => end.push(u8::MAX),
+    }
+    end
+}
+
+/// Cuts the query string and fragment off the path and caps every string field.
+fn sanitize(mut record: LogRecord) -> LogRecord {
+    if let Some(cut) = record.path.find(['?', '#']) {
+        record.path.truncate(cut);
+    }
+    cap(&mut record.path, MAX_PATH);
+    cap(&mut record.host, MAX_HOST);
+    cap(&mut record.method, MAX_METHOD);
+    cap(&mut record.agent, MAX_NAME);
+    cap(&mut record.vault, MAX_NAME);
+    if let Some(service) = record.service.as_mut() {
+        cap(service, MAX_NAME);
+    }
+    if let Some(error) = record.error.as_mut() {
+        cap(error, MAX_ERROR);
+    }
+    record
+}
+
+/// Truncates `text` to at most `max` bytes, on a character boundary.
+fn cap(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, SharedClock};
+
+    const NOW_MS: i64 = 1_700_000_000_000;
+
+    fn open(clock: SharedClock) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None, clock, false).unwrap();
+        (dir, store)
+    }
+
+    fn owner() -> Principal {
+        Principal::User {
+            email: "owner@example.com".into(),
+            owner: true,
+        }
+    }
+
+    fn record(vault: &str, path: &str, ts: i64) -> LogRecord {
+        LogRecord {
+            ts,
+            agent: "claude".into(),
+            vault: vault.into(),
+            method: "GET".into(),
+            host: "api.stripe.com".into(),
+            path: path.into(),
+            service: Some("stripe".into()),
+            status: 200,
+            latency_ms: 12,
+            error: None,
+        }
+    }
+
+    fn paths(page: &LogPage) -> Vec<String> {
+        page.records.iter().map(|e| e.record.path.clone()).collect()
+    }
+
+    fn all(store: &Store, vault: &str) -> LogPage {
+        store.read_logs(&owner(), vault, Some(0), MAX_PAGE).unwrap()
+    }
+
+    #[test]
+    fn records_come_back_in_order_and_pages_continue_after_the_last_seq() {
+        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        for batch in 0..3 {
+            let records = (0..4)
+                .map(|i| record("default", &format!("/{batch}/{i}"), NOW_MS))
+                .collect();
+            assert_eq!(store.append_logs(records).unwrap(), 4);
+        }
+        let everything = all(&store, "default");
+        let expected: Vec<String> = (0..3)
+            .flat_map(|b| (0..4).map(move |i| format!("/{b}/{i}")))
+            .collect();
+        assert_eq!(paths(&everything), expected);
+        let seqs: Vec<u64> = everything.records.iter().map(|e| e.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        assert_eq!(everything.next, *seqs.last().unwrap());
+
+        // Without `after`: the newest `limit`, ascending.
+        let newest = store.read_logs(&owner(), "default", None, 3).unwrap();
+        assert_eq!(paths(&newest), ["/2/1", "/2/2", "/2/3"]);
+
+        // Paging with `after`.
+        let first = store.read_logs(&owner(), "default", Some(0), 5).unwrap();
+        assert_eq!(paths(&first), expected[..5]);
+        let second = store
+            .read_logs(&owner(), "default", Some(first.next), 5)
+            .unwrap();
+        assert_eq!(paths(&second), expected[5..10]);
+        let last = store
+            .read_logs(&owner(), "default", Some(everything.next), 5)
+            .unwrap();
+        assert!(last.records.is_empty());
+        assert_eq!(last.next, everything.next, "next stays at the given after");
+        let beyond = store
+            .read_logs(&owner(), "default", Some(u64::MAX), 5)
+            .unwrap();
+        assert!(beyond.records.is_empty());
+    }
+
+    #[test]
+    fn query_strings_and_fragments_are_stripped_and_strings_capped() {
+        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let mut long = record("default", "/a?token=secret", NOW_MS);
+        long.host = "h".repeat(300);
+        long.method = "M".repeat(40);
+        long.agent = "é".repeat(100); // 200 bytes: cut on a char boundary
+        long.error = Some("e".repeat(100));
+        long.service = Some("s".repeat(200));
+        store
+            .append_logs(vec![
+                long,
+                record("default", "/b#frag?x=1", NOW_MS),
+                record("default", &format!("/{}", "p".repeat(5000)), NOW_MS),
+            ])
+            .unwrap();
+        let page = all(&store, "default");
+        let got = &page.records[0].record;
+        assert_eq!(got.path, "/a");
+        assert_eq!(got.host.len(), MAX_HOST);
+        assert_eq!(got.method.len(), MAX_METHOD);
+        assert_eq!(got.agent, "é".repeat(64));
+        assert_eq!(got.error.as_deref().map(str::len), Some(MAX_ERROR));
+        assert_eq!(got.service.as_deref().map(str::len), Some(MAX_NAME));
+        assert_eq!(page.records[1].record.path, "/b");
+        assert_eq!(page.records[2].record.path.len(), MAX_PATH);
+        let raw: Vec<u8> = store
+            .trees
+            .logs
+            .iter()
+            .values()
+            .flat_map(|v| v.unwrap().to_vec())
+            .collect();
+        assert!(!raw.windows(6).any(|w| w == b"secret"));
+    }
+
+    #[test]
+    fn records_for_unknown_vaults_are_dropped() {
+        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let stored = store
+            .append_logs(vec![
+                record("nope", "/x", NOW_MS),
+                record("default", "/kept", NOW_MS),
+                record("", "/y", NOW_MS),
+            ])
+            .unwrap();
+        assert_eq!(stored, 1);
+        assert_eq!(paths(&all(&store, "default")), ["/kept"]);
+        assert_eq!(store.trees.logs.len(), 1);
+        assert_eq!(
+            store
+                .append_logs(vec![record("nope", "/x", NOW_MS)])
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn vaults_keep_separate_logs() {
+        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        store.create_vault(&owner(), "other").unwrap();
+        store
+            .append_logs(vec![
+                record("default", "/d1", NOW_MS),
+                record("other", "/o1", NOW_MS),
+                record("default", "/d2", NOW_MS),
+            ])
+            .unwrap();
+        assert_eq!(paths(&all(&store, "default")), ["/d1", "/d2"]);
+        assert_eq!(paths(&all(&store, "other")), ["/o1"]);
+    }
+
+    #[test]
+    fn retention_by_count_keeps_the_newest() {
+        let (_dir, mut store) = open(ManualClock::new(NOW_MS));
+        store.set_log_retention(LogRetention {
+            max_records: 5,
+            max_age_days: 7,
+        });
+        for i in 0..12 {
+            store
+                .append_logs(vec![record("default", &format!("/{i}"), NOW_MS)])
+                .unwrap();
+        }
+        assert_eq!(
+            paths(&all(&store, "default")),
+            ["/7", "/8", "/9", "/10", "/11"]
+        );
+
+        // One batch over the limit is trimmed at once, too.
+        let batch = (12..20)
+            .map(|i| record("default", &format!("/{i}"), NOW_MS))
+            .collect();
+        store.append_logs(batch).unwrap();
+        assert_eq!(
+            paths(&all(&store, "default")),
+            ["/15", "/16", "/17", "/18", "/19"]
+        );
+    }
+
+    #[test]
+    fn retention_by_age_uses_the_clock() {
+        let clock = ManualClock::new(NOW_MS);
+        let (_dir, store) = open(clock.clone());
+        assert_eq!(store.log_retention(), LogRetention::default());
+        store
+            .append_logs(vec![record("default", "/old", NOW_MS)])
+            .unwrap();
+        clock.advance_secs(6 * 86_400);
+        let day6 = NOW_MS + 6 * DAY_MS;
+        store
+            .append_logs(vec![record("default", "/day6", day6)])
+            .unwrap();
+        store.prune_logs().unwrap();
+        assert_eq!(paths(&all(&store, "default")), ["/old", "/day6"]);
+
+        clock.advance_secs(2 * 86_400); // day 8: "/old" is 8 days old
+        store.prune_logs().unwrap();
+        assert_eq!(paths(&all(&store, "default")), ["/day6"]);
+
+        // A record that arrives already past retention goes at the next prune.
+        store
+            .append_logs(vec![record("default", "/stale", NOW_MS)])
+            .unwrap();
+        store.prune_logs().unwrap();
+        assert_eq!(paths(&all(&store, "default")), ["/day6"]);
+    }
+
+    #[test]
+    fn the_first_batch_and_every_hundredth_prune_everything() {
+        let clock = ManualClock::new(NOW_MS);
+        let (_dir, store) = open(clock.clone());
+        store.create_vault(&owner(), "gone").unwrap();
+        store
+            .append_logs(vec![
+                record("default", "/old", NOW_MS),
+                record("gone", "/g", NOW_MS),
+            ])
+            .unwrap(); // batch 0: full prune, nothing to drop yet
+        store.delete_vault(&owner(), "gone").unwrap();
+        clock.advance_secs(8 * 86_400);
+        for i in 1..PRUNE_EVERY {
+            store
+                .append_logs(vec![record(
+                    "default",
+                    &format!("/{i}"),
+                    NOW_MS + 8 * DAY_MS,
+                )])
+                .unwrap();
+        }
+        assert_eq!(store.trees.logs.len(), PRUNE_EVERY as usize + 1);
+        store
+            .append_logs(vec![record("default", "/last", NOW_MS + 8 * DAY_MS)])
+            .unwrap(); // batch 100: the old record and the deleted vault's go
+        assert_eq!(store.trees.logs.len(), PRUNE_EVERY as usize);
+        let page = all(&store, "default");
+        assert_eq!(
+            page.records.first().map(|e| e.record.path.as_str()),
+            Some("/1")
+        );
+    }
+
+    #[test]
+    fn only_members_and_admins_read_and_limits_are_checked() {
+        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        store
+            .append_logs(vec![record("default", "/x", NOW_MS)])
+            .unwrap();
+        let agent = Principal::Agent {
+            name: "claude".into(),
+            grants: vec![agent_vault_rules::Grant {
+                vault: "default".into(),
+                role: agent_vault_rules::Role::Proxy,
+            }],
+        };
+        let err = store.read_logs(&agent, "default", None, 10).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::FORBIDDEN);
+        let stranger = Principal::User {
+            email: "x@example.com".into(),
+            owner: false,
+        };
+        let err = store.read_logs(&stranger, "default", None, 10).unwrap_err();
+        assert_eq!(err.code(), "vault_not_found");
+        for bad in [0, MAX_PAGE + 1] {
+            let err = store.read_logs(&owner(), "default", None, bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_limit");
+        }
+        let too_many = vec![record("default", "/x", NOW_MS); MAX_BATCH_RECORDS + 1];
+        let err = store.append_logs(too_many).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(store.trees.logs.len(), 1);
+    }
+
+    #[test]
+    fn log_writes_do_not_bump_the_snapshot_version() {
+        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let before = store.snapshot_version().unwrap();
+        store
+            .append_logs(vec![record("default", "/x", NOW_MS)])
+            .unwrap();
+        assert_eq!(store.snapshot_version().unwrap(), before);
+    }
+
+    #[test]
+    fn keys_and_prefixes() {
+        let key = log_key("v_abc", 0x0102);
+        assert_eq!(key, b"v_abc\0\0\0\0\0\0\0\x01\x02");
+        assert_eq!(seq_of(&key), 0x0102);
+        assert_eq!(prefix_end(b"v_abc\0"), b"v_abc\x01");
+    }
+}

@@ -1,0 +1,226 @@
+//! The plugin configuration: JSON from Envoy's `configuration` field, parsed and
+//! validated once per worker in the root context's `on_configure`.
+//!
+//! Every field is optional; unknown fields are refused, so a typo cannot silently fall
+//! back to a default. Envoy shows this configuration in `/config_dump`, so it never
+//! holds a secret: only where the control plane is and how often to ask it.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// Settings of one filter instance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Envoy cluster whose endpoint is the control plane's Unix socket.
+    pub cluster: String,
+    /// `:authority` of the callouts to the control plane.
+    pub authority: String,
+    /// How often each worker asks for a new rules snapshot.
+    pub snapshot_poll_ms: u64,
+    /// How long a fetched credential value is reused; 0 fetches on every request.
+    pub credential_cache_ttl_ms: u64,
+    /// Timeout of every callout to the control plane.
+    pub callout_timeout_ms: u64,
+    /// Longest time a request-log record waits before it is sent.
+    pub log_flush_ms: u64,
+    /// Request-log records sent in one batch; a full batch is sent at once.
+    pub log_batch_max: usize,
+    /// Request header the filter sets to `tls` or `plain` so the route picks the
+    /// upstream cluster (always overwritten: the agent cannot choose).
+    pub tls_header: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cluster: "agent_vault_control_plane".to_owned(),
+            authority: "agent-vault".to_owned(),
+            snapshot_poll_ms: 1000,
+            credential_cache_ttl_ms: 60_000,
+            callout_timeout_ms: 2000,
+            log_flush_ms: 1000,
+            log_batch_max: 200,
+            tls_header: "x-agent-vault-upstream".to_owned(),
+        }
+    }
+}
+
+/// Why a plugin configuration was refused. The message names the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid agent-vault-filter configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Request headers the routing header may not be: the filter removes or sets these
+/// for other reasons, or they frame the request.
+const RESERVED_HEADERS: [&str; 11] = [
+    "authorization",
+    "proxy-authorization",
+    "x-vault",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "cookie",
+];
+
+impl Config {
+    /// Parses and validates the plugin configuration. Empty (or all-whitespace) input
+    /// means all defaults.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let config = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Config::default()
+        } else {
+            serde_json::from_slice::<Config>(bytes).map_err(|e| ConfigError(e.to_string()))?
+        };
+        config.validated()
+    }
+
+    fn validated(mut self) -> Result<Config, ConfigError> {
+        let err = |message: String| Err(ConfigError(message));
+        if self.cluster.is_empty()
+            || self.cluster.len() > 255
+            || self.cluster.chars().any(char::is_control)
+        {
+            return err("\"cluster\" must name the Envoy cluster of the control plane's socket (1 to 255 characters)".to_owned());
+        }
+        if agent_vault_rules::normalize_authority(&self.authority, 80).is_none() {
+            return err(format!(
+                "\"authority\" must be a host name such as \"agent-vault\", not {:?}",
+                self.authority
+            ));
+        }
+        let ranges: [(&str, u64, u64, u64); 5] = [
+            ("snapshot_poll_ms", self.snapshot_poll_ms, 100, 600_000),
+            (
+                "credential_cache_ttl_ms",
+                self.credential_cache_ttl_ms,
+                0,
+                86_400_000,
+            ),
+            ("callout_timeout_ms", self.callout_timeout_ms, 10, 60_000),
+            ("log_flush_ms", self.log_flush_ms, 100, 600_000),
+            (
+                "log_batch_max",
+                u64::try_from(self.log_batch_max).unwrap_or(u64::MAX),
+                1,
+                10_000,
+            ),
+        ];
+        for (name, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return err(format!(
+                    "\"{name}\" must be between {min} and {max}, not {value}"
+                ));
+            }
+        }
+        let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if self.tls_header.is_empty() || !self.tls_header.bytes().all(is_tchar) {
+            return err(format!(
+                "\"tls_header\" must be an HTTP header name, not {:?}",
+                self.tls_header
+            ));
+        }
+        // Envoy lowercases header names; matching and removal use the lowercase form.
+        self.tls_header.make_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&self.tls_header.as_str()) {
+            return err(format!(
+                "\"tls_header\" cannot be {:?}: the filter manages that header for another purpose",
+                self.tls_header
+            ));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_configuration_means_defaults() {
+        for input in ["", "  \n", "{}"] {
+            assert_eq!(
+                Config::parse(input.as_bytes()),
+                Ok(Config::default()),
+                "{input:?}"
+            );
+        }
+        let defaults = Config::default();
+        assert_eq!(defaults.cluster, "agent_vault_control_plane");
+        assert_eq!(defaults.authority, "agent-vault");
+        assert_eq!(defaults.snapshot_poll_ms, 1000);
+        assert_eq!(defaults.credential_cache_ttl_ms, 60_000);
+        assert_eq!(defaults.callout_timeout_ms, 2000);
+        assert_eq!(defaults.log_flush_ms, 1000);
+        assert_eq!(defaults.log_batch_max, 200);
+        assert_eq!(defaults.tls_header, "x-agent-vault-upstream");
+    }
+
+    #[test]
+    fn every_field_can_be_set() {
+        let json = r#"{"cluster":"cp","authority":"vault.internal","snapshot_poll_ms":500,
+            "credential_cache_ttl_ms":0,"callout_timeout_ms":300,"log_flush_ms":2000,
+            "log_batch_max":10,"tls_header":"X-Upstream-TLS"}"#;
+        let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config,
+            Config {
+                cluster: "cp".into(),
+                authority: "vault.internal".into(),
+                snapshot_poll_ms: 500,
+                credential_cache_ttl_ms: 0,
+                callout_timeout_ms: 300,
+                log_flush_ms: 2000,
+                log_batch_max: 10,
+                tls_header: "x-upstream-tls".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_a_clear_reason() {
+        // (behaviour, json, text the message must contain)
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, &str)] = &[
+            ("unknown field", r#"{"clutser":"x"}"#, "unknown field `clutser`"),
+            ("a secret field", r#"{"token":"av_agt_x"}"#, "unknown field `token`"),
+            ("not json", "cluster=x", "expected value"),
+            ("wrong type", r#"{"snapshot_poll_ms":"1s"}"#, "invalid type"),
+            ("negative", r#"{"callout_timeout_ms":-1}"#, "invalid value"),
+            ("empty cluster", r#"{"cluster":""}"#, "\"cluster\""),
+            ("bad authority", r#"{"authority":"a b"}"#, "\"authority\""),
+            ("poll too fast", r#"{"snapshot_poll_ms":10}"#, "\"snapshot_poll_ms\" must be between 100"),
+            ("zero timeout", r#"{"callout_timeout_ms":0}"#, "\"callout_timeout_ms\""),
+            ("zero batch", r#"{"log_batch_max":0}"#, "\"log_batch_max\""),
+            ("flush too fast", r#"{"log_flush_ms":1}"#, "\"log_flush_ms\""),
+            ("ttl over a day", r#"{"credential_cache_ttl_ms":86400001}"#, "\"credential_cache_ttl_ms\""),
+            ("tls header with a space", r#"{"tls_header":"x tls"}"#, "\"tls_header\""),
+            ("tls header pseudo", r#"{"tls_header":":authority"}"#, "\"tls_header\""),
+            ("tls header reserved", r#"{"tls_header":"Authorization"}"#, "cannot be \"authorization\""),
+        ];
+        for (behaviour, json, needle) in cases {
+            let message = match Config::parse(json.as_bytes()) {
+                Ok(config) => panic!("{behaviour}: accepted {config:?}"),
+                Err(error) => error.to_string(),
+            };
+            assert!(message.contains(needle), "{behaviour}: {message}");
+            assert!(
+                message.starts_with("invalid agent-vault-filter configuration: "),
+                "{message}"
+            );
+            assert!(!message.contains('\n'), "{behaviour}: {message}");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Thin wrappers over the proxy-wasm host calls the filter makes.
+//!
+//! The SDK's `hostcalls` panic (trap the VM) on any status they do not expect, and
+//! `get_map_value` unwraps UTF-8. So: header values are read as bytes and converted
+//! here; response headers of a callout are read only when Envoy says there are some
+//! (a reset callout has no header map, and reading it would trap); every other status
+//! is turned into a `Result` or ignored where ignoring is safe.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+
+use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
+
+use crate::config::Config;
+use crate::decide::Forward;
+use crate::reply::Reject;
+
+/// Writes one line to Envoy's log.
+pub fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, &format!("agent-vault-filter: {message}"));
+}
+
+/// Unix milliseconds from the host clock (0 if the host cannot tell).
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A request header of the current context; `None` if absent or not UTF-8.
+pub fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
+/// Carries out a [`Forward`] on the current context's request headers.
+pub fn apply_forward(config: &Config, forward: &Forward) {
+    // Envoy stores header names lowercase, so removing by lowercase name removes the
+    // header whatever case the agent sent it in (all occurrences).
+    let fixed = ["proxy-authorization", "x-vault", config.tls_header.as_str()];
+    for name in fixed
+        .into_iter()
+        .chain(forward.inject.iter().map(|(name, _)| name.as_str()))
+    {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+    }
+    for (name, value) in &forward.inject {
+        let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
+    }
+    // Last, so that nothing (not even a service's custom header) can choose the route.
+    let tls = if forward.upstream_tls { "tls" } else { "plain" };
+    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.tls_header, Some(tls));
+    if let Some(authority) = &forward.authority {
+        let _ =
+            hostcalls::set_map_value(MapType::HttpRequestHeaders, ":authority", Some(authority));
+    }
+}
+
+/// Sends the filter's own response on the current context.
+pub fn send_reject(reject: &Reject) {
+    let _ = hostcalls::send_http_response(
+        u32::from(reject.status()),
+        reject.headers(),
+        Some(reject.body.as_bytes()),
+    );
+}
+
+/// Resumes the current context's paused request.
+pub fn resume() {
+    let _ = hostcalls::resume_http_request();
+}
+
+/// Makes `context_id` the context later host calls act on. `false` if Envoy no longer
+/// knows it (the request is gone).
+pub fn switch_to(context_id: u32) -> bool {
+    hostcalls::set_effective_context(context_id).is_ok()
+}
+
+fn dispatch(
+    config: &Config,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    extra: Option<(&str, &str)>,
+) -> Result<u32, Status> {
+    let mut headers = vec![
+        (":method", method),
+        (":path", path),
+        (":authority", config.authority.as_str()),
+    ];
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    headers.extend(extra);
+    hostcalls::dispatch_http_call(
+        &config.cluster,
+        headers,
+        body,
+        vec![],
+        Duration::from_millis(config.callout_timeout_ms),
+    )
+}
+
+/// `POST` a credentials request to the control plane.
+pub fn dispatch_credentials(config: &Config, body: &[u8]) -> Result<u32, Status> {
+    dispatch(config, "POST", CREDENTIALS_PATH, Some(body), None)
+}
+
+/// `GET` the snapshot with the poller's headers.
+pub fn dispatch_poll(config: &Config, headers: &[(&'static str, String)]) -> Result<u32, Status> {
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    hostcalls::dispatch_http_call(
+        &config.cluster,
+        pairs,
+        None,
+        vec![],
+        Duration::from_millis(config.callout_timeout_ms),
+    )
+}
+
+/// `POST` a request-log batch; the answer is ignored (fire and forget).
+pub fn post_logs(config: &Config, body: &[u8]) {
+    if let Err(status) = dispatch(config, "POST", LOGS_PATH, Some(body), None) {
+        log(
+            LogLevel::Debug,
+            &format!(
+                "could not send the request log to cluster {:?} ({status:?}); records dropped",
+                config.cluster
+            ),
+        );
+    }
+}
+
+/// The answer to a callout, read in `on_http_call_response`.
+pub struct CallResponse {
+    /// `:status`, if any.
+    pub status: Option<u16>,
+    /// Whether the control plane's marker header is present.
+    pub from_control_plane: bool,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Reads the answer being delivered. With no headers (Envoy reset the callout) there
+/// is no header map to read: status `None`.
+pub fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
+    if num_headers == 0 {
+        return CallResponse {
+            status: None,
+            from_control_plane: false,
+            body: Vec::new(),
+        };
+    }
+    let header = |name: &str| {
+        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
+            .ok()
+            .flatten()
+    };
+    let status = header(":status")
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.trim().parse::<u16>().ok());
+    let from_control_plane = header(CONTROL_PLANE_HEADER).is_some();
+    let body = if body_size == 0 {
+        Vec::new()
+    } else {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+    CallResponse {
+        status,
+        from_control_plane,
+        body,
+    }
+}
+
+/// Envoy's `response.code` property in `on_log` (an 8-byte little-endian integer).
+pub fn response_code() -> Option<u16> {
+    let bytes = hostcalls::get_property(vec!["response", "code"])
+        .ok()
+        .flatten()?;
+    let array: [u8; 8] = bytes.as_slice().try_into().ok()?;
+    u16::try_from(u64::from_le_bytes(array))
+        .ok()
+        .filter(|code| *code > 0)
+}
+
+/// The plugin configuration bytes.
+pub fn plugin_configuration(size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Sets the root context's tick period.
+pub fn set_tick_period(period_ms: u64) {
+    let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
+}

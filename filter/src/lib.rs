@@ -1,0 +1,48 @@
+//! Agent Vault's proxy-wasm filter for Envoy (DESIGN.md §3, §4, §6).
+//!
+//! Agents send plain `http://` requests through Envoy with their agent token as proxy
+//! credential. Per request, the filter authenticates the agent against the rules
+//! snapshot it polls from the control plane, matches the request to one of the vault's
+//! services, and injects that service's credentials — from its per-worker cache, or
+//! fetched from the control plane over the Unix-socket cluster while the request is
+//! paused. Every failure fails closed with the JSON error of DESIGN.md §6.
+//!
+//! | concept                                         | module           |
+//! |-------------------------------------------------|------------------|
+//! | plugin configuration                            | [`config`]       |
+//! | the agent's `Proxy-Authorization`               | [`proxy_auth`]   |
+//! | the rules snapshot, compiled for lookups        | [`snapshot`]     |
+//! | the per-worker credential cache                 | [`cache`]        |
+//! | deciding a request (refuse / forward / fetch)   | [`decide`]       |
+//! | the filter's own responses and error codes      | [`reply`]        |
+//! | single-flight fetches and their answers         | [`flight`]       |
+//! | request-log records and batches                 | [`request_log`]  |
+//! | one worker's state, polling and timers          | [`worker`]       |
+//! | proxy-wasm contexts (wasm32 only)               | `glue`           |
+//!
+//! Everything but `glue` is plain Rust, unit-tested on the host with time passed in
+//! as unix milliseconds; `glue` only translates host calls.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod config;
+pub mod decide;
+pub mod flight;
+pub mod proxy_auth;
+pub mod reply;
+pub mod request_log;
+pub mod snapshot;
+pub mod worker;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

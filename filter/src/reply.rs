@@ -1,0 +1,375 @@
+//! The responses the filter itself sends (DESIGN.md §6): one place maps each error
+//! code to its status, and builds the JSON body `{"error", "message", ...}`.
+//!
+//! Messages name agents, vaults, services, hosts and credential *keys*; they never
+//! contain a credential value or the agent token.
+
+use agent_vault_rules::SUPPORTED_AUTH_TYPES;
+use serde_json::{json, Value};
+
+/// Header set on every response the filter produces.
+pub const ERROR_HEADER: &str = "x-agent-vault-error";
+/// `Proxy-Authenticate` challenge of a 407.
+pub const PROXY_AUTHENTICATE: &str = "Basic realm=\"agent-vault\"";
+/// Where agents propose a new service.
+pub const PROPOSAL_ENDPOINT: &str = "POST /v1/proposals";
+
+/// The error codes the filter answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 405: `CONNECT` (an `HTTPS_PROXY` client).
+    ConnectNotSupported,
+    /// 407: no or malformed proxy credential.
+    ProxyAuthRequired,
+    /// 407: unknown, revoked or expired token.
+    InvalidToken,
+    /// 400: several vaults and none named.
+    VaultRequired,
+    /// 400: no usable `:authority`.
+    InvalidRequest,
+    /// 403: vault not granted, or no service matches (policy `deny`).
+    Forbidden,
+    /// 403: the matched service is disabled.
+    ServiceDisabled,
+    /// 502: the matched service's auth rule does not compile.
+    InvalidService,
+    /// 502: a referenced credential is not set.
+    CredentialNotFound,
+    /// 502: a credential value cannot go into a header.
+    InvalidCredentialValue,
+    /// 503: no rules yet, or the control plane did not answer.
+    ControlPlaneUnavailable,
+}
+
+impl ErrorCode {
+    /// The stable `error` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::ConnectNotSupported => "connect_not_supported",
+            ErrorCode::ProxyAuthRequired => "proxy_auth_required",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::VaultRequired => "vault_required",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::ServiceDisabled => "service_disabled",
+            ErrorCode::InvalidService => "invalid_service",
+            ErrorCode::CredentialNotFound => "credential_not_found",
+            ErrorCode::InvalidCredentialValue => "invalid_credential_value",
+            ErrorCode::ControlPlaneUnavailable => "control_plane_unavailable",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::ConnectNotSupported => 405,
+            ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => 407,
+            ErrorCode::VaultRequired | ErrorCode::InvalidRequest => 400,
+            ErrorCode::Forbidden | ErrorCode::ServiceDisabled => 403,
+            ErrorCode::InvalidService
+            | ErrorCode::CredentialNotFound
+            | ErrorCode::InvalidCredentialValue => 502,
+            ErrorCode::ControlPlaneUnavailable => 503,
+        }
+    }
+}
+
+/// A response the filter sends instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// Error code (also the log record's `error`).
+    pub code: ErrorCode,
+    /// JSON body.
+    pub body: String,
+    /// Headers besides `content-type` and [`ERROR_HEADER`].
+    pub extra_headers: Vec<(&'static str, &'static str)>,
+}
+
+impl Reject {
+    /// A reject with `{"error": code, "message": message}`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Reject {
+        Reject::with_fields(code, message, serde_json::Map::new())
+    }
+
+    /// A reject whose body carries more fields after `error` and `message`.
+    pub fn with_fields(
+        code: ErrorCode,
+        message: impl Into<String>,
+        fields: serde_json::Map<String, Value>,
+    ) -> Reject {
+        let mut body = serde_json::Map::with_capacity(2 + fields.len());
+        body.insert("error".to_owned(), Value::from(code.as_str()));
+        body.insert("message".to_owned(), Value::from(message.into()));
+        body.extend(fields);
+        let extra_headers = match code {
+            // RFC 9110 §15.5.8: a 407 carries a challenge, so clients know to send
+            // proxy credentials.
+            ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => {
+                vec![("proxy-authenticate", PROXY_AUTHENTICATE)]
+            }
+            ErrorCode::ConnectNotSupported => {
+                vec![("allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")]
+            }
+            _ => Vec::new(),
+        };
+        Reject {
+            code,
+            body: Value::Object(body).to_string(),
+            extra_headers,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
+    /// Every header of the response, in order.
+    pub fn headers(&self) -> Vec<(&'static str, &'static str)> {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            (ERROR_HEADER, "true"),
+            ("cache-control", "no-store"),
+        ];
+        headers.extend(self.extra_headers.iter().copied());
+        headers
+    }
+}
+
+/// Shortens what an agent sent before quoting it back: one line, at most 64 chars.
+pub fn quote(text: &str) -> String {
+    let mut short: String = text.chars().take(64).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    format!("{short:?}")
+}
+
+/// `CONNECT` → 405.
+pub fn connect_not_supported() -> Reject {
+    Reject::new(
+        ErrorCode::ConnectNotSupported,
+        "CONNECT (an HTTPS_PROXY client) is not supported: send plain http:// URLs through \
+         the proxy with HTTP_PROXY, e.g. curl -x http://<agent-token>:<vault>@<proxy> \
+         http://api.example.com/...; the proxy originates TLS to services that need it",
+    )
+}
+
+/// Missing or malformed proxy credential → 407.
+pub fn proxy_auth_required(reason: &str) -> Reject {
+    Reject::new(
+        ErrorCode::ProxyAuthRequired,
+        format!(
+            "proxy credentials required ({reason}): send Proxy-Authorization: Basic \
+             base64(<agent-token>:<vault>), e.g. HTTP_PROXY=http://<agent-token>:<vault>@<proxy>, \
+             or Proxy-Authorization: Bearer <agent-token>"
+        ),
+    )
+}
+
+/// Unknown, revoked or expired token → 407.
+pub fn invalid_token() -> Reject {
+    Reject::new(
+        ErrorCode::InvalidToken,
+        "the agent token is unknown, revoked or expired",
+    )
+}
+
+/// No rules yet, or no answer from the control plane → 503.
+pub fn control_plane_unavailable(detail: &str) -> Reject {
+    Reject::new(
+        ErrorCode::ControlPlaneUnavailable,
+        format!("the Agent Vault control plane is unavailable ({detail}); retry shortly"),
+    )
+}
+
+/// Several vaults, none named → 400.
+pub fn vault_required(agent: &str, vaults: &[std::rc::Rc<str>]) -> Reject {
+    let names: Vec<&str> = vaults.iter().map(|v| &**v).collect();
+    Reject::new(
+        ErrorCode::VaultRequired,
+        format!(
+            "agent {agent:?} can use several vaults ({}); name one in the proxy URL, \
+             http://<agent-token>:<vault>@<proxy>, or with the header X-Vault: <vault>",
+            names.join(", ")
+        ),
+    )
+}
+
+/// Vault named but not granted (or unknown) → 403. `vault` is `None` when what the
+/// agent sent is not even a vault name: it is not echoed (it could be a swapped token).
+pub fn vault_forbidden(agent: &str, vault: Option<&str>) -> Reject {
+    let message = match vault {
+        Some(vault) => format!("agent {agent:?} has no access to vault {}", quote(vault)),
+        None => format!(
+            "agent {agent:?} named a vault that does not exist (vault names are lowercase \
+             letters, digits and hyphens); the proxy URL is http://<agent-token>:<vault>@<proxy>"
+        ),
+    };
+    Reject::new(ErrorCode::Forbidden, message)
+}
+
+/// The agent has no vault at all → 403.
+pub fn no_vault(agent: &str) -> Reject {
+    Reject::new(
+        ErrorCode::Forbidden,
+        format!("agent {agent:?} has no access to any vault"),
+    )
+}
+
+/// No usable `:authority` → 400.
+pub fn invalid_request() -> Reject {
+    Reject::new(
+        ErrorCode::InvalidRequest,
+        "the request has no valid host: send an absolute http:// URL through the proxy",
+    )
+}
+
+/// No service matches (policy `deny`) → 403 with a proposal hint. `host` includes the
+/// port when it is not 80.
+pub fn no_service(vault: &str, host: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "proposal_hint".to_owned(),
+        json!({
+            "host": host,
+            "endpoint": PROPOSAL_ENDPOINT,
+            "supported_auth_types": SUPPORTED_AUTH_TYPES,
+        }),
+    );
+    Reject::with_fields(
+        ErrorCode::Forbidden,
+        format!(
+            "no service of vault {vault:?} matches {host}; propose one with \
+             {PROPOSAL_ENDPOINT} and a human approves it"
+        ),
+        fields,
+    )
+}
+
+/// The matched service is disabled → 403.
+pub fn service_disabled(vault: &str, service: &str) -> Reject {
+    Reject::new(
+        ErrorCode::ServiceDisabled,
+        format!("service {service:?} of vault {vault:?} is disabled"),
+    )
+}
+
+/// The matched service's auth rule does not compile → 502 (never forwarded).
+pub fn invalid_service(vault: &str, service: &str, reason: &str) -> Reject {
+    Reject::new(
+        ErrorCode::InvalidService,
+        format!("service {service:?} of vault {vault:?} has an invalid auth rule ({reason}); requests to it are refused until it is fixed"),
+    )
+}
+
+/// A referenced credential is not set → 502, naming the key.
+pub fn credential_not_found(vault: &str, key: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert("key".to_owned(), Value::from(key));
+    Reject::with_fields(
+        ErrorCode::CredentialNotFound,
+        format!("credential {key:?} is not set in vault {vault:?}"),
+        fields,
+    )
+}
+
+/// A credential value holds CR, LF or NUL → 502, naming the key.
+pub fn invalid_credential_value(vault: &str, key: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert("key".to_owned(), Value::from(key));
+    Reject::with_fields(
+        ErrorCode::InvalidCredentialValue,
+        format!(
+            "credential {key:?} of vault {vault:?} has a value that cannot be sent in an HTTP \
+             header (it contains CR, LF or NUL, or ':' in a Basic user name)"
+        ),
+        fields,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(reject: &Reject) -> Value {
+        serde_json::from_str(&reject.body).unwrap_or_else(|e| panic!("{e}: {}", reject.body))
+    }
+
+    #[test]
+    fn codes_and_statuses_follow_the_design() {
+        // (reject, status, code)
+        let cases: Vec<(Reject, u16, &str)> = vec![
+            (connect_not_supported(), 405, "connect_not_supported"),
+            (proxy_auth_required("x"), 407, "proxy_auth_required"),
+            (invalid_token(), 407, "invalid_token"),
+            (vault_required("a", &[]), 400, "vault_required"),
+            (invalid_request(), 400, "invalid_request"),
+            (vault_forbidden("a", Some("v")), 403, "forbidden"),
+            (vault_forbidden("a", None), 403, "forbidden"),
+            (no_service("v", "h"), 403, "forbidden"),
+            (service_disabled("v", "s"), 403, "service_disabled"),
+            (invalid_service("v", "s", "r"), 502, "invalid_service"),
+            (credential_not_found("v", "K"), 502, "credential_not_found"),
+            (
+                invalid_credential_value("v", "K"),
+                502,
+                "invalid_credential_value",
+            ),
+            (
+                control_plane_unavailable("d"),
+                503,
+                "control_plane_unavailable",
+            ),
+        ];
+        for (reject, status, code) in cases {
+            assert_eq!(reject.status(), status, "{code}");
+            let body = body(&reject);
+            assert_eq!(body["error"], code);
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{code}"
+            );
+            let headers = reject.headers();
+            assert!(headers.contains(&("content-type", "application/json")));
+            assert!(headers.contains(&(ERROR_HEADER, "true")));
+            let challenges = headers
+                .iter()
+                .filter(|(n, _)| *n == "proxy-authenticate")
+                .count();
+            assert_eq!(challenges, usize::from(status == 407), "{code}");
+        }
+    }
+
+    #[test]
+    fn proxy_auth_required_has_the_challenge() {
+        assert!(proxy_auth_required("x")
+            .headers()
+            .contains(&("proxy-authenticate", "Basic realm=\"agent-vault\"")));
+    }
+
+    #[test]
+    fn proposal_hint_shape() {
+        let body = body(&no_service("default", "api.example.com:8443"));
+        assert_eq!(
+            body["proposal_hint"],
+            json!({
+                "host": "api.example.com:8443",
+                "endpoint": "POST /v1/proposals",
+                "supported_auth_types": ["bearer", "basic", "api-key", "custom", "passthrough"],
+            })
+        );
+        assert!(body.get("proposal_hint").is_some());
+        assert!(vault_forbidden("a", Some("b"))
+            .body
+            .find("proposal_hint")
+            .is_none());
+    }
+
+    #[test]
+    fn quoted_agent_input_is_short_and_one_line() {
+        let quoted = quote(&format!("a\nb{}", "x".repeat(500)));
+        assert!(!quoted.contains('\n'));
+        assert!(quoted.chars().count() < 80, "{quoted}");
+    }
+}

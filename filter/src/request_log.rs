@@ -1,0 +1,241 @@
+//! The request log: one [`LogRecord`] per request the filter handled (forwarded or
+//! refused), batched per worker and posted to the control plane fire-and-forget.
+//!
+//! A record holds names, the method, the host without port or userinfo, the path
+//! without query string or fragment, the status and the latency. Never a header value,
+//! a query string or a body: a query string can carry an API key.
+
+use std::rc::Rc;
+
+use agent_vault_rules::LogRecord;
+
+use crate::reply::ErrorCode;
+
+/// Longest path kept in a record (longer paths are cut at a character boundary).
+pub const MAX_LOGGED_PATH: usize = 2048;
+/// Longest method kept in a record.
+pub const MAX_LOGGED_METHOD: usize = 32;
+
+/// What one request's record will say, filled in as the request is decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestLog {
+    /// Unix ms when the request headers arrived; `None`: never seen, never logged.
+    pub started_ms: Option<u64>,
+    /// HTTP method.
+    pub method: String,
+    /// Normalized host, no port.
+    pub host: String,
+    /// Path without query string or fragment.
+    pub path: String,
+    /// Authenticated agent.
+    pub agent: Option<Rc<str>>,
+    /// Resolved vault (only a vault the agent may use).
+    pub vault: Option<Rc<str>>,
+    /// Matched service.
+    pub service: Option<Rc<str>>,
+    /// Set when the filter answered itself.
+    pub error: Option<ErrorCode>,
+}
+
+impl RequestLog {
+    /// Starts a record: `method` and `path` are moved in (they were read from the
+    /// request anyway) and cut to what may be logged.
+    pub fn start(&mut self, now_ms: u64, mut method: String, mut path: String) {
+        if let Some(end) = path.find(['?', '#']) {
+            path.truncate(end);
+        }
+        truncate_at_char(&mut path, MAX_LOGGED_PATH);
+        truncate_at_char(&mut method, MAX_LOGGED_METHOD);
+        self.started_ms = Some(now_ms);
+        self.method = method;
+        self.path = path;
+    }
+
+    /// The record, at `now_ms`. `response_code` is Envoy's `response.code` property
+    /// when known; otherwise the status the filter sent; otherwise 0.
+    pub fn record(&self, now_ms: u64, response_code: Option<u16>) -> Option<LogRecord> {
+        let started = self.started_ms?;
+        let status = response_code
+            .or_else(|| self.error.map(ErrorCode::status))
+            .unwrap_or(0);
+        Some(LogRecord {
+            ts: i64::try_from(started).unwrap_or(i64::MAX),
+            agent: self.agent.as_deref().unwrap_or_default().to_owned(),
+            vault: self.vault.as_deref().unwrap_or_default().to_owned(),
+            method: self.method.clone(),
+            host: self.host.clone(),
+            path: self.path.clone(),
+            service: self.service.as_deref().map(str::to_owned),
+            status,
+            latency_ms: now_ms.saturating_sub(started),
+            error: self.error.map(|code| code.as_str().to_owned()),
+        })
+    }
+}
+
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
+
+/// Records waiting to be posted.
+#[derive(Debug)]
+pub struct LogBatch {
+    records: Vec<LogRecord>,
+    max: usize,
+    last_flush_ms: u64,
+}
+
+impl LogBatch {
+    /// An empty batch that is full at `max` records.
+    pub fn new(max: usize, now_ms: u64) -> LogBatch {
+        LogBatch {
+            records: Vec::new(),
+            max,
+            last_flush_ms: now_ms,
+        }
+    }
+
+    /// Adds a record.
+    pub fn push(&mut self, record: LogRecord) {
+        self.records.push(record);
+    }
+
+    /// Whether the batch should be sent now.
+    pub fn is_full(&self) -> bool {
+        self.records.len() >= self.max
+    }
+
+    /// Records waiting.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The JSON body to post when the batch is full or `flush_ms` passed since the
+    /// last flush; the batch is emptied (fire and forget). `None`: nothing to send yet.
+    pub fn take_due(&mut self, now_ms: u64, flush_ms: u64) -> Option<Vec<u8>> {
+        let elapsed = now_ms.saturating_sub(self.last_flush_ms) >= flush_ms;
+        if self.records.is_empty() || !(elapsed || self.is_full()) {
+            return None;
+        }
+        self.last_flush_ms = now_ms;
+        let records = std::mem::take(&mut self.records);
+        serde_json::to_vec(&records).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_has_no_query_string_and_names_what_was_resolved() {
+        let mut log = RequestLog::default();
+        log.start(
+            1_700_000_000_000,
+            "GET".into(),
+            "/v1/charges?api_key=sk_live_secret#frag".into(),
+        );
+        log.host = "api.stripe.com".into();
+        log.agent = Some("claude".into());
+        log.vault = Some("default".into());
+        log.service = Some("stripe".into());
+        let record = log
+            .record(1_700_000_000_042, Some(200))
+            .unwrap_or_else(|| panic!("a started request is logged"));
+        assert_eq!(
+            record,
+            LogRecord {
+                ts: 1_700_000_000_000,
+                agent: "claude".into(),
+                vault: "default".into(),
+                method: "GET".into(),
+                host: "api.stripe.com".into(),
+                path: "/v1/charges".into(),
+                service: Some("stripe".into()),
+                status: 200,
+                latency_ms: 42,
+                error: None,
+            }
+        );
+        let json = serde_json::to_string(&record).unwrap_or_default();
+        assert!(
+            !json.contains("sk_live_secret") && !json.contains("frag"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn a_refused_request_logs_the_filter_status_and_error() {
+        let mut log = RequestLog::default();
+        log.start(10, "CONNECT".into(), String::new());
+        log.error = Some(ErrorCode::ConnectNotSupported);
+        let record = log.record(12, None).unwrap_or_else(|| panic!("logged"));
+        assert_eq!(record.status, 405);
+        assert_eq!(record.error.as_deref(), Some("connect_not_supported"));
+        assert_eq!(record.agent, "");
+        assert_eq!(record.vault, "");
+        assert_eq!(record.service, None);
+        // Envoy's response code wins when known.
+        assert_eq!(log.record(12, Some(405)).map(|r| r.status), Some(405));
+    }
+
+    #[test]
+    fn unstarted_requests_are_not_logged() {
+        assert_eq!(RequestLog::default().record(5, Some(200)), None);
+    }
+
+    #[test]
+    fn long_paths_and_methods_are_cut() {
+        let mut log = RequestLog::default();
+        log.start(0, "M".repeat(100), format!("/{}", "é".repeat(3000)));
+        assert!(log.path.len() <= MAX_LOGGED_PATH);
+        assert!(log.path.starts_with("/é"));
+        assert_eq!(log.method.len(), MAX_LOGGED_METHOD);
+    }
+
+    #[test]
+    fn batch_flushes_when_due_or_full() {
+        let record = |ts| LogRecord {
+            ts,
+            agent: String::new(),
+            vault: String::new(),
+            method: "GET".into(),
+            host: "h".into(),
+            path: "/".into(),
+            service: None,
+            status: 200,
+            latency_ms: 0,
+            error: None,
+        };
+        let mut batch = LogBatch::new(3, 1000);
+        assert_eq!(
+            batch.take_due(5000, 1000),
+            None,
+            "empty batch sends nothing"
+        );
+        batch.push(record(1));
+        assert!(batch.take_due(1500, 1000).is_none(), "not due yet");
+        let body = batch.take_due(2000, 1000).unwrap_or_default();
+        let sent: Vec<LogRecord> = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(sent, vec![record(1)]);
+        assert!(batch.is_empty());
+        for ts in 0..3 {
+            batch.push(record(ts));
+        }
+        assert!(batch.is_full());
+        let body = batch.take_due(2001, 1000).unwrap_or_default();
+        let sent: Vec<LogRecord> = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(sent.len(), 3, "a full batch goes at once");
+    }
+}

@@ -1,0 +1,664 @@
+//! The state of one Envoy worker (one wasm VM), shared by its root context and all
+//! its HTTP contexts: configuration, the compiled snapshot, the credential cache, the
+//! fetches in flight, the pending request-log batch, and the snapshot poller.
+//!
+//! Everything here is plain data driven by the glue with the current time in unix
+//! milliseconds, so every timing rule is testable without a host. A worker runs one
+//! callback at a time, so `Rc<RefCell<Worker>>` is enough; borrows never span a host
+//! callback.
+
+use std::rc::Rc;
+
+use agent_vault_rules::{Snapshot, SNAPSHOT_PATH};
+
+use crate::cache::{CredentialCache, Secret};
+use crate::config::Config;
+use crate::decide::{decide, Decision, Request};
+use crate::flight::{Answer, Completion, Flights};
+use crate::request_log::{LogBatch, RequestLog};
+use crate::snapshot::CompiledSnapshot;
+
+/// Tick period while no snapshot is loaded: requests get 503 until one is.
+pub const STARTUP_TICK_MS: u64 = 100;
+
+/// What became of a snapshot poll answer, for the glue to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// A new snapshot is in use.
+    Loaded {
+        /// Its version.
+        version: String,
+        /// Whether the version differs from the previous one (the cache was dropped).
+        changed: bool,
+        /// Whether it is the worker's first snapshot.
+        first: bool,
+        /// Vaults and agents in it.
+        counts: (usize, usize),
+    },
+    /// 304: nothing changed.
+    NotModified,
+    /// The control plane sent a snapshot that does not parse; the last good one stays.
+    Invalid(String),
+    /// No answer from the control plane (Envoy's 503/504) or another status.
+    Unavailable(String),
+    /// Not the poll in flight (a late answer after its slot was freed).
+    Stale,
+}
+
+/// The poller's state.
+#[derive(Debug, Default)]
+struct Poller {
+    /// Token and start of the poll in flight.
+    in_flight: Option<(u32, u64)>,
+    /// When the last poll was dispatched.
+    last_started_ms: Option<u64>,
+    /// Consecutive polls without a usable answer (to log the first failure and the
+    /// recovery rather than every failure).
+    failures: u32,
+}
+
+/// One worker's state.
+#[derive(Debug)]
+pub struct Worker {
+    config: Rc<Config>,
+    snapshot: Option<Rc<CompiledSnapshot>>,
+    cache: CredentialCache,
+    flights: Flights,
+    logs: LogBatch,
+    poller: Poller,
+}
+
+impl Worker {
+    /// A worker with no snapshot yet.
+    pub fn new(config: Config, now_ms: u64) -> Worker {
+        Worker {
+            cache: CredentialCache::new(config.credential_cache_ttl_ms),
+            logs: LogBatch::new(config.log_batch_max, now_ms),
+            config: Rc::new(config),
+            snapshot: None,
+            flights: Flights::default(),
+            poller: Poller::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Rc<Config> {
+        &self.config
+    }
+
+    /// The snapshot in use.
+    pub fn snapshot(&self) -> Option<&Rc<CompiledSnapshot>> {
+        self.snapshot.as_ref()
+    }
+
+    /// Decides a request (see [`crate::decide`]).
+    pub fn decide(&self, request: &Request<'_>, now_ms: u64, log: &mut RequestLog) -> Decision {
+        decide(self.snapshot.as_ref(), &self.cache, request, now_ms, log)
+    }
+
+    /// The fetches in flight.
+    pub fn flights(&mut self) -> &mut Flights {
+        &mut self.flights
+    }
+
+    /// Whether `token` is a credential fetch of this worker.
+    pub fn is_fetch(&self, token: u32) -> bool {
+        self.flights.owns(token)
+    }
+
+    /// Orphaned fetches for the root to dispatch again (see [`crate::flight`]).
+    pub fn orphans(&self) -> Vec<(crate::flight::FlightKey, Vec<u8>)> {
+        self.flights.orphans()
+    }
+
+    /// The snapshot version new flights are tagged with.
+    pub fn version(&self) -> &str {
+        self.snapshot.as_ref().map_or("", |s| s.version.as_str())
+    }
+
+    // --- Snapshot polling -------------------------------------------------------
+
+    /// The headers of a snapshot poll if one is due at `now_ms`: none in flight (a
+    /// poll unanswered past the callout timeout frees its slot), and either no
+    /// snapshot yet or `snapshot_poll_ms` since the last one.
+    pub fn poll_due(&mut self, now_ms: u64) -> Option<Vec<(&'static str, String)>> {
+        if let Some((_, started)) = self.poller.in_flight {
+            let limit = self
+                .config
+                .callout_timeout_ms
+                .saturating_add(crate::flight::GRACE_MS);
+            if now_ms.saturating_sub(started) <= limit {
+                return None;
+            }
+            self.poller.in_flight = None;
+        }
+        let due = match (self.snapshot.is_some(), self.poller.last_started_ms) {
+            (false, _) | (true, None) => true,
+            (true, Some(last)) => now_ms.saturating_sub(last) >= self.config.snapshot_poll_ms,
+        };
+        if !due {
+            return None;
+        }
+        let mut headers = vec![
+            (":method", "GET".to_owned()),
+            (":path", SNAPSHOT_PATH.to_owned()),
+            (":authority", self.config.authority.clone()),
+            ("accept", "application/json".to_owned()),
+        ];
+        if let Some(snapshot) = &self.snapshot {
+            headers.push(("if-none-match", format!("\"{}\"", snapshot.version)));
+        }
+        Some(headers)
+    }
+
+    /// The poll was dispatched with `token` (or failed to dispatch: `None`, then the
+    /// next tick tries again).
+    pub fn poll_dispatched(&mut self, token: Option<u32>, now_ms: u64) {
+        self.poller.last_started_ms = Some(now_ms);
+        self.poller.in_flight = token.map(|t| (t, now_ms));
+    }
+
+    /// Whether `token` is the snapshot poll in flight.
+    pub fn is_poll(&self, token: u32) -> bool {
+        self.poller.in_flight.is_some_and(|(t, _)| t == token)
+    }
+
+    /// Consecutive failed polls (0 after a good answer).
+    pub fn poll_failures(&self) -> u32 {
+        self.poller.failures
+    }
+
+    /// Handles the answer to the poll `token`.
+    pub fn on_poll_answer(
+        &mut self,
+        token: u32,
+        status: Option<u16>,
+        from_control_plane: bool,
+        body: &[u8],
+    ) -> PollOutcome {
+        if !self.is_poll(token) {
+            return PollOutcome::Stale;
+        }
+        self.poller.in_flight = None;
+        let outcome = match (from_control_plane, status) {
+            (true, Some(304)) => PollOutcome::NotModified,
+            (true, Some(200)) => match serde_json::from_slice::<Snapshot>(body) {
+                Ok(snapshot) => self.install(snapshot),
+                Err(error) => PollOutcome::Invalid(format!(
+                    "the control plane sent a snapshot that does not parse ({error}); \
+                     keeping the last good one"
+                )),
+            },
+            (true, Some(status)) => {
+                PollOutcome::Unavailable(format!("the control plane answered {status}"))
+            }
+            (false, Some(status)) => PollOutcome::Unavailable(format!(
+                "no answer from the control plane (Envoy replied {status})"
+            )),
+            (_, None) => PollOutcome::Unavailable("no status in the answer".to_owned()),
+        };
+        match outcome {
+            PollOutcome::Loaded { .. } | PollOutcome::NotModified => self.poller.failures = 0,
+            _ => self.poller.failures = self.poller.failures.saturating_add(1),
+        }
+        outcome
+    }
+
+    /// Replaces the snapshot; drops the cache when the version changed.
+    pub fn install(&mut self, snapshot: Snapshot) -> PollOutcome {
+        let compiled = CompiledSnapshot::new(snapshot);
+        let first = self.snapshot.is_none();
+        let changed = self
+            .snapshot
+            .as_ref()
+            .is_none_or(|old| old.version != compiled.version);
+        if changed {
+            self.cache.clear();
+        }
+        let outcome = PollOutcome::Loaded {
+            version: compiled.version.clone(),
+            changed,
+            first,
+            counts: compiled.counts(),
+        };
+        self.snapshot = Some(Rc::new(compiled));
+        outcome
+    }
+
+    // --- Credential answers -----------------------------------------------------
+
+    /// Handles the answer to credential fetch `token`: caches the values (only if the
+    /// snapshot version is still the one the fetch was made under, so an answer
+    /// computed before a credential change cannot outlive the change) and finishes
+    /// every waiter. `None` if `token` is not a fetch of this worker.
+    pub fn on_fetch_answer(
+        &mut self,
+        token: u32,
+        answer: Answer,
+        now_ms: u64,
+    ) -> Option<Vec<Completion>> {
+        let answered = self.flights.answer(token, &answer)?;
+        if let Answer::Values { values, missing } = answer {
+            let current = self.snapshot.as_ref().map(|s| s.version.as_str());
+            if current == Some(answered.version.as_str()) {
+                let vault = &answered.key.vault;
+                let asked = |key: &String| answered.key.keys.contains(key);
+                for (key, value) in values.into_iter().filter(|(k, _)| asked(k)) {
+                    self.cache.insert(vault, &key, Some(value), now_ms);
+                }
+                for key in missing.into_iter().filter(asked) {
+                    self.cache.insert(vault, &key, None::<Secret>, now_ms);
+                }
+            }
+        }
+        Some(answered.completions)
+    }
+
+    // --- Request log --------------------------------------------------------------
+
+    /// Adds a finished request's record; returns a batch body to post now if the batch
+    /// is full.
+    pub fn log(&mut self, record: agent_vault_rules::LogRecord, now_ms: u64) -> Option<Vec<u8>> {
+        self.logs.push(record);
+        if self.logs.is_full() {
+            return self.logs.take_due(now_ms, self.config.log_flush_ms);
+        }
+        None
+    }
+
+    /// A batch body to post if `log_flush_ms` passed (called on every tick).
+    pub fn logs_due(&mut self, now_ms: u64) -> Option<Vec<u8>> {
+        self.logs.take_due(now_ms, self.config.log_flush_ms)
+    }
+
+    // --- Housekeeping on tick -----------------------------------------------------
+
+    /// Expired flights to fail, and stale cache entries dropped.
+    pub fn housekeeping(&mut self, now_ms: u64) -> Vec<Completion> {
+        self.cache.purge(now_ms);
+        self.flights.expire(now_ms, self.config.callout_timeout_ms)
+    }
+
+    /// The tick period the root context should run at.
+    pub fn tick_period_ms(&self) -> u64 {
+        if self.snapshot.is_none() {
+            return STARTUP_TICK_MS;
+        }
+        self.config.snapshot_poll_ms.min(self.config.log_flush_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::tests::{basic, ALICE, NOW_MS};
+    use crate::flight::{Join, Waiter};
+    use agent_vault_rules::{
+        Auth, Grant, Role, Service, SnapshotAgent, SnapshotVault, UnmatchedHostPolicy,
+    };
+    use std::cell::RefCell;
+
+    fn config() -> Config {
+        Config {
+            snapshot_poll_ms: 1000,
+            log_flush_ms: 500,
+            callout_timeout_ms: 2000,
+            credential_cache_ttl_ms: 60_000,
+            log_batch_max: 2,
+            ..Config::default()
+        }
+    }
+
+    fn snapshot(version: &str) -> Snapshot {
+        Snapshot {
+            version: version.into(),
+            vaults: vec![SnapshotVault {
+                name: "default".into(),
+                unmatched_host_policy: UnmatchedHostPolicy::Deny,
+                services: vec![Service {
+                    name: "stripe".into(),
+                    host: "api.stripe.com".into(),
+                    enabled: true,
+                    auth: Auth::Bearer {
+                        token: "STRIPE_KEY".into(),
+                    },
+                    upstream_tls: true,
+                }],
+            }],
+            agents: vec![SnapshotAgent {
+                token_sha256: crate::snapshot::TokenHash::of(ALICE).as_str().to_owned(),
+                name: "alice".into(),
+                vaults: vec![Grant {
+                    vault: "default".into(),
+                    role: Role::Proxy,
+                }],
+                expires_at: None,
+            }],
+        }
+    }
+
+    fn body(version: &str) -> Vec<u8> {
+        serde_json::to_vec(&snapshot(version)).unwrap_or_default()
+    }
+
+    fn header<'a>(headers: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Polls at `now` and answers with (status, header, body).
+    fn poll(
+        worker: &mut Worker,
+        now: u64,
+        token: u32,
+        status: u16,
+        cp: bool,
+        body: &[u8],
+    ) -> PollOutcome {
+        let Some(_) = worker.poll_due(now) else {
+            panic!("poll due at {now}");
+        };
+        worker.poll_dispatched(Some(token), now);
+        worker.on_poll_answer(token, Some(status), cp, body)
+    }
+
+    #[test]
+    fn polling_schedule() {
+        let mut worker = Worker::new(config(), 0);
+        assert_eq!(worker.tick_period_ms(), STARTUP_TICK_MS);
+        let first = worker.poll_due(0).unwrap_or_default();
+        assert_eq!(header(&first, ":path"), Some("/v1/dataplane/snapshot"));
+        assert_eq!(header(&first, ":authority"), Some("agent-vault"));
+        assert_eq!(header(&first, "if-none-match"), None);
+        worker.poll_dispatched(Some(1), 0);
+        assert!(
+            worker.poll_due(100).is_none(),
+            "one poll in flight at a time"
+        );
+        assert!(
+            worker.poll_due(3000).is_none(),
+            "still within timeout + grace"
+        );
+        let freed = worker.poll_due(3001);
+        assert!(freed.is_some(), "an unanswered poll frees its slot");
+        worker.poll_dispatched(Some(2), 3001);
+        assert_eq!(
+            worker.on_poll_answer(1, Some(200), true, &body("1")),
+            PollOutcome::Stale
+        );
+        assert!(matches!(
+            worker.on_poll_answer(2, Some(200), true, &body("1")),
+            PollOutcome::Loaded {
+                first: true,
+                changed: true,
+                ..
+            }
+        ));
+        assert_eq!(worker.tick_period_ms(), 500);
+        assert!(
+            worker.poll_due(3500).is_none(),
+            "not before snapshot_poll_ms"
+        );
+        let next = worker.poll_due(4001).unwrap_or_default();
+        assert_eq!(header(&next, "if-none-match"), Some("\"1\""));
+    }
+
+    #[test]
+    fn without_a_snapshot_every_tick_polls() {
+        let mut worker = Worker::new(config(), 0);
+        assert!(matches!(
+            poll(&mut worker, 0, 1, 503, false, b"upstream connect error"),
+            PollOutcome::Unavailable(_)
+        ));
+        assert!(worker.poll_due(100).is_some());
+        assert_eq!(worker.poll_failures(), 1);
+    }
+
+    #[test]
+    fn poll_answers() {
+        let mut worker = Worker::new(config(), 0);
+        assert!(matches!(
+            poll(&mut worker, 0, 1, 200, true, &body("1")),
+            PollOutcome::Loaded { .. }
+        ));
+        // (behaviour, status, control-plane header, body, expected kind, version kept)
+        type Case<'a> = (&'a str, u16, bool, Vec<u8>, &'a str, &'a str);
+        #[rustfmt::skip]
+        let cases: Vec<Case<'_>> = vec![
+            ("304 changes nothing", 304, true, vec![], "not-modified", "1"),
+            ("garbage keeps the last good snapshot", 200, true, b"{not json".to_vec(), "invalid", "1"),
+            ("wrong shape keeps the last good snapshot", 200, true, br#"{"version":"2"}"#.to_vec(), "invalid", "1"),
+            ("Envoy's 503 keeps it", 503, false, b"upstream connect error".to_vec(), "unavailable", "1"),
+            ("a 200 not from the control plane is not trusted", 200, false, body("9"), "unavailable", "1"),
+            ("control plane 500 keeps it", 500, true, vec![], "unavailable", "1"),
+            ("a new version replaces it", 200, true, body("2"), "loaded", "2"),
+        ];
+        let mut now = 0;
+        for (token, (behaviour, status, cp, body, kind, version)) in (10..).zip(cases) {
+            now += 1000;
+            let outcome = poll(&mut worker, now, token, status, cp, &body);
+            let got = match outcome {
+                PollOutcome::Loaded { .. } => "loaded",
+                PollOutcome::NotModified => "not-modified",
+                PollOutcome::Invalid(_) => "invalid",
+                PollOutcome::Unavailable(_) => "unavailable",
+                PollOutcome::Stale => "stale",
+            };
+            assert_eq!(got, kind, "{behaviour}");
+            assert_eq!(worker.version(), version, "{behaviour}");
+        }
+    }
+
+    fn fetch_and_answer(
+        worker: &mut Worker,
+        context_id: u32,
+        token: u32,
+        value: &str,
+        now: u64,
+    ) -> Vec<Completion> {
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "GET",
+            authority: Some("api.stripe.com"),
+            path: "/",
+            proxy_authorization: Some(&auth),
+            x_vault: None,
+        };
+        let log = Rc::new(RefCell::new(RequestLog::default()));
+        let Decision::Fetch(plan) = worker.decide(&request, now, &mut log.borrow_mut()) else {
+            panic!("expected a fetch");
+        };
+        let version = worker.version().to_owned();
+        let waiter = Waiter {
+            context_id,
+            plan,
+            log: Rc::downgrade(&log),
+        };
+        let Join::Dispatch(key, _) = worker.flights().join(waiter, &version, now) else {
+            panic!("expected a dispatch");
+        };
+        worker.flights().dispatched(&key, token, context_id, now);
+        let answer = Answer::classify(
+            Some(200),
+            true,
+            format!(r#"{{"values":{{"STRIPE_KEY":"{value}","NOT_ASKED":"x"}},"missing":[]}}"#)
+                .into_bytes(),
+        );
+        worker
+            .on_fetch_answer(token, answer, now)
+            .unwrap_or_default()
+    }
+
+    fn cached_decision(worker: &Worker, now: u64) -> String {
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "GET",
+            authority: Some("api.stripe.com"),
+            path: "/",
+            proxy_authorization: Some(&auth),
+            x_vault: None,
+        };
+        match worker.decide(&request, now, &mut RequestLog::default()) {
+            Decision::Forward(f) => format!("{:?}", f.inject),
+            Decision::Fetch(_) => "fetch".to_owned(),
+            Decision::Reject(r) => r.code.as_str().to_owned(),
+        }
+    }
+
+    #[test]
+    fn fetched_values_are_cached_until_the_ttl_or_a_new_version() {
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        let completions = fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        assert_eq!(completions.len(), 1);
+        assert_eq!(
+            cached_decision(&worker, NOW_MS + 10),
+            r#"[("authorization", "Bearer sk_1")]"#
+        );
+        assert_eq!(
+            cached_decision(&worker, NOW_MS + 60_000),
+            "fetch",
+            "stale after the ttl"
+        );
+        // Only keys that were asked for are cached.
+        assert!(worker.cache.len() == 1);
+        // Same version again: the cache stays.
+        worker.install(snapshot("1"));
+        assert_eq!(
+            cached_decision(&worker, NOW_MS + 10),
+            r#"[("authorization", "Bearer sk_1")]"#
+        );
+        // New version: the cache is dropped.
+        let outcome = worker.install(snapshot("2"));
+        assert!(matches!(
+            outcome,
+            PollOutcome::Loaded {
+                changed: true,
+                first: false,
+                ..
+            }
+        ));
+        assert_eq!(cached_decision(&worker, NOW_MS + 10), "fetch");
+    }
+
+    #[test]
+    fn an_answer_from_before_a_version_change_is_not_cached() {
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "GET",
+            authority: Some("api.stripe.com"),
+            path: "/",
+            proxy_authorization: Some(&auth),
+            x_vault: None,
+        };
+        let log = Rc::new(RefCell::new(RequestLog::default()));
+        let Decision::Fetch(plan) = worker.decide(&request, NOW_MS, &mut log.borrow_mut()) else {
+            panic!("expected a fetch");
+        };
+        let waiter = Waiter {
+            context_id: 1,
+            plan,
+            log: Rc::downgrade(&log),
+        };
+        let Join::Dispatch(key, _) = worker.flights().join(waiter, "1", NOW_MS) else {
+            panic!("dispatch");
+        };
+        worker.flights().dispatched(&key, 5, 1, NOW_MS);
+        worker.install(snapshot("2")); // a credential changed meanwhile
+        let answer = Answer::classify(
+            Some(200),
+            true,
+            br#"{"values":{"STRIPE_KEY":"old"}}"#.to_vec(),
+        );
+        let completions = worker
+            .on_fetch_answer(5, answer, NOW_MS)
+            .unwrap_or_default();
+        assert_eq!(completions.len(), 1, "the waiter is still served");
+        assert_eq!(
+            cached_decision(&worker, NOW_MS + 1),
+            "fetch",
+            "but nothing is cached"
+        );
+    }
+
+    #[test]
+    fn ttl_zero_fetches_every_time() {
+        let mut worker = Worker::new(
+            Config {
+                credential_cache_ttl_ms: 0,
+                ..config()
+            },
+            NOW_MS,
+        );
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        assert_eq!(cached_decision(&worker, NOW_MS), "fetch");
+    }
+
+    #[test]
+    fn log_batches_flush_when_full_or_due() {
+        let mut worker = Worker::new(config(), 0);
+        let record = |ts| agent_vault_rules::LogRecord {
+            ts,
+            agent: "a".into(),
+            vault: "v".into(),
+            method: "GET".into(),
+            host: "h".into(),
+            path: "/".into(),
+            service: None,
+            status: 200,
+            latency_ms: 1,
+            error: None,
+        };
+        assert!(worker.log(record(1), 10).is_none());
+        assert!(worker.logs_due(100).is_none());
+        assert!(
+            worker.log(record(2), 110).is_some(),
+            "full at log_batch_max"
+        );
+        assert!(worker.log(record(3), 120).is_none());
+        assert!(
+            worker.logs_due(600).is_none(),
+            "flush_ms counts from the last flush"
+        );
+        assert!(worker.logs_due(610).is_some());
+    }
+
+    #[test]
+    fn housekeeping_expires_flights() {
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "GET",
+            authority: Some("api.stripe.com"),
+            path: "/",
+            proxy_authorization: Some(&auth),
+            x_vault: None,
+        };
+        let log = Rc::new(RefCell::new(RequestLog::default()));
+        let Decision::Fetch(plan) = worker.decide(&request, NOW_MS, &mut log.borrow_mut()) else {
+            panic!("fetch");
+        };
+        let waiter = Waiter {
+            context_id: 3,
+            plan,
+            log: Rc::downgrade(&log),
+        };
+        let Join::Dispatch(key, _) = worker.flights().join(waiter, "1", NOW_MS) else {
+            panic!("dispatch");
+        };
+        worker.flights().dispatched(&key, 5, 3, NOW_MS);
+        assert!(worker.housekeeping(NOW_MS + 1000).is_empty());
+        let failed = worker.housekeeping(NOW_MS + 4000);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(
+            log.borrow().error.map(|c| c.as_str()),
+            Some("control_plane_unavailable")
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! The deployment configs under `envoy/`: every Envoy bootstrap template renders and
+//! passes `envoy --mode validate` with the real filter, keeps the fail-closed routing
+//! shape the filter relies on, and the Istio examples parse with the expected kinds.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+use support::envoy::{envoy_binary, envoy_dir, filter_wasm, placeholders, render};
+use support::upstream::TestCa;
+
+/// Every `.yaml` under `envoy/`, recursively, sorted.
+fn yaml_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = support::files_under(&envoy_dir())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A Kubernetes resource file (Istio) rather than an Envoy bootstrap.
+fn is_kubernetes(text: &str) -> bool {
+    text.lines().any(|l| l.starts_with("apiVersion:"))
+}
+
+fn bootstrap_templates() -> Vec<PathBuf> {
+    let files: Vec<PathBuf> = yaml_files()
+        .into_iter()
+        .filter(|p| !is_kubernetes(&std::fs::read_to_string(p).unwrap()))
+        .collect();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for expected in ["forward-proxy.yaml", "sidecar.yaml"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    files
+}
+
+/// Placeholder values for validation: real files where Envoy reads them (the filter,
+/// a CA bundle), a socket path that need not exist.
+struct Dummy {
+    dir: tempfile::TempDir,
+    vars: Vec<(String, String)>,
+}
+
+fn dummy_vars() -> Dummy {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("validate").write_pem(&dir.path().join("ca.pem"));
+    let vars = [
+        ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
+        ("LISTEN_PORT", "10000".to_string()),
+        ("ADMIN_PORT", "9901".to_string()),
+        (
+            "SOCKET_PATH",
+            dir.path().join("no-such.sock").display().to_string(),
+        ),
+        ("WASM_PATH", filter_wasm().display().to_string()),
+        ("CA_BUNDLE", ca.display().to_string()),
+        ("SNAPSHOT_POLL_MS", "1000".to_string()),
+        ("CREDENTIAL_CACHE_TTL_MS", "60000".to_string()),
+        ("CALLOUT_TIMEOUT_MS", "2000".to_string()),
+        ("UPSTREAM_HOST", "api.example.com".to_string()),
+        ("UPSTREAM_PORT", "443".to_string()),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v))
+    .collect();
+    Dummy { dir, vars }
+}
+
+fn with_var(vars: &[(String, String)], name: &str, value: &str) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = vars.iter().filter(|(n, _)| n != name).cloned().collect();
+    vars.push((name.to_string(), value.to_string()));
+    vars
+}
+
+/// `envoy --mode validate -c <file>`: (success, output).
+fn validate(config: &Path) -> (bool, String) {
+    let out = Command::new(envoy_binary())
+        .args([
+            "--mode",
+            "validate",
+            "--use-dynamic-base-id",
+            "-l",
+            "warning",
+            "-c",
+        ])
+        .arg(config)
+        .output()
+        .expect("run envoy --mode validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn render_to(dir: &Path, template: &Path, vars: &[(String, String)]) -> PathBuf {
+    let text = std::fs::read_to_string(template).unwrap();
+    let out = dir.join(template.file_name().unwrap());
+    std::fs::write(&out, render(&text, vars)).unwrap();
+    out
+}
+
+#[test]
+fn every_envoy_bootstrap_passes_envoy_validate_with_the_real_filter() {
+    let dummy = dummy_vars();
+    for template in bootstrap_templates() {
+        let text = std::fs::read_to_string(&template).unwrap();
+        let unknown: Vec<String> = placeholders(&text)
+            .into_iter()
+            .filter(|name| !dummy.vars.iter().any(|(n, _)| n == name))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{}: placeholders this test does not know (add them to dummy_vars and the README): {unknown:?}",
+            template.display()
+        );
+        let rendered = render_to(dummy.dir.path(), &template, &dummy.vars);
+        let (ok, output) = validate(&rendered);
+        assert!(ok, "{} fails validation:\n{output}", template.display());
+        assert!(output.contains("OK"), "{output}");
+    }
+}
+
+#[test]
+fn validation_is_not_vacuous_it_loads_the_filter_and_the_ca_bundle() {
+    let dummy = dummy_vars();
+    let template = envoy_dir().join("forward-proxy.yaml");
+    let cases = [
+        (
+            "WASM_PATH",
+            "/nonexistent/agent_vault_filter.wasm",
+            "wasm file missing",
+        ),
+        ("CA_BUNDLE", "/nonexistent/ca.pem", "CA bundle missing"),
+        // The filter's on_configure runs in validate mode: a plugin configuration it
+        // cannot parse stops Envoy from loading (fail closed at load time).
+        (
+            "CALLOUT_TIMEOUT_MS",
+            "\"soon\"",
+            "invalid plugin configuration",
+        ),
+    ];
+    for (name, value, what) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let rendered = render_to(dir.path(), &template, &with_var(&dummy.vars, name, value));
+        let (ok, output) = validate(&rendered);
+        assert!(!ok, "{what}: validation should fail, got:\n{output}");
+    }
+}
+
+#[test]
+fn the_readme_one_liner_renders_exactly_like_the_test_harness() {
+    let dummy = dummy_vars();
+    let script = r#"import os,re,sys; sys.stdout.write(re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: os.environ[m.group(1)], open(sys.argv[1]).read()))"#;
+    let readme = std::fs::read_to_string(envoy_dir().join("README.md")).unwrap();
+    assert!(
+        readme.contains(script),
+        "envoy/README.md shows the renderer this test runs"
+    );
+    for template in bootstrap_templates() {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&template)
+            .envs(dummy.vars.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&template).unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            render(&text, &dummy.vars),
+            "{}",
+            template.display()
+        );
+    }
+}
+
+fn yaml_to_json(text: &str) -> Value {
+    let value: serde_yaml::Value = serde_yaml::from_str(text).expect("YAML");
+    serde_json::to_value(value).expect("YAML as JSON")
+}
+
+fn hcms(bootstrap: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for listener in bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .unwrap()
+    {
+        for chain in listener["filter_chains"].as_array().unwrap() {
+            for filter in chain["filters"].as_array().unwrap() {
+                if filter["name"] == "envoy.filters.network.http_connection_manager" {
+                    out.push(filter["typed_config"].clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn cluster<'a>(bootstrap: &'a Value, name: &str) -> &'a Value {
+    bootstrap["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("cluster {name}"))
+}
+
+fn has_tls(cluster: &Value) -> bool {
+    cluster["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+}
+
+/// The shape the filter contract relies on, checked on every bootstrap: the filter is
+/// first and fail-closed, its config holds no secret, the control plane is a pipe, and
+/// no route forwards a request that lacks the filter's routing header.
+#[test]
+fn every_bootstrap_routes_only_what_the_filter_let_through() {
+    let dummy = dummy_vars();
+    for template in bootstrap_templates() {
+        let name = template.display().to_string();
+        let text = render(&std::fs::read_to_string(&template).unwrap(), &dummy.vars);
+        let bootstrap = yaml_to_json(&text);
+        assert_eq!(
+            bootstrap["admin"]["address"]["socket_address"]["address"], "127.0.0.1",
+            "{name}: admin on loopback"
+        );
+        let cp = cluster(&bootstrap, "agent_vault_control_plane");
+        assert_eq!(cp["type"], "STATIC", "{name}");
+        let endpoint = &cp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"];
+        assert!(
+            endpoint["address"]["pipe"]["path"].is_string(),
+            "{name}: control plane on a pipe"
+        );
+
+        let hcms = hcms(&bootstrap);
+        assert!(!hcms.is_empty(), "{name}");
+        for hcm in hcms {
+            // CONNECT reaches the filter.
+            assert!(
+                hcm["upgrade_configs"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|c| c["upgrade_type"] == "CONNECT")),
+                "{name}: upgrade_configs CONNECT"
+            );
+            // An agent cannot supply the routing header.
+            let early = hcm["early_header_mutation_extensions"].to_string();
+            assert!(
+                early.contains("\"remove\":\"x-agent-vault-upstream\""),
+                "{name}: {early}"
+            );
+
+            let filters = hcm["http_filters"].as_array().unwrap();
+            let wasm = &filters[0];
+            assert_eq!(
+                wasm["name"], "envoy.filters.http.wasm",
+                "{name}: filter first"
+            );
+            assert_eq!(
+                filters.last().unwrap()["name"],
+                "envoy.filters.http.router",
+                "{name}"
+            );
+            let config = &wasm["typed_config"]["config"];
+            assert_eq!(config["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
+            assert!(config["vm_config"]["code"]["local"]["filename"].is_string());
+            assert_eq!(config["fail_open"], false, "{name}: fail closed");
+            assert_eq!(
+                config["configuration"]["@type"],
+                "type.googleapis.com/google.protobuf.StringValue"
+            );
+            let plugin: Value =
+                serde_json::from_str(config["configuration"]["value"].as_str().unwrap())
+                    .expect("plugin configuration is JSON");
+            assert_eq!(
+                plugin,
+                json!({"cluster": "agent_vault_control_plane", "authority": "agent-vault",
+                       "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000,
+                       "callout_timeout_ms": 2000}),
+                "{name}: exactly the documented keys, no secrets"
+            );
+
+            let routes = &hcm["route_config"];
+            assert!(
+                routes["request_headers_to_remove"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().any(|h| h == "x-agent-vault-upstream")),
+                "{name}: the routing header never goes upstream"
+            );
+            let mut forwarding = 0;
+            let mut connect_backstop = false;
+            for vhost in routes["virtual_hosts"].as_array().unwrap() {
+                for route in vhost["routes"].as_array().unwrap() {
+                    let m = &route["match"];
+                    if m.get("connect_matcher").is_some() {
+                        assert!(
+                            route.get("direct_response").is_some(),
+                            "{name}: CONNECT is never tunnelled"
+                        );
+                        connect_backstop = true;
+                        continue;
+                    }
+                    let Some(target) = route["route"]["cluster"].as_str() else {
+                        assert!(route.get("direct_response").is_some(), "{name}: {route}");
+                        continue;
+                    };
+                    forwarding += 1;
+                    let value = m["headers"]
+                        .as_array()
+                        .and_then(|hs| hs.iter().find(|h| h["name"] == "x-agent-vault-upstream"))
+                        .and_then(|h| h["string_match"]["exact"].as_str())
+                        .unwrap_or_else(|| {
+                            panic!("{name}: route to {target} without the filter's header")
+                        });
+                    let tls = has_tls(cluster(&bootstrap, target));
+                    assert_eq!(
+                        tls,
+                        value == "tls",
+                        "{name}: x-agent-vault-upstream: {value} routes to {target}"
+                    );
+                    if tls {
+                        let tls_config = &cluster(&bootstrap, target)["transport_socket"]
+                            ["typed_config"]["common_tls_context"]["validation_context"];
+                        assert!(
+                            tls_config["trusted_ca"]["filename"].is_string(),
+                            "{name}: {target} verifies certificates"
+                        );
+                    }
+                }
+            }
+            assert!(forwarding > 0, "{name}");
+            assert!(connect_backstop, "{name}: a connect_matcher route");
+        }
+    }
+}
+
+#[test]
+fn the_forward_proxy_uses_the_dynamic_forward_proxy_with_sni_and_san_checks() {
+    let dummy = dummy_vars();
+    let text = render(
+        &std::fs::read_to_string(envoy_dir().join("forward-proxy.yaml")).unwrap(),
+        &dummy.vars,
+    );
+    let bootstrap = yaml_to_json(&text);
+    let listener = &bootstrap["static_resources"]["listeners"][0];
+    assert_eq!(
+        listener["address"]["socket_address"]["address"],
+        "127.0.0.1"
+    );
+    let hcm = &hcms(&bootstrap)[0];
+    let filters: Vec<&str> = hcm["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        filters,
+        [
+            "envoy.filters.http.wasm",
+            "envoy.filters.http.dynamic_forward_proxy",
+            "envoy.filters.http.router"
+        ]
+    );
+    let dns = &hcm["http_filters"][1]["typed_config"]["dns_cache_config"];
+    assert_eq!(dns["dns_lookup_family"], "V4_ONLY");
+    for name in ["dfp_tls", "dfp_plain"] {
+        let c = cluster(&bootstrap, name);
+        assert_eq!(c["lb_policy"], "CLUSTER_PROVIDED");
+        assert_eq!(
+            c["cluster_type"]["name"],
+            "envoy.clusters.dynamic_forward_proxy"
+        );
+        assert_eq!(
+            c["cluster_type"]["typed_config"]["dns_cache_config"], *dns,
+            "{name} shares the filter's DNS cache"
+        );
+    }
+    let tls = cluster(&bootstrap, "dfp_tls");
+    let options = &tls["typed_extension_protocol_options"]
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        ["upstream_http_protocol_options"];
+    assert_eq!(options["auto_sni"], true);
+    assert_eq!(options["auto_san_validation"], true);
+    assert!(has_tls(tls));
+    assert!(!has_tls(cluster(&bootstrap, "dfp_plain")));
+}
+
+/// Every YAML document in `path`, as JSON.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            serde_json::to_value(value).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_istio_examples_parse_with_the_expected_kinds() {
+    let istio = envoy_dir().join("istio");
+    let plugin_docs = documents(&istio.join("wasmplugin.yaml"));
+    assert_eq!(plugin_docs.len(), 1);
+    let plugin = &plugin_docs[0];
+    assert_eq!(plugin["apiVersion"], "extensions.istio.io/v1alpha1");
+    assert_eq!(plugin["kind"], "WasmPlugin");
+    assert_eq!(plugin["spec"]["failStrategy"], "FAIL_CLOSE");
+    assert_eq!(plugin["spec"]["type"], "HTTP");
+    assert_eq!(
+        plugin["spec"]["pluginConfig"],
+        json!({"cluster": "agent_vault_control_plane", "authority": "agent-vault",
+               "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000,
+               "callout_timeout_ms": 2000})
+    );
+
+    let docs = documents(&istio.join("serviceentry.yaml"));
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for kind in [
+        "ServiceEntry",
+        "Gateway",
+        "VirtualService",
+        "DestinationRule",
+        "EnvoyFilter",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+    for doc in &docs {
+        assert!(doc["apiVersion"].as_str().unwrap().contains("istio.io"));
+        assert!(doc["metadata"]["name"].is_string());
+    }
+    let virtual_service = docs.iter().find(|d| d["kind"] == "VirtualService").unwrap();
+    assert!(
+        virtual_service
+            .to_string()
+            .contains("x-agent-vault-upstream"),
+        "the VirtualService removes the filter's routing header"
+    );
+}
+
+/// The cluster the Istio EnvoyFilter adds is a valid Envoy cluster: load it into a
+/// minimal bootstrap and validate it.
+#[test]
+fn the_istio_envoyfilter_cluster_is_valid_envoy_config() {
+    let docs = documents(&envoy_dir().join("istio").join("serviceentry.yaml"));
+    let filter = docs.iter().find(|d| d["kind"] == "EnvoyFilter").unwrap();
+    let patch = filter["spec"]["configPatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["applyTo"] == "CLUSTER")
+        .expect("a CLUSTER patch");
+    assert_eq!(patch["patch"]["operation"], "ADD");
+    let cluster = patch["patch"]["value"].clone();
+    assert_eq!(cluster["name"], "agent_vault_control_plane");
+    let bootstrap = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"clusters": [cluster]},
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoyfilter-cluster.json");
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+    let (ok, output) = validate(&path);
+    assert!(ok, "{output}");
+}

@@ -1,0 +1,309 @@
+//! Echo upstreams for the end-to-end tests: a plain-HTTP and a TLS server on loopback
+//! that answer every request with JSON describing exactly what they received, and a
+//! test CA (made with `rcgen`) whose bundle Envoy is given to verify the TLS one.
+//!
+//! The echo body is `{"method", "path", "headers": {lowercase name: value},
+//! "header_list": [[name, value], ...], "body", "tls", "sni"}`. Repeated headers are
+//! joined with ", " in `headers`; `header_list` keeps every line as received.
+//! A path starting with `/status/NNN` is answered with status NNN (same JSON body).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Map, Value};
+
+/// A certificate authority made for one test; its PEM goes into Envoy's CA bundle.
+pub struct TestCa {
+    pub cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("ca key");
+        let cert = params.self_signed(&key).expect("self-signed ca");
+        TestCa {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Writes the CA certificate (PEM) to `path` and returns the path.
+    pub fn write_pem(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, &self.cert_pem).expect("write ca pem");
+        path.to_path_buf()
+    }
+
+    /// A leaf certificate for `names` (DNS names or IP literals), signed by this CA:
+    /// the DER chain (leaf only) and the PKCS#8 private key.
+    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "agent-vault test upstream");
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+/// One running echo server on 127.0.0.1; stopped when dropped.
+pub struct Echo {
+    pub port: u16,
+    pub tls: bool,
+    received: Arc<Mutex<Vec<Value>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Echo {
+    /// A plain-HTTP echo server.
+    pub fn plain() -> Echo {
+        Echo::start(None)
+    }
+
+    /// A TLS echo server with a certificate for `localhost` and `127.0.0.1` from `ca`.
+    pub fn tls(ca: &TestCa) -> Echo {
+        let (chain, key) = ca.issue(&["localhost", "127.0.0.1"]);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server cert");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Echo::start(Some(Arc::new(config)))
+    }
+
+    fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+        let port = listener.local_addr().expect("echo addr").port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let is_tls = tls.is_some();
+        {
+            let received = received.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let received = received.clone();
+                    let tls = tls.clone();
+                    std::thread::spawn(move || serve_connection(stream, tls, received));
+                }
+            });
+        }
+        Echo {
+            port,
+            tls: is_tls,
+            received,
+            stop,
+        }
+    }
+
+    /// `localhost:<port>`: the host a service rule names for this upstream.
+    pub fn authority(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
+    /// `http://localhost:<port><path>`: what an agent sends through the proxy (also for
+    /// the TLS server: Envoy originates the TLS).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://localhost:{}{}", self.port, path)
+    }
+
+    /// Every request received so far, oldest first (the echoed JSON).
+    pub fn received(&self) -> Vec<Value> {
+        self.received.lock().expect("received").clone()
+    }
+
+    pub fn clear(&self) {
+        self.received.lock().expect("received").clear();
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve_connection(
+    stream: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    received: Arc<Mutex<Vec<Value>>>,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => {
+            let _ = serve_http(&stream, false, None, &received);
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        Some(config) => {
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
+                return;
+            };
+            let mut tls_stream = rustls::StreamOwned::new(conn, stream);
+            // Finish the handshake first so the SNI is known (a failed handshake, e.g.
+            // a client that does not trust our CA, just ends the connection).
+            while tls_stream.conn.is_handshaking() {
+                if tls_stream.conn.complete_io(&mut tls_stream.sock).is_err() {
+                    return;
+                }
+            }
+            let sni = tls_stream.conn.server_name().map(str::to_string);
+            let _ = serve_http(&mut tls_stream, true, sni, &received);
+            tls_stream.conn.send_close_notify();
+            let _ = tls_stream.flush();
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection until the peer closes or asks to.
+fn serve_http<S: Read + Write>(
+    stream: S,
+    tls: bool,
+    sni: Option<String>,
+    received: &Mutex<Vec<Value>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let request_line = request_line.trim_end().to_string();
+        if request_line.is_empty() {
+            continue;
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let mut header_list: Vec<(String, String)> = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                header_list.push((name.trim().to_string(), value.trim().to_string()));
+            }
+        }
+        let find = |name: &str| {
+            header_list
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let body = if find("transfer-encoding")
+            .map(|v| v.to_ascii_lowercase().contains("chunked"))
+            .unwrap_or(false)
+        {
+            read_chunked(&mut reader)?
+        } else {
+            let len: usize = find("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body)?;
+            body
+        };
+        let close = find("connection")
+            .map(|v| v.eq_ignore_ascii_case("close"))
+            .unwrap_or(false);
+
+        let mut headers = Map::new();
+        for (name, value) in &header_list {
+            let key = name.to_ascii_lowercase();
+            let joined = match headers.get(&key).and_then(Value::as_str) {
+                Some(prev) => format!("{prev}, {value}"),
+                None => value.clone(),
+            };
+            headers.insert(key, Value::String(joined));
+        }
+        let echo = json!({
+            "method": method,
+            "path": path,
+            "headers": headers,
+            "header_list": header_list
+                .iter()
+                .map(|(n, v)| json!([n, v]))
+                .collect::<Vec<_>>(),
+            "body": String::from_utf8_lossy(&body),
+            "tls": tls,
+            "sni": sni,
+        });
+        received.lock().expect("received").push(echo.clone());
+
+        let status: u16 = path
+            .strip_prefix("/status/")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(200);
+        let payload = echo.to_string();
+        let response = format!(
+            "HTTP/1.1 {status} Echo\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{payload}",
+            payload.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        let stream = reader.get_mut();
+        stream.write_all(response.as_bytes())?;
+        stream.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn read_chunked<R: BufRead>(reader: &mut R) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size_line = String::new();
+        reader.read_line(&mut size_line)?;
+        let size_hex = size_line.trim().split(';').next().unwrap_or("0");
+        let size = usize::from_str_radix(size_hex, 16).unwrap_or(0);
+        if size == 0 {
+            // Trailers, then the empty line.
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let mut chunk = vec![0; size];
+        reader.read_exact(&mut chunk)?;
+        body.extend_from_slice(&chunk);
+        let mut crlf = String::new();
+        reader.read_line(&mut crlf)?;
+    }
+}
