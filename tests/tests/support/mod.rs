@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod stack;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Write};

@@ -1,0 +1,170 @@
+//! The whole system for an end-to-end test: the control plane (`Server`), Envoy with
+//! the built filter on the server's socket, and a test CA whose bundle Envoy trusts for
+//! upstream TLS. Upstreams ([`super::upstream::Echo`]) are started by the test.
+//!
+//! Envoy runs two workers and each has its own filter VM and its own snapshot, polled
+//! every `snapshot_poll_ms`: after a rules change, one worker may answer with the new
+//! rules while the other still answers with the old ones for up to one poll interval.
+//! Wait for a change with [`eventually`] on each request that depends on it (or wait
+//! one poll interval plus a margin), not on a single success.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::envoy::{proxy_basic, Envoy, EnvoyOptions, HttpResponse};
+use super::upstream::TestCa;
+use super::{Api, Server, ServerOptions};
+
+pub struct Stack {
+    pub server: Server,
+    /// The owner's session token (admin of every vault).
+    pub owner: String,
+    /// The CA Envoy trusts for upstream TLS ([`super::upstream::Echo::tls`] with it).
+    pub ca: TestCa,
+    pub ca_bundle: PathBuf,
+    pub envoy: Envoy,
+}
+
+impl Stack {
+    /// Control plane + forward-proxy Envoy with the production filter settings.
+    pub fn start() -> Stack {
+        Stack::start_with(ServerOptions::default(), |options| options)
+    }
+
+    /// `configure` adjusts Envoy's options (template, timings, extra placeholders).
+    pub fn start_with(
+        server_options: ServerOptions,
+        configure: impl FnOnce(EnvoyOptions) -> EnvoyOptions,
+    ) -> Stack {
+        Stack::start_with_ca(
+            server_options,
+            TestCa::new("agent-vault test CA"),
+            configure,
+        )
+    }
+
+    /// With a CA made beforehand (e.g. to start a TLS upstream whose port goes into
+    /// Envoy's config).
+    pub fn start_with_ca(
+        server_options: ServerOptions,
+        ca: TestCa,
+        configure: impl FnOnce(EnvoyOptions) -> EnvoyOptions,
+    ) -> Stack {
+        let server = Server::start_with(server_options);
+        let owner = server.owner_token();
+        let ca_bundle = ca.write_pem(&server.dir.path().join("upstream-ca.pem"));
+        let envoy = Envoy::start(configure(EnvoyOptions::forward_proxy(
+            &server.socket(),
+            &ca_bundle,
+        )));
+        Stack {
+            server,
+            owner,
+            ca,
+            ca_bundle,
+            envoy,
+        }
+    }
+
+    /// The management API as the owner.
+    pub fn api(&self) -> Api {
+        self.server.api(Some(&self.owner))
+    }
+
+    #[track_caller]
+    pub fn set_credential(&self, vault: &str, key: &str, value: &str) {
+        let (status, body) = self.api().post(
+            &format!("/v1/vaults/{vault}/credentials"),
+            &json!({"credentials": {key: value}}),
+        );
+        assert_eq!(status, 200, "set credential {key}: {body}");
+    }
+
+    /// Adds a service (the API's JSON shape: name, host, auth, upstream_tls, enabled).
+    #[track_caller]
+    pub fn add_service(&self, vault: &str, service: Value) {
+        let (status, body) = self
+            .api()
+            .post(&format!("/v1/vaults/{vault}/services"), &service);
+        assert_eq!(status, 201, "add service {service}: {body}");
+    }
+
+    /// Creates an agent with the `proxy` role on `vaults`; returns its token.
+    #[track_caller]
+    pub fn create_agent(&self, name: &str, vaults: &[&str]) -> String {
+        let grants: Vec<Value> = vaults.iter().map(|v| json!({"vault": v})).collect();
+        let (status, body) = self
+            .api()
+            .post("/v1/agents", &json!({"name": name, "vaults": grants}));
+        assert_eq!(status, 201, "create agent {name}: {body}");
+        body["token"].as_str().expect("agent token").to_string()
+    }
+
+    /// `GET url` through Envoy as the agent (`Proxy-Authorization: Basic token:vault`),
+    /// plus `headers`.
+    pub fn get_as(
+        &self,
+        token: &str,
+        vault: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> HttpResponse {
+        let auth = proxy_basic(token, vault);
+        let mut all: Vec<(&str, &str)> = vec![("Proxy-Authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.envoy.get(url, &all)
+    }
+}
+
+/// Repeats `request` every 100 ms until `done` holds or `timeout` passes; returns the
+/// last response and how long it took. For changes that reach the filter on its next
+/// snapshot poll.
+pub fn until(
+    timeout: Duration,
+    mut request: impl FnMut() -> HttpResponse,
+    done: impl Fn(&HttpResponse) -> bool,
+) -> (HttpResponse, Duration, bool) {
+    let start = Instant::now();
+    loop {
+        let response = request();
+        if done(&response) {
+            return (response, start.elapsed(), true);
+        }
+        if start.elapsed() > timeout {
+            return (response, start.elapsed(), false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Like [`until`], but panics with the last response (and Envoy's log) on timeout.
+#[track_caller]
+pub fn eventually(
+    envoy: &Envoy,
+    timeout: Duration,
+    request: impl FnMut() -> HttpResponse,
+    done: impl Fn(&HttpResponse) -> bool,
+) -> HttpResponse {
+    let (response, elapsed, ok) = until(timeout, request, done);
+    assert!(
+        ok,
+        "no expected response within {elapsed:?}; last: {} {:?} {}\n--- Envoy log (tail) ---\n{}",
+        response.status,
+        response.headers,
+        response.body,
+        envoy
+            .logs()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    response
+}
