@@ -53,7 +53,7 @@ pub struct ConfigError(String);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid agent-vault-filter configuration: {}", self.0)
+        write!(f, "invalid plugin configuration: {}", self.0)
     }
 }
 
@@ -115,7 +115,8 @@ impl Config {
                 "log_batch_max",
                 u64::try_from(self.log_batch_max).unwrap_or(u64::MAX),
                 1,
-                10_000,
+                // The control plane refuses larger batches.
+                1000,
             ),
         ];
         for (name, value, min, max) in ranges {
@@ -217,7 +218,7 @@ mod tests {
             };
             assert!(message.contains(needle), "{behaviour}: {message}");
             assert!(
-                message.starts_with("invalid agent-vault-filter configuration: "),
+                message.starts_with("invalid plugin configuration: "),
                 "{message}"
             );
             assert!(!message.contains('\n'), "{behaviour}: {message}");

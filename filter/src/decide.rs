@@ -108,6 +108,13 @@ impl FetchPlan {
             .and_then(|auth| auth.as_ref().ok())
     }
 
+    fn service_name(&self) -> &str {
+        self.snapshot
+            .vault(&self.vault)
+            .and_then(|v| v.services.get(self.service))
+            .map_or("", |s| &*s.name)
+    }
+
     /// The credential keys to fetch, sorted and deduplicated.
     pub fn keys(&self) -> &[String] {
         self.auth().map(CompiledAuth::keys).unwrap_or_default()
@@ -122,7 +129,11 @@ impl FetchPlan {
     ) -> Decision {
         let Some(auth) = self.auth() else {
             // Cannot happen: a plan is only made for a compiled auth.
-            return Decision::Reject(reply::invalid_service(&self.vault, "", "not compiled"));
+            return Decision::Reject(reply::invalid_service(
+                &self.vault,
+                self.service_name(),
+                "not compiled",
+            ));
         };
         if let Some(key) = auth
             .keys()
@@ -134,17 +145,18 @@ impl FetchPlan {
         render(
             auth,
             lookup,
-            &self.vault,
+            (&self.vault, self.service_name()),
             self.upstream_tls,
             self.authority.clone(),
         )
     }
 }
 
+/// Renders a service's headers into a [`Forward`]; the names are (vault, service).
 fn render<'v>(
     auth: &CompiledAuth,
     lookup: impl Fn(&str) -> Option<&'v str>,
-    vault: &str,
+    (vault, service): (&str, &str),
     upstream_tls: bool,
     authority: Option<String>,
 ) -> Decision {
@@ -161,7 +173,7 @@ fn render<'v>(
             Decision::Reject(reply::credential_not_found(vault, &key))
         }
         Err(RenderError::InvalidAuth(error)) => {
-            Decision::Reject(reply::invalid_service(vault, "", &error.to_string()))
+            Decision::Reject(reply::invalid_service(vault, service, &error.to_string()))
         }
     }
 }
@@ -327,7 +339,13 @@ fn decide_inner(
         Cached::Value(value) => Some(value),
         Cached::Missing | Cached::Unknown => None,
     };
-    render(auth, lookup, &vault.name, service.upstream_tls, authority)
+    render(
+        auth,
+        lookup,
+        (&vault.name, &service.name),
+        service.upstream_tls,
+        authority,
+    )
 }
 
 #[cfg(test)]

@@ -134,7 +134,10 @@ impl Worker {
         }
         let due = match (self.snapshot.is_some(), self.poller.last_started_ms) {
             (false, _) | (true, None) => true,
-            (true, Some(last)) => now_ms.saturating_sub(last) >= self.config.snapshot_poll_ms,
+            (true, Some(last)) => {
+                now_ms.saturating_sub(last)
+                    >= self.config.snapshot_poll_ms.saturating_sub(self.slack_ms())
+            }
         };
         if !due {
             return None;
@@ -261,14 +264,18 @@ impl Worker {
     pub fn log(&mut self, record: agent_vault_rules::LogRecord, now_ms: u64) -> Option<Vec<u8>> {
         self.logs.push(record);
         if self.logs.is_full() {
-            return self.logs.take_due(now_ms, self.config.log_flush_ms);
+            return self.logs.take_due(now_ms, self.flush_period_ms());
         }
         None
     }
 
     /// A batch body to post if `log_flush_ms` passed (called on every tick).
     pub fn logs_due(&mut self, now_ms: u64) -> Option<Vec<u8>> {
-        self.logs.take_due(now_ms, self.config.log_flush_ms)
+        self.logs.take_due(now_ms, self.flush_period_ms())
+    }
+
+    fn flush_period_ms(&self) -> u64 {
+        self.config.log_flush_ms.saturating_sub(self.slack_ms())
     }
 
     // --- Housekeeping on tick -----------------------------------------------------
@@ -277,6 +284,12 @@ impl Worker {
     pub fn housekeeping(&mut self, now_ms: u64) -> Vec<Completion> {
         self.cache.purge(now_ms);
         self.flights.expire(now_ms, self.config.callout_timeout_ms)
+    }
+
+    /// Ticks arrive with jitter: a poll or flush due "almost now" runs on this tick
+    /// rather than one whole period later (which would double the interval).
+    fn slack_ms(&self) -> u64 {
+        self.tick_period_ms() / 2
     }
 
     /// The tick period the root context should run at.
@@ -621,11 +634,12 @@ mod tests {
             "full at log_batch_max"
         );
         assert!(worker.log(record(3), 120).is_none());
+        // No snapshot yet: 100 ms ticks, so due 50 ms (half a tick) before flush_ms.
         assert!(
-            worker.logs_due(600).is_none(),
+            worker.logs_due(559).is_none(),
             "flush_ms counts from the last flush"
         );
-        assert!(worker.logs_due(610).is_some());
+        assert!(worker.logs_due(560).is_some());
     }
 
     #[test]
