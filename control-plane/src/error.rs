@@ -78,9 +78,7 @@ impl Error {
             Error::BadRequest(code, _)
             | Error::NotFound(code, _)
             | Error::Conflict(code, _)
-            | Error::Forbidden(code, _) => {
-                code
-            }
+            | Error::Forbidden(code, _) => code,
             Error::Rule(rule) => rule.code(),
             Error::Unauthorized(_) => "unauthorized",
             Error::InvalidCredentials(_) => "invalid_credentials",
