@@ -659,3 +659,26 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+impl Envoy {
+    /// Connections each worker accepted on the agents' listener so far (Envoy's
+    /// per-worker `listener.<addr>.worker_<n>.downstream_cx_total`), indexed by worker.
+    /// Tells whether a run of requests reached every worker, so every worker's filter
+    /// VM (each with its own snapshot and cache) answered at least one of them.
+    pub fn worker_connections(&self) -> Vec<u64> {
+        let stats = self.admin_get("/stats?filter=downstream_cx_total");
+        let prefix = format!("listener.127.0.0.1_{}.worker_", self.port);
+        let mut counts: Vec<(usize, u64)> = stats
+            .body
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(&prefix)?;
+                let (worker, rest) = rest.split_once('.')?;
+                let value = rest.strip_prefix("downstream_cx_total:")?;
+                Some((worker.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        counts.sort_unstable();
+        counts.into_iter().map(|(_, count)| count).collect()
+    }
+}

@@ -103,6 +103,61 @@ impl Stack {
         body["token"].as_str().expect("agent token").to_string()
     }
 
+    /// Creates a vault (the owner becomes its admin).
+    #[track_caller]
+    pub fn create_vault(&self, name: &str) {
+        let (status, body) = self.api().post("/v1/vaults", &json!({"name": name}));
+        assert_eq!(status, 201, "create vault {name}: {body}");
+    }
+
+    /// Sets a vault's `unmatched_host_policy` (`deny` or `passthrough`).
+    #[track_caller]
+    pub fn set_unmatched_host_policy(&self, vault: &str, policy: &str) {
+        let (status, body) = self.api().patch(
+            &format!("/v1/vaults/{vault}"),
+            &json!({"unmatched_host_policy": policy}),
+        );
+        assert_eq!(status, 200, "set policy of {vault} to {policy}: {body}");
+    }
+
+    /// Deletes credentials (all or nothing).
+    #[track_caller]
+    pub fn delete_credentials(&self, vault: &str, keys: &[&str]) {
+        let (status, body) = self.api().post(
+            &format!("/v1/vaults/{vault}/credentials/delete"),
+            &json!({"keys": keys}),
+        );
+        assert_eq!(status, 200, "delete credentials {keys:?}: {body}");
+    }
+
+    /// Enables (`true`) or disables a service.
+    #[track_caller]
+    pub fn set_service_enabled(&self, vault: &str, service: &str, enabled: bool) {
+        let action = if enabled { "enable" } else { "disable" };
+        let (status, body) = self.api().post(
+            &format!("/v1/vaults/{vault}/services/{service}/{action}"),
+            &json!({}),
+        );
+        assert_eq!(status, 200, "{action} service {service}: {body}");
+    }
+
+    /// Revokes an agent.
+    #[track_caller]
+    pub fn revoke_agent(&self, name: &str) {
+        let (status, body) = self.api().delete(&format!("/v1/agents/{name}"));
+        assert_eq!(status, 204, "revoke agent {name}: {body}");
+    }
+
+    /// The newest request-log records of a vault (`GET /v1/vaults/{vault}/logs`).
+    #[track_caller]
+    pub fn request_log(&self, vault: &str) -> Vec<Value> {
+        let (status, body) = self
+            .api()
+            .get(&format!("/v1/vaults/{vault}/logs?limit=1000"));
+        assert_eq!(status, 200, "request log of {vault}: {body}");
+        body["records"].as_array().cloned().unwrap_or_default()
+    }
+
     /// `GET url` through Envoy as the agent (`Proxy-Authorization: Basic token:vault`),
     /// plus `headers`.
     pub fn get_as(
@@ -167,4 +222,62 @@ pub fn eventually(
             .join("\n")
     );
     response
+}
+
+/// Repeats `request` (every 25 ms) until `done` holds for a run of consecutive
+/// responses that reached every Envoy worker (at least `min_streak` of them, and each
+/// worker accepted at least one of the run's connections: see
+/// [`Envoy::worker_connections`]). Each worker polls its own snapshot and keeps its own
+/// credential cache, so this is how a test knows a change is visible everywhere.
+/// Panics with the last response (and Envoy's log) on timeout; returns the last one.
+#[track_caller]
+pub fn on_every_worker(
+    envoy: &Envoy,
+    timeout: Duration,
+    min_streak: usize,
+    mut request: impl FnMut() -> HttpResponse,
+    done: impl Fn(&HttpResponse) -> bool,
+) -> HttpResponse {
+    let start = Instant::now();
+    let mut streak_start = envoy.worker_connections();
+    let mut streak = 0usize;
+    loop {
+        let response = request();
+        if done(&response) {
+            streak += 1;
+            if streak >= min_streak {
+                let now = envoy.worker_connections();
+                let every_worker = !now.is_empty()
+                    && now.len() == streak_start.len()
+                    && now.iter().zip(&streak_start).all(|(n, s)| n > s);
+                if every_worker {
+                    return response;
+                }
+            }
+        } else {
+            streak = 0;
+            streak_start = envoy.worker_connections();
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "no run of {min_streak} expected responses on every worker within {:?}; \
+                 last: {} {:?} {}\n--- Envoy log (tail) ---\n{}",
+                start.elapsed(),
+                response.status,
+                response.headers,
+                response.body,
+                envoy
+                    .logs()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
