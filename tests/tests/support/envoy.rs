@@ -248,6 +248,8 @@ impl Envoy {
             cmd.arg("-c")
                 .arg(&config_path)
                 .args(["--concurrency", "2", "--use-dynamic-base-id"])
+                // Flush the log file often, so tests and panics see recent filter lines.
+                .args(["--file-flush-interval-msec", "100"])
                 .args(["-l", &options.log_level])
                 .arg("--log-path")
                 .arg(&log_path)
@@ -417,13 +419,10 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `Basic base64(token:vault)` for `Proxy-Authorization` (`vault` may be empty).
+/// `Basic base64(token:vault)` for `Proxy-Authorization`; an empty `vault` gives
+/// `token:`, what curl sends for `http://token@proxy`.
 pub fn proxy_basic(token: &str, vault: &str) -> String {
-    let pair = if vault.is_empty() {
-        token.to_string()
-    } else {
-        format!("{token}:{vault}")
-    };
+    let pair = format!("{token}:{vault}");
     format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(pair)
