@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::credentials::Secret;
 use crate::error::{Error, Result};
+use crate::proposals::{approval_url, ProposalInput, ProposalStatus};
 use crate::store::Store;
 use crate::users::LoginLimiter;
 use crate::vaults::{Principal, VaultRole};
@@ -67,6 +68,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             .await
             .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
         parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Like [`JsonBody`], and an empty body is `T::default()` (`POST …/reject` needs none).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
     }
 }
 
@@ -186,9 +204,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/agents", get(list_agents).post(create_agent))
         .route("/v1/agents/{name}", axum::routing::delete(revoke_agent))
         .route("/v1/agents/{name}/rotate", post(rotate_agent))
+        .route(
+            "/v1/proposals",
+            get(list_own_proposals).post(create_proposal),
+        )
+        .route("/v1/proposals/{id}", get(get_own_proposal))
+        .route("/v1/vaults/{vault}/proposals", get(list_proposals))
+        .route("/v1/vaults/{vault}/proposals/{id}", get(get_proposal))
+        .route(
+            "/v1/vaults/{vault}/proposals/{id}/approve",
+            post(approve_proposal),
+        )
+        .route(
+            "/v1/vaults/{vault}/proposals/{id}/reject",
+            post(reject_proposal),
+        )
         .route("/discover", get(discover))
         .route("/v1/master-password", post(change_master_password))
         .route("/v1/master-key/rotate", post(rotate_master_key))
+        .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state)
 }
@@ -710,4 +744,183 @@ async fn rotate_master_key(State(state): State<AppState>, caller: Caller) -> Res
     })
     .await?;
     Ok(Json(serde_json::json!({"reencrypted": count.0})).into_response())
+}
+
+// ---------------------------------------------------------------- proposals
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    status: Option<ProposalStatus>,
+}
+
+type StatusQueryResult =
+    std::result::Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>;
+
+fn status_filter(query: StatusQueryResult) -> Result<Option<ProposalStatus>> {
+    let Query(query) = query.map_err(|e| {
+        Error::bad_request(
+            "invalid_request",
+            format!(
+                "{}; status is one of pending, applied, rejected, expired",
+                e.body_text()
+            ),
+        )
+    })?;
+    Ok(query.status)
+}
+
+/// A proposal id from the path; anything but a number names no proposal.
+fn proposal_id(raw: &str) -> Result<u64> {
+    raw.parse()
+        .map_err(|_| Error::not_found("proposal_not_found", format!("no proposal {raw:?}")))
+}
+
+#[derive(Serialize)]
+struct ProposalCreated {
+    id: u64,
+    status: ProposalStatus,
+    vault: String,
+    approval_url: String,
+    message: String,
+}
+
+async fn create_proposal(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    JsonBody(input): JsonBody<ProposalInput>,
+) -> Result<Response> {
+    let vault = requested_vault(&headers, &caller.0)?;
+    let public_url = state.public_url.clone();
+    created(
+        with_store(&state, caller, move |store, who| {
+            let (proposal, token) = store.create_proposal(who, &vault, input)?;
+            let url = approval_url(&public_url, proposal.id, &token);
+            Ok(ProposalCreated {
+                message: format!(
+                    "Proposal {id} is pending. Give this link to a human to review and approve it \
+                     (valid 24 hours): {url} ; then poll GET /v1/proposals/{id} for the outcome.",
+                    id = proposal.id
+                ),
+                id: proposal.id,
+                status: proposal.status,
+                vault: proposal.vault,
+                approval_url: url,
+            })
+        })
+        .await,
+    )
+}
+
+async fn list_own_proposals(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    query: StatusQueryResult,
+) -> Result<Response> {
+    let status = status_filter(query)?;
+    let vault = requested_vault(&headers, &caller.0)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        store.list_proposals(who, &vault, status)
+    })
+    .await?
+    .into_response())
+}
+
+async fn get_own_proposal(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let vault = requested_vault(&headers, &caller.0)?;
+    let id = proposal_id(&id)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        store.get_proposal(who, &vault, id)
+    })
+    .await?
+    .into_response())
+}
+
+async fn list_proposals(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vault): Path<String>,
+    query: StatusQueryResult,
+) -> Result<Response> {
+    let status = status_filter(query)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        store.list_proposals(who, &vault, status)
+    })
+    .await?
+    .into_response())
+}
+
+async fn get_proposal(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, id)): Path<(String, String)>,
+) -> Result<Response> {
+    let id = proposal_id(&id)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        store.get_proposal(who, &vault, id)
+    })
+    .await?
+    .into_response())
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    #[serde(default)]
+    values: BTreeMap<String, Secret>,
+    #[serde(default)]
+    accept_agent_values: bool,
+}
+
+async fn approve_proposal(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, id)): Path<(String, String)>,
+    OptionalJsonBody(body): OptionalJsonBody<ApproveBody>,
+) -> Result<Response> {
+    // Agents are refused before anything else is looked at, whatever they name.
+    if matches!(caller.0, Principal::Agent { .. }) {
+        return Err(Error::forbidden(
+            "agents cannot approve or reject proposals; a member or admin of the vault must",
+        ));
+    }
+    let id = proposal_id(&id)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        store.approve_proposal(who, &vault, id, body.values, body.accept_agent_values)
+    })
+    .await?
+    .into_response())
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RejectBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn reject_proposal(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vault, id)): Path<(String, String)>,
+    OptionalJsonBody(body): OptionalJsonBody<RejectBody>,
+) -> Result<Response> {
+    if matches!(caller.0, Principal::Agent { .. }) {
+        return Err(Error::forbidden(
+            "agents cannot approve or reject proposals; a member or admin of the vault must",
+        ));
+    }
+    let id = proposal_id(&id)?;
+    Ok(with_store(&state, caller, move |store, who| {
+        store.reject_proposal(who, &vault, id, body.reason)
+    })
+    .await?
+    .into_response())
 }

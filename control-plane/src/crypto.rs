@@ -148,6 +148,19 @@ pub fn credential_aad(vault_id: &str, key: &str) -> Vec<u8> {
     aad
 }
 
+/// AAD binding an agent-supplied value of a proposal to its vault, proposal and key:
+/// it cannot be moved to another proposal or slot, nor passed off as a credential.
+pub fn proposal_value_aad(vault_id: &str, proposal_id: u64, key: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(vault_id.len() + key.len() + 40);
+    aad.extend_from_slice(b"agent-vault/proposal-value/");
+    aad.extend_from_slice(vault_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(&proposal_id.to_be_bytes());
+    aad.push(0);
+    aad.extend_from_slice(key.as_bytes());
+    aad
+}
+
 /// Hashes a user's password for storage (Argon2id, PHC string).
 pub fn hash_password(password: &str) -> Result<String, CryptoError> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
@@ -219,6 +232,23 @@ mod tests {
         let sealed = key.seal(&credential_aad("v1", "A"), b"secret");
         assert!(key.open(&credential_aad("v1", "B"), &sealed).is_err());
         assert!(key.open(&credential_aad("v2", "A"), &sealed).is_err());
+    }
+
+    #[test]
+    fn proposal_values_are_bound_to_their_proposal_and_slot() {
+        let key = Key::generate();
+        let sealed = key.seal(&proposal_value_aad("v1", 7, "A"), b"secret");
+        assert!(key.open(&proposal_value_aad("v1", 7, "A"), &sealed).is_ok());
+        assert!(key
+            .open(&proposal_value_aad("v1", 8, "A"), &sealed)
+            .is_err());
+        assert!(key
+            .open(&proposal_value_aad("v1", 7, "B"), &sealed)
+            .is_err());
+        assert!(key
+            .open(&proposal_value_aad("v2", 7, "A"), &sealed)
+            .is_err());
+        assert!(key.open(&credential_aad("v1", "A"), &sealed).is_err());
     }
 
     #[test]

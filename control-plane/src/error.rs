@@ -30,6 +30,9 @@ pub enum Error {
     BatchTooLarge(usize, &'static str),
     #[error("{0}")]
     RateLimited(String),
+    /// A per-vault limit is reached (e.g. pending proposals): (code, message).
+    #[error("{1}")]
+    TooMany(&'static str, String),
     #[error(transparent)]
     Rule(#[from] agent_vault_rules::RuleError),
     /// Storage, crypto or I/O failure: logged in full, answered with a generic 500.
@@ -68,7 +71,7 @@ impl Error {
             Error::NotFound(..) => StatusCode::NOT_FOUND,
             Error::Conflict(..) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::RateLimited(_) | Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -78,7 +81,8 @@ impl Error {
             Error::BadRequest(code, _)
             | Error::NotFound(code, _)
             | Error::Conflict(code, _)
-            | Error::Forbidden(code, _) => code,
+            | Error::Forbidden(code, _)
+            | Error::TooMany(code, _) => code,
             Error::Rule(rule) => rule.code(),
             Error::Unauthorized(_) => "unauthorized",
             Error::InvalidCredentials(_) => "invalid_credentials",

@@ -10,8 +10,10 @@
 //! | credential values | [`credentials`] |
 //! | service rules (validated by `agent-vault-rules`) | [`services`] |
 //! | agents and their tokens | [`agents`] |
+//! | proposals: agents ask, humans approve or reject | [`proposals`] |
 //! | the request log and its retention | [`logs`] |
 //! | the management HTTP API (TCP) | [`api`] |
+//! | the browser UI: login, approval page, vault pages | [`ui`] |
 //! | the data-plane protocol (Unix socket only) | [`dataplane`] |
 //! | listeners, socket permissions, startup | [`server`] |
 //! | the `agent-vault` command line | [`cli`] |
@@ -26,9 +28,11 @@ pub mod crypto;
 pub mod dataplane;
 pub mod error;
 pub mod logs;
+pub mod proposals;
 pub mod server;
 mod server_args;
 pub mod services;
 pub mod store;
+pub mod ui;
 pub mod users;
 pub mod vaults;

@@ -7,8 +7,9 @@
 //! (vaults, services, agents, credentials) also bump the snapshot version inside the
 //! same transaction, so the filter can never see new rules with an old version.
 //!
-//! Concept modules (`users`, `vaults`, `credentials`, `services`, `agents`) add their
-//! operations as `impl Store` blocks; this module only knows about storage.
+//! Concept modules (`users`, `vaults`, `credentials`, `services`, `agents`,
+//! `proposals`) add their operations as `impl Store` blocks; this module only knows
+//! about storage.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -53,6 +54,12 @@ macro_rules! trees {
             fn all(&self) -> Vec<sled::Tree> {
                 vec![$(self.$name.clone(),)*]
             }
+
+            /// Every tree, for tests that look at the raw bytes.
+            #[cfg(test)]
+            pub(crate) fn all_for_tests(&self) -> Vec<sled::Tree> {
+                self.all()
+            }
         }
 
         /// The same trees inside one transaction.
@@ -79,6 +86,8 @@ trees!(
     agents,
     agent_tokens,
     logs,
+    proposals,
+    proposal_links,
 );
 
 /// How the data key is wrapped, as stored in `meta/data_key`.
@@ -333,7 +342,8 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces the data key and re-encrypts every sealed value in one transaction.
+    /// Replaces the data key and re-encrypts every sealed value (credentials and the
+    /// agent-supplied values of proposals) in one transaction.
     /// Holds the data key's write lock throughout, so no value is sealed or opened
     /// with the old key while the new one takes over.
     pub fn rotate_data_key(&self) -> Result<usize> {
@@ -349,9 +359,17 @@ impl Store {
             .iter()
             .keys()
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let proposal_keys = self
+            .trees
+            .proposals
+            .iter()
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let count = self.write_rules(|tx| {
             tx.meta.insert(META_DATA_KEY, record.clone())?;
-            crate::credentials::reseal(tx, &sealed_keys, &data_key, &new)
+            let credentials = crate::credentials::reseal(tx, &sealed_keys, &data_key, &new)?;
+            let proposals = crate::proposals::reseal(tx, &proposal_keys, &data_key, &new)?;
+            Ok(credentials + proposals)
         })?;
         *data_key = new;
         Ok(count)

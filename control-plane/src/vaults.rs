@@ -203,7 +203,8 @@ impl Store {
         })
     }
 
-    /// Deletes a vault with its credentials, services, members and agent grants.
+    /// Deletes a vault with its credentials, services, members, proposals and agent
+    /// grants.
     pub fn delete_vault(&self, principal: &Principal, name: &str) -> Result<()> {
         let (vault, access) = self.access(principal, name)?;
         access.require_admin()?;
@@ -222,6 +223,8 @@ impl Store {
         };
         let credential_keys = per_vault_keys(&self.trees.credentials)?;
         let member_keys = per_vault_keys(&self.trees.members)?;
+        let proposal_keys = per_vault_keys(&self.trees.proposals)?;
+        let link_keys = self.proposal_link_keys(&vault.id)?;
         let agents = self.agents_with_grant(name)?;
         self.write_rules(|tx| {
             tx.vaults.remove(name)?;
@@ -231,6 +234,15 @@ impl Store {
             }
             for key in member_keys.iter() {
                 tx.members.remove(key)?;
+            }
+            for key in proposal_keys.iter() {
+                tx.proposals.remove(key)?;
+            }
+            for key in link_keys.iter() {
+                tx.proposal_links.remove(key.as_slice())?;
+            }
+            for key in crate::proposals::proposal_meta_keys(&vault.id) {
+                tx.meta.remove(key)?;
             }
             remove_grants(tx, &agents, name)?;
             Ok(())

@@ -314,7 +314,10 @@ try:
 except OSError as e:
     print("connect-error", e.errno); sys.exit(0)
 s.settimeout(5)
-s.sendall(b"GET /v1/dataplane/snapshot HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n")
+try:
+    s.sendall(b"GET /v1/dataplane/snapshot HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n")
+except OSError as e:
+    print("closed", e.errno); sys.exit(0)
 data = b""
 try:
     while True:
@@ -332,7 +335,14 @@ print("answer" if data else "closed", data[:12])
         .gid(65534)
         .output()
         .expect("python3 as nobody");
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        !stdout.is_empty(),
+        "python3 as nobody printed nothing (status {:?}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 #[test]

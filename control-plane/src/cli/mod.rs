@@ -18,6 +18,7 @@
 //! | [`credentials`] | `vault credential` (alias `creds`) |
 //! | [`services`] | `vault service` |
 //! | [`logs`] | `vault logs` |
+//! | [`proposals`] | `vault proposal create|list|show|approve|reject|review` |
 //! | [`agents`] | `agent` |
 //! | [`master_key`] | `master-password change`, `master-key rotate` |
 //!
@@ -33,6 +34,7 @@ pub mod logs;
 pub mod master_key;
 pub mod output;
 pub mod prompt;
+pub mod proposals;
 pub mod services;
 pub mod session;
 pub mod users;
@@ -325,6 +327,94 @@ mod tests {
         }
         for bad in ["0", "1001", "x"] {
             assert!(Cli::try_parse_from(["agent-vault", "vault", "logs", "--limit", bad]).is_err());
+        }
+    }
+
+    #[test]
+    fn vault_proposal_subcommands_parse() {
+        let cli = parse(&[
+            "agent-vault",
+            "vault",
+            "proposal",
+            "approve",
+            "3",
+            "STRIPE_KEY=sk_test_abc123",
+            "--yes",
+            "--vault",
+            "my-vault",
+        ]);
+        assert_eq!(cli.global.vault.as_deref(), Some("my-vault"));
+        match cli.command {
+            Command::Vault(vaults::VaultCommand::Proposal(
+                proposals::ProposalCommand::Approve { id, pairs, yes },
+            )) => {
+                assert_eq!(id, 3);
+                assert_eq!(pairs, vec!["STRIPE_KEY=sk_test_abc123".to_string()]);
+                assert!(yes);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = parse(&[
+            "agent-vault",
+            "vault",
+            "proposal",
+            "list",
+            "--status",
+            "pending",
+            "--json",
+        ]);
+        assert!(cli.global.json);
+        match cli.command {
+            Command::Vault(vaults::VaultCommand::Proposal(proposals::ProposalCommand::List {
+                status,
+            })) => assert_eq!(status, Some(proposals::StatusArg::Pending)),
+            other => panic!("unexpected {other:?}"),
+        }
+        for args in [
+            &[
+                "agent-vault",
+                "vault",
+                "proposal",
+                "reject",
+                "1",
+                "--reason",
+                "no",
+            ][..],
+            &["agent-vault", "vault", "proposal", "review"][..],
+            &["agent-vault", "vault", "proposal", "show", "2"][..],
+            &["agent-vault", "vault", "proposal", "create", "-f", "-"][..],
+            &[
+                "agent-vault",
+                "vault",
+                "proposal",
+                "create",
+                "--service-name",
+                "s",
+                "--host",
+                "a.com",
+                "--auth-type",
+                "bearer",
+                "--token-key",
+                "K",
+                "--credential",
+                "K:desc",
+            ][..],
+        ] {
+            parse(args);
+        }
+        for bad in [
+            &["agent-vault", "vault", "proposal", "show", "x"][..],
+            &[
+                "agent-vault",
+                "vault",
+                "proposal",
+                "list",
+                "--status",
+                "done",
+            ][..],
+            &["agent-vault", "vault", "proposal", "approve"][..],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} parsed");
         }
     }
 

@@ -1,5 +1,5 @@
 //! `agent-vault vault`: vaults themselves, and the subtrees for what lives in a vault
-//! (users, credentials, services, logs; proposals slot in here the same way).
+//! (users, credentials, services, logs, proposals).
 
 use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::client::api_path;
 use super::context::{Context, VaultSource};
 use super::output::{self, str_field};
-use super::{credentials, logs, prompt, services, users};
+use super::{credentials, logs, prompt, proposals, services, users};
 
 #[derive(Debug, Subcommand)]
 pub enum VaultCommand {
@@ -53,8 +53,9 @@ pub enum VaultCommand {
     Discover,
     /// Show the vault's request log (what agents sent through the proxy)
     Logs(logs::LogsArgs),
-    // `proposal` joins here as `Proposal(proposals::ProposalCommand)`, in its own
-    // module like `credentials`.
+    /// Propose access (agents), and review, approve or reject proposals (members)
+    #[command(subcommand, visible_alias = "proposals")]
+    Proposal(proposals::ProposalCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,6 +90,7 @@ pub fn run(cmd: VaultCommand, ctx: &Context) -> anyhow::Result<()> {
         VaultCommand::Service(cmd) => services::run(cmd, ctx),
         VaultCommand::Discover => discover(ctx),
         VaultCommand::Logs(args) => logs::run(&args, ctx),
+        VaultCommand::Proposal(cmd) => proposals::run(cmd, ctx),
     }
 }
 

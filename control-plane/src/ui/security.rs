@@ -1,0 +1,256 @@
+//! What keeps the UI safe to open in a browser that also visits other sites:
+//! security headers on every response, the session cookie, CSRF tokens, form bodies
+//! and the `next` check that prevents open redirects.
+//!
+//! CSRF: every state-changing form carries a token. With a session it is derived from
+//! the session token (`hex(sha256("csrf" + token))`), so it needs no storage and dies
+//! with the session; before a session exists (the login forms) it is a double-submit
+//! cookie `av_csrf` (SameSite=Strict, HttpOnly) whose value the form repeats. Tokens
+//! are compared in constant time. The SameSite=Strict cookies are a second wall: a
+//! cross-site POST carries neither the session nor the CSRF cookie.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Redirect, Response};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::layout;
+use crate::api::{blocking, AppState, SESSION_COOKIE};
+use crate::crypto::sha256_hex;
+use crate::vaults::Principal;
+
+/// No scripts, no frames, forms only to this origin, styles only from our file.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// The double-submit cookie of the forms shown before a session exists.
+pub const CSRF_COOKIE: &str = "av_csrf";
+/// The hidden form field every state-changing form carries.
+pub const CSRF_FIELD: &str = "csrf";
+/// Largest form body the UI reads (ten slots of 64 KiB values fit).
+const MAX_FORM_BYTES: usize = 1024 * 1024;
+/// Longest `next` path accepted.
+const MAX_NEXT_LEN: usize = 2048;
+
+/// Adds the security headers to every UI response.
+pub async fn add_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    let fixed = [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        // The approval token is in the page's URL: never send it anywhere else.
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        // Pages may hold revealed values or typed secrets: never keep them.
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+    ];
+    for (name, value) in fixed {
+        headers.insert(name, value);
+    }
+    response
+}
+
+/// A logged-in user (agent tokens never count as a UI session).
+pub struct Session {
+    pub token: String,
+    pub principal: Principal,
+    pub email: String,
+}
+
+impl Session {
+    /// The CSRF token of this session's forms.
+    pub fn csrf(&self) -> String {
+        csrf_for_session(&self.token)
+    }
+}
+
+pub fn csrf_for_session(session_token: &str) -> String {
+    sha256_hex(format!("csrf{session_token}").as_bytes())
+}
+
+/// Constant-time equality of two tokens (different lengths are simply unequal).
+pub fn tokens_match(expected: &str, given: &str) -> bool {
+    expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
+}
+
+/// The value of cookie `name`, if the request carries it.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim().to_string())
+}
+
+/// The session of the `av_session` cookie, if it is a live user session.
+pub async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<Session> {
+    let token = cookie(headers, SESSION_COOKIE).filter(|t| !t.is_empty())?;
+    let store = state.store.clone();
+    let lookup = token.clone();
+    match blocking(move || store.authenticate(&lookup)).await {
+        Ok(principal @ Principal::User { .. }) => {
+            let Principal::User { email, .. } = &principal else {
+                return None;
+            };
+            let email = email.clone();
+            Some(Session {
+                token,
+                principal,
+                email,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The session, or a redirect to the login page that comes back to `uri`.
+pub async fn require_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<Session, Response> {
+    match current_session(state, headers).await {
+        Some(session) => Ok(session),
+        None => Err(login_redirect(uri.path())),
+    }
+}
+
+/// 303 to the login page with `next` set to `path` (a path of ours, never a URL).
+pub fn login_redirect(path: &str) -> Response {
+    let next = safe_next(path).unwrap_or("/ui");
+    let encoded: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
+    Redirect::to(&format!("/ui/login?next={encoded}")).into_response()
+}
+
+/// `next` if it is a path on this site the UI may return to after login, else
+/// `None`. Only `/ui…` and `/approve/…` paths: no scheme, no host, no `//` or `\`
+/// (which browsers treat as another host), no control characters or spaces.
+pub fn safe_next(next: &str) -> Option<&str> {
+    let allowed_prefix = next == "/ui" || next.starts_with("/ui/") || next.starts_with("/approve/");
+    let clean = next.len() <= MAX_NEXT_LEN
+        && !next.contains("//")
+        && !next.contains('\\')
+        && !next.chars().any(|c| c.is_control() || c.is_whitespace());
+    (allowed_prefix && clean).then_some(next)
+}
+
+/// `Secure` when the server is reached over https (as its public URL says).
+fn secure_attr(state: &AppState) -> &'static str {
+    if state.public_url.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+pub fn session_cookie(state: &AppState, token: &str, max_age_secs: i64) -> HeaderValue {
+    let value = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        max_age_secs.max(0),
+        secure_attr(state)
+    );
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+pub fn clear_session_cookie(state: &AppState) -> HeaderValue {
+    let value = format!(
+        "{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        secure_attr(state)
+    );
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The double-submit token for a login form: the request's `av_csrf` cookie when it
+/// has a well-formed one, else a fresh one and the `Set-Cookie` that stores it.
+pub fn login_csrf(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
+    if let Some(existing) = cookie(headers, CSRF_COOKIE)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return (existing, None);
+    }
+    let token = crate::crypto::new_token("");
+    let value = format!(
+        "{CSRF_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{}",
+        secure_attr(state)
+    );
+    let header = HeaderValue::from_str(&value).ok();
+    (token, header)
+}
+
+/// A URL-encoded form body. Values are wiped when the form is dropped: some are
+/// secrets the human typed.
+pub struct Form(Vec<(String, Zeroizing<String>)>);
+
+impl Form {
+    /// The first value of field `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The value of `name`, or "" when absent.
+    pub fn text(&self, name: &str) -> &str {
+        self.get(name).unwrap_or("")
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for Form {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Form, Response> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES)
+            .await
+            .map_err(|_| {
+                layout::error_page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Form too large",
+                    "The form was larger than this server accepts.",
+                    None,
+                )
+            })?;
+        let bytes = Zeroizing::new(bytes.to_vec());
+        Ok(Form(
+            form_urlencoded::parse(&bytes)
+                .map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned())))
+                .collect(),
+        ))
+    }
+}
+
+/// The 403 page for a form without a valid CSRF token.
+pub fn csrf_refused() -> Response {
+    layout::error_page(
+        StatusCode::FORBIDDEN,
+        "Form refused",
+        "This form did not carry a valid security token (it may be from an old page or \
+         another site). Nothing was changed. Reload the page and try again.",
+        None,
+    )
+}
+
+/// Whether a session form carries the session's CSRF token.
+pub fn csrf_ok(session: &Session, form: &Form) -> bool {
+    form.get(CSRF_FIELD)
+        .is_some_and(|given| tokens_match(&session.csrf(), given))
+}
+
+/// Whether a login form's token equals its `av_csrf` cookie.
+pub fn login_csrf_ok(headers: &HeaderMap, form: &Form) -> bool {
+    match (cookie(headers, CSRF_COOKIE), form.get(CSRF_FIELD)) {
+        (Some(cookie), Some(given)) => cookie.len() == 64 && tokens_match(&cookie, given),
+        _ => false,
+    }
+}

@@ -1,0 +1,1063 @@
+//! Handler-level tests of the UI: the whole router (API + UI) driven with
+//! `tower::ServiceExt::oneshot`, over a temporary store with a manual clock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use agent_vault_rules::{Grant, LogRecord, Role};
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Request, StatusCode};
+use serde_json::json;
+use tower::ServiceExt;
+
+use super::security::{csrf_for_session, safe_next, CONTENT_SECURITY_POLICY, CSRF_COOKIE};
+use crate::api::AppState;
+use crate::clock::ManualClock;
+use crate::credentials::Secret;
+use crate::proposals::{ProposalInput, ProposalStatus};
+use crate::store::Store;
+use crate::users::LoginLimiter;
+use crate::vaults::{Principal, VaultRole};
+
+const T0_MS: i64 = 1_700_000_000_000;
+const OWNER: &str = "owner@example.com";
+const MEMBER: &str = "member@example.com";
+const OUTSIDER: &str = "outsider@example.com";
+const PASSWORD: &str = "correct-horse";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    state: AppState,
+    clock: Arc<ManualClock>,
+    agent: Principal,
+}
+
+fn harness_at(public_url: &str) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let store = Store::open(dir.path(), None, clock.clone(), true).unwrap();
+    store.register(OWNER, PASSWORD, None).unwrap();
+    let owner = owner();
+    store.create_vault(&owner, "other").unwrap();
+    for (email, vault) in [(MEMBER, "default"), (OUTSIDER, "other")] {
+        let invite = store
+            .add_member(&owner, vault, email, VaultRole::Member)
+            .unwrap()
+            .invite
+            .unwrap();
+        store.register(email, PASSWORD, Some(&invite)).unwrap();
+    }
+    let agent = store
+        .create_agent(
+            &owner,
+            "bot",
+            vec![Grant {
+                vault: "default".into(),
+                role: Role::Proxy,
+            }],
+            None,
+        )
+        .unwrap();
+    let agent = store.authenticate(&agent.token).unwrap();
+    Harness {
+        _dir: dir,
+        state: AppState::new(Arc::new(store), public_url),
+        clock,
+        agent,
+    }
+}
+
+fn harness() -> Harness {
+    harness_at("http://127.0.0.1:14321")
+}
+
+fn owner() -> Principal {
+    Principal::User {
+        email: OWNER.into(),
+        owner: true,
+    }
+}
+
+impl Harness {
+    fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    fn session(&self, email: &str) -> String {
+        self.store()
+            .login(&LoginLimiter::default(), email, PASSWORD)
+            .unwrap()
+            .token
+    }
+
+    fn propose(&self, body: serde_json::Value) -> (u64, String) {
+        let input: ProposalInput = serde_json::from_value(body).unwrap();
+        let (view, token) = self
+            .store()
+            .create_proposal(&self.agent, "default", input)
+            .unwrap();
+        (view.id, token)
+    }
+
+    /// A proposal for one service and one slot the human fills in.
+    fn stripe_proposal(&self) -> (u64, String) {
+        self.propose(json!({
+            "services": [{"action": "set", "name": "stripe", "host": "api.stripe.com",
+                          "auth": {"type": "bearer", "token": "STRIPE_KEY"}}],
+            "credentials": [{"action": "set", "key": "STRIPE_KEY", "description": "Stripe API key",
+                             "obtain": "https://dashboard.stripe.com/apikeys",
+                             "obtain_instructions": "Developers > API Keys > Reveal test key"}],
+            "message": "Stripe access for billing",
+            "user_message": "I need to read invoices."
+        }))
+    }
+
+    fn status_of(&self, id: u64) -> ProposalStatus {
+        self.store()
+            .get_proposal(&owner(), "default", id)
+            .unwrap()
+            .status
+    }
+
+    fn credential(&self, key: &str) -> Option<String> {
+        self.store()
+            .get_credential(&owner(), "default", key)
+            .ok()
+            .map(|s| s.expose().to_string())
+    }
+
+    fn set_credential(&self, key: &str, value: &str) {
+        let entries = BTreeMap::from([(key.to_string(), Secret::new(value.to_string()))]);
+        self.store()
+            .set_credentials(&owner(), "default", &entries)
+            .unwrap();
+    }
+
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = crate::api::router(self.state.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str, cookie: Option<&str>) -> Reply {
+        let mut request = Request::get(path);
+        if let Some(cookie) = cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        self.send(request.body(Body::empty()).unwrap()).await
+    }
+
+    async fn post(&self, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Reply {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        let mut request =
+            Request::post(path).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(cookie) = cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        self.send(request.body(Body::from(body)).unwrap()).await
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn location(&self) -> &str {
+        self.headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn cookie_value(&self, name: &str) -> Option<String> {
+        self.set_cookies().iter().find_map(|c| {
+            c.split(';')
+                .next()
+                .and_then(|pair| pair.split_once('='))
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+}
+
+fn session_cookie(token: &str) -> String {
+    format!("av_session={token}")
+}
+
+#[tokio::test]
+async fn every_ui_response_carries_the_security_headers() {
+    let h = harness();
+    let session = session_cookie(&h.session(OWNER));
+    let (id, token) = h.stripe_proposal();
+    let replies = [
+        h.get("/ui/login", None).await,
+        h.get("/ui/static/style.css", None).await,
+        h.get("/ui", None).await,
+        h.get("/ui", Some(&session)).await,
+        h.get("/ui/vaults/default", Some(&session)).await,
+        h.get("/ui/vaults/nope", Some(&session)).await,
+        h.get(&format!("/approve/{id}?token={token}"), None).await,
+        h.get("/approve/1?token=wrong", None).await,
+        h.post("/ui/logout", Some(&session), &[]).await,
+        h.get("/ui/no/such/page", Some(&session)).await,
+    ];
+    for reply in &replies {
+        let header = |name: &str| {
+            reply
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(header("content-security-policy"), CONTENT_SECURITY_POLICY);
+        assert_eq!(header("x-frame-options"), "DENY");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert_eq!(header("referrer-policy"), "no-referrer");
+        assert_eq!(header("cache-control"), "no-store");
+    }
+    assert!(CONTENT_SECURITY_POLICY.contains("default-src 'none'"));
+    assert!(!CONTENT_SECURITY_POLICY.contains("unsafe-inline"));
+    // No script anywhere, so the CSP's missing script-src breaks nothing.
+    for reply in &replies {
+        assert!(!reply.body.contains("<script"), "{}", reply.body);
+    }
+    // The API keeps its JSON answers (the headers are the UI's).
+    let api = h.get("/health", None).await;
+    assert_eq!(api.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn login_sets_a_strict_httponly_session_cookie_and_goes_to_next() {
+    let h = harness();
+    let page = h.get("/ui/login?next=/ui/vaults/default", None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let csrf_cookie = page
+        .set_cookies()
+        .into_iter()
+        .find(|c| c.starts_with("av_csrf="))
+        .expect("the login page sets the double-submit cookie");
+    assert!(csrf_cookie.contains("HttpOnly") && csrf_cookie.contains("SameSite=Strict"));
+    let csrf = page.cookie_value(CSRF_COOKIE).unwrap();
+    assert!(page.body.contains(&csrf), "the form repeats the cookie");
+    assert!(page
+        .body
+        .contains(r#"name="next" value="/ui/vaults/default""#));
+
+    let reply = h
+        .post(
+            "/ui/login",
+            Some(&format!("{CSRF_COOKIE}={csrf}")),
+            &[
+                ("csrf", &csrf),
+                ("email", OWNER),
+                ("password", PASSWORD),
+                ("next", "/ui/vaults/default"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(reply.location(), "/ui/vaults/default");
+    let cookie = reply
+        .set_cookies()
+        .into_iter()
+        .find(|c| c.starts_with("av_session="))
+        .unwrap();
+    assert!(cookie.starts_with("av_session=av_sess_"), "{cookie}");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=604800"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    assert!(!cookie.contains("Secure"), "http public URL: no Secure");
+    let token = reply.cookie_value("av_session").unwrap();
+    let vaults = h.get("/ui", Some(&session_cookie(&token))).await;
+    assert_eq!(vaults.status, StatusCode::OK);
+    assert!(vaults.body.contains("/ui/vaults/default"));
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_secure_behind_an_https_public_url() {
+    let h = harness_at("https://vault.example.com");
+    let csrf = "a".repeat(64);
+    let reply = h
+        .post(
+            "/ui/login",
+            Some(&format!("{CSRF_COOKIE}={csrf}")),
+            &[("csrf", &csrf), ("email", OWNER), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(reply.location(), "/ui");
+    let cookie = reply.set_cookies().join("\n");
+    assert!(cookie.contains("; Secure"), "{cookie}");
+}
+
+#[tokio::test]
+async fn a_wrong_password_shows_the_form_again_without_a_session() {
+    let h = harness();
+    let csrf = "b".repeat(64);
+    let reply = h
+        .post(
+            "/ui/login",
+            Some(&format!("{CSRF_COOKIE}={csrf}")),
+            &[
+                ("csrf", &csrf),
+                ("email", OWNER),
+                ("password", "wrong-password"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.body.contains("Invalid email or password"));
+    assert!(reply.body.contains(OWNER), "the email is kept");
+    assert!(
+        !reply.body.contains("wrong-password"),
+        "the password is not"
+    );
+    assert!(reply.cookie_value("av_session").is_none());
+}
+
+#[tokio::test]
+async fn login_without_the_double_submit_token_is_refused() {
+    let h = harness();
+    let csrf = "c".repeat(64);
+    type Case<'a> = (Option<String>, Vec<(&'a str, &'a str)>);
+    let cases: [Case; 3] = [
+        // No cookie (a cross-site POST carries no SameSite=Strict cookie).
+        (None, vec![("csrf", &csrf)]),
+        // No field.
+        (Some(format!("{CSRF_COOKIE}={csrf}")), vec![]),
+        // Field and cookie differ.
+        (
+            Some(format!("{CSRF_COOKIE}={}", "d".repeat(64))),
+            vec![("csrf", &csrf)],
+        ),
+    ];
+    for (cookie, mut fields) in cases {
+        fields.extend([("email", OWNER), ("password", PASSWORD)]);
+        let reply = h.post("/ui/login", cookie.as_deref(), &fields).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{cookie:?}");
+        assert!(reply.cookie_value("av_session").is_none());
+    }
+}
+
+#[test]
+fn next_accepts_only_paths_of_this_site() {
+    let good = ["/ui", "/ui/vaults/default", "/approve/3?token=av_appr_00ff"];
+    for next in good {
+        assert_eq!(safe_next(next), Some(next), "{next}");
+    }
+    let bad = [
+        "",
+        "https://evil.example/",
+        "http://evil.example",
+        "//evil.example",
+        "///evil.example",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "/ui//evil.example",
+        "/ui/\\evil.example",
+        "javascript:alert(1)",
+        "evil.example",
+        "/ui\r\nSet-Cookie: x=y",
+        "/ui/ x",
+        "/v1/vaults",
+        "/uievil",
+        "/approve",
+    ];
+    for next in bad {
+        assert_eq!(safe_next(next), None, "{next:?}");
+    }
+}
+
+#[tokio::test]
+async fn login_never_redirects_off_site() {
+    let h = harness();
+    let csrf = "e".repeat(64);
+    for next in [
+        "https://evil.example/",
+        "//evil.example",
+        "/\\evil.example",
+        "/ui//evil.example",
+    ] {
+        let reply = h
+            .post(
+                "/ui/login",
+                Some(&format!("{CSRF_COOKIE}={csrf}")),
+                &[
+                    ("csrf", &csrf),
+                    ("email", OWNER),
+                    ("password", PASSWORD),
+                    ("next", next),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::SEE_OTHER, "{next}");
+        assert_eq!(reply.location(), "/ui", "{next}");
+        // The login page does not echo it into its form either.
+        let encoded: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
+        let page = h.get(&format!("/ui/login?next={encoded}"), None).await;
+        assert!(!page.body.contains("evil.example"), "{next}");
+    }
+    // Logged in, the login page sends you on, but only on this site.
+    let session = session_cookie(&h.session(OWNER));
+    let reply = h
+        .get("/ui/login?next=%2F%2Fevil.example", Some(&session))
+        .await;
+    assert_eq!(reply.location(), "/ui");
+}
+
+#[tokio::test]
+async fn pages_without_a_session_redirect_to_login_and_agent_tokens_are_no_session() {
+    let h = harness();
+    let reply = h.get("/ui/vaults/default/credentials", None).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        reply.location(),
+        "/ui/login?next=%2Fui%2Fvaults%2Fdefault%2Fcredentials"
+    );
+    let agent = h
+        .store()
+        .create_agent(
+            &owner(),
+            "bot2",
+            vec![Grant {
+                vault: "default".into(),
+                role: Role::Proxy,
+            }],
+            None,
+        )
+        .unwrap();
+    let reply = h.get("/ui", Some(&session_cookie(&agent.token))).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SEE_OTHER,
+        "an agent token is not a UI session"
+    );
+}
+
+#[tokio::test]
+async fn session_forms_without_the_csrf_token_are_refused_and_change_nothing() {
+    let h = harness();
+    h.set_credential("EXISTING", "existing-secret-value");
+    let token = h.session(MEMBER);
+    let cookie = session_cookie(&token);
+    let (id, link) = h.stripe_proposal();
+    let wrong = csrf_for_session("av_sess_someone_else");
+    for csrf in [None, Some(""), Some(wrong.as_str())] {
+        let with = |mut fields: Vec<(&'static str, String)>| {
+            if let Some(csrf) = csrf {
+                fields.push(("csrf", csrf.to_string()));
+            }
+            fields
+        };
+        let allow = with(vec![
+            ("token", link.clone()),
+            ("value.STRIPE_KEY", "sk_test_typed".into()),
+        ]);
+        let allow: Vec<(&str, &str)> = allow.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let reply = h
+            .post(&format!("/approve/{id}/allow"), Some(&cookie), &allow)
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{csrf:?}");
+        let deny = with(vec![("token", link.clone()), ("reason", "no".into())]);
+        let deny: Vec<(&str, &str)> = deny.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let reply = h
+            .post(&format!("/approve/{id}/deny"), Some(&cookie), &deny)
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        let reply = h
+            .post(
+                &format!("/ui/vaults/default/proposals/{id}/allow"),
+                Some(&cookie),
+                &allow,
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        let reveal = with(vec![]);
+        let reveal: Vec<(&str, &str)> = reveal.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let reply = h
+            .post(
+                "/ui/vaults/default/credentials/reveal",
+                Some(&cookie),
+                &reveal,
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert!(!reply.body.contains("existing-secret-value"));
+        let reply = h.post("/ui/logout", Some(&cookie), &reveal).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(h.status_of(id), ProposalStatus::Pending);
+    assert_eq!(h.credential("STRIPE_KEY"), None);
+    assert!(h.store().authenticate(&token).is_ok(), "still logged in");
+    // And with the token, logout works.
+    let reply = h
+        .post(
+            "/ui/logout",
+            Some(&cookie),
+            &[("csrf", &csrf_for_session(&token))],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert!(reply
+        .set_cookies()
+        .iter()
+        .any(|c| c.starts_with("av_session=;") && c.contains("Max-Age=0")));
+    assert!(h.store().authenticate(&token).is_err());
+}
+
+#[tokio::test]
+async fn agent_supplied_text_is_escaped() {
+    let h = harness();
+    let (id, link) = h.propose(json!({
+        "services": [{"action": "set", "name": "evil", "host": "api.evil.example",
+                      "auth": {"type": "bearer", "token": "EVIL_KEY"}}],
+        "credentials": [{"action": "set", "key": "EVIL_KEY",
+                         "description": "<img src=x onerror=alert(1)>",
+                         "obtain": "https://evil.example/?a=1&b=2",
+                         "obtain_instructions": "\"><script>alert(2)</script>"}],
+        "message": "<b>bold</b>",
+        "user_message": "<script>alert(1)</script>"
+    }));
+    let cookie = session_cookie(&h.session(MEMBER));
+    for reply in [
+        h.get(&format!("/approve/{id}?token={link}"), None).await,
+        h.get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+            .await,
+        h.get(&format!("/ui/vaults/default/proposals/{id}"), Some(&cookie))
+            .await,
+        h.get("/ui/vaults/default", Some(&cookie)).await,
+    ] {
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(!reply.body.contains("<script"), "{}", reply.body);
+        assert!(!reply.body.contains("<img"), "{}", reply.body);
+        assert!(!reply.body.contains("<b>bold"), "{}", reply.body);
+    }
+    let page = h.get(&format!("/approve/{id}?token={link}"), None).await;
+    assert!(page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(page.body.contains("&lt;img src=x onerror=alert(1)&gt;"));
+    assert!(page.body.contains("&quot;&gt;&lt;script&gt;alert(2)"));
+    assert!(page.body.contains(
+        r#"href="https://evil.example/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer""#
+    ));
+}
+
+#[tokio::test]
+async fn the_approval_page_without_a_session_offers_an_inline_login_that_returns() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    let path = format!("/approve/{id}?token={link}");
+    let page = h.get(&path, None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("I need to read invoices."));
+    assert!(page.body.contains("Stripe access for billing"));
+    assert!(page.body.contains("api.stripe.com") && page.body.contains("bearer"));
+    assert!(page.body.contains(r#"action="/ui/login""#));
+    assert!(page
+        .body
+        .contains(&format!(r#"name="next" value="{path}""#)));
+    assert!(
+        !page.body.contains("name=\"value."),
+        "no secret field before login"
+    );
+    let csrf = page
+        .cookie_value(CSRF_COOKIE)
+        .expect("double-submit cookie");
+
+    let login = h
+        .post(
+            "/ui/login",
+            Some(&format!("{CSRF_COOKIE}={csrf}")),
+            &[
+                ("csrf", &csrf),
+                ("email", MEMBER),
+                ("password", PASSWORD),
+                ("next", &path),
+            ],
+        )
+        .await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    assert_eq!(login.location(), path);
+    let cookie = session_cookie(&login.cookie_value("av_session").unwrap());
+    let page = h.get(&path, Some(&cookie)).await;
+    assert!(page
+        .body
+        .contains(r#"type="password" name="value.STRIPE_KEY""#));
+    assert!(page.body.contains(r#"id="allow""#) && page.body.contains(r#"id="deny""#));
+}
+
+#[tokio::test]
+async fn allow_stores_the_value_and_the_page_shows_applied() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    let token = h.session(MEMBER);
+    let cookie = session_cookie(&token);
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf_for_session(&token)),
+                ("token", &link),
+                ("value.STRIPE_KEY", "sk_test_typed_in_browser"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    assert_eq!(reply.location(), format!("/approve/{id}?token={link}"));
+    assert_eq!(
+        h.credential("STRIPE_KEY").as_deref(),
+        Some("sk_test_typed_in_browser")
+    );
+    assert_eq!(h.status_of(id), ProposalStatus::Applied);
+    let page = h.get(reply.location(), Some(&cookie)).await;
+    assert!(page.body.contains("Applied"));
+    assert!(page.body.contains(MEMBER));
+    assert!(!page.body.contains("sk_test_typed_in_browser"));
+    assert!(!page.body.contains(r#"id="allow""#), "no form once decided");
+}
+
+#[tokio::test]
+async fn a_missing_value_is_shown_with_the_choices_kept_but_not_the_secrets() {
+    let h = harness();
+    let (id, link) = h.propose(json!({
+        "credentials": [
+            {"action": "set", "key": "TYPED", "description": "typed by the human"},
+            {"action": "set", "key": "GENERATED", "value": "agent-generated-value"},
+            {"action": "set", "key": "SECOND", "value": "agent-second-value"}
+        ]
+    }));
+    let token = h.session(MEMBER);
+    let cookie = session_cookie(&token);
+    let csrf = csrf_for_session(&token);
+    // TYPED is empty: refused, the accepted box stays ticked.
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf),
+                ("token", &link),
+                ("value.TYPED", ""),
+                ("accept.GENERATED", "1"),
+                ("value.SECOND", "human-second-value"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(
+        reply.body.contains("type a value for TYPED"),
+        "{}",
+        reply.body
+    );
+    assert!(reply
+        .body
+        .contains(r#"name="accept.GENERATED" value="1" checked"#));
+    assert!(!reply
+        .body
+        .contains(r#"name="accept.SECOND" value="1" checked"#));
+    assert!(
+        !reply.body.contains("human-second-value"),
+        "typed secrets are dropped"
+    );
+    assert!(
+        !reply.body.contains("agent-generated-value"),
+        "agent values are never shown"
+    );
+    // An agent slot neither accepted nor overridden is missing too.
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf),
+                ("token", &link),
+                ("value.TYPED", "human-typed-value"),
+                ("accept.GENERATED", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.body.contains("SECOND"));
+    assert!(!reply.body.contains("human-typed-value"));
+    assert_eq!(h.status_of(id), ProposalStatus::Pending);
+    assert_eq!(h.credential("TYPED"), None);
+    // Accept one agent value, override the other.
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf),
+                ("token", &link),
+                ("value.TYPED", "human-typed-value"),
+                ("accept.GENERATED", "1"),
+                ("accept.SECOND", "1"),
+                ("value.SECOND", "human-second-value"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    assert_eq!(h.credential("TYPED").as_deref(), Some("human-typed-value"));
+    assert_eq!(
+        h.credential("GENERATED").as_deref(),
+        Some("agent-generated-value")
+    );
+    assert_eq!(
+        h.credential("SECOND").as_deref(),
+        Some("human-second-value")
+    );
+}
+
+#[tokio::test]
+async fn an_apply_failure_is_shown_and_nothing_changes() {
+    let h = harness();
+    h.set_credential("OLD_KEY", "old");
+    let (id, link) = h.propose(json!({
+        "credentials": [
+            {"action": "set", "key": "NEW_KEY"},
+            {"action": "delete", "key": "OLD_KEY"}
+        ]
+    }));
+    // Someone deletes OLD_KEY meanwhile: the proposal's delete can no longer apply.
+    h.store()
+        .delete_credentials(&owner(), "default", &["OLD_KEY".into()])
+        .unwrap();
+    let token = h.session(MEMBER);
+    let page = h
+        .get(
+            &format!("/approve/{id}?token={link}"),
+            Some(&session_cookie(&token)),
+        )
+        .await;
+    assert!(page.body.contains("deletes the credential"));
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&session_cookie(&token)),
+            &[
+                ("csrf", &csrf_for_session(&token)),
+                ("token", &link),
+                ("value.NEW_KEY", "new-secret"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    assert!(reply.body.contains("was not applied"), "{}", reply.body);
+    assert!(!reply.body.contains("new-secret"));
+    assert!(
+        reply.body.contains(r#"id="allow""#),
+        "still pending: try again"
+    );
+    assert_eq!(h.credential("NEW_KEY"), None);
+    assert_eq!(h.status_of(id), ProposalStatus::Pending);
+}
+
+#[tokio::test]
+async fn deny_records_the_reason_for_the_agent() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    let token = h.session(MEMBER);
+    let reply = h
+        .post(
+            &format!("/approve/{id}/deny"),
+            Some(&session_cookie(&token)),
+            &[
+                ("csrf", &csrf_for_session(&token)),
+                ("token", &link),
+                ("reason", "use the <test> account"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    let view = h.store().get_proposal(&h.agent, "default", id).unwrap();
+    assert_eq!(view.status, ProposalStatus::Rejected);
+    assert_eq!(
+        view.review.unwrap().reason.as_deref(),
+        Some("use the <test> account")
+    );
+    let page = h.get(reply.location(), None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("Rejected"));
+    assert!(page.body.contains("use the &lt;test&gt; account"));
+    assert!(
+        !page.body.contains(r#"action="/ui/login""#),
+        "nothing left to log in for"
+    );
+}
+
+#[tokio::test]
+async fn only_members_and_admins_of_the_vault_can_decide() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    let token = h.session(OUTSIDER);
+    let cookie = session_cookie(&token);
+    let page = h
+        .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("not a member or admin"));
+    assert!(!page.body.contains(r#"id="allow""#));
+    for decision in ["allow", "deny"] {
+        let reply = h
+            .post(
+                &format!("/approve/{id}/{decision}"),
+                Some(&cookie),
+                &[
+                    ("csrf", &csrf_for_session(&token)),
+                    ("token", &link),
+                    ("value.STRIPE_KEY", "sk_outsider"),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{decision}");
+    }
+    // Nor through the vault's pages, which it cannot even see.
+    let reply = h
+        .get(&format!("/ui/vaults/default/proposals/{id}"), Some(&cookie))
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    // Without any session, a decision is refused too.
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            None,
+            &[("token", &link), ("value.STRIPE_KEY", "sk_nobody")],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(h.status_of(id), ProposalStatus::Pending);
+    assert_eq!(h.credential("STRIPE_KEY"), None);
+}
+
+#[tokio::test]
+async fn wrong_tokens_and_unknown_ids_get_one_generic_404() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    let (other, _) = h.stripe_proposal();
+    let cookie = session_cookie(&h.session(OWNER));
+    let paths = [
+        format!("/approve/{id}?token=av_appr_{}", "0".repeat(64)),
+        format!("/approve/{id}?token=nonsense"),
+        format!("/approve/{id}"),
+        format!("/approve/{other}?token={link}"),
+        format!("/approve/999?token={link}"),
+        format!("/approve/abc?token={link}"),
+    ];
+    let mut bodies = Vec::new();
+    for path in &paths {
+        for cookie in [None, Some(cookie.as_str())] {
+            let reply = h.get(path, cookie).await;
+            assert_eq!(reply.status, StatusCode::NOT_FOUND, "{path}");
+            assert!(reply.body.contains("Invalid or expired link"), "{path}");
+            if cookie.is_none() {
+                bodies.push(reply.body);
+            }
+        }
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "one page for all");
+}
+
+#[tokio::test]
+async fn the_approval_link_expires_after_24_hours() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    h.clock.advance_secs(24 * 3600 - 60);
+    let page = h.get(&format!("/approve/{id}?token={link}"), None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    h.clock.advance_secs(60);
+    let page = h.get(&format!("/approve/{id}?token={link}"), None).await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(page.body.contains("Invalid or expired link"));
+    // A POST through the dead link changes nothing either.
+    let token = h.session(MEMBER);
+    let cookie = session_cookie(&token);
+    let reply = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf_for_session(&token)),
+                ("token", &link),
+                ("value.STRIPE_KEY", "sk_late"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.credential("STRIPE_KEY"), None);
+    // Members can still decide from the vault's pages.
+    let page = h
+        .get(&format!("/ui/vaults/default/proposals/{id}"), Some(&cookie))
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains(r#"id="allow""#));
+    let reply = h
+        .post(
+            &format!("/ui/vaults/default/proposals/{id}/allow"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf_for_session(&token)),
+                ("value.STRIPE_KEY", "sk_from_vault_page"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        reply.location(),
+        format!("/ui/vaults/default/proposals/{id}")
+    );
+    assert_eq!(
+        h.credential("STRIPE_KEY").as_deref(),
+        Some("sk_from_vault_page")
+    );
+}
+
+#[tokio::test]
+async fn a_proposal_expires_after_7_days() {
+    let h = harness();
+    let (id, _) = h.stripe_proposal();
+    let token = h.session(MEMBER);
+    let cookie = session_cookie(&token);
+    h.clock.advance_secs(7 * 86_400);
+    // The session lasts 7 days too: log in again.
+    let token = h.session(MEMBER);
+    let cookie2 = session_cookie(&token);
+    assert!(h.get("/ui", Some(&cookie)).await.status == StatusCode::SEE_OTHER);
+    let page = h
+        .get(
+            &format!("/ui/vaults/default/proposals/{id}"),
+            Some(&cookie2),
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::GONE);
+    assert!(page.body.contains("Expired"));
+    assert!(!page.body.contains(r#"id="allow""#));
+    let reply = h
+        .post(
+            &format!("/ui/vaults/default/proposals/{id}/allow"),
+            Some(&cookie2),
+            &[
+                ("csrf", &csrf_for_session(&token)),
+                ("value.STRIPE_KEY", "sk_too_late"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    assert!(reply.body.contains("Expired"));
+    assert_eq!(h.credential("STRIPE_KEY"), None);
+    let list = h.get("/ui/vaults/default", Some(&cookie2)).await;
+    assert!(list.body.contains("status-expired"));
+}
+
+#[tokio::test]
+async fn credentials_are_masked_and_revealed_to_members_on_a_post() {
+    let h = harness();
+    h.set_credential("STRIPE_KEY", "sk_live_hidden_value");
+    let token = h.session(MEMBER);
+    let cookie = session_cookie(&token);
+    let page = h.get("/ui/vaults/default/credentials", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("STRIPE_KEY"));
+    assert!(page.body.contains("••••••••"));
+    assert!(!page.body.contains("sk_live_hidden_value"));
+    // A GET cannot reveal (the value would be one link away).
+    let page = h
+        .get("/ui/vaults/default/credentials/reveal", Some(&cookie))
+        .await;
+    assert!(!page.body.contains("sk_live_hidden_value"));
+    let page = h
+        .post(
+            "/ui/vaults/default/credentials/reveal",
+            Some(&cookie),
+            &[("csrf", &csrf_for_session(&token))],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("sk_live_hidden_value"));
+    // An outsider cannot see the vault at all.
+    let outsider = h.session(OUTSIDER);
+    let page = h
+        .post(
+            "/ui/vaults/default/credentials/reveal",
+            Some(&session_cookie(&outsider)),
+            &[("csrf", &csrf_for_session(&outsider))],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(!page.body.contains("sk_live_hidden_value"));
+}
+
+#[tokio::test]
+async fn the_vault_pages_render() {
+    let h = harness();
+    h.set_credential("STRIPE_KEY", "sk");
+    h.store()
+        .add_service(
+            &owner(),
+            "default",
+            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
+                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
+            .unwrap(),
+        )
+        .unwrap();
+    h.store()
+        .append_logs(vec![LogRecord {
+            ts: T0_MS,
+            agent: "bot".into(),
+            vault: "default".into(),
+            method: "GET".into(),
+            host: "api.stripe.com".into(),
+            path: "/v1/<charges>".into(),
+            service: Some("stripe".into()),
+            status: 200,
+            latency_ms: 12,
+            error: None,
+        }])
+        .unwrap();
+    let (id, _) = h.stripe_proposal();
+    let owner = session_cookie(&h.session(OWNER));
+    let list = h.get("/ui", Some(&owner)).await;
+    assert!(list.body.contains("/ui/vaults/default") && list.body.contains("/ui/vaults/other"));
+    let proposals = h.get("/ui/vaults/default", Some(&owner)).await;
+    assert!(proposals
+        .body
+        .contains(&format!("/ui/vaults/default/proposals/{id}")));
+    assert!(proposals.body.contains("Stripe access for billing"));
+    let services = h.get("/ui/vaults/default/services", Some(&owner)).await;
+    assert!(services.body.contains("api.stripe.com") && services.body.contains("bearer"));
+    let agents = h.get("/ui/vaults/default/agents", Some(&owner)).await;
+    assert!(agents.body.contains("bot"));
+    let log = h.get("/ui/vaults/default/logs", Some(&owner)).await;
+    assert_eq!(log.status, StatusCode::OK);
+    assert!(log.body.contains("/v1/&lt;charges&gt;"));
+    assert!(log.body.contains("2023-11-14 22:13:20 UTC"));
+    let member = session_cookie(&h.session(MEMBER));
+    let agents = h.get("/ui/vaults/default/agents", Some(&member)).await;
+    assert!(agents.body.contains("Only admins"));
+    let missing = h.get("/ui/vaults/nope/services", Some(&owner)).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
