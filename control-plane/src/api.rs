@@ -116,14 +116,19 @@ pub fn presented_token(headers: &HeaderMap) -> Option<String> {
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_string());
     }
+    cookie(headers, SESSION_COOKIE)
+}
+
+/// The value of cookie `name`, if the request carries it.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.to_string())
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim().to_string())
 }
 
 impl FromRequestParts<AppState> for Caller {

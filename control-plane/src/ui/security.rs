@@ -81,17 +81,7 @@ pub fn tokens_match(expected: &str, given: &str) -> bool {
     expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
 }
 
-/// The value of cookie `name`, if the request carries it.
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.trim().to_string())
-}
+pub use crate::api::cookie;
 
 /// The session of the `av_session` cookie, if it is a live user session.
 pub async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<Session> {
