@@ -416,3 +416,87 @@ fn has_admin(tx: &Tx, member_keys: &[sled::IVec]) -> TxResult<bool> {
     }
     Ok(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn store(clock: std::sync::Arc<ManualClock>) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None, clock, false).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_session_stops_working_when_it_expires() {
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (_dir, store) = store(clock.clone());
+        store.register("a@example.com", "password-1", None).unwrap();
+        let limiter = LoginLimiter::default();
+        let session = store
+            .login(&limiter, "a@example.com", "password-1")
+            .unwrap();
+        assert!(store.authenticate(&session.token).is_ok());
+        clock.advance_secs(SESSION_TTL_SECS - 1);
+        assert!(store.authenticate(&session.token).is_ok());
+        clock.advance_secs(1);
+        let err = store.authenticate(&session.token).unwrap_err();
+        assert_eq!(err.code(), "unauthorized");
+    }
+
+    #[test]
+    fn login_failures_are_limited_per_email_and_forgotten_after_the_window() {
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (_dir, store) = store(clock.clone());
+        store.register("a@example.com", "password-1", None).unwrap();
+        let limiter = LoginLimiter::default();
+        for _ in 0..LOGIN_MAX_FAILURES {
+            let err = store
+                .login(&limiter, "a@example.com", "wrong-pass")
+                .unwrap_err();
+            assert_eq!(err.code(), "invalid_credentials");
+        }
+        let err = store
+            .login(&limiter, "a@example.com", "password-1")
+            .unwrap_err();
+        assert_eq!(err.code(), "rate_limited");
+        clock.advance_secs(LOGIN_WINDOW_SECS);
+        assert!(store.login(&limiter, "a@example.com", "password-1").is_ok());
+    }
+
+    #[test]
+    fn an_invite_expires_and_is_single_use() {
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (_dir, store) = store(clock.clone());
+        store
+            .register("owner@example.com", "password-1", None)
+            .unwrap();
+        let owner = Principal::User {
+            email: "owner@example.com".into(),
+            owner: true,
+        };
+        let added = store
+            .add_member(&owner, "default", "bob@example.com", VaultRole::Member)
+            .unwrap();
+        let invite = added.invite.unwrap();
+        clock.advance_secs(INVITE_TTL_SECS);
+        let err = store
+            .register("bob@example.com", "password-2", Some(&invite))
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_invite");
+
+        let fresh = store
+            .add_member(&owner, "default", "carol@example.com", VaultRole::Member)
+            .unwrap()
+            .invite
+            .unwrap();
+        store
+            .register("carol@example.com", "password-3", Some(&fresh))
+            .unwrap();
+        let err = store
+            .register("carol@example.com", "password-3", Some(&fresh))
+            .unwrap_err();
+        assert_eq!(err.code(), "user_exists");
+    }
+}
