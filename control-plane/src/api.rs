@@ -35,6 +35,8 @@ pub struct AppState {
     /// Base URL for links shown to humans (approval links).
     pub public_url: String,
     pub snapshots: crate::dataplane::SharedSnapshotCache,
+    /// Data-plane requests by route ([`crate::dataplane::DataplaneStats`]).
+    pub dataplane_stats: Arc<crate::dataplane::DataplaneStats>,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ impl AppState {
             limiter: Arc::new(LoginLimiter::default()),
             public_url: public_url.trim_end_matches('/').to_string(),
             snapshots: Arc::default(),
+            dataplane_stats: Arc::default(),
         }
     }
 }

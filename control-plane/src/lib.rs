@@ -15,6 +15,7 @@
 //! | the management HTTP API (TCP) | [`api`] |
 //! | the browser UI: login, approval page, vault pages | [`ui`] |
 //! | the data-plane protocol (Unix socket only) | [`dataplane`] |
+//! | `/metrics` for operators (Prometheus text) | [`metrics`] |
 //! | listeners, socket permissions, startup | [`server`] |
 //! | the `agent-vault` command line | [`cli`] |
 //! | errors → HTTP status and code | [`error`] |
@@ -28,6 +29,7 @@ pub mod crypto;
 pub mod dataplane;
 pub mod error;
 pub mod logs;
+pub mod metrics;
 pub mod proposals;
 pub mod server;
 mod server_args;

@@ -10,10 +10,11 @@
 //! `?` / `#` here as well, in case one does.
 //!
 //! Retention: at most `max_records` per vault and nothing older than `max_age_days`
-//! (by the record's `ts`). Pruning happens on insert and stays cheap: a vault is pruned
-//! when its record count (counted once, then tracked in memory) passes the limit, and
-//! the whole tree every [`PRUNE_EVERY`] batches (the first batch after a start
-//! included), which also drops the records of deleted vaults.
+//! (by the record's `ts`). Pruning happens on insert and stays cheap: a vault whose
+//! record count (counted once, then tracked in memory) passes the limit loses its
+//! oldest records, found by key order without reading one; and the whole tree is
+//! pruned every [`PRUNE_EVERY`] batches (the first batch after a start included), by
+//! age and count, which also drops the records of deleted vaults.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,12 +133,12 @@ impl Store {
         if entries.is_empty() {
             return Ok(0);
         }
-        self.write(|tx| {
-            for (key, value) in &entries {
-                tx.logs.insert(key.as_slice(), value.as_slice())?;
-            }
-            Ok(())
-        })?;
+        // One atomic, flushed batch on the log tree alone: no other tree is involved.
+        let mut batch = sled::Batch::default();
+        for (key, value) in entries.iter() {
+            batch.insert(key.as_slice(), value.as_slice());
+        }
+        self.apply_flushed(&self.trees.logs, batch)?;
         self.prune_after_insert(&added)?;
         Ok(entries.len())
     }
@@ -221,10 +222,32 @@ impl Store {
                 }
             }
         }
-        let cutoff = self.log_cutoff_ms();
         for id in over {
-            self.prune_vault_logs(&id, cutoff)?;
+            self.trim_vault_logs(&id)?;
         }
+        Ok(())
+    }
+
+    /// Drops a vault's oldest records beyond the limit. Keys are in arrival order, so
+    /// this reads only the doomed keys, never a record: a busy vault at its limit pays
+    /// for the records it drops, not for the ones it keeps (ages are checked by the
+    /// full prune every [`PRUNE_EVERY`] batches).
+    fn trim_vault_logs(&self, vault_id: &str) -> Result<()> {
+        let mut counts = lock(&self.request_log.counts);
+        let count = counts.get(vault_id).copied().unwrap_or(0);
+        let excess = count.saturating_sub(self.request_log.retention.max_records);
+        if excess == 0 {
+            return Ok(());
+        }
+        let doomed = self
+            .trees
+            .logs
+            .scan_prefix(vault_prefix(vault_id))
+            .keys()
+            .take(excess)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        self.remove_log_keys(&doomed)?;
+        counts.insert(vault_id.to_string(), count - doomed.len());
         Ok(())
     }
 
@@ -283,12 +306,11 @@ impl Store {
 
     fn remove_log_keys(&self, keys: &[sled::IVec]) -> Result<()> {
         for chunk in keys.chunks(PRUNE_CHUNK) {
-            self.write(|tx| {
-                for key in chunk {
-                    tx.logs.remove(key)?;
-                }
-                Ok(())
-            })?;
+            let mut batch = sled::Batch::default();
+            for key in chunk {
+                batch.remove(key);
+            }
+            self.apply_flushed(&self.trees.logs, batch)?;
         }
         Ok(())
     }

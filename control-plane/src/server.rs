@@ -121,6 +121,12 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
     })
 }
 
+/// The routes of the TCP listener: the management API and UI, plus `GET /metrics`,
+/// with every request counted for it.
+pub fn api_router(state: AppState) -> Router {
+    crate::metrics::instrument(crate::api::router(state.clone()), state)
+}
+
 /// The routes of the data-plane socket. The management API never answers here.
 pub fn dataplane_router(state: AppState) -> Router {
     crate::dataplane::router(state)
@@ -137,8 +143,8 @@ pub async fn serve(
     let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let api = axum::serve(tcp, crate::api::router(state.clone()))
-        .with_graceful_shutdown(wait(stop_rx.clone()));
+    let api =
+        axum::serve(tcp, api_router(state.clone())).with_graceful_shutdown(wait(stop_rx.clone()));
     let dataplane =
         axum::serve(socket, dataplane_router(state)).with_graceful_shutdown(wait(stop_rx));
     tokio::spawn(async move {

@@ -260,6 +260,15 @@ impl Store {
         self.transact(false, f)
     }
 
+    /// Applies `batch` to `tree` atomically, then flushes: for data that needs no
+    /// transaction with other trees (the request log). Far cheaper than
+    /// [`Store::write`], whose transaction spans every tree.
+    pub(crate) fn apply_flushed(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<()> {
+        tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Like [`Store::write`], and bumps the snapshot version in the same transaction.
     pub(crate) fn write_rules<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
         self.transact(true, f)

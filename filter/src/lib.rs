@@ -18,6 +18,7 @@
 //! | single-flight fetches and their answers         | [`flight`]       |
 //! | request-log records and batches                 | [`request_log`]  |
 //! | one worker's state, polling and timers          | [`worker`]       |
+//! | the Envoy stats operators watch                 | [`stats`]        |
 //! | proxy-wasm contexts (wasm32 only)               | `glue`           |
 //!
 //! Everything but `glue` is plain Rust, unit-tested on the host with time passed in
@@ -42,6 +43,7 @@ pub mod proxy_auth;
 pub mod reply;
 pub mod request_log;
 pub mod snapshot;
+pub mod stats;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]

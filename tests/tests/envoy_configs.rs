@@ -1,6 +1,9 @@
 //! The deployment configs under `envoy/`: every Envoy bootstrap template renders and
 //! passes `envoy --mode validate` with the real filter, keeps the fail-closed routing
-//! shape the filter relies on, and the Istio examples parse with the expected kinds.
+//! shape the filter relies on, and the Istio examples parse with the expected kinds and
+//! pin the module by sha256. `envoy/compose/envoy.yaml` is not a template but the
+//! forward proxy rendered for the Envoy container: `deployment.rs` checks it (in sync
+//! with the template, validated with the paths docker-compose.yml mounts, and run).
 
 mod support;
 
@@ -27,8 +30,10 @@ fn is_kubernetes(text: &str) -> bool {
 }
 
 fn bootstrap_templates() -> Vec<PathBuf> {
+    let rendered = envoy_dir().join("compose");
     let files: Vec<PathBuf> = yaml_files()
         .into_iter()
+        .filter(|p| !p.starts_with(&rendered))
         .filter(|p| !is_kubernetes(&std::fs::read_to_string(p).unwrap()))
         .collect();
     let names: Vec<String> = files
@@ -423,6 +428,9 @@ fn the_istio_examples_parse_with_the_expected_kinds() {
     assert_eq!(plugin["kind"], "WasmPlugin");
     assert_eq!(plugin["spec"]["failStrategy"], "FAIL_CLOSE");
     assert_eq!(plugin["spec"]["type"], "HTTP");
+    // A template: `./dev istio-wasmplugin` fills in the module and its sha256.
+    assert_eq!(plugin["spec"]["url"], "${WASM_URL}");
+    assert_eq!(plugin["spec"]["sha256"], "${WASM_SHA256}");
     assert_eq!(
         plugin["spec"]["pluginConfig"],
         json!({"cluster": "agent_vault_control_plane", "authority": "agent-vault",
@@ -478,4 +486,132 @@ fn the_istio_envoyfilter_cluster_is_valid_envoy_config() {
     std::fs::write(&path, bootstrap.to_string()).unwrap();
     let (ok, output) = validate(&path);
     assert!(ok, "{output}");
+}
+
+/// `./dev istio-wasmplugin URL [FILE|SHA256]`: the stdout of the task runner.
+fn dev_istio_wasmplugin(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(support::envoy::workspace_root().join("dev"))
+        .arg("istio-wasmplugin")
+        .args(args)
+        .output()
+        .expect("run ./dev istio-wasmplugin");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The WasmPlugin operators apply pins the module: an http(s) URL with the sha256 of the
+/// .wasm (by default the filter built here, or a given file), or an OCI image with its
+/// digest. Istio refuses a module that does not match, and fails closed.
+#[test]
+fn the_istio_wasmplugin_pins_the_module_by_sha256() {
+    let wasm = filter_wasm();
+    let url = "https://downloads.example.com/agent-vault/0.1.0/agent_vault_filter.wasm";
+    let wasm_arg = wasm.display().to_string();
+    for args in [vec![url], vec![url, wasm_arg.as_str()]] {
+        let (ok, stdout, stderr) = dev_istio_wasmplugin(&args);
+        assert!(ok, "{stderr}");
+        let plugin = yaml_to_json(&stdout);
+        assert_eq!(plugin["kind"], "WasmPlugin");
+        assert_eq!(plugin["spec"]["url"], url);
+        assert_eq!(plugin["spec"]["sha256"], sha256_hex(&wasm), "{stdout}");
+        assert_eq!(plugin["spec"]["failStrategy"], "FAIL_CLOSE");
+        assert!(!stdout.contains("${"), "every placeholder filled: {stdout}");
+    }
+
+    let digest = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let oci = "oci://registry.example.com/agent-vault/filter:0.1.0";
+    for given in [digest.to_string(), format!("sha256:{digest}")] {
+        let (ok, stdout, stderr) = dev_istio_wasmplugin(&[oci, &given]);
+        assert!(ok, "{stderr}");
+        let plugin = yaml_to_json(&stdout);
+        assert_eq!(plugin["spec"]["url"], oci);
+        assert_eq!(plugin["spec"]["sha256"], digest, "hex digest, no prefix");
+    }
+
+    let (ok, _, stderr) = dev_istio_wasmplugin(&[url, "/nonexistent/agent_vault_filter.wasm"]);
+    assert!(!ok, "a missing module is an error");
+    assert!(stderr.contains("not found"), "{stderr}");
+    let (ok, _, stderr) = dev_istio_wasmplugin(&[]);
+    assert!(!ok && stderr.contains("usage"), "{stderr}");
+}
+
+/// The TLS-origination pair: the ServiceEntry declares the API's plain port (what agents
+/// call, routed to the gateway) and its TLS port; the DestinationRule originates TLS on
+/// exactly that TLS port with SNI and a name check; the gateway's route goes there.
+#[test]
+fn the_istio_serviceentry_and_destinationrule_originate_tls_together() {
+    let docs = documents(&envoy_dir().join("istio").join("serviceentry.yaml"));
+    let of_kind =
+        |kind: &str| -> Vec<&Value> { docs.iter().filter(|d| d["kind"] == kind).collect() };
+    let entries = of_kind("ServiceEntry");
+    let rules = of_kind("DestinationRule");
+    assert_eq!(entries.len(), 1);
+    let entry = entries[0];
+    assert_eq!(entry["spec"]["location"], "MESH_EXTERNAL");
+    assert_eq!(entry["spec"]["resolution"], "DNS");
+    let host = entry["spec"]["hosts"][0].as_str().unwrap();
+    let ports = entry["spec"]["ports"].as_array().unwrap();
+    let port = |protocol: &str| {
+        ports
+            .iter()
+            .find(|p| p["protocol"] == protocol)
+            .unwrap_or_else(|| panic!("a {protocol} port in {ports:?}"))
+    };
+    let (plain, tls) = (port("HTTP"), port("HTTPS"));
+    assert!(
+        plain.get("targetPort").is_none(),
+        "the plain port is only routed to the gateway, never dialled as another port"
+    );
+    let tls_port = tls["number"].as_u64().unwrap();
+
+    let rule = rules
+        .iter()
+        .find(|r| r["spec"]["host"] == host)
+        .unwrap_or_else(|| panic!("a DestinationRule for {host}"));
+    let settings = rule["spec"]["trafficPolicy"]["portLevelSettings"]
+        .as_array()
+        .unwrap();
+    assert_eq!(settings.len(), 1, "TLS on one port only: {settings:?}");
+    assert_eq!(settings[0]["port"]["number"].as_u64(), Some(tls_port));
+    let tls_settings = &settings[0]["tls"];
+    assert_eq!(
+        tls_settings["mode"], "SIMPLE",
+        "TLS originated, no client cert"
+    );
+    assert_eq!(tls_settings["sni"], host);
+    assert_eq!(tls_settings["subjectAltNames"], json!([host]));
+
+    // The gateway's route (after the filter) goes to the TLS port; the sidecars' route
+    // goes to the gateway.
+    let virtual_service = of_kind("VirtualService")[0];
+    let routes = virtual_service["spec"]["http"].as_array().unwrap();
+    let to_api: Vec<u64> = routes
+        .iter()
+        .flat_map(|r| r["route"].as_array().unwrap().iter())
+        .filter(|d| d["destination"]["host"] == host)
+        .map(|d| d["destination"]["port"]["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(to_api, [tls_port]);
+    let gateway = of_kind("Gateway")[0];
+    assert!(gateway["spec"]["servers"][0]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h == host));
 }

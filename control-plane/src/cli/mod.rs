@@ -21,6 +21,7 @@
 //! | [`proposals`] | `vault proposal create|list|show|approve|reject|review` |
 //! | [`agents`] | `agent` |
 //! | [`master_key`] | `master-password change`, `master-key rotate` |
+//! | [`healthcheck`] | `healthcheck`: the container probe |
 //!
 //! Errors: every failure is one line on stderr (`error: …`) and exit code 1; clap's
 //! own usage errors keep clap's exit code 2. Nothing panics on bad input.
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod client;
 pub mod context;
 pub mod credentials;
+pub mod healthcheck;
 pub mod logs;
 pub mod master_key;
 pub mod output;
@@ -119,6 +121,8 @@ pub enum Command {
     /// Rotate the data key that encrypts every credential value (owner only)
     #[command(subcommand)]
     MasterKey(master_key::MasterKeyCommand),
+    /// Exit 0 if the server at --address answers GET /health (a container probe)
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Entry point of the `agent-vault` binary.
@@ -150,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(cmd) => agents::run(cmd, &ctx()?),
         Command::MasterPassword(cmd) => master_key::run_password(cmd, &ctx()?),
         Command::MasterKey(cmd) => master_key::run_key(cmd, &ctx()?),
+        Command::Healthcheck(args) => healthcheck::run(global.address.as_deref(), &args),
     }
 }
 

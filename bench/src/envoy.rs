@@ -1,0 +1,414 @@
+//! One Envoy per variant, all from the same binary with `--concurrency 2`: the same
+//! listener, HTTP connection manager, router and static upstream cluster; only the
+//! HTTP filters (and what they need) differ.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::http;
+use crate::procs::Proc;
+
+pub const WORKERS: usize = 2;
+
+/// The variants of DESIGN.md §12 (and the filter with the big snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// (a) no filter.
+    Plain,
+    /// (b) a wasm filter that does nothing.
+    NoopWasm,
+    /// (c) Envoy's `credential_injector`, static header from file-based SDS.
+    CredentialInjector,
+    /// (d) `ext_authz` (HTTP) to the control plane on every request.
+    ExtAuthz,
+    /// (e) our filter, warm cache.
+    FilterWarm,
+    /// (f) our filter, `credential_cache_ttl_ms: 0`.
+    FilterNoCache,
+    /// (g) our filter, warm cache, control plane with 10k services × 1k agents.
+    FilterBig,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 7] = [
+        Variant::Plain,
+        Variant::NoopWasm,
+        Variant::CredentialInjector,
+        Variant::ExtAuthz,
+        Variant::FilterWarm,
+        Variant::FilterNoCache,
+        Variant::FilterBig,
+    ];
+
+    pub fn letter(self) -> &'static str {
+        match self {
+            Variant::Plain => "a",
+            Variant::NoopWasm => "b",
+            Variant::CredentialInjector => "c",
+            Variant::ExtAuthz => "d",
+            Variant::FilterWarm => "e",
+            Variant::FilterNoCache => "f",
+            Variant::FilterBig => "g",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Variant::Plain => "Envoy, no filter",
+            Variant::NoopWasm => "Envoy + wasm filter that does nothing",
+            Variant::CredentialInjector => "Envoy credential_injector (static, SDS file)",
+            Variant::ExtAuthz => "Envoy ext_authz → control plane, every request",
+            Variant::FilterWarm => "Agent Vault filter, warm cache",
+            Variant::FilterNoCache => "Agent Vault filter, cache off (ttl 0)",
+            Variant::FilterBig => "Agent Vault filter, warm, 10k svc × 1k agents",
+        }
+    }
+
+    /// Whether requests must carry the agent's proxy credential.
+    pub fn needs_agent(self) -> bool {
+        matches!(
+            self,
+            Variant::ExtAuthz | Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig
+        )
+    }
+
+    /// Whether the upstream must see the injected credential.
+    pub fn injects(self) -> bool {
+        !matches!(self, Variant::Plain | Variant::NoopWasm)
+    }
+}
+
+/// What the configs point at.
+pub struct Inputs<'a> {
+    pub upstream_port: u16,
+    pub filter_wasm: &'a Path,
+    pub noop_wasm: &'a Path,
+    /// The control plane's socket for this variant (d, e, f: small; g: big).
+    pub socket: &'a Path,
+    /// Where the variant's files (config, SDS secret, log) go.
+    pub dir: &'a Path,
+    /// The static credential header value for (c).
+    pub static_credential: &'a str,
+}
+
+const ROUTER: &str = r#"
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              suppress_envoy_headers: true"#;
+
+fn agent_vault_filter(wasm: &Path, ttl_ms: u64) -> String {
+    format!(
+        r#"
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: agent_vault
+                vm_config:
+                  vm_id: agent_vault
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {wasm}}}}}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": {ttl_ms}, "callout_timeout_ms": 2000}}'
+                fail_open: false"#,
+        wasm = wasm.display()
+    )
+}
+
+/// The route config: everything to the upstream; for our filter, the production
+/// fail-closed shape of `envoy/forward-proxy.yaml` (route only what the filter marked,
+/// drop the marker before routing and before the request leaves).
+fn routes(filter: bool) -> String {
+    if !filter {
+        return r#"
+          route_config:
+            name: bench
+            virtual_hosts:
+            - name: any
+              domains: ["*"]
+              routes:
+              - match: {prefix: /}
+                route: {cluster: upstream, timeout: 30s}"#
+            .to_string();
+    }
+    r#"
+          early_header_mutation_extensions:
+          - name: envoy.http.early_header_mutation.header_mutation
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
+              mutations:
+              - remove: x-agent-vault-upstream
+          route_config:
+            name: bench
+            request_headers_to_remove: [x-agent-vault-upstream]
+            virtual_hosts:
+            - name: any
+              domains: ["*"]
+              routes:
+              - match:
+                  prefix: /
+                  headers:
+                  - name: x-agent-vault-upstream
+                    string_match: {exact: plain}
+                route: {cluster: upstream, timeout: 30s}
+              - match: {prefix: /}
+                direct_response:
+                  status: 403
+                  body: {inline_string: '{"error":"forbidden"}'}"#
+        .to_string()
+}
+
+/// The bootstrap of `variant` listening on `port` with admin on `admin_port`.
+pub fn config(variant: Variant, port: u16, admin_port: u16, inputs: &Inputs<'_>) -> Result<String, String> {
+    let mut filters = String::new();
+    let filter_routes = matches!(
+        variant,
+        Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig
+    );
+    match variant {
+        Variant::Plain => {}
+        Variant::NoopWasm => filters.push_str(&format!(
+            r#"
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: noop
+                vm_config:
+                  vm_id: noop
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {}}}}}
+                configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: "{}"}}
+                fail_open: false"#,
+            inputs.noop_wasm.display(), std::env::var("BENCH_NOOP_CONFIG").unwrap_or_default()
+        )),
+        Variant::CredentialInjector => {
+            let secret = inputs.dir.join("credential-sds.yaml");
+            std::fs::write(
+                &secret,
+                format!(
+                    "resources:\n- \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n  name: bench_credential\n  generic_secret:\n    secret:\n      inline_string: \"{}\"\n",
+                    inputs.static_credential
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            filters.push_str(&format!(
+                r#"
+          - name: envoy.filters.http.credential_injector
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector
+              overwrite: true
+              credential:
+                name: envoy.http.injected_credentials.generic
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic
+                  header: Authorization
+                  credential:
+                    name: bench_credential
+                    sds_config:
+                      path_config_source: {{path: {}}}"#,
+                secret.display()
+            ));
+        }
+        Variant::ExtAuthz => filters.push_str(
+            r#"
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              http_service:
+                server_uri: {uri: "http://agent-vault", cluster: agent_vault_control_plane, timeout: 2s}
+                path_prefix: /v1/dataplane/ext_authz
+                authorization_request:
+                  allowed_headers:
+                    patterns: [{exact: proxy-authorization}, {exact: x-vault}]
+                authorization_response:
+                  allowed_upstream_headers:
+                    patterns: [{exact: authorization}]"#,
+        ),
+        Variant::FilterWarm | Variant::FilterBig => {
+            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000))
+        }
+        Variant::FilterNoCache => filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0)),
+    }
+    filters.push_str(ROUTER);
+    let control_plane_cluster = if matches!(variant, Variant::Plain | Variant::NoopWasm | Variant::CredentialInjector) {
+        String::new()
+    } else {
+        format!(
+            r#"
+  - name: agent_vault_control_plane
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: agent_vault_control_plane
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              pipe: {{path: {}}}"#,
+            inputs.socket.display()
+        )
+    };
+    Ok(format!(
+        r#"# Generated by agent-vault-bench: variant ({letter}) {describe}.
+node: {{id: bench-{letter}, cluster: agent-vault-bench}}
+admin:
+  address:
+    socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}
+static_resources:
+  listeners:
+  - name: bench
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: {port}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          normalize_path: true{routes}
+          http_filters:{filters}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {upstream}}}{control_plane_cluster}
+"#,
+        letter = variant.letter(),
+        describe = variant.describe(),
+        routes = routes(filter_routes),
+        upstream = inputs.upstream_port,
+    ))
+}
+
+pub struct Envoy {
+    pub variant: Variant,
+    pub proc: Proc,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+impl Envoy {
+    pub fn start(binary: &Path, variant: Variant, inputs: &Inputs<'_>) -> Result<Envoy, String> {
+        let mut last = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let admin_port = free_port();
+            let config_path = inputs.dir.join(format!("envoy-{}.yaml", variant.letter()));
+            std::fs::write(&config_path, config(variant, port, admin_port, inputs)?)
+                .map_err(|e| e.to_string())?;
+            let log = inputs.dir.join(format!("envoy-{}.log", variant.letter()));
+            let out = std::fs::File::create(inputs.dir.join(format!("envoy-{}-{attempt}.out", variant.letter())))
+                .map_err(|e| e.to_string())?;
+            let mut command = Command::new(binary);
+            command
+                .arg("-c")
+                .arg(&config_path)
+                .args(["--concurrency", &WORKERS.to_string(), "--use-dynamic-base-id"])
+                .args(["-l", "warning"])
+                .arg("--log-path")
+                .arg(&log)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().map_err(|e| e.to_string())?)
+                .stderr(out);
+            let proc = Proc::spawn(&format!("envoy ({})", variant.letter()), command)?;
+            let mut envoy = Envoy {
+                variant,
+                proc,
+                port,
+                admin_port,
+                log,
+            };
+            match envoy.wait_ready() {
+                Ok(()) => return Ok(envoy),
+                Err(e) => last = e,
+            }
+        }
+        Err(format!("Envoy ({}) did not start: {last}", variant.letter()))
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.proc.exited() {
+                return Err(format!(
+                    "exited; log tail:\n{}",
+                    tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 20)
+                ));
+            }
+            if http::tcp_once(self.admin_port, "GET", "/ready", &[("Connection", "close")], None)
+                .is_ok_and(|r| r.status == 200)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("not ready after 30 s".into())
+    }
+
+    /// Connections accepted by each worker so far (listener stats).
+    pub fn worker_connections(&self) -> Vec<u64> {
+        let Ok(response) = http::tcp_once(
+            self.admin_port,
+            "GET",
+            "/stats?filter=downstream_cx_total",
+            &[("Connection", "close")],
+            None,
+        ) else {
+            return Vec::new();
+        };
+        let prefix = format!("listener.127.0.0.1_{}.worker_", self.port);
+        let mut counts = vec![0u64; WORKERS];
+        for line in response.text().lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((worker, value)) = rest.split_once(".downstream_cx_total: ") else {
+                continue;
+            };
+            if let (Ok(w), Ok(v)) = (worker.parse::<usize>(), value.trim().parse::<u64>()) {
+                if let Some(slot) = counts.get_mut(w) {
+                    *slot = v;
+                }
+            }
+        }
+        counts
+    }
+
+    pub fn version(binary: &Path) -> String {
+        Command::new(binary)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+            .rsplit("version: ")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,527 @@
+//! `agent-vault-bench`: the benchmark of DESIGN.md §12, run by `./dev bench`.
+//!
+//! On loopback only: a minimal upstream (in this process), control planes (the release
+//! `agent-vault server`, one per variant that talks to one, so each counts only its own
+//! variant's calls), and one Envoy per variant from the same binary with
+//! `--concurrency 2`. The variants are driven by `wrk` with the same requests, at 1
+//! and 16 connections, alternating over rounds (each round starts at a different
+//! variant); medians are reported. Then the control plane alone, the 10k × 1k
+//! snapshot, Envoy's memory, and propagation of revocations under load. Prints one
+//! table and writes `BENCHMARKS.md`.
+//!
+//! ```text
+//! agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH
+//!     [--rounds 5] [--duration 5] [--events 50] [--out BENCHMARKS.md] [--command TEXT]
+//! ```
+
+mod controlplane;
+mod envoy;
+mod http;
+mod load;
+mod procs;
+mod propagation;
+mod report;
+mod seed;
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use controlplane::{ControlPlane, Counts};
+use envoy::{Envoy, Inputs, Variant};
+use load::Run;
+use upstream::{SeenCounts, Upstream};
+
+pub struct Args {
+    pub envoy: PathBuf,
+    pub agent_vault: PathBuf,
+    pub filter_wasm: PathBuf,
+    pub noop_wasm: PathBuf,
+    pub rounds: usize,
+    pub duration: Duration,
+    pub connections: Vec<usize>,
+    pub events: usize,
+    pub cp_duration: Duration,
+    pub big_services: usize,
+    pub big_agents: usize,
+    pub out: Option<PathBuf>,
+    pub command: String,
+    /// Variants to run (letters); all by default. For quick comparisons while
+    /// optimizing; the committed numbers come from a full run.
+    pub variants: Vec<Variant>,
+    pub skip_cp_alone: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH \
+         [--rounds N] [--duration SECS] [--connections 1,16] [--events N] [--cp-duration SECS] \
+         [--big-services N] [--big-agents N] [--out FILE|-] [--command TEXT] \
+         [--variants abcdefg] [--skip-cp-alone]"
+    );
+    std::process::exit(2);
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        envoy: PathBuf::new(),
+        agent_vault: PathBuf::new(),
+        filter_wasm: PathBuf::new(),
+        noop_wasm: PathBuf::new(),
+        rounds: 5,
+        duration: Duration::from_secs(5),
+        connections: vec![1, 16],
+        events: 50,
+        cp_duration: Duration::from_secs(3),
+        big_services: 10_000,
+        big_agents: 1_000,
+        out: Some(PathBuf::from("BENCHMARKS.md")),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        variants: Variant::ALL.to_vec(),
+        skip_cp_alone: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        let number = |v: String| v.parse::<usize>().unwrap_or_else(|_| usage());
+        match flag.as_str() {
+            "--envoy" => args.envoy = value().into(),
+            "--agent-vault" => args.agent_vault = value().into(),
+            "--filter-wasm" => args.filter_wasm = value().into(),
+            "--noop-wasm" => args.noop_wasm = value().into(),
+            "--rounds" => args.rounds = number(value()).max(1),
+            "--duration" => args.duration = Duration::from_secs(number(value()).max(1) as u64),
+            "--cp-duration" => args.cp_duration = Duration::from_secs(number(value()).max(1) as u64),
+            "--connections" => {
+                args.connections = value().split(',').map(|c| number(c.trim().to_string())).collect()
+            }
+            "--events" => args.events = number(value()),
+            "--big-services" => args.big_services = number(value()).max(1),
+            "--big-agents" => args.big_agents = number(value()).max(1),
+            "--out" => {
+                let v = value();
+                args.out = (v != "-").then(|| v.into());
+            }
+            "--command" => args.command = value(),
+            "--variants" => {
+                let letters = value();
+                args.variants = Variant::ALL
+                    .into_iter()
+                    .filter(|v| letters.contains(v.letter()))
+                    .collect();
+            }
+            "--skip-cp-alone" => args.skip_cp_alone = true,
+            _ => usage(),
+        }
+    }
+    for (what, path) in [
+        ("--envoy", &args.envoy),
+        ("--agent-vault", &args.agent_vault),
+        ("--filter-wasm", &args.filter_wasm),
+        ("--noop-wasm", &args.noop_wasm),
+    ] {
+        if !path.is_file() {
+            eprintln!("agent-vault-bench: {what} {} is not a file", path.display());
+            usage();
+        }
+    }
+    args
+}
+
+fn log(message: &str) {
+    eprintln!("bench: {message}");
+}
+
+/// One measured load run of one variant.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub variant: Variant,
+    pub connections: usize,
+    pub round: usize,
+    pub run: Run,
+    pub cp: Counts,
+    pub upstream: SeenCounts,
+    /// Envoy CPU time per request, µs.
+    pub envoy_cpu_us: f64,
+    /// Control plane CPU time per request, µs (0 without a control plane).
+    pub cp_cpu_us: f64,
+}
+
+/// Control plane alone, at one size.
+#[derive(Debug, Clone, Default)]
+pub struct CpAlone {
+    pub services: usize,
+    pub agents: usize,
+    pub fetch: Vec<(usize, Run)>,
+    pub not_modified: Vec<(usize, Run)>,
+    /// Server-side build (read the store + serialize), median, ms.
+    pub build_ms: f64,
+    /// Client-side first GET after a change (build + transfer), median, ms.
+    pub cold_get_ms: f64,
+    /// Client-side GET of the cached snapshot (200, no If-None-Match), median, ms.
+    pub warm_get_ms: f64,
+    pub bytes: u64,
+    pub seed_secs: f64,
+}
+
+/// Memory of the Envoys after the runs.
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    pub rss_kib: BTreeMap<&'static str, u64>,
+    /// Snapshot polls per second seen by the big control plane (= VMs that poll).
+    pub polling_vms: f64,
+}
+
+pub struct Results {
+    pub samples: Vec<Sample>,
+    pub cp_small: CpAlone,
+    pub cp_big: CpAlone,
+    pub memory: Memory,
+    pub propagation: Vec<propagation::Event>,
+    pub started: Instant,
+    pub load_before: String,
+    pub load_after: String,
+    pub envoy_version: String,
+    pub checks: Vec<String>,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn main() {
+    let args = parse_args();
+    match run(&args) {
+        Ok(()) => {}
+        Err(error) => {
+            eprintln!("agent-vault-bench: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let load_before = report::loadavg();
+    let workdir = std::env::temp_dir().join(format!("agent-vault-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir).map_err(|e| e.to_string())?;
+    let result = run_in(args, &workdir, started, load_before);
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&workdir);
+    } else {
+        log(&format!("kept {} for inspection", workdir.display()));
+    }
+    result
+}
+
+fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) -> Result<(), String> {
+    let secret = format!("sk_bench_{}", random_hex(12));
+    // One upstream per variant: a request still in flight when one run ends is never
+    // counted in another variant's run.
+    let mut upstreams: BTreeMap<&'static str, Upstream> = BTreeMap::new();
+    for variant in Variant::ALL {
+        let upstream = Upstream::start(&format!("authorization: Bearer {secret}"))
+            .map_err(|e| e.to_string())?;
+        upstreams.insert(variant.letter(), upstream);
+    }
+    let up = |letter: &str| upstreams[letter].port;
+    let mut checks = Vec::new();
+
+    // Control planes: one per variant that talks to one (d, e, f small; g big).
+    log("starting control planes and seeding (10 services × 10 agents; 10k × 1k)");
+    let mut cps: BTreeMap<&'static str, ControlPlane> = BTreeMap::new();
+    let mut seeded: BTreeMap<&'static str, seed::Seeded> = BTreeMap::new();
+    for letter in ["d", "e", "f"] {
+        let cp = ControlPlane::start(&args.agent_vault, workdir, &format!("cp-{letter}"))?;
+        seeded.insert(letter, seed::small(&cp, up(letter), &secret)?);
+        cps.insert(letter, cp);
+    }
+    let big = ControlPlane::start(&args.agent_vault, workdir, "cp-g")?;
+    let seed_start = Instant::now();
+    seeded.insert("g", seed::big(&big, up("g"), &secret, args.big_services, args.big_agents)?);
+    let big_seed_secs = seed_start.elapsed().as_secs_f64();
+    log(&format!(
+        "seeded {} services × {} agents in {big_seed_secs:.1} s",
+        args.big_services, args.big_agents
+    ));
+    cps.insert("g", big);
+    for cp in cps.values() {
+        cp.wait_socket()?;
+    }
+
+    // The control plane alone (before any Envoy polls it).
+    log("control plane alone: credential fetches, snapshot builds, the 304 path");
+    let (cp_small, mut cp_big) = if args.skip_cp_alone {
+        (CpAlone::default(), CpAlone::default())
+    } else {
+        (
+            control_plane_alone(&cps["e"], &seeded["e"], args)?,
+            control_plane_alone(&cps["g"], &seeded["g"], args)?,
+        )
+    };
+    cp_big.seed_secs = big_seed_secs;
+
+    // Envoys.
+    log("starting one Envoy per variant");
+    let static_credential = format!("Bearer {secret}");
+    let mut envoys: Vec<Envoy> = Vec::new();
+    for &variant in &args.variants {
+        let socket = cps
+            .get(variant.letter())
+            .map(|cp| cp.socket.clone())
+            .unwrap_or_else(|| cps["e"].socket.clone());
+        let inputs = Inputs {
+            upstream_port: up(variant.letter()),
+            filter_wasm: &args.filter_wasm,
+            noop_wasm: &args.noop_wasm,
+            socket: &socket,
+            dir: workdir,
+            static_credential: &static_credential,
+        };
+        envoys.push(Envoy::start(&args.envoy, variant, &inputs)?);
+    }
+    let headers_for = |variant: Variant| -> Vec<(String, String)> {
+        let token = &seeded
+            .get(variant.letter())
+            .unwrap_or(&seeded["e"])
+            .agent_token;
+        vec![
+            ("Host".into(), format!("localhost:{}", up(variant.letter()))),
+            ("Proxy-Authorization".into(), propagation::proxy_basic(token, "default")),
+        ]
+    };
+
+    // Ready: every variant answers 200 (the filters have their snapshot), and the
+    // upstream sees what it should.
+    for envoy in &envoys {
+        let headers = headers_for(envoy.variant);
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let upstream = &upstreams[envoy.variant.letter()];
+            let before = upstream.counts();
+            let response = http::tcp_once(envoy.port, "GET", "/bench", &pairs, None);
+            let seen = upstream.counts().since(before);
+            match response {
+                Ok(r) if r.status == 200 => {
+                    if envoy.variant.injects() && seen.with_credential != 1 {
+                        return Err(format!("variant ({}) did not inject the credential", envoy.variant.letter()));
+                    }
+                    break;
+                }
+                Ok(r) if Instant::now() > deadline => {
+                    return Err(format!("variant ({}) answers {} {}", envoy.variant.letter(), r.status, r.text()));
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("variant ({}): {e}", envoy.variant.letter()));
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+    log("warming up every variant (1 s each, not recorded)");
+    for envoy in &envoys {
+        let headers = headers_for(envoy.variant);
+        let target = load::Target { port: envoy.port, path: "/bench", headers: &headers };
+        load::wrk(&target, 16, Duration::from_secs(1))?;
+    }
+
+    // The rounds.
+    let total = args.rounds * envoys.len() * args.connections.len();
+    log(&format!(
+        "{} rounds × {} variants × {:?} connections × {} s = {total} runs",
+        args.rounds,
+        envoys.len(),
+        args.connections,
+        args.duration.as_secs()
+    ));
+    let tck = clk_tck();
+    let mut samples = Vec::with_capacity(total);
+    for round in 0..args.rounds {
+        for k in 0..envoys.len() {
+            let envoy = &envoys[(k + round) % envoys.len()];
+            let cp = cps.get(envoy.variant.letter());
+            let headers = headers_for(envoy.variant);
+            let target = load::Target { port: envoy.port, path: "/bench", headers: &headers };
+            for &connections in &args.connections {
+                let cp_before = cp.map(ControlPlane::counts).unwrap_or_default();
+                let upstream = &upstreams[envoy.variant.letter()];
+                let up_before = upstream.counts();
+                let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0);
+                let cp_cpu = cp.and_then(|c| procs::cpu_ticks(c.proc.pid())).unwrap_or(0);
+                let run = load::wrk(&target, connections, args.duration)?;
+                let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0) - envoy_cpu;
+                let cp_cpu = cp.and_then(|c| procs::cpu_ticks(c.proc.pid())).unwrap_or(0).saturating_sub(cp_cpu);
+                let cp_counts = cp.map(|c| c.counts().since(cp_before)).unwrap_or_default();
+                let seen = upstream.counts().since(up_before);
+                let per_request = |ticks: u64| {
+                    if run.requests == 0 { 0.0 } else { ticks as f64 / tck * 1e6 / run.requests as f64 }
+                };
+                let sample = Sample {
+                    variant: envoy.variant,
+                    connections,
+                    round,
+                    run,
+                    cp: cp_counts,
+                    upstream: seen,
+                    envoy_cpu_us: per_request(envoy_cpu),
+                    cp_cpu_us: if cp.is_some() { per_request(cp_cpu) } else { 0.0 },
+                };
+                log(&format!(
+                    "round {} ({}) c={connections:>2}: {:>8.0} req/s  p50 {:>7.1} µs  p99 {:>7.1} µs  non-2xx {}  cp calls {}  envoy cpu {:.1} µs/req",
+                    round + 1,
+                    envoy.variant.letter(),
+                    run.rps,
+                    run.p50_us,
+                    run.p99_us,
+                    run.non_2xx,
+                    cp_counts.calls(),
+                    sample.envoy_cpu_us,
+                ));
+                if envoy.variant.injects() && seen.with_credential != seen.requests {
+                    checks.push(format!(
+                        "({}) c={connections} round {}: the upstream saw the credential on {} of {} requests",
+                        envoy.variant.letter(), round + 1, seen.with_credential, seen.requests
+                    ));
+                }
+                if envoy.variant.needs_agent() && seen.with_proxy_authorization > 0 {
+                    checks.push(format!(
+                        "({}) c={connections} round {}: {} requests reached the upstream with the agent's Proxy-Authorization",
+                        envoy.variant.letter(), round + 1, seen.with_proxy_authorization
+                    ));
+                }
+                samples.push(sample);
+            }
+        }
+    }
+
+    // Memory: RSS of every Envoy now that the filters hold their snapshots; and how
+    // many VMs poll the big control plane (each polls once a second).
+    let mut memory = Memory::default();
+    for envoy in &envoys {
+        if let Some(kib) = procs::rss_kib(envoy.proc.pid()) {
+            memory.rss_kib.insert(envoy.variant.letter(), kib);
+        }
+    }
+    let polls_before = cps["g"].counts();
+    std::thread::sleep(Duration::from_secs(4));
+    let polls = cps["g"].counts().since(polls_before);
+    memory.polling_vms = (polls.snapshot_full + polls.snapshot_not_modified) as f64 / 4.0;
+
+    // Propagation on (e).
+    let mut propagation = Vec::new();
+    if args.events > 0 && args.variants.contains(&Variant::FilterWarm) {
+        log(&format!("propagation: {} revocations under load on (e)", args.events));
+        let e = envoys
+            .iter()
+            .find(|e| e.variant == Variant::FilterWarm)
+            .ok_or("no (e)")?;
+        let headers = headers_for(Variant::FilterWarm);
+        let prober = seeded["e"].prober_token.clone().ok_or("no prober")?;
+        let budget = Duration::from_secs(args.events as u64 * 6 + 30);
+        propagation = propagation::run(e, &cps["e"], up("e"), &prober, args.events, || {
+            load::wrk_background(
+                &load::Target { port: e.port, path: "/bench", headers: &headers },
+                4,
+                budget,
+            )
+        })?;
+    }
+
+    let results = Results {
+        samples,
+        cp_small,
+        cp_big,
+        memory,
+        propagation,
+        started,
+        load_before,
+        load_after: report::loadavg(),
+        envoy_version: Envoy::version(&args.envoy),
+        checks,
+    };
+    let (table, markdown) = report::render(args, &results);
+    println!("{table}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, markdown).map_err(|e| format!("write {}: {e}", out.display()))?;
+        log(&format!("wrote {}", out.display()));
+    }
+    Ok(())
+}
+
+/// Credential fetches, the 304 path and snapshot builds against one control plane.
+fn control_plane_alone(cp: &ControlPlane, seeded: &seed::Seeded, args: &Args) -> Result<CpAlone, String> {
+    let mut out = CpAlone {
+        services: seeded.services,
+        agents: seeded.agents,
+        ..CpAlone::default()
+    };
+    let body = serde_json::json!({
+        "token_sha256": sha256_hex(&seeded.agent_token),
+        "vault": "default",
+        "keys": [seed::LOAD_KEY],
+    })
+    .to_string()
+    .into_bytes();
+    let json = vec![("Content-Type".to_string(), "application/json".to_string())];
+    for clients in [1usize, 16] {
+        let run = load::socket_loop(&cp.socket, clients, args.cp_duration, "POST", "/v1/dataplane/credentials", json.clone(), Some(body.clone()), 200)?;
+        out.fetch.push((clients, run));
+    }
+    // Snapshot builds: change something (a credential write bumps the version), then
+    // the first GET builds; the server times the build, the client the whole GET.
+    let mut builds = Vec::new();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let mut etag = String::new();
+    for i in 0..7 {
+        cp.set_credential("BENCH_BUMP", &format!("v{i}"))?;
+        let mut conn = cp.socket_conn().map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let response = conn
+            .request("GET", "/v1/dataplane/snapshot", &[], None)
+            .map_err(|e| e.to_string())?;
+        cold.push(t.elapsed().as_secs_f64() * 1000.0);
+        if response.status != 200 {
+            return Err(format!("snapshot: {}", response.status));
+        }
+        let t = Instant::now();
+        let again = conn
+            .request("GET", "/v1/dataplane/snapshot", &[], None)
+            .map_err(|e| e.to_string())?;
+        warm.push(t.elapsed().as_secs_f64() * 1000.0);
+        etag = again.header("etag").unwrap_or_default().to_string();
+        let counts = cp.counts();
+        builds.push(counts.last_build_us as f64 / 1000.0);
+        out.bytes = counts.last_snapshot_bytes;
+    }
+    out.build_ms = report::median(&builds);
+    out.cold_get_ms = report::median(&cold);
+    out.warm_get_ms = report::median(&warm);
+    let inm = vec![("If-None-Match".to_string(), etag)];
+    for clients in [1usize, 16] {
+        let run = load::socket_loop(&cp.socket, clients, args.cp_duration, "GET", "/v1/dataplane/snapshot", inm.clone(), None, 304)?;
+        out.not_modified.push((clients, run));
+    }
+    Ok(out)
+}

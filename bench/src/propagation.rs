@@ -1,0 +1,179 @@
+//! Propagation: how long a revocation takes to reach the data path, under load.
+//!
+//! The probe holds one keep-alive connection to each Envoy worker (found from the
+//! listener's per-worker connection counters, before the load starts), so "every
+//! worker refuses" is observed, not assumed. Events alternate:
+//! - agent revoke: a fresh agent is created and seen working on every worker, then
+//!   `DELETE /v1/agents/{name}`; the change is seen when a request gets 407;
+//! - credential delete: `PROBE_KEY` is set and seen working (cache warm) on every
+//!   worker, then deleted; the change is seen when a request gets 502.
+//!
+//! Times are from the API's acknowledgement (its response read by the benchmark) to
+//! the first refused response on any worker, and on every worker.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+use crate::controlplane::ControlPlane;
+use crate::envoy::{Envoy, WORKERS};
+use crate::http::{Conn, TcpConn};
+use crate::seed::PROBE_KEY;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    AgentRevoke,
+    CredentialDelete,
+}
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: Kind,
+    /// Until the first refused response (any worker); `None`: not within the timeout.
+    pub first_ms: Option<f64>,
+    /// Until every worker refused.
+    pub all_ms: Option<f64>,
+    /// A refusal with another status than expected (407 / 502).
+    pub unexpected: Option<u16>,
+}
+
+pub fn proxy_basic(token: &str, vault: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{token}:{vault}"))
+    )
+}
+
+struct Probe {
+    conns: Vec<TcpConn>,
+}
+
+impl Probe {
+    /// One connection per worker, found while the listener is otherwise idle.
+    fn pin(envoy: &Envoy, host: &str, auth: &str) -> Result<Probe, String> {
+        let mut slots: Vec<Option<TcpConn>> = (0..WORKERS).map(|_| None).collect();
+        for _ in 0..64 {
+            if slots.iter().all(Option::is_some) {
+                break;
+            }
+            let before = envoy.worker_connections();
+            let mut conn = Conn::tcp(envoy.port).map_err(|e| e.to_string())?;
+            conn.request("GET", "/probe", &[("Host", host), ("Proxy-Authorization", auth)], None)
+                .map_err(|e| e.to_string())?;
+            let after = envoy.worker_connections();
+            let grown: Vec<usize> = (0..WORKERS)
+                .filter(|&w| after.get(w) > before.get(w))
+                .collect();
+            if let [worker] = grown.as_slice() {
+                if slots[*worker].is_none() {
+                    slots[*worker] = Some(conn);
+                }
+            }
+        }
+        let conns: Vec<TcpConn> = slots.into_iter().flatten().collect();
+        if conns.len() != WORKERS {
+            return Err(format!(
+                "could not get a connection on each of the {WORKERS} workers"
+            ));
+        }
+        Ok(Probe { conns })
+    }
+
+    /// Status on each worker's connection.
+    fn statuses(&mut self, host: &str, auth: &str) -> Result<Vec<u16>, String> {
+        let headers = [("Host", host), ("Proxy-Authorization", auth)];
+        self.conns
+            .iter_mut()
+            .map(|c| {
+                c.request("GET", "/probe", &headers, None)
+                    .map(|r| r.status)
+                    .map_err(|e| format!("probe connection: {e}"))
+            })
+            .collect()
+    }
+
+    fn wait_all_ok(&mut self, host: &str, auth: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses(host, auth)?;
+            if statuses.iter().all(|s| *s == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the probe never got 200 on every worker: {statuses:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// After `t0`, probes every worker until each refused (or `timeout`).
+    fn until_refused(&mut self, host: &str, auth: &str, t0: Instant, expect: u16, timeout: Duration) -> Result<(Option<f64>, Option<f64>, Option<u16>), String> {
+        let mut seen: Vec<Option<f64>> = vec![None; self.conns.len()];
+        let mut unexpected = None;
+        while seen.iter().any(Option::is_none) && t0.elapsed() < timeout {
+            let statuses = self.statuses(host, auth)?;
+            let at = t0.elapsed().as_secs_f64() * 1000.0;
+            for (slot, status) in seen.iter_mut().zip(statuses) {
+                if status != 200 && slot.is_none() {
+                    *slot = Some(at);
+                    if status != expect {
+                        unexpected = Some(status);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let first = seen.iter().flatten().copied().reduce(f64::min);
+        let all = if seen.iter().all(Option::is_some) {
+            seen.iter().flatten().copied().reduce(f64::max)
+        } else {
+            None
+        };
+        Ok((first, all, unexpected))
+    }
+}
+
+/// Runs `events` revocations against `envoy` (our filter, warm cache) and `cp` while
+/// `start_load` keeps the proxy busy; `stop_load` ends it.
+pub fn run(
+    envoy: &Envoy,
+    cp: &ControlPlane,
+    upstream_port: u16,
+    prober_token: &str,
+    events: usize,
+    start_load: impl FnOnce() -> Result<crate::procs::Proc, String>,
+) -> Result<Vec<Event>, String> {
+    let load_host = format!("localhost:{upstream_port}");
+    let probe_host = format!("127.0.0.1:{upstream_port}");
+    let prober = proxy_basic(prober_token, "default");
+    let mut probe = Probe::pin(envoy, &probe_host, &prober)?;
+    let mut load = start_load()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let timeout = Duration::from_secs(5);
+    let mut out = Vec::with_capacity(events);
+    for i in 0..events {
+        if load.exited() {
+            return Err("the background load stopped early".into());
+        }
+        let event = if i % 2 == 0 {
+            let name = format!("probe-{i}");
+            let token = cp.create_agent(&name)?;
+            let auth = proxy_basic(&token, "default");
+            probe.wait_all_ok(&load_host, &auth, timeout)?;
+            cp.revoke_agent(&name)?;
+            let t0 = Instant::now();
+            let (first_ms, all_ms, unexpected) = probe.until_refused(&load_host, &auth, t0, 407, timeout)?;
+            Event { kind: Kind::AgentRevoke, first_ms, all_ms, unexpected }
+        } else {
+            cp.set_credential(PROBE_KEY, &format!("sk_probe_{i}"))?;
+            probe.wait_all_ok(&probe_host, &prober, timeout)?;
+            cp.delete_credential(PROBE_KEY)?;
+            let t0 = Instant::now();
+            let (first_ms, all_ms, unexpected) = probe.until_refused(&probe_host, &prober, t0, 502, timeout)?;
+            Event { kind: Kind::CredentialDelete, first_ms, all_ms, unexpected }
+        };
+        out.push(event);
+    }
+    load.stop(Duration::from_secs(2));
+    Ok(out)
+}

@@ -1,0 +1,386 @@
+//! The table, the targets with PASS/MISS, and `BENCHMARKS.md`.
+
+use std::fmt::Write as _;
+
+use crate::envoy::{Variant, WORKERS};
+use crate::load::Run;
+use crate::propagation::{Event, Kind};
+use crate::{Args, Results, Sample};
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v: Vec<f64> = values.to_vec();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn samples(results: &Results, variant: Variant, connections: usize) -> Vec<&Sample> {
+    results
+        .samples
+        .iter()
+        .filter(|s| s.variant == variant && s.connections == connections)
+        .collect()
+}
+
+fn med(results: &Results, variant: Variant, connections: usize, f: impl Fn(&Sample) -> f64) -> f64 {
+    median(&samples(results, variant, connections).iter().map(|s| f(s)).collect::<Vec<_>>())
+}
+
+/// Median over rounds of a per-round comparison of `v` with `base` (same round, same
+/// connections): paired, so a slow round slows both.
+fn paired(results: &Results, v: Variant, base: Variant, connections: usize, f: impl Fn(&Sample, &Sample) -> f64) -> f64 {
+    let ours = samples(results, v, connections);
+    let theirs = samples(results, base, connections);
+    let values: Vec<f64> = ours
+        .iter()
+        .filter_map(|a| theirs.iter().find(|b| b.round == a.round).map(|b| f(a, b)))
+        .collect();
+    median(&values)
+}
+
+fn rps_ratio(results: &Results, v: Variant, base: Variant, connections: usize) -> f64 {
+    paired(results, v, base, connections, |a, b| a.run.rps / b.run.rps)
+}
+
+fn num(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "—".into()
+    }
+}
+
+struct Target {
+    what: String,
+    measured: String,
+    pass: bool,
+    why: String,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn machine() -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|k| k.parse::<u64>().ok()))
+        .map_or_else(String::new, |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_default();
+    let wrk = std::process::Command::new("wrk")
+        .arg("-v")
+        .output()
+        .map(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().next().unwrap_or_default().to_string()
+        })
+        .unwrap_or_default();
+    vec![
+        ("nproc".into(), nproc.to_string()),
+        ("CPU".into(), model),
+        ("memory".into(), mem),
+        ("kernel".into(), kernel),
+        ("OS".into(), os),
+        ("load generator".into(), wrk),
+    ]
+}
+
+pub fn render(args: &Args, results: &Results) -> (String, String) {
+    let conns = &args.connections;
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| variant | conns | req/s | p50 µs | p99 µs | ×(a) | ×(b) | non-2xx | CP calls / run | Envoy CPU µs/req | CP CPU µs/req |"
+    );
+    let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for variant in Variant::ALL {
+        for &c in conns {
+            let s = samples(results, variant, c);
+            if s.is_empty() {
+                continue;
+            }
+            let non_2xx: u64 = s.iter().map(|s| s.run.non_2xx + s.run.socket_errors).sum();
+            let calls = med(results, variant, c, |s| s.cp.calls() as f64);
+            let cp_cpu = med(results, variant, c, |s| s.cp_cpu_us);
+            let has_cp = matches!(variant, Variant::ExtAuthz | Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig);
+            let _ = writeln!(
+                table,
+                "| ({}) {} | {c} | {} | {} | {} | {} | {} | {non_2xx} | {} | {} | {} |",
+                variant.letter(),
+                variant.describe(),
+                num(med(results, variant, c, |s| s.run.rps), 0),
+                num(med(results, variant, c, |s| s.run.p50_us), 0),
+                num(med(results, variant, c, |s| s.run.p99_us), 0),
+                num(rps_ratio(results, variant, Variant::Plain, c), 2),
+                num(rps_ratio(results, variant, Variant::NoopWasm, c), 2),
+                if has_cp { num(calls, 0) } else { "—".into() },
+                num(med(results, variant, c, |s| s.envoy_cpu_us), 1),
+                if has_cp { num(cp_cpu, 1) } else { "—".into() },
+            );
+        }
+    }
+    for (label, cp) in [("10 × 10", &results.cp_small), ("10k × 1k", &results.cp_big)] {
+        let row = |table: &mut String, what: &str, clients: usize, run: &Run| {
+            let _ = writeln!(
+                table,
+                "| control plane alone ({label}): {what} | {clients} | {} | {} | {} | | | {} | | | |",
+                num(run.rps, 0),
+                num(run.p50_us, 0),
+                num(run.p99_us, 0),
+                run.non_2xx,
+            );
+        };
+        for (clients, run) in &cp.fetch {
+            row(&mut table, "credential fetch over the socket", *clients, run);
+        }
+        for (clients, run) in &cp.not_modified {
+            row(&mut table, "snapshot poll, 304", *clients, run);
+        }
+    }
+
+    // Snapshot, memory, propagation.
+    let mut facts = String::new();
+    let _ = writeln!(facts, "| measurement | 10 services × 10 agents | 10k services × 1k agents |");
+    let _ = writeln!(facts, "|---|---:|---:|");
+    let (s, b) = (&results.cp_small, &results.cp_big);
+    let _ = writeln!(facts, "| snapshot size | {:.1} KiB | {:.1} KiB |", s.bytes as f64 / 1024.0, b.bytes as f64 / 1024.0);
+    let _ = writeln!(facts, "| snapshot build, server-side (median of 7) | {} ms | {} ms |", num(s.build_ms, 2), num(b.build_ms, 2));
+    let _ = writeln!(facts, "| first GET after a change (build + transfer) | {} ms | {} ms |", num(s.cold_get_ms, 2), num(b.cold_get_ms, 2));
+    let _ = writeln!(facts, "| GET of the cached snapshot (200) | {} ms | {} ms |", num(s.warm_get_ms, 2), num(b.warm_get_ms, 2));
+    let rss = |l: &str| results.memory.rss_kib.get(l).copied().unwrap_or(0);
+    let _ = writeln!(
+        facts,
+        "| Envoy RSS with our filter (e / g) | {:.1} MiB | {:.1} MiB |",
+        mib(rss("e")),
+        mib(rss("g"))
+    );
+    let vms = results.memory.polling_vms.round().max(1.0);
+    let _ = writeln!(facts, "| seeding time | — | {:.1} s |", b.seed_secs);
+    let snapshot_per_worker = (mib(rss("g")) - mib(rss("e"))) / WORKERS as f64;
+    let filter_per_vm = (mib(rss("g")) - mib(rss("a"))) / vms;
+
+    let rss_line = crate::envoy::Variant::ALL
+        .iter()
+        .map(|v| format!("({}) {:.1}", v.letter(), mib(rss(v.letter()))))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    // Propagation.
+    let mut prop = String::new();
+    let events = &results.propagation;
+    if !events.is_empty() {
+        let _ = writeln!(prop, "| events | until the first refused request: p50 / p90 / p99 / max | until every worker refuses: p50 / p90 / p99 / max | not seen in 5 s | unexpected status |");
+        let _ = writeln!(prop, "|---|---|---|---:|---:|");
+        for (label, filter) in [
+            ("all", None),
+            ("agent revoke", Some(Kind::AgentRevoke)),
+            ("credential delete", Some(Kind::CredentialDelete)),
+        ] {
+            let chosen: Vec<&Event> = events.iter().filter(|e| filter.is_none_or(|k| e.kind == k)).collect();
+            let first: Vec<f64> = chosen.iter().map(|e| e.first_ms.unwrap_or(f64::INFINITY)).collect();
+            let all: Vec<f64> = chosen.iter().map(|e| e.all_ms.unwrap_or(f64::INFINITY)).collect();
+            let missing = chosen.iter().filter(|e| e.all_ms.is_none()).count();
+            let unexpected = chosen.iter().filter(|e| e.unexpected.is_some()).count();
+            let dist = |v: &[f64]| {
+                format!(
+                    "{} / {} / {} / {} ms",
+                    num(quantile(v, 0.5), 0),
+                    num(quantile(v, 0.9), 0),
+                    num(quantile(v, 0.99), 0),
+                    num(quantile(v, 1.0), 0)
+                )
+            };
+            let _ = writeln!(prop, "| {label} ({}) | {} | {} | {missing} | {unexpected} |", chosen.len(), dist(&first), dist(&all));
+        }
+    }
+
+    // Targets.
+    let mut targets = Vec::new();
+    for &c in conns {
+        let r = rps_ratio(results, Variant::FilterWarm, Variant::NoopWasm, c);
+        let cpu_b = med(results, Variant::NoopWasm, c, |s| s.envoy_cpu_us);
+        let cpu_e = med(results, Variant::FilterWarm, c, |s| s.envoy_cpu_us);
+        targets.push(Target {
+            what: format!("(e) ≥ 0.97 × (b) in req/s, {c} conn"),
+            measured: format!("{}× (Envoy CPU/req: (b) {} µs, (e) {} µs)", num(r, 3), num(cpu_b, 1), num(cpu_e, 1)),
+            pass: r >= 0.97,
+            why: String::new(),
+        });
+    }
+    for &c in conns {
+        let r = rps_ratio(results, Variant::FilterWarm, Variant::ExtAuthz, c);
+        targets.push(Target {
+            what: format!("(e) ≥ 1.5 × (d) in req/s, {c} conn"),
+            measured: format!("{}×", num(r, 2)),
+            pass: r >= 1.5,
+            why: String::new(),
+        });
+    }
+    if conns.contains(&1) {
+        let d = paired(results, Variant::FilterNoCache, Variant::Plain, 1, |a, b| a.run.p50_us - b.run.p50_us);
+        targets.push(Target {
+            what: "(f) adds ≤ 100 µs p50 over (a), 1 conn".into(),
+            measured: format!("+{} µs", num(d, 0)),
+            pass: d <= 100.0,
+            why: String::new(),
+        });
+    }
+    targets.push(Target {
+        what: "10k × 1k snapshot built ≤ 50 ms".into(),
+        measured: format!("{} ms ({:.1} MiB)", num(b.build_ms, 1), b.bytes as f64 / 1024.0 / 1024.0),
+        pass: b.build_ms <= 50.0,
+        why: String::new(),
+    });
+    targets.push(Target {
+        what: "10k × 1k: filter memory ≤ 20 MB per worker".into(),
+        measured: format!(
+            "{snapshot_per_worker:.1} MiB per worker for the snapshot ((g) − (e) RSS / {WORKERS}); {filter_per_vm:.1} MiB per VM for the whole filter ((g) − (a) RSS / {vms} VMs)"
+        ),
+        pass: filter_per_vm * 1.048_576 <= 20.0,
+        why: String::new(),
+    });
+    for &c in conns {
+        let r = rps_ratio(results, Variant::FilterBig, Variant::FilterWarm, c);
+        targets.push(Target {
+            what: format!("10k × 1k hit path within 5 % of the small snapshot, {c} conn"),
+            measured: format!("(g)/(e) = {}×", num(r, 3)),
+            pass: r >= 0.95,
+            why: String::new(),
+        });
+    }
+    if !events.is_empty() {
+        let all: Vec<f64> = events.iter().map(|e| e.all_ms.unwrap_or(f64::INFINITY)).collect();
+        let p99 = quantile(&all, 0.99);
+        targets.push(Target {
+            what: "propagation p99 ≤ 1.5 s (every worker)".into(),
+            measured: format!("{} ms", num(p99, 0)),
+            pass: p99 <= 1500.0,
+            why: String::new(),
+        });
+    }
+    let non_2xx: u64 = results.samples.iter().map(|s| s.run.non_2xx + s.run.socket_errors).sum();
+    targets.push(Target {
+        what: "no non-2xx response and no socket error in any run".into(),
+        measured: non_2xx.to_string(),
+        pass: non_2xx == 0,
+        why: String::new(),
+    });
+    let mut target_text = String::new();
+    for t in &targets {
+        let _ = writeln!(
+            target_text,
+            "- **{}** {}: {}{}",
+            if t.pass { "PASS" } else { "MISS" },
+            t.what,
+            t.measured,
+            if t.why.is_empty() { String::new() } else { format!(" — {}", t.why) }
+        );
+    }
+
+    let elapsed = results.started.elapsed().as_secs_f64();
+    let mut printed = String::new();
+    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{target_text}", results.memory.polling_vms);
+    let _ = writeln!(printed, "finished in {elapsed:.0} s; load average before {} / after {}", results.load_before, results.load_after);
+    for c in &results.checks {
+        let _ = writeln!(printed, "CHECK FAILED: {c}");
+    }
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `./dev bench` (the `agent-vault-bench` crate in `bench/`); DESIGN.md §12 explains what \
+         is measured and why. Everything runs on one machine over loopback and shares its cores: the load \
+         generator, Envoy, the upstream and the control plane compete, so absolute numbers are low and only \
+         ratios within one run mean something. Variants are alternated over rounds (each round starts at a \
+         different variant) and every figure is the median over rounds; ratios are medians of per-round ratios.\n"
+    );
+    let _ = writeln!(md, "## Machine\n");
+    let _ = writeln!(md, "| | |\n|---|---|");
+    for (k, v) in machine() {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(md, "| Envoy | {} (`--concurrency {WORKERS}` for every variant) |", results.envoy_version);
+    let _ = writeln!(md, "| load average (1/5/15 min) | before {} · after {} |", results.load_before, results.load_after);
+    let _ = writeln!(md, "| duration | {elapsed:.0} s for the benchmark itself (after the builds) |\n");
+    let _ = writeln!(md, "## Command\n\n```sh\n{}\n```\n", args.command);
+    let _ = writeln!(
+        md,
+        "{} rounds × {} variants × {:?} connections × {} s with `wrk -t1 -cN --latency`, every request \
+         `GET /bench` with `Host: localhost:<upstream>` and `Proxy-Authorization: Basic base64(<agent token>:default)`; \
+         the upstream is a minimal HTTP/1.1 server in the benchmark process answering `200 ok`. Each variant has its \
+         own Envoy and (d–g) its own control plane, so the control plane's counters (`GET /v1/dataplane/stats` on \
+         its socket) count only that variant's calls. CPU columns are from `/proc/<pid>/stat` over each run.\n",
+        args.rounds,
+        args.variants.len(),
+        args.connections,
+        args.duration.as_secs()
+    );
+    let _ = writeln!(md, "## Results\n\n{table}");
+    let _ = writeln!(md, "### Snapshot and memory\n\n{facts}");
+    let _ = writeln!(
+        md,
+        "Envoy RSS after the runs (MiB): {rss_line}. VMs polling the big control plane per Envoy: {} \
+         (each worker's VM polls once a second).\n",
+        results.memory.polling_vms
+    );
+    if !prop.is_empty() {
+        let _ = writeln!(
+            md,
+            "### Propagation\n\n{} revocations on (e) under load (`wrk -c4` as another agent), alternating \
+             agent revoke (expect 407) and credential delete (expect 502); one probe connection pinned to each \
+             Envoy worker; time from the API's acknowledgement.\n\n{prop}",
+            events.len()
+        );
+    }
+    let _ = writeln!(md, "## Targets\n\n{target_text}");
+    if !results.checks.is_empty() {
+        let _ = writeln!(md, "## Failed checks\n");
+        for c in &results.checks {
+            let _ = writeln!(md, "- {c}");
+        }
+        md.push('\n');
+    }
+    (printed, md)
+}
