@@ -62,7 +62,9 @@ macro_rules! trees {
             }
         }
 
-        /// The same trees inside one transaction.
+        /// The same trees inside one transaction. Not every tree is written
+        /// transactionally (the request log appends with sled batches).
+        #[allow(dead_code)]
         pub(crate) struct Tx<'a> { $(pub $name: &'a TransactionalTree,)* }
 
         impl<'a> Tx<'a> {

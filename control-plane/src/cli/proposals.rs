@@ -28,7 +28,7 @@ use super::context::{Context, VaultSource};
 use super::credentials::{check_key, parse_pairs};
 use super::output::{self, str_field};
 use super::prompt;
-use super::services::{build_service, AddService, AuthType};
+use super::services::{build_service, AddService, AuthType, ServiceFlags};
 
 #[derive(Debug, Subcommand)]
 pub enum ProposalCommand {
@@ -100,33 +100,8 @@ pub struct CreateArgs {
     pub host: Option<String>,
     #[arg(long, value_enum, value_name = "TYPE")]
     pub auth_type: Option<AuthType>,
-    /// Credential key of the bearer token (bearer)
-    #[arg(long, value_name = "KEY")]
-    pub token_key: Option<String>,
-    /// Credential key of the username (basic)
-    #[arg(long, value_name = "KEY")]
-    pub username_key: Option<String>,
-    /// Credential key of the password (basic)
-    #[arg(long, value_name = "KEY")]
-    pub password_key: Option<String>,
-    /// Credential key of the API key (api-key)
-    #[arg(long, value_name = "KEY")]
-    pub api_key_key: Option<String>,
-    /// Header that carries the API key (api-key) [default: x-api-key]
-    #[arg(long, value_name = "HEADER")]
-    pub api_key_header: Option<String>,
-    /// Text before the API key in the header (api-key) [default: ""]
-    #[arg(long, value_name = "PREFIX", allow_hyphen_values = true)]
-    pub api_key_prefix: Option<String>,
-    /// A header and its template, e.g. 'X-Token: tok {{ KEY }}' (custom; repeatable)
-    #[arg(long = "custom-header", value_name = "'HEADER: TEMPLATE'")]
-    pub custom_header: Vec<String>,
-    /// The service talks plain HTTP (internal services only)
-    #[arg(long)]
-    pub no_upstream_tls: bool,
-    /// Propose the service disabled
-    #[arg(long)]
-    pub disabled: bool,
+    #[command(flatten)]
+    pub flags: ServiceFlags,
     /// Remove this service (repeatable)
     #[arg(long = "delete-service", value_name = "NAME")]
     pub delete_service: Vec<String>,
@@ -208,17 +183,7 @@ fn has_proposal_flags(args: &CreateArgs) -> bool {
 
 /// Whether a flag that describes the one service is given (besides its name).
 fn has_service_flags(args: &CreateArgs) -> bool {
-    args.host.is_some()
-        || args.auth_type.is_some()
-        || args.token_key.is_some()
-        || args.username_key.is_some()
-        || args.password_key.is_some()
-        || args.api_key_key.is_some()
-        || args.api_key_header.is_some()
-        || args.api_key_prefix.is_some()
-        || !args.custom_header.is_empty()
-        || args.no_upstream_tls
-        || args.disabled
+    args.host.is_some() || args.auth_type.is_some() || args.flags.any()
 }
 
 /// The proposal JSON for `create`'s flags.
@@ -237,15 +202,7 @@ pub fn build_proposal(args: &CreateArgs) -> anyhow::Result<Value> {
                 name: name.clone(),
                 host,
                 auth_type,
-                token_key: args.token_key.clone(),
-                username_key: args.username_key.clone(),
-                password_key: args.password_key.clone(),
-                api_key_key: args.api_key_key.clone(),
-                api_key_header: args.api_key_header.clone(),
-                api_key_prefix: args.api_key_prefix.clone(),
-                custom_header: args.custom_header.clone(),
-                no_upstream_tls: args.no_upstream_tls,
-                disabled: args.disabled,
+                flags: args.flags.clone(),
             };
             let mut service = build_service(&add)?;
             if let Some(object) = service.as_object_mut() {

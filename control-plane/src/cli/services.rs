@@ -17,6 +17,8 @@ use super::output::{self, str_field};
 use super::vaults::yes_no;
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `add` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ServiceCommand {
     /// Add a service: a host and how to authenticate to it
     Add(AddService),
@@ -81,6 +83,14 @@ pub struct AddService {
     pub host: String,
     #[arg(long, value_enum, value_name = "TYPE")]
     pub auth_type: AuthType,
+    #[command(flatten)]
+    pub flags: ServiceFlags,
+}
+
+/// The flags that describe a service's auth and transport, shared by `service add`
+/// and `proposal create`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServiceFlags {
     /// Credential key of the bearer token (bearer)
     #[arg(long, value_name = "KEY")]
     pub token_key: Option<String>,
@@ -110,6 +120,21 @@ pub struct AddService {
     pub disabled: bool,
 }
 
+impl ServiceFlags {
+    /// Whether any of these flags was given.
+    pub fn any(&self) -> bool {
+        self.token_key.is_some()
+            || self.username_key.is_some()
+            || self.password_key.is_some()
+            || self.api_key_key.is_some()
+            || self.api_key_header.is_some()
+            || self.api_key_prefix.is_some()
+            || !self.custom_header.is_empty()
+            || self.no_upstream_tls
+            || self.disabled
+    }
+}
+
 pub fn run(cmd: ServiceCommand, ctx: &Context) -> anyhow::Result<()> {
     let vault = ctx.vault().name;
     match cmd {
@@ -131,35 +156,39 @@ pub fn build_auth(args: &AddService) -> anyhow::Result<Value> {
     let kind = args.auth_type;
     // A flag for another auth type is a mistake worth stopping on, not ignoring.
     let flags: [(&str, bool, &[AuthType]); 7] = [
-        ("--token-key", args.token_key.is_some(), &[AuthType::Bearer]),
+        (
+            "--token-key",
+            args.flags.token_key.is_some(),
+            &[AuthType::Bearer],
+        ),
         (
             "--username-key",
-            args.username_key.is_some(),
+            args.flags.username_key.is_some(),
             &[AuthType::Basic],
         ),
         (
             "--password-key",
-            args.password_key.is_some(),
+            args.flags.password_key.is_some(),
             &[AuthType::Basic],
         ),
         (
             "--api-key-key",
-            args.api_key_key.is_some(),
+            args.flags.api_key_key.is_some(),
             &[AuthType::ApiKey],
         ),
         (
             "--api-key-header",
-            args.api_key_header.is_some(),
+            args.flags.api_key_header.is_some(),
             &[AuthType::ApiKey],
         ),
         (
             "--api-key-prefix",
-            args.api_key_prefix.is_some(),
+            args.flags.api_key_prefix.is_some(),
             &[AuthType::ApiKey],
         ),
         (
             "--custom-header",
-            !args.custom_header.is_empty(),
+            !args.flags.custom_header.is_empty(),
             &[AuthType::Custom],
         ),
     ];
@@ -179,31 +208,31 @@ pub fn build_auth(args: &AddService) -> anyhow::Result<Value> {
     Ok(match kind {
         AuthType::Bearer => json!({
             "type": "bearer",
-            "token": required(&args.token_key, "--token-key")?,
+            "token": required(&args.flags.token_key, "--token-key")?,
         }),
         AuthType::Basic => json!({
             "type": "basic",
-            "username": required(&args.username_key, "--username-key")?,
-            "password": required(&args.password_key, "--password-key")?,
+            "username": required(&args.flags.username_key, "--username-key")?,
+            "password": required(&args.flags.password_key, "--password-key")?,
         }),
         AuthType::ApiKey => {
-            let header = args.api_key_header.as_deref().unwrap_or("x-api-key");
+            let header = args.flags.api_key_header.as_deref().unwrap_or("x-api-key");
             if header.trim().is_empty() {
                 bail!("--api-key-header cannot be empty");
             }
             json!({
                 "type": "api-key",
-                "key": required(&args.api_key_key, "--api-key-key")?,
+                "key": required(&args.flags.api_key_key, "--api-key-key")?,
                 "header": header.trim(),
-                "prefix": args.api_key_prefix.as_deref().unwrap_or(""),
+                "prefix": args.flags.api_key_prefix.as_deref().unwrap_or(""),
             })
         }
         AuthType::Custom => {
-            if args.custom_header.is_empty() {
+            if args.flags.custom_header.is_empty() {
                 bail!("--auth-type custom needs --custom-header 'HEADER: TEMPLATE' (at least one)");
             }
             let mut headers = Map::new();
-            for raw in &args.custom_header {
+            for raw in &args.flags.custom_header {
                 let (name, template) = parse_custom_header(raw)?;
                 if headers.keys().any(|h| h.eq_ignore_ascii_case(&name)) {
                     bail!("--custom-header {name} is given twice");
@@ -238,9 +267,9 @@ pub fn build_service(args: &AddService) -> anyhow::Result<Value> {
     Ok(json!({
         "name": args.name,
         "host": args.host,
-        "enabled": !args.disabled,
+        "enabled": !args.flags.disabled,
         "auth": build_auth(args)?,
-        "upstream_tls": !args.no_upstream_tls,
+        "upstream_tls": !args.flags.no_upstream_tls,
     }))
 }
 
@@ -257,7 +286,11 @@ fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
         args.name,
         args.host,
         args.auth_type.as_str(),
-        if args.disabled { ", disabled" } else { "" }
+        if args.flags.disabled {
+            ", disabled"
+        } else {
+            ""
+        }
     ))
 }
 
