@@ -66,7 +66,11 @@ impl Counts {
 
     /// Every data-plane request.
     pub fn calls(&self) -> u64 {
-        self.snapshot_full + self.snapshot_not_modified + self.credentials + self.logs + self.ext_authz
+        self.snapshot_full
+            + self.snapshot_not_modified
+            + self.credentials
+            + self.logs
+            + self.ext_authz
     }
 }
 
@@ -107,9 +111,12 @@ impl ControlPlane {
                 line.clear();
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| format!("{name}: no listening line; see {}", dir.join("server.log").display()))?;
+        let line = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+            format!(
+                "{name}: no listening line; see {}",
+                dir.join("server.log").display()
+            )
+        })?;
         let port = line
             .split("http://127.0.0.1:")
             .nth(1)
@@ -147,7 +154,10 @@ impl ControlPlane {
         body: Option<&Value>,
     ) -> Result<(u16, Value), String> {
         let bearer = token.map(|t| format!("Bearer {t}"));
-        let mut headers = vec![("Content-Type", "application/json"), ("Connection", "close")];
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+        ];
         if let Some(b) = &bearer {
             headers.push(("Authorization", b.as_str()));
         }
@@ -158,10 +168,18 @@ impl ControlPlane {
     }
 
     /// A management API call as the owner; `Err` unless the status is `expect`.
-    pub fn api(&self, method: &str, path: &str, body: Option<&Value>, expect: u16) -> Result<Value, String> {
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        expect: u16,
+    ) -> Result<Value, String> {
         let (status, value) = self.call_as(Some(&self.token), method, path, body)?;
         if status != expect {
-            return Err(format!("{method} {path}: expected {expect}, got {status} {value}"));
+            return Err(format!(
+                "{method} {path}: expected {expect}, got {status} {value}"
+            ));
         }
         Ok(value)
     }
@@ -211,14 +229,21 @@ impl ControlPlane {
     }
 
     pub fn revoke_agent(&self, name: &str) -> Result<(), String> {
-        self.api("DELETE", &format!("/v1/agents/{name}"), None, 204).map(drop)
+        self.api("DELETE", &format!("/v1/agents/{name}"), None, 204)
+            .map(drop)
     }
 
     /// The data-plane counters, over the socket.
     pub fn counts(&self) -> Counts {
-        http::unix_once(&self.socket, "GET", "/v1/dataplane/stats", &[("Connection", "close")], None)
-            .map(|r| Counts::from_json(&r.json()))
-            .unwrap_or_default()
+        http::unix_once(
+            &self.socket,
+            "GET",
+            "/v1/dataplane/stats",
+            &[("Connection", "close")],
+            None,
+        )
+        .map(|r| Counts::from_json(&r.json()))
+        .unwrap_or_default()
     }
 
     /// A keep-alive connection to the data-plane socket.
@@ -230,13 +255,22 @@ impl ControlPlane {
     pub fn wait_socket(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http::unix_once(&self.socket, "GET", "/v1/dataplane/stats", &[("Connection", "close")], None)
-                .is_ok_and(|r| r.status == 200)
+            if http::unix_once(
+                &self.socket,
+                "GET",
+                "/v1/dataplane/stats",
+                &[("Connection", "close")],
+                None,
+            )
+            .is_ok_and(|r| r.status == 200)
             {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("the data-plane socket {} does not answer", self.socket.display()))
+        Err(format!(
+            "the data-plane socket {} does not answer",
+            self.socket.display()
+        ))
     }
 }

@@ -28,6 +28,9 @@ pub enum Variant {
     FilterNoCache,
     /// (g) our filter, warm cache, control plane with 10k services × 1k agents.
     FilterBig,
+    /// (h) another build of our filter (`--candidate-wasm`), warm cache: to compare a
+    /// change against the current build within one run.
+    Candidate,
 }
 
 impl Variant {
@@ -50,6 +53,7 @@ impl Variant {
             Variant::FilterWarm => "e",
             Variant::FilterNoCache => "f",
             Variant::FilterBig => "g",
+            Variant::Candidate => "h",
         }
     }
 
@@ -62,6 +66,7 @@ impl Variant {
             Variant::FilterWarm => "Agent Vault filter, warm cache",
             Variant::FilterNoCache => "Agent Vault filter, cache off (ttl 0)",
             Variant::FilterBig => "Agent Vault filter, warm, 10k svc × 1k agents",
+            Variant::Candidate => "candidate filter build, warm cache",
         }
     }
 
@@ -69,7 +74,11 @@ impl Variant {
     pub fn needs_agent(self) -> bool {
         matches!(
             self,
-            Variant::ExtAuthz | Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig
+            Variant::ExtAuthz
+                | Variant::FilterWarm
+                | Variant::FilterNoCache
+                | Variant::FilterBig
+                | Variant::Candidate
         )
     }
 
@@ -84,6 +93,8 @@ pub struct Inputs<'a> {
     pub upstream_port: u16,
     pub filter_wasm: &'a Path,
     pub noop_wasm: &'a Path,
+    /// Variant (h)'s filter.
+    pub candidate_wasm: Option<&'a Path>,
     /// The control plane's socket for this variant (d, e, f: small; g: big).
     pub socket: &'a Path,
     /// Where the variant's files (config, SDS secret, log) go.
@@ -162,11 +173,16 @@ fn routes(filter: bool) -> String {
 }
 
 /// The bootstrap of `variant` listening on `port` with admin on `admin_port`.
-pub fn config(variant: Variant, port: u16, admin_port: u16, inputs: &Inputs<'_>) -> Result<String, String> {
+pub fn config(
+    variant: Variant,
+    port: u16,
+    admin_port: u16,
+    inputs: &Inputs<'_>,
+) -> Result<String, String> {
     let mut filters = String::new();
     let filter_routes = matches!(
         variant,
-        Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig
+        Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig | Variant::Candidate
     );
     match variant {
         Variant::Plain => {}
@@ -181,9 +197,8 @@ pub fn config(variant: Variant, port: u16, admin_port: u16, inputs: &Inputs<'_>)
                   vm_id: noop
                   runtime: envoy.wasm.runtime.v8
                   code: {{local: {{filename: {}}}}}
-                configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: "{}"}}
                 fail_open: false"#,
-            inputs.noop_wasm.display(), std::env::var("BENCH_NOOP_CONFIG").unwrap_or_default()
+            inputs.noop_wasm.display()
         )),
         Variant::CredentialInjector => {
             let secret = inputs.dir.join("credential-sds.yaml");
@@ -233,10 +248,17 @@ pub fn config(variant: Variant, port: u16, admin_port: u16, inputs: &Inputs<'_>)
         Variant::FilterWarm | Variant::FilterBig => {
             filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000))
         }
+        Variant::Candidate => filters.push_str(&agent_vault_filter(
+            inputs.candidate_wasm.unwrap_or(inputs.filter_wasm),
+            60_000,
+        )),
         Variant::FilterNoCache => filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0)),
     }
     filters.push_str(ROUTER);
-    let control_plane_cluster = if matches!(variant, Variant::Plain | Variant::NoopWasm | Variant::CredentialInjector) {
+    let control_plane_cluster = if matches!(
+        variant,
+        Variant::Plain | Variant::NoopWasm | Variant::CredentialInjector
+    ) {
         String::new()
     } else {
         format!(
@@ -318,13 +340,21 @@ impl Envoy {
             std::fs::write(&config_path, config(variant, port, admin_port, inputs)?)
                 .map_err(|e| e.to_string())?;
             let log = inputs.dir.join(format!("envoy-{}.log", variant.letter()));
-            let out = std::fs::File::create(inputs.dir.join(format!("envoy-{}-{attempt}.out", variant.letter())))
-                .map_err(|e| e.to_string())?;
+            let out = std::fs::File::create(
+                inputs
+                    .dir
+                    .join(format!("envoy-{}-{attempt}.out", variant.letter())),
+            )
+            .map_err(|e| e.to_string())?;
             let mut command = Command::new(binary);
             command
                 .arg("-c")
                 .arg(&config_path)
-                .args(["--concurrency", &WORKERS.to_string(), "--use-dynamic-base-id"])
+                .args([
+                    "--concurrency",
+                    &WORKERS.to_string(),
+                    "--use-dynamic-base-id",
+                ])
                 .args(["-l", "warning"])
                 .arg("--log-path")
                 .arg(&log)
@@ -344,7 +374,10 @@ impl Envoy {
                 Err(e) => last = e,
             }
         }
-        Err(format!("Envoy ({}) did not start: {last}", variant.letter()))
+        Err(format!(
+            "Envoy ({}) did not start: {last}",
+            variant.letter()
+        ))
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
@@ -356,8 +389,14 @@ impl Envoy {
                     tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 20)
                 ));
             }
-            if http::tcp_once(self.admin_port, "GET", "/ready", &[("Connection", "close")], None)
-                .is_ok_and(|r| r.status == 200)
+            if http::tcp_once(
+                self.admin_port,
+                "GET",
+                "/ready",
+                &[("Connection", "close")],
+                None,
+            )
+            .is_ok_and(|r| r.status == 200)
             {
                 return Ok(());
             }

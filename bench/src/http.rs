@@ -143,8 +143,11 @@ impl<S: Stream> Conn<S> {
             .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
         {
             loop {
-                let size = usize::from_str_radix(self.read_line()?.split(';').next().unwrap_or("").trim(), 16)
-                    .map_err(|_| bad("bad chunk size"))?;
+                let size = usize::from_str_radix(
+                    self.read_line()?.split(';').next().unwrap_or("").trim(),
+                    16,
+                )
+                .map_err(|_| bad("bad chunk size"))?;
                 if size == 0 {
                     while !self.read_line()?.is_empty() {}
                     break;

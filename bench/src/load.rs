@@ -54,7 +54,11 @@ pub fn wrk(target: &Target<'_>, connections: usize, duration: Duration) -> Resul
 }
 
 /// Starts wrk in the background (for load during the propagation test).
-pub fn wrk_background(target: &Target<'_>, connections: usize, duration: Duration) -> Result<crate::procs::Proc, String> {
+pub fn wrk_background(
+    target: &Target<'_>,
+    connections: usize,
+    duration: Duration,
+) -> Result<crate::procs::Proc, String> {
     let mut command = Command::new("wrk");
     command
         .args(["-t", "1", "-c", &connections.to_string()])
@@ -112,17 +116,23 @@ pub fn parse_wrk(text: &str) -> Option<Run> {
     seen_rps.then_some(run)
 }
 
+/// One request the socket loop repeats, and the status it expects.
+#[derive(Debug, Clone)]
+pub struct SocketRequest {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub expect: u16,
+}
+
 /// A closed loop of `clients` keep-alive connections to the control plane's socket,
-/// each sending `request` (a method, path, headers and body) for `duration`.
+/// each sending `request` for `duration`.
 pub fn socket_loop(
     socket: &Path,
     clients: usize,
     duration: Duration,
-    method: &'static str,
-    path: &'static str,
-    headers: Vec<(String, String)>,
-    body: Option<Vec<u8>>,
-    expect: u16,
+    request: &SocketRequest,
 ) -> Result<Run, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -130,25 +140,35 @@ pub fn socket_loop(
     for _ in 0..clients {
         let socket = socket.to_path_buf();
         let stop = stop.clone();
-        let headers = headers.clone();
-        let body = body.clone();
-        threads.push(std::thread::spawn(move || -> Result<(Vec<u32>, u64), String> {
-            let mut conn = Conn::unix(&socket).map_err(|e| e.to_string())?;
-            let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            let mut latencies = Vec::with_capacity(100_000);
-            let mut wrong = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let sent = Instant::now();
-                let response = conn
-                    .request(method, path, &pairs, body.as_deref())
-                    .map_err(|e| e.to_string())?;
-                latencies.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
-                if response.status != expect {
-                    wrong += 1;
+        let SocketRequest {
+            method,
+            path,
+            headers,
+            body,
+            expect,
+        } = request.clone();
+        threads.push(std::thread::spawn(
+            move || -> Result<(Vec<u32>, u64), String> {
+                let mut conn = Conn::unix(&socket).map_err(|e| e.to_string())?;
+                let pairs: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let mut latencies = Vec::with_capacity(100_000);
+                let mut wrong = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    let response = conn
+                        .request(method, path, &pairs, body.as_deref())
+                        .map_err(|e| e.to_string())?;
+                    latencies.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    if response.status != expect {
+                        wrong += 1;
+                    }
                 }
-            }
-            Ok((latencies, wrong))
-        }));
+                Ok((latencies, wrong))
+            },
+        ));
     }
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);

@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH
-//!     [--rounds 5] [--duration 5] [--events 50] [--out BENCHMARKS.md] [--command TEXT]
+//!     [--rounds 5] [--duration 4] [--events 50] [--out BENCHMARKS.md] [--command TEXT]
 //! ```
 
 mod controlplane;
@@ -51,6 +51,8 @@ pub struct Args {
     /// optimizing; the committed numbers come from a full run.
     pub variants: Vec<Variant>,
     pub skip_cp_alone: bool,
+    /// Adds variant (h): this build of the filter, alternated with the others.
+    pub candidate_wasm: Option<PathBuf>,
 }
 
 fn usage() -> ! {
@@ -58,7 +60,7 @@ fn usage() -> ! {
         "usage: agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH \
          [--rounds N] [--duration SECS] [--connections 1,16] [--events N] [--cp-duration SECS] \
          [--big-services N] [--big-agents N] [--out FILE|-] [--command TEXT] \
-         [--variants abcdefg] [--skip-cp-alone]"
+         [--variants abcdefg] [--skip-cp-alone] [--candidate-wasm PATH]"
     );
     std::process::exit(2);
 }
@@ -70,7 +72,7 @@ fn parse_args() -> Args {
         filter_wasm: PathBuf::new(),
         noop_wasm: PathBuf::new(),
         rounds: 5,
-        duration: Duration::from_secs(5),
+        duration: Duration::from_secs(4),
         connections: vec![1, 16],
         events: 50,
         cp_duration: Duration::from_secs(3),
@@ -80,6 +82,7 @@ fn parse_args() -> Args {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         variants: Variant::ALL.to_vec(),
         skip_cp_alone: false,
+        candidate_wasm: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -92,9 +95,14 @@ fn parse_args() -> Args {
             "--noop-wasm" => args.noop_wasm = value().into(),
             "--rounds" => args.rounds = number(value()).max(1),
             "--duration" => args.duration = Duration::from_secs(number(value()).max(1) as u64),
-            "--cp-duration" => args.cp_duration = Duration::from_secs(number(value()).max(1) as u64),
+            "--cp-duration" => {
+                args.cp_duration = Duration::from_secs(number(value()).max(1) as u64)
+            }
             "--connections" => {
-                args.connections = value().split(',').map(|c| number(c.trim().to_string())).collect()
+                args.connections = value()
+                    .split(',')
+                    .map(|c| number(c.trim().to_string()))
+                    .collect()
             }
             "--events" => args.events = number(value()),
             "--big-services" => args.big_services = number(value()).max(1),
@@ -112,8 +120,12 @@ fn parse_args() -> Args {
                     .collect();
             }
             "--skip-cp-alone" => args.skip_cp_alone = true,
+            "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
             _ => usage(),
         }
+    }
+    if args.candidate_wasm.is_some() {
+        args.variants.push(Variant::Candidate);
     }
     for (what, path) in [
         ("--envoy", &args.envoy),
@@ -217,7 +229,11 @@ fn sha256_hex(text: &str) -> String {
 fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -234,12 +250,17 @@ fn run(args: &Args) -> Result<(), String> {
     result
 }
 
-fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) -> Result<(), String> {
+fn run_in(
+    args: &Args,
+    workdir: &Path,
+    started: Instant,
+    load_before: String,
+) -> Result<(), String> {
     let secret = format!("sk_bench_{}", random_hex(12));
     // One upstream per variant: a request still in flight when one run ends is never
     // counted in another variant's run.
     let mut upstreams: BTreeMap<&'static str, Upstream> = BTreeMap::new();
-    for variant in Variant::ALL {
+    for variant in Variant::ALL.into_iter().chain([Variant::Candidate]) {
         let upstream = Upstream::start(&format!("authorization: Bearer {secret}"))
             .map_err(|e| e.to_string())?;
         upstreams.insert(variant.letter(), upstream);
@@ -251,14 +272,18 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
     log("starting control planes and seeding (10 services × 10 agents; 10k × 1k)");
     let mut cps: BTreeMap<&'static str, ControlPlane> = BTreeMap::new();
     let mut seeded: BTreeMap<&'static str, seed::Seeded> = BTreeMap::new();
-    for letter in ["d", "e", "f"] {
+    let candidate = args.candidate_wasm.is_some().then_some("h");
+    for letter in ["d", "e", "f"].into_iter().chain(candidate) {
         let cp = ControlPlane::start(&args.agent_vault, workdir, &format!("cp-{letter}"))?;
         seeded.insert(letter, seed::small(&cp, up(letter), &secret)?);
         cps.insert(letter, cp);
     }
     let big = ControlPlane::start(&args.agent_vault, workdir, "cp-g")?;
     let seed_start = Instant::now();
-    seeded.insert("g", seed::big(&big, up("g"), &secret, args.big_services, args.big_agents)?);
+    seeded.insert(
+        "g",
+        seed::big(&big, up("g"), &secret, args.big_services, args.big_agents)?,
+    );
     let big_seed_secs = seed_start.elapsed().as_secs_f64();
     log(&format!(
         "seeded {} services × {} agents in {big_seed_secs:.1} s",
@@ -294,6 +319,7 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
             upstream_port: up(variant.letter()),
             filter_wasm: &args.filter_wasm,
             noop_wasm: &args.noop_wasm,
+            candidate_wasm: args.candidate_wasm.as_deref(),
             socket: &socket,
             dir: workdir,
             static_credential: &static_credential,
@@ -307,7 +333,10 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
             .agent_token;
         vec![
             ("Host".into(), format!("localhost:{}", up(variant.letter()))),
-            ("Proxy-Authorization".into(), propagation::proxy_basic(token, "default")),
+            (
+                "Proxy-Authorization".into(),
+                propagation::proxy_basic(token, "default"),
+            ),
         ]
     };
 
@@ -315,7 +344,10 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
     // upstream sees what it should.
     for envoy in &envoys {
         let headers = headers_for(envoy.variant);
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let upstream = &upstreams[envoy.variant.letter()];
@@ -325,12 +357,20 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
             match response {
                 Ok(r) if r.status == 200 => {
                     if envoy.variant.injects() && seen.with_credential != 1 {
-                        return Err(format!("variant ({}) did not inject the credential", envoy.variant.letter()));
+                        return Err(format!(
+                            "variant ({}) did not inject the credential",
+                            envoy.variant.letter()
+                        ));
                     }
                     break;
                 }
                 Ok(r) if Instant::now() > deadline => {
-                    return Err(format!("variant ({}) answers {} {}", envoy.variant.letter(), r.status, r.text()));
+                    return Err(format!(
+                        "variant ({}) answers {} {}",
+                        envoy.variant.letter(),
+                        r.status,
+                        r.text()
+                    ));
                 }
                 Err(e) if Instant::now() > deadline => {
                     return Err(format!("variant ({}): {e}", envoy.variant.letter()));
@@ -342,7 +382,11 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
     log("warming up every variant (1 s each, not recorded)");
     for envoy in &envoys {
         let headers = headers_for(envoy.variant);
-        let target = load::Target { port: envoy.port, path: "/bench", headers: &headers };
+        let target = load::Target {
+            port: envoy.port,
+            path: "/bench",
+            headers: &headers,
+        };
         load::wrk(&target, 16, Duration::from_secs(1))?;
     }
 
@@ -362,7 +406,11 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
             let envoy = &envoys[(k + round) % envoys.len()];
             let cp = cps.get(envoy.variant.letter());
             let headers = headers_for(envoy.variant);
-            let target = load::Target { port: envoy.port, path: "/bench", headers: &headers };
+            let target = load::Target {
+                port: envoy.port,
+                path: "/bench",
+                headers: &headers,
+            };
             for &connections in &args.connections {
                 let cp_before = cp.map(ControlPlane::counts).unwrap_or_default();
                 let upstream = &upstreams[envoy.variant.letter()];
@@ -371,11 +419,18 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
                 let cp_cpu = cp.and_then(|c| procs::cpu_ticks(c.proc.pid())).unwrap_or(0);
                 let run = load::wrk(&target, connections, args.duration)?;
                 let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0) - envoy_cpu;
-                let cp_cpu = cp.and_then(|c| procs::cpu_ticks(c.proc.pid())).unwrap_or(0).saturating_sub(cp_cpu);
+                let cp_cpu = cp
+                    .and_then(|c| procs::cpu_ticks(c.proc.pid()))
+                    .unwrap_or(0)
+                    .saturating_sub(cp_cpu);
                 let cp_counts = cp.map(|c| c.counts().since(cp_before)).unwrap_or_default();
                 let seen = upstream.counts().since(up_before);
                 let per_request = |ticks: u64| {
-                    if run.requests == 0 { 0.0 } else { ticks as f64 / tck * 1e6 / run.requests as f64 }
+                    if run.requests == 0 {
+                        0.0
+                    } else {
+                        ticks as f64 / tck * 1e6 / run.requests as f64
+                    }
                 };
                 let sample = Sample {
                     variant: envoy.variant,
@@ -385,7 +440,11 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
                     cp: cp_counts,
                     upstream: seen,
                     envoy_cpu_us: per_request(envoy_cpu),
-                    cp_cpu_us: if cp.is_some() { per_request(cp_cpu) } else { 0.0 },
+                    cp_cpu_us: if cp.is_some() {
+                        per_request(cp_cpu)
+                    } else {
+                        0.0
+                    },
                 };
                 log(&format!(
                     "round {} ({}) c={connections:>2}: {:>8.0} req/s  p50 {:>7.1} µs  p99 {:>7.1} µs  non-2xx {}  cp calls {}  envoy cpu {:.1} µs/req",
@@ -431,7 +490,10 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
     // Propagation on (e).
     let mut propagation = Vec::new();
     if args.events > 0 && args.variants.contains(&Variant::FilterWarm) {
-        log(&format!("propagation: {} revocations under load on (e)", args.events));
+        log(&format!(
+            "propagation: {} revocations under load on (e)",
+            args.events
+        ));
         let e = envoys
             .iter()
             .find(|e| e.variant == Variant::FilterWarm)
@@ -441,7 +503,11 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
         let budget = Duration::from_secs(args.events as u64 * 6 + 30);
         propagation = propagation::run(e, &cps["e"], up("e"), &prober, args.events, || {
             load::wrk_background(
-                &load::Target { port: e.port, path: "/bench", headers: &headers },
+                &load::Target {
+                    port: e.port,
+                    path: "/bench",
+                    headers: &headers,
+                },
                 4,
                 budget,
             )
@@ -470,7 +536,11 @@ fn run_in(args: &Args, workdir: &Path, started: Instant, load_before: String) ->
 }
 
 /// Credential fetches, the 304 path and snapshot builds against one control plane.
-fn control_plane_alone(cp: &ControlPlane, seeded: &seed::Seeded, args: &Args) -> Result<CpAlone, String> {
+fn control_plane_alone(
+    cp: &ControlPlane,
+    seeded: &seed::Seeded,
+    args: &Args,
+) -> Result<CpAlone, String> {
     let mut out = CpAlone {
         services: seeded.services,
         agents: seeded.agents,
@@ -484,8 +554,15 @@ fn control_plane_alone(cp: &ControlPlane, seeded: &seed::Seeded, args: &Args) ->
     .to_string()
     .into_bytes();
     let json = vec![("Content-Type".to_string(), "application/json".to_string())];
+    let fetch = load::SocketRequest {
+        method: "POST",
+        path: "/v1/dataplane/credentials",
+        headers: json,
+        body: Some(body),
+        expect: 200,
+    };
     for clients in [1usize, 16] {
-        let run = load::socket_loop(&cp.socket, clients, args.cp_duration, "POST", "/v1/dataplane/credentials", json.clone(), Some(body.clone()), 200)?;
+        let run = load::socket_loop(&cp.socket, clients, args.cp_duration, &fetch)?;
         out.fetch.push((clients, run));
     }
     // Snapshot builds: change something (a credential write bumps the version), then
@@ -518,9 +595,15 @@ fn control_plane_alone(cp: &ControlPlane, seeded: &seed::Seeded, args: &Args) ->
     out.build_ms = report::median(&builds);
     out.cold_get_ms = report::median(&cold);
     out.warm_get_ms = report::median(&warm);
-    let inm = vec![("If-None-Match".to_string(), etag)];
+    let not_modified = load::SocketRequest {
+        method: "GET",
+        path: "/v1/dataplane/snapshot",
+        headers: vec![("If-None-Match".to_string(), etag)],
+        body: None,
+        expect: 304,
+    };
     for clients in [1usize, 16] {
-        let run = load::socket_loop(&cp.socket, clients, args.cp_duration, "GET", "/v1/dataplane/snapshot", inm.clone(), None, 304)?;
+        let run = load::socket_loop(&cp.socket, clients, args.cp_duration, &not_modified)?;
         out.not_modified.push((clients, run));
     }
     Ok(out)

@@ -44,6 +44,13 @@ pub fn proxy_basic(token: &str, vault: &str) -> String {
     )
 }
 
+/// When the probe saw a change (ms after the acknowledgement).
+struct Seen {
+    first_ms: Option<f64>,
+    all_ms: Option<f64>,
+    unexpected: Option<u16>,
+}
+
 struct Probe {
     conns: Vec<TcpConn>,
 }
@@ -58,8 +65,13 @@ impl Probe {
             }
             let before = envoy.worker_connections();
             let mut conn = Conn::tcp(envoy.port).map_err(|e| e.to_string())?;
-            conn.request("GET", "/probe", &[("Host", host), ("Proxy-Authorization", auth)], None)
-                .map_err(|e| e.to_string())?;
+            conn.request(
+                "GET",
+                "/probe",
+                &[("Host", host), ("Proxy-Authorization", auth)],
+                None,
+            )
+            .map_err(|e| e.to_string())?;
             let after = envoy.worker_connections();
             let grown: Vec<usize> = (0..WORKERS)
                 .filter(|&w| after.get(w) > before.get(w))
@@ -100,14 +112,23 @@ impl Probe {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("the probe never got 200 on every worker: {statuses:?}"));
+                return Err(format!(
+                    "the probe never got 200 on every worker: {statuses:?}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     /// After `t0`, probes every worker until each refused (or `timeout`).
-    fn until_refused(&mut self, host: &str, auth: &str, t0: Instant, expect: u16, timeout: Duration) -> Result<(Option<f64>, Option<f64>, Option<u16>), String> {
+    fn until_refused(
+        &mut self,
+        host: &str,
+        auth: &str,
+        t0: Instant,
+        expect: u16,
+        timeout: Duration,
+    ) -> Result<Seen, String> {
         let mut seen: Vec<Option<f64>> = vec![None; self.conns.len()];
         let mut unexpected = None;
         while seen.iter().any(Option::is_none) && t0.elapsed() < timeout {
@@ -129,7 +150,11 @@ impl Probe {
         } else {
             None
         };
-        Ok((first, all, unexpected))
+        Ok(Seen {
+            first_ms: first,
+            all_ms: all,
+            unexpected,
+        })
     }
 }
 
@@ -162,15 +187,33 @@ pub fn run(
             probe.wait_all_ok(&load_host, &auth, timeout)?;
             cp.revoke_agent(&name)?;
             let t0 = Instant::now();
-            let (first_ms, all_ms, unexpected) = probe.until_refused(&load_host, &auth, t0, 407, timeout)?;
-            Event { kind: Kind::AgentRevoke, first_ms, all_ms, unexpected }
+            let Seen {
+                first_ms,
+                all_ms,
+                unexpected,
+            } = probe.until_refused(&load_host, &auth, t0, 407, timeout)?;
+            Event {
+                kind: Kind::AgentRevoke,
+                first_ms,
+                all_ms,
+                unexpected,
+            }
         } else {
             cp.set_credential(PROBE_KEY, &format!("sk_probe_{i}"))?;
             probe.wait_all_ok(&probe_host, &prober, timeout)?;
             cp.delete_credential(PROBE_KEY)?;
             let t0 = Instant::now();
-            let (first_ms, all_ms, unexpected) = probe.until_refused(&probe_host, &prober, t0, 502, timeout)?;
-            Event { kind: Kind::CredentialDelete, first_ms, all_ms, unexpected }
+            let Seen {
+                first_ms,
+                all_ms,
+                unexpected,
+            } = probe.until_refused(&probe_host, &prober, t0, 502, timeout)?;
+            Event {
+                kind: Kind::CredentialDelete,
+                first_ms,
+                all_ms,
+                unexpected,
+            }
         };
         out.push(event);
     }

@@ -35,11 +35,21 @@ fn filler(i: usize) -> Value {
     let name = format!("s{i}");
     let key = LOAD_KEY;
     match i % 10 {
-        0 => json!({"name": name, "host": format!("*.w{i}.example.com"), "auth": {"type": "bearer", "token": key}}),
-        1 => json!({"name": name, "host": format!("p{i}.example.com/v1/*"), "auth": {"type": "api-key", "key": key}}),
-        2 => json!({"name": name, "host": format!("h{i}.example.com:8443"), "auth": {"type": "basic", "username": key, "password": key}}),
-        3 => json!({"name": name, "host": format!("c{i}.example.com"), "auth": {"type": "custom", "headers": {"x-t": format!("t {{{{ {key} }}}}")}}}),
-        _ => json!({"name": name, "host": format!("h{i}.example.com"), "auth": {"type": "bearer", "token": key}}),
+        0 => {
+            json!({"name": name, "host": format!("*.w{i}.example.com"), "auth": {"type": "bearer", "token": key}})
+        }
+        1 => {
+            json!({"name": name, "host": format!("p{i}.example.com/v1/*"), "auth": {"type": "api-key", "key": key}})
+        }
+        2 => {
+            json!({"name": name, "host": format!("h{i}.example.com:8443"), "auth": {"type": "basic", "username": key, "password": key}})
+        }
+        3 => {
+            json!({"name": name, "host": format!("c{i}.example.com"), "auth": {"type": "custom", "headers": {"x-t": format!("t {{{{ {key} }}}}")}}})
+        }
+        _ => {
+            json!({"name": name, "host": format!("h{i}.example.com"), "auth": {"type": "bearer", "token": key}})
+        }
     }
 }
 
@@ -65,13 +75,25 @@ pub fn small(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seed
     })
 }
 
-pub fn big(cp: &ControlPlane, upstream_port: u16, secret: &str, services: usize, agents: usize) -> Result<Seeded, String> {
+pub fn big(
+    cp: &ControlPlane,
+    upstream_port: u16,
+    secret: &str,
+    services: usize,
+    agents: usize,
+) -> Result<Seeded, String> {
     cp.set_credential(LOAD_KEY, secret)?;
-    let mut list = vec![service("bench", &format!("localhost:{upstream_port}"), LOAD_KEY)];
+    let mut list = vec![service(
+        "bench",
+        &format!("localhost:{upstream_port}"),
+        LOAD_KEY,
+    )];
     list.extend((1..services).map(filler));
     let size = json!({"services": list}).to_string().len();
     if size > 1024 * 1024 {
-        return Err(format!("the {services} services are {size} bytes: over the API's 1 MiB body limit"));
+        return Err(format!(
+            "the {services} services are {size} bytes: over the API's 1 MiB body limit"
+        ));
     }
     cp.replace_services(&list)?;
     let agent_token = cp.create_agent("bench-0")?;

@@ -8,7 +8,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
 
 /// What the upstream saw.
 #[derive(Debug, Default)]
@@ -126,7 +127,8 @@ fn serve(stream: TcpStream, seen: &Seen, credential: &str) {
             seen.with_credential.fetch_add(1, Ordering::Relaxed);
         }
         if has_proxy_auth {
-            seen.with_proxy_authorization.fetch_add(1, Ordering::Relaxed);
+            seen.with_proxy_authorization
+                .fetch_add(1, Ordering::Relaxed);
         }
         if writer.write_all(RESPONSE).is_err() {
             return;

@@ -10,6 +10,7 @@
 //! | concept                                         | module           |
 //! |-------------------------------------------------|------------------|
 //! | plugin configuration                            | [`config`]       |
+//! | the request headers, read in one host call      | [`header_map`]   |
 //! | the agent's `Proxy-Authorization`               | [`proxy_auth`]   |
 //! | the rules snapshot, compiled for lookups        | [`snapshot`]     |
 //! | the per-worker credential cache                 | [`cache`]        |
@@ -39,6 +40,7 @@ pub mod cache;
 pub mod config;
 pub mod decide;
 pub mod flight;
+pub mod header_map;
 pub mod proxy_auth;
 pub mod reply;
 pub mod request_log;

@@ -177,7 +177,7 @@ impl Worker {
         token: u32,
         status: Option<u16>,
         from_control_plane: bool,
-        body: &[u8],
+        body: Vec<u8>,
     ) -> PollOutcome {
         if !self.is_poll(token) {
             return PollOutcome::Stale;
@@ -185,8 +185,13 @@ impl Worker {
         self.poller.in_flight = None;
         let outcome = match (from_control_plane, status) {
             (true, Some(304)) => PollOutcome::NotModified,
-            (true, Some(200)) => match serde_json::from_slice::<Snapshot>(body) {
-                Ok(snapshot) => self.install(snapshot),
+            (true, Some(200)) => match serde_json::from_slice::<Snapshot>(&body) {
+                Ok(snapshot) => {
+                    // The body can be megabytes: free it before compiling, so a VM's
+                    // memory (which never shrinks) peaks lower.
+                    drop(body);
+                    self.install(snapshot)
+                }
                 Err(error) => PollOutcome::Invalid(format!(
                     "the control plane sent a snapshot that does not parse ({error}); \
                      keeping the last good one"
@@ -209,12 +214,12 @@ impl Worker {
 
     /// Replaces the snapshot; drops the cache when the version changed.
     pub fn install(&mut self, snapshot: Snapshot) -> PollOutcome {
+        // Let go of the old snapshot before compiling the new one (requests waiting
+        // for a fetch keep theirs alive), so two compiled copies rarely coexist.
+        let old_version = self.snapshot.take().map(|old| old.version.clone());
         let compiled = CompiledSnapshot::new(snapshot);
-        let first = self.snapshot.is_none();
-        let changed = self
-            .snapshot
-            .as_ref()
-            .is_none_or(|old| old.version != compiled.version);
+        let first = old_version.is_none();
+        let changed = old_version.is_none_or(|old| old != compiled.version);
         if changed {
             self.cache.clear();
         }
@@ -370,6 +375,7 @@ mod tests {
         cp: bool,
         body: &[u8],
     ) -> PollOutcome {
+        let body = body.to_vec();
         let Some(_) = worker.poll_due(now) else {
             panic!("poll due at {now}");
         };
@@ -398,11 +404,11 @@ mod tests {
         assert!(freed.is_some(), "an unanswered poll frees its slot");
         worker.poll_dispatched(Some(2), 3001);
         assert_eq!(
-            worker.on_poll_answer(1, Some(200), true, &body("1")),
+            worker.on_poll_answer(1, Some(200), true, body("1")),
             PollOutcome::Stale
         );
         assert!(matches!(
-            worker.on_poll_answer(2, Some(200), true, &body("1")),
+            worker.on_poll_answer(2, Some(200), true, body("1")),
             PollOutcome::Loaded {
                 first: true,
                 changed: true,

@@ -15,6 +15,7 @@ use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
 
 use crate::config::Config;
 use crate::decide::Forward;
+use crate::header_map::HeaderMap;
 use crate::reply::Reject;
 
 /// Writes one line to Envoy's log.
@@ -30,16 +31,44 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A request header of the current context; `None` if absent or not UTF-8.
-pub fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // Imported directly (with a plain `u32` status) rather than through the SDK's
+    // `get_map_bytes`, which unwraps each header name as UTF-8 (a trap).
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
 }
 
-/// Carries out a [`Forward`] on the current context's request headers.
-pub fn apply_forward(config: &Config, forward: &Forward) {
+/// Every request header of the current context, in one host call (see
+/// [`HeaderMap`]); empty if the host cannot give them.
+pub fn request_headers() -> HeaderMap {
+    header_map(MapType::HttpRequestHeaders)
+}
+
+fn header_map(map: MapType) -> HeaderMap {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and a size through the two out-parameters.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != Status::Ok as u32 || data.is_null() {
+        return HeaderMap::default();
+    }
+    // SAFETY: the host allocated `size` bytes through the SDK's exported allocator
+    // (the Rust global allocator) and hands them over, as the SDK's own readers assume.
+    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    HeaderMap::parse(bytes)
+}
+
+/// Carries out a [`Forward`] on the current context's request headers. `known` are
+/// those headers as read by [`request_headers`]: only headers that are present are
+/// removed (each removal is a host call). An empty `known` (a request always has
+/// pseudo-headers, so the host could not give them) removes every one blindly: the
+/// agent's credential must never reach an upstream.
+pub fn apply_forward(config: &Config, forward: &Forward, known: &HeaderMap) {
+    let present = |name: &str| known.is_empty() || known.contains(name);
     // Envoy stores header names lowercase, so removing by lowercase name removes the
     // header whatever case the agent sent it in (all occurrences).
     let fixed = ["proxy-authorization", "x-vault", config.tls_header.as_str()];
@@ -47,14 +76,27 @@ pub fn apply_forward(config: &Config, forward: &Forward) {
         .into_iter()
         .chain(forward.inject.iter().map(|(name, _)| name.as_str()))
     {
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        if present(name) {
+            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        }
     }
     for (name, value) in &forward.inject {
         let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
     }
     // Last, so that nothing (not even a service's custom header) can choose the route.
+    // Removed above if the agent sent it, so adding leaves exactly one, unless a custom
+    // header of the service has its name: then replace.
     let tls = if forward.upstream_tls { "tls" } else { "plain" };
-    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.tls_header, Some(tls));
+    if forward
+        .inject
+        .iter()
+        .any(|(name, _)| *name == config.tls_header)
+    {
+        let _ =
+            hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.tls_header, Some(tls));
+    } else {
+        let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, &config.tls_header, tls);
+    }
     if let Some(authority) = &forward.authority {
         let _ =
             hostcalls::set_map_value(MapType::HttpRequestHeaders, ":authority", Some(authority));
@@ -156,15 +198,12 @@ pub fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
             body: Vec::new(),
         };
     }
-    let header = |name: &str| {
-        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
-            .ok()
-            .flatten()
-    };
-    let status = header(":status")
-        .and_then(|b| String::from_utf8(b).ok())
+    // Both headers from one host call.
+    let headers = header_map(MapType::HttpCallResponseHeaders);
+    let status = headers
+        .get(":status")
         .and_then(|s| s.trim().parse::<u16>().ok());
-    let from_control_plane = header(CONTROL_PLANE_HEADER).is_some();
+    let from_control_plane = headers.contains(CONTROL_PLANE_HEADER);
     let body = if body_size == 0 {
         Vec::new()
     } else {

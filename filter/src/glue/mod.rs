@@ -304,11 +304,10 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let now = now_ms();
-        let method = host::request_header(":method").unwrap_or_default();
-        let path = host::request_header(":path").unwrap_or_default();
-        let authority = host::request_header(":authority");
-        let proxy_authorization = host::request_header("proxy-authorization");
-        let x_vault = host::request_header("x-vault");
+        // One host call for every header (zeroed when dropped: it holds the token).
+        let headers = host::request_headers();
+        let method = headers.get(":method").unwrap_or_default();
+        let path = headers.get(":path").unwrap_or_default();
 
         let Some(worker) = self.worker.clone() else {
             return self.refuse(&reply::control_plane_unavailable(
@@ -317,11 +316,11 @@ impl HttpContext for Http {
         };
         let decision = {
             let request = Request {
-                method: &method,
-                authority: authority.as_deref(),
-                path: &path,
-                proxy_authorization: proxy_authorization.as_deref(),
-                x_vault: x_vault.as_deref(),
+                method,
+                authority: headers.get(":authority"),
+                path,
+                proxy_authorization: headers.get("proxy-authorization"),
+                x_vault: headers.get("x-vault"),
             };
             match (worker.try_borrow(), self.log.try_borrow_mut()) {
                 (Ok(w), Ok(mut log)) => {
@@ -330,11 +329,8 @@ impl HttpContext for Http {
                 _ => None,
             }
         };
-        if let Some(token) = proxy_authorization {
-            crate::cache::wipe(token.into_bytes());
-        }
         if let Ok(mut log) = self.log.try_borrow_mut() {
-            log.start(now, method, path);
+            log.start(now, method.to_owned(), path.to_owned());
         }
         let Some((decision, config)) = decision else {
             return self.refuse(&reply::control_plane_unavailable("busy"));
@@ -343,7 +339,7 @@ impl HttpContext for Http {
             Decision::Reject(reject) => self.refuse(&reject),
             Decision::Forward(forward) => {
                 stats::forwarded(&forward, true);
-                host::apply_forward(&config, &forward);
+                host::apply_forward(&config, &forward, &headers);
                 Action::Continue
             }
             Decision::Fetch(plan) => {
@@ -414,7 +410,7 @@ fn on_call_response(
                 token,
                 response.status,
                 response.from_control_plane,
-                &response.body,
+                response.body,
             )
         }) else {
             return;
@@ -452,18 +448,27 @@ fn apply_completions(own_id: u32, config: &Config, completions: Vec<Completion>)
     if completions.is_empty() {
         return;
     }
+    // The context host calls act on; switching is a host call, so it is skipped when
+    // the waiter is the context the answer was delivered to (the common case).
+    let mut current = own_id;
     for completion in completions {
-        if !host::switch_to(completion.context_id) {
-            log(
-                LogLevel::Debug,
-                "a request waiting for a credential is gone",
-            );
-            continue;
+        if completion.context_id != current {
+            if !host::switch_to(completion.context_id) {
+                log(
+                    LogLevel::Debug,
+                    "a request waiting for a credential is gone",
+                );
+                continue;
+            }
+            current = completion.context_id;
         }
         match completion.decision {
             Decision::Forward(forward) => {
                 stats::forwarded(&forward, false);
-                host::apply_forward(config, &forward);
+                // This request's headers again, in one call: then only the headers
+                // that are there are removed.
+                let known = host::request_headers();
+                host::apply_forward(config, &forward, &known);
                 host::resume();
             }
             Decision::Reject(reject) => {
@@ -477,7 +482,9 @@ fn apply_completions(own_id: u32, config: &Config, completions: Vec<Completion>)
             }
         }
     }
-    let _ = host::switch_to(own_id);
+    if current != own_id {
+        let _ = host::switch_to(own_id);
+    }
 }
 
 fn log_poll(outcome: PollOutcome, failures_before: u32) {
