@@ -18,6 +18,10 @@ pub enum Variant {
     Plain,
     /// (b) a wasm filter that does nothing.
     NoopWasm,
+    /// (i) the same no-op module configured to add one request header, the route
+    /// marker, behind the route config our filter needs: the least any wasm filter
+    /// that injects a header and is routed fail-closed pays. A reference point for (e).
+    NoopAddHeader,
     /// (c) Envoy's `credential_injector`, static header from file-based SDS.
     CredentialInjector,
     /// (d) `ext_authz` (HTTP) to the control plane on every request.
@@ -34,9 +38,10 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Plain,
         Variant::NoopWasm,
+        Variant::NoopAddHeader,
         Variant::CredentialInjector,
         Variant::ExtAuthz,
         Variant::FilterWarm,
@@ -54,6 +59,7 @@ impl Variant {
             Variant::FilterNoCache => "f",
             Variant::FilterBig => "g",
             Variant::Candidate => "h",
+            Variant::NoopAddHeader => "i",
         }
     }
 
@@ -67,6 +73,7 @@ impl Variant {
             Variant::FilterNoCache => "Agent Vault filter, cache off (ttl 0)",
             Variant::FilterBig => "Agent Vault filter, warm, 10k svc × 1k agents",
             Variant::Candidate => "candidate filter build, warm cache",
+            Variant::NoopAddHeader => "wasm filter that only adds the route header",
         }
     }
 
@@ -84,7 +91,10 @@ impl Variant {
 
     /// Whether the upstream must see the injected credential.
     pub fn injects(self) -> bool {
-        !matches!(self, Variant::Plain | Variant::NoopWasm)
+        !matches!(
+            self,
+            Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader
+        )
     }
 }
 
@@ -108,6 +118,35 @@ const ROUTER: &str = r#"
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
               suppress_envoy_headers: true"#;
+
+/// The header our filter sets for the route (its default `tls_header`).
+const ROUTE_HEADER: &str = "x-agent-vault-upstream";
+
+/// The no-op module; with `add`, a `name: value` header it adds to every request.
+fn noop_filter(wasm: &Path, add: Option<&str>) -> String {
+    let configuration = add.map_or(String::new(), |header| {
+        format!(
+            r#"
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{header}'"#
+        )
+    });
+    format!(
+        r#"
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: noop
+                vm_config:
+                  vm_id: noop
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {wasm}}}}}{configuration}
+                fail_open: false"#,
+        wasm = wasm.display()
+    )
+}
 
 fn agent_vault_filter(wasm: &Path, ttl_ms: u64) -> String {
     format!(
@@ -145,16 +184,17 @@ fn routes(filter: bool) -> String {
                 route: {cluster: upstream, timeout: 30s}"#
             .to_string();
     }
-    r#"
+    format!(
+        r#"
           early_header_mutation_extensions:
           - name: envoy.http.early_header_mutation.header_mutation
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
               mutations:
-              - remove: x-agent-vault-upstream
+              - remove: {ROUTE_HEADER}
           route_config:
             name: bench
-            request_headers_to_remove: [x-agent-vault-upstream]
+            request_headers_to_remove: [{ROUTE_HEADER}]
             virtual_hosts:
             - name: any
               domains: ["*"]
@@ -162,14 +202,14 @@ fn routes(filter: bool) -> String {
               - match:
                   prefix: /
                   headers:
-                  - name: x-agent-vault-upstream
-                    string_match: {exact: plain}
-                route: {cluster: upstream, timeout: 30s}
-              - match: {prefix: /}
+                  - name: {ROUTE_HEADER}
+                    string_match: {{exact: plain}}
+                route: {{cluster: upstream, timeout: 30s}}
+              - match: {{prefix: /}}
                 direct_response:
                   status: 403
-                  body: {inline_string: '{"error":"forbidden"}'}"#
-        .to_string()
+                  body: {{inline_string: '{{"error":"forbidden"}}'}}"#
+    )
 }
 
 /// The bootstrap of `variant` listening on `port` with admin on `admin_port`.
@@ -182,23 +222,18 @@ pub fn config(
     let mut filters = String::new();
     let filter_routes = matches!(
         variant,
-        Variant::FilterWarm | Variant::FilterNoCache | Variant::FilterBig | Variant::Candidate
+        Variant::NoopAddHeader
+            | Variant::FilterWarm
+            | Variant::FilterNoCache
+            | Variant::FilterBig
+            | Variant::Candidate
     );
     match variant {
         Variant::Plain => {}
-        Variant::NoopWasm => filters.push_str(&format!(
-            r#"
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: noop
-                vm_config:
-                  vm_id: noop
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: {}}}}}
-                fail_open: false"#,
-            inputs.noop_wasm.display()
+        Variant::NoopWasm => filters.push_str(&noop_filter(inputs.noop_wasm, None)),
+        Variant::NoopAddHeader => filters.push_str(&noop_filter(
+            inputs.noop_wasm,
+            Some(&format!("{ROUTE_HEADER}: plain")),
         )),
         Variant::CredentialInjector => {
             let secret = inputs.dir.join("credential-sds.yaml");
@@ -257,7 +292,7 @@ pub fn config(
     filters.push_str(ROUTER);
     let control_plane_cluster = if matches!(
         variant,
-        Variant::Plain | Variant::NoopWasm | Variant::CredentialInjector
+        Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader | Variant::CredentialInjector
     ) {
         String::new()
     } else {

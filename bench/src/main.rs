@@ -51,6 +51,8 @@ pub struct Args {
     /// optimizing; the committed numbers come from a full run.
     pub variants: Vec<Variant>,
     pub skip_cp_alone: bool,
+    /// Keep the work directory (configs, Envoy logs) after a successful run.
+    pub keep_workdir: bool,
     /// Adds variant (h): this build of the filter, alternated with the others.
     pub candidate_wasm: Option<PathBuf>,
 }
@@ -60,7 +62,7 @@ fn usage() -> ! {
         "usage: agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH \
          [--rounds N] [--duration SECS] [--connections 1,16] [--events N] [--cp-duration SECS] \
          [--big-services N] [--big-agents N] [--out FILE|-] [--command TEXT] \
-         [--variants abcdefg] [--skip-cp-alone] [--candidate-wasm PATH]"
+         [--variants abcdefg] [--skip-cp-alone] [--candidate-wasm PATH] [--keep-workdir]"
     );
     std::process::exit(2);
 }
@@ -82,6 +84,7 @@ fn parse_args() -> Args {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         variants: Variant::ALL.to_vec(),
         skip_cp_alone: false,
+        keep_workdir: false,
         candidate_wasm: None,
     };
     let mut it = std::env::args().skip(1);
@@ -120,6 +123,7 @@ fn parse_args() -> Args {
                     .collect();
             }
             "--skip-cp-alone" => args.skip_cp_alone = true,
+            "--keep-workdir" => args.keep_workdir = true,
             "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
             _ => usage(),
         }
@@ -242,7 +246,7 @@ fn run(args: &Args) -> Result<(), String> {
     let workdir = std::env::temp_dir().join(format!("agent-vault-bench-{}", std::process::id()));
     std::fs::create_dir_all(&workdir).map_err(|e| e.to_string())?;
     let result = run_in(args, &workdir, started, load_before);
-    if result.is_ok() {
+    if result.is_ok() && !args.keep_workdir {
         let _ = std::fs::remove_dir_all(&workdir);
     } else {
         log(&format!("kept {} for inspection", workdir.display()));

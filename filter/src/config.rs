@@ -41,7 +41,7 @@ impl Default for Config {
             credential_cache_ttl_ms: 60_000,
             callout_timeout_ms: 2000,
             log_flush_ms: 1000,
-            log_batch_max: 200,
+            log_batch_max: 1000,
             tls_header: "x-agent-vault-upstream".to_owned(),
         }
     }
@@ -165,7 +165,7 @@ mod tests {
         assert_eq!(defaults.credential_cache_ttl_ms, 60_000);
         assert_eq!(defaults.callout_timeout_ms, 2000);
         assert_eq!(defaults.log_flush_ms, 1000);
-        assert_eq!(defaults.log_batch_max, 200);
+        assert_eq!(defaults.log_batch_max, 1000);
         assert_eq!(defaults.tls_header, "x-agent-vault-upstream");
     }
 

@@ -8,6 +8,7 @@
 use std::rc::Rc;
 
 use agent_vault_rules::LogRecord;
+use serde::Serialize;
 
 use crate::reply::ErrorCode;
 
@@ -15,6 +16,9 @@ use crate::reply::ErrorCode;
 pub const MAX_LOGGED_PATH: usize = 2048;
 /// Longest method kept in a record.
 pub const MAX_LOGGED_METHOD: usize = 32;
+/// A batch this large is sent whatever its record count: well under the control
+/// plane's 1 MiB body limit even with one more record of the longest kind.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 
 /// What one request's record will say, filled in as the request is decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,6 +39,8 @@ pub struct RequestLog {
     pub service: Option<Rc<str>>,
     /// Set when the filter answered itself.
     pub error: Option<ErrorCode>,
+    /// The `:status` of the response headers, when they passed through the filter.
+    pub response_status: Option<u16>,
 }
 
 impl RequestLog {
@@ -51,24 +57,25 @@ impl RequestLog {
         self.path = path;
     }
 
-    /// The record, at `now_ms`. `response_code` is Envoy's `response.code` property
-    /// when known; otherwise the status the filter sent; otherwise 0.
-    pub fn record(&self, now_ms: u64, response_code: Option<u16>) -> Option<LogRecord> {
+    /// The record, at `now_ms`, borrowing this state. The status is the response's
+    /// (`response_status`) when known; otherwise the status the filter sent; otherwise 0.
+    pub fn record(&self, now_ms: u64) -> Option<LogRecord<&str>> {
         let started = self.started_ms?;
-        let status = response_code
+        let status = self
+            .response_status
             .or_else(|| self.error.map(ErrorCode::status))
             .unwrap_or(0);
         Some(LogRecord {
             ts: i64::try_from(started).unwrap_or(i64::MAX),
-            agent: self.agent.as_deref().unwrap_or_default().to_owned(),
-            vault: self.vault.as_deref().unwrap_or_default().to_owned(),
-            method: self.method.clone(),
-            host: self.host.clone(),
-            path: self.path.clone(),
-            service: self.service.as_deref().map(str::to_owned),
+            agent: self.agent.as_deref().unwrap_or_default(),
+            vault: self.vault.as_deref().unwrap_or_default(),
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            service: self.service.as_deref(),
             status,
             latency_ms: now_ms.saturating_sub(started),
-            error: self.error.map(|code| code.as_str().to_owned()),
+            error: self.error.map(ErrorCode::as_str),
         })
     }
 }
@@ -83,10 +90,13 @@ fn truncate_at_char(text: &mut String, max: usize) {
     }
 }
 
-/// Records waiting to be posted.
+/// Records waiting to be posted, already written as the JSON array the control plane
+/// takes (`POST /v1/dataplane/logs`): a record is serialized when it is added, so
+/// nothing is kept per record but its bytes.
 #[derive(Debug)]
 pub struct LogBatch {
-    records: Vec<LogRecord>,
+    body: Vec<u8>,
+    records: usize,
     max: usize,
     last_flush_ms: u64,
 }
@@ -95,42 +105,54 @@ impl LogBatch {
     /// An empty batch that is full at `max` records.
     pub fn new(max: usize, now_ms: u64) -> LogBatch {
         LogBatch {
-            records: Vec::new(),
+            body: Vec::new(),
+            records: 0,
             max,
             last_flush_ms: now_ms,
         }
     }
 
     /// Adds a record.
-    pub fn push(&mut self, record: LogRecord) {
-        self.records.push(record);
+    pub fn push<S: Serialize>(&mut self, record: &LogRecord<S>) {
+        let before = self.body.len();
+        self.body.push(if self.records == 0 { b'[' } else { b',' });
+        if serde_json::to_writer(&mut self.body, record).is_ok() {
+            self.records += 1;
+        } else {
+            // Cannot happen for these fields; the batch stays valid JSON regardless.
+            self.body.truncate(before);
+        }
     }
 
     /// Whether the batch should be sent now.
     pub fn is_full(&self) -> bool {
-        self.records.len() >= self.max
+        self.records >= self.max || self.body.len() >= MAX_BATCH_BYTES
     }
 
     /// Records waiting.
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records
     }
 
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records == 0
     }
 
     /// The JSON body to post when the batch is full or `flush_ms` passed since the
     /// last flush; the batch is emptied (fire and forget). `None`: nothing to send yet.
     pub fn take_due(&mut self, now_ms: u64, flush_ms: u64) -> Option<Vec<u8>> {
         let elapsed = now_ms.saturating_sub(self.last_flush_ms) >= flush_ms;
-        if self.records.is_empty() || !(elapsed || self.is_full()) {
+        if self.is_empty() || !(elapsed || self.is_full()) {
             return None;
         }
         self.last_flush_ms = now_ms;
-        let records = std::mem::take(&mut self.records);
-        serde_json::to_vec(&records).ok()
+        self.records = 0;
+        // The next batch starts with room for one like this.
+        let capacity = self.body.len() + self.body.len() / 8;
+        let mut body = std::mem::replace(&mut self.body, Vec::with_capacity(capacity));
+        body.push(b']');
+        Some(body)
     }
 }
 
@@ -150,19 +172,20 @@ mod tests {
         log.agent = Some("claude".into());
         log.vault = Some("default".into());
         log.service = Some("stripe".into());
+        log.response_status = Some(200);
         let record = log
-            .record(1_700_000_000_042, Some(200))
+            .record(1_700_000_000_042)
             .unwrap_or_else(|| panic!("a started request is logged"));
         assert_eq!(
             record,
             LogRecord {
                 ts: 1_700_000_000_000,
-                agent: "claude".into(),
-                vault: "default".into(),
-                method: "GET".into(),
-                host: "api.stripe.com".into(),
-                path: "/v1/charges".into(),
-                service: Some("stripe".into()),
+                agent: "claude",
+                vault: "default",
+                method: "GET",
+                host: "api.stripe.com",
+                path: "/v1/charges",
+                service: Some("stripe"),
                 status: 200,
                 latency_ms: 42,
                 error: None,
@@ -180,19 +203,20 @@ mod tests {
         let mut log = RequestLog::default();
         log.start(10, "CONNECT".into(), String::new());
         log.error = Some(ErrorCode::ConnectNotSupported);
-        let record = log.record(12, None).unwrap_or_else(|| panic!("logged"));
+        let record = log.record(12).unwrap_or_else(|| panic!("logged"));
         assert_eq!(record.status, 405);
-        assert_eq!(record.error.as_deref(), Some("connect_not_supported"));
+        assert_eq!(record.error, Some("connect_not_supported"));
         assert_eq!(record.agent, "");
         assert_eq!(record.vault, "");
         assert_eq!(record.service, None);
-        // Envoy's response code wins when known.
-        assert_eq!(log.record(12, Some(405)).map(|r| r.status), Some(405));
+        // The response's status wins when known.
+        log.response_status = Some(502);
+        assert_eq!(log.record(12).map(|r| r.status), Some(502));
     }
 
     #[test]
     fn unstarted_requests_are_not_logged() {
-        assert_eq!(RequestLog::default().record(5, Some(200)), None);
+        assert_eq!(RequestLog::default().record(5), None);
     }
 
     #[test]
@@ -224,18 +248,36 @@ mod tests {
             None,
             "empty batch sends nothing"
         );
-        batch.push(record(1));
+        batch.push(&record(1));
         assert!(batch.take_due(1500, 1000).is_none(), "not due yet");
         let body = batch.take_due(2000, 1000).unwrap_or_default();
         let sent: Vec<LogRecord> = serde_json::from_slice(&body).unwrap_or_default();
         assert_eq!(sent, vec![record(1)]);
         assert!(batch.is_empty());
         for ts in 0..3 {
-            batch.push(record(ts));
+            batch.push(&record(ts));
         }
         assert!(batch.is_full());
         let body = batch.take_due(2001, 1000).unwrap_or_default();
         let sent: Vec<LogRecord> = serde_json::from_slice(&body).unwrap_or_default();
         assert_eq!(sent.len(), 3, "a full batch goes at once");
+    }
+
+    #[test]
+    fn a_batch_of_long_paths_is_full_by_size_well_under_the_control_plane_limit() {
+        let mut log = RequestLog::default();
+        log.start(0, "GET".into(), format!("/{}", "p".repeat(5000)));
+        log.host = "h".repeat(253);
+        let mut batch = LogBatch::new(1000, 0);
+        let mut records = 0;
+        while !batch.is_full() {
+            batch.push(&log.record(1).unwrap_or_else(|| panic!("started")));
+            records += 1;
+        }
+        assert!(records < 1000, "full by size after {records} records");
+        let body = batch.take_due(2, 1000).unwrap_or_default();
+        assert!(body.len() < 1024 * 1024 * 3 / 4, "{} bytes", body.len());
+        let sent: Vec<LogRecord> = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(sent.len(), records);
     }
 }

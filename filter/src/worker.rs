@@ -266,7 +266,11 @@ impl Worker {
 
     /// Adds a finished request's record; returns a batch body to post now if the batch
     /// is full.
-    pub fn log(&mut self, record: agent_vault_rules::LogRecord, now_ms: u64) -> Option<Vec<u8>> {
+    pub fn log<S: serde::Serialize>(
+        &mut self,
+        record: &agent_vault_rules::LogRecord<S>,
+        now_ms: u64,
+    ) -> Option<Vec<u8>> {
         self.logs.push(record);
         if self.logs.is_full() {
             return self.logs.take_due(now_ms, self.flush_period_ms());
@@ -623,23 +627,23 @@ mod tests {
         let mut worker = Worker::new(config(), 0);
         let record = |ts| agent_vault_rules::LogRecord {
             ts,
-            agent: "a".into(),
-            vault: "v".into(),
-            method: "GET".into(),
-            host: "h".into(),
-            path: "/".into(),
+            agent: "a",
+            vault: "v",
+            method: "GET",
+            host: "h",
+            path: "/",
             service: None,
             status: 200,
             latency_ms: 1,
             error: None,
         };
-        assert!(worker.log(record(1), 10).is_none());
+        assert!(worker.log(&record(1), 10).is_none());
         assert!(worker.logs_due(100).is_none());
         assert!(
-            worker.log(record(2), 110).is_some(),
+            worker.log(&record(2), 110).is_some(),
             "full at log_batch_max"
         );
-        assert!(worker.log(record(3), 120).is_none());
+        assert!(worker.log(&record(3), 120).is_none());
         // No snapshot yet: 100 ms ticks, so due 50 ms (half a tick) before flush_ms.
         assert!(
             worker.logs_due(559).is_none(),

@@ -122,29 +122,32 @@ impl fmt::Debug for CredentialsResponse {
 
 /// One proxied request in the request log: no header values, no query string, no body.
 /// Unknown fields are refused, so a record can never smuggle extra data into the log.
+///
+/// The text fields are `String` when a record is read; the filter writes records with
+/// `S = &str`, borrowing its own state, so logging a request allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogRecord {
+pub struct LogRecord<S = String> {
     /// Unix milliseconds.
     pub ts: i64,
     /// Agent name.
-    pub agent: String,
+    pub agent: S,
     /// Vault name.
-    pub vault: String,
+    pub vault: S,
     /// HTTP method.
-    pub method: String,
+    pub method: S,
     /// Request host (without port).
-    pub host: String,
+    pub host: S,
     /// Request path without the query string.
-    pub path: String,
+    pub path: S,
     /// Matched service, if any.
-    pub service: Option<String>,
+    pub service: Option<S>,
     /// Status sent to the agent.
     pub status: u16,
     /// Time from request to response.
     pub latency_ms: u64,
     /// Error code when the filter answered itself (`forbidden`, ...).
-    pub error: Option<String>,
+    pub error: Option<S>,
 }
 
 #[cfg(test)]
@@ -267,6 +270,28 @@ mod tests {
             "{debug}"
         );
         assert!(!debug.contains("sk_live_secret"), "{debug}");
+    }
+
+    #[test]
+    fn a_borrowed_log_record_is_written_like_an_owned_one() {
+        let borrowed = LogRecord {
+            ts: 5,
+            agent: "claude",
+            vault: "default",
+            method: "POST",
+            host: "api.stripe.com",
+            path: "/v1",
+            service: Some("stripe"),
+            status: 200,
+            latency_ms: 3,
+            error: None,
+        };
+        let json = serde_json::to_string(&borrowed).unwrap_or_default();
+        let owned: Option<LogRecord> = serde_json::from_str(&json).ok();
+        assert_eq!(
+            owned.map(|r| (r.agent, r.service)),
+            Some(("claude".to_owned(), Some("stripe".to_owned())))
+        );
     }
 
     #[test]

@@ -219,13 +219,15 @@ pub fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
     }
 }
 
-/// Envoy's `response.code` property in `on_log` (an 8-byte little-endian integer).
-pub fn response_code() -> Option<u16> {
-    let bytes = hostcalls::get_property(vec!["response", "code"])
+/// The `:status` of the current context's response headers (`None` if absent).
+pub fn response_status() -> Option<u16> {
+    let bytes = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
         .ok()
         .flatten()?;
-    let array: [u8; 8] = bytes.as_slice().try_into().ok()?;
-    u16::try_from(u64::from_le_bytes(array))
+    std::str::from_utf8(&bytes)
+        .ok()?
+        .trim()
+        .parse::<u16>()
         .ok()
         .filter(|code| *code > 0)
 }

@@ -349,19 +349,30 @@ impl HttpContext for Http {
         }
     }
 
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // For the request log; read here (one header) rather than as Envoy's
+        // `response.code` property in `on_log`, which costs the host more.
+        if let Ok(mut log) = self.log.try_borrow_mut() {
+            log.response_status = host::response_status();
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         let Some(worker) = self.worker.clone() else {
             return;
         };
         let now = now_ms();
-        let code = host::response_code();
-        let Some(record) = self.log.try_borrow().ok().and_then(|l| l.record(now, code)) else {
+        let Ok(log) = self.log.try_borrow() else {
+            return;
+        };
+        let Some(record) = log.record(now) else {
             return;
         };
         let Ok(mut w) = worker.try_borrow_mut() else {
             return;
         };
-        let full = w.log(record, now);
+        let full = w.log(&record, now);
         let config = Rc::clone(w.config());
         drop(w);
         if let Some(body) = full {
