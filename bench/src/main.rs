@@ -73,8 +73,8 @@ fn parse_args() -> Args {
         agent_vault: PathBuf::new(),
         filter_wasm: PathBuf::new(),
         noop_wasm: PathBuf::new(),
-        rounds: 5,
-        duration: Duration::from_secs(4),
+        rounds: 12,
+        duration: Duration::from_secs(2),
         connections: vec![1, 16],
         events: 50,
         cp_duration: Duration::from_secs(3),
@@ -405,17 +405,19 @@ fn run_in(
     ));
     let tck = clk_tck();
     let mut samples = Vec::with_capacity(total);
+    // Within a round, the runs of one connection count follow each other, so the
+    // variants a ratio compares ran seconds apart (this machine's speed drifts).
     for round in 0..args.rounds {
-        for k in 0..envoys.len() {
-            let envoy = &envoys[(k + round) % envoys.len()];
-            let cp = cps.get(envoy.variant.letter());
-            let headers = headers_for(envoy.variant);
-            let target = load::Target {
-                port: envoy.port,
-                path: "/bench",
-                headers: &headers,
-            };
-            for &connections in &args.connections {
+        for &connections in &args.connections {
+            for k in 0..envoys.len() {
+                let envoy = &envoys[(k + round) % envoys.len()];
+                let cp = cps.get(envoy.variant.letter());
+                let headers = headers_for(envoy.variant);
+                let target = load::Target {
+                    port: envoy.port,
+                    path: "/bench",
+                    headers: &headers,
+                };
                 let cp_before = cp.map(ControlPlane::counts).unwrap_or_default();
                 let upstream = &upstreams[envoy.variant.letter()];
                 let up_before = upstream.counts();
