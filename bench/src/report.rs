@@ -596,21 +596,26 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   (the route marker) behind the fail-closed route config our filter needs, nothing else.
   Every change a filter makes to request headers also makes Envoy drop its cached route
   and match again.
-- **Our hit path (e) is mostly host calls, not our code.** Each host call crosses
-  V8 ↔ C++ (Envoy uses V8 through the wasm C API), and every value returned is copied into
-  the VM through a further call into it to allocate. Per request the filter makes seven,
-  six more than (i): one read of *all* request headers (`proxy_get_header_map_pairs`,
-  instead of five single lookups), the removal of `Proxy-Authorization` (headers that are
-  not present are not removed), the credential and the route marker, two clock reads, and
-  the response's `:status` for the request log (read in the response-headers callback: the
-  `response.code` property cost the host more). `perf record -a` during (e) at 16
-  connections (this machine, 2026-11-26): Envoy's worker threads use 83 % of all CPU; of
-  that, 7 % is JIT-compiled wasm (our filter and the SDK), 3 % libc, 69 % Envoy's own code
-  (host-call implementations, V8 entry and exit, header maps, HTTP) and 20 % the kernel.
-  A filter build timing its callbacks with the host clock measured about 1.5–2 µs per
-  host call inside Envoy. The decision itself (token hash, agent, vault and service
-  lookups, cache, header rendering) takes about 3 µs in V8 (run under Node's V8) and
-  allocates little; the record for the request log under 1 µs.
+- **Our hit path (e): where the rest goes.** Per request the filter makes seven host
+  calls, six more than (i): one read of *all* request headers
+  (`proxy_get_header_map_pairs`, instead of five single lookups), the removal of
+  `Proxy-Authorization` (headers that are not present are not removed), the credential
+  and the route marker, two clock reads, and the response's `:status` for the request log
+  (read in the response-headers callback: the `response.code` property cost the host
+  more). Builds of the filter changed for one measurement each and run as variant (h)
+  against (e) in one run (`--candidate-wasm`, 2026-11-26) put numbers on the parts, as
+  Envoy CPU per request at 1 / 16 connections: a host call that returns no data costs
+  0.9 / 0.3 µs (the no-op module with ten extra clock reads); the whole decision (token
+  hash, agent, vault and service lookups, cache, header rendering) 3.8 / 2.2 µs (a build
+  deciding every request eleven times); the request log (status, record, batch, post)
+  10 / 38 µs in one run (a build without it reached 0.88 / 0.89 × (b) where (e) reached
+  0.82 / 0.80; one that builds the records but never posts them was no faster than (e),
+  so the cost is the per-request work, not the batch posts). What remains is spread over
+  reading and changing headers inside Envoy and cannot be seen from the VM; paired runs
+  still differ by ±5 %, so these parts are estimates, not a sum. `perf record -a` during (e) at 16 connections: Envoy's
+  worker threads use 83 % of all CPU; of that, 7 % is JIT-compiled wasm (our filter and
+  the SDK), 3 % libc, 69 % Envoy's own code (host-call implementations, V8 entry and
+  exit, header maps, HTTP; the binary has no symbols) and 20 % the kernel.
 - **The request log** is one record per request. Each worker writes it straight into the
   JSON of its pending batch (no per-record allocation) and posts a batch at 1000 records,
   512 KiB or 1 s. The control plane stores a batch as one chunk per vault in one flushed
