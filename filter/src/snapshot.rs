@@ -72,16 +72,19 @@ impl CompiledSnapshot {
         let mut vaults = HashMap::with_capacity(snapshot.vaults.len());
         for vault in snapshot.vaults {
             let name: Rc<str> = Rc::from(vault.name.as_str());
-            let services = vault
-                .services
-                .iter()
-                .map(|s| ServiceInfo {
-                    name: Rc::from(s.name.as_str()),
-                    enabled: s.enabled,
-                    upstream_tls: s.upstream_tls,
-                })
-                .collect();
-            let matcher = ServiceMatcher::new(&vault.services);
+            // Each parsed service is dropped once indexed: a VM's memory never shrinks,
+            // so the parsed and compiled forms of a large vault must not peak together.
+            let mut services = Vec::with_capacity(vault.services.len());
+            let mut matcher = ServiceMatcher::with_capacity(vault.services.len());
+            for service in vault.services {
+                matcher.push(&service);
+                services.push(ServiceInfo {
+                    name: Rc::from(service.name.as_str()),
+                    enabled: service.enabled,
+                    upstream_tls: service.upstream_tls,
+                });
+            }
+            matcher.shrink_to_fit();
             vaults.entry(vault.name).or_insert(CompiledVault {
                 name,
                 policy: vault.unmatched_host_policy,

@@ -584,25 +584,52 @@ pub struct ServiceMatcher {
 impl ServiceMatcher {
     /// Indexes `services` (one vault's, in declaration order).
     pub fn new(services: &[Service]) -> ServiceMatcher {
+        let mut matcher = ServiceMatcher::with_capacity(services.len());
+        for service in services {
+            matcher.push(service);
+        }
+        matcher.shrink_to_fit();
+        matcher
+    }
+
+    /// An empty matcher with room for `services` services.
+    pub fn with_capacity(services: usize) -> ServiceMatcher {
+        ServiceMatcher {
+            patterns: Vec::with_capacity(services),
+            auths: Vec::with_capacity(services),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+
+    /// Indexes the next service in declaration order (its index is the number indexed
+    /// before it). Lets a caller index services as it consumes them, so the parsed
+    /// services and the matcher never have to be in memory whole at the same time.
+    pub fn push(&mut self, service: &Service) {
         // The control plane already applied its own options; accept whatever it did.
         let options = ValidationOptions {
             allow_private_upstreams: true,
         };
-        let mut matcher = ServiceMatcher::default();
-        for (index, service) in services.iter().enumerate() {
-            let pattern = HostPattern::parse(&service.host, &options).ok();
-            if let Some(pattern) = &pattern {
-                let map = if pattern.wildcard {
-                    &mut matcher.wildcard
-                } else {
-                    &mut matcher.exact
-                };
-                map.entry(pattern.host.clone()).or_default().push(index);
-            }
-            matcher.patterns.push(pattern);
-            matcher.auths.push(CompiledAuth::compile(&service.auth));
+        let index = self.patterns.len();
+        let pattern = HostPattern::parse(&service.host, &options).ok();
+        if let Some(pattern) = &pattern {
+            let map = if pattern.wildcard {
+                &mut self.wildcard
+            } else {
+                &mut self.exact
+            };
+            map.entry(pattern.host.clone()).or_default().push(index);
         }
-        matcher
+        self.patterns.push(pattern);
+        self.auths.push(CompiledAuth::compile(&service.auth));
+    }
+
+    /// Gives back the room the indexes grew into but do not use.
+    pub fn shrink_to_fit(&mut self) {
+        self.patterns.shrink_to_fit();
+        self.auths.shrink_to_fit();
+        self.exact.shrink_to_fit();
+        self.wildcard.shrink_to_fit();
     }
 
     /// Index of the service a request to `host:port` with path `path` goes to, by the
