@@ -122,14 +122,15 @@ const ROUTER: &str = r#"
 /// The header our filter sets for the route (its default `tls_header`).
 const ROUTE_HEADER: &str = "x-agent-vault-upstream";
 
-/// The no-op module; with `add`, a `name: value` header it adds to every request.
-fn noop_filter(wasm: &Path, add: Option<&str>) -> String {
-    let configuration = add.map_or(String::new(), |header| {
+/// Envoy's wasm filter running `wasm` in its own VM `name`, with an optional plugin
+/// configuration (a string).
+fn wasm_filter(name: &str, wasm: &Path, configuration: Option<&str>) -> String {
+    let configuration = configuration.map_or(String::new(), |value| {
         format!(
             r#"
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{header}'"#
+                  value: '{value}'"#
         )
     });
     format!(
@@ -138,9 +139,9 @@ fn noop_filter(wasm: &Path, add: Option<&str>) -> String {
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
-                name: noop
+                name: {name}
                 vm_config:
-                  vm_id: noop
+                  vm_id: {name}
                   runtime: envoy.wasm.runtime.v8
                   code: {{local: {{filename: {wasm}}}}}{configuration}
                 fail_open: false"#,
@@ -148,23 +149,18 @@ fn noop_filter(wasm: &Path, add: Option<&str>) -> String {
     )
 }
 
+/// The no-op module; with `add`, a `name: value` header it adds to every request.
+fn noop_filter(wasm: &Path, add: Option<&str>) -> String {
+    wasm_filter("noop", wasm, add)
+}
+
 fn agent_vault_filter(wasm: &Path, ttl_ms: u64) -> String {
-    format!(
-        r#"
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: agent_vault
-                vm_config:
-                  vm_id: agent_vault
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: {wasm}}}}}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": {ttl_ms}, "callout_timeout_ms": 2000}}'
-                fail_open: false"#,
-        wasm = wasm.display()
+    wasm_filter(
+        "agent_vault",
+        wasm,
+        Some(&format!(
+            r#"{{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": {ttl_ms}, "callout_timeout_ms": 2000}}"#
+        )),
     )
 }
 

@@ -51,6 +51,17 @@ struct Seen {
     unexpected: Option<u16>,
 }
 
+impl Seen {
+    fn event(self, kind: Kind) -> Event {
+        Event {
+            kind,
+            first_ms: self.first_ms,
+            all_ms: self.all_ms,
+            unexpected: self.unexpected,
+        }
+    }
+}
+
 struct Probe {
     conns: Vec<TcpConn>,
 }
@@ -187,33 +198,17 @@ pub fn run(
             probe.wait_all_ok(&load_host, &auth, timeout)?;
             cp.revoke_agent(&name)?;
             let t0 = Instant::now();
-            let Seen {
-                first_ms,
-                all_ms,
-                unexpected,
-            } = probe.until_refused(&load_host, &auth, t0, 407, timeout)?;
-            Event {
-                kind: Kind::AgentRevoke,
-                first_ms,
-                all_ms,
-                unexpected,
-            }
+            probe
+                .until_refused(&load_host, &auth, t0, 407, timeout)?
+                .event(Kind::AgentRevoke)
         } else {
             cp.set_credential(PROBE_KEY, &format!("sk_probe_{i}"))?;
             probe.wait_all_ok(&probe_host, &prober, timeout)?;
             cp.delete_credential(PROBE_KEY)?;
             let t0 = Instant::now();
-            let Seen {
-                first_ms,
-                all_ms,
-                unexpected,
-            } = probe.until_refused(&probe_host, &prober, t0, 502, timeout)?;
-            Event {
-                kind: Kind::CredentialDelete,
-                first_ms,
-                all_ms,
-                unexpected,
-            }
+            probe
+                .until_refused(&probe_host, &prober, t0, 502, timeout)?
+                .event(Kind::CredentialDelete)
         };
         out.push(event);
     }

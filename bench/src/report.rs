@@ -95,6 +95,20 @@ fn rps_ratio_range(results: &Results, v: Variant, base: Variant, connections: us
     format!("rounds {}–{}", num(lo, 2), num(hi, 2))
 }
 
+/// The paired req/s ratio of `v` to `base` and how it reads in a target: the median
+/// with `digits` decimals and the per-round range.
+fn ratio_measured(
+    results: &Results,
+    v: Variant,
+    base: Variant,
+    connections: usize,
+    digits: usize,
+) -> (f64, String) {
+    let r = rps_ratio(results, v, base, connections);
+    let range = rps_ratio_range(results, v, base, connections);
+    (r, format!("{}× ({range})", num(r, digits)))
+}
+
 fn num(x: f64, decimals: usize) -> String {
     if x.is_finite() {
         format!("{x:.decimals$}")
@@ -336,15 +350,11 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
     let cpu = |v: Variant, c: usize| med(results, v, c, |s| s.envoy_cpu_us);
     let cp_cpu = |v: Variant, c: usize| med(results, v, c, |s| s.cp_cpu_us);
     for &c in conns {
-        let r = rps_ratio(results, Variant::FilterWarm, Variant::NoopWasm, c);
+        let (r, measured) = ratio_measured(results, Variant::FilterWarm, Variant::NoopWasm, c, 3);
         let (cpu_b, cpu_e) = (cpu(Variant::NoopWasm, c), cpu(Variant::FilterWarm, c));
         targets.push(Target {
             what: format!("(e) ≥ 0.97 × (b) in req/s, {c} conn"),
-            measured: format!(
-                "{}× ({})",
-                num(r, 3),
-                rps_ratio_range(results, Variant::FilterWarm, Variant::NoopWasm, c)
-            ),
+            measured,
             pass: verdict(r, |r| r >= 0.97),
             why: format!(
                 "per request (e) costs Envoy {} µs of CPU against {} µs for (b) (+{} µs), and its control \
@@ -364,14 +374,10 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         });
     }
     for &c in conns {
-        let r = rps_ratio(results, Variant::FilterWarm, Variant::ExtAuthz, c);
+        let (r, measured) = ratio_measured(results, Variant::FilterWarm, Variant::ExtAuthz, c, 2);
         targets.push(Target {
             what: format!("(e) ≥ 1.5 × (d) in req/s, {c} conn"),
-            measured: format!(
-                "{}× ({})",
-                num(r, 2),
-                rps_ratio_range(results, Variant::FilterWarm, Variant::ExtAuthz, c)
-            ),
+            measured,
             pass: verdict(r, |r| r >= 1.5),
             why: format!(
                 "CPU per request: (d) Envoy {} µs + control plane {} µs; (e) Envoy {} µs + control plane {} µs",
@@ -445,14 +451,10 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         ),
     });
     for &c in conns {
-        let r = rps_ratio(results, Variant::FilterBig, Variant::FilterWarm, c);
+        let (r, measured) = ratio_measured(results, Variant::FilterBig, Variant::FilterWarm, c, 3);
         targets.push(Target {
             what: format!("10k × 1k hit path within 5 % of the small snapshot, {c} conn"),
-            measured: format!(
-                "(g)/(e) = {}× ({})",
-                num(r, 3),
-                rps_ratio_range(results, Variant::FilterBig, Variant::FilterWarm, c)
-            ),
+            measured: format!("(g)/(e) = {measured}"),
             pass: verdict(r, |r| r >= 0.95),
             why: format!(
                 "(g) and (e) run the same filter build and differ only in the snapshot; Envoy CPU \
