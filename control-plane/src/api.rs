@@ -878,6 +878,17 @@ async fn get_proposal(
     .into_response())
 }
 
+/// Approving and rejecting are for humans: an agent is refused before anything else
+/// is looked at, whatever it names.
+fn decider_is_not_an_agent(caller: &Caller) -> Result<()> {
+    if matches!(caller.0, Principal::Agent { .. }) {
+        return Err(Error::forbidden(
+            "agents cannot approve or reject proposals; a member or admin of the vault must",
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ApproveBody {
@@ -893,12 +904,7 @@ async fn approve_proposal(
     Path((vault, id)): Path<(String, String)>,
     OptionalJsonBody(body): OptionalJsonBody<ApproveBody>,
 ) -> Result<Response> {
-    // Agents are refused before anything else is looked at, whatever they name.
-    if matches!(caller.0, Principal::Agent { .. }) {
-        return Err(Error::forbidden(
-            "agents cannot approve or reject proposals; a member or admin of the vault must",
-        ));
-    }
+    decider_is_not_an_agent(&caller)?;
     let id = proposal_id(&id)?;
     Ok(with_store(&state, caller, move |store, who| {
         store.approve_proposal(who, &vault, id, body.values, body.accept_agent_values)
@@ -920,11 +926,7 @@ async fn reject_proposal(
     Path((vault, id)): Path<(String, String)>,
     OptionalJsonBody(body): OptionalJsonBody<RejectBody>,
 ) -> Result<Response> {
-    if matches!(caller.0, Principal::Agent { .. }) {
-        return Err(Error::forbidden(
-            "agents cannot approve or reject proposals; a member or admin of the vault must",
-        ));
-    }
+    decider_is_not_an_agent(&caller)?;
     let id = proposal_id(&id)?;
     Ok(with_store(&state, caller, move |store, who| {
         store.reject_proposal(who, &vault, id, body.reason)
