@@ -191,6 +191,22 @@ pub fn one_line(err: &anyhow::Error) -> String {
     line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Parses `flags` as one command's arguments `T`, the way the CLI does (panics with
+/// clap's message if they do not parse).
+#[cfg(test)]
+pub(crate) fn parse_flags<T: clap::Args>(flags: &[&str]) -> T {
+    #[derive(clap::Parser)]
+    struct Wrapper<T: clap::Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    let args = std::iter::once("command").chain(flags.iter().copied());
+    match <Wrapper<T> as clap::Parser>::try_parse_from(args) {
+        Ok(w) => w.inner,
+        Err(err) => panic!("{flags:?}: {err}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -954,19 +954,9 @@ fn review(ctx: &Context) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn create_args(flags: &[&str]) -> CreateArgs {
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            create: CreateArgs,
-        }
-        let args = std::iter::once("create").chain(flags.iter().copied());
-        match Wrapper::try_parse_from(args) {
-            Ok(w) => w.create,
-            Err(err) => panic!("{flags:?}: {err}"),
-        }
+        crate::cli::parse_flags(flags)
     }
 
     fn proposal(flags: &[&str]) -> anyhow::Result<Value> {

@@ -441,20 +441,10 @@ fn set(ctx: &Context, vault: &str, file: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     /// Parses `service add` flags the way the CLI does.
     fn add_args(flags: &[&str]) -> AddService {
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            add: AddService,
-        }
-        let args = std::iter::once("add").chain(flags.iter().copied());
-        match Wrapper::try_parse_from(args) {
-            Ok(w) => w.add,
-            Err(err) => panic!("{flags:?}: {err}"),
-        }
+        crate::cli::parse_flags(flags)
     }
 
     fn auth(flags: &[&str]) -> anyhow::Result<Value> {
