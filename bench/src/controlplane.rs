@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use agent_vault_rules::{DataplaneCounts, STATS_PATH};
+
 use crate::http::{self, Conn};
 use crate::procs::Proc;
 
@@ -20,59 +22,7 @@ pub struct ControlPlane {
 }
 
 /// Requests counted by the control plane (`GET /v1/dataplane/stats`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Counts {
-    pub snapshot_full: u64,
-    pub snapshot_not_modified: u64,
-    pub credentials: u64,
-    pub logs: u64,
-    pub log_records: u64,
-    pub ext_authz: u64,
-    pub snapshot_builds: u64,
-    pub last_build_us: u64,
-    pub last_snapshot_bytes: u64,
-}
-
-impl Counts {
-    fn from_json(v: &Value) -> Counts {
-        let n = |k: &str| v[k].as_u64().unwrap_or(0);
-        Counts {
-            snapshot_full: n("snapshot_full"),
-            snapshot_not_modified: n("snapshot_not_modified"),
-            credentials: n("credentials"),
-            logs: n("logs"),
-            log_records: n("log_records"),
-            ext_authz: n("ext_authz"),
-            snapshot_builds: n("snapshot_builds"),
-            last_build_us: n("last_build_us"),
-            last_snapshot_bytes: n("last_snapshot_bytes"),
-        }
-    }
-
-    /// Requests between two readings.
-    pub fn since(self, before: Counts) -> Counts {
-        Counts {
-            snapshot_full: self.snapshot_full - before.snapshot_full,
-            snapshot_not_modified: self.snapshot_not_modified - before.snapshot_not_modified,
-            credentials: self.credentials - before.credentials,
-            logs: self.logs - before.logs,
-            log_records: self.log_records - before.log_records,
-            ext_authz: self.ext_authz - before.ext_authz,
-            snapshot_builds: self.snapshot_builds - before.snapshot_builds,
-            last_build_us: self.last_build_us,
-            last_snapshot_bytes: self.last_snapshot_bytes,
-        }
-    }
-
-    /// Every data-plane request.
-    pub fn calls(&self) -> u64 {
-        self.snapshot_full
-            + self.snapshot_not_modified
-            + self.credentials
-            + self.logs
-            + self.ext_authz
-    }
-}
+pub type Counts = DataplaneCounts;
 
 impl ControlPlane {
     pub fn start(binary: &Path, dir: &Path, name: &str) -> Result<ControlPlane, String> {
@@ -238,11 +188,12 @@ impl ControlPlane {
         http::unix_once(
             &self.socket,
             "GET",
-            "/v1/dataplane/stats",
+            STATS_PATH,
             &[("Connection", "close")],
             None,
         )
-        .map(|r| Counts::from_json(&r.json()))
+        .ok()
+        .and_then(|r| serde_json::from_value(r.json()).ok())
         .unwrap_or_default()
     }
 
@@ -258,7 +209,7 @@ impl ControlPlane {
             if http::unix_once(
                 &self.socket,
                 "GET",
-                "/v1/dataplane/stats",
+                STATS_PATH,
                 &[("Connection", "close")],
                 None,
             )

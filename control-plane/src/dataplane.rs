@@ -44,8 +44,9 @@ use crate::error::{Error, Result};
 use crate::store::{scan_json, Store};
 use crate::vaults::VaultRecord;
 
-/// `GET`: [`DataplaneCounts`] as JSON.
-pub const STATS_PATH: &str = "/v1/dataplane/stats";
+/// The stats route's path and answer (wire types live in `rules/`).
+pub use agent_vault_rules::{DataplaneCounts, STATS_PATH};
+
 /// Prefix of the `ext_authz` check route (Envoy appends the original path).
 pub const EXT_AUTHZ_PATH: &str = "/v1/dataplane/ext_authz";
 
@@ -66,29 +67,6 @@ pub struct DataplaneStats {
     snapshot_builds: AtomicU64,
     last_build_us: AtomicU64,
     last_snapshot_bytes: AtomicU64,
-}
-
-/// A reading of [`DataplaneStats`] (what `GET /v1/dataplane/stats` answers).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct DataplaneCounts {
-    /// Snapshot polls answered 200 with the snapshot.
-    pub snapshot_full: u64,
-    /// Snapshot polls answered 304.
-    pub snapshot_not_modified: u64,
-    /// Credential fetches.
-    pub credentials: u64,
-    /// Request-log batches posted.
-    pub logs: u64,
-    /// Request-log records in those batches.
-    pub log_records: u64,
-    /// `ext_authz` checks.
-    pub ext_authz: u64,
-    /// Snapshots built (once per version that was asked for).
-    pub snapshot_builds: u64,
-    /// Microseconds the last build took (read the store and serialize).
-    pub last_build_us: u64,
-    /// Size of the last snapshot built, in bytes.
-    pub last_snapshot_bytes: u64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {

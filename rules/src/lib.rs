@@ -38,7 +38,7 @@ pub use names::{
 };
 pub use service::{validate_services, Service, UnmatchedHostPolicy};
 pub use wire::{
-    CredentialsRequest, CredentialsResponse, Grant, LogRecord, Role, Snapshot, SnapshotAgent,
-    SnapshotVault, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
-    SUPPORTED_AUTH_TYPES,
+    CredentialsRequest, CredentialsResponse, DataplaneCounts, Grant, LogRecord, Role, Snapshot,
+    SnapshotAgent, SnapshotVault, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
+    STATS_PATH, SUPPORTED_AUTH_TYPES,
 };

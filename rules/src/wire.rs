@@ -17,6 +17,9 @@ pub const SNAPSHOT_PATH: &str = "/v1/dataplane/snapshot";
 pub const CREDENTIALS_PATH: &str = "/v1/dataplane/credentials";
 /// `POST` a JSON array of [`LogRecord`] → 204.
 pub const LOGS_PATH: &str = "/v1/dataplane/logs";
+/// `GET` → [`DataplaneCounts`]: data-plane requests counted since start (not in
+/// DESIGN.md §4; see the control plane's API.md).
+pub const STATS_PATH: &str = "/v1/dataplane/stats";
 /// Response header the control plane sets on every data-plane reply, so the filter can
 /// tell them from the 503/504 replies Envoy synthesizes when the socket is down or slow.
 pub const CONTROL_PLANE_HEADER: &str = "x-agent-vault-control-plane";
@@ -148,6 +151,59 @@ pub struct LogRecord<S = String> {
     pub latency_ms: u64,
     /// Error code when the filter answered itself (`forbidden`, ...).
     pub error: Option<S>,
+}
+
+/// Data-plane requests counted by route since the control plane started, and its last
+/// snapshot build (what `GET` [`STATS_PATH`] answers). No names, no secrets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneCounts {
+    /// Snapshot polls answered 200 with the snapshot.
+    pub snapshot_full: u64,
+    /// Snapshot polls answered 304.
+    pub snapshot_not_modified: u64,
+    /// Credential fetches.
+    pub credentials: u64,
+    /// Request-log batches posted.
+    pub logs: u64,
+    /// Request-log records in those batches.
+    pub log_records: u64,
+    /// `ext_authz` checks.
+    pub ext_authz: u64,
+    /// Snapshots built (once per version that was asked for).
+    pub snapshot_builds: u64,
+    /// Microseconds the last build took (read the store and serialize).
+    pub last_build_us: u64,
+    /// Size of the last snapshot built, in bytes.
+    pub last_snapshot_bytes: u64,
+}
+
+impl DataplaneCounts {
+    /// The requests counted between `before` and this reading (the last build's
+    /// figures are this reading's).
+    pub fn since(self, before: DataplaneCounts) -> DataplaneCounts {
+        DataplaneCounts {
+            snapshot_full: self.snapshot_full.saturating_sub(before.snapshot_full),
+            snapshot_not_modified: self
+                .snapshot_not_modified
+                .saturating_sub(before.snapshot_not_modified),
+            credentials: self.credentials.saturating_sub(before.credentials),
+            logs: self.logs.saturating_sub(before.logs),
+            log_records: self.log_records.saturating_sub(before.log_records),
+            ext_authz: self.ext_authz.saturating_sub(before.ext_authz),
+            snapshot_builds: self.snapshot_builds.saturating_sub(before.snapshot_builds),
+            last_build_us: self.last_build_us,
+            last_snapshot_bytes: self.last_snapshot_bytes,
+        }
+    }
+
+    /// Every data-plane request counted.
+    pub fn calls(&self) -> u64 {
+        self.snapshot_full
+            + self.snapshot_not_modified
+            + self.credentials
+            + self.logs
+            + self.ext_authz
+    }
 }
 
 #[cfg(test)]
