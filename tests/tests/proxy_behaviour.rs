@@ -11,8 +11,7 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1678,43 +1677,12 @@ impl Drop for FakeControlPlane {
 
 fn serve_fake(stream: UnixStream, state: &Mutex<FakeState>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let line = line.trim_end().to_string();
-        if line.is_empty() {
-            continue;
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let mut headers = HashMap::new();
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header)? == 0 {
-                return Ok(());
-            }
-            let header = header.trim_end_matches(['\r', '\n']);
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
-            }
-        }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body)?;
-
-        let (status, etag, payload) = match (method.as_str(), path.as_str()) {
+    while let Some(request) = support::upstream::read_request(&mut reader)? {
+        let (method, path) = (request.method.as_str(), request.path.as_str());
+        let (status, etag, payload) = match (method, path) {
             ("GET", "/v1/dataplane/snapshot") => {
                 let mut state = state.lock().unwrap();
-                if headers.get("if-none-match") == Some(&state.etag) {
+                if request.header("if-none-match") == Some(state.etag.as_str()) {
                     (304, Some(state.etag.clone()), Vec::new())
                 } else {
                     state.snapshots_served += 1;
@@ -1754,6 +1722,7 @@ fn serve_fake(stream: UnixStream, state: &Mutex<FakeState>) -> std::io::Result<(
         stream.write_all(&payload)?;
         stream.flush()?;
     }
+    Ok(())
 }
 
 /// A real snapshot (one bearer service `echo` on `echo`'s port, key `FAKE_KEY`, one

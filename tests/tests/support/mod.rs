@@ -129,26 +129,7 @@ impl Server {
             let mut stdin = child.stdin.take().expect("stdin");
             writeln!(stdin, "{password}").expect("write password");
         }
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining so the server never blocks on a full pipe.
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_string);
-        match addr {
+        match announced_address(&mut child, Duration::from_secs(30)) {
             Some(addr) => {
                 self.addr = addr;
                 self.child = Some(child);
@@ -470,4 +451,27 @@ pub fn socket_request(path: &Path, request: impl AsRef<[u8]>) -> Option<String> 
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     (!response.is_empty()).then(|| String::from_utf8_lossy(&response).into_owned())
+}
+
+/// The `host:port` a starting `agent-vault server` announces on the first line of its
+/// stdout (`… http://ADDR …`), waiting up to `timeout`; `None` if it did not. The rest
+/// of its stdout is drained so the server never blocks on a full pipe.
+pub fn announced_address(child: &mut Child, timeout: Duration) -> Option<String> {
+    let stdout = child.stdout.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    let line = rx.recv_timeout(timeout).unwrap_or_default();
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
 }

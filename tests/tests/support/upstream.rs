@@ -192,54 +192,16 @@ fn serve_http<S: Read + Write>(
     received: &Mutex<Vec<Value>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(());
-        }
-        let request_line = request_line.trim_end().to_string();
-        if request_line.is_empty() {
-            continue;
-        }
-        let mut parts = request_line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let mut header_list: Vec<(String, String)> = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            let line = line.trim_end_matches(['\r', '\n']);
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                header_list.push((name.trim().to_string(), value.trim().to_string()));
-            }
-        }
-        let find = |name: &str| {
-            header_list
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
-        };
-        let body = if find("transfer-encoding")
-            .map(|v| v.to_ascii_lowercase().contains("chunked"))
-            .unwrap_or(false)
-        {
-            read_chunked(&mut reader)?
-        } else {
-            let len: usize = find("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let mut body = vec![0; len];
-            reader.read_exact(&mut body)?;
-            body
-        };
-        let close = find("connection")
-            .map(|v| v.eq_ignore_ascii_case("close"))
-            .unwrap_or(false);
+    while let Some(request) = read_request(&mut reader)? {
+        let close = request
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let HttpRequest {
+            method,
+            path,
+            headers: header_list,
+            body,
+        } = request;
 
         let mut headers = Map::new();
         for (name, value) in &header_list {
@@ -282,6 +244,78 @@ fn serve_http<S: Read + Write>(
             return Ok(());
         }
     }
+    Ok(())
+}
+
+/// One HTTP/1.1 request as a test server reads it: header names as sent (in order), the
+/// body by `content-length` or chunked.
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the next request on a connection; `None` when the peer closed it.
+pub fn read_request<R: BufRead>(reader: &mut R) -> std::io::Result<Option<HttpRequest>> {
+    let mut request_line = String::new();
+    loop {
+        request_line.clear();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(None);
+        }
+        if !request_line.trim_end().is_empty() {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    let mut request = HttpRequest {
+        method,
+        path,
+        headers,
+        body: Vec::new(),
+    };
+    let chunked = request
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    request.body = if chunked {
+        read_chunked(reader)?
+    } else {
+        let len: usize = request
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+        body
+    };
+    Ok(Some(request))
 }
 
 fn read_chunked<R: BufRead>(reader: &mut R) -> std::io::Result<Vec<u8>> {
