@@ -25,10 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use agent_vault_rules::proxy_auth::{self, DECODE_BUFFER_LEN};
+use agent_vault_rules::reply::{self, Reject};
 use agent_vault_rules::{
-    normalize_authority, CompiledAuth, CredentialsRequest, LogRecord, RenderError, ServiceMatcher,
-    Snapshot, SnapshotAgent, SnapshotVault, UnmatchedHostPolicy, CONTROL_PLANE_HEADER,
-    CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
+    normalize_authority, CredentialsRequest, LogRecord, ServiceMatcher, Snapshot, SnapshotAgent,
+    SnapshotVault, UnmatchedHostPolicy, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH,
+    SNAPSHOT_PATH,
 };
 use axum::body::Bytes;
 use axum::extract::State;
@@ -36,8 +38,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use base64::Engine as _;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::api::{blocking, AppState, JsonBody};
 use crate::error::{Error, Result};
@@ -258,7 +260,7 @@ fn credentials_body(store: &Store, request: &CredentialsRequest) -> Result<Bytes
     Ok(Bytes::from(serde_json::to_vec(&body)?))
 }
 
-/// A batch of request-log records (at most [`crate::logs::MAX_BATCH_RECORDS`]); records
+/// A batch of request-log records (at most [`agent_vault_rules::MAX_LOG_BATCH_RECORDS`]); records
 /// for unknown vaults are dropped. Stored and flushed before the 204.
 async fn logs(
     State(state): State<AppState>,
@@ -278,23 +280,6 @@ async fn stats(State(state): State<AppState>) -> axum::Json<DataplaneCounts> {
     axum::Json(state.dataplane_stats.counts())
 }
 
-/// Why an `ext_authz` check refused a request: status, stable code, message. Envoy
-/// sends it to the agent as is (the same codes as the filter's errors, DESIGN.md §6).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-fn deny(status: StatusCode, code: &'static str, message: impl Into<String>) -> Denial {
-    Denial {
-        status,
-        code,
-        message: message.into(),
-    }
-}
-
 /// What an `ext_authz` check sees of the original request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckRequest<'a> {
@@ -306,166 +291,68 @@ pub struct CheckRequest<'a> {
     pub path: &'a str,
 }
 
-/// The agent token and the vault named in `Proxy-Authorization` (`Basic
-/// base64(token:vault)` or `Bearer token`), as the filter reads it.
-fn proxy_credential(header: &str) -> Option<(String, Option<String>)> {
-    let (scheme, param) = header.trim().split_once([' ', '\t'])?;
-    let param = param.trim();
-    let (token, vault) = if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(param)
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        let (token, vault) = text.split_once(':')?;
-        (
-            token.to_string(),
-            Some(vault.to_string()).filter(|v| !v.is_empty()),
-        )
-    } else if scheme.eq_ignore_ascii_case("bearer") {
-        (param.to_string(), None)
-    } else {
-        return None;
-    };
-    let bad = token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control());
-    (!bad).then_some((token, vault))
-}
-
 impl Store {
-    /// The `ext_authz` decision: the headers to inject, or why not. One request, no
+    /// The `ext_authz` decision: the headers to inject, or the refusal the filter would
+    /// send (the same parser and rejects, from `agent-vault-rules`). One request, no
     /// cache: every check reads the agent, the vault's services and the credential
     /// values from the store and decrypts them.
     pub fn ext_authz_check(
         &self,
         request: &CheckRequest<'_>,
-    ) -> std::result::Result<Vec<(String, String)>, Denial> {
+    ) -> std::result::Result<Vec<(String, String)>, Reject> {
         let internal = |e: Error| {
             tracing::error!(error = %e, "ext_authz check failed");
-            deny(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "control_plane_unavailable",
-                "the control plane could not answer",
-            )
+            reply::control_plane_unavailable("the control plane could not answer")
         };
-        let (token, named_vault) = request
-            .proxy_authorization
-            .and_then(proxy_credential)
-            .ok_or_else(|| {
-                deny(
-                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                    "proxy_auth_required",
-                    "send the agent token as proxy credentials",
-                )
-            })?;
-        let hash = crate::crypto::sha256_hex(token.as_bytes());
-        drop(zeroize::Zeroizing::new(token));
+        // The decoded Basic credentials hold the token: wiped when dropped.
+        let mut buffer = Zeroizing::new([0u8; DECODE_BUFFER_LEN]);
+        let credential = proxy_auth::parse(request.proxy_authorization, &mut buffer)
+            .map_err(|error| reply::proxy_auth_required(error.reason()))?;
+        let hash = crate::crypto::sha256_hex(credential.token.as_bytes());
         let now = self.now_secs();
         let agent = self
             .agent_by_token_hash(&hash)
             .map_err(internal)?
             .filter(|agent| agent.expires_at.is_none_or(|at| at > now))
-            .ok_or_else(|| {
-                deny(
-                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                    "invalid_token",
-                    "unknown, revoked or expired agent token",
-                )
-            })?;
-        let named_vault = named_vault.or_else(|| {
-            request
-                .x_vault
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
-        });
-        let vault_name = match named_vault {
-            Some(name) => name,
-            None => match agent.vaults.as_slice() {
-                [only] => only.vault.clone(),
-                _ => {
-                    return Err(deny(
-                        StatusCode::BAD_REQUEST,
-                        "vault_required",
-                        "name the vault in the proxy credentials or X-Vault",
-                    ))
-                }
-            },
-        };
-        if !agent.vaults.iter().any(|g| g.vault == vault_name) {
-            return Err(deny(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("agent \"{}\" has no grant on that vault", agent.name),
-            ));
-        }
+            .ok_or_else(reply::invalid_token)?;
+        let named_vault = credential
+            .vault
+            .or_else(|| proxy_auth::x_vault(request.x_vault));
+        let grants: Vec<&str> = agent.vaults.iter().map(|g| g.vault.as_str()).collect();
+        let vault_name = reply::choose_vault(&agent.name, &grants, named_vault)?;
         let vault = self
-            .vault(&vault_name)
+            .vault(vault_name)
             .map_err(internal)?
-            .ok_or_else(|| deny(StatusCode::FORBIDDEN, "forbidden", "no such vault"))?;
-        let Some((host, port)) = request.authority.and_then(|a| normalize_authority(a, 80)) else {
-            return Err(deny(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the request has no valid host",
-            ));
+            .ok_or_else(|| reply::vault_forbidden(&agent.name, Some(vault_name)))?;
+        let Some((host, port)) = request
+            .authority
+            .and_then(|a| normalize_authority(a, reply::DEFAULT_PORT))
+        else {
+            return Err(reply::invalid_request());
         };
         let services = self.services_of(&vault.id).map_err(internal)?;
         let matcher = ServiceMatcher::new(&services);
         let Some(index) = matcher.find(&host, port, request.path) else {
             return match vault.unmatched_host_policy {
                 UnmatchedHostPolicy::Passthrough => Ok(Vec::new()),
-                UnmatchedHostPolicy::Deny => Err(deny(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    format!("no service of vault \"{vault_name}\" matches {host}:{port}"),
-                )),
+                UnmatchedHostPolicy::Deny => Err(reply::no_service(&vault.name, &host, port)),
             };
         };
-        let service = services.get(index).map(|s| (s.name.as_str(), s.enabled));
-        let auth = matcher.auth(index).and_then(|a| a.as_ref().ok());
-        let (Some((service, enabled)), Some(auth)) = (service, auth) else {
-            return Err(deny(
-                StatusCode::BAD_GATEWAY,
-                "invalid_service",
-                "the matched service cannot be used",
-            ));
+        let (Some(service), Some(auth)) = (services.get(index), matcher.auth(index)) else {
+            return Err(reply::invalid_service(&vault.name, "", "not indexed"));
         };
-        if !enabled {
-            return Err(deny(
-                StatusCode::FORBIDDEN,
-                "service_disabled",
-                format!("service \"{service}\" is disabled"),
-            ));
+        if !service.enabled {
+            return Err(reply::service_disabled(&vault.name, &service.name));
         }
-        render_check(self, &vault.id, auth).map_err(|e| match e {
-            Ok(denial) => denial,
-            Err(error) => internal(error),
-        })
+        let auth = auth
+            .as_ref()
+            .map_err(|e| reply::invalid_service(&vault.name, &service.name, &e.to_string()))?;
+        let (values, _missing) = self
+            .resolve_credentials(&vault.id, auth.keys())
+            .map_err(internal)?;
+        auth.render(|key| values.get(key).map(|v| v.expose()))
+            .map_err(|error| reply::render_failed(&vault.name, &service.name, &error))
     }
-}
-
-fn render_check(
-    store: &Store,
-    vault_id: &str,
-    auth: &CompiledAuth,
-) -> std::result::Result<Vec<(String, String)>, std::result::Result<Denial, Error>> {
-    let (values, _missing) = store
-        .resolve_credentials(vault_id, auth.keys())
-        .map_err(Err)?;
-    auth.render(|key| values.get(key).map(|v| v.expose()))
-        .map_err(|error| {
-            Ok(match error {
-                RenderError::Missing(key) => deny(
-                    StatusCode::BAD_GATEWAY,
-                    "credential_not_found",
-                    format!("credential {key} is not set"),
-                ),
-                other => deny(
-                    StatusCode::BAD_GATEWAY,
-                    "invalid_service",
-                    other.to_string(),
-                ),
-            })
-        })
 }
 
 async fn ext_authz(
@@ -522,17 +409,16 @@ async fn ext_authz(
             );
             response
         }
-        Err(denial) => {
-            let body = crate::error::ErrorBody {
-                error: denial.code,
-                message: denial.message,
-            };
-            let mut response = (denial.status, axum::Json(body)).into_response();
-            if denial.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-                response.headers_mut().insert(
-                    header::PROXY_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"agent-vault\""),
-                );
+        Err(reject) => {
+            let status =
+                StatusCode::from_u16(reject.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let headers = reject
+                .headers()
+                .into_iter()
+                .map(|(name, value)| (name, HeaderValue::from_static(value)));
+            let mut response = (status, reject.body).into_response();
+            for (name, value) in headers {
+                response.headers_mut().insert(name, value);
             }
             response
         }
@@ -551,6 +437,7 @@ mod tests {
     use agent_vault_rules::{Auth, Grant, Role, Service};
     use axum::body::Body;
     use axum::http::Request;
+    use base64::Engine as _;
     use std::collections::BTreeMap;
     use tower::ServiceExt;
 

@@ -26,15 +26,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use agent_vault_rules::LogRecord;
+use agent_vault_rules::{LogRecord, MAX_LOG_BATCH_RECORDS};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::store::{scan_json, vault_prefix, Store};
 use crate::vaults::{Access, Principal, VaultRecord};
 
-/// Most records one data-plane batch may carry.
-pub const MAX_BATCH_RECORDS: usize = 1000;
 /// Records per page when the reader does not say.
 pub const DEFAULT_PAGE: usize = 100;
 /// Most records per page.
@@ -42,11 +40,6 @@ pub const MAX_PAGE: usize = 1000;
 /// Every this many batches, the whole tree is pruned.
 pub const PRUNE_EVERY: u64 = 100;
 
-const MAX_HOST: usize = 253;
-const MAX_PATH: usize = 2048;
-const MAX_METHOD: usize = 16;
-const MAX_NAME: usize = 128;
-const MAX_ERROR: usize = 64;
 /// Keys removed per transaction while pruning.
 const PRUNE_CHUNK: usize = 5000;
 const DAY_MS: i64 = 86_400_000;
@@ -110,15 +103,15 @@ impl Store {
     /// Stores a batch from the data plane in one flushed write and prunes when due.
     /// Records naming an unknown vault are dropped. Returns how many were stored.
     pub fn append_logs(&self, records: Vec<LogRecord>) -> Result<usize> {
-        if records.len() > MAX_BATCH_RECORDS {
-            return Err(Error::BatchTooLarge(MAX_BATCH_RECORDS, "records"));
+        if records.len() > MAX_LOG_BATCH_RECORDS {
+            return Err(Error::BatchTooLarge(MAX_LOG_BATCH_RECORDS, "records"));
         }
         let _writer = lock(&self.request_log.writer);
         let mut vault_ids: HashMap<String, Option<String>> = HashMap::new();
         // One chunk per vault, in the order the vaults first appear.
         let mut chunks: Vec<(String, Vec<(u64, LogRecord)>)> = Vec::new();
         for record in records {
-            let record = sanitize(record);
+            let record = record.sanitized();
             let id = match vault_ids.get(&record.vault) {
                 Some(id) => id.clone(),
                 None => {
@@ -429,36 +422,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
-/// Cuts the query string and fragment off the path and caps every string field.
-fn sanitize(mut record: LogRecord) -> LogRecord {
-    if let Some(cut) = record.path.find(['?', '#']) {
-        record.path.truncate(cut);
-    }
-    cap(&mut record.path, MAX_PATH);
-    cap(&mut record.host, MAX_HOST);
-    cap(&mut record.method, MAX_METHOD);
-    cap(&mut record.agent, MAX_NAME);
-    cap(&mut record.vault, MAX_NAME);
-    if let Some(service) = record.service.as_mut() {
-        cap(service, MAX_NAME);
-    }
-    if let Some(error) = record.error.as_mut() {
-        cap(error, MAX_ERROR);
-    }
-    record
-}
-
-/// Truncates `text` to at most `max` bytes, on a character boundary.
-fn cap(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -467,6 +430,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::clock::{ManualClock, SharedClock};
+    use agent_vault_rules::{
+        MAX_LOG_ERROR as MAX_ERROR, MAX_LOG_HOST as MAX_HOST, MAX_LOG_METHOD as MAX_METHOD,
+        MAX_LOG_NAME as MAX_NAME, MAX_LOG_PATH as MAX_PATH,
+    };
 
     const NOW_MS: i64 = 1_700_000_000_000;
 
@@ -733,7 +700,7 @@ mod tests {
             let err = store.read_logs(&owner(), "default", None, bad).unwrap_err();
             assert_eq!(err.code(), "invalid_limit");
         }
-        let too_many = vec![record("default", "/x", NOW_MS); MAX_BATCH_RECORDS + 1];
+        let too_many = vec![record("default", "/x", NOW_MS); MAX_LOG_BATCH_RECORDS + 1];
         let err = store.append_logs(too_many).unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(store.trees.logs.len(), 1);

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use agent_vault_rules::MAX_LOG_BATCH_RECORDS;
 use serde::Deserialize;
 
 /// Settings of one filter instance.
@@ -116,7 +117,7 @@ impl Config {
                 u64::try_from(self.log_batch_max).unwrap_or(u64::MAX),
                 1,
                 // The control plane refuses larger batches.
-                1000,
+                MAX_LOG_BATCH_RECORDS as u64,
             ),
         ];
         for (name, value, min, max) in ranges {

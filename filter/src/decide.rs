@@ -19,16 +19,15 @@
 
 use std::rc::Rc;
 
-use agent_vault_rules::{normalize_authority, CompiledAuth, RenderError, UnmatchedHostPolicy};
+use agent_vault_rules::proxy_auth::{self, DECODE_BUFFER_LEN};
+use agent_vault_rules::reply::{self, Reject};
+use agent_vault_rules::{normalize_authority, CompiledAuth, UnmatchedHostPolicy};
 
 use crate::cache::{Cached, CredentialCache};
-use crate::proxy_auth::{self, DECODE_BUFFER_LEN};
-use crate::reply::{self, Reject};
 use crate::request_log::RequestLog;
 use crate::snapshot::{CompiledSnapshot, CompiledVault, TokenHash};
 
-/// Port assumed when `:authority` names none (agents send plain `http://`).
-pub const DEFAULT_PORT: u16 = 80;
+pub use agent_vault_rules::reply::DEFAULT_PORT;
 /// Port of TLS upstreams whose host pattern names none.
 pub const TLS_PORT: u16 = 443;
 
@@ -166,15 +165,7 @@ fn render<'v>(
             upstream_tls,
             authority,
         }),
-        Err(RenderError::InvalidValue(key)) => {
-            Decision::Reject(reply::invalid_credential_value(vault, &key))
-        }
-        Err(RenderError::Missing(key)) => {
-            Decision::Reject(reply::credential_not_found(vault, &key))
-        }
-        Err(RenderError::InvalidAuth(error)) => {
-            Decision::Reject(reply::invalid_service(vault, service, &error.to_string()))
-        }
+        Err(error) => Decision::Reject(reply::render_failed(vault, service, &error)),
     }
 }
 
@@ -217,12 +208,9 @@ fn decide_inner(
         Ok(credential) => credential,
         Err(error) => return R(reply::proxy_auth_required(error.reason())),
     };
-    let named_vault = credential.vault.or_else(|| {
-        request
-            .x_vault
-            .map(|v| v.trim_matches([' ', '\t']))
-            .filter(|v| !v.is_empty())
-    });
+    let named_vault = credential
+        .vault
+        .or_else(|| proxy_auth::x_vault(request.x_vault));
 
     // 3. Rules.
     let Some(snapshot) = snapshot else {
@@ -242,25 +230,12 @@ fn decide_inner(
     log.agent = Some(Rc::clone(&agent.name));
 
     // 5. Vault.
-    let granted = |name: &str| agent.vaults.iter().find(|v| &***v == name);
-    let vault: &CompiledVault = match named_vault {
-        Some(name) => match granted(name).and_then(|v| snapshot.vault(v)) {
+    let vault: &CompiledVault = match reply::choose_vault(&agent.name, &agent.vaults, named_vault) {
+        Ok(name) => match snapshot.vault(name) {
             Some(vault) => vault,
-            None => {
-                let shown = agent_vault_rules::validate_vault_name(name)
-                    .is_ok()
-                    .then_some(name);
-                return R(reply::vault_forbidden(&agent.name, shown));
-            }
+            None => return R(reply::vault_forbidden(&agent.name, Some(name))),
         },
-        None => match agent.vaults.as_slice() {
-            [only] => match snapshot.vault(only) {
-                Some(vault) => vault,
-                None => return R(reply::vault_forbidden(&agent.name, Some(only))),
-            },
-            [] => return R(reply::no_vault(&agent.name)),
-            several => return R(reply::vault_required(&agent.name, several)),
-        },
+        Err(reject) => return R(reject),
     };
     log.vault = Some(Rc::clone(&vault.name));
 
@@ -277,14 +252,7 @@ fn decide_inner(
         None => {
             let decision = match vault.policy {
                 UnmatchedHostPolicy::Passthrough => Decision::Forward(Forward::untouched()),
-                UnmatchedHostPolicy::Deny => {
-                    let shown = if port == DEFAULT_PORT {
-                        host.clone()
-                    } else {
-                        format!("{host}:{port}")
-                    };
-                    R(reply::no_service(&vault.name, &shown))
-                }
+                UnmatchedHostPolicy::Deny => R(reply::no_service(&vault.name, &host, port)),
             };
             log.host = host;
             return decision;
@@ -352,7 +320,7 @@ fn decide_inner(
 pub(crate) mod tests {
     use super::*;
     use crate::cache::Secret;
-    use crate::reply::ErrorCode;
+    use agent_vault_rules::reply::ErrorCode;
     use agent_vault_rules::{Auth, Grant, Role, Service, Snapshot, SnapshotAgent, SnapshotVault};
     use base64::Engine as _;
     use std::collections::BTreeMap;

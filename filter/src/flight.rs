@@ -29,8 +29,8 @@ use agent_vault_rules::{CredentialsRequest, CredentialsResponse};
 
 use crate::cache::{wipe, Secret};
 use crate::decide::{Decision, FetchPlan};
-use crate::reply;
 use crate::request_log::RequestLog;
+use agent_vault_rules::reply;
 
 /// Extra time after the callout timeout before a flight is given up on.
 pub const GRACE_MS: u64 = 1000;
@@ -357,7 +357,7 @@ mod tests {
     use crate::cache::CredentialCache;
     use crate::decide::tests::{basic, snapshot, ALICE, BOB, NOW_MS};
     use crate::decide::{decide, Request};
-    use crate::reply::ErrorCode;
+    use agent_vault_rules::reply::ErrorCode;
 
     /// A paused request: its context id, its log state (drop it: the request is gone)
     /// and its plan.

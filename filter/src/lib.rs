@@ -11,16 +11,18 @@
 //! |-------------------------------------------------|------------------|
 //! | plugin configuration                            | [`config`]       |
 //! | the request headers, read in one host call      | [`header_map`]   |
-//! | the agent's `Proxy-Authorization`               | [`proxy_auth`]   |
 //! | the rules snapshot, compiled for lookups        | [`snapshot`]     |
 //! | the per-worker credential cache                 | [`cache`]        |
 //! | deciding a request (refuse / forward / fetch)   | [`decide`]       |
-//! | the filter's own responses and error codes      | [`reply`]        |
 //! | single-flight fetches and their answers         | [`flight`]       |
 //! | request-log records and batches                 | [`request_log`]  |
 //! | one worker's state, polling and timers          | [`worker`]       |
 //! | the Envoy stats operators watch                 | [`stats`]        |
 //! | proxy-wasm contexts (wasm32 only)               | `glue`           |
+//!
+//! The agent's `Proxy-Authorization` parser and the filter's own responses (the error
+//! codes of DESIGN.md §6) are the wire contract, shared with the control plane:
+//! [`agent_vault_rules::proxy_auth`] and [`agent_vault_rules::reply`].
 //!
 //! Everything but `glue` is plain Rust, unit-tested on the host with time passed in
 //! as unix milliseconds; `glue` only translates host calls.
@@ -41,8 +43,6 @@ pub mod config;
 pub mod decide;
 pub mod flight;
 pub mod header_map;
-pub mod proxy_auth;
-pub mod reply;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;

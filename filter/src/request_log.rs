@@ -7,15 +7,10 @@
 
 use std::rc::Rc;
 
-use agent_vault_rules::LogRecord;
+use agent_vault_rules::reply::ErrorCode;
+use agent_vault_rules::{loggable_path, truncated, LogRecord, MAX_LOG_METHOD};
 use serde::Serialize;
 
-use crate::reply::ErrorCode;
-
-/// Longest path kept in a record (longer paths are cut at a character boundary).
-pub const MAX_LOGGED_PATH: usize = 2048;
-/// Longest method kept in a record.
-pub const MAX_LOGGED_METHOD: usize = 32;
 /// A batch this large is sent whatever its record count: well under the control
 /// plane's 1 MiB body limit even with one more record of the longest kind.
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -47,11 +42,8 @@ impl RequestLog {
     /// Starts a record: `method` and `path` are moved in (they were read from the
     /// request anyway) and cut to what may be logged.
     pub fn start(&mut self, now_ms: u64, mut method: String, mut path: String) {
-        if let Some(end) = path.find(['?', '#']) {
-            path.truncate(end);
-        }
-        truncate_at_char(&mut path, MAX_LOGGED_PATH);
-        truncate_at_char(&mut method, MAX_LOGGED_METHOD);
+        path.truncate(loggable_path(&path).len());
+        method.truncate(truncated(&method, MAX_LOG_METHOD).len());
         self.started_ms = Some(now_ms);
         self.method = method;
         self.path = path;
@@ -77,16 +69,6 @@ impl RequestLog {
             latency_ms: now_ms.saturating_sub(started),
             error: self.error.map(ErrorCode::as_str),
         })
-    }
-}
-
-fn truncate_at_char(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
     }
 }
 
@@ -223,9 +205,9 @@ mod tests {
     fn long_paths_and_methods_are_cut() {
         let mut log = RequestLog::default();
         log.start(0, "M".repeat(100), format!("/{}", "é".repeat(3000)));
-        assert!(log.path.len() <= MAX_LOGGED_PATH);
+        assert!(log.path.len() <= agent_vault_rules::MAX_LOG_PATH);
         assert!(log.path.starts_with("/é"));
-        assert_eq!(log.method.len(), MAX_LOGGED_METHOD);
+        assert_eq!(log.method.len(), MAX_LOG_METHOD);
     }
 
     #[test]

@@ -34,25 +34,13 @@
 use std::collections::HashMap;
 
 use crate::decide::Forward;
-use crate::reply::ErrorCode;
+use agent_vault_rules::reply::ErrorCode;
 
 /// Every name starts with this (inside Envoy's `wasmcustom.` namespace).
 pub const PREFIX: &str = "agent_vault";
 
 /// Every error code, in the order of their denial counters.
-pub const ERROR_CODES: [ErrorCode; 11] = [
-    ErrorCode::ConnectNotSupported,
-    ErrorCode::ProxyAuthRequired,
-    ErrorCode::InvalidToken,
-    ErrorCode::VaultRequired,
-    ErrorCode::InvalidRequest,
-    ErrorCode::Forbidden,
-    ErrorCode::ServiceDisabled,
-    ErrorCode::InvalidService,
-    ErrorCode::CredentialNotFound,
-    ErrorCode::InvalidCredentialValue,
-    ErrorCode::ControlPlaneUnavailable,
-];
+pub const ERROR_CODES: [ErrorCode; 11] = ErrorCode::ALL;
 
 /// A counter's slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +83,7 @@ impl Counter {
         match self {
             Counter::Injected => 0,
             Counter::Passthrough => 1,
-            Counter::Denied(code) => 2 + denial_slot(code),
+            Counter::Denied(code) => 2 + code.index(),
             Counter::CacheHit => 2 + ERROR_CODES.len(),
             Counter::CacheMiss => 3 + ERROR_CODES.len(),
             Counter::FetchFailure => 4 + ERROR_CODES.len(),
@@ -114,23 +102,6 @@ impl Counter {
             Counter::FetchFailure => format!("{PREFIX}.control_plane.fetch_failures"),
             Counter::PollFailure => format!("{PREFIX}.control_plane.poll_failures"),
         }
-    }
-}
-
-/// Exhaustive, so a new error code cannot be added without its counter.
-fn denial_slot(code: ErrorCode) -> usize {
-    match code {
-        ErrorCode::ConnectNotSupported => 0,
-        ErrorCode::ProxyAuthRequired => 1,
-        ErrorCode::InvalidToken => 2,
-        ErrorCode::VaultRequired => 3,
-        ErrorCode::InvalidRequest => 4,
-        ErrorCode::Forbidden => 5,
-        ErrorCode::ServiceDisabled => 6,
-        ErrorCode::InvalidService => 7,
-        ErrorCode::CredentialNotFound => 8,
-        ErrorCode::InvalidCredentialValue => 9,
-        ErrorCode::ControlPlaneUnavailable => 10,
     }
 }
 

@@ -91,19 +91,35 @@ impl Auth {
     /// Credential keys this auth reads, sorted and deduplicated (also for an invalid
     /// block: whatever it names).
     pub fn referenced_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = match self {
-            Auth::Bearer { token } => vec![token.clone()],
-            Auth::Basic { username, password } => vec![username.clone(), password.clone()],
-            Auth::ApiKey { key, .. } => vec![key.clone()],
+        let mut keys: Vec<String> = self
+            .keys_as_written()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Credential keys this auth reads, each once, in the order the block names them
+    /// (a Basic user name before its password; custom headers by name, then each
+    /// template left to right): what a person reading the rule expects to see.
+    pub fn keys_as_written(&self) -> Vec<&str> {
+        let named: Vec<&str> = match self {
+            Auth::Bearer { token } => vec![token],
+            Auth::Basic { username, password } => vec![username, password],
+            Auth::ApiKey { key, .. } => vec![key],
             Auth::Custom { headers } => headers
                 .values()
                 .flat_map(|template| placeholder_keys(template))
-                .map(str::to_owned)
                 .collect(),
             Auth::Passthrough {} => Vec::new(),
         };
-        keys.sort();
-        keys.dedup();
+        let mut keys = Vec::with_capacity(named.len());
+        for key in named {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
         keys
     }
 
@@ -695,6 +711,21 @@ mod tests {
             missing.map(|e| e.to_string()).as_deref(),
             Some("credential \"NOPE\" is not set in this vault")
         );
+    }
+
+    #[test]
+    fn keys_as_written_keep_the_order_of_the_rule_once_each() {
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Auth, &[&str])> = vec![
+            ("basic user name before password", basic("U", "P"), &["U", "P"]),
+            ("basic same key twice once", basic("K", "K"), &["K"]),
+            ("custom headers by name, templates left to right", custom(&[("X-B", "{{ Z }} {{A}}"), ("X-A", "{{ A }}")]), &["A", "Z"]),
+            ("custom repeated key once", custom(&[("A", "{{ K1 }} {{K2}}"), ("B", "{{K1}}")]), &["K1", "K2"]),
+            ("passthrough names none", Auth::Passthrough {}, &[]),
+        ];
+        for (behaviour, auth, keys) in cases {
+            assert_eq!(auth.keys_as_written(), *keys, "{behaviour}");
+        }
     }
 
     #[test]

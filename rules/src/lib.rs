@@ -3,14 +3,16 @@
 //! publish rules). Pure Rust, no I/O; it builds for the host and for
 //! `wasm32-unknown-unknown`.
 //!
-//! | concept (DESIGN.md)                               | module      |
-//! |---------------------------------------------------|-------------|
-//! | vault, credential key, service and agent names    | [`names`]   |
-//! | host patterns and matching requests to services   | [`host`]    |
-//! | auth types and header rendering                   | [`auth`]    |
-//! | services and the unmatched-host policy            | [`service`] |
-//! | data-plane protocol (snapshot, credentials, logs) | [`wire`]    |
-//! | validation errors and their stable codes          | [`error`]   |
+//! | concept (DESIGN.md)                                      | module         |
+//! |----------------------------------------------------------|----------------|
+//! | vault, credential key, service and agent names           | [`names`]      |
+//! | host patterns and matching requests to services          | [`host`]       |
+//! | auth types and header rendering                          | [`auth`]       |
+//! | services and the unmatched-host policy                   | [`service`]    |
+//! | data-plane protocol (snapshot, credentials, logs)        | [`wire`]       |
+//! | the agent's proxy credential (`Proxy-Authorization`)     | [`proxy_auth`] |
+//! | what an agent sees when refused: codes, statuses, bodies | [`reply`]      |
+//! | validation errors and their stable codes                 | [`error`]      |
 //!
 //! The filter's hot path: build a [`ServiceMatcher`] per vault when a snapshot
 //! arrives, then per request [`normalize_authority`] → [`ServiceMatcher::find`] →
@@ -27,6 +29,8 @@ pub mod auth;
 pub mod error;
 pub mod host;
 pub mod names;
+pub mod proxy_auth;
+pub mod reply;
 pub mod service;
 pub mod wire;
 
@@ -38,7 +42,8 @@ pub use names::{
 };
 pub use service::{validate_services, Service, UnmatchedHostPolicy};
 pub use wire::{
-    CredentialsRequest, CredentialsResponse, DataplaneCounts, Grant, LogRecord, Role, Snapshot,
-    SnapshotAgent, SnapshotVault, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
-    STATS_PATH, SUPPORTED_AUTH_TYPES,
+    loggable_path, truncated, CredentialsRequest, CredentialsResponse, DataplaneCounts, Grant,
+    LogRecord, Role, Snapshot, SnapshotAgent, SnapshotVault, CONTROL_PLANE_HEADER,
+    CREDENTIALS_PATH, LOGS_PATH, MAX_LOG_BATCH_RECORDS, MAX_LOG_ERROR, MAX_LOG_HOST,
+    MAX_LOG_METHOD, MAX_LOG_NAME, MAX_LOG_PATH, SNAPSHOT_PATH, STATS_PATH, SUPPORTED_AUTH_TYPES,
 };

@@ -153,6 +153,67 @@ pub struct LogRecord<S = String> {
     pub error: Option<S>,
 }
 
+/// Most records one request-log batch may carry (`POST` [`LOGS_PATH`]).
+pub const MAX_LOG_BATCH_RECORDS: usize = 1000;
+/// Longest path a request-log record keeps, in bytes.
+pub const MAX_LOG_PATH: usize = 2048;
+/// Longest method a request-log record keeps, in bytes.
+pub const MAX_LOG_METHOD: usize = 32;
+/// Longest host a request-log record keeps (a DNS name's limit).
+pub const MAX_LOG_HOST: usize = 253;
+/// Longest agent, vault or service name a request-log record keeps.
+pub const MAX_LOG_NAME: usize = 128;
+/// Longest error code a request-log record keeps.
+pub const MAX_LOG_ERROR: usize = 64;
+
+/// What of a request path may be logged: no query string, no fragment (either can
+/// carry a secret), at most [`MAX_LOG_PATH`] bytes.
+pub fn loggable_path(path: &str) -> &str {
+    let path = path
+        .find(['?', '#'])
+        .and_then(|end| path.get(..end))
+        .unwrap_or(path);
+    truncated(path, MAX_LOG_PATH)
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn truncated(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default()
+}
+
+fn truncate(text: &mut String, max: usize) {
+    let keep = truncated(text, max).len();
+    text.truncate(keep);
+}
+
+impl LogRecord {
+    /// The record as it may be stored: the path cut by [`loggable_path`], every text
+    /// field capped by its limit. The filter sends records like this already; the
+    /// control plane applies it again to whatever arrives.
+    pub fn sanitized(mut self) -> LogRecord {
+        let path = loggable_path(&self.path).len();
+        self.path.truncate(path);
+        truncate(&mut self.host, MAX_LOG_HOST);
+        truncate(&mut self.method, MAX_LOG_METHOD);
+        truncate(&mut self.agent, MAX_LOG_NAME);
+        truncate(&mut self.vault, MAX_LOG_NAME);
+        if let Some(service) = self.service.as_mut() {
+            truncate(service, MAX_LOG_NAME);
+        }
+        if let Some(error) = self.error.as_mut() {
+            truncate(error, MAX_LOG_ERROR);
+        }
+        self
+    }
+}
+
 /// Data-plane requests counted by route since the control plane started, and its last
 /// snapshot build (what `GET` [`STATS_PATH`] answers). No names, no secrets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -387,6 +448,45 @@ mod tests {
             "authorization": "Bearer sk_live_x"
         });
         assert!(serde_json::from_value::<LogRecord>(json).is_err());
+    }
+
+    #[test]
+    fn loggable_paths_lose_query_and_fragment_and_are_cut_on_a_character() {
+        #[rustfmt::skip]
+        let cases: [(&str, String, String); 5] = [
+            ("a query string goes", "/v1?api_key=secret".into(), "/v1".into()),
+            ("a fragment goes", "/v1#frag?x".into(), "/v1".into()),
+            ("a plain path stays", "/v1/charges".into(), "/v1/charges".into()),
+            ("a long path is cut", format!("/{}", "p".repeat(3000)), format!("/{}", "p".repeat(MAX_LOG_PATH - 1))),
+            ("a cut never splits a character", format!("/{}", "é".repeat(2000)), format!("/{}", "é".repeat((MAX_LOG_PATH - 1) / 2))),
+        ];
+        for (behaviour, path, expected) in cases {
+            assert_eq!(loggable_path(&path), expected, "{behaviour}");
+        }
+    }
+
+    #[test]
+    fn a_sanitized_record_keeps_every_field_within_its_limit() {
+        let record = LogRecord {
+            ts: 1,
+            agent: "é".repeat(100),
+            vault: "v".repeat(200),
+            method: "M".repeat(40),
+            host: "h".repeat(300),
+            path: "/a?token=secret".to_owned(),
+            service: Some("s".repeat(200)),
+            status: 200,
+            latency_ms: 0,
+            error: Some("e".repeat(100)),
+        }
+        .sanitized();
+        assert_eq!(record.agent, "é".repeat(64));
+        assert_eq!(record.vault.len(), MAX_LOG_NAME);
+        assert_eq!(record.method.len(), MAX_LOG_METHOD);
+        assert_eq!(record.host.len(), MAX_LOG_HOST);
+        assert_eq!(record.path, "/a");
+        assert_eq!(record.service.as_deref().map(str::len), Some(MAX_LOG_NAME));
+        assert_eq!(record.error.as_deref().map(str::len), Some(MAX_LOG_ERROR));
     }
 
     #[test]

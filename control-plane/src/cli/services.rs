@@ -6,8 +6,10 @@
 
 use std::io::Read;
 
+use agent_vault_rules::Auth;
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
+use serde::Deserialize as _;
 use serde_json::{json, Map, Value};
 
 use super::client::api_path;
@@ -324,41 +326,18 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
     ))
 }
 
-/// The credential keys an auth object references, for the `KEYS` column.
+/// The credential keys an auth object references, for the `KEYS` column, as the rules
+/// crate reads them (none for an auth object it does not know).
 fn auth_keys(auth: &Value) -> Vec<String> {
-    let field = |name: &str| str_field(auth, name).to_owned();
-    match str_field(auth, "type") {
-        "bearer" => vec![field("token")],
-        "basic" => vec![field("username"), field("password")],
-        "api-key" => vec![field("key")],
-        "custom" => {
-            let mut keys = Vec::new();
-            if let Some(headers) = auth.get("headers").and_then(Value::as_object) {
-                for template in headers.values().filter_map(Value::as_str) {
-                    for key in template_keys(template) {
-                        if !keys.contains(&key) {
-                            keys.push(key);
-                        }
-                    }
-                }
-            }
-            keys
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// `tok {{ A }}:{{B}}` → `["A", "B"]` (display only; the rules crate is the parser).
-fn template_keys(template: &str) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        let Some(end) = after.find("}}") else { break };
-        keys.push(after[..end].trim().to_owned());
-        rest = &after[end + 2..];
-    }
-    keys
+    Auth::deserialize(auth).map_or_else(
+        |_| Vec::new(),
+        |auth| {
+            auth.keys_as_written()
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        },
+    )
 }
 
 fn toggle(ctx: &Context, vault: &str, name: &str, enable: bool) -> anyhow::Result<()> {

@@ -16,7 +16,7 @@ use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
 use crate::config::Config;
 use crate::decide::Forward;
 use crate::header_map::HeaderMap;
-use crate::reply::Reject;
+use agent_vault_rules::reply::Reject;
 
 /// Writes one line to Envoy's log.
 pub fn log(level: LogLevel, message: &str) {

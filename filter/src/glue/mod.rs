@@ -22,10 +22,10 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 use crate::config::Config;
 use crate::decide::{Decision, Request};
 use crate::flight::{Answer, Completion, Join, Waiter};
-use crate::reply::{self, Reject};
 use crate::request_log::RequestLog;
 use crate::stats::Callout;
 use crate::worker::{PollOutcome, Worker};
+use agent_vault_rules::reply::{self, Reject};
 
 use host::{log, now_ms};
 

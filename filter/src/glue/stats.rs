@@ -14,8 +14,8 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MetricType, Status};
 
 use crate::decide::Forward;
-use crate::reply::ErrorCode;
 use crate::stats::{self, Callout, Counter, Stats, COUNTERS};
+use agent_vault_rules::reply::ErrorCode;
 
 #[link(wasm_import_module = "env")]
 extern "C" {

@@ -3,7 +3,8 @@
 //! `HTTP_PROXY=http://<token>:<vault>@proxy` makes clients send
 //! `Basic base64(<token>:<vault>)` (the vault part may be empty); agents can also send
 //! `Bearer <token>` and name the vault with an `X-Vault` header. The token is never
-//! copied, logged or echoed: the caller hashes it and forgets it.
+//! copied, logged or echoed: the caller hashes it and forgets it. The filter and the
+//! control plane's `ext_authz` check both parse with [`parse`].
 
 use base64::Engine as _;
 
@@ -104,6 +105,14 @@ pub fn parse<'a>(
     }
 }
 
+/// The vault named by an `X-Vault` header (for `Bearer` credentials, which cannot
+/// name one): trimmed, `None` when absent or blank.
+pub fn x_vault(header: Option<&str>) -> Option<&str> {
+    header
+        .map(|v| v.trim_matches([' ', '\t']))
+        .filter(|v| !v.is_empty())
+}
+
 fn checked_token(token: &str) -> Result<&str, ProxyAuthError> {
     if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(ProxyAuthError::BadToken);
@@ -168,6 +177,13 @@ mod tests {
         for (behaviour, header, expected) in cases {
             assert_eq!(run(header.as_deref()), expected, "{behaviour}");
         }
+    }
+
+    #[test]
+    fn x_vault_is_trimmed_and_blank_is_none() {
+        assert_eq!(x_vault(Some(" my-vault\t")), Some("my-vault"));
+        assert_eq!(x_vault(Some("  ")), None);
+        assert_eq!(x_vault(None), None);
     }
 
     #[test]

@@ -1,13 +1,17 @@
-//! The responses the filter itself sends (DESIGN.md §6): one place maps each error
-//! code to its status, and builds the JSON body `{"error", "message", ...}`.
+//! What an agent sees when the proxy refuses a request (DESIGN.md §6): one place maps
+//! each error code to its status and builds the JSON body `{"error", "message", ...}`.
+//! The filter sends these itself; the control plane's `ext_authz` check answers with
+//! the same rejects, so both data paths speak one contract.
 //!
 //! Messages name agents, vaults, services, hosts and credential *keys*; they never
 //! contain a credential value or the agent token.
 
-use agent_vault_rules::SUPPORTED_AUTH_TYPES;
+use crate::auth::RenderError;
+use crate::names::validate_vault_name;
+use crate::wire::SUPPORTED_AUTH_TYPES;
 use serde_json::{json, Value};
 
-/// Header set on every response the filter produces.
+/// Header set on every response the proxy produces itself.
 pub const ERROR_HEADER: &str = "x-agent-vault-error";
 /// `Proxy-Authenticate` challenge of a 407.
 pub const PROXY_AUTHENTICATE: &str = "Basic realm=\"agent-vault\"";
@@ -42,6 +46,39 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::ConnectNotSupported,
+        ErrorCode::ProxyAuthRequired,
+        ErrorCode::InvalidToken,
+        ErrorCode::VaultRequired,
+        ErrorCode::InvalidRequest,
+        ErrorCode::Forbidden,
+        ErrorCode::ServiceDisabled,
+        ErrorCode::InvalidService,
+        ErrorCode::CredentialNotFound,
+        ErrorCode::InvalidCredentialValue,
+        ErrorCode::ControlPlaneUnavailable,
+    ];
+
+    /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
+    /// cannot be added without its place (the filter keeps one counter per code).
+    pub fn index(self) -> usize {
+        match self {
+            ErrorCode::ConnectNotSupported => 0,
+            ErrorCode::ProxyAuthRequired => 1,
+            ErrorCode::InvalidToken => 2,
+            ErrorCode::VaultRequired => 3,
+            ErrorCode::InvalidRequest => 4,
+            ErrorCode::Forbidden => 5,
+            ErrorCode::ServiceDisabled => 6,
+            ErrorCode::InvalidService => 7,
+            ErrorCode::CredentialNotFound => 8,
+            ErrorCode::InvalidCredentialValue => 9,
+            ErrorCode::ControlPlaneUnavailable => 10,
+        }
+    }
+
     /// The stable `error` string.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -184,8 +221,8 @@ pub fn control_plane_unavailable(detail: &str) -> Reject {
 }
 
 /// Several vaults, none named → 400.
-pub fn vault_required(agent: &str, vaults: &[std::rc::Rc<str>]) -> Reject {
-    let names: Vec<&str> = vaults.iter().map(|v| &**v).collect();
+pub fn vault_required<V: AsRef<str>>(agent: &str, vaults: &[V]) -> Reject {
+    let names: Vec<&str> = vaults.iter().map(AsRef::as_ref).collect();
     Reject::new(
         ErrorCode::VaultRequired,
         format!(
@@ -225,9 +262,17 @@ pub fn invalid_request() -> Reject {
     )
 }
 
-/// No service matches (policy `deny`) → 403 with a proposal hint. `host` includes the
-/// port when it is not 80.
-pub fn no_service(vault: &str, host: &str) -> Reject {
+/// Port assumed when a plain request's `:authority` names none (agents send `http://`).
+pub const DEFAULT_PORT: u16 = 80;
+
+/// No service of `vault` matches `host:port` (policy `deny`) → 403 with a proposal
+/// hint naming the host, and the port when it is not [`DEFAULT_PORT`].
+pub fn no_service(vault: &str, host: &str, port: u16) -> Reject {
+    let host = if port == DEFAULT_PORT {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    };
     let mut fields = serde_json::Map::new();
     fields.insert(
         "proposal_hint".to_owned(),
@@ -274,6 +319,42 @@ pub fn credential_not_found(vault: &str, key: &str) -> Reject {
     )
 }
 
+/// Why a service's headers could not be rendered → 502: a missing credential, a
+/// value that cannot go into a header, or a broken auth rule.
+pub fn render_failed(vault: &str, service: &str, error: &RenderError) -> Reject {
+    match error {
+        RenderError::Missing(key) => credential_not_found(vault, key),
+        RenderError::InvalidValue(key) => invalid_credential_value(vault, key),
+        RenderError::InvalidAuth(error) => invalid_service(vault, service, &error.to_string()),
+    }
+}
+
+/// Which vault a request of `agent` is for (DESIGN.md §3): the one it named (the proxy
+/// credential's, else `X-Vault`) if it is granted; else its only vault. `grants` are
+/// the names of the vaults the agent may use.
+pub fn choose_vault<'a, G: AsRef<str>>(
+    agent: &str,
+    grants: &'a [G],
+    named: Option<&str>,
+) -> Result<&'a str, Reject> {
+    match named {
+        Some(name) => grants
+            .iter()
+            .map(AsRef::as_ref)
+            .find(|granted| *granted == name)
+            .ok_or_else(|| {
+                // Not echoed unless it is a vault name: it could be a swapped token.
+                let shown = validate_vault_name(name).is_ok().then_some(name);
+                vault_forbidden(agent, shown)
+            }),
+        None => match grants {
+            [only] => Ok(only.as_ref()),
+            [] => Err(no_vault(agent)),
+            several => Err(vault_required(agent, several)),
+        },
+    }
+}
+
 /// A credential value holds CR, LF or NUL → 502, naming the key.
 pub fn invalid_credential_value(vault: &str, key: &str) -> Reject {
     let mut fields = serde_json::Map::new();
@@ -303,11 +384,11 @@ mod tests {
             (connect_not_supported(), 405, "connect_not_supported"),
             (proxy_auth_required("x"), 407, "proxy_auth_required"),
             (invalid_token(), 407, "invalid_token"),
-            (vault_required("a", &[]), 400, "vault_required"),
+            (vault_required::<&str>("a", &[]), 400, "vault_required"),
             (invalid_request(), 400, "invalid_request"),
             (vault_forbidden("a", Some("v")), 403, "forbidden"),
             (vault_forbidden("a", None), 403, "forbidden"),
-            (no_service("v", "h"), 403, "forbidden"),
+            (no_service("v", "h", 80), 403, "forbidden"),
             (service_disabled("v", "s"), 403, "service_disabled"),
             (invalid_service("v", "s", "r"), 502, "invalid_service"),
             (credential_not_found("v", "K"), 502, "credential_not_found"),
@@ -342,6 +423,13 @@ mod tests {
     }
 
     #[test]
+    fn every_code_is_listed_once_at_its_index() {
+        for (position, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), position, "{}", code.as_str());
+        }
+    }
+
+    #[test]
     fn proxy_auth_required_has_the_challenge() {
         assert!(proxy_auth_required("x")
             .headers()
@@ -350,7 +438,7 @@ mod tests {
 
     #[test]
     fn proposal_hint_shape() {
-        let body = body(&no_service("default", "api.example.com:8443"));
+        let body = body(&no_service("default", "api.example.com", 8443));
         assert_eq!(
             body["proposal_hint"],
             json!({
@@ -364,6 +452,51 @@ mod tests {
             .body
             .find("proposal_hint")
             .is_none());
+    }
+
+    #[test]
+    fn the_hint_names_the_port_only_when_it_is_not_80() {
+        let hint_host =
+            |port| body(&no_service("v", "h.example", port))["proposal_hint"]["host"].clone();
+        assert_eq!(hint_host(80), "h.example");
+        assert_eq!(hint_host(443), "h.example:443");
+    }
+
+    #[test]
+    fn the_vault_is_the_named_grant_or_the_only_one() {
+        fn code(result: Result<&str, Reject>) -> Result<&str, &'static str> {
+            result.map_err(|r| r.code.as_str())
+        }
+        let one = ["alpha"];
+        let two = ["alpha", "beta"];
+        let none: [&str; 0] = [];
+        type Chosen<'a> = Result<&'a str, &'static str>;
+        #[rustfmt::skip]
+        let cases: [(&str, Chosen<'_>, Chosen<'_>); 7] = [
+            ("a named grant", code(choose_vault("a", &two, Some("beta"))), Ok("beta")),
+            ("the only grant when none is named", code(choose_vault("a", &one, None)), Ok("alpha")),
+            ("a named vault that is not granted", code(choose_vault("a", &one, Some("beta"))), Err("forbidden")),
+            ("several grants and none named", code(choose_vault("a", &two, None)), Err("vault_required")),
+            ("no grant at all", code(choose_vault("a", &none, None)), Err("forbidden")),
+            ("no grant at all, one named", code(choose_vault("a", &none, Some("alpha"))), Err("forbidden")),
+            ("a name that is no vault name", code(choose_vault("a", &one, Some("av_agt_x"))), Err("forbidden")),
+        ];
+        for (behaviour, got, expected) in cases {
+            assert_eq!(got, expected, "{behaviour}");
+        }
+        let Err(refused) = choose_vault("a", &one, Some("av_agt_secret")) else {
+            panic!("refused")
+        };
+        assert!(!refused.body.contains("av_agt_secret"), "{}", refused.body);
+    }
+
+    #[test]
+    fn render_failures_name_the_key_never_a_value() {
+        let missing = render_failed("v", "s", &RenderError::Missing("API_KEY".into()));
+        assert_eq!(missing.code, ErrorCode::CredentialNotFound);
+        assert_eq!(body(&missing)["key"], "API_KEY");
+        let invalid = render_failed("v", "s", &RenderError::InvalidValue("API_KEY".into()));
+        assert_eq!(invalid.code, ErrorCode::InvalidCredentialValue);
     }
 
     #[test]
