@@ -5,11 +5,10 @@
 use agent_vault_rules::{validate_agent_name, Grant};
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{new_token, sha256_hex};
+use crate::access::{vault_not_found, Principal};
+use crate::crypto::{new_token, sha256_hex, AGENT_PREFIX};
 use crate::error::{Error, Result};
 use crate::store::{abort, get_json, put_json, read_json, scan_json, Store};
-use crate::users::AGENT_PREFIX;
-use crate::vaults::{vault_not_found, Principal};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AgentRecord {
@@ -112,7 +111,7 @@ impl Store {
             created_at: self.now_secs(),
             expires_at,
         };
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             if tx.agents.get(name)?.is_some() {
                 return abort(Error::conflict(
                     "agent_exists",
@@ -171,7 +170,7 @@ impl Store {
 
     pub fn revoke_agent(&self, principal: &Principal, name: &str) -> Result<()> {
         self.managed_agent(principal, name)?;
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             let Some(current) = get_json::<AgentRecord>(tx.agents, name)? else {
                 return abort(agent_not_found(name));
             };
@@ -185,7 +184,7 @@ impl Store {
         self.managed_agent(principal, name)?;
         let token = new_token(AGENT_PREFIX);
         let hash = sha256_hex(token.as_bytes());
-        let agent = self.write_rules(|tx| {
+        let agent = self.write_published(|tx| {
             let Some(mut agent) = get_json::<AgentRecord>(tx.agents, name)? else {
                 return abort(agent_not_found(name));
             };

@@ -1,152 +1,24 @@
-//! The management HTTP API (TCP): routes, authentication and request bodies.
-//! `control-plane/API.md` is the contract; every handler is a thin translation to a
-//! [`Store`] operation, run on the blocking pool because sled flushes and Argon2id
-//! block.
+//! The management HTTP API (TCP): its routes and handlers. `control-plane/API.md` is
+//! the contract; every handler is a thin translation to a [`Store`] operation, run on
+//! the blocking pool because sled flushes and Argon2id block. The state and the
+//! extractors are the shared shell in [`crate::http`].
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use agent_vault_rules::{Grant, Role, Service, UnmatchedHostPolicy};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Principal, VaultRole};
 use crate::credentials::Secret;
 use crate::error::{Error, Result};
+use crate::http::{blocking, presented_token, AppState, Caller, JsonBody, OptionalJsonBody};
 use crate::proposals::{approval_url, ProposalInput, ProposalStatus};
 use crate::store::Store;
-use crate::users::LoginLimiter;
-use crate::vaults::{Principal, VaultRole};
-
-/// Largest request body the API reads.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Cookie the browser UI carries the session in.
-pub const SESSION_COOKIE: &str = "av_session";
-
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Arc<Store>,
-    pub limiter: Arc<LoginLimiter>,
-    /// Base URL for links shown to humans (approval links).
-    pub public_url: String,
-    pub snapshots: crate::dataplane::SharedSnapshotCache,
-    /// Data-plane requests by route ([`crate::dataplane::DataplaneStats`]).
-    pub dataplane_stats: Arc<crate::dataplane::DataplaneStats>,
-}
-
-impl AppState {
-    pub fn new(store: Arc<Store>, public_url: &str) -> AppState {
-        AppState {
-            store,
-            limiter: Arc::new(LoginLimiter::default()),
-            public_url: public_url.trim_end_matches('/').to_string(),
-            snapshots: Arc::default(),
-            dataplane_stats: Arc::default(),
-        }
-    }
-}
-
-/// Runs a store operation on the blocking pool.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::internal(format!("task failed: {e}")))?
-}
-
-/// A JSON body: at most [`MAX_BODY_BYTES`], unknown fields refused by the types.
-pub struct JsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = Error;
-
-    async fn from_request(req: Request, _state: &S) -> Result<Self> {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
-        parse_json(&bytes).map(JsonBody)
-    }
-}
-
-/// Like [`JsonBody`], and an empty body is `T::default()` (`POST …/reject` needs none).
-pub struct OptionalJsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
-    type Rejection = Error;
-
-    async fn from_request(req: Request, _state: &S) -> Result<Self> {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJsonBody(T::default()));
-        }
-        parse_json(&bytes).map(OptionalJsonBody)
-    }
-}
-
-/// Parses a request body, telling malformed JSON from a well-formed wrong shape.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        // serde reports the first type mismatch of a truncated document as a shape
-        // error; a second, shape-free pass tells malformed JSON apart.
-        let well_formed = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
-        if e.classify() == serde_json::error::Category::Data && well_formed {
-            Error::bad_request("invalid_request", format!("invalid request body: {e}"))
-        } else {
-            Error::bad_request("invalid_json", format!("malformed JSON: {e}"))
-        }
-    })
-}
-
-/// The authenticated caller.
-pub struct Caller(pub Principal);
-
-/// The bearer token, or the UI's session cookie.
-pub fn presented_token(headers: &HeaderMap) -> Option<String> {
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, token) = value.trim().split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string());
-    }
-    cookie(headers, SESSION_COOKIE)
-}
-
-/// The value of cookie `name`, if the request carries it.
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.trim().to_string())
-}
-
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
-        let token = presented_token(&parts.headers).ok_or_else(|| {
-            Error::Unauthorized("not logged in: send Authorization: Bearer <token>".into())
-        })?;
-        let store = state.store.clone();
-        blocking(move || store.authenticate(&token))
-            .await
-            .map(Caller)
-    }
-}
 
 /// The vault an agent-facing request is about: `X-Vault`, else the agent's only vault.
 pub fn requested_vault(headers: &HeaderMap, principal: &Principal) -> Result<String> {
@@ -159,11 +31,12 @@ pub fn requested_vault(headers: &HeaderMap, principal: &Principal) -> Result<Str
             "vault_required",
             "this agent has several vaults: name one with the X-Vault header",
         )),
-        Principal::User { .. } => Ok(crate::vaults::DEFAULT_VAULT.to_string()),
+        Principal::User { .. } => Ok(crate::access::DEFAULT_VAULT.to_string()),
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// The API's routes (the UI's are merged beside them by [`crate::server::app`]).
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/v1/auth/register", post(register))
@@ -230,13 +103,6 @@ pub fn router(state: AppState) -> Router {
         .route("/discover", get(discover))
         .route("/v1/master-password", post(change_master_password))
         .route("/v1/master-key/rotate", post(rotate_master_key))
-        .merge(crate::ui::router())
-        .fallback(not_found)
-        .with_state(state)
-}
-
-async fn not_found() -> Error {
-    Error::not_found("not_found", "no such route")
 }
 
 async fn health() -> Json<serde_json::Value> {

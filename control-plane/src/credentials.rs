@@ -10,12 +10,12 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::access::{ensure_vault_unchanged, Principal};
 use crate::crypto::{credential_aad, Key};
 use crate::error::{Error, Result};
 use crate::store::{
     abort, get_json, put_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult,
 };
-use crate::vaults::Principal;
 
 /// Largest value accepted for one credential.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -177,7 +177,7 @@ impl Store {
                 )
             })
             .collect();
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             ensure_vault_unchanged(tx, vault, &record.id)?;
             put_credentials(tx, &record.id, &sealed)
         })?;
@@ -254,7 +254,7 @@ impl Store {
         for key in keys {
             validate_credential_key(key)?;
         }
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             ensure_vault_unchanged(tx, vault, &record.id)?;
             for key in keys {
                 if tx.credentials.remove(vault_key(&record.id, key))?.is_none() {
@@ -290,14 +290,6 @@ impl Store {
             }
         }
         Ok((values, missing))
-    }
-}
-
-/// Aborts when the vault was deleted (or deleted and re-created) since it was read.
-pub(crate) fn ensure_vault_unchanged(tx: &Tx, vault: &str, vault_id: &str) -> TxResult<()> {
-    match get_json::<crate::vaults::VaultRecord>(tx.vaults, vault)? {
-        Some(record) if record.id == vault_id => Ok(()),
-        _ => abort(crate::vaults::vault_not_found(vault)),
     }
 }
 

@@ -192,7 +192,16 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// A new random token `<prefix><64 hex>`.
+/// Prefix of session tokens (`av_sess_<64 hex>`): the CLI's and the UI's.
+pub const SESSION_PREFIX: &str = "av_sess_";
+/// Prefix of invite tokens (`av_inv_<64 hex>`).
+pub const INVITE_PREFIX: &str = "av_inv_";
+/// Prefix of agent tokens (`av_agt_<64 hex>`).
+pub const AGENT_PREFIX: &str = "av_agt_";
+/// Prefix of approval tokens (`av_appr_<64 hex>`).
+pub const APPROVAL_PREFIX: &str = "av_appr_";
+
+/// A new random token `<prefix><64 hex>`, one of the prefixes above.
 pub fn new_token(prefix: &str) -> String {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);

@@ -1,25 +1,33 @@
 //! Agent Vault's control plane: the encrypted credential store, the management API,
 //! the data-plane socket Envoy's filter talks to, and the `agent-vault` CLI.
 //!
-//! | concept | module |
-//! |---|---|
-//! | sled trees, transactions, durability, the wrapped data key | [`store`] |
-//! | AES-256-GCM sealing, Argon2id, token hashing | [`crypto`] |
-//! | users, sessions, invites, vault membership | [`users`] |
-//! | vaults and who may act on them | [`vaults`] |
-//! | credential values | [`credentials`] |
-//! | service rules (validated by `agent-vault-rules`) | [`services`] |
-//! | agents and their tokens | [`agents`] |
-//! | proposals: agents ask, humans approve or reject | [`proposals`] |
-//! | the request log and its retention | [`logs`] |
-//! | the management HTTP API (TCP) | [`api`] |
-//! | the browser UI: login, approval page, vault pages | [`ui`] |
-//! | the data-plane protocol (Unix socket only) | [`dataplane`] |
-//! | `/metrics` for operators (Prometheus text) | [`metrics`] |
-//! | listeners, socket permissions, startup | [`server`] |
-//! | the `agent-vault` command line | [`cli`] |
-//! | errors → HTTP status and code | [`error`] |
+//! The modules in layers; each uses only the layers above it in this table.
+//!
+//! | layer | concept | module |
+//! |---|---|---|
+//! | base | errors → HTTP status and code | [`error`] |
+//! | | time, and how it is shown | [`clock`] |
+//! | | AES-256-GCM sealing, Argon2id, tokens and their prefixes | [`crypto`] |
+//! | storage | sled trees, transactions, durability, the wrapped data key | [`store`] |
+//! | access | vaults, principals, roles: who may act on which vault | [`access`] |
+//! | concepts | agents and their tokens | [`agents`] |
+//! | | credential values | [`credentials`] |
+//! | | users, sessions, invites, vault members | [`users`] |
+//! | | service rules (validated by `agent-vault-rules`) | [`services`] |
+//! | | proposals: agents ask, humans approve or reject | [`proposals`] |
+//! | | the request log and its retention | [`logs`] |
+//! | across concepts | a vault's life (deleting one cascades) | [`vaults`] |
+//! | | rotating the data key (re-seals every value) | [`master_key`] |
+//! | | the rules snapshot the data plane polls | [`snapshot`] |
+//! | HTTP shell | state, extractors, the blocking pool | [`http`] |
+//! | HTTP routes | the management API (TCP) | [`api`] |
+//! | | the browser UI: login, approval page, vault pages | [`ui`] |
+//! | | the data-plane protocol and `ext_authz` (Unix socket only) | [`dataplane`] |
+//! | | `/metrics` for operators (Prometheus text) | [`metrics`] |
+//! | process | listeners, socket permissions, the app, startup | [`server`] |
+//! | | the `agent-vault` command line (an HTTP client of [`api`]) | [`cli`] |
 
+pub mod access;
 pub mod agents;
 pub mod api;
 pub mod cli;
@@ -28,12 +36,14 @@ pub mod credentials;
 pub mod crypto;
 pub mod dataplane;
 pub mod error;
+pub mod http;
 pub mod logs;
+pub mod master_key;
 pub mod metrics;
 pub mod proposals;
 pub mod server;
-mod server_args;
 pub mod services;
+pub mod snapshot;
 pub mod store;
 pub mod ui;
 pub mod users;

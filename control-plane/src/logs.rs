@@ -29,9 +29,9 @@ use std::sync::Mutex;
 use agent_vault_rules::{LogRecord, MAX_LOG_BATCH_RECORDS};
 use serde::Serialize;
 
+use crate::access::{Access, Principal, VaultRecord};
 use crate::error::{Error, Result};
 use crate::store::{scan_json, vault_prefix, Store};
-use crate::vaults::{Access, Principal, VaultRecord};
 
 /// Records per page when the reader does not say.
 pub const DEFAULT_PAGE: usize = 100;

@@ -23,17 +23,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
+use crate::dataplane::DataplaneStats;
+use crate::error::Result;
+use crate::http::blocking;
+use crate::store::Store;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use serde::Deserialize;
-
-use crate::api::{blocking, AppState};
-use crate::error::Result;
-use crate::store::{scan_json, Store};
 
 /// Where the metrics are served (TCP only).
 pub const METRICS_PATH: &str = "/metrics";
@@ -78,17 +77,19 @@ fn method_label(method: &Method) -> &'static str {
 
 #[derive(Clone)]
 struct MetricsState {
-    app: AppState,
+    store: Arc<Store>,
+    dataplane: Arc<DataplaneStats>,
     http: Arc<HttpMetrics>,
 }
 
 /// `api` (the management API and UI) plus `GET /metrics`, with every request counted.
-pub fn instrument(api: Router, state: AppState) -> Router {
+pub fn instrument(api: Router, store: Arc<Store>, dataplane: Arc<DataplaneStats>) -> Router {
     let http = Arc::new(HttpMetrics::default());
     let metrics = Router::new()
         .route(METRICS_PATH, get(serve_metrics))
         .with_state(MetricsState {
-            app: state,
+            store,
+            dataplane,
             http: http.clone(),
         });
     api.merge(metrics)
@@ -111,9 +112,9 @@ async fn count_request(
 }
 
 async fn serve_metrics(State(state): State<MetricsState>) -> Result<Response> {
-    let store = state.app.store.clone();
+    let store = state.store.clone();
     let gauges = blocking(move || StoreGauges::read(&store)).await?;
-    let dataplane = state.app.dataplane_stats.counts();
+    let dataplane = state.dataplane.counts();
     let body = render(&gauges, &dataplane, &state.http.read());
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response())
 }
@@ -126,27 +127,12 @@ pub struct StoreGauges {
     pub snapshot_version: u64,
 }
 
-/// The two fields of a stored proposal a count needs (the rest is skipped unread).
-#[derive(Deserialize)]
-struct ProposalState {
-    status: crate::proposals::ProposalStatus,
-    expires_at: i64,
-}
-
 impl StoreGauges {
-    /// Reads the gauges; never writes (a pending proposal past its expiry is not
-    /// counted, though it is stored as expired only on its next read or write).
+    /// Reads the gauges; never writes.
     pub fn read(store: &Store) -> Result<StoreGauges> {
-        let now = store.now_secs();
-        let proposals_pending = scan_json::<ProposalState>(&store.trees.proposals, b"")?
-            .into_iter()
-            .filter(|(_, p)| {
-                p.status == crate::proposals::ProposalStatus::Pending && now < p.expires_at
-            })
-            .count();
         Ok(StoreGauges {
             size_bytes: store.size_on_disk(),
-            proposals_pending: u64::try_from(proposals_pending).unwrap_or(u64::MAX),
+            proposals_pending: u64::try_from(store.pending_proposal_count()?).unwrap_or(u64::MAX),
             snapshot_version: store.snapshot_version()?,
         })
     }
@@ -282,6 +268,7 @@ fn seconds(micros: u64) -> String {
 mod tests {
     use super::*;
     use crate::clock::{SharedClock, SystemClock};
+    use crate::http::AppState;
     use axum::body::Body;
     use tower::ServiceExt;
 
@@ -290,8 +277,9 @@ mod tests {
         Store::open(dir, None, clock, true).expect("store")
     }
 
-    fn state(dir: &std::path::Path) -> AppState {
-        AppState::new(Arc::new(store(dir)), "http://127.0.0.1")
+    fn app(dir: &std::path::Path) -> Router {
+        let state = AppState::new(Arc::new(store(dir)), "http://127.0.0.1");
+        crate::server::app(state, Arc::default())
     }
 
     async fn get_text(app: &Router, uri: &str) -> (StatusCode, String, String) {
@@ -331,8 +319,7 @@ mod tests {
     #[tokio::test]
     async fn counts_requests_by_route_template_never_by_concrete_path() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let state = state(dir.path());
-        let app = instrument(crate::api::router(state.clone()), state);
+        let app = app(dir.path());
         assert_eq!(get_text(&app, "/health").await.0, StatusCode::OK);
         assert_eq!(get_text(&app, "/health").await.0, StatusCode::OK);
         let (status, _, _) = get_text(&app, "/v1/vaults/secret-vault-name/credentials").await;

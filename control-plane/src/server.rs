@@ -19,11 +19,46 @@ use anyhow::Context;
 use axum::Router;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
-use crate::api::AppState;
 use crate::clock::{SharedClock, SystemClock};
+use crate::dataplane::{DataplaneState, DataplaneStats};
+use crate::http::AppState;
 use crate::store::Store;
 
-pub use crate::server_args::ServerArgs;
+/// `agent-vault server` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Address the HTTP API and UI listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1", env = "AGENT_VAULT_HOST")]
+    pub host: String,
+    /// TCP port of the HTTP API and UI.
+    #[arg(long, default_value_t = 14321, env = "AGENT_VAULT_PORT")]
+    pub port: u16,
+    /// Where the sled store and the key file live (default: ~/.local/share/agent-vault).
+    #[arg(long, env = "AGENT_VAULT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The data-plane Unix socket Envoy connects to (default: <data-dir>/run/dataplane.sock).
+    #[arg(long, env = "AGENT_VAULT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Read the master password from the first line of stdin.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Base URL used in approval links (default: http://<host>:<port>).
+    #[arg(long, env = "AGENT_VAULT_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Allow services whose host is an IP literal, localhost or an internal name
+    /// (for tests and local development only).
+    #[arg(long, env = "AGENT_VAULT_ALLOW_PRIVATE_UPSTREAMS")]
+    pub allow_private_upstreams: bool,
+    /// Extra group id allowed on the data-plane socket (socket becomes 0660 with this group).
+    #[arg(long, env = "AGENT_VAULT_SOCKET_GID")]
+    pub socket_gid: Option<u32>,
+    /// Request-log records older than this many days are dropped.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..), env = "AGENT_VAULT_LOG_RETENTION_DAYS")]
+    pub log_retention_days: u32,
+    /// Request-log records kept per vault (the oldest are dropped first).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..), env = "AGENT_VAULT_LOG_MAX_RECORDS")]
+    pub log_max_records: u64,
+}
 
 /// Who may connect to the data-plane socket.
 #[derive(Debug, Clone, Copy)]
@@ -121,32 +156,40 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
     })
 }
 
-/// The routes of the TCP listener: the management API and UI, plus `GET /metrics`,
-/// with every request counted for it.
-pub fn api_router(state: AppState) -> Router {
-    crate::metrics::instrument(crate::api::router(state.clone()), state)
+/// The application on the TCP listener: the management API and the UI side by side,
+/// plus `GET /metrics` (which also reports the data plane's counters), with every
+/// request counted for it. Unknown routes get the API's JSON 404.
+pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
+    let store = state.store.clone();
+    let routes = crate::api::routes()
+        .merge(crate::ui::router())
+        .fallback(not_found)
+        .with_state(state);
+    crate::metrics::instrument(routes, store, dataplane)
 }
 
-/// The routes of the data-plane socket. The management API never answers here.
-pub fn dataplane_router(state: AppState) -> Router {
-    crate::dataplane::router(state)
+async fn not_found() -> crate::error::Error {
+    crate::error::Error::not_found("not_found", "no such route")
 }
 
 /// Serves the API on `tcp` and the data plane on `socket` until `shutdown` resolves.
+/// Both share the store; the socket's routes get their own state
+/// ([`DataplaneState`]), never the API's.
 pub async fn serve(
     state: AppState,
     tcp: TcpListener,
     socket: PeerCheckedListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let stats = Arc::new(DataplaneStats::default());
+    let dataplane =
+        crate::dataplane::router(DataplaneState::new(state.store.clone(), stats.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let api =
-        axum::serve(tcp, api_router(state.clone())).with_graceful_shutdown(wait(stop_rx.clone()));
-    let dataplane =
-        axum::serve(socket, dataplane_router(state)).with_graceful_shutdown(wait(stop_rx));
+    let api = axum::serve(tcp, app(state, stats)).with_graceful_shutdown(wait(stop_rx.clone()));
+    let dataplane = axum::serve(socket, dataplane).with_graceful_shutdown(wait(stop_rx));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -4,10 +4,9 @@
 
 use agent_vault_rules::{validate_services, Service, ValidationOptions};
 
-use crate::credentials::ensure_vault_unchanged;
+use crate::access::{ensure_vault_unchanged, Principal};
 use crate::error::{Error, Result};
 use crate::store::{abort, get_json, put_json, read_json, vault_key, Store, Tx, TxResult};
-use crate::vaults::Principal;
 
 fn service_not_found(name: &str, vault: &str) -> Error {
     Error::not_found(
@@ -75,7 +74,7 @@ impl Store {
         let (record, access) = self.access(principal, vault)?;
         access.require_admin()?;
         let options = self.validation_options();
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             ensure_vault_unchanged(tx, vault, &record.id)?;
             let before = read_services_tx(tx, &record.id)?;
             let mut services = before.clone();

@@ -1,15 +1,17 @@
 //! The sled store: trees, schema version, transactions, durability and the data key.
 //!
-//! Every write goes through [`Store::write`] or [`Store::write_rules`]: one sled
+//! Every write goes through [`Store::write`] or [`Store::write_published`]: one sled
 //! transaction over all trees (so a change that touches several keys is all or
 //! nothing), then a flush, and only then does the caller get an answer — an
 //! acknowledged write survives `kill -9`. Writes that change what the data plane sees
 //! (vaults, services, agents, credentials) also bump the snapshot version inside the
 //! same transaction, so the filter can never see new rules with an old version.
 //!
-//! Concept modules (`users`, `vaults`, `credentials`, `services`, `agents`,
-//! `proposals`) add their operations as `impl Store` blocks; this module only knows
-//! about storage.
+//! Concept modules (`access`, `users`, `vaults`, `credentials`, `services`, `agents`,
+//! `proposals`, `logs`) add their operations as `impl Store` blocks; this module only
+//! knows about storage. The one thing it holds for a concept is the request log's
+//! retention bookkeeping ([`crate::logs::RequestLogState`]): in-memory counters that
+//! live as long as the open store.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -145,9 +147,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `data_dir`. With `password`, the data key is
+    /// Opens (or creates) the storage in `data_dir`. With `password`, the data key is
     /// wrapped by an Argon2id key derived from it; without, by the key file.
-    pub fn open(
+    /// [`Store::open`] (in [`crate::vaults`]) is this plus the `default` vault.
+    pub(crate) fn open_storage(
         data_dir: &Path,
         password: Option<&str>,
         clock: SharedClock,
@@ -216,7 +219,7 @@ impl Store {
         db.flush().map_err(sled_err)?;
 
         let all = trees.all();
-        let store = Store {
+        Ok(Store {
             db,
             trees,
             all,
@@ -226,11 +229,7 @@ impl Store {
             clock,
             allow_private_upstreams,
             request_log: crate::logs::RequestLogState::default(),
-        };
-        store
-            .ensure_default_vault()
-            .map_err(|e| OpenError::Corrupt(e.to_string()))?;
-        Ok(store)
+        })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -272,7 +271,7 @@ impl Store {
     }
 
     /// Like [`Store::write`], and bumps the snapshot version in the same transaction.
-    pub(crate) fn write_rules<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
+    pub(crate) fn write_published<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
         self.transact(true, f)
     }
 
@@ -353,34 +352,25 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces the data key and re-encrypts every sealed value (credentials and the
-    /// agent-supplied values of proposals) in one transaction.
-    /// Holds the data key's write lock throughout, so no value is sealed or opened
-    /// with the old key while the new one takes over.
-    pub fn rotate_data_key(&self) -> Result<usize> {
+    /// Replaces the data key: `list` reads what must be re-sealed, then one transaction
+    /// stores the new wrapped key and calls `reseal(tx, listed, old, new)`, which
+    /// returns how many values it re-sealed. Holds the data key's write lock
+    /// throughout, so no value is sealed or opened with the old key while the new one
+    /// takes over, and nothing is sealed between `list` and the transaction (sled
+    /// cannot iterate inside one).
+    pub(crate) fn replace_data_key<L>(
+        &self,
+        list: impl FnOnce(&Trees) -> Result<L>,
+        reseal: impl Fn(&Tx, &L, &Key, &Key) -> TxResult<usize>,
+    ) -> Result<usize> {
         let kek = lock(&self.kek);
         let mut data_key = self.data_key.write().unwrap_or_else(|p| p.into_inner());
         let new = Key::generate();
         let record = serde_json::to_vec(&wrap_data_key(&new, &kek))?;
-        // sled cannot iterate inside a transaction; with the write lock held no value
-        // can be added meanwhile, so listing the keys first is complete.
-        let sealed_keys = self
-            .trees
-            .credentials
-            .iter()
-            .keys()
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let proposal_keys = self
-            .trees
-            .proposals
-            .iter()
-            .keys()
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let count = self.write_rules(|tx| {
+        let listed = list(&self.trees)?;
+        let count = self.write_published(|tx| {
             tx.meta.insert(META_DATA_KEY, record.clone())?;
-            let credentials = crate::credentials::reseal(tx, &sealed_keys, &data_key, &new)?;
-            let proposals = crate::proposals::reseal(tx, &proposal_keys, &data_key, &new)?;
-            Ok(credentials + proposals)
+            reseal(tx, &listed, &data_key, &new)
         })?;
         *data_key = new;
         Ok(count)
@@ -588,7 +578,7 @@ mod tests {
         let v0 = store.snapshot_version().unwrap();
         store.write(|_| Ok(())).unwrap();
         assert_eq!(store.snapshot_version().unwrap(), v0);
-        store.write_rules(|_| Ok(())).unwrap();
+        store.write_published(|_| Ok(())).unwrap();
         assert_eq!(store.snapshot_version().unwrap(), v0 + 1);
     }
 }

@@ -10,16 +10,16 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{dummy_password_hash, hash_password, new_token, sha256_hex, verify_password};
+use crate::access::{parse_role, put_member, vault_not_found, Principal, VaultRecord, VaultRole};
+use crate::crypto::{
+    dummy_password_hash, hash_password, new_token, sha256_hex, verify_password, AGENT_PREFIX,
+    INVITE_PREFIX, SESSION_PREFIX,
+};
 use crate::error::{Error, Result};
 use crate::store::{
     abort, get_json, put_json, read_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult,
 };
-use crate::vaults::{vault_not_found, Access, Principal, VaultRole};
 
-pub const SESSION_PREFIX: &str = "av_sess_";
-pub const INVITE_PREFIX: &str = "av_inv_";
-pub const AGENT_PREFIX: &str = "av_agt_";
 const SESSION_TTL_SECS: i64 = 7 * 24 * 3600;
 const INVITE_TTL_SECS: i64 = 7 * 24 * 3600;
 const LOGIN_WINDOW_SECS: i64 = 15 * 60;
@@ -129,20 +129,6 @@ fn check_password_strength(password: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn put_member(tx: &Tx, vault_id: &str, email: &str, role: VaultRole) -> TxResult<()> {
-    tx.members
-        .insert(vault_key(vault_id, email), role.as_str().as_bytes())?;
-    Ok(())
-}
-
-fn parse_role(raw: &[u8]) -> Option<VaultRole> {
-    match raw {
-        b"admin" => Some(VaultRole::Admin),
-        b"member" => Some(VaultRole::Member),
-        _ => None,
-    }
-}
-
 impl Store {
     pub fn register(
         &self,
@@ -188,7 +174,7 @@ impl Store {
                     return abort(invalid());
                 }
                 tx.invites.remove(hash.as_bytes())?;
-                if get_json::<crate::vaults::VaultRecord>(tx.vaults, &invite.vault)?
+                if get_json::<VaultRecord>(tx.vaults, &invite.vault)?
                     .is_some_and(|v| v.id == invite.vault_id)
                 {
                     put_member(tx, &invite.vault_id, &email, invite.role)?;
@@ -283,14 +269,6 @@ impl Store {
         Err(unauthorized())
     }
 
-    pub(crate) fn member_role(&self, vault_id: &str, email: &str) -> Result<Option<VaultRole>> {
-        Ok(self
-            .trees
-            .members
-            .get(vault_key(vault_id, email))?
-            .and_then(|raw| parse_role(&raw)))
-    }
-
     pub fn list_members(&self, principal: &Principal, vault: &str) -> Result<Vec<MemberView>> {
         let (record, access) = self.access(principal, vault)?;
         access.require_member()?;
@@ -341,7 +319,7 @@ impl Store {
         };
         let hash = sha256_hex(token.as_bytes());
         let invited = self.write(|tx| {
-            if get_json::<crate::vaults::VaultRecord>(tx.vaults, vault)?.is_none() {
+            if get_json::<VaultRecord>(tx.vaults, vault)?.is_none() {
                 return abort(vault_not_found(vault));
             }
             if tx.users.get(email.as_bytes())?.is_some() {
@@ -400,10 +378,6 @@ impl Store {
             }
             Ok(())
         })
-    }
-
-    pub fn is_admin_of(&self, principal: &Principal, vault: &str) -> bool {
-        matches!(self.access(principal, vault), Ok((_, Access::Admin)))
     }
 }
 

@@ -1,87 +1,23 @@
-//! Vaults, who may act on them, and the principals (users and agents) that ask.
-//!
-//! Access is decided in one place, [`Store::access`]: the owner is admin of every
-//! vault, users have a per-vault role, agents have grants. A vault the caller cannot
-//! see answers 404, so names do not leak.
+//! The life of a vault: opening the store with its `default` vault, creating, listing,
+//! changing the unmatched-host policy, deleting. Deleting a vault cascades to
+//! everything in it (credentials, services, members, proposals, agents' grants), so
+//! this is the one concept module that knows every other; who may do what is decided
+//! in [`crate::access`].
 
-use agent_vault_rules::{validate_vault_name, Grant, UnmatchedHostPolicy};
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
+use agent_vault_rules::validate_vault_name;
+use agent_vault_rules::UnmatchedHostPolicy;
+use serde::Serialize;
+
+use crate::access::{
+    put_member, vault_not_found, Principal, VaultRecord, VaultRole, DEFAULT_VAULT,
+};
+use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 use crate::store::{
-    abort, get_json, put_json, read_json, scan_json, vault_prefix, Store, Tx, TxResult,
+    abort, get_json, put_json, scan_json, vault_prefix, OpenError, Store, Tx, TxResult,
 };
-
-pub const DEFAULT_VAULT: &str = "default";
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VaultRecord {
-    /// Random id: the AAD of credentials and the prefix of per-vault keys, so a vault
-    /// deleted and created again under the same name shares nothing with the old one.
-    pub id: String,
-    pub name: String,
-    pub unmatched_host_policy: UnmatchedHostPolicy,
-    pub created_at: i64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum VaultRole {
-    Member,
-    Admin,
-}
-
-impl VaultRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VaultRole::Member => "member",
-            VaultRole::Admin => "admin",
-        }
-    }
-}
-
-/// Who is asking.
-#[derive(Debug, Clone)]
-pub enum Principal {
-    User { email: String, owner: bool },
-    Agent { name: String, grants: Vec<Grant> },
-}
-
-/// What the principal may do on one vault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Agent,
-    Member,
-    Admin,
-}
-
-impl Access {
-    /// Reading and writing credential values: members and admins, never agents.
-    pub fn require_member(self) -> Result<()> {
-        match self {
-            Access::Member | Access::Admin => Ok(()),
-            Access::Agent => Err(Error::forbidden(
-                "agents cannot read or change credential values; only vault members and admins can",
-            )),
-        }
-    }
-
-    pub fn require_admin(self) -> Result<()> {
-        match self {
-            Access::Admin => Ok(()),
-            Access::Member => Err(Error::forbidden("this needs the admin role on the vault")),
-            Access::Agent => Err(Error::forbidden("agents cannot manage vaults")),
-        }
-    }
-
-    pub fn role_name(self) -> &'static str {
-        match self {
-            Access::Agent => "proxy",
-            Access::Member => "member",
-            Access::Admin => "admin",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VaultView {
@@ -90,17 +26,28 @@ pub struct VaultView {
     pub unmatched_host_policy: UnmatchedHostPolicy,
 }
 
-pub(crate) fn vault_not_found(name: &str) -> Error {
-    Error::not_found("vault_not_found", format!("vault \"{name}\" not found"))
-}
-
 impl Store {
-    pub(crate) fn ensure_default_vault(&self) -> Result<()> {
+    /// Opens (or creates) the store in `data_dir` (see [`Store::open_storage`]) and
+    /// makes sure the `default` vault exists.
+    pub fn open(
+        data_dir: &Path,
+        password: Option<&str>,
+        clock: SharedClock,
+        allow_private_upstreams: bool,
+    ) -> std::result::Result<Store, OpenError> {
+        let store = Store::open_storage(data_dir, password, clock, allow_private_upstreams)?;
+        store
+            .ensure_default_vault()
+            .map_err(|e| OpenError::Corrupt(e.to_string()))?;
+        Ok(store)
+    }
+
+    fn ensure_default_vault(&self) -> Result<()> {
         if self.trees.vaults.contains_key(DEFAULT_VAULT)? {
             return Ok(());
         }
         let record = self.new_vault_record(DEFAULT_VAULT);
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             if tx.vaults.get(DEFAULT_VAULT)?.is_none() {
                 put_json(tx.vaults, DEFAULT_VAULT, &record)?;
             }
@@ -115,31 +62,6 @@ impl Store {
             unmatched_host_policy: UnmatchedHostPolicy::Deny,
             created_at: self.now_secs(),
         }
-    }
-
-    pub fn vault(&self, name: &str) -> Result<Option<VaultRecord>> {
-        read_json(&self.trees.vaults, name)
-    }
-
-    /// The vault and what `principal` may do on it; 404 when it cannot see it.
-    pub fn access(&self, principal: &Principal, name: &str) -> Result<(VaultRecord, Access)> {
-        let vault = self.vault(name)?.ok_or_else(|| vault_not_found(name))?;
-        let access = match principal {
-            Principal::User { owner: true, .. } => Some(Access::Admin),
-            Principal::User { email, .. } => {
-                self.member_role(&vault.id, email)?.map(|role| match role {
-                    VaultRole::Admin => Access::Admin,
-                    VaultRole::Member => Access::Member,
-                })
-            }
-            Principal::Agent { grants, .. } => grants
-                .iter()
-                .any(|grant| grant.vault == name)
-                .then_some(Access::Agent),
-        };
-        access
-            .map(|a| (vault, a))
-            .ok_or_else(|| vault_not_found(name))
     }
 
     pub fn list_vaults(&self, principal: &Principal) -> Result<Vec<VaultView>> {
@@ -162,7 +84,7 @@ impl Store {
         };
         validate_vault_name(name)?;
         let record = self.new_vault_record(name);
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             if tx.vaults.get(name)?.is_some() {
                 return abort(Error::conflict(
                     "vault_exists",
@@ -170,7 +92,7 @@ impl Store {
                 ));
             }
             put_json(tx.vaults, name, &record)?;
-            crate::users::put_member(tx, &record.id, email, VaultRole::Admin)?;
+            put_member(tx, &record.id, email, VaultRole::Admin)?;
             Ok(())
         })?;
         Ok(VaultView {
@@ -188,7 +110,7 @@ impl Store {
     ) -> Result<VaultView> {
         let (_, access) = self.access(principal, name)?;
         access.require_admin()?;
-        let record = self.write_rules(|tx| {
+        let record = self.write_published(|tx| {
             let Some(mut record) = get_json::<VaultRecord>(tx.vaults, name)? else {
                 return abort(vault_not_found(name));
             };
@@ -226,7 +148,7 @@ impl Store {
         let proposal_keys = per_vault_keys(&self.trees.proposals)?;
         let link_keys = self.proposal_link_keys(&vault.id)?;
         let agents = self.agents_with_grant(name)?;
-        self.write_rules(|tx| {
+        self.write_published(|tx| {
             tx.vaults.remove(name)?;
             tx.services.remove(vault.id.as_bytes())?;
             for key in credential_keys.iter() {

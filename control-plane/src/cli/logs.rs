@@ -99,7 +99,7 @@ fn row(record: &Value) -> Vec<String> {
         record
             .get("ts")
             .and_then(Value::as_i64)
-            .map_or_else(|| "-".to_owned(), output::utc_seconds),
+            .map_or_else(|| "-".to_owned(), crate::clock::utc_seconds),
         text("agent"),
         text("method"),
         text("host"),

@@ -114,17 +114,13 @@ pub fn time(value: Option<&Value>) -> String {
     }
 }
 
-/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC), for the request log.
-pub fn utc_seconds(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let rem = secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+/// `yes`/`no`/`-` for a boolean field (`enabled`, `upstream_tls`).
+pub fn yes_no(value: Option<&Value>) -> &'static str {
+    match value.and_then(Value::as_bool) {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
 }
 
 fn format_unix(secs: i64) -> String {
@@ -134,33 +130,7 @@ fn format_unix(secs: i64) -> String {
     } else {
         secs
     };
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        rem / 3600,
-        (rem % 3600) / 60
-    )
-}
-
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        year,
-        u32::try_from(month).unwrap_or(1),
-        u32::try_from(day).unwrap_or(1),
-    )
+    crate::clock::utc_minutes(secs)
 }
 
 #[cfg(test)]
@@ -196,13 +166,6 @@ mod tests {
         );
         assert_eq!(time(Some(&Value::Null)), "-");
         assert_eq!(time(None), "-");
-    }
-
-    #[test]
-    fn utc_seconds_from_milliseconds() {
-        assert_eq!(utc_seconds(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_seconds(1_700_000_000_999), "2023-11-14 22:13:20");
-        assert_eq!(utc_seconds(-1), "1969-12-31 23:59:59");
     }
 
     #[test]

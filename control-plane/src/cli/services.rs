@@ -15,8 +15,7 @@ use serde_json::{json, Map, Value};
 use super::client::api_path;
 use super::context::Context;
 use super::credentials::check_key;
-use super::output::{self, str_field};
-use super::vaults::yes_no;
+use super::output::{self, str_field, yes_no};
 
 #[derive(Debug, Subcommand)]
 // Parsed once per process: the size of the `add` variant does not matter.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::client::api_path;
 use super::context::{Context, VaultSource};
-use super::output::{self, str_field};
+use super::output::{self, str_field, yes_no};
 use super::{credentials, logs, prompt, proposals, services, users};
 
 #[derive(Debug, Subcommand)]
@@ -264,14 +264,6 @@ fn discover(ctx: &Context) -> anyhow::Result<()> {
         text.push_str(&format!("Credentials: {}\n", keys.join(", ")));
     }
     output::text(&text)
-}
-
-pub(crate) fn yes_no(value: Option<&Value>) -> &'static str {
-    match value.and_then(Value::as_bool) {
-        Some(true) => "yes",
-        Some(false) => "no",
-        None => "-",
-    }
 }
 
 #[cfg(test)]

@@ -17,16 +17,17 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::auth::login_form;
-use super::layout::{error_page, page, respond, store_error_page, time_secs};
+use super::layout::{error_page, page, respond, store_error_page};
 use super::security::{
     csrf_ok, csrf_refused, current_session, login_csrf, require_session, Form, Session, CSRF_FIELD,
 };
 use super::vaults::{proposer, vault_header, Tab};
-use crate::api::{blocking, AppState};
+use crate::access::{Access, Principal};
+use crate::clock::utc_minutes;
 use crate::credentials::Secret;
 use crate::error::Error;
+use crate::http::{blocking, AppState};
 use crate::proposals::{ProposalAction, ProposalStatus, ProposalView, SlotView};
-use crate::vaults::{Access, Principal};
 
 /// Where a review lives: behind an approval link, or in the vault's pages.
 #[derive(Debug, Clone)]
@@ -114,7 +115,7 @@ fn status_panel(view: &ProposalView) -> Markup {
                 h2 { "Applied" }
                 p {
                     "This proposal was approved"
-                    @if let Some(review) = &view.review { " by " (review.by) " on " (time_secs(review.at)) }
+                    @if let Some(review) = &view.review { " by " (review.by) " on " (utc_minutes(review.at)) }
                     ". Its services and credentials are in the vault; the agent can retry its request."
                 }
             },
@@ -122,7 +123,7 @@ fn status_panel(view: &ProposalView) -> Markup {
                 h2 { "Rejected" }
                 p {
                     "This proposal was denied"
-                    @if let Some(review) = &view.review { " by " (review.by) " on " (time_secs(review.at)) }
+                    @if let Some(review) = &view.review { " by " (review.by) " on " (utc_minutes(review.at)) }
                     ". Nothing was changed."
                 }
                 @if let Some(reason) = view.review.as_ref().and_then(|r| r.reason.as_deref()) {
@@ -131,7 +132,7 @@ fn status_panel(view: &ProposalView) -> Markup {
             },
             ProposalStatus::Expired => section.outcome.expired {
                 h2 { "Expired" }
-                p { "This proposal expired on " (time_secs(view.expires_at)) " without a decision. Nothing was changed; the agent has to propose again." }
+                p { "This proposal expired on " (utc_minutes(view.expires_at)) " without a decision. Nothing was changed; the agent has to propose again." }
             },
         }
     }
@@ -292,8 +293,8 @@ fn review(view: &ProposalView, target: &Target, viewer: &Viewer, draft: &Draft) 
             h1 { "Proposal #" (view.id) " " span class={ "status status-" (view.status.as_str()) } { (view.status.as_str()) } }
             p.meta {
                 "Vault " code { (view.vault) } " · from " (proposer(view))
-                " · created " (time_secs(view.created_at))
-                @if pending { " · expires " (time_secs(view.expires_at)) }
+                " · created " (utc_minutes(view.created_at))
+                @if pending { " · expires " (utc_minutes(view.expires_at)) }
             }
         }
         (status_panel(view))

@@ -16,8 +16,8 @@ use super::security::{
     clear_session_cookie, csrf_ok, csrf_refused, current_session, login_csrf, login_csrf_ok,
     safe_next, session_cookie, Form, CSRF_FIELD,
 };
-use crate::api::{blocking, AppState};
 use crate::error::Error;
+use crate::http::{blocking, AppState};
 
 #[derive(Deserialize)]
 pub struct LoginQuery {

@@ -14,7 +14,7 @@
 //! | a proposal's review: the approval link page and the vault's proposal page | [`approve`] |
 //!
 //! The UI talks to the same [`Store`](crate::store::Store) functions as the JSON API,
-//! with the same [`Principal`](crate::vaults::Principal), so the UI can never do more
+//! with the same [`Principal`](crate::access::Principal), so the UI can never do more
 //! than the API would let the same user do. The session is the `av_session` cookie
 //! (HttpOnly, SameSite=Strict); agent tokens are never accepted as a UI session.
 
@@ -30,9 +30,9 @@ mod tests;
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::api::AppState;
+use crate::http::AppState;
 
-/// The UI's routes, merged into [`crate::api::router`]; every response carries the
+/// The UI's routes, merged beside the API's by [`crate::server::app`]; every response carries the
 /// security headers of [`security::add_headers`].
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -16,9 +16,9 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::layout;
-use crate::api::{blocking, AppState, SESSION_COOKIE};
+use crate::access::Principal;
 use crate::crypto::sha256_hex;
-use crate::vaults::Principal;
+use crate::http::{blocking, AppState, SESSION_COOKIE};
 
 /// No scripts, no frames, forms only to this origin, styles only from our file.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -81,7 +81,7 @@ pub fn tokens_match(expected: &str, given: &str) -> bool {
     expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
 }
 
-pub use crate::api::cookie;
+pub use crate::http::cookie;
 
 /// The session of the `av_session` cookie, if it is a live user session.
 pub async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<Session> {

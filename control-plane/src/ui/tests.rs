@@ -11,13 +11,13 @@ use serde_json::json;
 use tower::ServiceExt;
 
 use super::security::{csrf_for_session, safe_next, CONTENT_SECURITY_POLICY, CSRF_COOKIE};
-use crate::api::AppState;
+use crate::access::{Principal, VaultRole};
 use crate::clock::ManualClock;
 use crate::credentials::Secret;
+use crate::http::AppState;
 use crate::proposals::{ProposalInput, ProposalStatus};
 use crate::store::Store;
 use crate::users::LoginLimiter;
-use crate::vaults::{Principal, VaultRole};
 
 const T0_MS: i64 = 1_700_000_000_000;
 const OWNER: &str = "owner@example.com";
@@ -134,7 +134,7 @@ impl Harness {
     }
 
     async fn send(&self, request: Request<Body>) -> Reply {
-        let response = crate::api::router(self.state.clone())
+        let response = crate::server::app(self.state.clone(), Default::default())
             .oneshot(request)
             .await
             .unwrap();

@@ -10,13 +10,14 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use maud::{html, Markup};
 
-use super::layout::{page, respond, store_error_page, time_ms, time_secs};
+use super::layout::{page, respond, store_error_page};
 use super::security::{csrf_ok, csrf_refused, require_session, Form, Session, CSRF_FIELD};
-use crate::api::{blocking, AppState};
+use crate::access::{Access, Principal};
+use crate::clock::{utc_minutes, utc_seconds};
 use crate::error::Result;
+use crate::http::{blocking, AppState};
 use crate::proposals::{ProposalStatus, ProposalView, Proposer};
 use crate::store::Store;
-use crate::vaults::{Access, Principal};
 
 /// Number of request-log records the log page shows.
 const LOG_PAGE: usize = 100;
@@ -136,13 +137,13 @@ fn proposal_rows(vault: &str, proposals: &[&ProposalView], pending: bool) -> Mar
                         td { (status_badge(p.status)) }
                         td { (proposer(p)) }
                         td.summary { (p.message.as_deref().unwrap_or("")) }
-                        td { (time_secs(p.created_at)) }
+                        td { (utc_minutes(p.created_at)) }
                         @if pending {
-                            td { (time_secs(p.expires_at)) }
+                            td { (utc_minutes(p.expires_at)) }
                         } @else {
                             td {
                                 @if let Some(review) = &p.review {
-                                    (time_secs(review.at)) " by " (review.by)
+                                    (utc_minutes(review.at)) " by " (review.by)
                                 } @else {
                                     "—"
                                 }
@@ -310,7 +311,7 @@ async fn credentials_page(
                                     None => span.masked aria-label="hidden value" { "••••••••" },
                                 }
                             }
-                            td { (time_secs(credential.updated_at)) }
+                            td { (utc_minutes(credential.updated_at)) }
                         }
                     }
                 }
@@ -382,10 +383,10 @@ pub async fn agents(
                                     code { (grant.vault) } " "
                                 }
                             }
-                            td { (time_secs(agent.created_at)) }
+                            td { (utc_minutes(agent.created_at)) }
                             td {
                                 @match agent.expires_at {
-                                    Some(at) => (time_secs(at)),
+                                    Some(at) => (utc_minutes(at)),
                                     None => "never",
                                 }
                             }
@@ -429,7 +430,7 @@ pub async fn request_log(
                     @for entry in log.records.iter().rev() {
                         @let r = &entry.record;
                         tr {
-                            td { (time_ms(r.ts)) }
+                            td { (utc_seconds(r.ts)) " UTC" }
                             td { (r.agent) }
                             td { (r.method) }
                             td { code { (r.host) } }

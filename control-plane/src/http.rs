@@ -1,0 +1,140 @@
+//! The HTTP shell shared by the management API, the browser UI, `/metrics` and the
+//! data-plane socket: the application state, the extractors (who is calling, JSON
+//! bodies with a size limit), and running store operations off the async workers.
+//! Route tables live with their handlers (`api`, `ui`, `dataplane`, `metrics`);
+//! `server::app` assembles the TCP listener's.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use serde::de::DeserializeOwned;
+
+use crate::access::Principal;
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::users::LoginLimiter;
+
+/// Largest request body the API reads.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Cookie the browser UI carries the session in.
+pub const SESSION_COOKIE: &str = "av_session";
+
+/// What every handler of the TCP listener (the management API, the UI, `/metrics`)
+/// shares. The data-plane socket has its own state
+/// ([`crate::dataplane::DataplaneState`]): it cannot even see the login limiter.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub limiter: Arc<LoginLimiter>,
+    /// Base URL for links shown to humans (approval links).
+    pub public_url: String,
+}
+
+impl AppState {
+    pub fn new(store: Arc<Store>, public_url: &str) -> AppState {
+        AppState {
+            store,
+            limiter: Arc::new(LoginLimiter::default()),
+            public_url: public_url.trim_end_matches('/').to_string(),
+        }
+    }
+}
+
+/// Runs a store operation on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("task failed: {e}")))?
+}
+
+/// A JSON body: at most [`MAX_BODY_BYTES`], unknown fields refused by the types.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Like [`JsonBody`], and an empty body is `T::default()` (`POST …/reject` needs none).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+/// Parses a request body, telling malformed JSON from a well-formed wrong shape.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde reports the first type mismatch of a truncated document as a shape
+        // error; a second, shape-free pass tells malformed JSON apart.
+        let well_formed = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+        if e.classify() == serde_json::error::Category::Data && well_formed {
+            Error::bad_request("invalid_request", format!("invalid request body: {e}"))
+        } else {
+            Error::bad_request("invalid_json", format!("malformed JSON: {e}"))
+        }
+    })
+}
+
+/// The authenticated caller.
+pub struct Caller(pub Principal);
+
+/// The bearer token, or the UI's session cookie.
+pub fn presented_token(headers: &HeaderMap) -> Option<String> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    cookie(headers, SESSION_COOKIE)
+}
+
+/// The value of cookie `name`, if the request carries it.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim().to_string())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let token = presented_token(&parts.headers).ok_or_else(|| {
+            Error::Unauthorized("not logged in: send Authorization: Bearer <token>".into())
+        })?;
+        let store = state.store.clone();
+        blocking(move || store.authenticate(&token))
+            .await
+            .map(Caller)
+    }
+}
