@@ -297,23 +297,16 @@ impl Store {
 mod tests {
     use super::*;
     use crate::clock::SystemClock;
+    use crate::testing::{owner, secrets};
     use std::sync::Arc;
-
-    fn owner() -> Principal {
-        Principal::User {
-            email: "owner@example.com".into(),
-            owner: true,
-        }
-    }
 
     fn open(dir: &std::path::Path) -> Store {
         Store::open(dir, None, Arc::new(SystemClock), false).unwrap()
     }
 
     fn set(store: &Store, key: &str, value: &str) {
-        let entries = BTreeMap::from([(key.to_string(), Secret::new(value.to_string()))]);
         store
-            .set_credentials(&owner(), "default", &entries)
+            .set_credentials(&owner(), "default", &secrets(&[(key, value)]))
             .unwrap();
     }
 

@@ -48,3 +48,6 @@ pub mod store;
 pub mod ui;
 pub mod users;
 pub mod vaults;
+
+#[cfg(test)]
+mod testing;

@@ -430,6 +430,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::clock::{ManualClock, SharedClock};
+    use crate::testing::{owner, temp_store};
     use agent_vault_rules::{
         MAX_LOG_ERROR as MAX_ERROR, MAX_LOG_HOST as MAX_HOST, MAX_LOG_METHOD as MAX_METHOD,
         MAX_LOG_NAME as MAX_NAME, MAX_LOG_PATH as MAX_PATH,
@@ -438,16 +439,7 @@ mod tests {
     const NOW_MS: i64 = 1_700_000_000_000;
 
     fn open(clock: SharedClock) -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None, clock, false).unwrap();
-        (dir, store)
-    }
-
-    fn owner() -> Principal {
-        Principal::User {
-            email: "owner@example.com".into(),
-            owner: true,
-        }
+        temp_store(clock, false)
     }
 
     fn record(vault: &str, path: &str, ts: i64) -> LogRecord {

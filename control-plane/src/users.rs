@@ -397,9 +397,7 @@ mod tests {
     use crate::clock::ManualClock;
 
     fn store(clock: std::sync::Arc<ManualClock>) -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None, clock, false).unwrap();
-        (dir, store)
+        crate::testing::temp_store(clock, false)
     }
 
     #[test]

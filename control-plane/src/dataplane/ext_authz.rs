@@ -175,8 +175,9 @@ pub async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::tests::{owner, seeded, send};
+    use crate::dataplane::tests::{seeded, send};
     use crate::dataplane::{DataplaneCounts, STATS_PATH};
+    use crate::testing::owner;
     use agent_vault_rules::CONTROL_PLANE_HEADER;
     use axum::body::Body;
     use axum::http::Request;

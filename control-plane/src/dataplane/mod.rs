@@ -231,30 +231,18 @@ async fn stats(State(state): State<DataplaneState>) -> axum::Json<DataplaneCount
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::access::Principal;
-    use crate::clock::SystemClock;
-    use crate::credentials::Secret;
-    use agent_vault_rules::{Auth, Grant, Role, Service};
+    use crate::testing::{agent_on, owner, secrets, system_store};
+    use agent_vault_rules::{Auth, Service};
     use axum::body::Body;
     use axum::http::Request;
-    use std::collections::BTreeMap;
     use tower::ServiceExt;
-
-    pub(crate) fn owner() -> Principal {
-        Principal::User {
-            email: "owner@example.com".into(),
-            owner: true,
-        }
-    }
 
     /// A store with `API_TOKEN`, a bearer service for `api.example.com` and an agent
     /// `bot` on `default`; returns the agent token.
     pub(crate) fn seeded() -> (tempfile::TempDir, DataplaneState, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None, Arc::new(SystemClock), false).unwrap();
-        let entries = BTreeMap::from([("API_TOKEN".to_string(), Secret::new("sk_live_1".into()))]);
+        let (dir, store) = system_store();
         store
-            .set_credentials(&owner(), "default", &entries)
+            .set_credentials(&owner(), "default", &secrets(&[("API_TOKEN", "sk_live_1")]))
             .unwrap();
         store
             .add_service(
@@ -271,15 +259,9 @@ pub(crate) mod tests {
                 },
             )
             .unwrap();
-        let grant = Grant {
-            vault: "default".into(),
-            role: Role::Proxy,
-        };
-        let agent = store
-            .create_agent(&owner(), "bot", vec![grant], None)
-            .unwrap();
+        let token = agent_on(&store, "bot", &["default"]);
         let state = DataplaneState::new(Arc::new(store), Arc::default());
-        (dir, state, agent.token)
+        (dir, state, token)
     }
 
     pub(crate) async fn send(

@@ -5,11 +5,10 @@
 use super::*;
 use crate::access::VaultRole;
 use crate::clock::ManualClock;
+use crate::testing::{owner, secrets, temp_store, MEMBER, T0_MS};
 use agent_vault_rules::{Grant, Role};
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-const T0_MS: i64 = 1_700_000_000_000;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -18,9 +17,8 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
-    let store = Store::open(dir.path(), None, clock.clone(), false).unwrap();
+    let (dir, store) = temp_store(clock.clone(), false);
     // A member (not admin) of `default`.
     let vault_id = store.vault("default").unwrap().unwrap().id;
     store
@@ -33,27 +31,12 @@ fn fixture() -> Fixture {
     }
 }
 
-const MEMBER: &str = "member@example.com";
-
-fn owner() -> Principal {
-    Principal::User {
-        email: "owner@example.com".into(),
-        owner: true,
-    }
-}
-
 fn member() -> Principal {
-    Principal::User {
-        email: MEMBER.into(),
-        owner: false,
-    }
+    crate::testing::member(MEMBER)
 }
 
 fn stranger() -> Principal {
-    Principal::User {
-        email: "stranger@example.com".into(),
-        owner: false,
-    }
+    crate::testing::member("stranger@example.com")
 }
 
 fn agent(name: &str) -> Principal {
@@ -76,9 +59,8 @@ fn propose(f: &Fixture, value: Value) -> Result<(ProposalView, String)> {
 }
 
 fn set_credential(f: &Fixture, key: &str, value: &str) {
-    let entries = BTreeMap::from([(key.to_string(), Secret::new(value.to_string()))]);
     f.store
-        .set_credentials(&owner(), "default", &entries)
+        .set_credentials(&owner(), "default", &secrets(&[(key, value)]))
         .unwrap();
 }
 
@@ -95,13 +77,6 @@ fn service_names(f: &Fixture) -> Vec<String> {
         .unwrap()
         .into_iter()
         .map(|s| s.name)
-        .collect()
-}
-
-fn values(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), Secret::new(v.to_string())))
         .collect()
 }
 
@@ -546,7 +521,7 @@ fn agents_can_never_approve_or_reject_not_even_their_own() {
     for who in [agent("bot"), agent("other")] {
         let err = f
             .store
-            .approve_proposal(&who, "default", 1, values(&[("STRIPE_KEY", "sk")]), true)
+            .approve_proposal(&who, "default", 1, secrets(&[("STRIPE_KEY", "sk")]), true)
             .unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::FORBIDDEN, "{err}");
         let err = f
@@ -629,7 +604,7 @@ fn a_member_approves_and_everything_is_applied() {
             &member(),
             "default",
             view.id,
-            values(&[("STRIPE_KEY", "sk")]),
+            secrets(&[("STRIPE_KEY", "sk")]),
             false,
         )
         .unwrap_err();
@@ -649,7 +624,7 @@ fn a_member_approves_and_everything_is_applied() {
             &member(),
             "default",
             view.id,
-            values(&[("STRIPE_KEY", "sk"), ("OTHER", "x")]),
+            secrets(&[("STRIPE_KEY", "sk"), ("OTHER", "x")]),
             true,
         )
         .unwrap_err();
@@ -660,7 +635,7 @@ fn a_member_approves_and_everything_is_applied() {
             &member(),
             "default",
             view.id,
-            values(&[("STRIPE_KEY", "")]),
+            secrets(&[("STRIPE_KEY", "")]),
             true,
         )
         .unwrap_err();
@@ -673,7 +648,7 @@ fn a_member_approves_and_everything_is_applied() {
             &member(),
             "default",
             view.id,
-            values(&[("STRIPE_KEY", "sk_test_abc123")]),
+            secrets(&[("STRIPE_KEY", "sk_test_abc123")]),
             true,
         )
         .unwrap();
@@ -706,7 +681,7 @@ fn a_member_approves_and_everything_is_applied() {
             &member(),
             "default",
             view.id,
-            values(&[("STRIPE_KEY", "x")]),
+            secrets(&[("STRIPE_KEY", "x")]),
             true,
         )
         .unwrap_err();
@@ -738,7 +713,7 @@ fn agent_values_are_used_only_when_accepted_and_can_be_overridden() {
             &owner(),
             "default",
             2,
-            values(&[("GENERATED_TOKEN", "tok_human")]),
+            secrets(&[("GENERATED_TOKEN", "tok_human")]),
             true,
         )
         .unwrap();
@@ -789,7 +764,7 @@ fn a_failing_apply_changes_nothing_and_the_proposal_stays_pending() {
             &member(),
             "default",
             view.id,
-            values(&[("NEW_KEY", "new-value"), ("KEEP", "overwritten")]),
+            secrets(&[("NEW_KEY", "new-value"), ("KEEP", "overwritten")]),
             false,
         )
         .unwrap_err();
@@ -820,7 +795,7 @@ fn a_failing_apply_changes_nothing_and_the_proposal_stays_pending() {
             &member(),
             "default",
             view.id,
-            values(&[("OTHER_KEY", "v")]),
+            secrets(&[("OTHER_KEY", "v")]),
             false,
         )
         .unwrap_err();
@@ -871,7 +846,7 @@ fn expiry_is_enforced_on_read_approve_and_reject() {
             &member(),
             "default",
             2,
-            values(&[("STRIPE_KEY", "sk")]),
+            secrets(&[("STRIPE_KEY", "sk")]),
             false,
         )
         .unwrap_err();

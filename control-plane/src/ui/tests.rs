@@ -2,94 +2,26 @@
 //! `tower::ServiceExt::oneshot`, over a temporary store with a manual clock.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use agent_vault_rules::{Grant, LogRecord, Role};
 use axum::body::Body;
-use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::http::{header, Request, StatusCode};
 use serde_json::json;
-use tower::ServiceExt;
 
 use super::security::{csrf_for_session, safe_next, CONTENT_SECURITY_POLICY, CSRF_COOKIE};
-use crate::access::{Principal, VaultRole};
-use crate::clock::ManualClock;
 use crate::credentials::Secret;
-use crate::http::AppState;
 use crate::proposals::{ProposalInput, ProposalStatus};
-use crate::store::Store;
-use crate::users::LoginLimiter;
+use crate::testing::{owner, Harness, Reply, MEMBER, OUTSIDER, OWNER, PASSWORD, T0_MS};
 
-const T0_MS: i64 = 1_700_000_000_000;
-const OWNER: &str = "owner@example.com";
-const MEMBER: &str = "member@example.com";
-const OUTSIDER: &str = "outsider@example.com";
-const PASSWORD: &str = "correct-horse";
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    clock: Arc<ManualClock>,
-    agent: Principal,
+fn harness() -> Harness {
+    Harness::new()
 }
 
 fn harness_at(public_url: &str) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0_MS);
-    let store = Store::open(dir.path(), None, clock.clone(), true).unwrap();
-    store.register(OWNER, PASSWORD, None).unwrap();
-    let owner = owner();
-    store.create_vault(&owner, "other").unwrap();
-    for (email, vault) in [(MEMBER, "default"), (OUTSIDER, "other")] {
-        let invite = store
-            .add_member(&owner, vault, email, VaultRole::Member)
-            .unwrap()
-            .invite
-            .unwrap();
-        store.register(email, PASSWORD, Some(&invite)).unwrap();
-    }
-    let agent = store
-        .create_agent(
-            &owner,
-            "bot",
-            vec![Grant {
-                vault: "default".into(),
-                role: Role::Proxy,
-            }],
-            None,
-        )
-        .unwrap();
-    let agent = store.authenticate(&agent.token).unwrap();
-    Harness {
-        _dir: dir,
-        state: AppState::new(Arc::new(store), public_url),
-        clock,
-        agent,
-    }
-}
-
-fn harness() -> Harness {
-    harness_at("http://127.0.0.1:14321")
-}
-
-fn owner() -> Principal {
-    Principal::User {
-        email: OWNER.into(),
-        owner: true,
-    }
+    Harness::at(public_url)
 }
 
 impl Harness {
-    fn store(&self) -> &Store {
-        &self.state.store
-    }
-
-    fn session(&self, email: &str) -> String {
-        self.store()
-            .login(&LoginLimiter::default(), email, PASSWORD)
-            .unwrap()
-            .token
-    }
-
     fn propose(&self, body: serde_json::Value) -> (u64, String) {
         let input: ProposalInput = serde_json::from_value(body).unwrap();
         let (view, token) = self
@@ -133,23 +65,6 @@ impl Harness {
             .unwrap();
     }
 
-    async fn send(&self, request: Request<Body>) -> Reply {
-        let response = crate::server::app(self.state.clone(), Default::default())
-            .oneshot(request)
-            .await
-            .unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        Reply {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&bytes).into_owned(),
-        }
-    }
-
     async fn get(&self, path: &str, cookie: Option<&str>) -> Reply {
         let mut request = Request::get(path);
         if let Some(cookie) = cookie {
@@ -168,39 +83,6 @@ impl Harness {
             request = request.header(header::COOKIE, cookie);
         }
         self.send(request.body(Body::from(body)).unwrap()).await
-    }
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn location(&self) -> &str {
-        self.headers
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-
-    fn set_cookies(&self) -> Vec<String> {
-        self.headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .map(|v| v.to_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn cookie_value(&self, name: &str) -> Option<String> {
-        self.set_cookies().iter().find_map(|c| {
-            c.split(';')
-                .next()
-                .and_then(|pair| pair.split_once('='))
-                .filter(|(n, _)| *n == name)
-                .map(|(_, v)| v.to_string())
-        })
     }
 }
 

@@ -800,3 +800,6 @@ async fn reject_proposal(
     .await?
     .into_response())
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,312 @@
+//! The management API in process: the whole TCP app ([`crate::server::app`]) driven
+//! through `oneshot` over a temporary store, no socket and no binary. What needs a
+//! real process (CLI parsing and output, `kill -9`, socket permissions, `--follow`)
+//! stays in the end-to-end tests.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use serde_json::{json, Value};
+
+use crate::testing::{owner, secrets, Harness, Reply, MEMBER, OUTSIDER, OWNER, PASSWORD};
+
+/// A request with an optional bearer token and JSON body.
+fn call(method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Request<Body> {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(value) => {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from(value.to_string())
+        }
+        None => Body::empty(),
+    };
+    request.body(body).unwrap()
+}
+
+fn raw(method: Method, path: &str, token: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+impl Harness {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        self.send(call(method, path, token, body)).await
+    }
+
+    fn vault_names(&self) -> Vec<String> {
+        self.store()
+            .list_vaults(&owner())
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn health_needs_no_login_and_unknown_routes_get_a_json_404() {
+    let h = Harness::new();
+    let health = h.call(Method::GET, "/health", None, None).await;
+    assert_eq!(
+        (health.status, health.json()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let missing = h.call(Method::GET, "/v1/no/such/route", None, None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.error(), "not_found");
+}
+
+#[tokio::test]
+async fn a_session_from_login_is_a_bearer_token_until_logout() {
+    let h = Harness::new();
+    let wrong = json!({"email": OWNER, "password": "not-the-password"});
+    let refused = h
+        .call(Method::POST, "/v1/auth/login", None, Some(wrong))
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.error(), "invalid_credentials");
+
+    let right = json!({"email": OWNER, "password": PASSWORD});
+    let login = h
+        .call(Method::POST, "/v1/auth/login", None, Some(right))
+        .await;
+    assert_eq!(login.status, StatusCode::OK, "{}", login.body);
+    let token = login.json()["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("av_sess_"), "{token}");
+
+    let whoami = h
+        .call(Method::GET, "/v1/auth/whoami", Some(&token), None)
+        .await;
+    assert_eq!(
+        whoami.json(),
+        json!({"kind": "user", "email": OWNER, "owner": true})
+    );
+    let logout = h
+        .call(Method::POST, "/v1/auth/logout", Some(&token), None)
+        .await;
+    assert_eq!(logout.status, StatusCode::NO_CONTENT);
+    let after = h
+        .call(Method::GET, "/v1/auth/whoami", Some(&token), None)
+        .await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(after.error(), "unauthorized");
+}
+
+#[tokio::test]
+async fn registering_after_the_owner_needs_an_invite() {
+    let h = Harness::new();
+    let body = json!({"email": "new@example.com", "password": "long-enough-1"});
+    let reply = h
+        .call(Method::POST, "/v1/auth/register", None, Some(body))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.error(), "invite_required");
+}
+
+#[tokio::test]
+async fn every_management_route_needs_a_token() {
+    let h = Harness::new();
+    for (method, path) in [
+        (Method::GET, "/v1/vaults"),
+        (Method::GET, "/v1/vaults/default/credentials"),
+        (Method::POST, "/v1/vaults/default/credentials"),
+        (Method::GET, "/v1/agents"),
+        (Method::POST, "/v1/proposals"),
+        (Method::POST, "/v1/master-key/rotate"),
+    ] {
+        let reply = h.call(method.clone(), path, None, None).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(reply.error(), "unauthorized", "{method} {path}");
+        let forged = h
+            .call(method.clone(), path, Some("av_sess_forged"), None)
+            .await;
+        assert_eq!(forged.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+}
+
+#[tokio::test]
+async fn bad_bodies_are_refused_with_their_code_and_change_nothing() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let before = h.vault_names();
+    let oversized = format!("{{\"name\":\"{}\"}}", "a".repeat(1024 * 1024));
+    #[rustfmt::skip]
+    let cases: [(&str, Request<Body>, StatusCode, &str); 5] = [
+        ("malformed JSON", raw(Method::POST, "/v1/vaults", &token, "{\"name\":"), StatusCode::BAD_REQUEST, "invalid_json"),
+        ("an unknown field", raw(Method::POST, "/v1/vaults", &token, r#"{"name":"x1y","admin":true}"#), StatusCode::BAD_REQUEST, "invalid_request"),
+        ("a wrong type", raw(Method::POST, "/v1/vaults", &token, r#"{"name":7}"#), StatusCode::BAD_REQUEST, "invalid_request"),
+        ("an invalid vault name", raw(Method::POST, "/v1/vaults", &token, r#"{"name":"Not A Name"}"#), StatusCode::BAD_REQUEST, "invalid_vault_name"),
+        ("a body over 1 MiB", raw(Method::POST, "/v1/vaults", &token, oversized), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+    ];
+    for (behaviour, request, status, code) in cases {
+        let reply = h.send(request).await;
+        assert_eq!(reply.status, status, "{behaviour}: {}", reply.body);
+        assert_eq!(reply.error(), code, "{behaviour}");
+    }
+    assert_eq!(h.vault_names(), before);
+}
+
+#[tokio::test]
+async fn an_agent_token_never_reads_a_credential_value() {
+    let h = Harness::new();
+    h.store()
+        .set_credentials(
+            &owner(),
+            "default",
+            &secrets(&[("STRIPE_KEY", "sk_live_secret")]),
+        )
+        .unwrap();
+    let agent = h.agent_token.clone();
+
+    let list = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/credentials",
+            Some(&agent),
+            None,
+        )
+        .await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.json()[0]["key"], "STRIPE_KEY");
+    for (path, code) in [
+        ("/v1/vaults/default/credentials?reveal=true", "forbidden"),
+        ("/v1/vaults/default/credentials/STRIPE_KEY", "forbidden"),
+        ("/v1/vaults/default/logs", "forbidden"),
+    ] {
+        let reply = h.call(Method::GET, path, Some(&agent), None).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(reply.error(), code, "{path}");
+    }
+    let discover = h.call(Method::GET, "/discover", Some(&agent), None).await;
+    assert_eq!(discover.json()["credentials"], json!(["STRIPE_KEY"]));
+    for reply in [&list, &discover] {
+        assert!(!reply.body.contains("sk_live_secret"), "{}", reply.body);
+    }
+
+    // A member reads it.
+    let member = h.session(MEMBER);
+    let get = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/credentials/STRIPE_KEY",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(
+        get.json(),
+        json!({"key": "STRIPE_KEY", "value": "sk_live_secret"})
+    );
+}
+
+#[tokio::test]
+async fn a_vault_the_caller_is_not_in_is_not_found_not_forbidden() {
+    let h = Harness::new();
+    let outsider = h.session(OUTSIDER);
+    for path in [
+        "/v1/vaults/default/credentials",
+        "/v1/vaults/default/services",
+        "/v1/vaults/no-such-vault/credentials",
+    ] {
+        let reply = h.call(Method::GET, path, Some(&outsider), None).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(reply.error(), "vault_not_found", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_proposal_is_raised_by_the_agent_and_decided_only_by_a_human() {
+    let h = Harness::new();
+    let agent = h.agent_token.clone();
+    let proposal = json!({
+        "services": [{"action": "set", "name": "stripe", "host": "api.stripe.com",
+                      "auth": {"type": "bearer", "token": "STRIPE_KEY"}}],
+        "credentials": [{"action": "set", "key": "STRIPE_KEY", "description": "Stripe API key"}],
+        "user_message": "I need Stripe."
+    });
+    let created = h
+        .call(Method::POST, "/v1/proposals", Some(&agent), Some(proposal))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let created = created.json();
+    assert_eq!(created["status"], "pending");
+    assert_eq!(created["vault"], "default");
+    let url = created["approval_url"].as_str().unwrap();
+    assert!(
+        url.starts_with("http://127.0.0.1:14321/approve/1?token=av_appr_"),
+        "{url}"
+    );
+
+    let values = json!({"values": {"STRIPE_KEY": "sk_test_1"}});
+    let by_agent = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/proposals/1/approve",
+            Some(&agent),
+            Some(values.clone()),
+        )
+        .await;
+    assert_eq!(by_agent.status, StatusCode::FORBIDDEN);
+    assert_eq!(by_agent.error(), "forbidden");
+
+    let member = h.session(MEMBER);
+    let approved = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/proposals/1/approve",
+            Some(&member),
+            Some(values),
+        )
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    assert_eq!(approved.json()["status"], "applied");
+
+    let seen = h
+        .call(Method::GET, "/v1/proposals/1", Some(&agent), None)
+        .await;
+    assert_eq!(seen.json()["status"], "applied");
+    assert!(!seen.body.contains("sk_test_1"), "{}", seen.body);
+    let value = h.store().get_credential(&owner(), "default", "STRIPE_KEY");
+    assert_eq!(
+        value.map(|v| v.expose().to_string()).ok().as_deref(),
+        Some("sk_test_1")
+    );
+}
+
+#[tokio::test]
+async fn an_agent_with_several_vaults_names_one_with_x_vault() {
+    let h = Harness::new();
+    let token = crate::testing::agent_on(h.store(), "multi", &["default", "other"]);
+    let proposal = json!({"credentials": [{"key": "NEW_KEY", "description": "d"}]});
+    let unnamed = h
+        .call(
+            Method::POST,
+            "/v1/proposals",
+            Some(&token),
+            Some(proposal.clone()),
+        )
+        .await;
+    assert_eq!(unnamed.status, StatusCode::BAD_REQUEST);
+    assert_eq!(unnamed.error(), "vault_required");
+
+    let mut named = call(Method::POST, "/v1/proposals", Some(&token), Some(proposal));
+    named
+        .headers_mut()
+        .insert("x-vault", header::HeaderValue::from_static("other"));
+    let reply = h.send(named).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(reply.json()["vault"], "other");
+}
