@@ -1,13 +1,14 @@
 //! Agent Vault's control plane: the encrypted credential store, the management API,
 //! the data-plane socket Envoy's filter talks to, and the `agent-vault` CLI.
 //!
-//! The modules in layers; each uses only the layers above it in this table.
+//! The modules from the bottom up: each uses only modules listed above it (tests
+//! aside), so the list is also a reading order.
 //!
 //! | layer | concept | module |
 //! |---|---|---|
-//! | base | errors → HTTP status and code | [`error`] |
+//! | base | AES-256-GCM sealing, Argon2id, tokens and their prefixes | [`crypto`] |
+//! | | errors → HTTP status and code | [`error`] |
 //! | | time, and how it is shown | [`clock`] |
-//! | | AES-256-GCM sealing, Argon2id, tokens and their prefixes | [`crypto`] |
 //! | storage | sled trees, transactions, durability, the wrapped data key | [`store`] |
 //! | access | vaults, principals, roles: who may act on which vault | [`access`] |
 //! | concepts | agents and their tokens | [`agents`] |
@@ -26,6 +27,8 @@
 //! | | `/metrics` for operators (Prometheus text) | [`metrics`] |
 //! | process | listeners, socket permissions, the app, startup | [`server`] |
 //! | | the `agent-vault` command line (an HTTP client of [`api`]) | [`cli`] |
+//!
+//! Test fixtures shared by every module's unit tests are in `testing` (tests only).
 
 pub mod access;
 pub mod agents;

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use agent_vault_rules::{LogRecord, MAX_LOG_BATCH_RECORDS};
 use serde::Serialize;
@@ -62,9 +62,11 @@ impl Default for LogRetention {
     }
 }
 
-/// Retention settings and pruning bookkeeping, held by the [`Store`].
-#[derive(Default)]
-pub(crate) struct RequestLogState {
+/// Where the data plane's records go: the store, the retention, and the pruning
+/// bookkeeping that lives as long as the process (one per server, shared by the
+/// data-plane handlers). Reading the log needs none of it ([`Store::read_logs`]).
+pub struct RequestLog {
+    store: Arc<Store>,
     retention: LogRetention,
     batches: AtomicU64,
     /// Records per vault id as far as this process knows: counted on first use, then
@@ -91,88 +93,6 @@ pub struct LogPage {
 }
 
 impl Store {
-    /// Sets the retention; call before the store is shared.
-    pub fn set_log_retention(&mut self, retention: LogRetention) {
-        self.request_log.retention = retention;
-    }
-
-    pub fn log_retention(&self) -> LogRetention {
-        self.request_log.retention
-    }
-
-    /// Stores a batch from the data plane in one flushed write and prunes when due.
-    /// Records naming an unknown vault are dropped. Returns how many were stored.
-    pub fn append_logs(&self, records: Vec<LogRecord>) -> Result<usize> {
-        if records.len() > MAX_LOG_BATCH_RECORDS {
-            return Err(Error::BatchTooLarge(MAX_LOG_BATCH_RECORDS, "records"));
-        }
-        let _writer = lock(&self.request_log.writer);
-        let mut vault_ids: HashMap<String, Option<String>> = HashMap::new();
-        // One chunk per vault, in the order the vaults first appear.
-        let mut chunks: Vec<(String, Vec<(u64, LogRecord)>)> = Vec::new();
-        for record in records {
-            let record = record.sanitized();
-            let id = match vault_ids.get(&record.vault) {
-                Some(id) => id.clone(),
-                None => {
-                    let id = self.vault(&record.vault)?.map(|v| v.id);
-                    vault_ids.insert(record.vault.clone(), id.clone());
-                    id
-                }
-            };
-            let Some(id) = id else { continue };
-            // sled's ids start at 0; sequences start at 1, so `after=0` means "from
-            // the start" and `next: 0` means "nothing yet".
-            let seq = self.generate_id()?.saturating_add(1);
-            match chunks.iter_mut().find(|(chunk_id, _)| *chunk_id == id) {
-                Some((_, chunk)) => chunk.push((seq, record)),
-                None => chunks.push((id, vec![(seq, record)])),
-            }
-        }
-        if chunks.is_empty() {
-            return Ok(0);
-        }
-        let stored = chunks.iter().map(|(_, chunk)| chunk.len()).sum();
-        let state = &self.request_log;
-        let full_prune = state.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0;
-        // One atomic, flushed batch on the log tree alone (no other tree is involved):
-        // the new chunks and, for a vault that goes over its limit, the removal of its
-        // oldest records.
-        let mut batch = sled::Batch::default();
-        let mut counts = lock(&state.counts);
-        for (id, mut chunk) in chunks {
-            let Some((first, _)) = chunk.first() else {
-                continue;
-            };
-            let key = log_key(&id, *first);
-            let count = match counts.get(&id) {
-                Some(count) => *count,
-                None => self.count_vault_records(&id)?,
-            };
-            let mut excess = (count + chunk.len()).saturating_sub(state.retention.max_records);
-            let mut kept = count + chunk.len();
-            if !full_prune && excess > 0 {
-                let trimmed = self.trim_oldest(&id, excess, &mut batch)?;
-                excess -= trimmed;
-                kept -= trimmed;
-                // A batch larger than the limit loses its own oldest records too.
-                let cut = excess.min(chunk.len());
-                chunk.drain(..cut);
-                kept -= cut;
-            }
-            if !chunk.is_empty() {
-                batch.insert(key, serde_json::to_vec(&chunk)?);
-            }
-            counts.insert(id, kept);
-        }
-        drop(counts);
-        self.apply_flushed(&self.trees.logs, batch)?;
-        if full_prune {
-            self.prune_logs_locked()?;
-        }
-        Ok(stored)
-    }
-
     /// A page of `vault`'s log for a member or admin: the records after `after` in
     /// ascending order, or without `after` the newest `limit` (still ascending).
     pub fn read_logs(
@@ -237,11 +157,105 @@ impl Store {
         let next = records.last().map(|entry| entry.seq).or(after).unwrap_or(0);
         Ok(LogPage { records, next })
     }
+}
+
+impl RequestLog {
+    /// The request log of `store`, kept within `retention`.
+    pub fn new(store: Arc<Store>, retention: LogRetention) -> RequestLog {
+        RequestLog {
+            store,
+            retention,
+            batches: AtomicU64::new(0),
+            counts: Mutex::default(),
+            writer: Mutex::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn retention(&self) -> LogRetention {
+        self.retention
+    }
+
+    /// Stores a batch from the data plane in one flushed write and prunes when due.
+    /// Records naming an unknown vault are dropped. Returns how many were stored.
+    pub fn append(&self, records: Vec<LogRecord>) -> Result<usize> {
+        if records.len() > MAX_LOG_BATCH_RECORDS {
+            return Err(Error::BatchTooLarge(MAX_LOG_BATCH_RECORDS, "records"));
+        }
+        let _writer = lock(&self.writer);
+        let mut vault_ids: HashMap<String, Option<String>> = HashMap::new();
+        // One chunk per vault, in the order the vaults first appear.
+        let mut chunks: Vec<(String, Vec<(u64, LogRecord)>)> = Vec::new();
+        for record in records {
+            let record = record.sanitized();
+            let id = match vault_ids.get(&record.vault) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = self.store.vault(&record.vault)?.map(|v| v.id);
+                    vault_ids.insert(record.vault.clone(), id.clone());
+                    id
+                }
+            };
+            let Some(id) = id else { continue };
+            // sled's ids start at 0; sequences start at 1, so `after=0` means "from
+            // the start" and `next: 0` means "nothing yet".
+            let seq = self.store.generate_id()?.saturating_add(1);
+            match chunks.iter_mut().find(|(chunk_id, _)| *chunk_id == id) {
+                Some((_, chunk)) => chunk.push((seq, record)),
+                None => chunks.push((id, vec![(seq, record)])),
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        let stored = chunks.iter().map(|(_, chunk)| chunk.len()).sum();
+        let state = self;
+        let full_prune = state.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0;
+        // One atomic, flushed batch on the log tree alone (no other tree is involved):
+        // the new chunks and, for a vault that goes over its limit, the removal of its
+        // oldest records.
+        let mut batch = sled::Batch::default();
+        let mut counts = lock(&state.counts);
+        for (id, mut chunk) in chunks {
+            let Some((first, _)) = chunk.first() else {
+                continue;
+            };
+            let key = log_key(&id, *first);
+            let count = match counts.get(&id) {
+                Some(count) => *count,
+                None => self.count_vault_records(&id)?,
+            };
+            let mut excess = (count + chunk.len()).saturating_sub(state.retention.max_records);
+            let mut kept = count + chunk.len();
+            if !full_prune && excess > 0 {
+                let trimmed = self.trim_oldest(&id, excess, &mut batch)?;
+                excess -= trimmed;
+                kept -= trimmed;
+                // A batch larger than the limit loses its own oldest records too.
+                let cut = excess.min(chunk.len());
+                chunk.drain(..cut);
+                kept -= cut;
+            }
+            if !chunk.is_empty() {
+                batch.insert(key, serde_json::to_vec(&chunk)?);
+            }
+            counts.insert(id, kept);
+        }
+        drop(counts);
+        self.store.apply_flushed(&self.store.trees.logs, batch)?;
+        if full_prune {
+            self.prune_logs_locked()?;
+        }
+        Ok(stored)
+    }
 
     /// Records of a vault in the tree (reads every chunk: once per vault and process).
     fn count_vault_records(&self, vault_id: &str) -> Result<usize> {
         let mut count = 0;
-        for entry in self.trees.logs.scan_prefix(vault_prefix(vault_id)) {
+        for entry in self.store.trees.logs.scan_prefix(vault_prefix(vault_id)) {
             let (key, value) = entry?;
             count += decode_chunk(&key, &value).map_or(0, |chunk| chunk.len());
         }
@@ -259,7 +273,7 @@ impl Store {
         batch: &mut sled::Batch,
     ) -> Result<usize> {
         let mut removed = 0;
-        for entry in self.trees.logs.scan_prefix(vault_prefix(vault_id)) {
+        for entry in self.store.trees.logs.scan_prefix(vault_prefix(vault_id)) {
             if excess == 0 {
                 break;
             }
@@ -283,13 +297,13 @@ impl Store {
     }
 
     /// Applies retention to every vault's records and drops those of deleted vaults.
-    pub fn prune_logs(&self) -> Result<()> {
-        let _writer = lock(&self.request_log.writer);
+    pub fn prune(&self) -> Result<()> {
+        let _writer = lock(&self.writer);
         self.prune_logs_locked()
     }
 
     fn prune_logs_locked(&self) -> Result<()> {
-        let live: HashSet<String> = scan_json::<VaultRecord>(&self.trees.vaults, b"")?
+        let live: HashSet<String> = scan_json::<VaultRecord>(&self.store.trees.vaults, b"")?
             .into_iter()
             .map(|(_, vault)| vault.id)
             .collect();
@@ -299,13 +313,14 @@ impl Store {
                 self.prune_vault_logs(&id, cutoff)?;
             } else {
                 let keys = self
+                    .store
                     .trees
                     .logs
                     .scan_prefix(vault_prefix(&id))
                     .keys()
                     .collect::<std::result::Result<Vec<_>, _>>()?;
                 self.remove_log_keys(&keys)?;
-                lock(&self.request_log.counts).remove(&id);
+                lock(&self.counts).remove(&id);
             }
         }
         Ok(())
@@ -313,8 +328,9 @@ impl Store {
 
     /// Records with a `ts` before this (unix ms) are past retention.
     fn log_cutoff_ms(&self) -> i64 {
-        let days = i64::from(self.request_log.retention.max_age_days);
-        self.clock
+        let days = i64::from(self.retention.max_age_days);
+        self.store
+            .clock
             .now_ms()
             .saturating_sub(days.saturating_mul(DAY_MS))
     }
@@ -323,7 +339,7 @@ impl Store {
     fn prune_vault_logs(&self, vault_id: &str, cutoff: i64) -> Result<()> {
         let mut chunks = Vec::new();
         let mut doomed = Vec::new();
-        for entry in self.trees.logs.scan_prefix(vault_prefix(vault_id)) {
+        for entry in self.store.trees.logs.scan_prefix(vault_prefix(vault_id)) {
             let (key, value) = entry?;
             match decode_chunk(&key, &value) {
                 Ok(chunk) => chunks.push((key, chunk)),
@@ -335,7 +351,7 @@ impl Store {
             .iter()
             .map(|(_, c)| c.iter().filter(|(_, r)| r.ts >= cutoff).count())
             .sum();
-        let mut excess = total.saturating_sub(self.request_log.retention.max_records);
+        let mut excess = total.saturating_sub(self.retention.max_records);
         let mut batch = sled::Batch::default();
         for key in doomed {
             batch.remove(key);
@@ -353,9 +369,9 @@ impl Store {
                 batch.insert(key, serde_json::to_vec(&kept)?);
             }
         }
-        self.apply_flushed(&self.trees.logs, batch)?;
-        let kept = total.min(self.request_log.retention.max_records);
-        lock(&self.request_log.counts).insert(vault_id.to_string(), kept);
+        self.store.apply_flushed(&self.store.trees.logs, batch)?;
+        let kept = total.min(self.retention.max_records);
+        lock(&self.counts).insert(vault_id.to_string(), kept);
         Ok(())
     }
 
@@ -365,7 +381,7 @@ impl Store {
             for key in chunk {
                 batch.remove(key);
             }
-            self.apply_flushed(&self.trees.logs, batch)?;
+            self.store.apply_flushed(&self.store.trees.logs, batch)?;
         }
         Ok(())
     }
@@ -374,7 +390,7 @@ impl Store {
     fn log_vault_ids(&self) -> Result<Vec<String>> {
         let mut ids = Vec::new();
         let mut from: Vec<u8> = Vec::new();
-        while let Some(entry) = self.trees.logs.range(from.as_slice()..).next() {
+        while let Some(entry) = self.store.trees.logs.range(from.as_slice()..).next() {
             let (key, _) = entry?;
             let id = key.split(|b| *b == 0).next().unwrap_or(&[]);
             ids.push(String::from_utf8_lossy(id).into_owned());
@@ -438,8 +454,16 @@ mod tests {
 
     const NOW_MS: i64 = 1_700_000_000_000;
 
-    fn open(clock: SharedClock) -> (tempfile::TempDir, Store) {
-        temp_store(clock, false)
+    fn open(clock: SharedClock) -> (tempfile::TempDir, RequestLog) {
+        with_retention(clock, LogRetention::default())
+    }
+
+    fn with_retention(
+        clock: SharedClock,
+        retention: LogRetention,
+    ) -> (tempfile::TempDir, RequestLog) {
+        let (dir, store) = temp_store(clock, false);
+        (dir, RequestLog::new(Arc::new(store), retention))
     }
 
     fn record(vault: &str, path: &str, ts: i64) -> LogRecord {
@@ -467,12 +491,13 @@ mod tests {
 
     #[test]
     fn records_come_back_in_order_and_pages_continue_after_the_last_seq() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
         for batch in 0..3 {
             let records = (0..4)
                 .map(|i| record("default", &format!("/{batch}/{i}"), NOW_MS))
                 .collect();
-            assert_eq!(store.append_logs(records).unwrap(), 4);
+            assert_eq!(log.append(records).unwrap(), 4);
         }
         let everything = all(&store, "default");
         let expected: Vec<String> = (0..3)
@@ -507,20 +532,20 @@ mod tests {
 
     #[test]
     fn query_strings_and_fragments_are_stripped_and_strings_capped() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
         let mut long = record("default", "/a?token=secret", NOW_MS);
         long.host = "h".repeat(300);
         long.method = "M".repeat(40);
         long.agent = "é".repeat(100); // 200 bytes: cut on a char boundary
         long.error = Some("e".repeat(100));
         long.service = Some("s".repeat(200));
-        store
-            .append_logs(vec![
-                long,
-                record("default", "/b#frag?x=1", NOW_MS),
-                record("default", &format!("/{}", "p".repeat(5000)), NOW_MS),
-            ])
-            .unwrap();
+        log.append(vec![
+            long,
+            record("default", "/b#frag?x=1", NOW_MS),
+            record("default", &format!("/{}", "p".repeat(5000)), NOW_MS),
+        ])
+        .unwrap();
         let page = all(&store, "default");
         let got = &page.records[0].record;
         assert_eq!(got.path, "/a");
@@ -543,9 +568,10 @@ mod tests {
 
     #[test]
     fn records_for_unknown_vaults_are_dropped() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
-        let stored = store
-            .append_logs(vec![
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
+        let stored = log
+            .append(vec![
                 record("nope", "/x", NOW_MS),
                 record("default", "/kept", NOW_MS),
                 record("", "/y", NOW_MS),
@@ -554,39 +580,34 @@ mod tests {
         assert_eq!(stored, 1);
         assert_eq!(paths(&all(&store, "default")), ["/kept"]);
         assert_eq!(store.trees.logs.len(), 1);
-        assert_eq!(
-            store
-                .append_logs(vec![record("nope", "/x", NOW_MS)])
-                .unwrap(),
-            0
-        );
+        assert_eq!(log.append(vec![record("nope", "/x", NOW_MS)]).unwrap(), 0);
     }
 
     #[test]
     fn vaults_keep_separate_logs() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
         store.create_vault(&owner(), "other").unwrap();
-        store
-            .append_logs(vec![
-                record("default", "/d1", NOW_MS),
-                record("other", "/o1", NOW_MS),
-                record("default", "/d2", NOW_MS),
-            ])
-            .unwrap();
+        log.append(vec![
+            record("default", "/d1", NOW_MS),
+            record("other", "/o1", NOW_MS),
+            record("default", "/d2", NOW_MS),
+        ])
+        .unwrap();
         assert_eq!(paths(&all(&store, "default")), ["/d1", "/d2"]);
         assert_eq!(paths(&all(&store, "other")), ["/o1"]);
     }
 
     #[test]
     fn retention_by_count_keeps_the_newest() {
-        let (_dir, mut store) = open(ManualClock::new(NOW_MS));
-        store.set_log_retention(LogRetention {
+        let retention = LogRetention {
             max_records: 5,
             max_age_days: 7,
-        });
+        };
+        let (_dir, log) = with_retention(ManualClock::new(NOW_MS), retention);
+        let store = log.store().clone();
         for i in 0..12 {
-            store
-                .append_logs(vec![record("default", &format!("/{i}"), NOW_MS)])
+            log.append(vec![record("default", &format!("/{i}"), NOW_MS)])
                 .unwrap();
         }
         assert_eq!(
@@ -598,7 +619,7 @@ mod tests {
         let batch = (12..20)
             .map(|i| record("default", &format!("/{i}"), NOW_MS))
             .collect();
-        store.append_logs(batch).unwrap();
+        log.append(batch).unwrap();
         assert_eq!(
             paths(&all(&store, "default")),
             ["/15", "/16", "/17", "/18", "/19"]
@@ -608,56 +629,50 @@ mod tests {
     #[test]
     fn retention_by_age_uses_the_clock() {
         let clock = ManualClock::new(NOW_MS);
-        let (_dir, store) = open(clock.clone());
-        assert_eq!(store.log_retention(), LogRetention::default());
-        store
-            .append_logs(vec![record("default", "/old", NOW_MS)])
-            .unwrap();
+        let (_dir, log) = open(clock.clone());
+        let store = log.store().clone();
+        assert_eq!(log.retention(), LogRetention::default());
+        log.append(vec![record("default", "/old", NOW_MS)]).unwrap();
         clock.advance_secs(6 * 86_400);
         let day6 = NOW_MS + 6 * DAY_MS;
-        store
-            .append_logs(vec![record("default", "/day6", day6)])
-            .unwrap();
-        store.prune_logs().unwrap();
+        log.append(vec![record("default", "/day6", day6)]).unwrap();
+        log.prune().unwrap();
         assert_eq!(paths(&all(&store, "default")), ["/old", "/day6"]);
 
         clock.advance_secs(2 * 86_400); // day 8: "/old" is 8 days old
-        store.prune_logs().unwrap();
+        log.prune().unwrap();
         assert_eq!(paths(&all(&store, "default")), ["/day6"]);
 
         // A record that arrives already past retention goes at the next prune.
-        store
-            .append_logs(vec![record("default", "/stale", NOW_MS)])
+        log.append(vec![record("default", "/stale", NOW_MS)])
             .unwrap();
-        store.prune_logs().unwrap();
+        log.prune().unwrap();
         assert_eq!(paths(&all(&store, "default")), ["/day6"]);
     }
 
     #[test]
     fn the_first_batch_and_every_hundredth_prune_everything() {
         let clock = ManualClock::new(NOW_MS);
-        let (_dir, store) = open(clock.clone());
+        let (_dir, log) = open(clock.clone());
+        let store = log.store().clone();
         store.create_vault(&owner(), "gone").unwrap();
-        store
-            .append_logs(vec![
-                record("default", "/old", NOW_MS),
-                record("gone", "/g", NOW_MS),
-            ])
-            .unwrap(); // batch 0: full prune, nothing to drop yet
+        log.append(vec![
+            record("default", "/old", NOW_MS),
+            record("gone", "/g", NOW_MS),
+        ])
+        .unwrap(); // batch 0: full prune, nothing to drop yet
         store.delete_vault(&owner(), "gone").unwrap();
         clock.advance_secs(8 * 86_400);
         for i in 1..PRUNE_EVERY {
-            store
-                .append_logs(vec![record(
-                    "default",
-                    &format!("/{i}"),
-                    NOW_MS + 8 * DAY_MS,
-                )])
-                .unwrap();
+            log.append(vec![record(
+                "default",
+                &format!("/{i}"),
+                NOW_MS + 8 * DAY_MS,
+            )])
+            .unwrap();
         }
         assert_eq!(store.trees.logs.len(), PRUNE_EVERY as usize + 1);
-        store
-            .append_logs(vec![record("default", "/last", NOW_MS + 8 * DAY_MS)])
+        log.append(vec![record("default", "/last", NOW_MS + 8 * DAY_MS)])
             .unwrap(); // batch 100: the old record and the deleted vault's go
         assert_eq!(store.trees.logs.len(), PRUNE_EVERY as usize);
         let page = all(&store, "default");
@@ -669,10 +684,9 @@ mod tests {
 
     #[test]
     fn only_members_and_admins_read_and_limits_are_checked() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
-        store
-            .append_logs(vec![record("default", "/x", NOW_MS)])
-            .unwrap();
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
+        log.append(vec![record("default", "/x", NOW_MS)]).unwrap();
         let agent = Principal::Agent {
             name: "claude".into(),
             grants: vec![agent_vault_rules::Grant {
@@ -693,31 +707,29 @@ mod tests {
             assert_eq!(err.code(), "invalid_limit");
         }
         let too_many = vec![record("default", "/x", NOW_MS); MAX_LOG_BATCH_RECORDS + 1];
-        let err = store.append_logs(too_many).unwrap_err();
+        let err = log.append(too_many).unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(store.trees.logs.len(), 1);
     }
 
     #[test]
     fn log_writes_do_not_bump_the_snapshot_version() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
         let before = store.snapshot_version().unwrap();
-        store
-            .append_logs(vec![record("default", "/x", NOW_MS)])
-            .unwrap();
+        log.append(vec![record("default", "/x", NOW_MS)]).unwrap();
         assert_eq!(store.snapshot_version().unwrap(), before);
     }
 
     #[test]
     fn a_bare_record_of_the_earlier_format_reads_as_a_chunk_of_one() {
-        let (_dir, store) = open(ManualClock::new(NOW_MS));
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
         let id = store.vault("default").unwrap().unwrap().id;
         let old = serde_json::to_vec(&record("default", "/old", NOW_MS)).unwrap();
         store.trees.logs.insert(log_key(&id, 1), old).unwrap();
         store.generate_id().unwrap(); // sequence 1 is taken
-        store
-            .append_logs(vec![record("default", "/new", NOW_MS)])
-            .unwrap();
+        log.append(vec![record("default", "/new", NOW_MS)]).unwrap();
         let page = all(&store, "default");
         assert_eq!(paths(&page), ["/old", "/new"]);
         assert_eq!(page.records[0].seq, 1);

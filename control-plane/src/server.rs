@@ -173,17 +173,16 @@ async fn not_found() -> crate::error::Error {
 }
 
 /// Serves the API on `tcp` and the data plane on `socket` until `shutdown` resolves.
-/// Both share the store; the socket's routes get their own state
-/// ([`DataplaneState`]), never the API's.
+/// Both share the store; the socket's routes get their own state, never the API's.
 pub async fn serve(
     state: AppState,
+    dataplane: DataplaneState,
     tcp: TcpListener,
     socket: PeerCheckedListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let stats = Arc::new(DataplaneStats::default());
-    let dataplane =
-        crate::dataplane::router(DataplaneState::new(state.store.clone(), stats.clone()));
+    let stats = dataplane.stats.clone();
+    let dataplane = crate::dataplane::router(dataplane);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -251,16 +250,16 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| data_dir.join("run").join("dataplane.sock"));
     let password = master_password(&args)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let mut store = Store::open(
+    let store = Store::open(
         &data_dir,
         password.as_deref().map(String::as_str),
         clock,
         args.allow_private_upstreams,
     )?;
-    store.set_log_retention(crate::logs::LogRetention {
+    let retention = crate::logs::LogRetention {
         max_records: usize::try_from(args.log_max_records).unwrap_or(usize::MAX),
         max_age_days: args.log_retention_days,
-    });
+    };
     if store.is_passwordless() {
         eprintln!(
             "agent-vault: running passwordless: the data key is protected only by the file {} (set a master password with `agent-vault master-password change`)",
@@ -282,14 +281,16 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}"));
-        let state = AppState::new(Arc::new(store), &public_url);
+        let store = Arc::new(store);
+        let dataplane = DataplaneState::new(store.clone(), retention);
+        let state = AppState::new(store, &public_url);
         // One line for humans and for scripts (tests parse the address from it).
         println!(
             "agent-vault listening on http://{addr} (data-plane socket {}, data dir {})",
             socket.display(),
             data_dir.display()
         );
-        serve(state, tcp, unix, shutdown_signal()).await?;
+        serve(state, dataplane, tcp, unix, shutdown_signal()).await?;
         let _ = std::fs::remove_file(&socket);
         eprintln!("agent-vault: stopped");
         Ok(())

@@ -9,9 +9,7 @@
 //!
 //! Concept modules (`access`, `users`, `vaults`, `credentials`, `services`, `agents`,
 //! `proposals`, `logs`) add their operations as `impl Store` blocks; this module only
-//! knows about storage. The one thing it holds for a concept is the request log's
-//! retention bookkeeping ([`crate::logs::RequestLogState`]): in-memory counters that
-//! live as long as the open store.
+//! knows about storage.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -142,8 +140,6 @@ pub struct Store {
     kek: Mutex<Kek>,
     pub(crate) clock: SharedClock,
     pub(crate) allow_private_upstreams: bool,
-    /// Request-log retention and pruning bookkeeping (see [`crate::logs`]).
-    pub(crate) request_log: crate::logs::RequestLogState,
 }
 
 impl Store {
@@ -228,7 +224,6 @@ impl Store {
             kek: Mutex::new(kek),
             clock,
             allow_private_upstreams,
-            request_log: crate::logs::RequestLogState::default(),
         })
     }
 

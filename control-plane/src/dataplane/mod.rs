@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::http::{blocking, JsonBody};
+use crate::logs::{LogRetention, RequestLog};
 use crate::snapshot::SnapshotCache;
 use crate::store::Store;
 
@@ -44,16 +45,19 @@ pub use ext_authz::EXT_AUTHZ_PATH;
 pub struct DataplaneState {
     pub store: Arc<Store>,
     pub snapshots: Arc<SnapshotCache>,
+    pub request_log: Arc<RequestLog>,
     /// Also read by `/metrics` on the TCP listener.
     pub stats: Arc<DataplaneStats>,
 }
 
 impl DataplaneState {
-    pub fn new(store: Arc<Store>, stats: Arc<DataplaneStats>) -> DataplaneState {
+    /// The data plane of `store`, keeping its request log within `retention`.
+    pub fn new(store: Arc<Store>, retention: LogRetention) -> DataplaneState {
         DataplaneState {
+            request_log: Arc::new(RequestLog::new(store.clone(), retention)),
             store,
             snapshots: Arc::default(),
-            stats,
+            stats: Arc::default(),
         }
     }
 }
@@ -219,8 +223,7 @@ async fn logs(
         &state.stats.log_records,
         u64::try_from(records.len()).unwrap_or(u64::MAX),
     );
-    let store = state.store.clone();
-    blocking(move || store.append_logs(records)).await?;
+    blocking(move || state.request_log.append(records)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -260,7 +263,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         let token = agent_on(&store, "bot", &["default"]);
-        let state = DataplaneState::new(Arc::new(store), Arc::default());
+        let state = DataplaneState::new(Arc::new(store), LogRetention::default());
         (dir, state, token)
     }
 

@@ -906,8 +906,8 @@ async fn the_vault_pages_render() {
             .unwrap(),
         )
         .unwrap();
-    h.store()
-        .append_logs(vec![LogRecord {
+    crate::logs::RequestLog::new(h.state.store.clone(), Default::default())
+        .append(vec![LogRecord {
             ts: T0_MS,
             agent: "bot".into(),
             vault: "default".into(),
