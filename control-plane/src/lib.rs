@@ -53,4 +53,6 @@ pub mod users;
 pub mod vaults;
 
 #[cfg(test)]
+mod layering;
+#[cfg(test)]
 mod testing;
