@@ -14,7 +14,7 @@ use agent_vault_rules::{Snapshot, SNAPSHOT_PATH};
 use crate::cache::{CredentialCache, Secret};
 use crate::config::Config;
 use crate::decide::{decide, Decision, Request};
-use crate::flight::{Answer, Completion, Flights};
+use crate::flight::{Answer, Completion, FlightKey, Flights, Join, Waiter};
 use crate::request_log::{LogBatch, RequestLog};
 use crate::snapshot::CompiledSnapshot;
 
@@ -96,9 +96,29 @@ impl Worker {
         decide(self.snapshot.as_ref(), &self.cache, request, now_ms, log)
     }
 
-    /// The fetches in flight.
-    pub fn flights(&mut self) -> &mut Flights {
-        &mut self.flights
+    // --- Credential fetches (see [`crate::flight`]) -------------------------------
+
+    /// A request waits for a fetch, tagged with the snapshot version in use: join the
+    /// flight for its keys, or dispatch a new one.
+    pub fn join_fetch(&mut self, waiter: Waiter, now_ms: u64) -> Join {
+        let version = self.version().to_owned();
+        self.flights.join(waiter, &version, now_ms)
+    }
+
+    /// The fetch for `key` was dispatched from context `owner` with `token`.
+    pub fn fetch_dispatched(&mut self, key: &FlightKey, token: u32, owner: u32, now_ms: u64) {
+        self.flights.dispatched(key, token, owner, now_ms);
+    }
+
+    /// The fetch for `key` could not be dispatched: its waiters, failed with 503.
+    pub fn fetch_failed(&mut self, key: &FlightKey, reason: &str) -> Vec<Completion> {
+        self.flights.dispatch_failed(key, reason)
+    }
+
+    /// The request in context `context_id` is gone: it no longer waits, and a fetch
+    /// it owned is orphaned if others still wait on it.
+    pub fn context_gone(&mut self, context_id: u32) {
+        self.flights.context_gone(context_id);
     }
 
     /// Whether `token` is a credential fetch of this worker.
@@ -107,7 +127,7 @@ impl Worker {
     }
 
     /// Orphaned fetches for the root to dispatch again (see [`crate::flight`]).
-    pub fn orphans(&self) -> Vec<(crate::flight::FlightKey, Vec<u8>)> {
+    pub fn orphans(&self) -> Vec<(FlightKey, Vec<u8>)> {
         self.flights.orphans()
     }
 
@@ -314,7 +334,6 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::decide::tests::{basic, ALICE, NOW_MS};
-    use crate::flight::{Join, Waiter};
     use agent_vault_rules::{
         Auth, Grant, Role, Service, SnapshotAgent, SnapshotVault, UnmatchedHostPolicy,
     };
@@ -493,16 +512,15 @@ mod tests {
         let Decision::Fetch(plan) = worker.decide(&request, now, &mut log.borrow_mut()) else {
             panic!("expected a fetch");
         };
-        let version = worker.version().to_owned();
         let waiter = Waiter {
             context_id,
             plan,
             log: Rc::downgrade(&log),
         };
-        let Join::Dispatch(key, _) = worker.flights().join(waiter, &version, now) else {
+        let Join::Dispatch(key, _) = worker.join_fetch(waiter, now) else {
             panic!("expected a dispatch");
         };
-        worker.flights().dispatched(&key, token, context_id, now);
+        worker.fetch_dispatched(&key, token, context_id, now);
         let answer = Answer::classify(
             Some(200),
             true,
@@ -587,10 +605,11 @@ mod tests {
             plan,
             log: Rc::downgrade(&log),
         };
-        let Join::Dispatch(key, _) = worker.flights().join(waiter, "1", NOW_MS) else {
+        assert_eq!(worker.version(), "1", "the fetch is made under version 1");
+        let Join::Dispatch(key, _) = worker.join_fetch(waiter, NOW_MS) else {
             panic!("dispatch");
         };
-        worker.flights().dispatched(&key, 5, 1, NOW_MS);
+        worker.fetch_dispatched(&key, 5, 1, NOW_MS);
         worker.install(snapshot("2")); // a credential changed meanwhile
         let answer = Answer::classify(
             Some(200),
@@ -673,10 +692,10 @@ mod tests {
             plan,
             log: Rc::downgrade(&log),
         };
-        let Join::Dispatch(key, _) = worker.flights().join(waiter, "1", NOW_MS) else {
+        let Join::Dispatch(key, _) = worker.join_fetch(waiter, NOW_MS) else {
             panic!("dispatch");
         };
-        worker.flights().dispatched(&key, 5, 3, NOW_MS);
+        worker.fetch_dispatched(&key, 5, 3, NOW_MS);
         assert!(worker.housekeeping(NOW_MS + 1000).is_empty());
         let failed = worker.housekeeping(NOW_MS + 4000);
         assert_eq!(failed.len(), 1);

@@ -100,14 +100,14 @@ impl Root {
             let completions = match sent {
                 Ok(token) => {
                     if let Ok(mut w) = worker.try_borrow_mut() {
-                        w.flights().dispatched(&key, token, self.id, now);
+                        w.fetch_dispatched(&key, token, self.id, now);
                     }
                     continue;
                 }
                 Err(status) => worker
                     .try_borrow_mut()
                     .map(|mut w| {
-                        w.flights().dispatch_failed(
+                        w.fetch_failed(
                             &key,
                             &format!("cannot reach the control plane cluster ({status:?})"),
                         )
@@ -244,10 +244,9 @@ impl Http {
             plan,
             log: Rc::downgrade(&self.log),
         };
-        let joined = worker.try_borrow_mut().map(|mut w| {
-            let version = w.version().to_owned();
-            w.flights().join(waiter, &version, now)
-        });
+        let joined = worker
+            .try_borrow_mut()
+            .map(|mut w| w.join_fetch(waiter, now));
         let (key, body) = match joined {
             Ok(Join::Joined) => {
                 self.waiting = true;
@@ -262,7 +261,7 @@ impl Http {
         match sent {
             Ok(token) => {
                 if let Ok(mut w) = worker.try_borrow_mut() {
-                    w.flights().dispatched(&key, token, self.id, now);
+                    w.fetch_dispatched(&key, token, self.id, now);
                 }
             }
             Err(status) => {
@@ -275,10 +274,7 @@ impl Http {
                 );
                 let completions = worker
                     .try_borrow_mut()
-                    .map(|mut w| {
-                        w.flights()
-                            .dispatch_failed(&key, "the control plane cluster is not reachable")
-                    })
+                    .map(|mut w| w.fetch_failed(&key, "the control plane cluster is not reachable"))
                     .unwrap_or_default();
                 apply_completions(self.id, config, completions);
             }
@@ -384,7 +380,7 @@ impl Drop for Http {
     fn drop(&mut self) {
         if self.waiting {
             if let Some(Ok(mut w)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
-                w.flights().context_gone(self.id);
+                w.context_gone(self.id);
             }
         }
     }
