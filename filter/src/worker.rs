@@ -2,10 +2,10 @@
 //! its HTTP contexts: configuration, the compiled snapshot, the credential cache, the
 //! fetches in flight, the pending request-log batch, and the snapshot poller.
 //!
-//! Everything here is plain data driven by the glue with the current time in unix
-//! milliseconds, so every timing rule is testable without a host. A worker runs one
-//! callback at a time, so `Rc<RefCell<Worker>>` is enough; borrows never span a host
-//! callback.
+//! Everything here is plain data driven by [`crate::driver`] with the current time in
+//! unix milliseconds, so every timing rule is testable without a host. A worker runs
+//! one callback at a time, so `Rc<RefCell<Worker>>` is enough; a borrow never outlives
+//! the callback that took it.
 
 use std::rc::Rc;
 
@@ -21,7 +21,7 @@ use crate::snapshot::CompiledSnapshot;
 /// Tick period while no snapshot is loaded: requests get 503 until one is.
 pub const STARTUP_TICK_MS: u64 = 100;
 
-/// What became of a snapshot poll answer, for the glue to log.
+/// What became of a snapshot poll answer, for the driver to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PollOutcome {
     /// A new snapshot is in use.
@@ -331,7 +331,7 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::decide::tests::{basic, ALICE, NOW_MS};
     use agent_vault_rules::{
@@ -378,7 +378,8 @@ mod tests {
         }
     }
 
-    fn body(version: &str) -> Vec<u8> {
+    /// A snapshot answer: vault `default` with stripe (bearer `STRIPE_KEY`), agent alice.
+    pub(crate) fn body(version: &str) -> Vec<u8> {
         serde_json::to_vec(&snapshot(version)).unwrap_or_default()
     }
 
