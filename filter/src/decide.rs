@@ -1,6 +1,6 @@
 //! What to do with one request: refuse it, forward it (with credentials injected), or
-//! fetch credentials first. Pure: the glue reads the request headers, calls
-//! [`decide`], and carries out the [`Decision`].
+//! fetch credentials first. Pure: the driver reads the request headers, calls
+//! [`decide`], and carries out the [`Decision`] (see [`crate::driver`]).
 //!
 //! The steps, in order (each refusal is a row of DESIGN.md §6):
 //! 1. `CONNECT` → 405 `connect_not_supported` (no callout).

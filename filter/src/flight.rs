@@ -19,7 +19,7 @@
 //!
 //! **Waiters that are gone.** A waiter holds a `Weak` reference to its request's log
 //! state; when the request context is deleted, the upgrade fails and the waiter is
-//! skipped (the glue also skips waiters whose context Envoy no longer knows).
+//! skipped (the driver also skips waiters whose context Envoy no longer knows).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};

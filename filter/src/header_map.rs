@@ -2,10 +2,10 @@
 //!
 //! Each host call from the VM costs microseconds in Envoy (V8 ↔ C++ transitions, and
 //! a call back into the VM to allocate every returned value), far more than the
-//! filter's own logic. So the glue fetches the whole request header map at once
-//! (`proxy_get_header_map_pairs`) and this module reads what the filter needs from
-//! that one buffer: the values without copying, and which headers are present, so
-//! that forwarding removes only headers that exist.
+//! filter's own logic. So [`crate::host::Host::request_headers`] fetches the whole
+//! request header map at once (`proxy_get_header_map_pairs`) and this module reads
+//! what the filter needs from that one buffer: the values without copying, and which
+//! headers are present, so that forwarding removes only headers that exist.
 //!
 //! The buffer holds the agent's token: it is zeroed when dropped.
 //!

@@ -18,14 +18,19 @@
 //! | request-log records and batches                 | [`request_log`]  |
 //! | one worker's state, polling and timers          | [`worker`]       |
 //! | the Envoy stats operators watch                 | [`stats`]        |
-//! | proxy-wasm contexts (wasm32 only)               | `glue`           |
+//! | what the filter asks of Envoy (a trait)         | [`host`]         |
+//! | the callbacks: the per-request state machine    | [`driver`]       |
+//! | Envoy's host and contexts (wasm32 only)         | `glue`           |
 //!
 //! The agent's `Proxy-Authorization` parser and the filter's own responses (the error
 //! codes of DESIGN.md §6) are the wire contract, shared with the control plane:
 //! [`agent_vault_rules::proxy_auth`] and [`agent_vault_rules::reply`].
 //!
 //! Everything but `glue` is plain Rust, unit-tested on the host with time passed in
-//! as unix milliseconds; `glue` only translates host calls.
+//! as unix milliseconds. The [`driver`] runs every callback against the [`host::Host`]
+//! trait, so its tests drive whole requests through a recording fake host; `glue` is
+//! the thin proxy-wasm skin: Envoy's implementation of the trait, and contexts that
+//! hand each callback to the driver.
 
 #![cfg_attr(
     not(test),
@@ -41,8 +46,10 @@
 pub mod cache;
 pub mod config;
 pub mod decide;
+pub mod driver;
 pub mod flight;
 pub mod header_map;
+pub mod host;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;

@@ -2,10 +2,10 @@
 //! its HTTP contexts: configuration, the compiled snapshot, the credential cache, the
 //! fetches in flight, the pending request-log batch, and the snapshot poller.
 //!
-//! Everything here is plain data driven by the glue with the current time in unix
-//! milliseconds, so every timing rule is testable without a host. A worker runs one
-//! callback at a time, so `Rc<RefCell<Worker>>` is enough; borrows never span a host
-//! callback.
+//! Everything here is plain data driven by [`crate::driver`] with the current time in
+//! unix milliseconds, so every timing rule is testable without a host. A worker runs
+//! one callback at a time, so `Rc<RefCell<Worker>>` is enough; a borrow never outlives
+//! the callback that took it.
 
 use std::rc::Rc;
 
@@ -14,14 +14,14 @@ use agent_vault_rules::{Snapshot, SNAPSHOT_PATH};
 use crate::cache::{CredentialCache, Secret};
 use crate::config::Config;
 use crate::decide::{decide, Decision, Request};
-use crate::flight::{Answer, Completion, Flights};
+use crate::flight::{Answer, Completion, FlightKey, Flights, Join, Waiter};
 use crate::request_log::{LogBatch, RequestLog};
 use crate::snapshot::CompiledSnapshot;
 
 /// Tick period while no snapshot is loaded: requests get 503 until one is.
 pub const STARTUP_TICK_MS: u64 = 100;
 
-/// What became of a snapshot poll answer, for the glue to log.
+/// What became of a snapshot poll answer, for the driver to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PollOutcome {
     /// A new snapshot is in use.
@@ -96,9 +96,29 @@ impl Worker {
         decide(self.snapshot.as_ref(), &self.cache, request, now_ms, log)
     }
 
-    /// The fetches in flight.
-    pub fn flights(&mut self) -> &mut Flights {
-        &mut self.flights
+    // --- Credential fetches (see [`crate::flight`]) -------------------------------
+
+    /// A request waits for a fetch, tagged with the snapshot version in use: join the
+    /// flight for its keys, or dispatch a new one.
+    pub fn join_fetch(&mut self, waiter: Waiter, now_ms: u64) -> Join {
+        let version = self.version().to_owned();
+        self.flights.join(waiter, &version, now_ms)
+    }
+
+    /// The fetch for `key` was dispatched from context `owner` with `token`.
+    pub fn fetch_dispatched(&mut self, key: &FlightKey, token: u32, owner: u32, now_ms: u64) {
+        self.flights.dispatched(key, token, owner, now_ms);
+    }
+
+    /// The fetch for `key` could not be dispatched: its waiters, failed with 503.
+    pub fn fetch_failed(&mut self, key: &FlightKey, reason: &str) -> Vec<Completion> {
+        self.flights.dispatch_failed(key, reason)
+    }
+
+    /// The request in context `context_id` is gone: it no longer waits, and a fetch
+    /// it owned is orphaned if others still wait on it.
+    pub fn context_gone(&mut self, context_id: u32) {
+        self.flights.context_gone(context_id);
     }
 
     /// Whether `token` is a credential fetch of this worker.
@@ -107,7 +127,7 @@ impl Worker {
     }
 
     /// Orphaned fetches for the root to dispatch again (see [`crate::flight`]).
-    pub fn orphans(&self) -> Vec<(crate::flight::FlightKey, Vec<u8>)> {
+    pub fn orphans(&self) -> Vec<(FlightKey, Vec<u8>)> {
         self.flights.orphans()
     }
 
@@ -311,10 +331,9 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::decide::tests::{basic, ALICE, NOW_MS};
-    use crate::flight::{Join, Waiter};
     use agent_vault_rules::{
         Auth, Grant, Role, Service, SnapshotAgent, SnapshotVault, UnmatchedHostPolicy,
     };
@@ -359,7 +378,8 @@ mod tests {
         }
     }
 
-    fn body(version: &str) -> Vec<u8> {
+    /// A snapshot answer: vault `default` with stripe (bearer `STRIPE_KEY`), agent alice.
+    pub(crate) fn body(version: &str) -> Vec<u8> {
         serde_json::to_vec(&snapshot(version)).unwrap_or_default()
     }
 
@@ -493,16 +513,15 @@ mod tests {
         let Decision::Fetch(plan) = worker.decide(&request, now, &mut log.borrow_mut()) else {
             panic!("expected a fetch");
         };
-        let version = worker.version().to_owned();
         let waiter = Waiter {
             context_id,
             plan,
             log: Rc::downgrade(&log),
         };
-        let Join::Dispatch(key, _) = worker.flights().join(waiter, &version, now) else {
+        let Join::Dispatch(key, _) = worker.join_fetch(waiter, now) else {
             panic!("expected a dispatch");
         };
-        worker.flights().dispatched(&key, token, context_id, now);
+        worker.fetch_dispatched(&key, token, context_id, now);
         let answer = Answer::classify(
             Some(200),
             true,
@@ -587,10 +606,11 @@ mod tests {
             plan,
             log: Rc::downgrade(&log),
         };
-        let Join::Dispatch(key, _) = worker.flights().join(waiter, "1", NOW_MS) else {
+        assert_eq!(worker.version(), "1", "the fetch is made under version 1");
+        let Join::Dispatch(key, _) = worker.join_fetch(waiter, NOW_MS) else {
             panic!("dispatch");
         };
-        worker.flights().dispatched(&key, 5, 1, NOW_MS);
+        worker.fetch_dispatched(&key, 5, 1, NOW_MS);
         worker.install(snapshot("2")); // a credential changed meanwhile
         let answer = Answer::classify(
             Some(200),
@@ -673,10 +693,10 @@ mod tests {
             plan,
             log: Rc::downgrade(&log),
         };
-        let Join::Dispatch(key, _) = worker.flights().join(waiter, "1", NOW_MS) else {
+        let Join::Dispatch(key, _) = worker.join_fetch(waiter, NOW_MS) else {
             panic!("dispatch");
         };
-        worker.flights().dispatched(&key, 5, 3, NOW_MS);
+        worker.fetch_dispatched(&key, 5, 3, NOW_MS);
         assert!(worker.housekeeping(NOW_MS + 1000).is_empty());
         let failed = worker.housekeeping(NOW_MS + 4000);
         assert_eq!(failed.len(), 1);

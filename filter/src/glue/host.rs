@@ -1,4 +1,4 @@
-//! Thin wrappers over the proxy-wasm host calls the filter makes.
+//! [`ProxyWasmHost`]: the filter's [`Host`] calls, made on Envoy through proxy-wasm.
 //!
 //! The SDK's `hostcalls` panic (trap the VM) on any status they do not expect, and
 //! `get_map_value` unwraps UTF-8. So: header values are read as bytes and converted
@@ -9,26 +9,126 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, Status};
 
 use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
 
+use super::stats;
 use crate::config::Config;
 use crate::decide::Forward;
 use crate::header_map::HeaderMap;
+use crate::host::{CallResponse, Host, LogLevel, Refused, Stat};
 use agent_vault_rules::reply::Reject;
 
-/// Writes one line to Envoy's log.
-pub fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, &format!("agent-vault-filter: {message}"));
+/// Envoy, as the host of the current callback. No state: the host keeps it.
+pub struct ProxyWasmHost;
+
+impl Host for ProxyWasmHost {
+    fn now_ms(&mut self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn request_headers(&mut self) -> HeaderMap {
+        header_map(MapType::HttpRequestHeaders)
+    }
+
+    fn response_status(&mut self) -> Option<u16> {
+        response_status()
+    }
+
+    fn call_response(&mut self, num_headers: usize, body_size: usize) -> CallResponse {
+        call_response(num_headers, body_size)
+    }
+
+    fn apply_forward(&mut self, config: &Config, forward: &Forward, known: &HeaderMap) {
+        apply_forward(config, forward, known);
+    }
+
+    fn send_reject(&mut self, reject: &Reject) {
+        let _ = hostcalls::send_http_response(
+            u32::from(reject.status()),
+            reject.headers(),
+            Some(reject.body.as_bytes()),
+        );
+    }
+
+    fn resume(&mut self) {
+        let _ = hostcalls::resume_http_request();
+    }
+
+    fn switch_to(&mut self, context_id: u32) -> bool {
+        hostcalls::set_effective_context(context_id).is_ok()
+    }
+
+    fn dispatch_credentials(&mut self, config: &Config, body: &[u8]) -> Result<u32, Refused> {
+        dispatch(config, "POST", CREDENTIALS_PATH, Some(body)).map_err(refused)
+    }
+
+    fn dispatch_poll(
+        &mut self,
+        config: &Config,
+        headers: &[(&'static str, String)],
+    ) -> Result<u32, Refused> {
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        hostcalls::dispatch_http_call(
+            &config.cluster,
+            pairs,
+            None,
+            vec![],
+            Duration::from_millis(config.callout_timeout_ms),
+        )
+        .map_err(refused)
+    }
+
+    fn post_logs(&mut self, config: &Config, body: &[u8]) -> Result<(), Refused> {
+        dispatch(config, "POST", LOGS_PATH, Some(body))
+            .map(|_| ())
+            .map_err(refused)
+    }
+
+    fn set_tick_period(&mut self, period_ms: u64) {
+        let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
+    }
+
+    fn log(&mut self, level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Debug => proxy_wasm::types::LogLevel::Debug,
+            LogLevel::Info => proxy_wasm::types::LogLevel::Info,
+            LogLevel::Warn => proxy_wasm::types::LogLevel::Warn,
+            LogLevel::Error => proxy_wasm::types::LogLevel::Error,
+        };
+        let _ = hostcalls::log(level, &format!("agent-vault-filter: {message}"));
+    }
+
+    fn define_stats(&mut self) {
+        stats::define();
+    }
+
+    fn stat(&mut self, event: Stat<'_>) {
+        match event {
+            Stat::Denied(code) => stats::denied(code),
+            Stat::Forwarded {
+                forward,
+                from_cache,
+            } => stats::forwarded(forward, from_cache),
+            Stat::CacheMiss => stats::cache_miss(),
+            Stat::CalloutSent { kind, token } => stats::callout_sent(kind, token),
+            Stat::CalloutAnswered { token, usable } => stats::callout_answered(token, usable),
+            Stat::SnapshotLoaded { version } => stats::snapshot_loaded(version),
+        }
+    }
+
+    fn flush_stats(&mut self, max_callout_ms: u64) {
+        stats::flush(max_callout_ms);
+    }
 }
 
-/// Unix milliseconds from the host clock (0 if the host cannot tell).
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// The host's status, named as the SDK names it (`BadArgument`, `NotFound`, ...).
+fn refused(status: Status) -> Refused {
+    Refused(format!("{status:?}"))
 }
 
 #[link(wasm_import_module = "env")]
@@ -40,12 +140,6 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
-}
-
-/// Every request header of the current context, in one host call (see
-/// [`HeaderMap`]); empty if the host cannot give them.
-pub fn request_headers() -> HeaderMap {
-    header_map(MapType::HttpRequestHeaders)
 }
 
 fn header_map(map: MapType) -> HeaderMap {
@@ -63,11 +157,11 @@ fn header_map(map: MapType) -> HeaderMap {
 }
 
 /// Carries out a [`Forward`] on the current context's request headers. `known` are
-/// those headers as read by [`request_headers`]: only headers that are present are
-/// removed (each removal is a host call). An empty `known` (a request always has
+/// those headers as read by [`Host::request_headers`]: only headers that are present
+/// are removed (each removal is a host call). An empty `known` (a request always has
 /// pseudo-headers, so the host could not give them) removes every one blindly: the
 /// agent's credential must never reach an upstream.
-pub fn apply_forward(config: &Config, forward: &Forward, known: &HeaderMap) {
+fn apply_forward(config: &Config, forward: &Forward, known: &HeaderMap) {
     let present = |name: &str| known.is_empty() || known.contains(name);
     // Envoy stores header names lowercase, so removing by lowercase name removes the
     // header whatever case the agent sent it in (all occurrences).
@@ -103,33 +197,7 @@ pub fn apply_forward(config: &Config, forward: &Forward, known: &HeaderMap) {
     }
 }
 
-/// Sends the filter's own response on the current context.
-pub fn send_reject(reject: &Reject) {
-    let _ = hostcalls::send_http_response(
-        u32::from(reject.status()),
-        reject.headers(),
-        Some(reject.body.as_bytes()),
-    );
-}
-
-/// Resumes the current context's paused request.
-pub fn resume() {
-    let _ = hostcalls::resume_http_request();
-}
-
-/// Makes `context_id` the context later host calls act on. `false` if Envoy no longer
-/// knows it (the request is gone).
-pub fn switch_to(context_id: u32) -> bool {
-    hostcalls::set_effective_context(context_id).is_ok()
-}
-
-fn dispatch(
-    config: &Config,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    extra: Option<(&str, &str)>,
-) -> Result<u32, Status> {
+fn dispatch(config: &Config, method: &str, path: &str, body: Option<&[u8]>) -> Result<u32, Status> {
     let mut headers = vec![
         (":method", method),
         (":path", path),
@@ -138,7 +206,6 @@ fn dispatch(
     if body.is_some() {
         headers.push(("content-type", "application/json"));
     }
-    headers.extend(extra);
     hostcalls::dispatch_http_call(
         &config.cluster,
         headers,
@@ -148,49 +215,9 @@ fn dispatch(
     )
 }
 
-/// `POST` a credentials request to the control plane.
-pub fn dispatch_credentials(config: &Config, body: &[u8]) -> Result<u32, Status> {
-    dispatch(config, "POST", CREDENTIALS_PATH, Some(body), None)
-}
-
-/// `GET` the snapshot with the poller's headers.
-pub fn dispatch_poll(config: &Config, headers: &[(&'static str, String)]) -> Result<u32, Status> {
-    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    hostcalls::dispatch_http_call(
-        &config.cluster,
-        pairs,
-        None,
-        vec![],
-        Duration::from_millis(config.callout_timeout_ms),
-    )
-}
-
-/// `POST` a request-log batch; the answer is ignored (fire and forget).
-pub fn post_logs(config: &Config, body: &[u8]) {
-    if let Err(status) = dispatch(config, "POST", LOGS_PATH, Some(body), None) {
-        log(
-            LogLevel::Debug,
-            &format!(
-                "could not send the request log to cluster {:?} ({status:?}); records dropped",
-                config.cluster
-            ),
-        );
-    }
-}
-
-/// The answer to a callout, read in `on_http_call_response`.
-pub struct CallResponse {
-    /// `:status`, if any.
-    pub status: Option<u16>,
-    /// Whether the control plane's marker header is present.
-    pub from_control_plane: bool,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
 /// Reads the answer being delivered. With no headers (Envoy reset the callout) there
 /// is no header map to read: status `None`.
-pub fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
+fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
     if num_headers == 0 {
         return CallResponse {
             status: None,
@@ -220,7 +247,7 @@ pub fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
 }
 
 /// The `:status` of the current context's response headers (`None` if absent).
-pub fn response_status() -> Option<u16> {
+fn response_status() -> Option<u16> {
     let bytes = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
         .ok()
         .flatten()?;
@@ -241,9 +268,4 @@ pub fn plugin_configuration(size: usize) -> Vec<u8> {
         .ok()
         .flatten()
         .unwrap_or_default()
-}
-
-/// Sets the root context's tick period.
-pub fn set_tick_period(period_ms: u64) {
-    let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
 }

@@ -106,11 +106,11 @@ pub fn cache_miss() {
     with(|r| r.stats.count(Counter::CacheMiss));
 }
 
-/// A callout was dispatched (`Ok(token)`) or could not be (`Err`).
-pub fn callout_sent<E>(kind: Callout, result: &Result<u32, E>) {
-    with(|r| match result {
-        Ok(token) => r.stats.callout_started(*token, kind, now_us()),
-        Err(_) => r.stats.callout_not_sent(kind),
+/// A callout was dispatched (`Some(token)`) or could not be (`None`).
+pub fn callout_sent(kind: Callout, token: Option<u32>) {
+    with(|r| match token {
+        Some(token) => r.stats.callout_started(token, kind, now_us()),
+        None => r.stats.callout_not_sent(kind),
     });
 }
 

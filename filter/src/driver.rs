@@ -1,0 +1,1347 @@
+//! What the filter does on each of Envoy's callbacks, over any [`Host`]: the whole
+//! per-request state machine, unit-tested on the host with a recording fake host
+//! (`host/fake.rs`). The proxy-wasm contexts (`glue`) hand every callback over to a
+//! [`Root`] or an [`Http`].
+//!
+//! One [`Root`] per worker VM owns the [`Worker`] (shared with every [`Http`] through
+//! `Rc<RefCell<..>>`), polls the snapshot and flushes the request log on its tick. Each
+//! request gets an [`Http`]; a request that needs a credential fetch is paused, and
+//! whichever context receives the answer (the request that dispatched it, or the root
+//! for a re-dispatched orphan, see [`crate::flight`]) finishes every waiter: it makes
+//! the waiter's context current, then injects and resumes, or sends the error, and
+//! finally makes its own context current again.
+//!
+//! Each callback borrows the worker once and keeps it across its host calls: nothing
+//! re-enters (see [`crate::host`]). Were a borrow ever refused, a new request gets 503
+//! and any other callback does nothing, as no request may pass unchecked.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use agent_vault_rules::reply::{self, Reject};
+
+use crate::config::Config;
+use crate::decide::{Decision, FetchPlan, Request};
+use crate::flight::{Answer, Completion, Join, Waiter, GRACE_MS};
+use crate::host::{Host, LogLevel, Stat};
+use crate::request_log::RequestLog;
+use crate::stats::Callout;
+use crate::worker::{PollOutcome, Worker};
+
+type SharedWorker = Rc<RefCell<Worker>>;
+
+/// What Envoy does with a request once its headers callback returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Pass it on.
+    Continue,
+    /// Hold it: the filter answered it, or resumes it later.
+    Pause,
+}
+
+/// The root context of a worker VM.
+#[derive(Debug)]
+pub struct Root {
+    id: u32,
+    worker: Option<SharedWorker>,
+    /// The tick period last set on the host (0: none yet).
+    tick_ms: u64,
+}
+
+impl Root {
+    /// Envoy's root context `id`, not configured yet.
+    pub fn new(id: u32) -> Root {
+        Root {
+            id,
+            worker: None,
+            tick_ms: 0,
+        }
+    }
+
+    /// `on_configure`: starts the worker and its first poll. `false` when the
+    /// configuration is refused (Envoy then rejects the filter: fail closed).
+    pub fn configure(&mut self, host: &mut impl Host, configuration: &[u8]) -> bool {
+        let config = match Config::parse(configuration) {
+            Ok(config) => config,
+            Err(error) => {
+                host.log(LogLevel::Error, &error.to_string());
+                return false;
+            }
+        };
+        host.define_stats();
+        let now = host.now_ms();
+        let mut worker = Worker::new(config, now);
+        poll(host, &mut worker, now);
+        update_tick(host, &mut self.tick_ms, &worker);
+        self.worker = Some(Rc::new(RefCell::new(worker)));
+        true
+    }
+
+    /// `on_tick`: fails flights that got no answer in time, re-dispatches orphaned
+    /// ones, polls the snapshot, posts the request log and flushes the stats when due.
+    pub fn on_tick(&mut self, host: &mut impl Host) {
+        let Some(shared) = &self.worker else {
+            return;
+        };
+        let now = host.now_ms();
+        let Ok(mut worker) = shared.try_borrow_mut() else {
+            return;
+        };
+        let expired = worker.housekeeping(now);
+        if !expired.is_empty() {
+            host.log(
+                LogLevel::Warn,
+                &format!(
+                    "{} request(s) got no credential answer in time; answered 503",
+                    expired.len()
+                ),
+            );
+            apply_completions(host, self.id, worker.config(), expired);
+        }
+        redispatch_orphans(host, self.id, &mut worker, now);
+        poll(host, &mut worker, now);
+        if let Some(body) = worker.logs_due(now) {
+            post_logs(host, worker.config(), &body);
+        }
+        host.flush_stats(worker.config().callout_timeout_ms.saturating_add(GRACE_MS));
+        update_tick(host, &mut self.tick_ms, &worker);
+    }
+
+    /// `on_http_call_response` of the root: a poll answer, or the answer to a fetch
+    /// the root re-dispatched.
+    pub fn on_call_response(
+        &mut self,
+        host: &mut impl Host,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+    ) {
+        let Some(shared) = &self.worker else {
+            return;
+        };
+        let Ok(mut worker) = shared.try_borrow_mut() else {
+            return;
+        };
+        on_call_response(host, self.id, &mut worker, token, num_headers, body_size);
+        update_tick(host, &mut self.tick_ms, &worker);
+    }
+
+    /// The state of a new request in HTTP context `context_id`. Without a worker (not
+    /// configured), its requests get 503.
+    pub fn new_request(&self, context_id: u32) -> Http {
+        Http {
+            id: context_id,
+            worker: self.worker.clone(),
+            log: Rc::new(RefCell::new(RequestLog::default())),
+            waiting: false,
+        }
+    }
+}
+
+/// An HTTP context: one request through the filter.
+#[derive(Debug)]
+pub struct Http {
+    id: u32,
+    worker: Option<SharedWorker>,
+    /// Shared with a [`Waiter`] (weakly) while the request waits for a fetch.
+    log: Rc<RefCell<RequestLog>>,
+    /// Joined a fetch at some point: tell the worker when this request goes away.
+    waiting: bool,
+}
+
+impl Http {
+    /// `on_http_request_headers`: decides the request and refuses it, forwards it, or
+    /// pauses it for a fetch. A cache hit (the hot path) asks the host for the time,
+    /// the headers (once) and the forward, nothing else.
+    pub fn on_request_headers(&mut self, host: &mut impl Host) -> Flow {
+        let now = host.now_ms();
+        // Zeroed when dropped: it holds the agent's token.
+        let headers = host.request_headers();
+        let method = headers.get(":method").unwrap_or_default();
+        let path = headers.get(":path").unwrap_or_default();
+
+        let Some(shared) = &self.worker else {
+            return refuse(
+                host,
+                &self.log,
+                &reply::control_plane_unavailable("the filter is not configured"),
+            );
+        };
+        let worker = shared.try_borrow_mut();
+        let decision = {
+            let request = Request {
+                method,
+                authority: headers.get(":authority"),
+                path,
+                proxy_authorization: headers.get("proxy-authorization"),
+                x_vault: headers.get("x-vault"),
+            };
+            match (&worker, self.log.try_borrow_mut()) {
+                (Ok(w), Ok(mut log)) => Some(w.decide(&request, now, &mut log)),
+                _ => None,
+            }
+        };
+        if let Ok(mut log) = self.log.try_borrow_mut() {
+            log.start(now, method.to_owned(), path.to_owned());
+        }
+        let (Some(decision), Ok(mut worker)) = (decision, worker) else {
+            return refuse(host, &self.log, &reply::control_plane_unavailable("busy"));
+        };
+        match decision {
+            Decision::Reject(reject) => refuse(host, &self.log, &reject),
+            Decision::Forward(forward) => {
+                host.stat(Stat::Forwarded {
+                    forward: &forward,
+                    from_cache: true,
+                });
+                host.apply_forward(worker.config(), &forward, &headers);
+                Flow::Continue
+            }
+            Decision::Fetch(plan) => {
+                host.stat(Stat::CacheMiss);
+                self.waiting = true;
+                fetch(host, self.id, &self.log, &mut worker, plan, now);
+                Flow::Pause
+            }
+        }
+    }
+
+    /// `on_http_response_headers`: keeps the status for the request log.
+    pub fn on_response_headers(&mut self, host: &mut impl Host) {
+        if let Ok(mut log) = self.log.try_borrow_mut() {
+            log.response_status = host.response_status();
+        }
+    }
+
+    /// `on_log`: adds the request's record to the batch, and posts the batch if full.
+    pub fn on_log(&mut self, host: &mut impl Host) {
+        let Some(shared) = &self.worker else {
+            return;
+        };
+        let now = host.now_ms();
+        let Ok(log) = self.log.try_borrow() else {
+            return;
+        };
+        let Some(record) = log.record(now) else {
+            return;
+        };
+        let Ok(mut worker) = shared.try_borrow_mut() else {
+            return;
+        };
+        if let Some(body) = worker.log(&record, now) {
+            post_logs(host, worker.config(), &body);
+        }
+    }
+
+    /// `on_http_call_response` of this request: the answer to the fetch it
+    /// dispatched.
+    pub fn on_call_response(
+        &mut self,
+        host: &mut impl Host,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+    ) {
+        let Some(shared) = &self.worker else {
+            return;
+        };
+        let Ok(mut worker) = shared.try_borrow_mut() else {
+            return;
+        };
+        on_call_response(host, self.id, &mut worker, token, num_headers, body_size);
+    }
+}
+
+impl Drop for Http {
+    /// Envoy deleted the context (the request finished or its client went away).
+    fn drop(&mut self) {
+        if self.waiting {
+            if let Some(Ok(mut worker)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+                worker.context_gone(self.id);
+            }
+        }
+    }
+}
+
+/// Answers the current request with `reject`.
+fn refuse(host: &mut impl Host, log: &RefCell<RequestLog>, reject: &Reject) -> Flow {
+    host.stat(Stat::Denied(reject.code));
+    if let Ok(mut log) = log.try_borrow_mut() {
+        log.error = Some(reject.code);
+    }
+    host.send_reject(reject);
+    Flow::Pause
+}
+
+/// Request `id` waits for `plan`'s credentials: it joins the flight for them, or
+/// dispatches one from its own context (then the answer comes back to it). A dispatch
+/// the host refuses fails the flight's waiters at once.
+fn fetch(
+    host: &mut impl Host,
+    id: u32,
+    log: &Rc<RefCell<RequestLog>>,
+    worker: &mut Worker,
+    plan: FetchPlan,
+    now: u64,
+) {
+    let waiter = Waiter {
+        context_id: id,
+        plan,
+        log: Rc::downgrade(log),
+    };
+    let Join::Dispatch(key, body) = worker.join_fetch(waiter, now) else {
+        return;
+    };
+    let sent = host.dispatch_credentials(worker.config(), &body);
+    host.stat(Stat::CalloutSent {
+        kind: Callout::Fetch,
+        token: sent.as_ref().ok().copied(),
+    });
+    match sent {
+        Ok(token) => worker.fetch_dispatched(&key, token, id, now),
+        Err(refused) => {
+            host.log(
+                LogLevel::Warn,
+                &format!(
+                    "cannot dispatch a credential fetch to cluster {:?} ({refused})",
+                    worker.config().cluster
+                ),
+            );
+            let completions =
+                worker.fetch_failed(&key, "the control plane cluster is not reachable");
+            apply_completions(host, id, worker.config(), completions);
+        }
+    }
+}
+
+/// Dispatches every orphaned flight again from the root, whose answers are never
+/// dropped (see [`crate::flight`]).
+fn redispatch_orphans(host: &mut impl Host, root_id: u32, worker: &mut Worker, now: u64) {
+    for (key, body) in worker.orphans() {
+        let sent = host.dispatch_credentials(worker.config(), &body);
+        host.stat(Stat::CalloutSent {
+            kind: Callout::Fetch,
+            token: sent.as_ref().ok().copied(),
+        });
+        match sent {
+            Ok(token) => worker.fetch_dispatched(&key, token, root_id, now),
+            Err(refused) => {
+                let completions = worker.fetch_failed(
+                    &key,
+                    &format!("cannot reach the control plane cluster ({refused})"),
+                );
+                apply_completions(host, root_id, worker.config(), completions);
+            }
+        }
+    }
+}
+
+/// Dispatches a snapshot poll if one is due.
+fn poll(host: &mut impl Host, worker: &mut Worker, now: u64) {
+    let Some(headers) = worker.poll_due(now) else {
+        return;
+    };
+    let sent = host.dispatch_poll(worker.config(), &headers);
+    host.stat(Stat::CalloutSent {
+        kind: Callout::Poll,
+        token: sent.as_ref().ok().copied(),
+    });
+    if let Err(refused) = &sent {
+        host.log(
+            LogLevel::Debug,
+            &format!(
+                "cannot poll the snapshot through cluster {:?} ({refused})",
+                worker.config().cluster
+            ),
+        );
+    }
+    worker.poll_dispatched(sent.ok(), now);
+}
+
+fn post_logs(host: &mut impl Host, config: &Config, body: &[u8]) {
+    if let Err(refused) = host.post_logs(config, body) {
+        host.log(
+            LogLevel::Debug,
+            &format!(
+                "could not send the request log to cluster {:?} ({refused}); records dropped",
+                config.cluster
+            ),
+        );
+    }
+}
+
+/// Asks the host for the root's tick period when the worker wants another one.
+fn update_tick(host: &mut impl Host, tick_ms: &mut u64, worker: &Worker) {
+    let period = worker.tick_period_ms();
+    if period != *tick_ms {
+        host.set_tick_period(period);
+        *tick_ms = period;
+    }
+}
+
+/// Handles a callout answer delivered to context `own_id`: a snapshot poll or a
+/// credential fetch of this worker. Anything else (a log post's answer) is not even
+/// read.
+fn on_call_response(
+    host: &mut impl Host,
+    own_id: u32,
+    worker: &mut Worker,
+    token: u32,
+    num_headers: usize,
+    body_size: usize,
+) {
+    let is_poll = worker.is_poll(token);
+    if !is_poll && !worker.is_fetch(token) {
+        return;
+    }
+    let failures_before = worker.poll_failures();
+    let response = host.call_response(num_headers, body_size);
+    let now = host.now_ms();
+    if is_poll {
+        let outcome = worker.on_poll_answer(
+            token,
+            response.status,
+            response.from_control_plane,
+            response.body,
+        );
+        let usable = matches!(
+            outcome,
+            PollOutcome::Loaded { .. } | PollOutcome::NotModified
+        );
+        host.stat(Stat::CalloutAnswered { token, usable });
+        if let PollOutcome::Loaded { version, .. } = &outcome {
+            host.stat(Stat::SnapshotLoaded { version });
+        }
+        log_poll(host, outcome, failures_before);
+        return;
+    }
+    let answer = Answer::classify(response.status, response.from_control_plane, response.body);
+    let usable = !matches!(answer, Answer::Unavailable(_));
+    host.stat(Stat::CalloutAnswered { token, usable });
+    if let Answer::Unavailable(reason) = &answer {
+        host.log(
+            LogLevel::Warn,
+            &format!("credential fetch failed: {reason}; answering 503"),
+        );
+    }
+    let completions = worker
+        .on_fetch_answer(token, answer, now)
+        .unwrap_or_default();
+    apply_completions(host, own_id, worker.config(), completions);
+}
+
+/// Finishes waiting requests from the current callback, then makes `own_id` current
+/// again. A waiter Envoy no longer knows is skipped.
+fn apply_completions(
+    host: &mut impl Host,
+    own_id: u32,
+    config: &Config,
+    completions: Vec<Completion>,
+) {
+    if completions.is_empty() {
+        return;
+    }
+    // Switching is a host call, so it is skipped when the waiter is the context the
+    // answer was delivered to (the common case).
+    let mut current = own_id;
+    for completion in completions {
+        if completion.context_id != current {
+            if !host.switch_to(completion.context_id) {
+                host.log(
+                    LogLevel::Debug,
+                    "a request waiting for a credential is gone",
+                );
+                continue;
+            }
+            current = completion.context_id;
+        }
+        match completion.decision {
+            Decision::Forward(forward) => {
+                host.stat(Stat::Forwarded {
+                    forward: &forward,
+                    from_cache: false,
+                });
+                // This request's headers again, in one call: then only the headers
+                // that are there are removed.
+                let known = host.request_headers();
+                host.apply_forward(config, &forward, &known);
+                host.resume();
+            }
+            Decision::Reject(reject) => {
+                host.stat(Stat::Denied(reject.code));
+                host.send_reject(&reject);
+            }
+            Decision::Fetch(_) => {
+                let reject = reply::control_plane_unavailable("internal");
+                host.stat(Stat::Denied(reject.code));
+                host.send_reject(&reject);
+            }
+        }
+    }
+    if current != own_id {
+        let _ = host.switch_to(own_id);
+    }
+}
+
+/// Logs a poll's outcome: the first failure and the recovery loudly, repeats quietly.
+fn log_poll(host: &mut impl Host, outcome: PollOutcome, failures_before: u32) {
+    let recovered = failures_before > 0;
+    match outcome {
+        PollOutcome::Loaded {
+            version,
+            first: true,
+            counts: (vaults, agents),
+            ..
+        } => host.log(
+            LogLevel::Info,
+            &format!("loaded rules snapshot version {version} ({vaults} vaults, {agents} agents)"),
+        ),
+        PollOutcome::Loaded {
+            version, changed, ..
+        } => {
+            let level = if recovered {
+                LogLevel::Info
+            } else {
+                LogLevel::Debug
+            };
+            let what = if changed { "now using" } else { "reloaded" };
+            host.log(level, &format!("{what} rules snapshot version {version}"));
+        }
+        PollOutcome::NotModified => {
+            if recovered {
+                host.log(
+                    LogLevel::Info,
+                    "the control plane answers again; rules unchanged",
+                );
+            }
+        }
+        PollOutcome::Invalid(reason) | PollOutcome::Unavailable(reason) => {
+            let level = if failures_before == 0 {
+                LogLevel::Warn
+            } else {
+                LogLevel::Debug
+            };
+            host.log(
+                level,
+                &format!("snapshot poll failed: {reason}; keeping the last good rules"),
+            );
+        }
+        PollOutcome::Stale => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::decide::tests::{basic, ALICE, NOW_MS};
+    use crate::host::fake::{Call, FakeHost};
+    use crate::host::CallResponse;
+
+    const ROOT: u32 = 1;
+    /// The callout timeout of the default configuration.
+    const TIMEOUT_MS: u64 = 2000;
+    /// The first token a test's own callouts get (the first poll took the one before).
+    const FIRST: u32 = FakeHost::FIRST_TOKEN + 1;
+
+    /// One worker VM as Envoy runs it: its root context, the request contexts Envoy
+    /// has not deleted, and the host.
+    struct Vm {
+        host: FakeHost,
+        root: Root,
+        requests: BTreeMap<u32, Http>,
+    }
+
+    impl Vm {
+        /// Configured with `configuration`; its first poll not answered yet.
+        fn configured(configuration: &str) -> Vm {
+            let mut host = FakeHost::new(NOW_MS, ROOT);
+            let mut root = Root::new(ROOT);
+            assert!(root.configure(&mut host, configuration.as_bytes()));
+            Vm {
+                host,
+                root,
+                requests: BTreeMap::new(),
+            }
+        }
+
+        /// Configured, with snapshot version 1 loaded; what the host saw so far is
+        /// forgotten.
+        fn running(configuration: &str) -> Vm {
+            let mut vm = Vm::configured(configuration);
+            vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+            vm.host.clear();
+            vm
+        }
+
+        /// Request `id` from alice arrives: `GET path` on api.stripe.com, whose
+        /// service needs `STRIPE_KEY`.
+        fn request(&mut self, id: u32, path: &str) -> Flow {
+            self.request_with(
+                id,
+                vec![
+                    (":method", "GET".to_owned()),
+                    (":authority", "api.stripe.com".to_owned()),
+                    (":path", path.to_owned()),
+                    ("proxy-authorization", basic(ALICE, "")),
+                ],
+            )
+        }
+
+        fn request_with(&mut self, id: u32, headers: Vec<(&'static str, String)>) -> Flow {
+            self.host.headers.insert(id, headers);
+            self.host.current = id;
+            let mut http = self.root.new_request(id);
+            let flow = http.on_request_headers(&mut self.host);
+            self.requests.insert(id, http);
+            flow
+        }
+
+        /// The answer to callout `token` reaches context `to`. The SDK drops it when
+        /// Envoy has deleted that context.
+        fn answer(&mut self, to: u32, token: u32, response: CallResponse) {
+            let num_headers = usize::from(response.status.is_some());
+            let body_size = response.body.len();
+            self.host.current = to;
+            self.host.response = Some(response);
+            if to == ROOT {
+                self.root
+                    .on_call_response(&mut self.host, token, num_headers, body_size);
+            } else if let Some(http) = self.requests.get_mut(&to) {
+                http.on_call_response(&mut self.host, token, num_headers, body_size);
+            }
+        }
+
+        fn tick(&mut self, now_ms: u64) {
+            self.host.now_ms = now_ms;
+            self.host.current = ROOT;
+            self.root.on_tick(&mut self.host);
+        }
+
+        /// Response headers with `status` pass through request `id`, then it ends.
+        fn finish(&mut self, id: u32, status: Option<u16>) {
+            self.host.current = id;
+            if let Some(status) = status {
+                self.host.response_status.insert(id, status);
+            }
+            if let Some(http) = self.requests.get_mut(&id) {
+                if status.is_some() {
+                    http.on_response_headers(&mut self.host);
+                }
+                http.on_log(&mut self.host);
+            }
+            self.delete(id);
+        }
+
+        /// Envoy deletes context `id` (the request ended, or its client went away).
+        fn delete(&mut self, id: u32) {
+            self.host.gone.insert(id);
+            self.requests.remove(&id);
+        }
+
+        /// Takes what the host saw since the last call.
+        fn calls(&mut self) -> Vec<Call> {
+            self.host.stats.clear();
+            self.host.logs.clear();
+            std::mem::take(&mut self.host.calls)
+        }
+    }
+
+    fn snapshot(version: &str) -> CallResponse {
+        CallResponse {
+            status: Some(200),
+            from_control_plane: true,
+            body: crate::worker::tests::body(version),
+        }
+    }
+
+    fn control_plane(status: u16, body: &str) -> CallResponse {
+        CallResponse {
+            status: Some(status),
+            from_control_plane: true,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn credentials(value: &str) -> CallResponse {
+        control_plane(
+            200,
+            &format!(r#"{{"values":{{"STRIPE_KEY":"{value}"}},"missing":[]}}"#),
+        )
+    }
+
+    /// Envoy's own answer when the control plane's socket is down.
+    fn envoy_503() -> CallResponse {
+        CallResponse {
+            status: Some(503),
+            from_control_plane: false,
+            body: b"upstream connect error".to_vec(),
+        }
+    }
+
+    fn read(context: u32) -> Call {
+        Call::ReadRequestHeaders { context }
+    }
+
+    fn fetch_from(from: u32, token: Option<u32>) -> Call {
+        Call::DispatchCredentials {
+            from,
+            keys: vec!["STRIPE_KEY".to_owned()],
+            token,
+        }
+    }
+
+    fn forward(context: u32, path: &str, value: &str) -> Call {
+        Call::Forward {
+            context,
+            known_path: Some(path.to_owned()),
+            inject: vec![("authorization".to_owned(), format!("Bearer {value}"))],
+        }
+    }
+
+    fn reject(context: u32, status: u16, code: &'static str) -> Call {
+        Call::Reject {
+            context,
+            status,
+            code,
+        }
+    }
+
+    fn switch(context: u32) -> Call {
+        Call::SwitchTo {
+            context,
+            known: true,
+        }
+    }
+
+    fn resume(context: u32) -> Call {
+        Call::Resume { context }
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn configuring_defines_the_stats_polls_at_once_and_ticks_fast_until_a_snapshot_arrives() {
+        let mut vm = Vm::configured("");
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::DefineStats,
+                Call::DispatchPoll {
+                    if_none_match: None,
+                    token: Some(FakeHost::FIRST_TOKEN),
+                },
+                Call::SetTickPeriod(crate::worker::STARTUP_TICK_MS),
+            ]
+        );
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        assert_eq!(
+            vm.host.calls,
+            vec![Call::ReadCallResponse, Call::SetTickPeriod(1000)],
+            "a snapshot slows the tick to the poll period"
+        );
+        assert_eq!(
+            vm.host.stats,
+            strings(&["100 answered usable", "snapshot 1"])
+        );
+    }
+
+    #[test]
+    fn the_tick_period_is_set_only_when_the_worker_wants_another() {
+        let mut vm = Vm::running(r#"{"snapshot_poll_ms": 1000, "log_flush_ms": 500}"#);
+        vm.tick(NOW_MS + 100);
+        assert_eq!(
+            vm.calls(),
+            vec![Call::FlushStats {
+                max_callout_ms: TIMEOUT_MS + GRACE_MS
+            }],
+            "500 ms was set when the snapshot arrived"
+        );
+        let mut vm = Vm::configured("");
+        vm.calls();
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, envoy_503());
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadCallResponse],
+            "still no snapshot: the startup period stays"
+        );
+    }
+
+    #[test]
+    fn a_configuration_that_does_not_parse_is_refused_and_logged() {
+        let mut host = FakeHost::new(NOW_MS, ROOT);
+        let mut root = Root::new(ROOT);
+        assert!(!root.configure(&mut host, br#"{"snapshot_poll":1}"#));
+        assert!(host.calls.is_empty(), "no poll, no stats: {:?}", host.calls);
+        assert!(matches!(
+            host.logs.as_slice(),
+            [(LogLevel::Error, message)] if message.starts_with("invalid plugin configuration")
+        ));
+    }
+
+    #[test]
+    fn requests_get_503_while_the_filter_is_not_configured() {
+        let mut host = FakeHost::new(NOW_MS, 2);
+        let mut http = Root::new(ROOT).new_request(2);
+        assert_eq!(http.on_request_headers(&mut host), Flow::Pause);
+        assert_eq!(
+            host.calls,
+            vec![read(2), reject(2, 503, "control_plane_unavailable")]
+        );
+        assert_eq!(host.stats, strings(&["denied control_plane_unavailable"]));
+    }
+
+    #[test]
+    fn a_cached_credential_is_injected_with_one_header_read_and_one_forward() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/warm");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.calls();
+        assert_eq!(vm.request(3, "/v1/charges"), Flow::Continue);
+        assert_eq!(
+            vm.host.calls,
+            vec![read(3), forward(3, "/v1/charges", "sk_1")],
+            "the hot path makes no other host call"
+        );
+        assert_eq!(vm.host.stats, strings(&["forwarded injected on arrival"]));
+        assert!(vm.host.logs.is_empty());
+    }
+
+    #[test]
+    fn a_refused_request_is_answered_from_its_own_context_and_paused() {
+        let mut vm = Vm::running("");
+        let flow = vm.request_with(
+            2,
+            vec![
+                (":method", "GET".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", "/".to_owned()),
+            ],
+        );
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.host.calls,
+            vec![read(2), reject(2, 407, "proxy_auth_required")]
+        );
+        assert_eq!(vm.host.stats, strings(&["denied proxy_auth_required"]));
+    }
+
+    #[test]
+    fn a_miss_pauses_the_request_and_its_own_answer_injects_and_resumes_it_without_switching() {
+        let mut vm = Vm::running("");
+        assert_eq!(vm.request(2, "/a"), Flow::Pause);
+        assert_eq!(vm.host.calls, vec![read(2), fetch_from(2, Some(FIRST))]);
+        assert_eq!(
+            vm.host.stats,
+            strings(&["cache miss", &format!("fetch {FIRST} sent")])
+        );
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert_eq!(
+            vm.host.calls,
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", "sk_1"),
+                resume(2),
+            ]
+        );
+        assert_eq!(
+            vm.host.stats,
+            strings(&[
+                &format!("{FIRST} answered usable"),
+                "forwarded injected after a fetch"
+            ])
+        );
+    }
+
+    #[test]
+    fn concurrent_misses_make_one_fetch_whose_answer_finishes_every_waiter_and_switches_back() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.calls();
+        assert_eq!(vm.request(3, "/b"), Flow::Pause);
+        assert_eq!(vm.request(4, "/c"), Flow::Pause);
+        assert_eq!(vm.calls(), vec![read(3), read(4)], "they join, no callout");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", "sk_1"),
+                resume(2),
+                switch(3),
+                read(3),
+                forward(3, "/b", "sk_1"),
+                resume(3),
+                switch(4),
+                read(4),
+                forward(4, "/c", "sk_1"),
+                resume(4),
+                switch(2),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_answer_for_a_gone_owner_is_fetched_again_by_the_root_and_finishes_the_other_waiters_and_switches_back(
+    ) {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.request(3, "/b");
+        vm.request(4, "/c");
+        vm.delete(2); // its client hung up: the SDK would drop the answer
+        vm.answer(2, FIRST, credentials("too late"));
+        vm.calls();
+        vm.tick(NOW_MS + 100);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                fetch_from(ROOT, Some(FIRST + 1)),
+                Call::FlushStats {
+                    max_callout_ms: TIMEOUT_MS + GRACE_MS
+                },
+            ],
+            "the root re-dispatches the orphan"
+        );
+        vm.tick(NOW_MS + 200);
+        assert!(
+            !vm.calls().contains(&fetch_from(ROOT, Some(FIRST + 2))),
+            "once"
+        );
+        vm.answer(ROOT, FIRST, credentials("stale"));
+        assert_eq!(vm.calls(), vec![], "the old token is no fetch any more");
+        vm.answer(ROOT, FIRST + 1, credentials("sk_1"));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                switch(3),
+                read(3),
+                forward(3, "/b", "sk_1"),
+                resume(3),
+                switch(4),
+                read(4),
+                forward(4, "/c", "sk_1"),
+                resume(4),
+                switch(ROOT),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fetch_whose_every_waiter_is_gone_is_dropped_and_not_fetched_again() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.delete(2);
+        vm.calls();
+        vm.tick(NOW_MS + 100);
+        assert_eq!(
+            vm.calls(),
+            vec![Call::FlushStats {
+                max_callout_ms: TIMEOUT_MS + GRACE_MS
+            }]
+        );
+    }
+
+    #[test]
+    fn a_refused_dispatch_answers_the_request_503_at_once() {
+        let mut vm = Vm::running("");
+        vm.host.refuse_callouts = Some("BadArgument");
+        assert_eq!(vm.request(2, "/a"), Flow::Pause);
+        assert_eq!(
+            vm.host.calls,
+            vec![
+                read(2),
+                fetch_from(2, None),
+                reject(2, 503, "control_plane_unavailable"),
+            ]
+        );
+        assert_eq!(
+            vm.host.logs,
+            vec![(
+                LogLevel::Warn,
+                "cannot dispatch a credential fetch to cluster \"agent_vault_control_plane\" \
+                 (BadArgument)"
+                    .to_owned()
+            )]
+        );
+        assert_eq!(
+            vm.host.stats,
+            strings(&[
+                "cache miss",
+                "fetch not sent",
+                "denied control_plane_unavailable"
+            ])
+        );
+        vm.host.refuse_callouts = None;
+        vm.calls();
+        vm.request(3, "/b");
+        assert_eq!(
+            vm.calls(),
+            vec![read(3), fetch_from(3, Some(FIRST))],
+            "the failed flight is gone: the next miss dispatches anew"
+        );
+    }
+
+    #[test]
+    fn a_failed_dispatch_answers_every_waiter_503_and_switches_back() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.request(3, "/b");
+        vm.request(4, "/c");
+        vm.delete(2);
+        vm.calls();
+        vm.host.refuse_callouts = Some("InternalFailure");
+        vm.tick(NOW_MS + 100);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                fetch_from(ROOT, None),
+                switch(3),
+                reject(3, 503, "control_plane_unavailable"),
+                switch(4),
+                reject(4, 503, "control_plane_unavailable"),
+                switch(ROOT),
+                Call::FlushStats {
+                    max_callout_ms: TIMEOUT_MS + GRACE_MS
+                },
+            ]
+        );
+        vm.host.refuse_callouts = None;
+        vm.finish(3, None);
+        vm.tick(NOW_MS + 1000);
+        let posted = vm.calls().into_iter().find_map(|call| match call {
+            Call::PostLogs { records, .. } => Some(records),
+            _ => None,
+        });
+        assert_eq!(
+            posted,
+            Some(strings(&["GET /b 503 control_plane_unavailable"])),
+            "the waiter's log says why"
+        );
+    }
+
+    #[test]
+    fn a_completion_for_a_context_envoy_no_longer_knows_is_skipped() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.request(3, "/b");
+        vm.request(4, "/c");
+        vm.host.gone.insert(3); // deleted, but the SDK has not told the filter yet
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert_eq!(
+            vm.host.calls,
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", "sk_1"),
+                resume(2),
+                Call::SwitchTo {
+                    context: 3,
+                    known: false
+                },
+                switch(4),
+                read(4),
+                forward(4, "/c", "sk_1"),
+                resume(4),
+                switch(2),
+            ]
+        );
+        assert_eq!(
+            vm.host.logs,
+            vec![(
+                LogLevel::Debug,
+                "a request waiting for a credential is gone".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_poll_answer_is_not_treated_as_a_fetch() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.tick(NOW_MS + 1000);
+        let poll = FIRST + 1;
+        assert!(vm.calls().contains(&Call::DispatchPoll {
+            if_none_match: Some("\"1\"".to_owned()),
+            token: Some(poll),
+        }));
+        vm.answer(ROOT, poll, control_plane(304, ""));
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadCallResponse],
+            "the waiting request is left alone"
+        );
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert!(
+            vm.calls().contains(&resume(2)),
+            "its own answer finishes it"
+        );
+    }
+
+    #[test]
+    fn an_answer_that_is_neither_a_poll_nor_a_fetch_is_not_even_read() {
+        let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.finish(2, Some(200));
+        let log_post = vm.host.next_token() - 1;
+        assert_eq!(
+            vm.calls().last(),
+            Some(&Call::PostLogs {
+                records: strings(&["GET /a 200"]),
+                sent: true
+            })
+        );
+        vm.answer(ROOT, log_post, control_plane(204, ""));
+        assert_eq!(vm.calls(), vec![]);
+    }
+
+    #[test]
+    fn an_unusable_fetch_answer_is_logged_and_answers_every_waiter_503() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.request(3, "/b");
+        vm.calls();
+        vm.answer(2, FIRST, envoy_503());
+        assert_eq!(
+            vm.host.calls,
+            vec![
+                Call::ReadCallResponse,
+                reject(2, 503, "control_plane_unavailable"),
+                switch(3),
+                reject(3, 503, "control_plane_unavailable"),
+                switch(2),
+            ]
+        );
+        assert_eq!(
+            vm.host.logs,
+            vec![(
+                LogLevel::Warn,
+                "credential fetch failed: no answer from the control plane (Envoy replied 503); \
+                 answering 503"
+                    .to_owned()
+            )]
+        );
+        assert_eq!(
+            vm.host.stats.first().map(String::as_str),
+            Some(format!("{FIRST} answered unusable").as_str())
+        );
+    }
+
+    #[test]
+    fn a_403_from_the_control_plane_answers_every_waiter_407() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.request(3, "/b");
+        vm.calls();
+        vm.answer(2, FIRST, control_plane(403, r#"{"error":"forbidden"}"#));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                reject(2, 407, "invalid_token"),
+                switch(3),
+                reject(3, 407, "invalid_token"),
+                switch(2),
+            ]
+        );
+    }
+
+    #[test]
+    fn flights_without_an_answer_in_time_are_answered_503_on_the_tick() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.request(3, "/b");
+        vm.calls();
+        vm.tick(NOW_MS + TIMEOUT_MS + GRACE_MS);
+        assert!(
+            !vm.host
+                .calls
+                .iter()
+                .any(|c| matches!(c, Call::Reject { .. })),
+            "not before the timeout and grace"
+        );
+        vm.calls();
+        vm.tick(NOW_MS + TIMEOUT_MS + GRACE_MS + 1);
+        assert_eq!(
+            vm.host.logs.first(),
+            Some(&(
+                LogLevel::Warn,
+                "2 request(s) got no credential answer in time; answered 503".to_owned()
+            ))
+        );
+        let calls = vm.calls();
+        assert_eq!(
+            calls.get(..5),
+            Some(
+                &[
+                    switch(2),
+                    reject(2, 503, "control_plane_unavailable"),
+                    switch(3),
+                    reject(3, 503, "control_plane_unavailable"),
+                    switch(ROOT),
+                ][..]
+            )
+        );
+    }
+
+    #[test]
+    fn the_request_log_is_posted_when_the_batch_is_full_or_on_the_tick_when_due() {
+        let mut vm = Vm::running(r#"{"log_batch_max": 2}"#);
+        let refused = |path: &str| {
+            vec![
+                (":method", "GET".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", path.to_owned()),
+            ]
+        };
+        vm.request_with(2, refused("/a?key=secret"));
+        vm.finish(2, None);
+        vm.request_with(3, refused("/b"));
+        vm.calls();
+        vm.finish(3, Some(407));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseStatus { context: 3 },
+                Call::PostLogs {
+                    records: strings(&[
+                        "GET /a 407 proxy_auth_required",
+                        "GET /b 407 proxy_auth_required"
+                    ]),
+                    sent: true,
+                }
+            ],
+            "full at two records; never a query string"
+        );
+        vm.request_with(4, refused("/c"));
+        vm.finish(4, None);
+        vm.tick(NOW_MS + 400);
+        assert!(!vm
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::PostLogs { .. })));
+        vm.host.refuse_callouts = Some("BadArgument");
+        vm.tick(NOW_MS + 1000);
+        assert!(vm.host.calls.contains(&Call::PostLogs {
+            records: strings(&["GET /c 407 proxy_auth_required"]),
+            sent: false,
+        }));
+        assert!(vm.host.logs.contains(&(
+            LogLevel::Debug,
+            "could not send the request log to cluster \"agent_vault_control_plane\" \
+             (BadArgument); records dropped"
+                .to_owned()
+        )));
+    }
+
+    #[test]
+    fn the_response_status_goes_into_the_request_log() {
+        let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.calls();
+        vm.finish(2, Some(201));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseStatus { context: 2 },
+                Call::PostLogs {
+                    records: strings(&["GET /a 201"]),
+                    sent: true,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn poll_outcomes_are_logged_loudly_once_and_quietly_while_they_repeat() {
+        let mut vm = Vm::configured("");
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        assert_eq!(
+            vm.host.logs,
+            vec![(
+                LogLevel::Info,
+                "loaded rules snapshot version 1 (1 vaults, 1 agents)".to_owned()
+            )]
+        );
+        let garbage = control_plane(200, "{not json");
+        // (behaviour, answer, expected log level and start of the line)
+        type Case<'a> = (&'a str, CallResponse, Option<(LogLevel, &'a str)>);
+        #[rustfmt::skip]
+        let cases: Vec<Case<'_>> = vec![
+            ("304 is routine", control_plane(304, ""), None),
+            ("the first failure is a warning", envoy_503(), Some((LogLevel::Warn, "snapshot poll failed: no answer"))),
+            ("a repeated failure is quiet", envoy_503(), Some((LogLevel::Debug, "snapshot poll failed: no answer"))),
+            ("a 304 after failures is a recovery", control_plane(304, ""), Some((LogLevel::Info, "the control plane answers again"))),
+            ("an invalid snapshot is a failure too", garbage, Some((LogLevel::Warn, "snapshot poll failed: the control plane sent a snapshot that does not parse"))),
+            ("a new version after failures is a recovery", snapshot("2"), Some((LogLevel::Info, "now using rules snapshot version 2"))),
+            ("the same version again is routine", snapshot("2"), Some((LogLevel::Debug, "reloaded rules snapshot version 2"))),
+            ("a new version is routine", snapshot("3"), Some((LogLevel::Debug, "now using rules snapshot version 3"))),
+        ];
+        let mut now = NOW_MS;
+        for (behaviour, answer, expected) in cases {
+            now += 1000;
+            vm.calls();
+            vm.tick(now);
+            let token = vm.host.next_token() - 1;
+            assert!(
+                matches!(vm.host.calls.first(), Some(Call::DispatchPoll { token: Some(t), .. }) if *t == token),
+                "{behaviour}: polled"
+            );
+            vm.calls();
+            vm.answer(ROOT, token, answer);
+            let logged: Vec<(LogLevel, &str)> = vm
+                .host
+                .logs
+                .iter()
+                .map(|(level, line)| (*level, line.as_str()))
+                .collect();
+            match expected {
+                None => assert_eq!(logged, vec![], "{behaviour}"),
+                Some((level, start)) => assert!(
+                    matches!(logged.as_slice(), [(l, line)] if *l == level && line.starts_with(start)),
+                    "{behaviour}: {logged:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_poll_the_host_refuses_is_logged_quietly_and_tried_again_on_the_next_tick() {
+        let mut vm = Vm::running("");
+        vm.host.refuse_callouts = Some("BadArgument");
+        vm.tick(NOW_MS + 1000);
+        assert_eq!(
+            vm.host.calls.first(),
+            Some(&Call::DispatchPoll {
+                if_none_match: Some("\"1\"".to_owned()),
+                token: None
+            })
+        );
+        assert_eq!(
+            vm.host.logs,
+            vec![(
+                LogLevel::Debug,
+                "cannot poll the snapshot through cluster \"agent_vault_control_plane\" \
+                 (BadArgument)"
+                    .to_owned()
+            )]
+        );
+        assert_eq!(vm.host.stats, strings(&["poll not sent"]));
+        vm.host.refuse_callouts = None;
+        vm.calls();
+        vm.tick(NOW_MS + 2000);
+        assert!(matches!(
+            vm.host.calls.first(),
+            Some(Call::DispatchPoll { token: Some(_), .. })
+        ));
+    }
+}

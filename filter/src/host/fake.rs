@@ -1,0 +1,343 @@
+//! A [`Host`] for unit tests that plays Envoy's part and records what the filter asks
+//! of it.
+//!
+//! Calls that act on a request are recorded with the context they act on (the current
+//! one), so a test sees which request was forwarded, refused or resumed. Log lines and
+//! stat events are recorded apart from the calls, so a test can assert the exact
+//! sequence of host calls without them. Dispatches get tokens from
+//! [`FakeHost::FIRST_TOKEN`] up, unless a test makes the host refuse them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use agent_vault_rules::reply::Reject;
+use agent_vault_rules::CredentialsRequest;
+
+use super::{CallResponse, Host, LogLevel, Refused, Stat};
+use crate::config::Config;
+use crate::decide::Forward;
+use crate::header_map::{serialize, HeaderMap};
+use crate::stats::Callout;
+
+/// A host call, as the fake saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// The request headers of `context` were read.
+    ReadRequestHeaders {
+        /// The current context.
+        context: u32,
+    },
+    /// The response status of `context` was read.
+    ReadResponseStatus {
+        /// The current context.
+        context: u32,
+    },
+    /// The callout answer being delivered was read.
+    ReadCallResponse,
+    /// A request was forwarded.
+    Forward {
+        /// The current context.
+        context: u32,
+        /// The `:path` of the headers passed as known (whose headers they are).
+        known_path: Option<String>,
+        /// Headers injected.
+        inject: Vec<(String, String)>,
+    },
+    /// The filter answered a request itself.
+    Reject {
+        /// The current context.
+        context: u32,
+        /// HTTP status.
+        status: u16,
+        /// The error code.
+        code: &'static str,
+    },
+    /// A paused request was resumed.
+    Resume {
+        /// The current context.
+        context: u32,
+    },
+    /// The filter made `context` current; `known`: Envoy still knew it.
+    SwitchTo {
+        /// The context asked for.
+        context: u32,
+        /// Whether the switch happened.
+        known: bool,
+    },
+    /// A credential fetch, from the current context (`token: None`: refused).
+    DispatchCredentials {
+        /// The current context (it receives the answer).
+        from: u32,
+        /// The keys asked for.
+        keys: Vec<String>,
+        /// The token given.
+        token: Option<u32>,
+    },
+    /// A snapshot poll (`token: None`: refused).
+    DispatchPoll {
+        /// The `if-none-match` header.
+        if_none_match: Option<String>,
+        /// The token given.
+        token: Option<u32>,
+    },
+    /// A request-log batch was posted (or refused: `sent` false).
+    PostLogs {
+        /// Its records, each as `method path status [error]`.
+        records: Vec<String>,
+        /// Whether the host took it.
+        sent: bool,
+    },
+    /// The tick period was set.
+    SetTickPeriod(u64),
+    /// The metrics were defined.
+    DefineStats,
+    /// The counts were flushed to Envoy.
+    FlushStats {
+        /// Callouts older than this are no longer timed.
+        max_callout_ms: u64,
+    },
+}
+
+/// The fake host. Fields are the test's controls and what was recorded.
+#[derive(Debug)]
+pub struct FakeHost {
+    /// The clock.
+    pub now_ms: u64,
+    /// The context host calls act on (a test sets it to the context whose callback
+    /// it runs, as Envoy does).
+    pub current: u32,
+    /// Contexts Envoy no longer knows: switching to them fails.
+    pub gone: BTreeSet<u32>,
+    /// Each context's request headers.
+    pub headers: BTreeMap<u32, Vec<(&'static str, String)>>,
+    /// Each context's response status.
+    pub response_status: BTreeMap<u32, u16>,
+    /// The callout answer being delivered.
+    pub response: Option<CallResponse>,
+    /// Refuse every callout with this status.
+    pub refuse_callouts: Option<&'static str>,
+    /// Every host call, in order (but logs and stats).
+    pub calls: Vec<Call>,
+    /// Every log line.
+    pub logs: Vec<(LogLevel, String)>,
+    /// Every stat event, described.
+    pub stats: Vec<String>,
+    next_token: u32,
+}
+
+impl FakeHost {
+    /// The token of the first dispatch.
+    pub const FIRST_TOKEN: u32 = 100;
+
+    /// A host at `now_ms`, running context `current`.
+    pub fn new(now_ms: u64, current: u32) -> FakeHost {
+        FakeHost {
+            now_ms,
+            current,
+            gone: BTreeSet::new(),
+            headers: BTreeMap::new(),
+            response_status: BTreeMap::new(),
+            response: None,
+            refuse_callouts: None,
+            calls: Vec::new(),
+            logs: Vec::new(),
+            stats: Vec::new(),
+            next_token: Self::FIRST_TOKEN,
+        }
+    }
+
+    /// Forgets what was recorded.
+    pub fn clear(&mut self) {
+        self.calls.clear();
+        self.logs.clear();
+        self.stats.clear();
+    }
+
+    /// The token the next dispatch gets.
+    pub fn next_token(&self) -> u32 {
+        self.next_token
+    }
+
+    fn dispatch(&mut self) -> Result<u32, Refused> {
+        if let Some(status) = self.refuse_callouts {
+            return Err(Refused(status.to_owned()));
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        Ok(token)
+    }
+}
+
+fn describe(event: Stat<'_>) -> String {
+    match event {
+        Stat::Denied(code) => format!("denied {}", code.as_str()),
+        Stat::Forwarded {
+            forward,
+            from_cache,
+        } => {
+            let what = if forward.inject.is_empty() {
+                "passthrough"
+            } else {
+                "injected"
+            };
+            let how = if from_cache {
+                "on arrival"
+            } else {
+                "after a fetch"
+            };
+            format!("forwarded {what} {how}")
+        }
+        Stat::CacheMiss => "cache miss".to_owned(),
+        Stat::CalloutSent { kind, token } => {
+            let kind = match kind {
+                Callout::Fetch => "fetch",
+                Callout::Poll => "poll",
+            };
+            match token {
+                Some(token) => format!("{kind} {token} sent"),
+                None => format!("{kind} not sent"),
+            }
+        }
+        Stat::CalloutAnswered { token, usable } => {
+            let usable = if usable { "usable" } else { "unusable" };
+            format!("{token} answered {usable}")
+        }
+        Stat::SnapshotLoaded { version } => format!("snapshot {version}"),
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ms(&mut self) -> u64 {
+        self.now_ms
+    }
+
+    fn request_headers(&mut self) -> HeaderMap {
+        self.calls.push(Call::ReadRequestHeaders {
+            context: self.current,
+        });
+        let headers = self.headers.get(&self.current).cloned().unwrap_or_default();
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_bytes()))
+            .collect();
+        HeaderMap::parse(serialize(&pairs))
+    }
+
+    fn response_status(&mut self) -> Option<u16> {
+        self.calls.push(Call::ReadResponseStatus {
+            context: self.current,
+        });
+        self.response_status.get(&self.current).copied()
+    }
+
+    fn call_response(&mut self, _num_headers: usize, _body_size: usize) -> CallResponse {
+        self.calls.push(Call::ReadCallResponse);
+        self.response.take().unwrap_or_default()
+    }
+
+    fn apply_forward(&mut self, _config: &Config, forward: &Forward, known: &HeaderMap) {
+        self.calls.push(Call::Forward {
+            context: self.current,
+            known_path: known.get(":path").map(str::to_owned),
+            inject: forward.inject.clone(),
+        });
+    }
+
+    fn send_reject(&mut self, reject: &Reject) {
+        self.calls.push(Call::Reject {
+            context: self.current,
+            status: reject.status(),
+            code: reject.code.as_str(),
+        });
+    }
+
+    fn resume(&mut self) {
+        self.calls.push(Call::Resume {
+            context: self.current,
+        });
+    }
+
+    fn switch_to(&mut self, context_id: u32) -> bool {
+        let known = !self.gone.contains(&context_id);
+        if known {
+            self.current = context_id;
+        }
+        self.calls.push(Call::SwitchTo {
+            context: context_id,
+            known,
+        });
+        known
+    }
+
+    fn dispatch_credentials(&mut self, _config: &Config, body: &[u8]) -> Result<u32, Refused> {
+        let result = self.dispatch();
+        let keys = serde_json::from_slice::<CredentialsRequest>(body)
+            .map(|request| request.keys)
+            .unwrap_or_default();
+        self.calls.push(Call::DispatchCredentials {
+            from: self.current,
+            keys,
+            token: result.as_ref().ok().copied(),
+        });
+        result
+    }
+
+    fn dispatch_poll(
+        &mut self,
+        _config: &Config,
+        headers: &[(&'static str, String)],
+    ) -> Result<u32, Refused> {
+        let result = self.dispatch();
+        self.calls.push(Call::DispatchPoll {
+            if_none_match: headers
+                .iter()
+                .find(|(name, _)| *name == "if-none-match")
+                .map(|(_, value)| value.clone()),
+            token: result.as_ref().ok().copied(),
+        });
+        result
+    }
+
+    fn post_logs(&mut self, _config: &Config, body: &[u8]) -> Result<(), Refused> {
+        let result = self.dispatch().map(|_| ());
+        let records: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap_or_default();
+        self.calls.push(Call::PostLogs {
+            records: records
+                .iter()
+                .map(|record| {
+                    let line = format!(
+                        "{} {} {}",
+                        record["method"].as_str().unwrap_or_default(),
+                        record["path"].as_str().unwrap_or_default(),
+                        record["status"]
+                    );
+                    match record["error"].as_str() {
+                        Some(error) => format!("{line} {error}"),
+                        None => line,
+                    }
+                })
+                .collect(),
+            sent: result.is_ok(),
+        });
+        result
+    }
+
+    fn set_tick_period(&mut self, period_ms: u64) {
+        self.calls.push(Call::SetTickPeriod(period_ms));
+    }
+
+    fn log(&mut self, level: LogLevel, message: &str) {
+        self.logs.push((level, message.to_owned()));
+    }
+
+    fn define_stats(&mut self) {
+        self.calls.push(Call::DefineStats);
+    }
+
+    fn stat(&mut self, event: Stat<'_>) {
+        self.stats.push(describe(event));
+    }
+
+    fn flush_stats(&mut self, max_callout_ms: u64) {
+        self.calls.push(Call::FlushStats { max_callout_ms });
+    }
+}
