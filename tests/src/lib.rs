@@ -1,1 +1,10 @@
-//! End-to-end tests live in `tests/`; this library is empty.
+//! The test kit: what the end-to-end tests (`tests/e2e/`) start and talk to.
+
+#[cfg(feature = "e2e")]
+pub mod control_plane;
+#[cfg(feature = "e2e")]
+pub mod envoy;
+#[cfg(feature = "e2e")]
+pub mod stack;
+#[cfg(feature = "e2e")]
+pub mod upstream;

@@ -1,11 +1,5 @@
 //! Shared harness for the end-to-end tests: the real `agent-vault` binary as server
 //! and CLI, each server on port 0 with its own data dir, socket and HOME.
-#![allow(dead_code)]
-
-pub mod envoy;
-pub mod stack;
-pub mod upstream;
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -5,13 +5,12 @@
 //! Every test starts its own server (port 0, own data dir and HOME) and drives the
 //! real binary as the CLI; raw HTTP is used where the status code is the contract.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use support::{Api, Cli, CliOutput, Server};
+
+use agent_vault_testkit::control_plane::{Api, Cli, CliOutput, Server};
 
 const OWNER: &str = "owner@example.com";
 const OWNER_PASSWORD: &str = "owner-password";

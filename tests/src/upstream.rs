@@ -6,7 +6,6 @@
 //! "header_list": [[name, value], ...], "body", "tls", "sni"}`. Repeated headers are
 //! joined with ", " in `headers`; `header_list` keeps every line as received.
 //! A path starting with `/status/NNN` is answered with status NNN (same JSON body).
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -3,10 +3,11 @@
 //! approve and reject, atomic application, agent-supplied values, and the CLI
 //! (`vault proposal create|list|show|approve|reject|review`, `vault discover`).
 
-mod support;
-
 use serde_json::{json, Value};
-use support::{bytes_on_disk, Api, Cli, CliOutput, Server, ServerOptions};
+
+use agent_vault_testkit::control_plane::{
+    bytes_on_disk, Api, Cli, CliOutput, Server, ServerOptions,
+};
 
 const OWNER: &str = "owner@example.com";
 const OWNER_PASSWORD: &str = "owner-password";

@@ -18,8 +18,6 @@
 //!   test's loopback upstream). Then injection, the filter's Envoy stats and the control
 //!   plane's `/metrics` are asserted end to end.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -28,13 +26,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::envoy::{
-    envoy_binary, filter_wasm, proxy_basic, render, target_dir, wait_for, workspace_root, Envoy,
-    EnvoyOptions, HttpResponse,
+
+use agent_vault_testkit::control_plane::announced_address;
+use agent_vault_testkit::control_plane::{binary, Api};
+use agent_vault_testkit::envoy::{
+    envoy_binary, envoy_executable, filter_wasm, proxy_basic, render, target_dir, wait_for,
+    workspace_root, Envoy, EnvoyOptions, HttpResponse,
 };
-use support::stack::on_every_worker;
-use support::upstream::Echo;
-use support::Api;
+use agent_vault_testkit::stack::on_every_worker;
+use agent_vault_testkit::upstream::Echo;
 
 const TEST_PASSWORD: &str = "compose-test-master-password";
 
@@ -600,8 +600,8 @@ fn compose_identities(compose: &ComposeConfig) -> Option<((u32, u32), (u32, u32)
     let root = unsafe { libc::getuid() } == 0;
     let (cp, envoy) = (compose.user("control-plane"), compose.user("envoy"));
     let reachable = root
-        && runs_as(&support::binary(), cp)
-        && runs_as(&support::envoy::envoy_executable(), envoy)
+        && runs_as(&binary(), cp)
+        && runs_as(&envoy_executable(), envoy)
         && readable_by_others(&filter_wasm());
     if !reachable {
         eprintln!(
@@ -677,7 +677,7 @@ fn start_control_plane(
                 .unwrap_or(a)
         })
         .collect();
-    let mut cmd = Command::new(support::binary());
+    let mut cmd = Command::new(binary());
     cmd.args(&args)
         // The test's upstream is on loopback.
         .arg("--allow-private-upstreams")
@@ -703,7 +703,7 @@ fn start_control_plane(
         });
     }
     let mut child = cmd.spawn().expect("spawn the control plane");
-    let Some(addr) = support::announced_address(&mut child, Duration::from_secs(60)) else {
+    let Some(addr) = announced_address(&mut child, Duration::from_secs(60)) else {
         let _ = child.kill();
         panic!(
             "the control plane did not start ({args:?}):\n{}",
@@ -785,7 +785,7 @@ fn run_healthcheck(test: &Value, user: Option<(u32, u32)>, env: &[(&str, &str)])
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
     let program = if argv[0] == "agent-vault" {
-        support::binary()
+        binary()
     } else {
         PathBuf::from(&argv[0])
     };

@@ -5,18 +5,20 @@
 //! forward proxy rendered for the Envoy container: `deployment.rs` checks it (in sync
 //! with the template, validated with the paths docker-compose.yml mounts, and run).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
-use support::envoy::{envoy_binary, envoy_dir, filter_wasm, placeholders, render};
-use support::upstream::TestCa;
+
+use agent_vault_testkit::control_plane::files_under;
+use agent_vault_testkit::envoy::{
+    envoy_binary, envoy_dir, filter_wasm, placeholders, render, workspace_root,
+};
+use agent_vault_testkit::upstream::TestCa;
 
 /// Every `.yaml` under `envoy/`, recursively, sorted.
 fn yaml_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = support::files_under(&envoy_dir())
+    let mut files: Vec<PathBuf> = files_under(&envoy_dir())
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
@@ -490,7 +492,7 @@ fn the_istio_envoyfilter_cluster_is_valid_envoy_config() {
 
 /// `./dev istio-wasmplugin URL [FILE|SHA256]`: the stdout of the task runner.
 fn dev_istio_wasmplugin(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(support::envoy::workspace_root().join("dev"))
+    let out = Command::new(workspace_root().join("dev"))
         .arg("istio-wasmplugin")
         .args(args)
         .output()

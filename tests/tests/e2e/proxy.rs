@@ -9,8 +9,6 @@
 //! a state is "visible" once a run of requests that reached *both* workers shows it
 //! ([`on_every_worker`]).
 
-mod support;
-
 use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -20,10 +18,13 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use support::envoy::{proxy_basic, raw_request, Envoy, EnvoyOptions, HttpResponse};
-use support::stack::{on_every_worker, Stack};
-use support::upstream::{Echo, TestCa};
-use support::{socket_request, Server, ServerOptions};
+
+use agent_vault_testkit::control_plane::{socket_request, Server, ServerOptions};
+use agent_vault_testkit::envoy::{
+    proxy_basic, proxy_get, raw_request, wait_for, Envoy, EnvoyOptions, HttpResponse,
+};
+use agent_vault_testkit::stack::{on_every_worker, Stack};
+use agent_vault_testkit::upstream::{read_request, Echo, TestCa};
 
 /// Long enough for the filter's first snapshot on both workers.
 const FIRST_SNAPSHOT: Duration = Duration::from_secs(8);
@@ -884,7 +885,7 @@ fn a_request_body_and_concurrent_requests_survive_the_pause_for_a_credential_fet
             let url = echo.url(&format!("/v1/concurrent/{i}"));
             let auth = auth.clone();
             std::thread::spawn(move || {
-                support::envoy::proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
+                proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
             })
         })
         .collect();
@@ -1677,7 +1678,7 @@ impl Drop for FakeControlPlane {
 
 fn serve_fake(stream: UnixStream, state: &Mutex<FakeState>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
-    while let Some(request) = support::upstream::read_request(&mut reader)? {
+    while let Some(request) = read_request(&mut reader)? {
         let (method, path) = (request.method.as_str(), request.path.as_str());
         let (status, etag, payload) = match (method, path) {
             ("GET", "/v1/dataplane/snapshot") => {
@@ -1902,7 +1903,7 @@ fn requests_waiting_for_a_slow_fetch_are_finished_even_when_the_client_that_star
                 let url = echo.url(&format!("/stay/{round}/{i}"));
                 let auth = auth.clone();
                 std::thread::spawn(move || {
-                    support::envoy::proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
+                    proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
                 })
             })
             .collect();
@@ -1974,7 +1975,7 @@ fn a_snapshot_the_filter_cannot_parse_is_ignored_and_the_last_good_rules_keep_se
     for (etag, body) in garbage {
         fake.set_snapshot(etag, body.to_vec());
         // Polls every 200 ms on each worker: wait until it was handed out many times.
-        let served = support::envoy::wait_for(Duration::from_secs(5), || {
+        let served = wait_for(Duration::from_secs(5), || {
             (fake.snapshots_served() >= 6).then_some(())
         });
         assert!(

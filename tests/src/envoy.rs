@@ -8,7 +8,6 @@
 //!   `<target dir>/wasm32-unknown-unknown/release/agent_vault_filter.wasm`.
 //! - `AGENT_VAULT_ENVOY_LOG_LEVEL` (default `info`) sets Envoy's log level; the log is
 //!   `envoy.log` in the instance's temp dir ([`Envoy::logs`]).
-#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -334,7 +333,7 @@ impl Envoy {
     }
 
     /// Forward proxy for `server`'s socket with the production defaults.
-    pub fn for_server(server: &super::Server, ca_bundle: &Path) -> Envoy {
+    pub fn for_server(server: &crate::control_plane::Server, ca_bundle: &Path) -> Envoy {
         Envoy::start(EnvoyOptions::forward_proxy(&server.socket(), ca_bundle))
     }
 
