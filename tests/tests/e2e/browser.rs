@@ -19,7 +19,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 use agent_vault_testkit::control_plane::{Api, Server};
-use agent_vault_testkit::envoy::free_port;
+use agent_vault_testkit::net::free_port;
 use agent_vault_testkit::stack::{eventually, Stack};
 use agent_vault_testkit::upstream::Echo;
 

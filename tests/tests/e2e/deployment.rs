@@ -27,13 +27,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::announced_address;
 use agent_vault_testkit::control_plane::{binary, Api};
 use agent_vault_testkit::envoy::{
-    envoy_binary, envoy_executable, filter_wasm, proxy_basic, render, target_dir, wait_for,
-    workspace_root, Envoy, EnvoyOptions, HttpResponse,
+    envoy_binary, envoy_executable, filter_wasm, render, target_dir, validate, workspace_root,
+    Envoy, EnvoyOptions,
 };
-use agent_vault_testkit::stack::on_every_worker;
+use agent_vault_testkit::http::{proxy_basic, HttpResponse};
+use agent_vault_testkit::process::{announced_address, die_with_parent};
+use agent_vault_testkit::stack::{on_every_worker, wait_for};
 use agent_vault_testkit::upstream::Echo;
 
 const TEST_PASSWORD: &str = "compose-test-master-password";
@@ -696,13 +697,9 @@ fn start_control_plane(
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid);
     }
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn the control plane");
+    let mut child = die_with_parent(&mut cmd)
+        .spawn()
+        .expect("spawn the control plane");
     let Some(addr) = announced_address(&mut child, Duration::from_secs(60)) else {
         let _ = child.kill();
         panic!(
@@ -1199,22 +1196,6 @@ fn the_compose_bootstrap_passes_envoy_validate_with_the_mounted_paths() {
     assert_ne!(translated, committed, "the bootstrap names mounted paths");
     let path = tmp.path().join("envoy.yaml");
     std::fs::write(&path, translated).unwrap();
-    let out = Command::new(envoy_binary())
-        .args([
-            "--mode",
-            "validate",
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && text.contains("OK"), "{text}");
+    let (ok, text) = validate(&path);
+    assert!(ok && text.contains("OK"), "{text}");
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use agent_vault_testkit::control_plane::ServerOptions;
-use agent_vault_testkit::envoy::{proxy_basic, raw_request, EnvoyOptions};
+use agent_vault_testkit::envoy::EnvoyOptions;
+use agent_vault_testkit::http::{proxy_basic, raw_request};
 use agent_vault_testkit::stack::{eventually, Stack};
 use agent_vault_testkit::upstream::{Echo, TestCa};
 

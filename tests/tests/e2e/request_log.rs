@@ -1,4 +1,4 @@
-//! The request log end to end (DESIGN.md §3 step 7, §4; issue 3): batches posted on
+//! The request log end to end (DESIGN.md §3 step 7, §4): batches posted on
 //! the data-plane socket the way the filter does, read back through the management
 //! API and `agent-vault vault logs`, against the real binary.
 //!
