@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::http;
+use agent_vault_testkit::http;
+use agent_vault_testkit::net::free_port;
+use agent_vault_testkit::process::tail;
+
 use crate::procs::Proc;
 
 pub const WORKERS: usize = 2;
@@ -354,13 +357,6 @@ pub struct Envoy {
     pub log: PathBuf,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 impl Envoy {
     pub fn start(binary: &Path, variant: Variant, inputs: &Inputs<'_>) -> Result<Envoy, String> {
         let mut last = String::new();
@@ -476,9 +472,4 @@ impl Envoy {
             .unwrap_or_default()
             .to_string()
     }
-}
-
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
