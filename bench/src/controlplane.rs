@@ -2,7 +2,6 @@
 //! loopback port with its own data dir and data-plane socket, an owner session, and
 //! the management API calls that seed and change it.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,8 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use agent_vault_rules::{DataplaneCounts, STATS_PATH};
+use agent_vault_testkit::http::{self, Conn};
+use agent_vault_testkit::process::announced_address;
 
-use crate::http::{self, Conn};
 use crate::procs::Proc;
 
 pub struct ControlPlane {
@@ -47,32 +47,17 @@ impl ControlPlane {
             .stdout(Stdio::piped())
             .stderr(log);
         let mut proc = Proc::spawn(&format!("control plane {name}"), command)?;
-        let stdout = proc
-            .child_mut()
-            .and_then(|c| c.stdout.take())
-            .ok_or("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line.clone());
-            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                line.clear();
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+        let child = proc.child_mut().ok_or("no child")?;
+        let addr = announced_address(child, Duration::from_secs(60)).ok_or_else(|| {
             format!(
                 "{name}: no listening line; see {}",
                 dir.join("server.log").display()
             )
         })?;
-        let port = line
-            .split("http://127.0.0.1:")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        let port = addr
+            .strip_prefix("127.0.0.1:")
             .and_then(|p| p.parse().ok())
-            .ok_or_else(|| format!("{name}: cannot read the port from {line:?}"))?;
+            .ok_or_else(|| format!("{name}: cannot read the port from {addr:?}"))?;
         let mut cp = ControlPlane {
             proc,
             port,

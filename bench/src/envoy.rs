@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::http;
+use agent_vault_testkit::http;
+use agent_vault_testkit::net::free_port;
+use agent_vault_testkit::process::tail;
+
 use crate::procs::Proc;
 
 pub const WORKERS: usize = 2;
@@ -354,13 +357,6 @@ pub struct Envoy {
     pub log: PathBuf,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 impl Envoy {
     pub fn start(binary: &Path, variant: Variant, inputs: &Inputs<'_>) -> Result<Envoy, String> {
         let mut last = String::new();
@@ -478,7 +474,150 @@ impl Envoy {
     }
 }
 
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    fn yaml(text: &str) -> Value {
+        serde_yaml::from_str(text).expect("YAML")
+    }
+
+    /// The first listener's HTTP connection manager.
+    fn hcm(bootstrap: &Value) -> Value {
+        bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]
+            .clone()
+    }
+
+    /// The HTTP filter `name`, its plugin configuration (a JSON string) parsed, so only
+    /// what it says counts, not its spacing.
+    fn http_filter(hcm: &Value, name: &str) -> Value {
+        let mut filter = hcm["http_filters"]
+            .as_array()
+            .and_then(|filters| filters.iter().find(|f| f["name"] == name))
+            .unwrap_or_else(|| panic!("no {name} in {hcm}"))
+            .clone();
+        let value = &mut filter["typed_config"]["config"]["configuration"]["value"];
+        if let Some(text) = value.as_str() {
+            *value = serde_json::from_str(text).expect("plugin configuration is JSON");
+        }
+        filter
+    }
+
+    fn routes(hcm: &Value) -> Vec<Value> {
+        hcm["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The `match` of every route that forwards to a cluster.
+    fn forwarding_routes(hcm: &Value) -> Vec<Value> {
+        routes(hcm)
+            .into_iter()
+            .filter(|r| r.get("route").is_some())
+            .map(|r| r["match"].clone())
+            .collect()
+    }
+
+    /// The benchmark writes its own bootstrap so that every variant shares one listener
+    /// and upstream; what it measures for our filter is only worth something if the
+    /// filter, its routing header and the router are set up as users get them.
+    #[test]
+    fn the_filter_variants_set_up_the_filter_and_its_routing_header_as_the_shipped_forward_proxy_does(
+    ) {
+        let template_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/forward-proxy.yaml");
+        let template = std::fs::read_to_string(&template_path).expect("the template");
+        let wasm = Path::new("/opt/agent_vault_filter.wasm");
+        let inputs = Inputs {
+            upstream_port: 18080,
+            filter_wasm: wasm,
+            noop_wasm: Path::new("/opt/noop.wasm"),
+            candidate_wasm: None,
+            socket: Path::new("/run/agent-vault/dataplane.sock"),
+            dir: Path::new("/nonexistent"),
+            static_credential: "unused",
+        };
+        for (variant, ttl_ms) in [
+            (Variant::FilterWarm, "60000"),
+            (Variant::FilterNoCache, "0"),
+            (Variant::FilterBig, "60000"),
+            (Variant::Candidate, "60000"),
+        ] {
+            let wasm_path = wasm.display().to_string();
+            let values = [
+                ("LISTEN_ADDRESS", "127.0.0.1"),
+                ("LISTEN_PORT", "10000"),
+                ("ADMIN_PORT", "9901"),
+                ("SOCKET_PATH", "/run/agent-vault/dataplane.sock"),
+                ("WASM_PATH", wasm_path.as_str()),
+                ("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
+                ("SNAPSHOT_POLL_MS", "1000"),
+                ("CREDENTIAL_CACHE_TTL_MS", ttl_ms),
+                ("CALLOUT_TIMEOUT_MS", "2000"),
+            ];
+            let shipped = xtask::render(&template, |name| {
+                values
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            })
+            .expect("every placeholder has a value");
+            let shipped = hcm(&yaml(&shipped));
+            let bench = hcm(&yaml(
+                &config(variant, 10000, 9901, &inputs).expect("config"),
+            ));
+            let letter = variant.letter();
+            for name in ["envoy.filters.http.wasm", "envoy.filters.http.router"] {
+                assert_eq!(
+                    http_filter(&bench, name),
+                    http_filter(&shipped, name),
+                    "({letter}) {name}"
+                );
+            }
+            let first_and_last = |hcm: &Value| {
+                let filters = hcm["http_filters"].as_array().cloned().unwrap_or_default();
+                (
+                    filters.first().map(|f| f["name"].clone()),
+                    filters.last().map(|f| f["name"].clone()),
+                )
+            };
+            assert_eq!(
+                first_and_last(&bench),
+                first_and_last(&shipped),
+                "({letter}) the filter first, the router last"
+            );
+            for key in ["early_header_mutation_extensions", "normalize_path"] {
+                assert_eq!(bench[key], shipped[key], "({letter}) {key}");
+            }
+            assert_eq!(
+                bench["route_config"]["request_headers_to_remove"],
+                shipped["route_config"]["request_headers_to_remove"],
+                "({letter}) the routing header never goes upstream"
+            );
+            // Only what the filter marked `plain` is forwarded (the bench's upstream is
+            // plain HTTP); everything else gets the fail-closed 403.
+            let shipped_plain = forwarding_routes(&shipped)
+                .into_iter()
+                .find(|m| m["headers"][0]["string_match"]["exact"] == "plain")
+                .expect("the shipped plain route");
+            assert_eq!(
+                forwarding_routes(&bench),
+                [shipped_plain],
+                "({letter}) forwarded only with the filter's header"
+            );
+            for hcm in [&bench, &shipped] {
+                assert_eq!(
+                    routes(hcm)
+                        .last()
+                        .map(|r| r["direct_response"]["status"].clone()),
+                    Some(Value::from(403)),
+                    "({letter}) fail closed"
+                );
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::http::Conn;
+use agent_vault_testkit::http::Conn;
 
 /// One load run's result.
 #[derive(Debug, Clone, Copy, Default)]

@@ -16,7 +16,6 @@
 
 mod controlplane;
 mod envoy;
-mod http;
 mod load;
 mod procs;
 mod propagation;
@@ -28,6 +27,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use agent_vault_testkit::http;
 use controlplane::{ControlPlane, Counts};
 use envoy::{Envoy, Inputs, Variant};
 use load::Run;
@@ -339,7 +339,7 @@ fn run_in(
             ("Host".into(), format!("localhost:{}", up(variant.letter()))),
             (
                 "Proxy-Authorization".into(),
-                propagation::proxy_basic(token, "default"),
+                http::proxy_basic(token, "default"),
             ),
         ]
     };

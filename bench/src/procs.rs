@@ -1,9 +1,11 @@
 //! Child processes (control planes, Envoys, wrk) that die with the benchmark: each is
-//! started with `PR_SET_PDEATHSIG` and stopped by its own PID (SIGTERM, then SIGKILL).
+//! started with `PR_SET_PDEATHSIG` and stopped by its own PID (SIGTERM, then SIGKILL),
+//! the same way the e2e tests start theirs (the test kit's `process`).
 
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use agent_vault_testkit::process::{die_with_parent, stop_gracefully};
 
 /// A child process, stopped when dropped.
 pub struct Proc {
@@ -12,14 +14,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, mut command: Command) -> Result<Proc, String> {
-        // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = command
+        let child = die_with_parent(&mut command)
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
         Ok(Proc { child: Some(child) })
@@ -42,22 +37,9 @@ impl Proc {
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: signalling our own child by its PID.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+        if let Some(child) = self.child.take() {
+            stop_gracefully(child, grace);
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

@@ -13,11 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
+use agent_vault_testkit::http::{proxy_basic, Conn, TcpConn};
 
 use crate::controlplane::ControlPlane;
 use crate::envoy::{Envoy, WORKERS};
-use crate::http::{Conn, TcpConn};
 use crate::seed::PROBE_KEY;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,13 +34,6 @@ pub struct Event {
     pub all_ms: Option<f64>,
     /// A refusal with another status than expected (407 / 502).
     pub unexpected: Option<u16>,
-}
-
-pub fn proxy_basic(token: &str, vault: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{token}:{vault}"))
-    )
 }
 
 /// When the probe saw a change (ms after the acknowledgement).

@@ -5,18 +5,20 @@
 //! forward proxy rendered for the Envoy container: `deployment.rs` checks it (in sync
 //! with the template, validated with the paths docker-compose.yml mounts, and run).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
-use support::envoy::{envoy_binary, envoy_dir, filter_wasm, placeholders, render};
-use support::upstream::TestCa;
+
+use agent_vault_testkit::control_plane::files_under;
+use agent_vault_testkit::envoy::{
+    envoy_dir, filter_wasm, placeholders, render, validate, workspace_root,
+};
+use agent_vault_testkit::upstream::TestCa;
 
 /// Every `.yaml` under `envoy/`, recursively, sorted.
 fn yaml_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = support::files_under(&envoy_dir())
+    let mut files: Vec<PathBuf> = files_under(&envoy_dir())
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
@@ -87,28 +89,6 @@ fn with_var(vars: &[(String, String)], name: &str, value: &str) -> Vec<(String, 
     vars
 }
 
-/// `envoy --mode validate -c <file>`: (success, output).
-fn validate(config: &Path) -> (bool, String) {
-    let out = Command::new(envoy_binary())
-        .args([
-            "--mode",
-            "validate",
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(config)
-        .output()
-        .expect("run envoy --mode validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 fn render_to(dir: &Path, template: &Path, vars: &[(String, String)]) -> PathBuf {
     let text = std::fs::read_to_string(template).unwrap();
     let out = dir.join(template.file_name().unwrap());
@@ -121,7 +101,7 @@ fn every_envoy_bootstrap_passes_envoy_validate_with_the_real_filter() {
     let dummy = dummy_vars();
     for template in bootstrap_templates() {
         let text = std::fs::read_to_string(&template).unwrap();
-        let unknown: Vec<String> = placeholders(&text)
+        let unknown: Vec<&str> = placeholders(&text)
             .into_iter()
             .filter(|name| !dummy.vars.iter().any(|(n, _)| n == name))
             .collect();
@@ -131,6 +111,12 @@ fn every_envoy_bootstrap_passes_envoy_validate_with_the_real_filter() {
             template.display()
         );
         let rendered = render_to(dummy.dir.path(), &template, &dummy.vars);
+        let rendered_text = std::fs::read_to_string(&rendered).unwrap();
+        assert!(
+            !rendered_text.contains("${"),
+            "{}: something like a placeholder the renderer does not fill (names are [A-Z0-9_]+)",
+            template.display()
+        );
         let (ok, output) = validate(&rendered);
         assert!(ok, "{} fails validation:\n{output}", template.display());
         assert!(output.contains("OK"), "{output}");
@@ -165,7 +151,7 @@ fn validation_is_not_vacuous_it_loads_the_filter_and_the_ca_bundle() {
 }
 
 #[test]
-fn the_readme_one_liner_renders_exactly_like_the_test_harness() {
+fn the_readme_one_liner_renders_exactly_like_the_renderer_dev_and_the_tests_use() {
     let dummy = dummy_vars();
     let script = r#"import os,re,sys; sys.stdout.write(re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: os.environ[m.group(1)], open(sys.argv[1]).read()))"#;
     let readme = std::fs::read_to_string(envoy_dir().join("README.md")).unwrap();
@@ -490,7 +476,7 @@ fn the_istio_envoyfilter_cluster_is_valid_envoy_config() {
 
 /// `./dev istio-wasmplugin URL [FILE|SHA256]`: the stdout of the task runner.
 fn dev_istio_wasmplugin(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(support::envoy::workspace_root().join("dev"))
+    let out = Command::new(workspace_root().join("dev"))
         .arg("istio-wasmplugin")
         .args(args)
         .output()

@@ -1,17 +1,15 @@
-//! Shared harness for the end-to-end tests: the real `agent-vault` binary as server
-//! and CLI, each server on port 0 with its own data dir, socket and HOME.
-#![allow(dead_code)]
+//! The real `agent-vault` binary as server and CLI (DESIGN.md §7, §8): each server on
+//! port 0 with its own data dir, socket and HOME; each CLI user with a HOME of their
+//! own, as on separate machines.
 
-pub mod envoy;
-pub mod stack;
-pub mod upstream;
-
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+
+use crate::process::{announced_address, stop_gracefully};
 
 /// The built `agent-vault` binary next to this test's executable.
 pub fn binary() -> PathBuf {
@@ -151,19 +149,10 @@ impl Server {
         }
     }
 
-    /// Stops with SIGTERM and waits.
+    /// Stops with SIGTERM and waits (SIGKILL after 10 s).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_gracefully(child, Duration::from_secs(10));
         }
     }
 
@@ -188,6 +177,48 @@ impl Server {
             addr: self.url(),
             token: None,
         }
+    }
+
+    /// Another user's CLI against this server, with a HOME of its own (`home-<name>`).
+    pub fn other_cli(&self, name: &str) -> Cli {
+        let home = self.dir.path().join(format!("home-{name}"));
+        std::fs::create_dir_all(&home).expect("home");
+        Cli {
+            home,
+            addr: self.url(),
+            token: None,
+        }
+    }
+
+    /// A second user joins (DESIGN.md §5, invites): `owner` invites `email` to `vault`
+    /// as `role`, and they register with the invite and log in from their own HOME
+    /// (named after the part of `email` before the `@`). Their CLI.
+    #[track_caller]
+    pub fn user_joins_by_invite(
+        &self,
+        owner: &Cli,
+        (email, password): (&str, &str),
+        role: &str,
+        vault: &str,
+    ) -> Cli {
+        let invite = owner.invite(email, role, vault);
+        let name = email.split('@').next().unwrap_or(email);
+        let user = self.other_cli(name);
+        user.run_stdin(
+            &[
+                "auth",
+                "register",
+                "--email",
+                email,
+                "--invite",
+                &invite,
+                "--password-stdin",
+            ],
+            &format!("{password}\n"),
+        )
+        .ok();
+        user.login(email, password);
+        user
     }
 
     pub fn api(&self, token: Option<&str>) -> Api {
@@ -325,6 +356,22 @@ impl Cli {
         )
         .ok();
     }
+
+    /// Invites `email` to `vault` with `role` (`vault user add`); the invite token it
+    /// printed on stdout.
+    #[track_caller]
+    pub fn invite(&self, email: &str, role: &str, vault: &str) -> String {
+        let out = self
+            .run(&[
+                "vault", "user", "add", email, "--role", role, "--vault", vault,
+            ])
+            .ok();
+        out.stdout
+            .split_whitespace()
+            .find(|word| word.starts_with("av_inv_"))
+            .unwrap_or_else(|| panic!("no invite token in: {}", out.stdout))
+            .to_string()
+    }
 }
 
 /// Raw HTTP against the management API.
@@ -451,27 +498,4 @@ pub fn socket_request(path: &Path, request: impl AsRef<[u8]>) -> Option<String> 
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     (!response.is_empty()).then(|| String::from_utf8_lossy(&response).into_owned())
-}
-
-/// The `host:port` a starting `agent-vault server` announces on the first line of its
-/// stdout (`… http://ADDR …`), waiting up to `timeout`; `None` if it did not. The rest
-/// of its stdout is drained so the server never blocks on a full pipe.
-pub fn announced_address(child: &mut Child, timeout: Duration) -> Option<String> {
-    let stdout = child.stdout.take()?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    let line = rx.recv_timeout(timeout).unwrap_or_default();
-    line.split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
 }

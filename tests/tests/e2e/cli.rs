@@ -1,17 +1,17 @@
-//! End-to-end tests of the `agent-vault` CLI and the HTTP API behind it (issue 2):
-//! the seed's credential commands verbatim, who may read values, agent tokens,
-//! services, every bad input (each one changing nothing), and the saved session.
+//! End-to-end tests of the `agent-vault` CLI and the HTTP API behind it (DESIGN.md
+//! §7, §8): the seed's credential commands verbatim, who may read values, agent
+//! tokens, services, every bad input (each one changing nothing), and the saved
+//! session.
 //!
 //! Every test starts its own server (port 0, own data dir and HOME) and drives the
 //! real binary as the CLI; raw HTTP is used where the status code is the contract.
-
-mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use support::{Api, Cli, CliOutput, Server};
+
+use agent_vault_testkit::control_plane::{Api, Cli, CliOutput, Server};
 
 const OWNER: &str = "owner@example.com";
 const OWNER_PASSWORD: &str = "owner-password";
@@ -65,17 +65,6 @@ fn http(server: &Server, token: Option<&str>) -> Api {
 /// The API as the user logged in with `cli`.
 fn api_as(server: &Server, cli: &Cli) -> Api {
     http(server, Some(&session_token(cli)))
-}
-
-/// A second CLI user with its own HOME, against the same server.
-fn other_cli(server: &Server, name: &str) -> Cli {
-    let home = server.dir.path().join(format!("home-{name}"));
-    std::fs::create_dir_all(&home).expect("home");
-    Cli {
-        home,
-        addr: server.url(),
-        token: None,
-    }
 }
 
 /// Runs `line` (split on whitespace) through `cli`: the command as a user types it.
@@ -175,41 +164,10 @@ fn assert_agent_token(token: &str) {
     );
 }
 
-/// Invites `email` to `vault` with `role` through the CLI; returns the invite token
-/// printed on stdout.
-fn invite(cli: &Cli, email: &str, role: &str, vault: &str) -> String {
-    let out = cli
-        .run(&[
-            "vault", "user", "add", email, "--role", role, "--vault", vault,
-        ])
-        .ok();
-    out.stdout
-        .split_whitespace()
-        .find(|word| word.starts_with("av_inv_"))
-        .unwrap_or_else(|| panic!("no invite token in: {}", out.stdout))
-        .to_string()
-}
-
 /// Bob, invited as `role` to `vault`, registered with the invite and logged in, in
 /// his own HOME.
 fn bob_joins(server: &Server, owner: &Cli, vault: &str, role: &str) -> Cli {
-    let token = invite(owner, BOB, role, vault);
-    let bob = other_cli(server, "bob");
-    bob.run_stdin(
-        &[
-            "auth",
-            "register",
-            "--email",
-            BOB,
-            "--invite",
-            &token,
-            "--password-stdin",
-        ],
-        &format!("{BOB_PASSWORD}\n"),
-    )
-    .ok();
-    bob.login(BOB, BOB_PASSWORD);
-    bob
+    server.user_joins_by_invite(owner, (BOB, BOB_PASSWORD), role, vault)
 }
 
 fn now_secs() -> i64 {
@@ -516,7 +474,7 @@ fn removing_the_last_admin_of_a_vault_fails() {
 #[test]
 fn registering_a_second_user_needs_an_invite_for_that_email() {
     let (server, owner) = setup_with_vault("my-vault");
-    let carol = other_cli(&server, "carol");
+    let carol = server.other_cli("carol");
     let anonymous = http(&server, None);
     let carol_body = json!({"email": "carol@example.com", "password": "carol-password"});
 
@@ -534,7 +492,7 @@ fn registering_a_second_user_needs_an_invite_for_that_email() {
     let no_invite = anonymous.post("/v1/auth/register", &carol_body);
     assert_eq!(no_invite.0, 403, "{}", no_invite.1);
     // Bob's invite does not work for Carol.
-    let bobs_invite = invite(&owner, BOB, "member", "my-vault");
+    let bobs_invite = owner.invite(BOB, "member", "my-vault");
     one_line_error(carol.run_stdin(
         &[
             "auth",
@@ -584,7 +542,7 @@ fn registering_a_second_user_needs_an_invite_for_that_email() {
     assert!(!users.stdout.contains("carol"), "{}", users.stdout);
 
     // Bob's invite still works for Bob, once.
-    let bob = other_cli(&server, "bob");
+    let bob = server.other_cli("bob");
     bob.run_stdin(
         &[
             "auth",
@@ -1595,7 +1553,7 @@ fn unknown_vault_is_not_found() {
 #[test]
 fn missing_session_says_not_logged_in() {
     let (server, _owner) = setup_with_vault("my-vault");
-    let stranger = other_cli(&server, "stranger");
+    let stranger = server.other_cli("stranger");
     for args in [
         &["vault", "credential", "list", "--vault", "my-vault"][..],
         &["vault", "credential", "set", "A=1", "--vault", "my-vault"][..],

@@ -1,12 +1,13 @@
-//! End-to-end tests of proposals (issue 4) through the real binary: the seed's JSON
-//! posted by an agent token, every validation rule, the pending limit, who may
-//! approve and reject, atomic application, agent-supplied values, and the CLI
+//! End-to-end tests of proposals (DESIGN.md §5, §8) through the real binary: the
+//! seed's JSON posted by an agent token, every validation rule, the pending limit, who
+//! may approve and reject, atomic application, agent-supplied values, and the CLI
 //! (`vault proposal create|list|show|approve|reject|review`, `vault discover`).
 
-mod support;
-
 use serde_json::{json, Value};
-use support::{bytes_on_disk, Api, Cli, CliOutput, Server, ServerOptions};
+
+use agent_vault_testkit::control_plane::{
+    bytes_on_disk, Api, Cli, CliOutput, Server, ServerOptions,
+};
 
 const OWNER: &str = "owner@example.com";
 const OWNER_PASSWORD: &str = "owner-password";
@@ -32,38 +33,7 @@ fn setup_with(options: ServerOptions) -> Setup {
     let server = Server::start_with(options);
     let owner = server.cli();
     owner.register_and_login(OWNER, OWNER_PASSWORD);
-    let invite = owner
-        .run(&[
-            "vault", "user", "add", BOB, "--role", "member", "--vault", "default",
-        ])
-        .ok();
-    let invite = invite
-        .stdout
-        .split_whitespace()
-        .find(|word| word.starts_with("av_inv_"))
-        .unwrap_or_else(|| panic!("no invite in {}", invite.stdout))
-        .to_string();
-    let bob_home = server.dir.path().join("home-bob");
-    std::fs::create_dir_all(&bob_home).expect("bob's home");
-    let bob = Cli {
-        home: bob_home,
-        addr: server.url(),
-        token: None,
-    };
-    bob.run_stdin(
-        &[
-            "auth",
-            "register",
-            "--email",
-            BOB,
-            "--invite",
-            &invite,
-            "--password-stdin",
-        ],
-        &format!("{BOB_PASSWORD}\n"),
-    )
-    .ok();
-    bob.login(BOB, BOB_PASSWORD);
+    let bob = server.user_joins_by_invite(&owner, (BOB, BOB_PASSWORD), "member", "default");
     let agent_token = owner
         .run(&["agent", "create", "bot", "--vault", "default"])
         .ok()

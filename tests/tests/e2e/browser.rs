@@ -10,8 +10,6 @@
 //! Everything runs on 127.0.0.1; each test has its own server, chromedriver and
 //! browser profile.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -19,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use support::envoy::free_port;
-use support::stack::{eventually, Stack};
-use support::upstream::Echo;
-use support::{Api, Server};
+
+use agent_vault_testkit::control_plane::{Api, Server};
+use agent_vault_testkit::net::free_port;
+use agent_vault_testkit::stack::{eventually, Stack};
+use agent_vault_testkit::upstream::Echo;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";

@@ -6,18 +6,19 @@
 //! "header_list": [[name, value], ...], "body", "tls", "sni"}`. Repeated headers are
 //! joined with ", " in `headers`; `header_list` keeps every line as received.
 //! A path starting with `/status/NNN` is answered with status NNN (same JSON body).
-#![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Map, Value};
+
+use crate::http::{read_request, HttpRequest};
+use crate::net::{serve_loopback, Serving};
 
 /// A certificate authority made for one test; its PEM goes into Envoy's CA bundle.
 pub struct TestCa {
@@ -71,7 +72,7 @@ pub struct Echo {
     pub port: u16,
     pub tls: bool,
     received: Arc<Mutex<Vec<Value>>>,
-    stop: Arc<AtomicBool>,
+    _serving: Serving,
 }
 
 impl Echo {
@@ -98,28 +99,18 @@ impl Echo {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
         let port = listener.local_addr().expect("echo addr").port();
         let received = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let is_tls = tls.is_some();
-        {
+        let serving = {
             let received = received.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let received = received.clone();
-                    let tls = tls.clone();
-                    std::thread::spawn(move || serve_connection(stream, tls, received));
-                }
-            });
-        }
+            serve_loopback(listener, move |stream| {
+                serve_connection(stream, tls.clone(), received.clone())
+            })
+        };
         Echo {
             port,
             tls: is_tls,
             received,
-            stop,
+            _serving: serving,
         }
     }
 
@@ -141,14 +132,6 @@ impl Echo {
 
     pub fn clear(&self) {
         self.received.lock().expect("received").clear();
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 
@@ -245,99 +228,4 @@ fn serve_http<S: Read + Write>(
         }
     }
     Ok(())
-}
-
-/// One HTTP/1.1 request as a test server reads it: header names as sent (in order), the
-/// body by `content-length` or chunked.
-pub struct HttpRequest {
-    pub method: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl HttpRequest {
-    /// The first value of header `name` (any case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads the next request on a connection; `None` when the peer closed it.
-pub fn read_request<R: BufRead>(reader: &mut R) -> std::io::Result<Option<HttpRequest>> {
-    let mut request_line = String::new();
-    loop {
-        request_line.clear();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(None);
-        }
-        if !request_line.trim_end().is_empty() {
-            break;
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or_default().to_string();
-    let path = parts.next().unwrap_or_default().to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(None);
-        }
-        let line = line.trim_end_matches(['\r', '\n']);
-        if line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            headers.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
-    let mut request = HttpRequest {
-        method,
-        path,
-        headers,
-        body: Vec::new(),
-    };
-    let chunked = request
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    request.body = if chunked {
-        read_chunked(reader)?
-    } else {
-        let len: usize = request
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; len];
-        reader.read_exact(&mut body)?;
-        body
-    };
-    Ok(Some(request))
-}
-
-fn read_chunked<R: BufRead>(reader: &mut R) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let mut size_line = String::new();
-        reader.read_line(&mut size_line)?;
-        let size_hex = size_line.trim().split(';').next().unwrap_or("0");
-        let size = usize::from_str_radix(size_hex, 16).unwrap_or(0);
-        if size == 0 {
-            // Trailers, then the empty line.
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                    return Ok(body);
-                }
-            }
-        }
-        let mut chunk = vec![0; size];
-        reader.read_exact(&mut chunk)?;
-        body.extend_from_slice(&chunk);
-        let mut crlf = String::new();
-        reader.read_line(&mut crlf)?;
-    }
 }

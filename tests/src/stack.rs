@@ -1,28 +1,29 @@
 //! The whole system for an end-to-end test: the control plane (`Server`), Envoy with
 //! the built filter on the server's socket, and a test CA whose bundle Envoy trusts for
-//! upstream TLS. Upstreams ([`super::upstream::Echo`]) are started by the test.
+//! upstream TLS. Upstreams ([`crate::upstream::Echo`]) are started by the test.
 //!
 //! Envoy runs two workers and each has its own filter VM and its own snapshot, polled
 //! every `snapshot_poll_ms`: after a rules change, one worker may answer with the new
 //! rules while the other still answers with the old ones for up to one poll interval.
 //! Wait for a change with [`eventually`] on each request that depends on it (or wait
-//! one poll interval plus a margin), not on a single success.
-#![allow(dead_code)]
+//! one poll interval plus a margin), not on a single success; [`on_every_worker`] for a
+//! state both workers must show (DESIGN.md §4, cache rules).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::envoy::{proxy_basic, Envoy, EnvoyOptions, HttpResponse};
-use super::upstream::TestCa;
-use super::{Api, Server, ServerOptions};
+use crate::control_plane::{Api, Server, ServerOptions};
+use crate::envoy::{Envoy, EnvoyOptions};
+use crate::http::{proxy_basic, HttpResponse};
+use crate::upstream::TestCa;
 
 pub struct Stack {
     pub server: Server,
     /// The owner's session token (admin of every vault).
     pub owner: String,
-    /// The CA Envoy trusts for upstream TLS ([`super::upstream::Echo::tls`] with it).
+    /// The CA Envoy trusts for upstream TLS ([`crate::upstream::Echo::tls`] with it).
     pub ca: TestCa,
     pub ca_bundle: PathBuf,
     pub envoy: Envoy,
@@ -210,16 +211,7 @@ pub fn eventually(
         response.status,
         response.headers,
         response.body,
-        envoy
-            .logs()
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
+        envoy.log_tail(30)
     );
     response
 }
@@ -266,18 +258,23 @@ pub fn on_every_worker(
                 response.status,
                 response.headers,
                 response.body,
-                envoy
-                    .logs()
-                    .lines()
-                    .rev()
-                    .take(30)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                envoy.log_tail(30)
             );
         }
         std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -1,4 +1,4 @@
-//! The request log end to end (DESIGN.md §3 step 7, §4; issue 3): batches posted on
+//! The request log end to end (DESIGN.md §3 step 7, §4): batches posted on
 //! the data-plane socket the way the filter does, read back through the management
 //! API and `agent-vault vault logs`, against the real binary.
 //!
@@ -7,15 +7,16 @@
 //! too many bytes) refused with nothing stored, retention flags, durability of an
 //! acknowledged batch, `--follow`, and the routes staying on their own listener.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{bytes_on_disk, socket_request, Server, ServerOptions};
+
+use agent_vault_testkit::control_plane::{
+    binary, bytes_on_disk, socket_request, Server, ServerOptions,
+};
 
 const LOGS: &str = "/v1/vaults/default/logs";
 
@@ -374,7 +375,7 @@ fn retention_flags_cap_each_vault_and_acknowledged_batches_survive_kill_9() {
     assert_eq!(paths(&page), ["/after-restart"]);
 
     // Bad retention flags are usage errors.
-    let out = Command::new(support::binary())
+    let out = Command::new(binary())
         .args(["server", "--log-max-records", "0"])
         .output()
         .expect("run");
@@ -388,7 +389,7 @@ fn follow_prints_new_records_as_they_arrive() {
     let (status, _) = post_records(&server, &[record("/before")]);
     assert_eq!(status, 204);
 
-    let mut child = Command::new(support::binary())
+    let mut child = Command::new(binary())
         .args(["vault", "logs", "--follow", "--json"])
         .env("HOME", server.home())
         .env("AGENT_VAULT_ADDR", server.url())

@@ -1,6 +1,6 @@
-//! A minimal HTTP/1.1 client over TCP or the control plane's Unix socket: enough for
+//! A keep-alive HTTP/1.1 client over TCP or the control plane's Unix socket: enough for
 //! the management API (JSON), Envoy's admin, probes through the proxy and the
-//! control-plane load loops. Keep-alive, `Content-Length` or chunked bodies.
+//! control-plane load loops. `Content-Length` or chunked bodies.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -8,26 +8,26 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// A response as received.
+/// A response as received. The body stays bytes: the benchmark times requests for
+/// multi-megabyte snapshots, and decoding them would add to what it measures.
 #[derive(Debug, Clone)]
-pub struct Response {
+pub struct RawResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
-impl Response {
+impl RawResponse {
+    /// The first header with this name (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        super::header(&self.headers, name)
     }
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The body as JSON; `Null` when it is not.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
@@ -78,7 +78,7 @@ impl<S: Stream> Conn<S> {
         target: &str,
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
-    ) -> std::io::Result<Response> {
+    ) -> std::io::Result<RawResponse> {
         let mut head = format!("{method} {target} HTTP/1.1\r\n");
         if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
             head.push_str(&format!("Host: {}\r\n", self.host));
@@ -109,7 +109,7 @@ impl<S: Stream> Conn<S> {
         Ok(line.trim_end_matches(['\r', '\n']).to_string())
     }
 
-    fn read_response(&mut self, head_only: bool) -> std::io::Result<Response> {
+    fn read_response(&mut self, head_only: bool) -> std::io::Result<RawResponse> {
         let status_line = self.read_line()?;
         let status = status_line
             .split_whitespace()
@@ -126,7 +126,7 @@ impl<S: Stream> Conn<S> {
                 headers.push((name.trim().to_string(), value.trim().to_string()));
             }
         }
-        let mut response = Response {
+        let mut response = RawResponse {
             status,
             headers,
             body: Vec::new(),
@@ -175,7 +175,7 @@ pub fn tcp_once(
     target: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
-) -> std::io::Result<Response> {
+) -> std::io::Result<RawResponse> {
     Conn::tcp(port)?.request(method, target, headers, body)
 }
 
@@ -186,6 +186,6 @@ pub fn unix_once(
     target: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
-) -> std::io::Result<Response> {
+) -> std::io::Result<RawResponse> {
     Conn::unix(path)?.request(method, target, headers, body)
 }

@@ -1,29 +1,26 @@
 //! What an agent and an upstream see through the real Envoy with the built filter and
-//! the real control plane (issue 3, DESIGN.md §3–§6, §11): injection for each auth
-//! type, the error table of §6, how fast rule and credential changes reach every
-//! worker (measured), the host matcher's priorities, the request log, the security
-//! invariants that can be checked from outside, and bad input — including a fake
-//! control plane that answers garbage, slowly, or with a snapshot that does not parse.
+//! the real control plane (DESIGN.md §3–§6, §11): injection for each auth type, the
+//! error table of §6, how fast rule and credential changes reach every worker
+//! (measured), the host matcher's priorities, the request log, the security invariants
+//! that can be checked from outside, and bad input — including a fake control plane
+//! that answers garbage, slowly, or with a snapshot that does not parse.
 //!
 //! Envoy runs two workers, each with its own filter VM, snapshot and credential cache:
 //! a state is "visible" once a run of requests that reached *both* workers shows it
 //! ([`on_every_worker`]).
 
-mod support;
-
-use std::io::{BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use support::envoy::{proxy_basic, raw_request, Envoy, EnvoyOptions, HttpResponse};
-use support::stack::{on_every_worker, Stack};
-use support::upstream::{Echo, TestCa};
-use support::{socket_request, Server, ServerOptions};
+
+use agent_vault_testkit::control_plane::{socket_request, ServerOptions};
+use agent_vault_testkit::envoy::{Envoy, EnvoyOptions};
+use agent_vault_testkit::fake_control_plane::{fake_stack, Credentials, GOOD_VALUES};
+use agent_vault_testkit::http::{proxy_basic, proxy_get, raw_request, HttpResponse};
+use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
+use agent_vault_testkit::upstream::Echo;
 
 /// Long enough for the filter's first snapshot on both workers.
 const FIRST_SNAPSHOT: Duration = Duration::from_secs(8);
@@ -884,7 +881,7 @@ fn a_request_body_and_concurrent_requests_survive_the_pause_for_a_credential_fet
             let url = echo.url(&format!("/v1/concurrent/{i}"));
             let auth = auth.clone();
             std::thread::spawn(move || {
-                support::envoy::proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
+                proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
             })
         })
         .collect();
@@ -1585,212 +1582,13 @@ fn huge_or_invalid_headers_get_a_clear_4xx_and_envoy_keeps_serving() {
     assert!(!log.contains(&token), "no agent token in Envoy's log");
 }
 
-/// A stand-in control plane on its own Unix socket: serves a snapshot (with ETag and
-/// 304s), answers credential fetches as told, accepts request logs.
-struct FakeControlPlane {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    state: Arc<Mutex<FakeState>>,
-    stop: Arc<AtomicBool>,
-}
-
-#[derive(Clone)]
-enum Credentials {
-    /// `200` with this body (with the control plane's marker header).
-    Answer(u16, String),
-    /// Waits this long before answering correctly.
-    Slow(Duration, String),
-}
-
-struct FakeState {
-    etag: String,
-    snapshot: Vec<u8>,
-    credentials: Credentials,
-    /// 200 answers with the current snapshot body, since it was set.
-    snapshots_served: usize,
-    credential_calls: usize,
-}
-
-impl FakeControlPlane {
-    fn start(etag: &str, snapshot: Vec<u8>, credentials: Credentials) -> FakeControlPlane {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("fake.sock");
-        let listener = UnixListener::bind(&socket).expect("bind fake socket");
-        let state = Arc::new(Mutex::new(FakeState {
-            etag: etag.to_string(),
-            snapshot,
-            credentials,
-            snapshots_served: 0,
-            credential_calls: 0,
-        }));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let state = state.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let state = state.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve_fake(stream, &state);
-                    });
-                }
-            });
-        }
-        FakeControlPlane {
-            _dir: dir,
-            socket,
-            state,
-            stop,
-        }
-    }
-
-    fn set_credentials(&self, credentials: Credentials) {
-        self.state.lock().unwrap().credentials = credentials;
-    }
-
-    fn set_snapshot(&self, etag: &str, body: Vec<u8>) {
-        let mut state = self.state.lock().unwrap();
-        state.etag = etag.to_string();
-        state.snapshot = body;
-        state.snapshots_served = 0;
-    }
-
-    fn snapshots_served(&self) -> usize {
-        self.state.lock().unwrap().snapshots_served
-    }
-
-    fn credential_calls(&self) -> usize {
-        self.state.lock().unwrap().credential_calls
-    }
-}
-
-impl Drop for FakeControlPlane {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.socket);
-    }
-}
-
-fn serve_fake(stream: UnixStream, state: &Mutex<FakeState>) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream);
-    while let Some(request) = support::upstream::read_request(&mut reader)? {
-        let (method, path) = (request.method.as_str(), request.path.as_str());
-        let (status, etag, payload) = match (method, path) {
-            ("GET", "/v1/dataplane/snapshot") => {
-                let mut state = state.lock().unwrap();
-                if request.header("if-none-match") == Some(state.etag.as_str()) {
-                    (304, Some(state.etag.clone()), Vec::new())
-                } else {
-                    state.snapshots_served += 1;
-                    (200, Some(state.etag.clone()), state.snapshot.clone())
-                }
-            }
-            ("POST", "/v1/dataplane/credentials") => {
-                let credentials = {
-                    let mut state = state.lock().unwrap();
-                    state.credential_calls += 1;
-                    state.credentials.clone()
-                };
-                match credentials {
-                    Credentials::Answer(status, text) => (status, None, text.into_bytes()),
-                    Credentials::Slow(delay, text) => {
-                        std::thread::sleep(delay);
-                        (200, None, text.into_bytes())
-                    }
-                }
-            }
-            ("POST", "/v1/dataplane/logs") => (204, None, Vec::new()),
-            _ => (404, None, b"{\"error\":\"not_found\"}".to_vec()),
-        };
-        let mut response = format!(
-            "HTTP/1.1 {status} Fake\r\nx-agent-vault-control-plane: 1\r\n\
-             content-type: application/json\r\n"
-        );
-        if let Some(etag) = etag {
-            response.push_str(&format!("etag: {etag}\r\n"));
-        }
-        if status != 204 && status != 304 {
-            response.push_str(&format!("content-length: {}\r\n", payload.len()));
-        }
-        response.push_str("\r\n");
-        let stream = reader.get_mut();
-        stream.write_all(response.as_bytes())?;
-        stream.write_all(&payload)?;
-        stream.flush()?;
-    }
-    Ok(())
-}
-
-/// A real snapshot (one bearer service `echo` on `echo`'s port, key `FAKE_KEY`, one
-/// agent), read from a real control plane's socket: (version, body, agent token).
-fn real_snapshot(echo: &Echo) -> (String, Value, String) {
-    let server = Server::start();
-    let api = server.api(Some(&server.owner_token()));
-    let (status, body) = api.post(
-        "/v1/vaults/default/credentials",
-        &json!({"credentials": {"FAKE_KEY": "real-server-value"}}),
-    );
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = api.post(
-        "/v1/vaults/default/services",
-        &bearer_service("echo", &echo.authority(), "FAKE_KEY"),
-    );
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = api.post(
-        "/v1/agents",
-        &json!({"name": "faked", "vaults": [{"vault": "default"}]}),
-    );
-    assert_eq!(status, 201, "{body}");
-    let token = body["token"].as_str().expect("token").to_string();
-    let answer = socket_request(
-        &server.socket(),
-        "GET /v1/dataplane/snapshot HTTP/1.1\r\nHost: agent-vault\r\nConnection: close\r\n\r\n",
-    )
-    .expect("snapshot");
-    let (_, json_body) = answer.split_once("\r\n\r\n").expect("a body");
-    let snapshot: Value = serde_json::from_str(json_body).expect("snapshot JSON");
-    let version = snapshot["version"].as_str().expect("version").to_string();
-    (version, snapshot, token)
-}
-
-const GOOD_VALUES: &str = r#"{"values":{"FAKE_KEY":"fake-cp-secret"},"missing":[]}"#;
-
-/// Envoy on the fake's socket: fast polls, no credential cache (every request
-/// fetches), a short callout timeout.
-fn envoy_for(fake: &FakeControlPlane, dir: &std::path::Path) -> Envoy {
-    let ca_bundle = TestCa::new("fake cp test").write_pem(&dir.join("ca.pem"));
-    Envoy::start(EnvoyOptions {
-        snapshot_poll_ms: 200,
-        credential_cache_ttl_ms: 0,
-        callout_timeout_ms: 500,
-        ..EnvoyOptions::forward_proxy(&fake.socket, &ca_bundle)
-    })
-}
-
 #[test]
 fn a_control_plane_answering_garbage_or_too_slowly_gets_503_and_nothing_is_forwarded() {
-    let echo = Echo::plain();
-    let (version, snapshot, token) = real_snapshot(&echo);
-    let fake = FakeControlPlane::start(
-        &format!("\"{version}\""),
-        snapshot.to_string().into_bytes(),
-        Credentials::Answer(200, GOOD_VALUES.into()),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let envoy = envoy_for(&fake, dir.path());
-    let auth = proxy_basic(&token, "default");
-    let request = || {
-        envoy.get(
-            &echo.url("/v1/x"),
-            &[("Proxy-Authorization", auth.as_str())],
-        )
-    };
+    let mut stack = fake_stack(Credentials::Answer(200, GOOD_VALUES.into()));
+    let (fake, echo) = (&stack.fake, &stack.echo);
+    let request = || stack.get("/v1/x");
     let works = |r: &HttpResponse| injected(r, "authorization", "Bearer fake-cp-secret");
-    on_every_worker(&envoy, FIRST_SNAPSHOT, STREAK, request, works);
+    on_every_worker(&stack.envoy, FIRST_SNAPSHOT, STREAK, request, works);
     echo.clear();
 
     let garbage: [(u16, &str); 6] = [
@@ -1837,14 +1635,13 @@ fn a_control_plane_answering_garbage_or_too_slowly_gets_503_and_nothing_is_forwa
 
     // The VMs keep serving.
     fake.set_credentials(Credentials::Answer(200, GOOD_VALUES.into()));
-    on_every_worker(&envoy, CHANGE, STREAK, request, works);
-    let mut envoy = envoy;
-    let log = final_envoy_log(&mut envoy);
+    on_every_worker(&stack.envoy, CHANGE, STREAK, request, works);
+    let log = final_envoy_log(&mut stack.envoy);
     assert!(
         log.contains("credential fetch failed"),
         "the filter logs the failed fetches"
     );
-    for needle in ["fake-cp-secret", "truncated", token.as_str()] {
+    for needle in ["fake-cp-secret", "truncated", stack.token.as_str()] {
         assert!(!log.contains(needle), "{needle:?} in Envoy's log");
     }
 }
@@ -1852,30 +1649,14 @@ fn a_control_plane_answering_garbage_or_too_slowly_gets_503_and_nothing_is_forwa
 #[test]
 fn requests_waiting_for_a_slow_fetch_are_finished_even_when_the_client_that_started_it_disconnects()
 {
-    let echo = Echo::plain();
-    let (version, snapshot, token) = real_snapshot(&echo);
     // Answers correctly, but after 300 ms (under the 500 ms callout timeout).
-    let fake = FakeControlPlane::start(
-        &format!("\"{version}\""),
-        snapshot.to_string().into_bytes(),
-        Credentials::Slow(Duration::from_millis(300), GOOD_VALUES.into()),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let envoy = envoy_for(&fake, dir.path());
-    let auth = proxy_basic(&token, "default");
+    let mut stack = fake_stack(Credentials::Slow(
+        Duration::from_millis(300),
+        GOOD_VALUES.into(),
+    ));
+    let (fake, echo, envoy, auth) = (&stack.fake, &stack.echo, &stack.envoy, &stack.auth);
     let works = |r: &HttpResponse| injected(r, "authorization", "Bearer fake-cp-secret");
-    on_every_worker(
-        &envoy,
-        FIRST_SNAPSHOT,
-        STREAK,
-        || {
-            envoy.get(
-                &echo.url("/warm"),
-                &[("Proxy-Authorization", auth.as_str())],
-            )
-        },
-        works,
-    );
+    on_every_worker(envoy, FIRST_SNAPSHOT, STREAK, || stack.get("/warm"), works);
 
     for round in 0..3 {
         echo.clear();
@@ -1902,7 +1683,7 @@ fn requests_waiting_for_a_slow_fetch_are_finished_even_when_the_client_that_star
                 let url = echo.url(&format!("/stay/{round}/{i}"));
                 let auth = auth.clone();
                 std::thread::spawn(move || {
-                    support::envoy::proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
+                    proxy_get(port, &url, &[("Proxy-Authorization", auth.as_str())])
                 })
             })
             .collect();
@@ -1926,42 +1707,17 @@ fn requests_waiting_for_a_slow_fetch_are_finished_even_when_the_client_that_star
             );
         }
     }
-    on_every_worker(
-        &envoy,
-        CHANGE,
-        STREAK,
-        || {
-            envoy.get(
-                &echo.url("/after"),
-                &[("Proxy-Authorization", auth.as_str())],
-            )
-        },
-        works,
-    );
-    let mut envoy = envoy;
-    final_envoy_log(&mut envoy);
+    on_every_worker(envoy, CHANGE, STREAK, || stack.get("/after"), works);
+    final_envoy_log(&mut stack.envoy);
 }
 
 #[test]
 fn a_snapshot_the_filter_cannot_parse_is_ignored_and_the_last_good_rules_keep_serving() {
-    let echo = Echo::plain();
-    let (version, snapshot, token) = real_snapshot(&echo);
-    let fake = FakeControlPlane::start(
-        &format!("\"{version}\""),
-        snapshot.to_string().into_bytes(),
-        Credentials::Answer(200, GOOD_VALUES.into()),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let envoy = envoy_for(&fake, dir.path());
-    let auth = proxy_basic(&token, "default");
-    let request = || {
-        envoy.get(
-            &echo.url("/v1/x"),
-            &[("Proxy-Authorization", auth.as_str())],
-        )
-    };
+    let mut stack = fake_stack(Credentials::Answer(200, GOOD_VALUES.into()));
+    let fake = &stack.fake;
+    let request = || stack.get("/v1/x");
     let works = |r: &HttpResponse| injected(r, "authorization", "Bearer fake-cp-secret");
-    on_every_worker(&envoy, FIRST_SNAPSHOT, STREAK, request, works);
+    on_every_worker(&stack.envoy, FIRST_SNAPSHOT, STREAK, request, works);
 
     let garbage: [(&str, &[u8]); 3] = [
         ("\"garbage-1\"", b"{not json at all"),
@@ -1974,7 +1730,7 @@ fn a_snapshot_the_filter_cannot_parse_is_ignored_and_the_last_good_rules_keep_se
     for (etag, body) in garbage {
         fake.set_snapshot(etag, body.to_vec());
         // Polls every 200 ms on each worker: wait until it was handed out many times.
-        let served = support::envoy::wait_for(Duration::from_secs(5), || {
+        let served = wait_for(Duration::from_secs(5), || {
             (fake.snapshots_served() >= 6).then_some(())
         });
         assert!(
@@ -1992,15 +1748,14 @@ fn a_snapshot_the_filter_cannot_parse_is_ignored_and_the_last_good_rules_keep_se
         }
     }
     // A good snapshot again (the service now disabled) is picked up.
-    let mut next = snapshot.clone();
+    let mut next = stack.snapshot.clone();
     next["version"] = json!("999999");
     next["vaults"][0]["services"][0]["enabled"] = json!(false);
     fake.set_snapshot("\"999999\"", next.to_string().into_bytes());
-    on_every_worker(&envoy, CHANGE, STREAK, request, |r| {
+    on_every_worker(&stack.envoy, CHANGE, STREAK, request, |r| {
         is_refusal(r, 403, "service_disabled")
     });
-    let mut envoy = envoy;
-    let log = final_envoy_log(&mut envoy);
+    let log = final_envoy_log(&mut stack.envoy);
     assert!(
         log.contains("snapshot poll failed") && log.contains("keeping the last good"),
         "the filter logs the bad snapshot: {}",

@@ -1,8 +1,6 @@
 //! Durability, encryption at rest, the master key and the data-plane socket's trust
 //! boundary, tested against the real `agent-vault` binary.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{bytes_on_disk, socket_request, Server, ServerOptions};
+
+use agent_vault_testkit::control_plane::{
+    binary, bytes_on_disk, socket_request, Server, ServerOptions,
+};
 
 fn set(server: &Server, token: &str, key: &str, value: &str) {
     let (status, body) = server.api(Some(token)).post(
@@ -281,7 +282,7 @@ fn the_socket_is_private_and_serves_only_the_data_plane() {
 fn a_live_socket_is_refused_and_a_stale_one_replaced() {
     let mut first = Server::start();
     // A second server on the same socket must refuse to start.
-    let output = std::process::Command::new(support::binary())
+    let output = std::process::Command::new(binary())
         .args(["server", "--port", "0", "--data-dir"])
         .arg(first.dir.path().join("other-data"))
         .arg("--socket")

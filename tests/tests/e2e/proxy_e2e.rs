@@ -2,15 +2,15 @@
 //! request through the forward proxy reaches a loopback echo upstream with the
 //! credential injected and the agent token gone.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::envoy::{proxy_basic, raw_request, EnvoyOptions};
-use support::stack::{eventually, Stack};
-use support::upstream::{Echo, TestCa};
-use support::ServerOptions;
+
+use agent_vault_testkit::control_plane::ServerOptions;
+use agent_vault_testkit::envoy::EnvoyOptions;
+use agent_vault_testkit::http::{proxy_basic, raw_request};
+use agent_vault_testkit::stack::{eventually, Stack};
+use agent_vault_testkit::upstream::{Echo, TestCa};
 
 /// Long enough for the filter's first snapshot poll (on start, then every 1 s).
 const FIRST_SNAPSHOT: Duration = Duration::from_secs(5);

@@ -1,0 +1,14 @@
+//! The end-to-end tests: one binary (one link step), a module per area, against the
+//! real `agent-vault` binary, real Envoy with the built filter and loopback upstreams,
+//! started with the kit in `src/`. `./dev test` builds what they need; one area alone:
+//! `cargo test -p agent-vault-testkit --test e2e proxy::`.
+
+mod browser;
+mod cli;
+mod deployment;
+mod envoy_configs;
+mod proposals;
+mod proxy;
+mod proxy_e2e;
+mod request_log;
+mod store;
