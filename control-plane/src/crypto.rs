@@ -194,6 +194,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Prefix of session tokens (`av_sess_<64 hex>`): the CLI's and the UI's.
 pub const SESSION_PREFIX: &str = "av_sess_";
+/// Prefix of browser UI session tokens (`av_ui_<64 hex>`): only ever a cookie.
+pub const UI_SESSION_PREFIX: &str = "av_ui_";
 /// Prefix of invite tokens (`av_inv_<64 hex>`).
 pub const INVITE_PREFIX: &str = "av_inv_";
 /// Prefix of agent tokens (`av_agt_<64 hex>`).

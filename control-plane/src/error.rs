@@ -25,6 +25,9 @@ pub enum Error {
     Conflict(&'static str, String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// A body that is not declared as JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// A batch with more items than a route takes: (limit, what the items are).
     #[error("a batch holds at most {0} {1}")]
     BatchTooLarge(usize, &'static str),
@@ -71,6 +74,7 @@ impl Error {
             Error::NotFound(..) => StatusCode::NOT_FOUND,
             Error::Conflict(..) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::RateLimited(_) | Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -87,6 +91,7 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::InvalidCredentials(_) => "invalid_credentials",
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => "payload_too_large",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::RateLimited(_) => "rate_limited",
             Error::Internal(_) => "internal",
         }

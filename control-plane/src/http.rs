@@ -18,8 +18,6 @@ use crate::users::LoginLimiter;
 
 /// Largest request body the API reads.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Cookie the browser UI carries the session in.
-pub const SESSION_COOKIE: &str = "av_session";
 
 /// What every handler of the TCP listener (the management API, the UI, `/metrics`)
 /// shares. The data-plane socket has its own state
@@ -51,35 +49,64 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("task failed: {e}")))?
 }
 
-/// A JSON body: at most [`MAX_BODY_BYTES`], unknown fields refused by the types.
+/// A JSON body: `Content-Type: application/json`, at most [`MAX_BODY_BYTES`], unknown
+/// fields refused by the types. The content type matters: a page on another origin
+/// can POST `text/plain` without a CORS preflight, never `application/json`.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self> {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
+        let bytes = json_bytes(req).await?;
         parse_json(&bytes).map(JsonBody)
     }
 }
 
-/// Like [`JsonBody`], and an empty body is `T::default()` (`POST …/reject` needs none).
+/// Like [`JsonBody`], and an empty body is `T::default()` (`POST …/reject` needs none);
+/// a body that is not empty needs the JSON content type.
 pub struct OptionalJsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self> {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))?;
+        let declared = is_json(req.headers());
+        let bytes = read_body(req).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(T::default()));
         }
+        if !declared {
+            return Err(not_json());
+        }
         parse_json(&bytes).map(OptionalJsonBody)
     }
+}
+
+/// Whether the request says its body is JSON (`application/json`, any parameters).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn not_json() -> Error {
+    Error::UnsupportedMediaType("send the body as JSON with Content-Type: application/json".into())
+}
+
+async fn json_bytes(req: Request) -> Result<axum::body::Bytes> {
+    if !is_json(req.headers()) {
+        return Err(not_json());
+    }
+    read_body(req).await
+}
+
+async fn read_body(req: Request) -> Result<axum::body::Bytes> {
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))
 }
 
 /// Parses a request body, telling malformed JSON from a well-formed wrong shape.
@@ -99,18 +126,17 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 /// The authenticated caller.
 pub struct Caller(pub Principal);
 
-/// The bearer token, or the UI's session cookie.
+/// The `Authorization: Bearer` token. Never a cookie: a browser attaches cookies to
+/// requests any page of the same site makes (other local ports included), so a
+/// cookie-authenticated API could be driven by such a page (DESIGN.md §8).
 pub fn presented_token(headers: &HeaderMap) -> Option<String> {
-    if let Some(value) = headers
+    let value = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, token) = value.trim().split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string());
-    }
-    cookie(headers, SESSION_COOKIE)
+        .and_then(|v| v.to_str().ok())?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
 }
 
 /// The value of cookie `name`, if the request carries it.

@@ -25,7 +25,8 @@
 //! | | the browser UI: login, approval page, vault pages | [`ui`] |
 //! | | the data-plane protocol and `ext_authz` (Unix socket only) | [`dataplane`] |
 //! | | `/metrics` for operators (Prometheus text) | [`metrics`] |
-//! | process | listeners, socket permissions, the app, startup | [`server`] |
+//! | process | HTTPS for the TCP listener | [`tls`] |
+//! | | listeners, socket permissions, the app, startup | [`server`] |
 //! | | the `agent-vault` command line (an HTTP client of [`api`]) | [`cli`] |
 //!
 //! Test fixtures shared by every module's unit tests are in `testing` (tests only).
@@ -48,6 +49,7 @@ pub mod server;
 pub mod services;
 pub mod snapshot;
 pub mod store;
+pub mod tls;
 pub mod ui;
 pub mod users;
 pub mod vaults;

@@ -58,6 +58,23 @@ pub struct ServerArgs {
     /// Request-log records kept per vault (the oldest are dropped first).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..), env = "AGENT_VAULT_LOG_MAX_RECORDS")]
     pub log_max_records: u64,
+    /// Serve the API and the UI over https with this PEM certificate chain (with
+    /// --tls-key): the UI's session cookie then never reaches another local port.
+    #[arg(
+        long,
+        env = "AGENT_VAULT_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "AGENT_VAULT_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Who may connect to the data-plane socket.
@@ -172,15 +189,20 @@ async fn not_found() -> crate::error::Error {
     crate::error::Error::not_found("not_found", "no such route")
 }
 
-/// Serves the API on `tcp` and the data plane on `socket` until `shutdown` resolves.
-/// Both share the store; the socket's routes get their own state, never the API's.
-pub async fn serve(
+/// Serves the API on `tcp` (plain, or a [`crate::tls::TlsListener`]) and the data
+/// plane on `socket` until `shutdown` resolves. Both share the store; the socket's
+/// routes get their own state, never the API's.
+pub async fn serve<L>(
     state: AppState,
     dataplane: DataplaneState,
-    tcp: TcpListener,
+    tcp: L,
     socket: PeerCheckedListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let stats = dataplane.stats.clone();
     let dataplane = crate::dataplane::router(dataplane);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -267,6 +289,11 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         );
     }
 
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -277,20 +304,36 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
         let addr = tcp.local_addr()?;
         let unix = bind_socket(&socket, PeerPolicy::current_user(args.socket_gid)).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let public_url = args
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{addr}"));
+        if !public_url.starts_with("https://") {
+            eprintln!(
+                "agent-vault: WARNING: the UI is served over plain HTTP ({public_url}): browsers \
+                 send its session cookie to every port of this host, so a server an agent runs \
+                 here can receive it. It cannot reveal a value or decide a proposal with it (those \
+                 ask for the password again), but it can read the UI's pages. Serve it over \
+                 https with --tls-cert and --tls-key."
+            );
+        }
         let store = Arc::new(store);
         let dataplane = DataplaneState::new(store.clone(), retention);
         let state = AppState::new(store, &public_url);
         // One line for humans and for scripts (tests parse the address from it).
         println!(
-            "agent-vault listening on http://{addr} (data-plane socket {}, data dir {})",
+            "agent-vault listening on {scheme}://{addr} (data-plane socket {}, data dir {})",
             socket.display(),
             data_dir.display()
         );
-        serve(state, dataplane, tcp, unix, shutdown_signal()).await?;
+        match tls {
+            Some(config) => {
+                let tcp = crate::tls::TlsListener::new(tcp, config)?;
+                serve(state, dataplane, tcp, unix, shutdown_signal()).await?;
+            }
+            None => serve(state, dataplane, tcp, unix, shutdown_signal()).await?,
+        }
         let _ = std::fs::remove_file(&socket);
         eprintln!("agent-vault: stopped");
         Ok(())

@@ -123,10 +123,18 @@ impl Harness {
         &self.state.store
     }
 
-    /// A fresh session token of `email`.
+    /// A fresh API session token of `email` (a bearer token).
     pub fn session(&self, email: &str) -> String {
         self.store()
             .login(&LoginLimiter::default(), email, PASSWORD)
+            .unwrap()
+            .token
+    }
+
+    /// A fresh UI session token of `email` (the cookie's value).
+    pub fn ui_session(&self, email: &str) -> String {
+        self.store()
+            .login_ui(&LoginLimiter::default(), email, PASSWORD)
             .unwrap()
             .token
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::access::{parse_role, put_member, vault_not_found, Principal, VaultRecord, VaultRole};
 use crate::crypto::{
     dummy_password_hash, hash_password, new_token, sha256_hex, verify_password, AGENT_PREFIX,
-    INVITE_PREFIX, SESSION_PREFIX,
+    INVITE_PREFIX, SESSION_PREFIX, UI_SESSION_PREFIX,
 };
 use crate::error::{Error, Result};
 use crate::store::{
@@ -192,7 +192,34 @@ impl Store {
         Ok(Registered { email, owner })
     }
 
+    /// A session for the CLI and the API (`Authorization: Bearer`).
     pub fn login(&self, limiter: &LoginLimiter, email: &str, password: &str) -> Result<LoggedIn> {
+        let email = self.check_password(limiter, email, password)?;
+        self.new_session(email, SESSION_PREFIX)
+    }
+
+    /// A session for the browser UI's cookie. It is never accepted on the API (and
+    /// API sessions never by the UI), so a cookie that leaks to another local port
+    /// cannot be used as a bearer token.
+    pub fn login_ui(
+        &self,
+        limiter: &LoginLimiter,
+        email: &str,
+        password: &str,
+    ) -> Result<LoggedIn> {
+        let email = self.check_password(limiter, email, password)?;
+        self.new_session(email, UI_SESSION_PREFIX)
+    }
+
+    /// Checks `email`'s password, rate-limited like a login; returns the canonical
+    /// email. The UI asks for it again before a value is revealed or a proposal
+    /// decided, so a session cookie alone is never enough for those.
+    pub fn check_password(
+        &self,
+        limiter: &LoginLimiter,
+        email: &str,
+        password: &str,
+    ) -> Result<String> {
         let email = email.trim().to_lowercase();
         let now = self.now_secs();
         if limiter.recent_failures(&email, now) >= LOGIN_MAX_FAILURES {
@@ -214,7 +241,12 @@ impl Store {
             ));
         }
         limiter.clear(&email);
-        let token = new_token(SESSION_PREFIX);
+        Ok(email)
+    }
+
+    fn new_session(&self, email: String, prefix: &str) -> Result<LoggedIn> {
+        let now = self.now_secs();
+        let token = new_token(prefix);
         let session = SessionRecord {
             email: email.clone(),
             created_at: now,
@@ -238,25 +270,17 @@ impl Store {
     }
 
     /// Resolves a bearer token (session or agent) to the principal it stands for.
+    /// The principal of an API token: a CLI/API session or an agent token (never a
+    /// UI session).
     pub fn authenticate(&self, token: &str) -> Result<Principal> {
         let unauthorized =
             || Error::Unauthorized("missing, unknown or expired token; log in again".into());
-        let now = self.now_secs();
-        let hash = sha256_hex(token.as_bytes());
         if token.starts_with(SESSION_PREFIX) {
-            let session: SessionRecord =
-                read_json(&self.trees.sessions, &hash)?.ok_or_else(unauthorized)?;
-            if session.expires_at <= now {
-                return Err(unauthorized());
-            }
-            let user: UserRecord =
-                read_json(&self.trees.users, session.email.as_bytes())?.ok_or_else(unauthorized)?;
-            return Ok(Principal::User {
-                email: user.email,
-                owner: user.owner,
-            });
+            return self.session_user(token)?.ok_or_else(unauthorized);
         }
         if token.starts_with(AGENT_PREFIX) {
+            let now = self.now_secs();
+            let hash = sha256_hex(token.as_bytes());
             let agent = self.agent_by_token_hash(&hash)?.ok_or_else(unauthorized)?;
             if agent.expires_at.is_some_and(|at| at <= now) {
                 return Err(unauthorized());
@@ -267,6 +291,29 @@ impl Store {
             });
         }
         Err(unauthorized())
+    }
+
+    /// The user of a UI session token (`None`: not a live UI session).
+    pub fn authenticate_ui(&self, token: &str) -> Result<Option<Principal>> {
+        if !token.starts_with(UI_SESSION_PREFIX) {
+            return Ok(None);
+        }
+        self.session_user(token)
+    }
+
+    fn session_user(&self, token: &str) -> Result<Option<Principal>> {
+        let hash = sha256_hex(token.as_bytes());
+        let Some(session) = read_json::<SessionRecord>(&self.trees.sessions, &hash)? else {
+            return Ok(None);
+        };
+        if session.expires_at <= self.now_secs() {
+            return Ok(None);
+        }
+        let user: Option<UserRecord> = read_json(&self.trees.users, session.email.as_bytes())?;
+        Ok(user.map(|user| Principal::User {
+            email: user.email,
+            owner: user.owner,
+        }))
     }
 
     pub fn list_members(&self, principal: &Principal, vault: &str) -> Result<Vec<MemberView>> {

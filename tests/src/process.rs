@@ -42,7 +42,7 @@ pub fn stop_gracefully(mut child: Child, grace: Duration) {
 }
 
 /// The `host:port` a starting `agent-vault server` announces on the first line of its
-/// stdout (`… http://ADDR …`), waiting up to `timeout`; `None` if it did not. The rest
+/// stdout (`… http://ADDR …` or `https://ADDR`), waiting up to `timeout`; `None` if it did not. The rest
 /// of its stdout is drained so the server never blocks on a full pipe.
 pub fn announced_address(child: &mut Child, timeout: Duration) -> Option<String> {
     let stdout = child.stdout.take()?;
@@ -58,7 +58,7 @@ pub fn announced_address(child: &mut Child, timeout: Duration) -> Option<String>
         }
     });
     let line = rx.recv_timeout(timeout).unwrap_or_default();
-    line.split("http://")
+    line.split("://")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .map(str::to_string)

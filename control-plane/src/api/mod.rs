@@ -3,7 +3,7 @@
 //! the blocking pool because sled flushes and Argon2id block. The state and the
 //! extractors are the shared shell in [`crate::http`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use agent_vault_rules::{Grant, Role, Service, UnmatchedHostPolicy};
 use axum::extract::{Path, Query, State};
@@ -17,7 +17,8 @@ use crate::access::{Principal, VaultRole};
 use crate::credentials::Secret;
 use crate::error::{Error, Result};
 use crate::http::{blocking, presented_token, AppState, Caller, JsonBody, OptionalJsonBody};
-use crate::proposals::{approval_url, ProposalInput, ProposalStatus};
+use crate::proposals::diff::Diff;
+use crate::proposals::{approval_url, Approval, ProposalInput, ProposalStatus, ProposalView};
 use crate::store::Store;
 
 /// The vault an agent-facing request is about: `X-Vault`, else the agent's only vault.
@@ -738,10 +739,28 @@ async fn get_proposal(
 ) -> Result<Response> {
     let id = proposal_id(&id)?;
     Ok(with_store(&state, caller, move |store, who| {
-        store.get_proposal(who, &vault, id)
+        let view = store.get_proposal(who, &vault, id)?;
+        // What approving would change, for the humans who decide.
+        let diff = match who {
+            Principal::User { .. } if view.status == ProposalStatus::Pending => {
+                Some(store.proposal_diff(who, &vault, id)?)
+            }
+            _ => None,
+        };
+        Ok(ProposalReview { view, diff })
     })
     .await?
     .into_response())
+}
+
+/// A proposal as a human reviewer gets it: the proposal and, while it is pending,
+/// what approving it would change.
+#[derive(Serialize)]
+struct ProposalReview {
+    #[serde(flatten)]
+    view: ProposalView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diff: Option<Diff>,
 }
 
 /// Approving and rejecting are for humans: an agent is refused before anything else
@@ -762,6 +781,9 @@ struct ApproveBody {
     values: BTreeMap<String, Secret>,
     #[serde(default)]
     accept_agent_values: bool,
+    /// The ids of the diff's warnings the human has seen (`GET` shows them).
+    #[serde(default)]
+    acknowledge: BTreeSet<String>,
 }
 
 async fn approve_proposal(
@@ -773,7 +795,12 @@ async fn approve_proposal(
     decider_is_not_an_agent(&caller)?;
     let id = proposal_id(&id)?;
     Ok(with_store(&state, caller, move |store, who| {
-        store.approve_proposal(who, &vault, id, body.values, body.accept_agent_values)
+        let approval = Approval {
+            values: body.values,
+            accept_agent_values: body.accept_agent_values,
+            acknowledged: body.acknowledge,
+        };
+        store.approve_proposal(who, &vault, id, approval)
     })
     .await?
     .into_response())

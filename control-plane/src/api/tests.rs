@@ -262,12 +262,29 @@ async fn a_proposal_is_raised_by_the_agent_and_decided_only_by_a_human() {
     assert_eq!(by_agent.status, StatusCode::FORBIDDEN);
     assert_eq!(by_agent.error(), "forbidden");
 
+    // A service change is an admin's to approve (a member may approve credential-only
+    // proposals).
     let member = h.session(MEMBER);
-    let approved = h
+    let by_member = h
         .call(
             Method::POST,
             "/v1/vaults/default/proposals/1/approve",
             Some(&member),
+            Some(values.clone()),
+        )
+        .await;
+    assert_eq!(
+        by_member.status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        by_member.body
+    );
+    let owner_session = h.session(OWNER);
+    let approved = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/proposals/1/approve",
+            Some(&owner_session),
             Some(values),
         )
         .await;

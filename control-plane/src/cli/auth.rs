@@ -118,8 +118,12 @@ fn logout(ctx: &Context) -> anyhow::Result<()> {
         return output::line("Not logged in");
     };
     // End the session on the server that issued it, whatever --address says.
-    let ended = super::client::Client::new(&session.address, Some(session.token.clone()))
-        .and_then(|client| client.post(&api_path(&["v1", "auth", "logout"]), &json!({})));
+    let ended = super::client::Client::new(
+        &session.address,
+        Some(session.token.clone()),
+        ctx.ca_file.as_deref(),
+    )
+    .and_then(|client| client.post(&api_path(&["v1", "auth", "logout"]), &json!({})));
     ctx.state.remove_session()?;
     match ended {
         Ok(_) => {}

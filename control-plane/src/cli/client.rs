@@ -4,7 +4,11 @@
 //! the server's `message` for API errors, a hint to start the server when nothing
 //! listens. The client never goes through `HTTP_PROXY`: an agent's environment points
 //! that at Envoy, and the management API must be reached directly.
+//!
+//! Over https it trusts the system's roots plus, when given (`--ca-file`,
+//! `AGENT_VAULT_CA_FILE`), the CA of a server whose certificate they do not cover.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
@@ -90,15 +94,34 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// `address` is a normalized base URL (`http://host:port`, no trailing slash).
-    pub fn new(address: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let http = HttpClient::builder()
+    /// `address` is a normalized base URL (`http(s)://host:port`, no trailing slash);
+    /// `ca_file` a PEM file of more certificates to trust for https.
+    pub fn new(
+        address: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let mut builder = HttpClient::builder()
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("agent-vault-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+            .https_only(address.starts_with("https://"))
+            .user_agent(concat!("agent-vault-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{} holds no PEM certificate", path.display()))?;
+            anyhow::ensure!(
+                !certificates.is_empty(),
+                "{} holds no PEM certificate",
+                path.display()
+            );
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().context("cannot set up the HTTP client")?;
         Ok(Self {
             http,
             address: address.to_owned(),
@@ -272,7 +295,7 @@ mod tests {
     #[test]
     fn connection_refused_says_to_start_the_server() {
         // Port 1 on loopback: nothing listens there in a test environment.
-        let client = Client::new("http://127.0.0.1:1", None).unwrap();
+        let client = Client::new("http://127.0.0.1:1", None, None).unwrap();
         let err = client.get("/health").unwrap_err();
         assert_eq!(
             crate::cli::one_line(&err),

@@ -1,7 +1,8 @@
 //! What a command runs against: which server, with which token, on which vault.
 //!
 //! - Address: `--address` / `AGENT_VAULT_ADDR`, else the saved session's server, else
-//!   `http://127.0.0.1:14321`.
+//!   `http://127.0.0.1:14321`; `http://` or `https://` (`--ca-file` / `AGENT_VAULT_CA_FILE`
+//!   adds a CA to trust besides the system's).
 //! - Token: `AGENT_VAULT_TOKEN` (agent or session token), else the saved session — but
 //!   only when the session belongs to the address in use, so a session token is never
 //!   sent to a server that did not issue it.
@@ -53,16 +54,13 @@ pub fn resolve_vault(flag: Option<&str>, env: Option<&str>, config: Option<&str>
     }
 }
 
-/// `http://host:port` without a trailing slash.
+/// `http(s)://host:port` without a trailing slash.
 pub fn normalize_address(raw: &str) -> anyhow::Result<String> {
     let address = raw.trim().trim_end_matches('/');
-    if address.starts_with("https://") {
-        bail!(
-            "cannot use {address}: this build of the CLI speaks plain HTTP only; \
-             reach the control plane over loopback or an SSH tunnel"
-        );
-    }
-    let Some(rest) = address.strip_prefix("http://") else {
+    let rest = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"));
+    let Some(rest) = rest else {
         bail!("invalid address {address:?}: expected a URL like {DEFAULT_ADDRESS}");
     };
     if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
@@ -131,6 +129,8 @@ pub struct Context {
     pub state: StateDir,
     pub session: Option<Session>,
     pub config: Config,
+    /// More CA certificates to trust for https (`--ca-file`).
+    pub ca_file: Option<std::path::PathBuf>,
     vault_flag: Option<String>,
     vault_env: Option<String>,
     env_token: Option<String>,
@@ -149,6 +149,7 @@ impl Context {
             state,
             session,
             config,
+            ca_file: global.ca_file.clone(),
             vault_flag: global.vault.clone(),
             vault_env: std::env::var(VAULT_ENV).ok(),
             env_token: std::env::var(TOKEN_ENV).ok(),
@@ -189,12 +190,15 @@ impl Context {
             }
             TokenSource::Env => Some(format!("check {TOKEN_ENV}")),
         };
-        Ok(Client::new(&self.address, Some(token))?.with_unauthorized_hint(hint))
+        Ok(
+            Client::new(&self.address, Some(token), self.ca_file.as_deref())?
+                .with_unauthorized_hint(hint),
+        )
     }
 
     /// A client without a token (register, login).
     pub fn anonymous_client(&self) -> anyhow::Result<Client> {
-        Client::new(&self.address, None)
+        Client::new(&self.address, None, self.ca_file.as_deref())
     }
 }
 
@@ -278,7 +282,11 @@ mod tests {
         assert!(normalize_address("127.0.0.1:14321").is_err());
         assert!(normalize_address("http://").is_err());
         assert!(normalize_address("http://host/path").is_err());
-        assert!(normalize_address("https://host").is_err());
+        assert_eq!(
+            normalize_address("https://host:8443/").unwrap(),
+            "https://host:8443"
+        );
+        assert!(normalize_address("ftp://host").is_err());
     }
 
     #[test]

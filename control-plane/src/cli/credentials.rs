@@ -2,19 +2,27 @@
 //!
 //! Values are printed by `get` and `list --reveal` only. `set` checks every
 //! `KEY=VALUE` before sending anything and sends the whole batch in one request, which
-//! the server applies all or nothing.
+//! the server applies all or nothing. `KEY=-` reads the value instead of taking it
+//! from the command line, where every local user can see it (`ps`, `/proc`): a hidden
+//! prompt on a terminal, else stdin ([`read_pairs`]).
 
-use anyhow::bail;
+use std::io::Read as _;
+
+use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
 
 use super::client::api_path;
 use super::context::Context;
 use super::output::{self, str_field};
+use super::prompt;
 
 #[derive(Debug, Subcommand)]
 pub enum CredentialCommand {
-    /// Set (or overwrite) credentials: KEY=VALUE [KEY=VALUE ...], all or nothing
+    /// Set (or overwrite) credentials: KEY=VALUE [KEY=VALUE ...], all or nothing.
+    /// KEY=- reads the value from a hidden prompt, or from stdin (the whole of it for
+    /// one KEY=-, one line each for several), so it never shows in `ps`
     Set {
         #[arg(required = true, value_name = "KEY=VALUE")]
         pairs: Vec<String>,
@@ -89,12 +97,53 @@ pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     Ok(parsed)
 }
 
-fn set(ctx: &Context, pairs: &[String]) -> anyhow::Result<()> {
+/// The value argument that means "read it, do not take it from the command line".
+pub const READ_VALUE: &str = "-";
+
+/// [`parse_pairs`], then every `KEY=-` value read: on a terminal from a hidden prompt
+/// per key; otherwise from stdin, all of it (one trailing newline removed) when one
+/// key reads, one line per key, in order, when several do.
+pub fn read_pairs(pairs: &[String]) -> anyhow::Result<Vec<(String, Zeroizing<String>)>> {
     let parsed = parse_pairs(pairs)?;
+    let reading = parsed.iter().filter(|(_, v)| v == READ_VALUE).count();
+    let interactive = prompt::stdin_is_terminal();
+    let mut stdin = std::io::stdin().lock();
+    let mut values = Vec::with_capacity(parsed.len());
+    for (key, value) in parsed {
+        let value = if value != READ_VALUE {
+            Zeroizing::new(value)
+        } else if interactive {
+            prompt::prompt_hidden(&format!("Value for {key}: "))?
+        } else if reading == 1 {
+            let mut all = Zeroizing::new(String::new());
+            stdin
+                .read_to_string(&mut all)
+                .with_context(|| format!("cannot read the value of {key} from stdin"))?;
+            if all.ends_with('\n') {
+                all.pop();
+                if all.ends_with('\r') {
+                    all.pop();
+                }
+            }
+            all
+        } else {
+            prompt::read_line(&mut stdin)?
+                .with_context(|| format!("no line on stdin for {key}: one line per KEY=-"))?
+        };
+        if value.is_empty() {
+            bail!("{key} has an empty value: a credential value cannot be empty");
+        }
+        values.push((key, value));
+    }
+    Ok(values)
+}
+
+fn set(ctx: &Context, pairs: &[String]) -> anyhow::Result<()> {
+    let parsed = read_pairs(pairs)?;
     let vault = ctx.vault().name;
     let credentials: Map<String, Value> = parsed
         .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .map(|(k, v)| (k.clone(), Value::String(v.to_string())))
         .collect();
     let answer = ctx.client()?.post(
         &api_path(&["v1", "vaults", &vault, "credentials"]),

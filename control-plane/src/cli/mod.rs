@@ -100,6 +100,15 @@ pub struct GlobalArgs {
     /// Print the server's JSON instead of a table or a message
     #[arg(long, global = true, help_heading = GLOBAL_OPTIONS)]
     pub json: bool,
+    /// PEM file of CA certificates to trust for an https address, besides the system's
+    #[arg(
+        long,
+        global = true,
+        env = "AGENT_VAULT_CA_FILE",
+        value_name = "PEM",
+        help_heading = GLOBAL_OPTIONS
+    )]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -367,7 +376,7 @@ mod tests {
         assert_eq!(cli.global.vault.as_deref(), Some("my-vault"));
         match cli.command {
             Command::Vault(vaults::VaultCommand::Proposal(
-                proposals::ProposalCommand::Approve { id, pairs, yes },
+                proposals::ProposalCommand::Approve { id, pairs, yes, .. },
             )) => {
                 assert_eq!(id, 3);
                 assert_eq!(pairs, vec!["STRIPE_KEY=sk_test_abc123".to_string()]);

@@ -4,10 +4,14 @@
 //!   flags plus `--credential KEY[:description]` slots, or the seed's full JSON with
 //!   `-f FILE|-`. Prints the id, the status and the approval link for a human.
 //! - `list`, `show`: never a value (the server sends `has_value` instead).
-//! - `approve N [KEY=VALUE …] [--yes]`: every set slot needs a value; missing ones are
-//!   prompted for without echo on a terminal, and agent-supplied values are accepted
-//!   only after asking (or with `--yes`). Without a terminal, a missing value is an
-//!   error naming the key.
+//! - `approve N [KEY=VALUE …] [--yes] [--accept-warnings]`: every set slot needs a
+//!   value (`KEY=-` reads it instead of taking it from the command line); missing ones
+//!   are prompted for without echo on a terminal, and agent-supplied values are
+//!   accepted only after asking (or with `--yes`). Without a terminal, a missing value
+//!   is an error naming the key. The proposal is shown as a diff against the vault;
+//!   each warning (an existing credential sent to a new host, a host changed, TLS
+//!   turned off, a rule shadowing another) is acknowledged one by one on a terminal,
+//!   or with `--accept-warnings` after reading them; else nothing is applied.
 //! - `reject N [--reason R]`.
 //! - `review`: each pending proposal in turn, approve / reject / skip / quit, and a
 //!   summary at the end. Without a terminal the answers come from stdin, one per line
@@ -25,7 +29,7 @@ use zeroize::Zeroizing;
 
 use super::client::{api_path, Client};
 use super::context::{Context, VaultSource};
-use super::credentials::{check_key, parse_pairs};
+use super::credentials::{check_key, read_pairs};
 use super::output::{self, str_field};
 use super::prompt;
 use super::services::{build_service, AddService, AuthType, ServiceFlags};
@@ -55,6 +59,9 @@ pub enum ProposalCommand {
         /// Accept the values the agent supplied without asking
         #[arg(long, short = 'y')]
         yes: bool,
+        /// Acknowledge every warning of the proposal's diff (read them first: `show N`)
+        #[arg(long)]
+        accept_warnings: bool,
     },
     /// Reject a pending proposal
     Reject {
@@ -124,7 +131,12 @@ pub fn run(cmd: ProposalCommand, ctx: &Context) -> anyhow::Result<()> {
         ProposalCommand::Create(args) => create(ctx, &args),
         ProposalCommand::List { status } => list(ctx, status),
         ProposalCommand::Show { id } => show(ctx, id),
-        ProposalCommand::Approve { id, pairs, yes } => approve(ctx, id, &pairs, yes),
+        ProposalCommand::Approve {
+            id,
+            pairs,
+            yes,
+            accept_warnings,
+        } => approve(ctx, id, &pairs, yes, accept_warnings),
         ProposalCommand::Reject { id, reason } => reject(ctx, id, reason.as_deref()),
         ProposalCommand::Review => review(ctx),
     }
@@ -544,6 +556,9 @@ pub fn describe(p: &Value) -> String {
             }
         }
     }
+    if let Some(diff) = p.get("diff").filter(|d| d.is_object()) {
+        out.push_str(&describe_diff(diff));
+    }
     if let Some(review) = p.get("review").filter(|r| r.is_object()) {
         let mut line = format!(
             "  Reviewed: {} by {} at {}",
@@ -558,6 +573,103 @@ pub fn describe(p: &Value) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `api.stripe.com, bearer STRIPE_KEY, TLS on`.
+fn summary_line(s: &Value) -> String {
+    let keys: Vec<String> = output::items(s.get("keys").unwrap_or(&Value::Null))
+        .iter()
+        .filter_map(Value::as_str)
+        .map(output::cell)
+        .collect();
+    let tls = match s.get("upstream_tls").and_then(Value::as_bool) {
+        Some(false) => "TLS OFF",
+        _ => "TLS on",
+    };
+    format!(
+        "{}, {} {}, {tls}",
+        output::cell(str_field(s, "host")),
+        output::cell(str_field(s, "auth_type")),
+        keys.join(" ")
+    )
+}
+
+/// The server's diff of a pending proposal against its vault, and its warnings.
+fn describe_diff(diff: &Value) -> String {
+    let mut out = String::from("  Changes to the vault:\n");
+    for change in output::items(diff.get("services").unwrap_or(&Value::Null)) {
+        let name = output::cell(str_field(change, "name"));
+        let side = |field: &str| change.get(field).map(summary_line);
+        let line = match str_field(change, "change") {
+            "add" => format!(
+                "    new service {name}: {}",
+                side("after").unwrap_or_default()
+            ),
+            "replace" => format!(
+                "    REPLACE service {name}: {}  ->  {}",
+                side("before").unwrap_or_default(),
+                side("after").unwrap_or_default()
+            ),
+            _ => match side("before") {
+                Some(before) => format!("    remove service {name}: {before}"),
+                None => format!("    remove service {name} (not in the vault: approving fails)"),
+            },
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    for change in output::items(diff.get("credentials").unwrap_or(&Value::Null)) {
+        let key = output::cell(str_field(change, "key"));
+        let agent = if change.get("from_agent").and_then(Value::as_bool) == Some(true) {
+            " (the agent's value)"
+        } else {
+            ""
+        };
+        let line = match str_field(change, "change") {
+            "add" => format!("    new credential {key}{agent}"),
+            "overwrite" => format!("    OVERWRITE existing credential {key}{agent}"),
+            _ => format!("    delete credential {key}"),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    for warning in warnings(diff) {
+        out.push_str(&format!("  WARNING: {}\n", output::cell(&warning.message)));
+    }
+    out
+}
+
+/// A warning of a proposal's diff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Warning {
+    id: String,
+    message: String,
+    /// Needs acknowledging only when the agent's value for this key is accepted.
+    key: Option<String>,
+}
+
+fn warnings(diff: &Value) -> Vec<Warning> {
+    output::items(diff.get("warnings").unwrap_or(&Value::Null))
+        .iter()
+        .map(|w| Warning {
+            id: str_field(w, "id").to_owned(),
+            message: str_field(w, "message").to_owned(),
+            key: w.get("key").and_then(Value::as_str).map(str::to_owned),
+        })
+        .collect()
+}
+
+/// The warnings of proposal `p` this approval must acknowledge.
+fn required_warnings(p: &Value, approval: &Approval, slots: &[Slot]) -> Vec<Warning> {
+    let takes_agent_value = |key: &str| {
+        approval.accept_agent_values
+            && !approval.values.contains_key(key)
+            && slots.iter().any(|s| s.key == key && s.has_value)
+    };
+    warnings(p.get("diff").unwrap_or(&Value::Null))
+        .into_iter()
+        .filter(|w| w.key.as_deref().is_none_or(takes_agent_value))
+        .collect()
 }
 
 // ---------------------------------------------------------------- deciding
@@ -587,15 +699,21 @@ fn set_slots(p: &Value) -> Vec<Slot> {
         .collect()
 }
 
-/// What the human supplied: values for slots, and whether the agent's are accepted.
+/// What the human supplied: values for slots, whether the agent's are accepted, and
+/// the warnings acknowledged.
 struct Approval {
     values: Map<String, Value>,
     accept_agent_values: bool,
+    acknowledge: Vec<String>,
 }
 
 impl Approval {
     fn body(&self) -> Value {
-        json!({"values": self.values, "accept_agent_values": self.accept_agent_values})
+        json!({
+            "values": self.values,
+            "accept_agent_values": self.accept_agent_values,
+            "acknowledge": self.acknowledge,
+        })
     }
 }
 
@@ -623,7 +741,13 @@ fn ensure_pending(p: &Value, id: u64) -> anyhow::Result<()> {
     }
 }
 
-fn approve(ctx: &Context, id: u64, pairs: &[String], yes: bool) -> anyhow::Result<()> {
+fn approve(
+    ctx: &Context,
+    id: u64,
+    pairs: &[String],
+    yes: bool,
+    accept_warnings: bool,
+) -> anyhow::Result<()> {
     let vault = ctx.vault().name;
     let client = ctx.client()?;
     let proposal = client.get(&api_path(&[
@@ -635,7 +759,7 @@ fn approve(ctx: &Context, id: u64, pairs: &[String], yes: bool) -> anyhow::Resul
     ]))?;
     ensure_pending(&proposal, id)?;
     let slots = set_slots(&proposal);
-    let given = parse_pairs(pairs)?;
+    let given = read_pairs(pairs)?;
     for (key, _) in &given {
         if !slots.iter().any(|s| s.key == *key) {
             bail!("proposal {id} has no credential slot {key} to set");
@@ -648,12 +772,13 @@ fn approve(ctx: &Context, id: u64, pairs: &[String], yes: bool) -> anyhow::Resul
     let mut approval = Approval {
         values: Map::new(),
         accept_agent_values: false,
+        acknowledge: Vec::new(),
     };
     for slot in &slots {
         if let Some((_, value)) = given.iter().find(|(k, _)| *k == slot.key) {
             approval
                 .values
-                .insert(slot.key.clone(), Value::String(value.clone()));
+                .insert(slot.key.clone(), Value::String(value.to_string()));
             continue;
         }
         if slot.has_value {
@@ -687,6 +812,22 @@ fn approve(ctx: &Context, id: u64, pairs: &[String], yes: bool) -> anyhow::Resul
         approval
             .values
             .insert(slot.key.clone(), Value::String(value.to_string()));
+    }
+    for warning in required_warnings(&proposal, &approval, &slots) {
+        if !accept_warnings {
+            if !interactive {
+                bail!(
+                    "proposal {id} needs its warnings acknowledged; nothing was applied:\n  {}\n\
+                     read them (agent-vault vault proposal show {id}), then pass --accept-warnings",
+                    output::cell(&warning.message)
+                );
+            }
+            output::note(&format!("WARNING: {}", output::cell(&warning.message)));
+            if !prompt::confirm("Allow this change?")? {
+                bail!("proposal {id} not approved; nothing was applied");
+            }
+        }
+        approval.acknowledge.push(warning.id);
     }
     let applied = client.post(&user_path(&vault, id, "approve"), &approval.body())?;
     if ctx.json {
@@ -779,6 +920,7 @@ impl<R: BufRead> Answers<R> {
         let mut approval = Approval {
             values: Map::new(),
             accept_agent_values: false,
+            acknowledge: Vec::new(),
         };
         for slot in slots {
             if self.interactive {
@@ -815,6 +957,24 @@ impl<R: BufRead> Answers<R> {
             }
         }
         Ok(approval)
+    }
+
+    /// Acknowledges each warning the approval needs (a `y`/`yes` answer each, on the
+    /// terminal or one line of stdin); any other answer approves nothing.
+    fn acknowledge(
+        &mut self,
+        warnings: Vec<Warning>,
+        approval: &mut Approval,
+    ) -> anyhow::Result<()> {
+        for warning in warnings {
+            output::note(&format!("WARNING: {}", output::cell(&warning.message)));
+            let answer = self.ask("Allow this change? [y/N] ")?.unwrap_or_default();
+            if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+                bail!("a warning was not acknowledged; nothing was applied");
+            }
+            approval.acknowledge.push(warning.id);
+        }
+        Ok(())
     }
 }
 
@@ -889,9 +1049,23 @@ fn review(ctx: &Context) -> anyhow::Result<()> {
     };
     let mut tally = Tally::default();
     let total = pending.len();
-    for (index, proposal) in pending.iter().enumerate() {
-        let id = proposal.get("id").and_then(Value::as_u64).unwrap_or(0);
-        output::text(&format!("\n[{}/{total}] {}", index + 1, describe(proposal)))?;
+    for (index, listed) in pending.iter().enumerate() {
+        let id = listed.get("id").and_then(Value::as_u64).unwrap_or(0);
+        // One by one: the proposal with its diff against the vault as it is now.
+        let proposal = client
+            .get(&api_path(&[
+                "v1",
+                "vaults",
+                &vault,
+                "proposals",
+                &id.to_string(),
+            ]))
+            .unwrap_or_else(|_| listed.clone());
+        output::text(&format!(
+            "\n[{}/{total}] {}",
+            index + 1,
+            describe(&proposal)
+        ))?;
         match answers.decision()? {
             Decision::Quit => {
                 tally.not_reviewed.extend(
@@ -929,9 +1103,17 @@ fn review(ctx: &Context) -> anyhow::Result<()> {
                 }
             }
             Decision::Approve => {
-                let result = answers.approval(&set_slots(proposal)).and_then(|approval| {
-                    client.post(&user_path(&vault, id, "approve"), &approval.body())
-                });
+                let slots = set_slots(&proposal);
+                let result = answers
+                    .approval(&slots)
+                    .and_then(|mut approval| {
+                        let required = required_warnings(&proposal, &approval, &slots);
+                        answers.acknowledge(required, &mut approval)?;
+                        Ok(approval)
+                    })
+                    .and_then(|approval| {
+                        client.post(&user_path(&vault, id, "approve"), &approval.body())
+                    });
                 match result {
                     Ok(applied) => {
                         output::line(&applied_message(&applied, id, &vault))?;

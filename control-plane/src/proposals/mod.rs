@@ -24,22 +24,24 @@
 //! set and delete, and the status change in ONE transaction: any failure applies
 //! nothing (409 `apply_failed`) and the proposal stays pending.
 
+pub mod diff;
 mod validate;
 
+use diff::{merge_services, Diff};
 use validate::check_references;
 pub use validate::{
     validate_proposal, MAX_DESCRIPTION, MAX_INSTRUCTIONS, MAX_MESSAGE, MAX_OBTAIN, MAX_SERVICES,
     MAX_SLOTS, MAX_USER_MESSAGE,
 };
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use agent_vault_rules::{validate_services, Auth, Service};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 
-use crate::access::{ensure_vault_unchanged, Principal};
+use crate::access::{ensure_vault_unchanged, Access, Principal};
 use crate::credentials::{put_credentials, seal_record, validate_entry, CredentialRecord, Secret};
 use crate::crypto::{new_token, proposal_value_aad, sha256_hex, Key, APPROVAL_PREFIX};
 use crate::error::{Error, Result};
@@ -478,6 +480,23 @@ fn unexpired(expires_at: i64, now: i64) -> bool {
 }
 
 impl Store {
+    /// What approving proposal `id` would change in `vault` now, with the warnings the
+    /// approver must acknowledge (members and admins; agents never see it).
+    pub fn proposal_diff(&self, principal: &Principal, vault: &str, id: u64) -> Result<Diff> {
+        reviewer(principal)?;
+        let (record, access) = self.access(principal, vault)?;
+        access.require_member()?;
+        let view = self.get_proposal(principal, vault, id)?;
+        let current = self.services_of(&record.id)?;
+        let held = self.credential_keys(&record.id)?;
+        Ok(diff::diff(
+            &view.services,
+            &view.credentials,
+            &current,
+            |k| held.contains(k),
+        ))
+    }
+
     /// Proposals waiting for a human in every vault, now (for `/metrics`). Reads only;
     /// a pending proposal past its expiry is not counted, though it is stored as
     /// expired only on its next read or write.
@@ -703,15 +722,20 @@ impl Store {
 
     /// Applies a pending proposal: every service merge, credential set and delete and
     /// the status change in one transaction. Each set slot takes its value from
-    /// `values`, else (with `accept_agent_values`) the agent's.
+    /// `values`, else (with `accept_agent_values`) the agent's. Every warning of the
+    /// proposal's [`diff`](Store::proposal_diff) must be in `acknowledged`.
     pub fn approve_proposal(
         &self,
         principal: &Principal,
         vault: &str,
         id: u64,
-        values: BTreeMap<String, Secret>,
-        accept_agent_values: bool,
+        approval: Approval,
     ) -> Result<ProposalView> {
+        let Approval {
+            values,
+            accept_agent_values,
+            ..
+        } = &approval;
         let by = reviewer(principal)?;
         let (vault_record, access) = self.access(principal, vault)?;
         // Members and admins decide proposals (agents were refused by `reviewer`).
@@ -724,7 +748,27 @@ impl Store {
         if record.status != ProposalStatus::Pending {
             return Err(not_pending(&record));
         }
-        for (key, value) in &values {
+        // Only admins manage services, directly or through a proposal (a member could
+        // otherwise propose and approve a service change itself).
+        if !record.services.is_empty() && access != Access::Admin {
+            return Err(Error::forbidden(format!(
+                "proposal {id} changes services, which needs the admin role on vault \"{vault}\"; \
+                 members can approve proposals that only set credentials"
+            )));
+        }
+        // Keys whose agent-supplied value this approval takes.
+        let agent_keys: BTreeSet<String> = record
+            .credentials
+            .iter()
+            .filter(|slot| {
+                slot.action == ProposalAction::Set
+                    && slot.sealed.is_some()
+                    && *accept_agent_values
+                    && !values.contains_key(&slot.key)
+            })
+            .map(|slot| slot.key.clone())
+            .collect();
+        for (key, value) in values {
             let wanted = record
                 .credentials
                 .iter()
@@ -749,7 +793,7 @@ impl Store {
         {
             let value = match (values.get(&slot.key), &slot.sealed) {
                 (Some(value), _) => value.clone(),
-                (None, Some(agent)) if accept_agent_values => {
+                (None, Some(agent)) if *accept_agent_values => {
                     open_value(&data_key, vault_id, id, &slot.key, agent)?
                 }
                 (None, agent) => {
@@ -778,35 +822,46 @@ impl Store {
                 Err(expired) => return Ok(Err(expired)),
             };
 
-            let mut services = read_services_tx(tx, vault_id)?;
-            let mut set_services = Vec::new();
-            for change in &current.services {
-                match change.action {
-                    ProposalAction::Set => {
-                        let Some(service) = change.service() else {
-                            return abort(apply_failed(
-                                id,
-                                format!("service {:?} has no host or auth", change.name),
-                            ));
-                        };
-                        match services.iter_mut().find(|s| s.name == service.name) {
-                            Some(existing) => *existing = service.clone(),
-                            None => services.push(service.clone()),
-                        }
-                        set_services.push(service);
-                    }
-                    ProposalAction::Delete => {
-                        let before = services.len();
-                        services.retain(|s| s.name != change.name);
-                        if services.len() == before {
-                            return abort(apply_failed(
-                                id,
-                                format!("service {:?} is not in vault \"{vault}\"", change.name),
-                            ));
-                        }
+            let before = read_services_tx(tx, vault_id)?;
+            // What is acknowledged must be what is applied: the diff again, against
+            // the vault as this transaction sees it.
+            let mut held = BTreeSet::new();
+            for slot in &current.credentials {
+                if tx
+                    .credentials
+                    .get(vault_key(vault_id, &slot.key))?
+                    .is_some()
+                {
+                    held.insert(slot.key.clone());
+                }
+            }
+            for change in current.services.iter().filter_map(ServiceChange::service) {
+                for referenced in change.auth.referenced_keys() {
+                    if tx
+                        .credentials
+                        .get(vault_key(vault_id, &referenced))?
+                        .is_some()
+                    {
+                        held.insert(referenced);
                     }
                 }
             }
+            let view = current.view();
+            let diff = diff::diff(&view.services, &view.credentials, &before, |k| {
+                held.contains(k)
+            });
+            let missing: Vec<&diff::Warning> = diff
+                .required(&agent_keys)
+                .filter(|w| !approval.acknowledged.contains(&w.id))
+                .collect();
+            if !missing.is_empty() {
+                return abort(unacknowledged(id, &missing));
+            }
+            let mut services = before;
+            let set_services = match merge_services(&mut services, &current.services, vault) {
+                Ok(set) => set,
+                Err(reason) => return abort(apply_failed(id, reason)),
+            };
             if let Err(e) = validate_services(&services, &options) {
                 return abort(apply_failed(id, e));
             }
@@ -892,6 +947,42 @@ impl Store {
         })?;
         Ok(outcome?.view())
     }
+}
+
+/// How a human approves: values for the set slots, whether the agent's own values are
+/// accepted where it supplied them, and the warnings of the proposal's diff they have
+/// seen and acknowledge (by id).
+#[derive(Debug, Default)]
+pub struct Approval {
+    pub values: BTreeMap<String, Secret>,
+    pub accept_agent_values: bool,
+    pub acknowledged: BTreeSet<String>,
+}
+
+impl Approval {
+    /// Values and the agent-values choice, acknowledging no warning.
+    pub fn new(values: BTreeMap<String, Secret>, accept_agent_values: bool) -> Approval {
+        Approval {
+            values,
+            accept_agent_values,
+            acknowledged: BTreeSet::new(),
+        }
+    }
+}
+
+/// 409: the approval did not acknowledge every warning of the proposal's diff.
+fn unacknowledged(id: u64, warnings: &[&diff::Warning]) -> Error {
+    let listed: Vec<String> = warnings
+        .iter()
+        .map(|w| format!("[{}] {}", w.id, w.message))
+        .collect();
+    Error::conflict(
+        "warnings_not_acknowledged",
+        format!(
+            "proposal {id} was not applied: acknowledge each warning to approve it: {}",
+            listed.join("; ")
+        ),
+    )
 }
 
 /// Inside the transaction that decides proposal `id` of `vault` (name, id): the

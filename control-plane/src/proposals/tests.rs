@@ -19,10 +19,13 @@ struct Fixture {
 fn fixture() -> Fixture {
     let clock = ManualClock::new(T0_MS);
     let (dir, store) = temp_store(clock.clone(), false);
-    // A member (not admin) of `default`.
+    // A member (not admin) and an admin (not the owner) of `default`.
     let vault_id = store.vault("default").unwrap().unwrap().id;
     store
         .write(|tx| crate::access::put_member(tx, &vault_id, MEMBER, VaultRole::Member))
+        .unwrap();
+    store
+        .write(|tx| crate::access::put_member(tx, &vault_id, ADMIN, VaultRole::Admin))
         .unwrap();
     Fixture {
         _dir: dir,
@@ -31,8 +34,30 @@ fn fixture() -> Fixture {
     }
 }
 
+const ADMIN: &str = "admin@example.com";
+
 fn member() -> Principal {
     crate::testing::member(MEMBER)
+}
+
+/// An approval that acknowledges every warning of the proposal's diff, as a human who
+/// read them does.
+fn all_acknowledged(
+    f: &Fixture,
+    id: u64,
+    values: BTreeMap<String, Secret>,
+    accept_agent_values: bool,
+) -> Approval {
+    let diff = f.store.proposal_diff(&owner(), "default", id).unwrap();
+    Approval {
+        values,
+        accept_agent_values,
+        acknowledged: diff.warnings.into_iter().map(|w| w.id).collect(),
+    }
+}
+
+fn admin() -> Principal {
+    crate::testing::member(ADMIN)
 }
 
 fn stranger() -> Principal {
@@ -521,7 +546,12 @@ fn agents_can_never_approve_or_reject_not_even_their_own() {
     for who in [agent("bot"), agent("other")] {
         let err = f
             .store
-            .approve_proposal(&who, "default", 1, secrets(&[("STRIPE_KEY", "sk")]), true)
+            .approve_proposal(
+                &who,
+                "default",
+                1,
+                Approval::new(secrets(&[("STRIPE_KEY", "sk")]), true),
+            )
             .unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::FORBIDDEN, "{err}");
         let err = f
@@ -557,7 +587,7 @@ fn agents_can_never_approve_or_reject_not_even_their_own() {
 }
 
 #[test]
-fn a_member_approves_and_everything_is_applied() {
+fn an_admin_approves_and_everything_is_applied() {
     let f = fixture();
     set_credential(&f, "OLD_API_KEY", "old");
     f.store
@@ -601,11 +631,10 @@ fn a_member_approves_and_everything_is_applied() {
     let err = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("STRIPE_KEY", "sk")]),
-            false,
+            all_acknowledged(&f, view.id, secrets(&[("STRIPE_KEY", "sk")]), false),
         )
         .unwrap_err();
     assert_eq!(err.code(), "value_required");
@@ -613,7 +642,12 @@ fn a_member_approves_and_everything_is_applied() {
     assert!(err.to_string().contains("accept_agent_values"), "{err}");
     let err = f
         .store
-        .approve_proposal(&member(), "default", view.id, BTreeMap::new(), true)
+        .approve_proposal(
+            &admin(),
+            "default",
+            view.id,
+            all_acknowledged(&f, view.id, BTreeMap::new(), true),
+        )
         .unwrap_err();
     assert_eq!(err.code(), "value_required");
     assert!(err.to_string().contains("STRIPE_KEY"), "{err}");
@@ -621,22 +655,25 @@ fn a_member_approves_and_everything_is_applied() {
     let err = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("STRIPE_KEY", "sk"), ("OTHER", "x")]),
-            true,
+            all_acknowledged(
+                &f,
+                view.id,
+                secrets(&[("STRIPE_KEY", "sk"), ("OTHER", "x")]),
+                true,
+            ),
         )
         .unwrap_err();
     assert_eq!(err.code(), "invalid_request");
     let err = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("STRIPE_KEY", "")]),
-            true,
+            all_acknowledged(&f, view.id, secrets(&[("STRIPE_KEY", "")]), true),
         )
         .unwrap_err();
     assert_eq!(err.code(), "invalid_value");
@@ -645,16 +682,20 @@ fn a_member_approves_and_everything_is_applied() {
     let applied = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("STRIPE_KEY", "sk_test_abc123")]),
-            true,
+            all_acknowledged(
+                &f,
+                view.id,
+                secrets(&[("STRIPE_KEY", "sk_test_abc123")]),
+                true,
+            ),
         )
         .unwrap();
     assert_eq!(applied.status, ProposalStatus::Applied);
     let review = applied.review.clone().unwrap();
-    assert_eq!(review.by, MEMBER);
+    assert_eq!(review.by, ADMIN);
     assert_eq!(review.reason, None);
     assert_eq!(
         credential(&f, "STRIPE_KEY").as_deref(),
@@ -678,11 +719,10 @@ fn a_member_approves_and_everything_is_applied() {
     let err = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("STRIPE_KEY", "x")]),
-            true,
+            all_acknowledged(&f, view.id, secrets(&[("STRIPE_KEY", "x")]), true),
         )
         .unwrap_err();
     assert_eq!(err.code(), "not_pending");
@@ -702,7 +742,7 @@ fn agent_values_are_used_only_when_accepted_and_can_be_overridden() {
     propose(&f, body.clone()).unwrap();
     propose(&f, body).unwrap();
     f.store
-        .approve_proposal(&owner(), "default", 1, BTreeMap::new(), true)
+        .approve_proposal(&owner(), "default", 1, Approval::new(BTreeMap::new(), true))
         .unwrap();
     assert_eq!(
         credential(&f, "GENERATED_TOKEN").as_deref(),
@@ -713,8 +753,7 @@ fn agent_values_are_used_only_when_accepted_and_can_be_overridden() {
             &owner(),
             "default",
             2,
-            secrets(&[("GENERATED_TOKEN", "tok_human")]),
-            true,
+            Approval::new(secrets(&[("GENERATED_TOKEN", "tok_human")]), true),
         )
         .unwrap();
     assert_eq!(
@@ -761,11 +800,15 @@ fn a_failing_apply_changes_nothing_and_the_proposal_stays_pending() {
     let err = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("NEW_KEY", "new-value"), ("KEEP", "overwritten")]),
-            false,
+            all_acknowledged(
+                &f,
+                view.id,
+                secrets(&[("NEW_KEY", "new-value"), ("KEEP", "overwritten")]),
+                false,
+            ),
         )
         .unwrap_err();
     assert_eq!(err.code(), "apply_failed", "{err}");
@@ -792,11 +835,10 @@ fn a_failing_apply_changes_nothing_and_the_proposal_stays_pending() {
     let err = f
         .store
         .approve_proposal(
-            &member(),
+            &admin(),
             "default",
             view.id,
-            secrets(&[("OTHER_KEY", "v")]),
-            false,
+            all_acknowledged(&f, view.id, secrets(&[("OTHER_KEY", "v")]), false),
         )
         .unwrap_err();
     assert_eq!(err.code(), "apply_failed");
@@ -815,7 +857,12 @@ fn a_failing_apply_changes_nothing_and_the_proposal_stays_pending() {
         .unwrap();
     let err = f
         .store
-        .approve_proposal(&member(), "default", view.id, BTreeMap::new(), false)
+        .approve_proposal(
+            &admin(),
+            "default",
+            view.id,
+            all_acknowledged(&f, view.id, BTreeMap::new(), false),
+        )
         .unwrap_err();
     assert_eq!(err.code(), "apply_failed");
     assert!(err.to_string().contains("KEEP"), "{err}");
@@ -846,8 +893,7 @@ fn expiry_is_enforced_on_read_approve_and_reject() {
             &member(),
             "default",
             2,
-            secrets(&[("STRIPE_KEY", "sk")]),
-            false,
+            Approval::new(secrets(&[("STRIPE_KEY", "sk")]), false),
         )
         .unwrap_err();
     assert_eq!(err.code(), "not_pending");
@@ -1053,7 +1099,7 @@ fn rotation_keeps_agent_values_readable() {
     let after = raw_record(&f, 1).credentials[0].sealed.clone();
     assert_ne!(before, after, "resealed under the new key");
     f.store
-        .approve_proposal(&owner(), "default", 1, BTreeMap::new(), true)
+        .approve_proposal(&owner(), "default", 1, Approval::new(BTreeMap::new(), true))
         .unwrap();
     assert_eq!(
         credential(&f, "GENERATED_TOKEN").as_deref(),
@@ -1117,5 +1163,155 @@ fn approval_urls() {
     assert_eq!(
         approval_url("http://127.0.0.1:14321/", 3, "av_appr_x"),
         "http://127.0.0.1:14321/approve/3?token=av_appr_x"
+    );
+}
+
+#[test]
+fn only_an_admin_approves_a_proposal_that_changes_services() {
+    let f = fixture();
+    let (services, _) = propose(&f, stripe()).unwrap();
+    let err = f
+        .store
+        .approve_proposal(
+            &member(),
+            "default",
+            services.id,
+            Approval::new(secrets(&[("STRIPE_KEY", "sk")]), false),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), axum::http::StatusCode::FORBIDDEN, "{err}");
+    assert!(err.to_string().contains("admin"), "{err}");
+    assert_eq!(service_names(&f), Vec::<String>::new());
+    assert_eq!(credential(&f, "STRIPE_KEY"), None);
+    // A proposal that only sets credentials is a member's to approve.
+    let (slots, _) = propose(
+        &f,
+        json!({"credentials": [{"action": "set", "key": "OTHER_KEY", "description": "d"}]}),
+    )
+    .unwrap();
+    let applied = f
+        .store
+        .approve_proposal(
+            &member(),
+            "default",
+            slots.id,
+            Approval::new(secrets(&[("OTHER_KEY", "v")]), false),
+        )
+        .unwrap();
+    assert_eq!(applied.status, ProposalStatus::Applied);
+    // And the admin approves the service change.
+    let applied = f
+        .store
+        .approve_proposal(
+            &admin(),
+            "default",
+            services.id,
+            Approval::new(secrets(&[("STRIPE_KEY", "sk")]), false),
+        )
+        .unwrap();
+    assert_eq!(applied.status, ProposalStatus::Applied);
+}
+
+#[test]
+fn a_warning_must_be_acknowledged_and_is_checked_against_the_vault_at_approval() {
+    let f = fixture();
+    set_credential(&f, "STRIPE_KEY", "sk_live_human");
+    f.store
+        .add_service(
+            &owner(),
+            "default",
+            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
+                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
+            .unwrap(),
+        )
+        .unwrap();
+    // No secret asked for: only an existing key bound to the agent's host.
+    let (view, _) = propose(
+        &f,
+        json!({"services": [{"name": "metrics", "host": "collector.attacker.example",
+                             "auth": {"type": "bearer", "token": "STRIPE_KEY"}}]}),
+    )
+    .unwrap();
+    let diff = f.store.proposal_diff(&admin(), "default", view.id).unwrap();
+    let ids: Vec<&str> = diff.warnings.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["existing_credential_to_new_host:STRIPE_KEY@collector.attacker.example"]
+    );
+    assert!(
+        diff.warnings[0].message.contains("api.stripe.com"),
+        "{:?}",
+        diff.warnings
+    );
+    let version = f.store.snapshot_version().unwrap();
+    for acknowledged in [
+        vec![],
+        vec!["existing_credential_to_new_host:OTHER@x".to_string()],
+    ] {
+        let approval = Approval {
+            acknowledged: acknowledged.into_iter().collect(),
+            ..Approval::default()
+        };
+        let err = f
+            .store
+            .approve_proposal(&admin(), "default", view.id, approval)
+            .unwrap_err();
+        assert_eq!(err.code(), "warnings_not_acknowledged", "{err}");
+        assert_eq!(err.status(), axum::http::StatusCode::CONFLICT);
+        assert!(
+            err.to_string().contains("collector.attacker.example"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        f.store.snapshot_version().unwrap(),
+        version,
+        "nothing applied"
+    );
+    assert_eq!(service_names(&f), ["stripe"]);
+    let approval = Approval {
+        acknowledged: diff.warnings.iter().map(|w| w.id.clone()).collect(),
+        ..Approval::default()
+    };
+    let applied = f
+        .store
+        .approve_proposal(&admin(), "default", view.id, approval)
+        .unwrap();
+    assert_eq!(applied.status, ProposalStatus::Applied);
+    assert_eq!(service_names(&f), ["stripe", "metrics"]);
+    // Agents never get the diff.
+    assert!(f
+        .store
+        .proposal_diff(&agent("bot"), "default", view.id)
+        .is_err());
+}
+
+#[test]
+fn accepting_the_agents_value_for_an_existing_key_needs_its_acknowledgement() {
+    let f = fixture();
+    set_credential(&f, "STRIPE_KEY", "sk_live_human");
+    let (view, _) = propose(
+        &f,
+        json!({"credentials": [{"key": "STRIPE_KEY", "value": "sk_live_agents_account"}]}),
+    )
+    .unwrap();
+    let accept = || Approval::new(BTreeMap::new(), true);
+    let err = f
+        .store
+        .approve_proposal(&member(), "default", view.id, accept())
+        .unwrap_err();
+    assert_eq!(err.code(), "warnings_not_acknowledged", "{err}");
+    assert_eq!(
+        credential(&f, "STRIPE_KEY").as_deref(),
+        Some("sk_live_human")
+    );
+    // Typing one's own value instead needs no acknowledgement.
+    let typed = Approval::new(secrets(&[("STRIPE_KEY", "sk_live_typed")]), true);
+    f.store
+        .approve_proposal(&member(), "default", view.id, typed)
+        .unwrap();
+    assert_eq!(
+        credential(&f, "STRIPE_KEY").as_deref(),
+        Some("sk_live_typed")
     );
 }

@@ -19,7 +19,8 @@ use serde::Deserialize;
 use super::auth::login_form;
 use super::layout::{error_page, page, respond, store_error_page};
 use super::security::{
-    csrf_ok, csrf_refused, current_session, login_csrf, require_session, Form, Session, CSRF_FIELD,
+    confirm_password, csrf_ok, csrf_refused, current_session, login_csrf, require_session, Form,
+    Session, CONFIRM_FIELD, CSRF_FIELD,
 };
 use super::vaults::{proposer, vault_header, Tab};
 use crate::access::{Access, Principal};
@@ -27,7 +28,8 @@ use crate::clock::utc_minutes;
 use crate::credentials::Secret;
 use crate::error::Error;
 use crate::http::{blocking, AppState};
-use crate::proposals::{ProposalAction, ProposalStatus, ProposalView, SlotView};
+use crate::proposals::diff::{CredentialDiff, Diff, ServiceDiff, ServiceSummary};
+use crate::proposals::{Approval, ProposalAction, ProposalStatus, ProposalView, SlotView};
 
 /// Where a review lives: behind an approval link, or in the vault's pages.
 #[derive(Debug, Clone)]
@@ -88,9 +90,13 @@ impl Viewer<'_> {
 #[derive(Default)]
 struct Draft {
     accepted: BTreeSet<String>,
+    acknowledged: BTreeSet<String>,
     reason: String,
     error: Option<String>,
 }
+
+/// The form field of each acknowledged warning (one checkbox per warning id).
+const ACK_FIELD: &str = "ack";
 
 fn value_field(key: &str) -> String {
     format!("value.{key}")
@@ -174,6 +180,88 @@ fn services_table(view: &ProposalView) -> Markup {
     }
 }
 
+fn summary_cells(summary: &ServiceSummary) -> Markup {
+    html! {
+        code { (summary.host) } " · " (summary.auth_type)
+        @for key in &summary.keys { " " code.key { (key) } }
+        " · TLS " @if summary.upstream_tls { "on" } @else { strong { "off" } }
+    }
+}
+
+/// What approving changes in the vault, against what is there now: the reviewer sees
+/// a replaced service's old and new host and TLS, and which keys already exist.
+fn diff_section(diff: &Diff) -> Markup {
+    html! {
+        @if !diff.services.is_empty() {
+            section.diff {
+                h2 { "Services: what changes" }
+                table.changes {
+                    thead { tr { th { "Change" } th { "Service" } th { "Now" } th { "After approval" } } }
+                    tbody {
+                        @for change in &diff.services {
+                            @match change {
+                                ServiceDiff::Add { name, after } => tr {
+                                    td { span.action-set { "new" } } td { (name) }
+                                    td { "—" } td { (summary_cells(after)) }
+                                },
+                                ServiceDiff::Replace { name, before, after } => tr.replace {
+                                    td { span.action-set { "replace" } } td { (name) }
+                                    td { (summary_cells(before)) } td { (summary_cells(after)) }
+                                },
+                                ServiceDiff::Remove { name, before } => tr {
+                                    td { span.action-delete { "remove" } } td { (name) }
+                                    td { @match before { Some(before) => (summary_cells(before)), None => "not in the vault" } }
+                                    td { "—" }
+                                },
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @let overwrites: Vec<&CredentialDiff> = diff.credentials.iter().filter(|c| matches!(c, CredentialDiff::Overwrite { .. })).collect();
+        @if !overwrites.is_empty() {
+            p.notice {
+                "Already in the vault, replaced by approving: "
+                @for change in overwrites {
+                    @if let CredentialDiff::Overwrite { key, .. } = change { code.key { (key) } " " }
+                }
+            }
+        }
+    }
+}
+
+/// The warnings, each with the checkbox that acknowledges it (required before Allow).
+fn warnings_fieldset(diff: &Diff, draft: &Draft) -> Markup {
+    html! {
+        @if !diff.warnings.is_empty() {
+            fieldset.warnings {
+                legend { "Read before you allow" }
+                @for (index, warning) in diff.warnings.iter().enumerate() {
+                    @let id = format!("ack-{index}");
+                    div.warning role="alert" {
+                        p { strong { "Warning: " } (warning.message) }
+                        label.check for=(id) {
+                            input id=(id) type="checkbox" name=(ACK_FIELD) value=(warning.id)
+                                required[warning.key.is_none()] checked[draft.acknowledged.contains(&warning.id)];
+                            " I understand, and allow this change"
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The password field every decision is confirmed with: a session cookie alone (which
+/// browsers also send to other servers on this host) never decides.
+fn confirm_field(id: &str) -> Markup {
+    html! {
+        label for=(id) { "Your password (confirms this decision)" }
+        input id=(id) type="password" name=(CONFIRM_FIELD) autocomplete="current-password" required;
+    }
+}
+
 /// The slot's description, "obtain" link and instructions.
 fn slot_help(slot: &SlotView) -> Markup {
     html! {
@@ -225,11 +313,20 @@ fn slots_readonly(view: &ProposalView) -> Markup {
 
 /// The Allow form: one password field per `set` slot, a checkbox and an override
 /// field for the values the agent supplied.
-fn allow_form(view: &ProposalView, target: &Target, session: &Session, draft: &Draft) -> Markup {
+fn allow_form(
+    view: &ProposalView,
+    diff: Option<&Diff>,
+    target: &Target,
+    session: &Session,
+    draft: &Draft,
+) -> Markup {
     html! {
         form.allow method="post" action=(target.action("allow")) autocomplete="off" {
             input type="hidden" name=(CSRF_FIELD) value=(session.csrf());
             (target.hidden())
+            @if let Some(diff) = diff {
+                (warnings_fieldset(diff, draft))
+            }
             @if !view.credentials.is_empty() {
                 h2 { "Credentials" }
             }
@@ -267,6 +364,7 @@ fn allow_form(view: &ProposalView, target: &Target, session: &Session, draft: &D
                 }
             }
             div.decide {
+                (confirm_field("confirm-allow"))
                 button.primary #allow type="submit" { "Allow" }
             }
         }
@@ -280,13 +378,20 @@ fn deny_form(target: &Target, session: &Session, draft: &Draft) -> Markup {
             (target.hidden())
             label for="reason" { "Reason (optional; the agent sees it)" }
             textarea #reason name="reason" rows="2" maxlength="1000" { (draft.reason) }
+            (confirm_field("confirm-deny"))
             button.danger #deny type="submit" { "Deny" }
         }
     }
 }
 
 /// The whole review: what the agent asks for, and what the viewer can do about it.
-fn review(view: &ProposalView, target: &Target, viewer: &Viewer, draft: &Draft) -> Markup {
+fn review(
+    view: &ProposalView,
+    diff: Option<&Diff>,
+    target: &Target,
+    viewer: &Viewer,
+    draft: &Draft,
+) -> Markup {
     let pending = view.status == ProposalStatus::Pending;
     html! {
         div.proposal-head {
@@ -310,10 +415,13 @@ fn review(view: &ProposalView, target: &Target, viewer: &Viewer, draft: &Draft) 
         @if let Some(message) = &view.message {
             p.summary { strong { "Summary: " } (message) }
         }
-        (services_table(view))
+        @match diff {
+            Some(diff) => (diff_section(diff)),
+            None => (services_table(view)),
+        }
         @match viewer {
             Viewer::Reviewer(session) if pending => {
-                (allow_form(view, target, session, draft))
+                (allow_form(view, diff, target, session, draft))
                 (deny_form(target, session, draft))
             },
             Viewer::Anonymous { csrf } if pending => {
@@ -347,6 +455,7 @@ fn status_code(view: &ProposalView) -> StatusCode {
 fn review_response(
     status: StatusCode,
     view: &ProposalView,
+    diff: Option<&Diff>,
     target: &Target,
     viewer: &Viewer,
     draft: &Draft,
@@ -357,7 +466,7 @@ fn review_response(
         @if let (Target::Vault { vault, .. }, Some(access)) = (target, access) {
             (vault_header(vault, access, Tab::Proposals))
         }
-        (review(view, target, viewer, draft))
+        (review(view, diff, target, viewer, draft))
     };
     respond(status, page(&title, viewer.session(), body))
 }
@@ -410,6 +519,22 @@ async fn access_of(state: &AppState, principal: &Principal, vault: &str) -> Opti
         .ok()
 }
 
+/// The diff a reviewer decides on (only while pending; `None` if it cannot be read).
+async fn diff_for(state: &AppState, viewer: &Viewer<'_>, view: &ProposalView) -> Option<Diff> {
+    let Viewer::Reviewer(session) = viewer else {
+        return None;
+    };
+    if view.status != ProposalStatus::Pending {
+        return None;
+    }
+    let store = state.store.clone();
+    let principal = session.principal.clone();
+    let (vault, id) = (view.vault.clone(), view.id);
+    blocking(move || store.proposal_diff(&principal, &vault, id))
+        .await
+        .ok()
+}
+
 fn can_decide(access: Option<Access>) -> bool {
     matches!(access, Some(Access::Member | Access::Admin))
 }
@@ -442,9 +567,11 @@ pub async fn link_page(
             Viewer::Anonymous { csrf }
         }
     };
+    let diff = diff_for(&state, &viewer, &view).await;
     let mut response = review_response(
         status_code(&view),
         &view,
+        diff.as_ref(),
         &target,
         &viewer,
         &Draft::default(),
@@ -492,9 +619,11 @@ pub async fn vault_proposal(
     } else {
         Viewer::Outsider(&session)
     };
+    let diff = diff_for(&state, &viewer, &view).await;
     review_response(
         status_code(&view),
         &view,
+        diff.as_ref(),
         &target,
         &viewer,
         &Draft::default(),
@@ -646,17 +775,24 @@ async fn decide(
         Err(response) => return response,
     };
     let access_shown = matches!(target, Target::Vault { .. }).then_some(access);
-    let mut draft = Draft::default();
+    let reviewer = Viewer::Reviewer(&session);
+    let mut draft = Draft {
+        acknowledged: form.all(ACK_FIELD).map(str::to_string).collect(),
+        ..Draft::default()
+    };
+    // What the page shows again when the decision does not go through: the proposal
+    // as it is now (it may have expired or been decided meanwhile), and its diff.
+    let again = |status: StatusCode, view: &ProposalView, diff: Option<&Diff>, draft: &Draft| {
+        review_response(status, view, diff, &target, &reviewer, draft, access_shown)
+    };
     if view.status != ProposalStatus::Pending {
         // Decided meanwhile: show how.
-        return review_response(
-            StatusCode::CONFLICT,
-            &view,
-            &target,
-            &Viewer::Reviewer(&session),
-            &draft,
-            access_shown,
-        );
+        return again(StatusCode::CONFLICT, &view, None, &draft);
+    }
+    if let Err(message) = confirm_password(&state, &session, &form).await {
+        draft.error = Some(message);
+        let diff = diff_for(&state, &reviewer, &view).await;
+        return again(StatusCode::UNAUTHORIZED, &view, diff.as_ref(), &draft);
     }
     let store = state.store.clone();
     let principal = session.principal.clone();
@@ -664,20 +800,18 @@ async fn decide(
     let id = view.id;
     let result = match decision {
         Decision::Allow => match collect_values(&view, &form, &mut draft) {
-            Ok((values, accept)) => {
-                blocking(move || store.approve_proposal(&principal, &vault, id, values, accept))
-                    .await
+            Ok((values, accept_agent_values)) => {
+                let approval = Approval {
+                    values,
+                    accept_agent_values,
+                    acknowledged: draft.acknowledged.clone(),
+                };
+                blocking(move || store.approve_proposal(&principal, &vault, id, approval)).await
             }
             Err(message) => {
                 draft.error = Some(message);
-                return review_response(
-                    StatusCode::BAD_REQUEST,
-                    &view,
-                    &target,
-                    &Viewer::Reviewer(&session),
-                    &draft,
-                    access_shown,
-                );
+                let diff = diff_for(&state, &reviewer, &view).await;
+                return again(StatusCode::BAD_REQUEST, &view, diff.as_ref(), &draft);
             }
         },
         Decision::Deny => {
@@ -699,21 +833,14 @@ async fn decide(
                 }
                 other => other.to_string(),
             });
-            // Show the proposal as it is now (it may have expired or been decided).
             let store = state.store.clone();
             let principal = session.principal.clone();
             let vault = view.vault.clone();
             let current = blocking(move || store.get_proposal(&principal, &vault, id))
                 .await
                 .unwrap_or(view);
-            review_response(
-                status,
-                &current,
-                &target,
-                &Viewer::Reviewer(&session),
-                &draft,
-                access_shown,
-            )
+            let diff = diff_for(&state, &reviewer, &current).await;
+            again(status, &current, diff.as_ref(), &draft)
         }
     }
 }

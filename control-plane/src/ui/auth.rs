@@ -79,7 +79,7 @@ pub async fn login_page(
 }
 
 pub async fn login(State(state): State<AppState>, headers: HeaderMap, form: Form) -> Response {
-    if !login_csrf_ok(&headers, &form) {
+    if !login_csrf_ok(&state, &headers, &form) {
         return csrf_refused();
     }
     let email = form.text("email").to_string();
@@ -88,7 +88,7 @@ pub async fn login(State(state): State<AppState>, headers: HeaderMap, form: Form
     let store = state.store.clone();
     let limiter = state.limiter.clone();
     let login_email = email.clone();
-    let result = blocking(move || store.login(&limiter, &login_email, &password)).await;
+    let result = blocking(move || store.login_ui(&limiter, &login_email, &password)).await;
     match result {
         Ok(logged_in) => {
             let max_age = logged_in.expires_at - state.store.now_secs();

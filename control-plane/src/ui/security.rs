@@ -2,6 +2,14 @@
 //! security headers on every response, the session cookie, CSRF tokens, form bodies
 //! and the `next` check that prevents open redirects.
 //!
+//! Sessions: the cookie holds a UI session token (`av_ui_…`), which the JSON API
+//! never accepts, so a cookie that reaches another server on the same host (browsers
+//! send a host's cookies to all its ports) is no bearer token. Such a server can
+//! still show pages as the human, so every action that reveals a value or decides a
+//! proposal asks for the password again ([`confirm_password`]). Served over https
+//! (the public URL says so), the cookies are `__Host-` and `Secure`: a browser then
+//! sends them only to this origin over TLS, never to a plain-HTTP port.
+//!
 //! CSRF: every state-changing form carries a token. With a session it is derived from
 //! the session token (`hex(sha256("csrf" + token))`), so it needs no storage and dies
 //! with the session; before a session exists (the login forms) it is a double-submit
@@ -18,12 +26,20 @@ use zeroize::Zeroizing;
 use super::layout;
 use crate::access::Principal;
 use crate::crypto::sha256_hex;
-use crate::http::{blocking, AppState, SESSION_COOKIE};
+use crate::http::{blocking, AppState};
 
 /// No scripts, no frames, forms only to this origin, styles only from our file.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// The session cookie over plain HTTP.
+pub const SESSION_COOKIE: &str = "av_session";
+/// The session cookie over https: bound to this origin, sent only over TLS.
+pub const SECURE_SESSION_COOKIE: &str = "__Host-av_session";
 /// The double-submit cookie of the forms shown before a session exists.
 pub const CSRF_COOKIE: &str = "av_csrf";
+/// [`CSRF_COOKIE`] over https.
+pub const SECURE_CSRF_COOKIE: &str = "__Host-av_csrf";
+/// The form field that carries the password an action is confirmed with.
+pub const CONFIRM_FIELD: &str = "confirm_password";
 /// The hidden form field every state-changing form carries.
 pub const CSRF_FIELD: &str = "csrf";
 /// Largest form body the UI reads (ten slots of 64 KiB values fit).
@@ -83,13 +99,13 @@ pub fn tokens_match(expected: &str, given: &str) -> bool {
 
 pub use crate::http::cookie;
 
-/// The session of the `av_session` cookie, if it is a live user session.
+/// The session of the session cookie, if it is a live UI session.
 pub async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<Session> {
-    let token = cookie(headers, SESSION_COOKIE).filter(|t| !t.is_empty())?;
+    let token = cookie(headers, cookie_names(state).0).filter(|t| !t.is_empty())?;
     let store = state.store.clone();
     let lookup = token.clone();
-    match blocking(move || store.authenticate(&lookup)).await {
-        Ok(principal @ Principal::User { .. }) => {
+    match blocking(move || store.authenticate_ui(&lookup)).await {
+        Ok(Some(principal @ Principal::User { .. })) => {
             let Principal::User { email, .. } = &principal else {
                 return None;
             };
@@ -101,6 +117,31 @@ pub async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<Se
             })
         }
         _ => None,
+    }
+}
+
+/// Checks the password a form confirms its action with (the [`CONFIRM_FIELD`]) for
+/// the session's user. `Err` is what to tell the human; nothing was done.
+pub async fn confirm_password(
+    state: &AppState,
+    session: &Session,
+    form: &Form,
+) -> Result<(), String> {
+    let password = Zeroizing::new(form.text(CONFIRM_FIELD).to_string());
+    if password.is_empty() {
+        return Err("Nothing was changed: confirm with your password.".to_string());
+    }
+    let store = state.store.clone();
+    let limiter = state.limiter.clone();
+    let email = session.email.clone();
+    match blocking(move || store.check_password(&limiter, &email, &password)).await {
+        Ok(_) => Ok(()),
+        Err(crate::error::Error::RateLimited(message)) => Err(message),
+        Err(crate::error::Error::Internal(detail)) => {
+            tracing::error!(%detail, "checking a password failed");
+            Err("Nothing was changed: internal error; see the server log.".to_string())
+        }
+        Err(_) => Err("Nothing was changed: that is not your password.".to_string()),
     }
 }
 
@@ -135,18 +176,33 @@ pub fn safe_next(next: &str) -> Option<&str> {
     (allowed_prefix && clean).then_some(next)
 }
 
-/// `Secure` when the server is reached over https (as its public URL says).
+/// Whether the server is reached over https (as its public URL says).
+pub fn is_https(state: &AppState) -> bool {
+    state.public_url.starts_with("https://")
+}
+
+/// `Secure` over https.
 fn secure_attr(state: &AppState) -> &'static str {
-    if state.public_url.starts_with("https://") {
+    if is_https(state) {
         "; Secure"
     } else {
         ""
     }
 }
 
+/// The (session, CSRF) cookie names: `__Host-` ones over https.
+pub fn cookie_names(state: &AppState) -> (&'static str, &'static str) {
+    if is_https(state) {
+        (SECURE_SESSION_COOKIE, SECURE_CSRF_COOKIE)
+    } else {
+        (SESSION_COOKIE, CSRF_COOKIE)
+    }
+}
+
 pub fn session_cookie(state: &AppState, token: &str, max_age_secs: i64) -> HeaderValue {
     let value = format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        cookie_names(state).0,
         max_age_secs.max(0),
         secure_attr(state)
     );
@@ -155,7 +211,8 @@ pub fn session_cookie(state: &AppState, token: &str, max_age_secs: i64) -> Heade
 
 pub fn clear_session_cookie(state: &AppState) -> HeaderValue {
     let value = format!(
-        "{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        cookie_names(state).0,
         secure_attr(state)
     );
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -164,14 +221,15 @@ pub fn clear_session_cookie(state: &AppState) -> HeaderValue {
 /// The double-submit token for a login form: the request's `av_csrf` cookie when it
 /// has a well-formed one, else a fresh one and the `Set-Cookie` that stores it.
 pub fn login_csrf(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
-    if let Some(existing) = cookie(headers, CSRF_COOKIE)
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+    let name = cookie_names(state).1;
+    if let Some(existing) =
+        cookie(headers, name).filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
     {
         return (existing, None);
     }
     let token = crate::crypto::new_token("");
     let value = format!(
-        "{CSRF_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{}",
+        "{name}={token}; HttpOnly; SameSite=Strict; Path=/{}",
         secure_attr(state)
     );
     let header = HeaderValue::from_str(&value).ok();
@@ -188,6 +246,14 @@ impl Form {
         self.0
             .iter()
             .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Every value of field `name` (a group of checkboxes).
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .filter(move |(key, _)| key == name)
             .map(|(_, value)| value.as_str())
     }
 
@@ -237,9 +303,9 @@ pub fn csrf_ok(session: &Session, form: &Form) -> bool {
         .is_some_and(|given| tokens_match(&session.csrf(), given))
 }
 
-/// Whether a login form's token equals its `av_csrf` cookie.
-pub fn login_csrf_ok(headers: &HeaderMap, form: &Form) -> bool {
-    match (cookie(headers, CSRF_COOKIE), form.get(CSRF_FIELD)) {
+/// Whether a login form's token equals its CSRF cookie.
+pub fn login_csrf_ok(state: &AppState, headers: &HeaderMap, form: &Form) -> bool {
+    match (cookie(headers, cookie_names(state).1), form.get(CSRF_FIELD)) {
         (Some(cookie), Some(given)) => cookie.len() == 64 && tokens_match(&cookie, given),
         _ => false,
     }

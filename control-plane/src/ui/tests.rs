@@ -8,7 +8,10 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use serde_json::json;
 
-use super::security::{csrf_for_session, safe_next, CONTENT_SECURITY_POLICY, CSRF_COOKIE};
+use super::security::{
+    csrf_for_session, safe_next, CONFIRM_FIELD, CONTENT_SECURITY_POLICY, CSRF_COOKIE,
+    SECURE_CSRF_COOKIE,
+};
 use crate::credentials::Secret;
 use crate::proposals::{ProposalInput, ProposalStatus};
 use crate::testing::{owner, Harness, Reply, MEMBER, OUTSIDER, OWNER, PASSWORD, T0_MS};
@@ -73,7 +76,18 @@ impl Harness {
         self.send(request.body(Body::empty()).unwrap()).await
     }
 
+    /// A form post as the human at the keyboard: every form carries the password that
+    /// confirms it (forms that do not ask for one ignore it). [`Harness::post_raw`]
+    /// sends only `fields`.
     async fn post(&self, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Reply {
+        let mut confirmed = fields.to_vec();
+        if !fields.iter().any(|(name, _)| *name == CONFIRM_FIELD) {
+            confirmed.push((CONFIRM_FIELD, PASSWORD));
+        }
+        self.post_raw(path, cookie, &confirmed).await
+    }
+
+    async fn post_raw(&self, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Reply {
         let body: String = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(fields)
             .finish();
@@ -93,7 +107,7 @@ fn session_cookie(token: &str) -> String {
 #[tokio::test]
 async fn every_ui_response_carries_the_security_headers() {
     let h = harness();
-    let session = session_cookie(&h.session(OWNER));
+    let session = session_cookie(&h.ui_session(OWNER));
     let (id, token) = h.stripe_proposal();
     let replies = [
         h.get("/ui/login", None).await,
@@ -169,7 +183,8 @@ async fn login_sets_a_strict_httponly_session_cookie_and_goes_to_next() {
         .into_iter()
         .find(|c| c.starts_with("av_session="))
         .unwrap();
-    assert!(cookie.starts_with("av_session=av_sess_"), "{cookie}");
+    // A UI session, which the JSON API never accepts.
+    assert!(cookie.starts_with("av_session=av_ui_"), "{cookie}");
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=604800"] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
@@ -187,7 +202,7 @@ async fn the_session_cookie_is_secure_behind_an_https_public_url() {
     let reply = h
         .post(
             "/ui/login",
-            Some(&format!("{CSRF_COOKIE}={csrf}")),
+            Some(&format!("{SECURE_CSRF_COOKIE}={csrf}")),
             &[("csrf", &csrf), ("email", OWNER), ("password", PASSWORD)],
         )
         .await;
@@ -195,6 +210,17 @@ async fn the_session_cookie_is_secure_behind_an_https_public_url() {
     assert_eq!(reply.location(), "/ui");
     let cookie = reply.set_cookies().join("\n");
     assert!(cookie.contains("; Secure"), "{cookie}");
+    // `__Host-`: the browser keeps it to this origin, over TLS only.
+    assert!(cookie.starts_with("__Host-av_session=av_ui_"), "{cookie}");
+    // The plain-HTTP names do not log in over https.
+    let plain = h
+        .post(
+            "/ui/login",
+            Some(&format!("{CSRF_COOKIE}={csrf}")),
+            &[("csrf", &csrf), ("email", OWNER), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(plain.status, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
@@ -305,7 +331,7 @@ async fn login_never_redirects_off_site() {
         assert!(!page.body.contains("evil.example"), "{next}");
     }
     // Logged in, the login page sends you on, but only on this site.
-    let session = session_cookie(&h.session(OWNER));
+    let session = session_cookie(&h.ui_session(OWNER));
     let reply = h
         .get("/ui/login?next=%2F%2Fevil.example", Some(&session))
         .await;
@@ -345,7 +371,7 @@ async fn pages_without_a_session_redirect_to_login_and_agent_tokens_are_no_sessi
 async fn session_forms_without_the_csrf_token_are_refused_and_change_nothing() {
     let h = harness();
     h.set_credential("EXISTING", "existing-secret-value");
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let cookie = session_cookie(&token);
     let (id, link) = h.stripe_proposal();
     let wrong = csrf_for_session("av_sess_someone_else");
@@ -395,7 +421,10 @@ async fn session_forms_without_the_csrf_token_are_refused_and_change_nothing() {
     }
     assert_eq!(h.status_of(id), ProposalStatus::Pending);
     assert_eq!(h.credential("STRIPE_KEY"), None);
-    assert!(h.store().authenticate(&token).is_ok(), "still logged in");
+    assert!(
+        h.store().authenticate_ui(&token).unwrap().is_some(),
+        "still logged in"
+    );
     // And with the token, logout works.
     let reply = h
         .post(
@@ -409,7 +438,7 @@ async fn session_forms_without_the_csrf_token_are_refused_and_change_nothing() {
         .set_cookies()
         .iter()
         .any(|c| c.starts_with("av_session=;") && c.contains("Max-Age=0")));
-    assert!(h.store().authenticate(&token).is_err());
+    assert!(h.store().authenticate_ui(&token).unwrap().is_none());
 }
 
 #[tokio::test]
@@ -425,7 +454,7 @@ async fn agent_supplied_text_is_escaped() {
         "message": "<b>bold</b>",
         "user_message": "<script>alert(1)</script>"
     }));
-    let cookie = session_cookie(&h.session(MEMBER));
+    let cookie = session_cookie(&h.ui_session(MEMBER));
     for reply in [
         h.get(&format!("/approve/{id}?token={link}"), None).await,
         h.get(&format!("/approve/{id}?token={link}"), Some(&cookie))
@@ -496,7 +525,8 @@ async fn the_approval_page_without_a_session_offers_an_inline_login_that_returns
 async fn allow_stores_the_value_and_the_page_shows_applied() {
     let h = harness();
     let (id, link) = h.stripe_proposal();
-    let token = h.session(MEMBER);
+    // Changing services needs an admin (a member may approve credential-only proposals).
+    let token = h.ui_session(OWNER);
     let cookie = session_cookie(&token);
     let reply = h
         .post(
@@ -518,7 +548,7 @@ async fn allow_stores_the_value_and_the_page_shows_applied() {
     assert_eq!(h.status_of(id), ProposalStatus::Applied);
     let page = h.get(reply.location(), Some(&cookie)).await;
     assert!(page.body.contains("Applied"));
-    assert!(page.body.contains(MEMBER));
+    assert!(page.body.contains(OWNER));
     assert!(!page.body.contains("sk_test_typed_in_browser"));
     assert!(!page.body.contains(r#"id="allow""#), "no form once decided");
 }
@@ -533,7 +563,7 @@ async fn a_missing_value_is_shown_with_the_choices_kept_but_not_the_secrets() {
             {"action": "set", "key": "SECOND", "value": "agent-second-value"}
         ]
     }));
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let cookie = session_cookie(&token);
     let csrf = csrf_for_session(&token);
     // TYPED is empty: refused, the accepted box stays ticked.
@@ -629,7 +659,7 @@ async fn an_apply_failure_is_shown_and_nothing_changes() {
     h.store()
         .delete_credentials(&owner(), "default", &["OLD_KEY".into()])
         .unwrap();
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let page = h
         .get(
             &format!("/approve/{id}?token={link}"),
@@ -663,7 +693,7 @@ async fn an_apply_failure_is_shown_and_nothing_changes() {
 async fn deny_records_the_reason_for_the_agent() {
     let h = harness();
     let (id, link) = h.stripe_proposal();
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let reply = h
         .post(
             &format!("/approve/{id}/deny"),
@@ -696,7 +726,7 @@ async fn deny_records_the_reason_for_the_agent() {
 async fn only_members_and_admins_of_the_vault_can_decide() {
     let h = harness();
     let (id, link) = h.stripe_proposal();
-    let token = h.session(OUTSIDER);
+    let token = h.ui_session(OUTSIDER);
     let cookie = session_cookie(&token);
     let page = h
         .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
@@ -741,7 +771,7 @@ async fn wrong_tokens_and_unknown_ids_get_one_generic_404() {
     let h = harness();
     let (id, link) = h.stripe_proposal();
     let (other, _) = h.stripe_proposal();
-    let cookie = session_cookie(&h.session(OWNER));
+    let cookie = session_cookie(&h.ui_session(OWNER));
     let paths = [
         format!("/approve/{id}?token=av_appr_{}", "0".repeat(64)),
         format!("/approve/{id}?token=nonsense"),
@@ -776,7 +806,8 @@ async fn the_approval_link_expires_after_24_hours() {
     assert_eq!(page.status, StatusCode::NOT_FOUND);
     assert!(page.body.contains("Invalid or expired link"));
     // A POST through the dead link changes nothing either.
-    let token = h.session(MEMBER);
+    // Changing services needs an admin (a member may approve credential-only proposals).
+    let token = h.ui_session(OWNER);
     let cookie = session_cookie(&token);
     let reply = h
         .post(
@@ -822,11 +853,11 @@ async fn the_approval_link_expires_after_24_hours() {
 async fn a_proposal_expires_after_7_days() {
     let h = harness();
     let (id, _) = h.stripe_proposal();
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let cookie = session_cookie(&token);
     h.clock.advance_secs(7 * 86_400);
     // The session lasts 7 days too: log in again.
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let cookie2 = session_cookie(&token);
     assert!(h.get("/ui", Some(&cookie)).await.status == StatusCode::SEE_OTHER);
     let page = h
@@ -859,7 +890,7 @@ async fn a_proposal_expires_after_7_days() {
 async fn credentials_are_masked_and_revealed_to_members_on_a_post() {
     let h = harness();
     h.set_credential("STRIPE_KEY", "sk_live_hidden_value");
-    let token = h.session(MEMBER);
+    let token = h.ui_session(MEMBER);
     let cookie = session_cookie(&token);
     let page = h.get("/ui/vaults/default/credentials", Some(&cookie)).await;
     assert_eq!(page.status, StatusCode::OK);
@@ -881,7 +912,7 @@ async fn credentials_are_masked_and_revealed_to_members_on_a_post() {
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains("sk_live_hidden_value"));
     // An outsider cannot see the vault at all.
-    let outsider = h.session(OUTSIDER);
+    let outsider = h.ui_session(OUTSIDER);
     let page = h
         .post(
             "/ui/vaults/default/credentials/reveal",
@@ -921,7 +952,7 @@ async fn the_vault_pages_render() {
         }])
         .unwrap();
     let (id, _) = h.stripe_proposal();
-    let owner = session_cookie(&h.session(OWNER));
+    let owner = session_cookie(&h.ui_session(OWNER));
     let list = h.get("/ui", Some(&owner)).await;
     assert!(list.body.contains("/ui/vaults/default") && list.body.contains("/ui/vaults/other"));
     let proposals = h.get("/ui/vaults/default", Some(&owner)).await;
@@ -937,7 +968,7 @@ async fn the_vault_pages_render() {
     assert_eq!(log.status, StatusCode::OK);
     assert!(log.body.contains("/v1/&lt;charges&gt;"));
     assert!(log.body.contains("2023-11-14 22:13:20 UTC"));
-    let member = session_cookie(&h.session(MEMBER));
+    let member = session_cookie(&h.ui_session(MEMBER));
     let agents = h.get("/ui/vaults/default/agents", Some(&member)).await;
     assert!(agents.body.contains("Only admins"));
     let missing = h.get("/ui/vaults/nope/services", Some(&owner)).await;

@@ -11,7 +11,10 @@ use axum::response::Response;
 use maud::{html, Markup};
 
 use super::layout::{page, respond, store_error_page};
-use super::security::{csrf_ok, csrf_refused, require_session, Form, Session, CSRF_FIELD};
+use super::security::{
+    confirm_password, csrf_ok, csrf_refused, require_session, Form, Session, CONFIRM_FIELD,
+    CSRF_FIELD,
+};
 use crate::access::{Access, Principal};
 use crate::clock::{utc_minutes, utc_seconds};
 use crate::error::Result;
@@ -267,12 +270,16 @@ async fn credentials_page(
         Ok(session) => session,
         Err(response) => return response,
     };
-    let reveal = form.is_some();
+    let mut refused = None;
     if let Some(form) = &form {
         if !csrf_ok(&session, form) {
             return csrf_refused();
         }
+        if let Err(message) = confirm_password(&state, &session, form).await {
+            refused = Some(message);
+        }
     }
+    let reveal = form.is_some() && refused.is_none();
     let store = state.store.clone();
     let principal = session.principal.clone();
     let name = vault.clone();
@@ -291,11 +298,16 @@ async fn credentials_page(
         @if credentials.is_empty() {
             p.empty { "No credentials yet." }
         } @else {
+            @if let Some(message) = &refused {
+                p.error role="alert" { (message) }
+            }
             @if reveal {
                 p.notice { "Values are shown on this page only; it is not cached. " a href={ "/ui/vaults/" (vault) "/credentials" } { "Hide them" } "." }
             } @else {
                 form.inline method="post" action={ "/ui/vaults/" (vault) "/credentials/reveal" } {
                     input type="hidden" name=(CSRF_FIELD) value=(session.csrf());
+                    label for="confirm-password" { "Your password" }
+                    input #confirm-password type="password" name=(CONFIRM_FIELD) autocomplete="current-password" required;
                     button type="submit" { "Reveal values" }
                 }
             }
@@ -318,8 +330,13 @@ async fn credentials_page(
             }
         }
     };
+    let status = if refused.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
     respond(
-        StatusCode::OK,
+        status,
         page(&format!("{vault}: credentials"), Some(&session), body),
     )
 }
