@@ -80,8 +80,10 @@ impl Server {
         home
     }
 
+    /// `https://` when the server serves TLS (`--tls-cert`), else `http://`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let tls = self.options.extra_args.iter().any(|a| a == "--tls-cert");
+        format!("{}://{}", if tls { "https" } else { "http" }, self.addr)
     }
 
     /// Everything the server wrote to stderr so far, across restarts.
@@ -176,6 +178,7 @@ impl Server {
             home: self.home(),
             addr: self.url(),
             token: None,
+            ca_file: None,
         }
     }
 
@@ -187,6 +190,7 @@ impl Server {
             home,
             addr: self.url(),
             token: None,
+            ca_file: None,
         }
     }
 
@@ -258,6 +262,8 @@ pub struct Cli {
     pub home: PathBuf,
     pub addr: String,
     pub token: Option<String>,
+    /// `AGENT_VAULT_CA_FILE`: the CA to trust for an https server.
+    pub ca_file: Option<PathBuf>,
 }
 
 pub struct CliOutput {
@@ -298,6 +304,14 @@ impl CliOutput {
 }
 
 impl Cli {
+    /// Trusts the CA in `pem` for an https server (`--ca-file`).
+    pub fn with_ca_file(&self, pem: &Path) -> Cli {
+        Cli {
+            ca_file: Some(pem.to_path_buf()),
+            ..self.clone()
+        }
+    }
+
     pub fn with_token(&self, token: &str) -> Cli {
         Cli {
             token: Some(token.to_string()),
@@ -322,6 +336,10 @@ impl Cli {
         if let Some(token) = &self.token {
             cmd.env("AGENT_VAULT_TOKEN", token);
         }
+        match &self.ca_file {
+            Some(pem) => cmd.env("AGENT_VAULT_CA_FILE", pem),
+            None => cmd.env_remove("AGENT_VAULT_CA_FILE"),
+        };
         let mut child = cmd.spawn().expect("spawn cli");
         {
             let mut input = child.stdin.take().expect("stdin");

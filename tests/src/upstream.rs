@@ -50,6 +50,16 @@ impl TestCa {
         path.to_path_buf()
     }
 
+    /// [`TestCa::issue`] as PEM: (certificate, PKCS#8 private key), for a server that
+    /// reads files (`agent-vault server --tls-cert --tls-key`).
+    pub fn issue_pem(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = CertificateParams::new(names).expect("leaf params");
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A leaf certificate for `names` (DNS names or IP literals), signed by this CA:
     /// the DER chain (leaf only) and the PKCS#8 private key.
     pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {

@@ -327,3 +327,166 @@ async fn an_agent_with_several_vaults_names_one_with_x_vault() {
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     assert_eq!(reply.json()["vault"], "other");
 }
+
+#[tokio::test]
+async fn the_api_takes_no_cookie_and_no_ui_session_only_a_bearer_token() {
+    let h = Harness::new();
+    let (view, _) = h
+        .store()
+        .create_proposal(
+            &h.agent,
+            "default",
+            serde_json::from_value(
+                json!({"credentials": [{"key": "NEW_KEY", "description": "d"}]}),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let approve = format!("/v1/vaults/default/proposals/{}/approve", view.id);
+    // What a page on another local port can make the browser send: the UI's cookie,
+    // a text/plain body (no CORS preflight).
+    let ui_session = h.ui_session(OWNER);
+    let forged = Request::builder()
+        .method(Method::POST)
+        .uri(&approve)
+        .header(header::COOKIE, format!("av_session={ui_session}"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .header("origin", "http://127.0.0.1:8000")
+        .body(Body::from(r#"{"values":{"NEW_KEY":"attacker"}}"#))
+        .unwrap();
+    let reply = h.send(forged).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.body);
+    // The UI's session token is no bearer token either (a leaked cookie).
+    let as_bearer = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/credentials?reveal=true",
+            Some(&ui_session),
+            None,
+        )
+        .await;
+    assert_eq!(as_bearer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        h.store()
+            .get_proposal(&owner(), "default", view.id)
+            .unwrap()
+            .status,
+        crate::proposals::ProposalStatus::Pending
+    );
+}
+
+#[tokio::test]
+async fn a_body_not_declared_as_json_is_refused_before_anything_changes() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let before = h.vault_names();
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/vaults")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        let reply = h
+            .send(request.body(Body::from(r#"{"name":"sneaky"}"#)).unwrap())
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+        assert_eq!(reply.error(), "unsupported_media_type");
+    }
+    // A body-less POST needs no content type.
+    let reject = h
+        .store()
+        .create_proposal(
+            &h.agent,
+            "default",
+            serde_json::from_value(json!({"credentials": [{"key": "NEW_KEY"}]})).unwrap(),
+        )
+        .unwrap()
+        .0;
+    let bodyless = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/v1/vaults/default/proposals/{}/reject", reject.id))
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    let reply = h.send(bodyless).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(h.vault_names(), before);
+}
+
+#[tokio::test]
+async fn a_reviewer_sees_the_diff_and_must_acknowledge_its_warnings() {
+    let h = Harness::new();
+    h.store()
+        .set_credentials(
+            &owner(),
+            "default",
+            &secrets(&[("STRIPE_KEY", "sk_live_human")]),
+        )
+        .unwrap();
+    h.store()
+        .add_service(
+            &owner(),
+            "default",
+            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
+                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
+            .unwrap(),
+        )
+        .unwrap();
+    let agent = h.agent_token.clone();
+    let proposal = json!({"services": [{"name": "stripe", "host": "api.stripe.com",
+        "auth": {"type": "bearer", "token": "STRIPE_KEY"}, "upstream_tls": false}]});
+    let created = h
+        .call(Method::POST, "/v1/proposals", Some(&agent), Some(proposal))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let owner_token = h.session(OWNER);
+    let shown = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/proposals/1",
+            Some(&owner_token),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(shown["diff"]["services"][0]["change"], "replace");
+    assert_eq!(shown["diff"]["services"][0]["before"]["upstream_tls"], true);
+    assert_eq!(shown["diff"]["services"][0]["after"]["upstream_tls"], false);
+    assert_eq!(
+        shown["diff"]["warnings"][0]["id"],
+        "upstream_tls_off:stripe"
+    );
+    // The agent's own view has no diff.
+    let own = h
+        .call(Method::GET, "/v1/proposals/1", Some(&agent), None)
+        .await
+        .json();
+    assert!(own.get("diff").is_none(), "{own}");
+
+    let path = "/v1/vaults/default/proposals/1/approve";
+    let refused = h
+        .call(Method::POST, path, Some(&owner_token), Some(json!({})))
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert_eq!(refused.error(), "warnings_not_acknowledged");
+    assert!(refused.body.contains("plain HTTP"), "{}", refused.body);
+    let approved = h
+        .call(
+            Method::POST,
+            path,
+            Some(&owner_token),
+            Some(json!({"acknowledge": ["upstream_tls_off:stripe"]})),
+        )
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+}

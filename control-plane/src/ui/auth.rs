@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use super::layout::{page, respond};
 use super::security::{
-    clear_session_cookie, csrf_ok, csrf_refused, current_session, login_csrf, login_csrf_ok,
-    safe_next, session_cookie, Form, CSRF_FIELD,
+    clear_session_cookie, csrf_ok, csrf_refused, current_session, is_https, login_csrf,
+    login_csrf_ok, safe_next, session_cookie, Form, CSRF_FIELD,
 };
 use crate::error::Error;
 use crate::http::{blocking, AppState};
@@ -45,6 +45,7 @@ pub fn login_form(csrf: &str, next: Option<&str>, email: &str, error: Option<&st
 }
 
 fn login_page_response(
+    state: &AppState,
     status: StatusCode,
     csrf: &str,
     set_cookie: Option<HeaderValue>,
@@ -55,6 +56,15 @@ fn login_page_response(
     let body = html! {
         section.card.narrow {
             h1 { "Log in" }
+            @if !is_https(state) {
+                p.notice.plain-http {
+                    "This page is served over plain HTTP: your browser also sends its login \
+                     cookie to other servers on this host, such as one an agent runs. Those \
+                     cannot reveal a value or decide a proposal (both ask for your password \
+                     again), but do not open links agents give you in this browser while \
+                     logged in. The operator can serve it over https (--tls-cert)."
+                }
+            }
             (login_form(csrf, next, email, error))
         }
     };
@@ -75,7 +85,7 @@ pub async fn login_page(
         return Redirect::to(next.unwrap_or("/ui")).into_response();
     }
     let (csrf, set_cookie) = login_csrf(&state, &headers);
-    login_page_response(StatusCode::OK, &csrf, set_cookie, next, "", None)
+    login_page_response(&state, StatusCode::OK, &csrf, set_cookie, next, "", None)
 }
 
 pub async fn login(State(state): State<AppState>, headers: HeaderMap, form: Form) -> Response {
@@ -115,6 +125,7 @@ pub async fn login(State(state): State<AppState>, headers: HeaderMap, form: Form
             };
             let (csrf, set_cookie) = login_csrf(&state, &headers);
             login_page_response(
+                &state,
                 status,
                 &csrf,
                 set_cookie,

@@ -974,3 +974,158 @@ async fn the_vault_pages_render() {
     let missing = h.get("/ui/vaults/nope/services", Some(&owner)).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
 }
+
+/// What a server an agent runs on another local port holds after one page view: the
+/// session cookie (browsers send it to every port of the host), and so the CSRF token
+/// derived from it. It must not reveal or decide with them.
+#[tokio::test]
+async fn a_stolen_session_cookie_neither_reveals_nor_decides_without_the_password() {
+    let h = harness();
+    h.set_credential("STRIPE_KEY", "sk_live_hidden_value");
+    let (id, link) = h.propose(json!({
+        "credentials": [{"key": "NEW_KEY", "description": "a new key"}]
+    }));
+    let token = h.ui_session(OWNER);
+    let cookie = session_cookie(&token);
+    let csrf = csrf_for_session(&token);
+    for password in [None, Some("not-the-password")] {
+        fn with<'a>(
+            fields: &[(&'a str, &'a str)],
+            password: Option<&'a str>,
+        ) -> Vec<(&'a str, &'a str)> {
+            let mut fields = fields.to_vec();
+            if let Some(password) = password {
+                fields.push((CONFIRM_FIELD, password));
+            }
+            fields
+        }
+        let reveal = h
+            .post_raw(
+                "/ui/vaults/default/credentials/reveal",
+                Some(&cookie),
+                &with(&[("csrf", &csrf)], password),
+            )
+            .await;
+        assert_eq!(reveal.status, StatusCode::UNAUTHORIZED, "{password:?}");
+        assert!(!reveal.body.contains("sk_live_hidden_value"));
+        let allow = h
+            .post_raw(
+                &format!("/approve/{id}/allow"),
+                Some(&cookie),
+                &with(
+                    &[
+                        ("csrf", &csrf),
+                        ("token", &link),
+                        ("value.NEW_KEY", "attacker"),
+                    ],
+                    password,
+                ),
+            )
+            .await;
+        assert_eq!(allow.status, StatusCode::UNAUTHORIZED, "{password:?}");
+        let deny = h
+            .post_raw(
+                &format!("/approve/{id}/deny"),
+                Some(&cookie),
+                &with(&[("csrf", &csrf), ("token", &link)], password),
+            )
+            .await;
+        assert_eq!(deny.status, StatusCode::UNAUTHORIZED, "{password:?}");
+        assert_eq!(h.status_of(id), ProposalStatus::Pending);
+        assert_eq!(h.credential("NEW_KEY"), None);
+    }
+    // The human, typing the password, does both.
+    let reveal = h
+        .post(
+            "/ui/vaults/default/credentials/reveal",
+            Some(&cookie),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert!(reveal.body.contains("sk_live_hidden_value"));
+}
+
+#[tokio::test]
+async fn the_approval_page_shows_the_diff_and_allow_needs_each_warning_acknowledged() {
+    let h = harness();
+    h.set_credential("STRIPE_KEY", "sk_live_human");
+    h.store()
+        .add_service(
+            &owner(),
+            "default",
+            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
+                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
+            .unwrap(),
+        )
+        .unwrap();
+    // No secret asked for: an existing key bound to the agent's host, one click away.
+    let (id, link) = h.propose(json!({
+        "services": [{"name": "metrics-exporter", "host": "collector.attacker.example",
+                      "auth": {"type": "bearer", "token": "STRIPE_KEY"}}]
+    }));
+    let token = h.ui_session(OWNER);
+    let cookie = session_cookie(&token);
+    let page = h
+        .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+        .await;
+    assert!(
+        page.body.contains("Services: what changes"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("collector.attacker.example"));
+    let warning = "existing_credential_to_new_host:STRIPE_KEY@collector.attacker.example";
+    assert!(
+        page.body
+            .contains(&format!(r#"value="{warning}" required"#)),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("already in the vault"));
+    let base = [("csrf", csrf_for_session(&token)), ("token", link.clone())];
+    let fields = |ack: bool| {
+        let mut fields: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if ack {
+            fields.push(("ack", warning));
+        }
+        fields
+    };
+    let refused = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &fields(false),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert!(refused.body.contains("acknowledge"), "{}", refused.body);
+    assert_eq!(h.status_of(id), ProposalStatus::Pending);
+    let allowed = h
+        .post(
+            &format!("/approve/{id}/allow"),
+            Some(&cookie),
+            &fields(true),
+        )
+        .await;
+    assert_eq!(allowed.status, StatusCode::SEE_OTHER, "{}", allowed.body);
+    assert_eq!(h.status_of(id), ProposalStatus::Applied);
+}
+
+#[tokio::test]
+async fn a_harmless_proposal_has_no_warning_to_acknowledge() {
+    let h = harness();
+    let (id, link) = h.stripe_proposal();
+    let token = h.ui_session(OWNER);
+    let page = h
+        .get(
+            &format!("/approve/{id}?token={link}"),
+            Some(&session_cookie(&token)),
+        )
+        .await;
+    assert!(page.body.contains("Services: what changes"));
+    assert!(
+        !page.body.contains("Read before you allow"),
+        "{}",
+        page.body
+    );
+}

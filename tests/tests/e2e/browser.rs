@@ -25,8 +25,8 @@ use agent_vault_testkit::upstream::Echo;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const OWNER_EMAIL: &str = "owner@example.com";
-const OWNER_PASSWORD: &str = "owner-password";
+pub(super) const OWNER_EMAIL: &str = "owner@example.com";
+pub(super) const OWNER_PASSWORD: &str = "owner-password";
 const MEMBER_EMAIL: &str = "member@example.com";
 const MEMBER_PASSWORD: &str = "member-password";
 /// How long to wait for a page to show what a step expects.
@@ -37,7 +37,7 @@ static ONE_BROWSER: Mutex<()> = Mutex::new(());
 
 /// A headless Chromium behind its own chromedriver, driven synchronously (the tests
 /// mix it with the blocking API client).
-struct Browser {
+pub(super) struct Browser {
     runtime: tokio::runtime::Runtime,
     client: Option<Client>,
     driver: Child,
@@ -46,7 +46,16 @@ struct Browser {
 }
 
 impl Browser {
-    fn start() -> Browser {
+    pub(super) fn start() -> Browser {
+        Browser::start_with(&[])
+    }
+
+    /// For a UI served with a test CA's certificate: Chromium accepts any certificate.
+    pub(super) fn start_trusting_any_certificate() -> Browser {
+        Browser::start_with(&["--ignore-certificate-errors"])
+    }
+
+    fn start_with(extra_args: &[&str]) -> Browser {
         let turn = ONE_BROWSER.lock().unwrap_or_else(|p| p.into_inner());
         for binary in [CHROMIUM, CHROMEDRIVER] {
             assert!(
@@ -79,19 +88,26 @@ impl Browser {
         let webdriver = format!("http://127.0.0.1:{port}");
         wait_for_driver(&webdriver);
         let user_data = browser._profile.path().join("chromium");
+        let mut args: Vec<String> = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ]
+        .into_iter()
+        .chain(extra_args.iter().copied())
+        .map(str::to_string)
+        .collect();
+        args.push(format!("--user-data-dir={}", user_data.display()));
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("browserName".into(), json!("chrome"));
         capabilities.insert(
             "goog:chromeOptions".into(),
-            json!({
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", "--disable-component-update",
-                    "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                    format!("--user-data-dir={}", user_data.display()),
-                ],
-            }),
+            json!({"binary": CHROMIUM, "args": args}),
         );
         let client = browser.runtime.block_on(async {
             ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
@@ -107,7 +123,7 @@ impl Browser {
         self.client.as_ref().expect("session")
     }
 
-    fn goto(&self, url: &str) {
+    pub(super) fn goto(&self, url: &str) {
         self.runtime
             .block_on(self.client().goto(url))
             .unwrap_or_else(|e| panic!("open {url}: {e}"));
@@ -134,11 +150,11 @@ impl Browser {
     }
 
     /// The visible text of the page.
-    fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         self.try_text().expect("page text")
     }
 
-    fn fill(&self, css: &str, value: &str) {
+    pub(super) fn fill(&self, css: &str, value: &str) {
         self.runtime
             .block_on(async {
                 let field = self.client().find(Locator::Css(css)).await?;
@@ -148,7 +164,7 @@ impl Browser {
             .unwrap_or_else(|e| panic!("fill {css}: {e}\n{}", self.source()));
     }
 
-    fn click(&self, css: &str) {
+    pub(super) fn click(&self, css: &str) {
         self.runtime
             .block_on(async { self.client().find(Locator::Css(css)).await?.click().await })
             .unwrap_or_else(|e| panic!("click {css}: {e}\n{}", self.source()));
@@ -161,7 +177,7 @@ impl Browser {
             .unwrap_or(false)
     }
 
-    fn execute(&self, script: &str) -> Value {
+    pub(super) fn execute(&self, script: &str) -> Value {
         self.runtime
             .block_on(self.client().execute(script, vec![]))
             .unwrap_or_else(|e| panic!("script failed: {e}"))
@@ -170,7 +186,7 @@ impl Browser {
     /// Waits until the page's text contains `needle`; panics with the page otherwise.
     /// (A page being replaced by the next one counts as "not yet".)
     #[track_caller]
-    fn wait_for_text(&self, needle: &str) {
+    pub(super) fn wait_for_text(&self, needle: &str) {
         self.wait_until(&format!("text {needle:?}"), || {
             self.try_text().is_some_and(|text| text.contains(needle))
         });
@@ -178,7 +194,7 @@ impl Browser {
 
     /// Waits until the page has an element matching `css`.
     #[track_caller]
-    fn wait_for(&self, css: &str) {
+    pub(super) fn wait_for(&self, css: &str) {
         self.wait_until(&format!("an element {css}"), || self.has(css));
     }
 
@@ -210,8 +226,21 @@ impl Browser {
         ))
     }
 
+    /// Cookie `name` as the browser stores it: (name, Secure, value).
+    pub(super) fn named_cookie(&self, name: &str) -> Option<(String, bool, String)> {
+        let cookie = self
+            .runtime
+            .block_on(self.client().get_named_cookie(name))
+            .ok()?;
+        Some((
+            cookie.name().to_string(),
+            cookie.secure().unwrap_or(false),
+            cookie.value().to_string(),
+        ))
+    }
+
     /// Logs in on the login page and waits for the vault list.
-    fn login(&self, server: &Server, email: &str, password: &str) {
+    pub(super) fn login(&self, server: &Server, email: &str, password: &str) {
         self.goto(&format!("{}/ui/login", server.url()));
         self.fill("#email", email);
         self.fill("#password", password);
@@ -252,13 +281,13 @@ fn wait_for_driver(webdriver: &str) {
 }
 
 /// A server with its owner, a member of `default` and an agent on `default`.
-struct Setup {
-    server: Server,
-    owner: Api,
-    agent: Api,
+pub(super) struct Setup {
+    pub(super) server: Server,
+    pub(super) owner: Api,
+    pub(super) agent: Api,
 }
 
-fn setup() -> Setup {
+pub(super) fn setup() -> Setup {
     let server = Server::start();
     let owner_token = server.owner_token();
     let owner = server.api(Some(&owner_token));
@@ -292,7 +321,7 @@ fn create_agent(owner: &Api, name: &str) -> String {
 }
 
 /// The agent posts a proposal; returns its id and approval URL.
-fn propose(agent: &Api, body: Value) -> (u64, String) {
+pub(super) fn propose(agent: &Api, body: Value) -> (u64, String) {
     let (status, created) = agent.post("/v1/proposals", &body);
     assert_eq!(status, 201, "create proposal: {created}");
     (
@@ -304,12 +333,12 @@ fn propose(agent: &Api, body: Value) -> (u64, String) {
     )
 }
 
-fn credential(owner: &Api, key: &str) -> Option<String> {
+pub(super) fn credential(owner: &Api, key: &str) -> Option<String> {
     let (status, body) = owner.get(&format!("/v1/vaults/default/credentials/{key}"));
     (status == 200).then(|| body["value"].as_str().expect("value").to_string())
 }
 
-fn set_credential(owner: &Api, key: &str, value: &str) {
+pub(super) fn set_credential(owner: &Api, key: &str, value: &str) {
     let (status, body) = owner.post(
         "/v1/vaults/default/credentials",
         &json!({"credentials": {key: value}}),
@@ -317,7 +346,7 @@ fn set_credential(owner: &Api, key: &str, value: &str) {
     assert_eq!(status, 200, "set {key}: {body}");
 }
 
-fn agent_view(agent: &Api, id: u64) -> Value {
+pub(super) fn agent_view(agent: &Api, id: u64) -> Value {
     let (status, body) = agent.get(&format!("/v1/proposals/{id}"));
     assert_eq!(status, 200, "agent reads proposal {id}: {body}");
     body
@@ -340,7 +369,8 @@ fn the_login_page_logs_in_with_a_strict_httponly_cookie_and_logs_out() {
     assert!(browser.url().ends_with("/ui"), "{}", browser.url());
     assert!(browser.has("a[href='/ui/vaults/default']"));
     let (token, http_only, same_site) = browser.session_cookie().expect("session cookie");
-    assert!(token.starts_with("av_sess_"));
+    // A UI session: the JSON API never takes it.
+    assert!(token.starts_with("av_ui_"), "{token}");
     assert!(http_only, "the session cookie is HttpOnly");
     assert_eq!(same_site, "Some(Strict)");
     // Scripts cannot read it (the CSP forbids page scripts; WebDriver's run anyway).
@@ -388,17 +418,19 @@ fn a_human_logs_in_on_the_approval_page_types_the_value_and_allows() {
     );
 
     // Inline login, back to the same page.
-    browser.fill("#email", MEMBER_EMAIL);
-    browser.fill("#password", MEMBER_PASSWORD);
+    // A service change is an admin's to allow (DESIGN.md §5).
+    browser.fill("#email", OWNER_EMAIL);
+    browser.fill("#password", OWNER_PASSWORD);
     browser.click("form.login button[type=submit]");
     browser.wait_for("#allow");
     assert_eq!(browser.url(), link, "login returns to the approval page");
     assert!(browser.has("input[type=password][name='value.STRIPE_KEY']"));
 
     browser.fill("input[name='value.STRIPE_KEY']", secret);
+    browser.fill("#confirm-allow", OWNER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Applied");
-    assert!(browser.text().contains(MEMBER_EMAIL));
+    assert!(browser.text().contains(OWNER_EMAIL));
     assert!(
         !browser.source().contains(secret),
         "the value is not on the page"
@@ -427,6 +459,7 @@ fn deny_with_a_reason_is_what_the_agent_reads() {
     browser.goto(&link);
     browser.wait_for_text("GitHub token");
     browser.fill("#reason", "use the read-only bot account instead");
+    browser.fill("#confirm-deny", OWNER_PASSWORD);
     browser.click("#deny");
     browser.wait_for_text("Rejected");
     assert!(browser
@@ -491,12 +524,14 @@ fn agent_supplied_values_are_accepted_or_overridden() {
         "agent values are never shown"
     );
     // Allow with neither box ticked nor a value typed: refused, nothing stored.
+    browser.fill("#confirm-allow", MEMBER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Nothing was changed");
     assert_eq!(credential(&s.owner, "ACCEPTED_TOKEN"), None);
 
     browser.click("#accept-ACCEPTED_TOKEN");
     browser.fill("#value-OVERRIDDEN_TOKEN", "human-typed-override");
+    browser.fill("#confirm-allow", MEMBER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Applied");
     assert_eq!(
@@ -525,6 +560,7 @@ fn a_delete_slot_removes_the_credential() {
     browser.goto(&link);
     browser.wait_for_text("deletes the credential OLD_API_KEY");
     assert!(!browser.has("input[type=password][name^='value.']"));
+    browser.fill("#confirm-allow", MEMBER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Applied");
     assert_eq!(credential(&s.owner, "OLD_API_KEY"), None);
@@ -552,6 +588,7 @@ fn a_decision_posted_without_the_csrf_token_is_refused_and_changes_nothing() {
         "const f = document.querySelector('form.allow input[name=csrf]'); f.remove(); return true;",
     );
     assert_eq!(removed, json!(true));
+    browser.fill("#confirm-allow", MEMBER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Form refused");
     assert_eq!(credential(&s.owner, "CSRF_KEY"), None);
@@ -572,6 +609,7 @@ fn a_decision_posted_without_the_csrf_token_is_refused_and_changes_nothing() {
     browser.goto(&link);
     browser.wait_for("#allow");
     browser.fill("input[name='value.CSRF_KEY']", "value-with-token");
+    browser.fill("#confirm-allow", MEMBER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Applied");
     assert_eq!(
@@ -592,6 +630,7 @@ fn the_credentials_page_masks_values_and_reveals_them_to_a_member() {
     browser.wait_for_text("STRIPE_KEY");
     assert!(!browser.source().contains("sk_live_shown_only_on_reveal"));
     assert!(browser.text().contains("••••••••"));
+    browser.fill("#confirm-password", MEMBER_PASSWORD);
     browser.click("form.inline button[type=submit]:not(.link)");
     browser.wait_for_text("sk_live_shown_only_on_reveal");
     assert!(
@@ -658,6 +697,11 @@ fn through_envoy_a_hint_becomes_a_proposal_approved_in_the_browser_and_the_retry
     browser.click("form.login button[type=submit]");
     browser.wait_for("#allow");
     browser.fill("input[name='value.BILLING_KEY']", secret);
+    // The loopback upstream is plain HTTP: the page warns that the credential would
+    // cross the network unencrypted, and Allow needs that acknowledged.
+    assert!(browser.text().contains("plain HTTP"), "{}", browser.text());
+    browser.click("input[name=ack]");
+    browser.fill("#confirm-allow", OWNER_PASSWORD);
     browser.click("#allow");
     browser.wait_for_text("Applied");
     assert_eq!(agent_view(&agent, id)["status"], "applied");

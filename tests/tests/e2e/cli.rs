@@ -1847,3 +1847,72 @@ fn session_file_is_private() {
         200
     );
 }
+
+#[test]
+fn credential_set_key_dash_reads_the_value_from_stdin_so_it_is_never_in_argv() {
+    let (_server, cli) = setup_with_vault("my-vault");
+    // One KEY=-: all of stdin (a multi-line value keeps its lines; one trailing
+    // newline goes).
+    cli.run_stdin(
+        &[
+            "vault",
+            "credential",
+            "set",
+            "PEM_KEY=-",
+            "--vault",
+            "my-vault",
+        ],
+        "-----BEGIN KEY-----\nabc\n-----END KEY-----\n",
+    )
+    .ok();
+    let got = cli
+        .run(&[
+            "vault",
+            "credential",
+            "get",
+            "PEM_KEY",
+            "--vault",
+            "my-vault",
+        ])
+        .ok();
+    assert_eq!(
+        got.stdout.trim_end(),
+        "-----BEGIN KEY-----\nabc\n-----END KEY-----"
+    );
+    // Several: one line each, in order; KEY=VALUE still works beside them.
+    cli.run_stdin(
+        &[
+            "vault",
+            "credential",
+            "set",
+            "A=-",
+            "B=literal",
+            "C=-",
+            "--vault",
+            "my-vault",
+        ],
+        "first\nthird\n",
+    )
+    .ok();
+    for (key, value) in [("A", "first"), ("B", "literal"), ("C", "third")] {
+        let got = cli
+            .run(&["vault", "credential", "get", key, "--vault", "my-vault"])
+            .ok();
+        assert_eq!(got.stdout.trim_end(), value, "{key}");
+    }
+    // Nothing on stdin: a clear error, nothing set.
+    let out = cli
+        .run_stdin(
+            &[
+                "vault",
+                "credential",
+                "set",
+                "EMPTY=-",
+                "--vault",
+                "my-vault",
+            ],
+            "",
+        )
+        .fails();
+    assert!(out.stderr.contains("EMPTY"), "{}", out.stderr);
+}

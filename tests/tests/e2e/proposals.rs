@@ -16,8 +16,8 @@ const BOB_PASSWORD: &str = "bob-password-1";
 
 // ---------------------------------------------------------------- helpers
 
-/// A server, the owner's CLI, Bob (a member of `default`) and an agent `bot` on
-/// `default`.
+/// A server, the owner's CLI, Bob (an admin of `default`, not the owner) and an agent
+/// `bot` on `default`.
 struct Setup {
     server: Server,
     owner: Cli,
@@ -33,7 +33,9 @@ fn setup_with(options: ServerOptions) -> Setup {
     let server = Server::start_with(options);
     let owner = server.cli();
     owner.register_and_login(OWNER, OWNER_PASSWORD);
-    let bob = server.user_joins_by_invite(&owner, (BOB, BOB_PASSWORD), "member", "default");
+    // An admin of `default` who is not the owner: proposals that change services are
+    // an admin's to approve (DESIGN.md §5).
+    let bob = server.user_joins_by_invite(&owner, (BOB, BOB_PASSWORD), "admin", "default");
     let agent_token = owner
         .run(&["agent", "create", "bot", "--vault", "default"])
         .ok()
@@ -578,7 +580,7 @@ fn no_agent_token_can_approve_or_reject() {
 }
 
 #[test]
-fn a_member_approves_with_values_and_the_change_is_live() {
+fn a_vault_admin_approves_with_values_and_the_change_is_live() {
     let s = setup();
     let agent = agent_api(&s);
     let bob = user_api(&s, &s.bob);
@@ -707,9 +709,12 @@ fn an_agent_supplied_value_is_accepted_or_overridden() {
     let owner = user_api(&s, &s.owner);
     let (status, body) = owner.post("/v1/master-key/rotate", &json!({}));
     assert_eq!(status, 200, "{body}");
+    // GENERATED_TOKEN is in the vault now: taking the agent's value replaces it, which
+    // the reviewer acknowledges.
     let (status, body) = bob.post(
         &format!("/v1/vaults/default/proposals/{third}/approve"),
-        &json!({"accept_agent_values": true}),
+        &json!({"accept_agent_values": true,
+                "acknowledge": ["agent_value_replaces_credential:GENERATED_TOKEN"]}),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -800,7 +805,8 @@ fn a_failing_approval_applies_nothing() {
     let message = api_error(
         bob.post(
             &format!("/v1/vaults/default/proposals/{id}/approve"),
-            &json!({"values": {"NEW_KEY": "new-value", "KEEP": "overwritten"}}),
+            &json!({"values": {"NEW_KEY": "new-value", "KEEP": "overwritten"},
+                    "acknowledge": ["host_changed:keep"]}),
         ),
         409,
         "apply_failed",
@@ -1127,4 +1133,119 @@ fn cli_review_reads_its_answers_from_stdin() {
         "{}",
         out.stdout
     );
+}
+
+#[test]
+fn a_member_cannot_approve_a_proposal_that_changes_services_but_can_one_that_sets_credentials() {
+    let s = setup();
+    let carol = s.server.user_joins_by_invite(
+        &s.owner,
+        ("carol@example.com", "carol-password-1"),
+        "member",
+        "default",
+    );
+    let agent = agent_api(&s);
+    let services = propose(&agent, &stripe_proposal());
+    let out = run(
+        &carol,
+        &[
+            "vault",
+            "proposal",
+            "approve",
+            &services.to_string(),
+            "STRIPE_KEY=sk_x",
+        ],
+    )
+    .fails();
+    assert!(out.stderr.contains("admin"), "{}", out.stderr);
+    let carol_api = user_api(&s, &carol);
+    assert!(service_names(&carol_api).is_empty());
+    let credentials = propose(
+        &agent,
+        &json!({"credentials": [{"key": "CAROL_KEY", "description": "a key"}]}),
+    );
+    // KEY=- reads the value from stdin: it never shows in `ps`.
+    carol
+        .run_stdin(
+            &[
+                "vault",
+                "proposal",
+                "approve",
+                &credentials.to_string(),
+                "CAROL_KEY=-",
+            ],
+            "sk_from_stdin\n",
+        )
+        .ok();
+    assert_eq!(
+        value_of(&carol_api, "CAROL_KEY").as_deref(),
+        Some("sk_from_stdin")
+    );
+}
+
+#[test]
+fn the_cli_shows_the_change_against_the_vault_and_applies_warnings_only_when_acknowledged() {
+    let s = setup();
+    s.owner
+        .run(&["vault", "credential", "set", "STRIPE_KEY=sk_live_human"])
+        .ok();
+    s.owner
+        .run(&[
+            "vault",
+            "service",
+            "add",
+            "--name",
+            "stripe",
+            "--host",
+            "api.stripe.com",
+            "--auth-type",
+            "bearer",
+            "--token-key",
+            "STRIPE_KEY",
+        ])
+        .ok();
+    let agent = agent_api(&s);
+    let id = propose(
+        &agent,
+        &json!({"services": [{"name": "metrics-exporter", "host": "collector.attacker.example",
+                              "auth": {"type": "bearer", "token": "STRIPE_KEY"}}]}),
+    )
+    .to_string();
+    let shown = run(&s.bob, &["vault", "proposal", "show", &id]).ok();
+    assert!(
+        shown.stdout.contains("Changes to the vault"),
+        "{}",
+        shown.stdout
+    );
+    assert!(shown.stdout.contains("WARNING"), "{}", shown.stdout);
+    assert!(
+        shown.stdout.contains("collector.attacker.example"),
+        "{}",
+        shown.stdout
+    );
+    // Without a terminal, the warning must be acknowledged explicitly.
+    let out = run(&s.bob, &["vault", "proposal", "approve", &id]).fails();
+    assert!(out.stderr.contains("--accept-warnings"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already in the vault"),
+        "{}",
+        out.stderr
+    );
+    let bob = user_api(&s, &s.bob);
+    assert_eq!(service_names(&bob), vec!["stripe"]);
+    // `review` asks too: declining the acknowledgement applies nothing.
+    let out = s.bob.run_stdin(&["vault", "proposal", "review"], "a\nno\n");
+    assert!(
+        out.stdout.contains("1 failed"),
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(service_names(&bob), vec!["stripe"]);
+    run(
+        &s.bob,
+        &["vault", "proposal", "approve", &id, "--accept-warnings"],
+    )
+    .ok();
+    assert_eq!(service_names(&bob), vec!["stripe", "metrics-exporter"]);
 }
