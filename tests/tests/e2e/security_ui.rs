@@ -289,3 +289,41 @@ fn the_approval_page_shows_an_existing_credential_sent_to_a_new_host_and_needs_a
     let view: Value = agent_view(&s.agent, id);
     assert_eq!(view["status"], "applied");
 }
+
+/// The review's S3: a page on another port of the same host can plant cookies for the
+/// UI (cookies are not isolated by port), such as a CSRF cookie of its choosing and a
+/// session cookie holding a token it has. Neither logs the browser in as anyone: an
+/// agent token is never a UI session, and the login double-submit only proves the form
+/// came with its cookie, so it still needs an account's password — and an agent cannot
+/// register one (no invite).
+#[test]
+fn cookies_planted_from_another_local_port_log_no_one_in() {
+    let s = setup();
+    let agent_token = s.agent.token.clone().expect("agent token");
+    let ui = s.server.url();
+    let csrf = "c".repeat(64);
+    let page = format!(
+        r#"<!doctype html><body><form id="f" method="post" action="{ui}/ui/login">
+        <input name="csrf" value="{csrf}"><input name="email" value="agent@example.com">
+        <input name="password" value="agent-password"></form><script>
+        document.cookie = "av_csrf={csrf}; path=/";
+        document.cookie = "av_session={agent_token}; path=/";
+        fetch('/planted').then(() => document.getElementById('f').submit());
+        </script></body>"#
+    );
+    let attacker = AgentServer::start(page);
+    let browser = Browser::start();
+    browser.goto(&attacker.url());
+    attacker.wait_for("/planted");
+    browser.wait_for_text("Invalid email or password");
+    // The planted agent token is no session: the UI asks to log in.
+    browser.goto(&format!("{ui}/ui"));
+    browser.wait_for("form.login");
+    assert!(!browser.text().contains("Vaults"), "{}", browser.text());
+    // And an agent cannot make itself an account to log the human into.
+    let (status, _) = s.server.api(None).post(
+        "/v1/auth/register",
+        &json!({"email": "agent@example.com", "password": "agent-password"}),
+    );
+    assert_eq!(status, 403);
+}
