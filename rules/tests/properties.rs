@@ -3,8 +3,8 @@
 //!
 //! Each property runs `PROPTEST_CASES` cases (proptest's default, 256, in
 //! `./dev test`); for a long run raise it by hand (README, "Fuzzing"). A failure is
-//! shrunk and its seed saved under `rules/proptest-regressions/`, which is committed so
-//! every later run replays it first.
+//! shrunk and its seed saved in `rules/proptest-regressions/properties.txt`, which is
+//! committed so that every later run replays it first.
 //!
 //! Hosts are drawn from a few short labels under `example.com` and `example.org`
 //! (never a public suffix), so that random service lists often name the same host,
@@ -21,6 +21,7 @@ use agent_vault_rules::{
 use base64::Engine as _;
 use proptest::prelude::*;
 use proptest::sample::select;
+use proptest::test_runner::FileFailurePersistence;
 use serde_json::json;
 
 const STRICT: ValidationOptions = ValidationOptions {
@@ -29,6 +30,18 @@ const STRICT: ValidationOptions = ValidationOptions {
 const ALLOW_PRIVATE: ValidationOptions = ValidationOptions {
     allow_private_upstreams: true,
 };
+
+/// proptest's defaults (`PROPTEST_CASES` and the rest read from the environment),
+/// with failures saved where the module doc says: proptest's own default only finds a
+/// place for tests under `src/`.
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/properties.txt",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
 
 // ---------------------------------------------------------------------------------
 // Generators
@@ -275,6 +288,8 @@ fn header() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    #![proptest_config(config())]
+
     /// Whatever the header, `parse` returns; anything it accepts has a non-empty token
     /// without whitespace or control characters, a vault that is absent or non-empty,
     /// and came from a header within the limit.
@@ -386,6 +401,8 @@ proptest! {
 // ---------------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config())]
+
     /// Whatever the authority, normalisation returns; what it returns is lowercase,
     /// has no trailing dot and a non-zero port, and normalising it again (with its
     /// port, or without one) changes nothing.
@@ -458,6 +475,8 @@ proptest! {
 // ---------------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config())]
+
     /// Whatever the text, parsing a pattern returns; a pattern that validates prints as
     /// text that validates to the same pattern, under either setting.
     #[test]
@@ -569,6 +588,8 @@ proptest! {
 // ---------------------------------------------------------------------------------
 
 proptest! {
+    #![proptest_config(config())]
+
     /// The indexed matcher picks what the priority rules, applied service by service,
     /// pick: for random lists of overlapping services and random requests.
     #[test]
