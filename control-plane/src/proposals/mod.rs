@@ -922,4 +922,6 @@ fn load_pending(
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
