@@ -519,9 +519,11 @@ fn unknown_field() -> impl Strategy<Value = String> {
                 .collect();
             upper
         }),
-        select(FIELDS).prop_map(|field| format!("{field}s")),
+        select(FIELDS).prop_map(|field| format!("{field}_")),
         any_text(12),
     ]
+    // Only arbitrary text can hit a known name, and almost never does: the filter's
+    // rejections (capped per run) stay rare even in long runs.
     .prop_filter("not a known field", move |field| {
         !known.contains(field.as_str())
     })
