@@ -578,7 +578,12 @@ proptest! {
         text in pattern_text_with_path(),
         // Request paths without a query string: dots in a query are no path segments.
         head in select(&["", "/", "/v1", "/v1/", "/v1x", "/v1/charges", "/v2/x"][..]),
-        dots in select(&["..", ".", "%2e%2e", "%2E.", ".%2e", "%2e"][..]),
+        // Plain, percent-encoded, and with a path parameter (`..;x`), which Java
+        // servlet containers drop before resolving the segment.
+        dots in select(&[
+            "..", ".", "%2e%2e", "%2E.", ".%2e", "%2e", "..;", ".;", "..;jsessionid=1", "%2e%2e;",
+            "..%3b", "..%3Bx",
+        ][..]),
         separator in select(&["/", "\\", "%2f", "%5C"][..]),
         tail in "[a-z]{0,6}",
     ) {
