@@ -276,7 +276,8 @@ fn clean_token() -> impl Strategy<Value = String> {
 }
 
 /// Headers of every shape: arbitrary text, scheme + arbitrary payload, scheme +
-/// base64 of arbitrary bytes (any length up to past the limit), and huge ones.
+/// base64 of arbitrary bytes (any length up to past the limit), and huge ones, of
+/// ASCII or of any characters.
 fn header() -> impl Strategy<Value = String> {
     prop_oneof![
         any_text(64),
@@ -296,6 +297,13 @@ fn header() -> impl Strategy<Value = String> {
             MAX_HEADER_LEN - 16..MAX_HEADER_LEN + 16
         )
             .prop_map(|(s, b, len)| format!("{s}{b}{}", "A".repeat(len))),
+        // About the limit in bytes, in characters of one to four bytes.
+        (
+            scheme(),
+            blanks(1),
+            prop::collection::vec(any::<char>(), 1000..1400)
+        )
+            .prop_map(|(s, b, chars)| format!("{s}{b}{}", String::from_iter(chars))),
     ]
 }
 
