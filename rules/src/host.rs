@@ -17,10 +17,11 @@
 //! lookup costs O(candidates for that host), not O(services).
 //!
 //! Paths are compared literally, after the query string and fragment are cut off. A
-//! request path with `.`/`..` segments (also percent-encoded, or separated by `\`)
-//! never matches a pattern that has a path: the upstream could resolve it to a path
-//! outside the approved prefix while the credential is injected. Such a request falls
-//! through to a service without a path, or to no service (fail closed).
+//! request path with `.`/`..` segments (also percent-encoded, separated by `\`, or
+//! carrying a `;` parameter) never matches a pattern that has a path: the upstream
+//! could resolve it to a path outside the approved prefix while the credential is
+//! injected. Such a request falls through to a service without a path, or to no
+//! service (fail closed).
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -548,7 +549,8 @@ impl<'a> RequestPath<'a> {
 }
 
 /// `.` or `..` segments, also written `%2e`, also between `\` or `%2f`/`%5c`, which
-/// some upstreams decode or treat as separators.
+/// some upstreams decode or treat as separators, also with a path parameter (`..;x`,
+/// `;` also as `%3b`), which servlet containers drop before resolving the segment.
 fn has_dot_segments(path: &str) -> bool {
     if !path.contains('.') && !path.contains('%') {
         return false;
@@ -558,8 +560,12 @@ fn has_dot_segments(path: &str) -> bool {
         .replace("%2e", ".")
         .replace("%2f", "/")
         .replace("%5c", "/")
+        .replace("%3b", ";")
         .replace('\\', "/");
-    decoded.split('/').any(|s| s == "." || s == "..")
+    decoded
+        .split('/')
+        .map(|segment| segment.split(';').next().unwrap_or(segment))
+        .any(|s| s == "." || s == "..")
 }
 
 /// Finds the service of a vault that a request goes to.
@@ -977,6 +983,25 @@ mod tests {
             let pattern = parse(pattern).unwrap_or_else(|e| panic!("{behaviour}: {e}"));
             assert_eq!(pattern.matches(host, *port, path), *expected, "{behaviour}");
         }
+    }
+
+    #[test]
+    fn path_parameters_do_not_hide_dot_segments() {
+        // Found by rules/tests/properties.rs (`example.com/*` matched `/..;/`): Tomcat
+        // and other servlet containers drop `;param` from a segment before resolving
+        // it, so `/v1/..;/admin` reaches `/admin` with the credential injected.
+        let pattern = parse("api.stripe.com/v1/*").unwrap_or_else(|e| panic!("{e}"));
+        for path in [
+            "/v1/..;/admin",
+            "/v1/..;jsessionid=1/admin",
+            "/v1/.;/x",
+            "/v1/%2e%2e;/admin",
+            "/v1/..%3B/admin",
+        ] {
+            assert!(!pattern.matches("api.stripe.com", 443, path), "{path}");
+        }
+        // A parameter on an ordinary segment changes nothing.
+        assert!(pattern.matches("api.stripe.com", 443, "/v1/charges;x=1"));
     }
 
     /// (behaviour, authority, expected host and port with default port 80)

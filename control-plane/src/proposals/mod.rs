@@ -1013,4 +1013,6 @@ fn load_pending(
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
