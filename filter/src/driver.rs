@@ -167,7 +167,7 @@ impl Http {
                 &reply::control_plane_unavailable("the filter is not configured"),
             );
         };
-        let worker = shared.try_borrow_mut();
+        let mut worker = shared.try_borrow_mut();
         let decision = {
             let request = Request {
                 method,
@@ -176,7 +176,7 @@ impl Http {
                 proxy_authorization: headers.get("proxy-authorization"),
                 x_vault: headers.get("x-vault"),
             };
-            match (&worker, self.log.try_borrow_mut()) {
+            match (worker.as_mut(), self.log.try_borrow_mut()) {
                 (Ok(w), Ok(mut log)) => Some(w.decide(&request, now, &mut log)),
                 _ => None,
             }

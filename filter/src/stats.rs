@@ -40,7 +40,7 @@ use agent_vault_rules::reply::ErrorCode;
 pub const PREFIX: &str = "agent_vault";
 
 /// Every error code, in the order of their denial counters.
-pub const ERROR_CODES: [ErrorCode; 11] = ErrorCode::ALL;
+pub const ERROR_CODES: [ErrorCode; ErrorCode::ALL.len()] = ErrorCode::ALL;
 
 /// A counter's slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +255,7 @@ mod tests {
                 .collect(),
             upstream_tls: false,
             authority: None,
+            open_host: false,
         }
     }
 
