@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use agent_vault_testkit::control_plane::{Api, Server, ServerOptions};
 use agent_vault_testkit::http::{proxy_basic, HttpResponse};
-use agent_vault_testkit::stack::{on_every_worker, Stack};
+use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
 use agent_vault_testkit::upstream::Echo;
 
 /// Both workers load their first snapshot within this.
@@ -155,6 +155,22 @@ fn a_passthrough_vault_reaches_no_other_loopback_port_and_not_the_control_plane(
         denied >= attempts.len() as u64,
         "{DENIED_STAT} counted {denied} of {}",
         attempts.len()
+    );
+    // The vault's request log says what was refused, and where to.
+    let logged = wait_for(Duration::from_secs(15), || {
+        let records = stack.request_log("open");
+        let refused: Vec<Value> = records
+            .into_iter()
+            .filter(|r| r["error"] == "destination_forbidden")
+            .collect();
+        (refused.len() >= attempts.len()).then_some(refused)
+    })
+    .unwrap_or_else(|| panic!("request log: {:?}", stack.request_log("open")));
+    assert!(
+        logged
+            .iter()
+            .all(|r| r["status"] == 403 && r["agent"] == "roamer"),
+        "{logged:?}"
     );
     // The allowed upstream is still reached, and only it.
     let fine = stack.get_as(&token, "open", &allowed.url("/still-fine"), &[]);
