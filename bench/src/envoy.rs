@@ -191,6 +191,16 @@ fn routes(filter: bool) -> String {
               "@type": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
               mutations:
               - remove: {ROUTE_HEADER}
+              - remove_on_match: {{key_matcher: {{prefix: x-envoy-}}}}
+              - remove: x-forwarded-host
+              - remove: x-forwarded-server
+              - remove: x-forwarded-prefix
+              - remove: x-original-host
+              - remove: x-original-url
+              - remove: x-rewrite-url
+              - remove: x-http-method-override
+              - remove: x-http-method
+              - remove: x-method-override
           route_config:
             name: bench
             request_headers_to_remove: [{ROUTE_HEADER}]
@@ -211,11 +221,12 @@ fn routes(filter: bool) -> String {
     )
 }
 
-/// The bootstrap of `variant` listening on `port` with admin on `admin_port`.
+/// The bootstrap of `variant` listening on `port` with admin on the Unix socket
+/// `admin_socket` (as the shipped configs have it: never on TCP).
 pub fn config(
     variant: Variant,
     port: u16,
-    admin_port: u16,
+    admin_socket: &Path,
     inputs: &Inputs<'_>,
 ) -> Result<String, String> {
     let mut filters = String::new();
@@ -315,7 +326,7 @@ pub fn config(
 node: {{id: bench-{letter}, cluster: agent-vault-bench}}
 admin:
   address:
-    socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}
+    pipe: {{path: {admin_socket}, mode: 0600}}
 static_resources:
   listeners:
   - name: bench
@@ -346,6 +357,7 @@ static_resources:
         describe = variant.describe(),
         routes = routes(filter_routes),
         upstream = inputs.upstream_port,
+        admin_socket = admin_socket.display(),
     ))
 }
 
@@ -353,7 +365,7 @@ pub struct Envoy {
     pub variant: Variant,
     pub proc: Proc,
     pub port: u16,
-    pub admin_port: u16,
+    pub admin_socket: PathBuf,
     pub log: PathBuf,
 }
 
@@ -362,9 +374,11 @@ impl Envoy {
         let mut last = String::new();
         for attempt in 0..3 {
             let port = free_port();
-            let admin_port = free_port();
+            let admin_socket = inputs
+                .dir
+                .join(format!("envoy-{}-admin.sock", variant.letter()));
             let config_path = inputs.dir.join(format!("envoy-{}.yaml", variant.letter()));
-            std::fs::write(&config_path, config(variant, port, admin_port, inputs)?)
+            std::fs::write(&config_path, config(variant, port, &admin_socket, inputs)?)
                 .map_err(|e| e.to_string())?;
             let log = inputs.dir.join(format!("envoy-{}.log", variant.letter()));
             let out = std::fs::File::create(
@@ -393,7 +407,7 @@ impl Envoy {
                 variant,
                 proc,
                 port,
-                admin_port,
+                admin_socket,
                 log,
             };
             match envoy.wait_ready() {
@@ -416,8 +430,8 @@ impl Envoy {
                     tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 20)
                 ));
             }
-            if http::tcp_once(
-                self.admin_port,
+            if http::unix_once(
+                &self.admin_socket,
                 "GET",
                 "/ready",
                 &[("Connection", "close")],
@@ -434,8 +448,8 @@ impl Envoy {
 
     /// Connections accepted by each worker so far (listener stats).
     pub fn worker_connections(&self) -> Vec<u64> {
-        let Ok(response) = http::tcp_once(
-            self.admin_port,
+        let Ok(response) = http::unix_once(
+            &self.admin_socket,
             "GET",
             "/stats?filter=downstream_cx_total",
             &[("Connection", "close")],
@@ -551,7 +565,8 @@ mod tests {
             let values = [
                 ("LISTEN_ADDRESS", "127.0.0.1"),
                 ("LISTEN_PORT", "10000"),
-                ("ADMIN_PORT", "9901"),
+                ("ADMIN_SOCKET", "/run/agent-vault-envoy/admin.sock"),
+                ("ALLOWED_PRIVATE_UPSTREAMS", ""),
                 ("SOCKET_PATH", "/run/agent-vault/dataplane.sock"),
                 ("WASM_PATH", wasm_path.as_str()),
                 ("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
@@ -568,7 +583,13 @@ mod tests {
             .expect("every placeholder has a value");
             let shipped = hcm(&yaml(&shipped));
             let bench = hcm(&yaml(
-                &config(variant, 10000, 9901, &inputs).expect("config"),
+                &config(
+                    variant,
+                    10000,
+                    Path::new("/run/agent-vault-envoy/admin.sock"),
+                    &inputs,
+                )
+                .expect("config"),
             ));
             let letter = variant.letter();
             for name in ["envoy.filters.http.wasm", "envoy.filters.http.router"] {

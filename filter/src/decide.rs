@@ -3,7 +3,8 @@
 //! [`decide`], and carries out the [`Decision`] (see [`crate::driver`]).
 //!
 //! The steps, in order (each refusal is a row of DESIGN.md §6):
-//! 1. `CONNECT` → 405 `connect_not_supported` (no callout).
+//! 1. `CONNECT` → 405 `connect_not_supported`; `TRACE`/`TRACK` → 405
+//!    `method_not_allowed` (no callout).
 //! 2. Proxy credential from `Proxy-Authorization` → else 407 `proxy_auth_required`.
 //! 3. No snapshot yet → 503 `control_plane_unavailable`.
 //! 4. `sha256(token)` → agent → else 407 `invalid_token` (also when expired).
@@ -68,15 +69,32 @@ pub struct Forward {
     pub upstream_tls: bool,
     /// New `:authority` (`<host>:443` for TLS services without an explicit port).
     pub authority: Option<String>,
+    /// The host is one the agent chose, not one a service names exactly: a wildcard
+    /// match or the `passthrough` policy ([`crate::host_budget`]).
+    pub open_host: bool,
 }
 
 impl Forward {
-    /// Forward with credentials removed and nothing injected, over plain HTTP.
+    /// Forward with credentials removed and nothing injected, over plain HTTP, to a
+    /// host the agent chose (the `passthrough` policy).
     pub fn untouched() -> Forward {
         Forward {
             inject: Vec::new(),
             upstream_tls: false,
             authority: None,
+            open_host: true,
+        }
+    }
+}
+
+impl Decision {
+    /// Whether a request that goes ahead (forwarded or fetched) is for a host the
+    /// agent chose rather than one a service names exactly.
+    pub fn open_host(&self) -> bool {
+        match self {
+            Decision::Forward(forward) => forward.open_host,
+            Decision::Fetch(plan) => plan.open_host,
+            Decision::Reject(_) => false,
         }
     }
 }
@@ -97,6 +115,8 @@ pub struct FetchPlan {
     pub upstream_tls: bool,
     /// New `:authority`, if any.
     pub authority: Option<String>,
+    /// Matched through a wildcard (see [`Forward::open_host`]).
+    pub open_host: bool,
 }
 
 impl FetchPlan {
@@ -145,18 +165,19 @@ impl FetchPlan {
             auth,
             lookup,
             (&self.vault, self.service_name()),
-            self.upstream_tls,
+            (self.upstream_tls, self.open_host),
             self.authority.clone(),
         )
     }
 }
 
-/// Renders a service's headers into a [`Forward`]; the names are (vault, service).
+/// Renders a service's headers into a [`Forward`]; the names are (vault, service),
+/// the flags (upstream TLS, open host).
 fn render<'v>(
     auth: &CompiledAuth,
     lookup: impl Fn(&str) -> Option<&'v str>,
     (vault, service): (&str, &str),
-    upstream_tls: bool,
+    (upstream_tls, open_host): (bool, bool),
     authority: Option<String>,
 ) -> Decision {
     match auth.render(lookup) {
@@ -164,6 +185,7 @@ fn render<'v>(
             inject,
             upstream_tls,
             authority,
+            open_host,
         }),
         Err(error) => Decision::Reject(reply::render_failed(vault, service, &error)),
     }
@@ -200,6 +222,10 @@ fn decide_inner(
             log.host = host;
         }
         return R(reply::connect_not_supported());
+    }
+    // An upstream that implements TRACE echoes the injected credential back.
+    if reply::is_refused_method(request.method) {
+        return R(reply::method_not_allowed(request.method));
     }
 
     // 2. Proxy credential.
@@ -282,7 +308,9 @@ fn decide_inner(
     };
 
     // 8. Credentials.
-    let explicit_port = vault.matcher.pattern(index).and_then(|p| p.port).is_some();
+    let pattern = vault.matcher.pattern(index);
+    let explicit_port = pattern.and_then(|p| p.port).is_some();
+    let open_host = pattern.is_some_and(|p| p.wildcard);
     let authority = (service.upstream_tls && !explicit_port).then(|| format!("{host}:{TLS_PORT}"));
     log.host = host;
     let mut complete = true;
@@ -301,6 +329,7 @@ fn decide_inner(
             token_sha256: token_hash.as_str().to_owned(),
             upstream_tls: service.upstream_tls,
             authority,
+            open_host,
         });
     }
     let lookup = |key: &str| match cache.get(&vault.name, key, now_ms) {
@@ -311,7 +340,7 @@ fn decide_inner(
         auth,
         lookup,
         (&vault.name, &service.name),
-        service.upstream_tls,
+        (service.upstream_tls, open_host),
         authority,
     )
 }
@@ -404,6 +433,10 @@ pub(crate) mod tests {
                         service("tls-port", "tls.example.com:8443", bearer("STRIPE_KEY")),
                         service("crlf", "crlf.example.com", bearer("CRLF")),
                         service("absent", "absent.example.com", bearer("ABSENT")),
+                        Service {
+                            upstream_tls: false,
+                            ..service("plain", "plain.example.com", bearer("STRIPE_KEY"))
+                        },
                     ],
                 },
                 SnapshotVault {
@@ -539,6 +572,33 @@ pub(crate) mod tests {
                     None,
                     "api.stripe.com:443",
                     Outcome::Reject(405, "connect_not_supported"),
+                )
+            },
+            Case {
+                method: "TRACE",
+                ..get(
+                    "TRACE to a service is refused, never injected",
+                    alice(),
+                    "api.stripe.com",
+                    Outcome::Reject(405, "method_not_allowed"),
+                )
+            },
+            Case {
+                method: "track",
+                ..get(
+                    "TRACK in lower case is refused too",
+                    alice(),
+                    "api.stripe.com",
+                    Outcome::Reject(405, "method_not_allowed"),
+                )
+            },
+            Case {
+                method: "Trace",
+                ..get(
+                    "TRACE under a passthrough policy is refused",
+                    Some(basic(BOB, "open")),
+                    "anything.example.org",
+                    Outcome::Reject(405, "method_not_allowed"),
                 )
             },
             // Step 2.
@@ -732,6 +792,18 @@ pub(crate) mod tests {
                 alice(),
                 "internal.example.com:8080",
                 fwd(&[("x-api-key", "Key k-123")], false, None),
+            ),
+            get(
+                "plain service without a port on port 80",
+                alice(),
+                "plain.example.com",
+                fwd(&[("authorization", "Bearer sk_test_abc123")], false, None),
+            ),
+            get(
+                "plain service without a port: another port of its host matches nothing",
+                alice(),
+                "plain.example.com:8080",
+                Outcome::Reject(403, "forbidden"),
             ),
             get(
                 "TLS service with an explicit port keeps it",

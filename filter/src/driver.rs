@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use agent_vault_rules::reply::{self, Reject};
+use agent_vault_rules::reply::{self, ErrorCode, Reject};
 
 use crate::config::Config;
 use crate::decide::{Decision, FetchPlan, Request};
@@ -27,6 +27,10 @@ use crate::host::{Host, LogLevel, Stat};
 use crate::request_log::RequestLog;
 use crate::stats::Callout;
 use crate::worker::{PollOutcome, Worker};
+
+/// How Envoy's response details start when its RBAC filter (the destination check of
+/// the bootstraps) refused a request.
+const DESTINATION_CHECK_DETAILS: &str = "rbac_access_denied";
 
 type SharedWorker = Rc<RefCell<Worker>>;
 
@@ -167,7 +171,7 @@ impl Http {
                 &reply::control_plane_unavailable("the filter is not configured"),
             );
         };
-        let worker = shared.try_borrow_mut();
+        let mut worker = shared.try_borrow_mut();
         let decision = {
             let request = Request {
                 method,
@@ -176,7 +180,7 @@ impl Http {
                 proxy_authorization: headers.get("proxy-authorization"),
                 x_vault: headers.get("x-vault"),
             };
-            match (&worker, self.log.try_borrow_mut()) {
+            match (worker.as_mut(), self.log.try_borrow_mut()) {
                 (Ok(w), Ok(mut log)) => Some(w.decide(&request, now, &mut log)),
                 _ => None,
             }
@@ -206,10 +210,24 @@ impl Http {
         }
     }
 
-    /// `on_http_response_headers`: keeps the status for the request log.
+    /// `on_http_response_headers`: keeps the status for the request log. A 403 for a
+    /// request the filter let through may be Envoy's destination check refusing the
+    /// address the host resolved to (`envoy/README.md`, "Destinations"): Envoy's
+    /// response details tell, and the log and the stats then say
+    /// `destination_forbidden`. Only 403s pay for that second host call.
     pub fn on_response_headers(&mut self, host: &mut impl Host) {
-        if let Ok(mut log) = self.log.try_borrow_mut() {
-            log.response_status = host.response_status();
+        let Ok(mut log) = self.log.try_borrow_mut() else {
+            return;
+        };
+        log.response_status = host.response_status();
+        if log.response_status == Some(403)
+            && log.error.is_none()
+            && host
+                .response_code_details()
+                .starts_with(DESTINATION_CHECK_DETAILS)
+        {
+            log.error = Some(ErrorCode::DestinationForbidden);
+            host.stat(Stat::Denied(ErrorCode::DestinationForbidden));
         }
     }
 
@@ -1255,6 +1273,45 @@ mod tests {
                 Call::ReadResponseStatus { context: 2 },
                 Call::PostLogs {
                     records: strings(&["GET /a 201"]),
+                    sent: true,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_403_from_envoys_destination_check_is_logged_and_counted_as_destination_forbidden() {
+        let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.calls();
+        vm.host
+            .response_code_details
+            .insert(2, "rbac_access_denied_matched_policy[none]".into());
+        vm.finish(2, Some(403));
+        assert_eq!(vm.host.stats, strings(&["denied destination_forbidden"]));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseStatus { context: 2 },
+                Call::ReadResponseCodeDetails { context: 2 },
+                Call::PostLogs {
+                    records: strings(&["GET /a 403 destination_forbidden"]),
+                    sent: true,
+                },
+            ]
+        );
+        // The upstream's own 403 is just a status.
+        vm.request(3, "/b");
+        vm.calls();
+        vm.finish(3, Some(403));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseStatus { context: 3 },
+                Call::ReadResponseCodeDetails { context: 3 },
+                Call::PostLogs {
+                    records: strings(&["GET /b 403"]),
                     sent: true,
                 },
             ]

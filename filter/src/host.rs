@@ -109,6 +109,10 @@ pub trait Host {
     /// The `:status` of the current context's response headers (`None` if absent).
     fn response_status(&mut self) -> Option<u16>;
 
+    /// Envoy's response code details of the current context (`response.code_details`,
+    /// e.g. `rbac_access_denied_matched_policy[none]`); empty if the host cannot tell.
+    fn response_code_details(&mut self) -> String;
+
     /// Reads the callout answer being delivered. With no headers (Envoy reset the
     /// callout) there is nothing to read: status `None`.
     fn call_response(&mut self, num_headers: usize, body_size: usize) -> CallResponse;

@@ -14,6 +14,7 @@
 //! | the rules snapshot, compiled for lookups        | [`snapshot`]     |
 //! | the per-worker credential cache                 | [`cache`]        |
 //! | deciding a request (refuse / forward / fetch)   | [`decide`]       |
+//! | new hosts per agent through wildcards/passthrough | [`host_budget`] |
 //! | single-flight fetches and their answers         | [`flight`]       |
 //! | request-log records and batches                 | [`request_log`]  |
 //! | one worker's state, polling and timers          | [`worker`]       |
@@ -50,6 +51,7 @@ pub mod driver;
 pub mod flight;
 pub mod header_map;
 pub mod host;
+pub mod host_budget;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;

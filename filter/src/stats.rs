@@ -10,7 +10,7 @@
 //! |-----------------------------------------------|-----------|--------|
 //! | `agent_vault.requests.injected`               | counter   | requests forwarded with credentials injected |
 //! | `agent_vault.requests.passthrough`            | counter   | requests forwarded with nothing injected (passthrough rules and policies) |
-//! | `agent_vault.requests.denied.<error code>`    | counter   | requests the filter answered itself, one counter per code of [`ErrorCode`] |
+//! | `agent_vault.requests.denied.<error code>`    | counter   | requests the filter answered itself, one counter per code of [`ErrorCode`]; `destination_forbidden` counts the forwarded requests Envoy's destination check refused |
 //! | `agent_vault.cache.hits`                      | counter   | requests injected from the worker's cache, no callout |
 //! | `agent_vault.cache.misses`                    | counter   | requests that had to wait for a credential fetch |
 //! | `agent_vault.control_plane.fetch_failures`    | counter   | credential fetches without a usable answer (not sent, Envoy's 503/504, timeout, bad body) |
@@ -40,7 +40,7 @@ use agent_vault_rules::reply::ErrorCode;
 pub const PREFIX: &str = "agent_vault";
 
 /// Every error code, in the order of their denial counters.
-pub const ERROR_CODES: [ErrorCode; 11] = ErrorCode::ALL;
+pub const ERROR_CODES: [ErrorCode; ErrorCode::ALL.len()] = ErrorCode::ALL;
 
 /// A counter's slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +255,7 @@ mod tests {
                 .collect(),
             upstream_tls: false,
             authority: None,
+            open_host: false,
         }
     }
 

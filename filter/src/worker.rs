@@ -9,12 +9,14 @@
 
 use std::rc::Rc;
 
+use agent_vault_rules::reply;
 use agent_vault_rules::{Snapshot, SNAPSHOT_PATH};
 
 use crate::cache::{CredentialCache, Secret};
 use crate::config::Config;
 use crate::decide::{decide, Decision, Request};
 use crate::flight::{Answer, Completion, FlightKey, Flights, Join, Waiter};
+use crate::host_budget::{HostBudget, MAX_OPEN_HOSTS, WINDOW_MS};
 use crate::request_log::{LogBatch, RequestLog};
 use crate::snapshot::CompiledSnapshot;
 
@@ -66,6 +68,7 @@ pub struct Worker {
     flights: Flights,
     logs: LogBatch,
     poller: Poller,
+    hosts: HostBudget,
 }
 
 impl Worker {
@@ -78,6 +81,7 @@ impl Worker {
             snapshot: None,
             flights: Flights::default(),
             poller: Poller::default(),
+            hosts: HostBudget::default(),
         }
     }
 
@@ -91,9 +95,22 @@ impl Worker {
         self.snapshot.as_ref()
     }
 
-    /// Decides a request (see [`crate::decide`]).
-    pub fn decide(&self, request: &Request<'_>, now_ms: u64, log: &mut RequestLog) -> Decision {
-        decide(self.snapshot.as_ref(), &self.cache, request, now_ms, log)
+    /// Decides a request (see [`crate::decide`]); a host the agent chose (wildcard,
+    /// passthrough) also has to fit its budget of new hosts ([`crate::host_budget`]).
+    pub fn decide(&mut self, request: &Request<'_>, now_ms: u64, log: &mut RequestLog) -> Decision {
+        let decision = decide(self.snapshot.as_ref(), &self.cache, request, now_ms, log);
+        if !decision.open_host() {
+            return decision;
+        }
+        let Some(agent) = log.agent.as_ref() else {
+            return decision;
+        };
+        if self.hosts.admit(agent, &log.host, now_ms) {
+            return decision;
+        }
+        let reject = reply::too_many_hosts(agent, MAX_OPEN_HOSTS, WINDOW_MS / 1000);
+        log.error = Some(reject.code);
+        Decision::Reject(reject)
     }
 
     // --- Credential fetches (see [`crate::flight`]) -------------------------------
@@ -533,7 +550,7 @@ pub(crate) mod tests {
             .unwrap_or_default()
     }
 
-    fn cached_decision(worker: &Worker, now: u64) -> String {
+    fn cached_decision(worker: &mut Worker, now: u64) -> String {
         let auth = basic(ALICE, "");
         let request = Request {
             method: "GET",
@@ -556,11 +573,11 @@ pub(crate) mod tests {
         let completions = fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
         assert_eq!(completions.len(), 1);
         assert_eq!(
-            cached_decision(&worker, NOW_MS + 10),
+            cached_decision(&mut worker, NOW_MS + 10),
             r#"[("authorization", "Bearer sk_1")]"#
         );
         assert_eq!(
-            cached_decision(&worker, NOW_MS + 60_000),
+            cached_decision(&mut worker, NOW_MS + 60_000),
             "fetch",
             "stale after the ttl"
         );
@@ -569,7 +586,7 @@ pub(crate) mod tests {
         // Same version again: the cache stays.
         worker.install(snapshot("1"));
         assert_eq!(
-            cached_decision(&worker, NOW_MS + 10),
+            cached_decision(&mut worker, NOW_MS + 10),
             r#"[("authorization", "Bearer sk_1")]"#
         );
         // New version: the cache is dropped.
@@ -582,7 +599,7 @@ pub(crate) mod tests {
                 ..
             }
         ));
-        assert_eq!(cached_decision(&worker, NOW_MS + 10), "fetch");
+        assert_eq!(cached_decision(&mut worker, NOW_MS + 10), "fetch");
     }
 
     #[test]
@@ -622,7 +639,7 @@ pub(crate) mod tests {
             .unwrap_or_default();
         assert_eq!(completions.len(), 1, "the waiter is still served");
         assert_eq!(
-            cached_decision(&worker, NOW_MS + 1),
+            cached_decision(&mut worker, NOW_MS + 1),
             "fetch",
             "but nothing is cached"
         );
@@ -639,7 +656,7 @@ pub(crate) mod tests {
         );
         worker.install(snapshot("1"));
         fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
-        assert_eq!(cached_decision(&worker, NOW_MS), "fetch");
+        assert_eq!(cached_decision(&mut worker, NOW_MS), "fetch");
     }
 
     #[test]

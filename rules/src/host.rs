@@ -8,7 +8,9 @@
 //! clearly mean: schemes, userinfo, query strings, IP literals, `localhost`,
 //! single-label and internal names (the last three are allowed with
 //! [`ValidationOptions::allow_private_upstreams`], which tests use for loopback
-//! upstreams), and wildcards over a public suffix such as `*.com`.
+//! upstreams), and wildcards over a public suffix such as `*.com`, `*.co.uk` or
+//! `*.herokuapp.com`: whether a name is one comes from the Public Suffix List, its
+//! ICANN and PRIVATE sections (the `psl` crate), with or without that option.
 //!
 //! Matching priority (DESIGN.md §5): exact host over wildcard, then a specific port
 //! over any port, then the longest literal path prefix (an exact path beats a prefix of
@@ -39,6 +41,8 @@ const MAX_HOST_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
 /// Longest path in a pattern.
 const MAX_PATH_LEN: usize = 1024;
+/// The only port a plain-HTTP service without a port in its pattern matches.
+const PLAIN_HTTP_PORT: u16 = crate::reply::DEFAULT_PORT;
 
 /// Names that only resolve inside a private network. `localhost` and its subdomains
 /// resolve to loopback.
@@ -50,6 +54,20 @@ const INTERNAL_SUFFIXES: [&str; 7] = [
     "home.arpa",
     "corp",
     "intranet",
+];
+
+#[cfg(feature = "public-suffix")]
+/// Domains whose every subdomain resolves to the IP address written in it
+/// (`10.0.0.5.nip.io`): a wildcard over one covers every address, the attacker's
+/// included. They are not on the Public Suffix List, so they are named here.
+const WILDCARD_DNS_SERVICES: [&str; 7] = [
+    "nip.io",
+    "sslip.io",
+    "xip.io",
+    "traefik.me",
+    "lvh.me",
+    "localtest.me",
+    "vcap.me",
 ];
 
 const PRIVATE: &str = "a private or internal address";
@@ -365,8 +383,40 @@ fn parse_name_host(
         }
     } else if internal && !allow {
         return Err(private(PRIVATE));
+    } else if wildcard && !internal {
+        #[cfg(feature = "public-suffix")]
+        if let Some(section) = public_suffix(host) {
+            return Err(invalid(format!(
+                "a wildcard may not cover a public suffix: {host} is {section}, so \
+                 *.{host} would send the credential to names that belong to anyone; name \
+                 the host itself, e.g. myname.{host}"
+            )));
+        }
     }
     Ok((wildcard, host.to_owned()))
+}
+
+#[cfg(feature = "public-suffix")]
+/// Whether `host` is itself a public suffix (a rule of the Public Suffix List, ICANN or
+/// PRIVATE section, wildcard rules included), and what kind. The list is compiled into
+/// the `psl` crate, so updating it is updating the crate.
+fn public_suffix(host: &str) -> Option<&'static str> {
+    if WILDCARD_DNS_SERVICES.contains(&host) {
+        return Some(
+            "a wildcard DNS service: every name under it resolves to the address it spells",
+        );
+    }
+    let suffix = psl::suffix(host.as_bytes())?;
+    if !suffix.is_known() || suffix.as_bytes() != host.as_bytes() {
+        return None;
+    }
+    Some(match suffix.typ() {
+        Some(psl::Type::Private) => {
+            "on the Public Suffix List (private section: a platform whose subdomains \
+             belong to different customers)"
+        }
+        _ => "on the Public Suffix List (a domain under which anyone can register names)",
+    })
 }
 
 /// LDH rule: 1-63 letters, digits and hyphens, not starting or ending with a hyphen.
@@ -550,13 +600,19 @@ impl<'a> RequestPath<'a> {
 
 /// `.` or `..` segments, also written `%2e`, also between `\` or `%2f`/`%5c`, which
 /// some upstreams decode or treat as separators, also with a path parameter (`..;x`,
-/// `;` also as `%3b`), which servlet containers drop before resolving the segment.
+/// `;` also as `%3b`), which servlet containers drop before resolving the segment;
+/// and all of these encoded again (`%252e`, any number of times), for upstreams or
+/// frameworks that decode twice.
 fn has_dot_segments(path: &str) -> bool {
     if !path.contains('.') && !path.contains('%') {
         return false;
     }
-    let decoded = path
-        .to_ascii_lowercase()
+    let mut decoded = path.to_ascii_lowercase();
+    // Each pass shortens the path, so this ends.
+    while decoded.contains("%25") {
+        decoded = decoded.replace("%25", "%");
+    }
+    let decoded = decoded
         .replace("%2e", ".")
         .replace("%2f", "/")
         .replace("%5c", "/")
@@ -580,6 +636,9 @@ fn has_dot_segments(path: &str) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct ServiceMatcher {
     patterns: Vec<Option<HostPattern>>,
+    /// The one port a request must have when the pattern names none: 80 for plain
+    /// services, `None` (any) for TLS ones.
+    implied_ports: Vec<Option<u16>>,
     auths: Vec<Result<CompiledAuth, RuleError>>,
     /// Exact host → indices of services naming it, in declaration order.
     exact: HashMap<String, Vec<usize>>,
@@ -602,6 +661,7 @@ impl ServiceMatcher {
     pub fn with_capacity(services: usize) -> ServiceMatcher {
         ServiceMatcher {
             patterns: Vec::with_capacity(services),
+            implied_ports: Vec::with_capacity(services),
             auths: Vec::with_capacity(services),
             exact: HashMap::new(),
             wildcard: HashMap::new(),
@@ -626,13 +686,19 @@ impl ServiceMatcher {
             };
             map.entry(pattern.host.clone()).or_default().push(index);
         }
+        let implied_port = pattern
+            .as_ref()
+            .is_some_and(|p| p.port.is_none() && !service.upstream_tls)
+            .then_some(PLAIN_HTTP_PORT);
         self.patterns.push(pattern);
+        self.implied_ports.push(implied_port);
         self.auths.push(CompiledAuth::compile(&service.auth));
     }
 
     /// Gives back the room the indexes grew into but do not use.
     pub fn shrink_to_fit(&mut self) {
         self.patterns.shrink_to_fit();
+        self.implied_ports.shrink_to_fit();
         self.auths.shrink_to_fit();
         self.exact.shrink_to_fit();
         self.wildcard.shrink_to_fit();
@@ -682,6 +748,15 @@ impl ServiceMatcher {
     ) -> Option<usize> {
         let mut best: Option<(Rank, usize)> = None;
         for &index in candidates? {
+            if self
+                .implied_ports
+                .get(index)
+                .copied()
+                .flatten()
+                .is_some_and(|only| only != port)
+            {
+                continue;
+            }
             let Some(rank) = self.pattern(index).and_then(|p| p.rank(port, request)) else {
                 continue;
             };
@@ -938,6 +1013,49 @@ mod tests {
         }
     }
 
+    /// (behaviour, pattern, the suffix the error names or `None` if accepted)
+    type SuffixCase<'a> = (&'a str, &'a str, Option<&'a str>);
+
+    #[cfg(feature = "public-suffix")]
+    #[test]
+    fn wildcards_over_a_public_suffix_are_refused_naming_the_suffix() {
+        #[rustfmt::skip]
+        let cases: &[SuffixCase<'_>] = &[
+            ("a two-label ICANN suffix", "*.co.uk", Some("co.uk")),
+            ("another ICANN second-level suffix", "*.com.au", Some("com.au")),
+            ("a private-section platform", "*.herokuapp.com", Some("herokuapp.com")),
+            ("a private-section bucket host", "*.s3.amazonaws.com", Some("s3.amazonaws.com")),
+            ("a tunnel service", "*.ngrok-free.app", Some("ngrok-free.app")),
+            ("a wildcard DNS service", "*.nip.io", Some("nip.io")),
+            ("another wildcard DNS service", "*.sslip.io", Some("sslip.io")),
+            ("a GitHub Pages suffix", "*.github.io", Some("github.io")),
+            ("a suffix under a wildcard rule of the list", "*.foo.ck", Some("foo.ck")),
+            ("with a port and a path", "*.herokuapp.com:443/v1/*", Some("herokuapp.com")),
+            ("in upper case with a trailing dot", "*.HerokuApp.COM.", Some("herokuapp.com")),
+            ("a company domain", "*.github.com", None),
+            ("an example domain", "*.example.com", None),
+            ("one label below a private suffix", "*.myapp.herokuapp.com", None),
+            ("under a ccTLD second level", "*.example.co.uk", None),
+            ("an exact host that is a suffix", "herokuapp.com", None),
+            ("an exact host under a suffix", "myapp.herokuapp.com", None),
+        ];
+        for options in [STRICT, ALLOW_PRIVATE] {
+            for (behaviour, input, suffix) in cases {
+                let parsed = HostPattern::parse(input, &options);
+                match suffix {
+                    None => assert!(parsed.is_ok(), "{behaviour}: {parsed:?}"),
+                    Some(suffix) => {
+                        let message = parsed.map(|p| p.to_string()).unwrap_err().to_string();
+                        assert!(
+                            message.contains(&format!("cover a public suffix: {suffix} is ")),
+                            "{behaviour}: {message}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// (behaviour, pattern, host, port, path, matches)
     type MatchCase<'a> = (&'a str, &'a str, &'a str, u16, &'a str, bool);
 
@@ -1090,6 +1208,10 @@ mod tests {
             ("ipv6 upstreams match", &["[::1]:9000"], "[::1]", 9000, "/", Some(0)),
             ("dot segments never match a path pattern", &["api.stripe.com/v1/*", "api.stripe.com:443"], "api.stripe.com", 8443, "/v1/../admin", None),
             ("dot segments fall back to a service without a path", &["api.stripe.com/v1/*", "api.stripe.com"], "api.stripe.com", 443, "/v1/../admin", Some(1)),
+            ("double-encoded dot segments never match a path pattern", &["api.stripe.com/v1/public/*"], "api.stripe.com", 443, "/v1/public/%252e%252e/admin", None),
+            ("double-encoded slashes around dots never match", &["api.stripe.com/v1/public/*"], "api.stripe.com", 443, "/v1/public/..%252fadmin", None),
+            ("triple-encoded dots never match", &["api.stripe.com/v1/public/*"], "api.stripe.com", 443, "/v1/public/%25252E%25252E/admin", None),
+            ("an encoded percent sign alone is an ordinary path", &["api.stripe.com/v1/public/*"], "api.stripe.com", 443, "/v1/public/100%25", Some(0)),
         ];
         for (behaviour, hosts, host, port, path, expected) in cases {
             let services: Vec<Service> = hosts
@@ -1099,6 +1221,39 @@ mod tests {
                 .collect();
             let matcher = ServiceMatcher::new(&services);
             assert_eq!(matcher.find(host, *port, path), *expected, "{behaviour}");
+        }
+    }
+
+    /// (behaviour, (host pattern, upstream_tls) in declaration order, host, port,
+    /// expected index)
+    type PortCase<'a> = (&'a str, &'a [(&'a str, bool)], &'a str, u16, Option<usize>);
+
+    #[test]
+    fn a_plain_service_without_a_port_matches_only_port_80() {
+        #[rustfmt::skip]
+        let cases: &[PortCase<'_>] = &[
+            ("plain on port 80", &[("internal.example", false)], "internal.example", 80, Some(0)),
+            ("plain on another port gets no service", &[("internal.example", false)], "internal.example", 8080, None),
+            ("plain on 443 gets no service", &[("internal.example", false)], "internal.example", 443, None),
+            ("plain with an explicit port keeps it", &[("internal.example:8080", false)], "internal.example", 8080, Some(0)),
+            ("plain with an explicit port refuses 80", &[("internal.example:8080", false)], "internal.example", 80, None),
+            ("plain wildcard on port 80", &[("*.internal.example", false)], "a.internal.example", 80, Some(0)),
+            ("plain wildcard on another port", &[("*.internal.example", false)], "a.internal.example", 9000, None),
+            ("TLS without a port matches any port (the filter sends it to 443)", &[("api.example.com", true)], "api.example.com", 8080, Some(0)),
+            ("another port falls through to a TLS rule of the host", &[("api.corp.example", false), ("*.corp.example", true)], "api.corp.example", 8080, Some(1)),
+            ("an explicit port rule wins on its port", &[("internal.example", false), ("internal.example:9000", false)], "internal.example", 9000, Some(1)),
+        ];
+        for (behaviour, hosts, host, port, expected) in cases {
+            let services: Vec<Service> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, (h, tls))| Service {
+                    upstream_tls: *tls,
+                    ..service(&format!("s{i}"), h)
+                })
+                .collect();
+            let matcher = ServiceMatcher::new(&services);
+            assert_eq!(matcher.find(host, *port, "/"), *expected, "{behaviour}");
         }
     }
 

@@ -17,12 +17,16 @@ pub const ERROR_HEADER: &str = "x-agent-vault-error";
 pub const PROXY_AUTHENTICATE: &str = "Basic realm=\"agent-vault\"";
 /// Where agents propose a new service.
 pub const PROPOSAL_ENDPOINT: &str = "POST /v1/proposals";
+/// The `Allow` header of a 405: the methods the proxy forwards.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// The error codes the filter answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// 405: `CONNECT` (an `HTTPS_PROXY` client).
     ConnectNotSupported,
+    /// 405: `TRACE` or `TRACK`, which make upstreams echo the injected credential.
+    MethodNotAllowed,
     /// 407: no or malformed proxy credential.
     ProxyAuthRequired,
     /// 407: unknown, revoked or expired token.
@@ -43,12 +47,20 @@ pub enum ErrorCode {
     InvalidCredentialValue,
     /// 503: no rules yet, or the control plane did not answer.
     ControlPlaneUnavailable,
+    /// 429: the agent reached too many different hosts through wildcard services or
+    /// the `passthrough` policy in a short time (each takes room in Envoy's DNS cache).
+    TooManyHosts,
+    /// 403: the destination resolves to a loopback, link-local or private address.
+    /// Envoy answers it (its RBAC filter, after the DNS lookup), not the filter; the
+    /// bootstraps' `local_reply_config` writes [`destination_forbidden`]'s body.
+    DestinationForbidden,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::ConnectNotSupported,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::ProxyAuthRequired,
         ErrorCode::InvalidToken,
         ErrorCode::VaultRequired,
@@ -59,6 +71,8 @@ impl ErrorCode {
         ErrorCode::CredentialNotFound,
         ErrorCode::InvalidCredentialValue,
         ErrorCode::ControlPlaneUnavailable,
+        ErrorCode::TooManyHosts,
+        ErrorCode::DestinationForbidden,
     ];
 
     /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
@@ -66,16 +80,19 @@ impl ErrorCode {
     pub fn index(self) -> usize {
         match self {
             ErrorCode::ConnectNotSupported => 0,
-            ErrorCode::ProxyAuthRequired => 1,
-            ErrorCode::InvalidToken => 2,
-            ErrorCode::VaultRequired => 3,
-            ErrorCode::InvalidRequest => 4,
-            ErrorCode::Forbidden => 5,
-            ErrorCode::ServiceDisabled => 6,
-            ErrorCode::InvalidService => 7,
-            ErrorCode::CredentialNotFound => 8,
-            ErrorCode::InvalidCredentialValue => 9,
-            ErrorCode::ControlPlaneUnavailable => 10,
+            ErrorCode::MethodNotAllowed => 1,
+            ErrorCode::ProxyAuthRequired => 2,
+            ErrorCode::InvalidToken => 3,
+            ErrorCode::VaultRequired => 4,
+            ErrorCode::InvalidRequest => 5,
+            ErrorCode::Forbidden => 6,
+            ErrorCode::ServiceDisabled => 7,
+            ErrorCode::InvalidService => 8,
+            ErrorCode::CredentialNotFound => 9,
+            ErrorCode::InvalidCredentialValue => 10,
+            ErrorCode::ControlPlaneUnavailable => 11,
+            ErrorCode::TooManyHosts => 12,
+            ErrorCode::DestinationForbidden => 13,
         }
     }
 
@@ -83,6 +100,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::ConnectNotSupported => "connect_not_supported",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ProxyAuthRequired => "proxy_auth_required",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::VaultRequired => "vault_required",
@@ -93,20 +111,25 @@ impl ErrorCode {
             ErrorCode::CredentialNotFound => "credential_not_found",
             ErrorCode::InvalidCredentialValue => "invalid_credential_value",
             ErrorCode::ControlPlaneUnavailable => "control_plane_unavailable",
+            ErrorCode::TooManyHosts => "too_many_hosts",
+            ErrorCode::DestinationForbidden => "destination_forbidden",
         }
     }
 
     /// The HTTP status.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::ConnectNotSupported => 405,
+            ErrorCode::ConnectNotSupported | ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => 407,
             ErrorCode::VaultRequired | ErrorCode::InvalidRequest => 400,
-            ErrorCode::Forbidden | ErrorCode::ServiceDisabled => 403,
+            ErrorCode::Forbidden | ErrorCode::ServiceDisabled | ErrorCode::DestinationForbidden => {
+                403
+            }
             ErrorCode::InvalidService
             | ErrorCode::CredentialNotFound
             | ErrorCode::InvalidCredentialValue => 502,
             ErrorCode::ControlPlaneUnavailable => 503,
+            ErrorCode::TooManyHosts => 429,
         }
     }
 }
@@ -144,8 +167,8 @@ impl Reject {
             ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => {
                 vec![("proxy-authenticate", PROXY_AUTHENTICATE)]
             }
-            ErrorCode::ConnectNotSupported => {
-                vec![("allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")]
+            ErrorCode::ConnectNotSupported | ErrorCode::MethodNotAllowed => {
+                vec![("allow", ALLOWED_METHODS)]
             }
             _ => Vec::new(),
         };
@@ -189,6 +212,55 @@ pub fn connect_not_supported() -> Reject {
         "CONNECT (an HTTPS_PROXY client) is not supported: send plain http:// URLs through \
          the proxy with HTTP_PROXY, e.g. curl -x http://<agent-token>:<vault>@<proxy> \
          http://api.example.com/...; the proxy originates TLS to services that need it",
+    )
+}
+
+/// Whether the proxy refuses `method` whatever the service: `TRACE` and `TRACK` (any
+/// case) ask the upstream, or any middlebox on the way, to echo the request back, and
+/// the request carries the injected credential.
+pub fn is_refused_method(method: &str) -> bool {
+    method.len() == 5
+        && (method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK"))
+}
+
+/// `TRACE` / `TRACK` → 405.
+pub fn method_not_allowed(method: &str) -> Reject {
+    Reject::new(
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{} is not forwarded: an upstream that implements it echoes the request back, \
+             injected credentials included; the proxy forwards {ALLOWED_METHODS}",
+            quote(method)
+        ),
+    )
+}
+
+/// The agent reached more than `limit` different hosts through wildcard services or the
+/// `passthrough` policy within `window_s` seconds → 429.
+pub fn too_many_hosts(agent: &str, limit: usize, window_s: u64) -> Reject {
+    Reject::new(
+        ErrorCode::TooManyHosts,
+        format!(
+            "agent {agent:?} sent requests to more than {limit} different hosts through \
+             wildcard services or the passthrough policy within {window_s} s; retry later, \
+             or propose a service for each host you need"
+        ),
+    )
+}
+
+/// The message of [`destination_forbidden`], without the host. Envoy, not the filter,
+/// answers these (see [`ErrorCode::DestinationForbidden`]); the bootstraps under
+/// `envoy/` carry the same text, and a test keeps them in step.
+pub const DESTINATION_FORBIDDEN_MESSAGE: &str = "the proxy does not connect to loopback, \
+     link-local (cloud metadata), private or other internal addresses, and this host \
+     resolves to one; ask the operator to allow it in Envoy's ALLOWED_PRIVATE_UPSTREAMS \
+     if it is a trusted internal service";
+
+/// The destination resolved to an address the proxy never connects to → 403.
+pub fn destination_forbidden() -> Reject {
+    Reject::new(
+        ErrorCode::DestinationForbidden,
+        DESTINATION_FORBIDDEN_MESSAGE,
     )
 }
 
@@ -382,6 +454,9 @@ mod tests {
         // (reject, status, code)
         let cases: Vec<(Reject, u16, &str)> = vec![
             (connect_not_supported(), 405, "connect_not_supported"),
+            (method_not_allowed("TRACE"), 405, "method_not_allowed"),
+            (destination_forbidden(), 403, "destination_forbidden"),
+            (too_many_hosts("a", 100, 60), 429, "too_many_hosts"),
             (proxy_auth_required("x"), 407, "proxy_auth_required"),
             (invalid_token(), 407, "invalid_token"),
             (vault_required::<&str>("a", &[]), 400, "vault_required"),
@@ -427,6 +502,21 @@ mod tests {
         for (position, code) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(code.index(), position, "{}", code.as_str());
         }
+    }
+
+    #[test]
+    fn trace_and_track_are_refused_in_any_case_and_nothing_else_is() {
+        for method in ["TRACE", "trace", "Trace", "TRACK", "track", "tRaCk"] {
+            assert!(is_refused_method(method), "{method}");
+        }
+        for method in [
+            "GET", "POST", "TRACES", "TRAC", "CONNECT", "PATCH", "", "XTRACE",
+        ] {
+            assert!(!is_refused_method(method), "{method}");
+        }
+        let refused = method_not_allowed("TRACE");
+        assert!(refused.headers().contains(&("allow", ALLOWED_METHODS)));
+        assert!(!ALLOWED_METHODS.contains("TRACE"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 pub use xtask::placeholders;
 
 use crate::control_plane::Server;
-use crate::http::{http_request, proxy_get, proxy_request, HttpResponse};
+use crate::http::{proxy_get, proxy_request, unix_once, HttpResponse};
 use crate::net::free_port;
 use crate::process::{die_with_parent, stop_gracefully, tail};
 
@@ -156,6 +156,12 @@ pub struct EnvoyOptions {
     pub log_level: String,
     /// Run Envoy as this (uid, gid), e.g. the ones a deployment gives it (needs root).
     pub run_as: Option<(u32, u32)>,
+    /// The private destinations Envoy may connect to (`ALLOWED_PRIVATE_UPSTREAMS`,
+    /// entries as `xtask::allowed_upstreams` takes them). Production configs have
+    /// none. The default, every port of 127.0.0.1, lets the tests' echo upstreams,
+    /// started after Envoy on ports nobody knows beforehand, be reached;
+    /// `security_proxy` sets exactly its upstreams' address and port instead.
+    pub allowed_private_upstreams: Vec<String>,
 }
 
 impl EnvoyOptions {
@@ -174,6 +180,7 @@ impl EnvoyOptions {
             log_level: std::env::var("AGENT_VAULT_ENVOY_LOG_LEVEL")
                 .unwrap_or_else(|_| "info".into()),
             run_as: None,
+            allowed_private_upstreams: vec!["127.0.0.1/32:*".into()],
         }
     }
 
@@ -198,12 +205,22 @@ impl EnvoyOptions {
         self
     }
 
-    /// Every placeholder value for the given ports.
-    pub fn template_vars(&self, listen_port: u16, admin_port: u16) -> Vec<(String, String)> {
+    /// Only these private destinations (see
+    /// [`EnvoyOptions::allowed_private_upstreams`]).
+    pub fn allow_private_upstreams(mut self, entries: &[&str]) -> EnvoyOptions {
+        self.allowed_private_upstreams = entries.iter().map(|e| e.to_string()).collect();
+        self
+    }
+
+    /// Every placeholder value for the given listener port and admin socket.
+    pub fn template_vars(&self, listen_port: u16, admin_socket: &Path) -> Vec<(String, String)> {
+        let allowed = xtask::allowed_upstreams(&self.allowed_private_upstreams)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut vars: Vec<(String, String)> = [
             ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
             ("LISTEN_PORT", listen_port.to_string()),
-            ("ADMIN_PORT", admin_port.to_string()),
+            ("ADMIN_SOCKET", admin_socket.display().to_string()),
+            ("ALLOWED_PRIVATE_UPSTREAMS", allowed),
             ("SOCKET_PATH", self.socket.display().to_string()),
             ("WASM_PATH", self.wasm.display().to_string()),
             ("CA_BUNDLE", self.ca_bundle.display().to_string()),
@@ -230,7 +247,8 @@ pub struct Envoy {
     pub dir: tempfile::TempDir,
     /// The listener agents send their traffic to.
     pub port: u16,
-    pub admin_port: u16,
+    /// Envoy's admin API: a 0600 Unix socket in [`Envoy::dir`].
+    pub admin_socket: PathBuf,
     pub options: EnvoyOptions,
     /// The rendered bootstrap.
     pub config_path: PathBuf,
@@ -250,11 +268,11 @@ impl Envoy {
         // try again with new ports when that happens.
         for attempt in 0..4 {
             let port = free_port();
-            let admin_port = free_port();
+            let admin_socket = dir.path().join("admin.sock");
             let config_path = dir.path().join("envoy.yaml");
             std::fs::write(
                 &config_path,
-                render(&template, &options.template_vars(port, admin_port)),
+                render(&template, &options.template_vars(port, &admin_socket)),
             )
             .expect("write envoy config");
             let log_path = dir.path().join(format!("envoy-{attempt}.log"));
@@ -286,7 +304,7 @@ impl Envoy {
             let mut envoy = Envoy {
                 dir,
                 port,
-                admin_port,
+                admin_socket,
                 options: options.clone(),
                 config_path,
                 child: Some(child),
@@ -332,7 +350,7 @@ impl Envoy {
                     ));
                 }
             }
-            let ready = http_request(self.admin_port, "GET", "/ready", &[], None);
+            let ready = self.admin_get("/ready");
             if ready.status == 200 {
                 return Ok(());
             }
@@ -383,9 +401,26 @@ impl Envoy {
         std::fs::read_to_string(&self.config_path).unwrap_or_default()
     }
 
-    /// `GET` on the admin API (loopback).
+    /// `GET` on the admin API (its Unix socket); status 0 when nothing answered.
     pub fn admin_get(&self, path: &str) -> HttpResponse {
-        http_request(self.admin_port, "GET", path, &[], None)
+        match unix_once(
+            &self.admin_socket,
+            "GET",
+            path,
+            &[("Connection", "close")],
+            None,
+        ) {
+            Ok(response) => HttpResponse {
+                status: response.status,
+                body: response.text(),
+                headers: response.headers,
+            },
+            Err(e) => HttpResponse {
+                status: 0,
+                headers: Vec::new(),
+                body: format!("admin socket {}: {e}", self.admin_socket.display()),
+            },
+        }
     }
 
     /// The proxy URL for `HTTP_PROXY`-style clients.

@@ -1,6 +1,7 @@
 //! The project's tasks that both `./dev` and the Rust tests need, so they exist once.
 //!
-//! Today that is rendering the templates under `envoy/` (DESIGN.md §10): every
+//! Rendering the templates under `envoy/` (DESIGN.md §10), and the value of their
+//! `ALLOWED_PRIVATE_UPSTREAMS` placeholder ([`allowed_upstreams`]). Rendering: every
 //! placeholder `${NAME}` (`NAME` is `[A-Z0-9_]+`) is replaced by a value, and a template
 //! with a placeholder that has no value is refused rather than rendered half-filled:
 //! Envoy would otherwise start on a listener or socket path nobody chose.
@@ -11,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::IpAddr;
 
 /// The names of every placeholder in `template`, sorted, each once.
 pub fn placeholders(template: &str) -> BTreeSet<&str> {
@@ -54,6 +56,69 @@ pub fn render(template: &str, value: impl Fn(&str) -> Option<String>) -> Result<
         rest = after;
     }
     out.push_str(rest);
+    Ok(out)
+}
+
+/// The value of the forward-proxy template's `ALLOWED_PRIVATE_UPSTREAMS`: the private
+/// destinations Envoy may still connect to, each `ADDRESS[/PREFIX]:PORT` or
+/// `ADDRESS[/PREFIX]:*` (any port), IPv6 in brackets (`[fd00::/8]:443`). Empty for no
+/// entry, which is what production configs use. Each entry becomes one RBAC
+/// `UpstreamIpPortMatcher` permission followed by `, ` (the template closes the list).
+pub fn allowed_upstreams<S: AsRef<str>>(entries: &[S]) -> Result<String, String> {
+    let mut out = String::new();
+    for entry in entries {
+        let entry = entry.as_ref();
+        let bad = |why: &str| {
+            format!(
+                "allowed upstream {entry:?}: {why}; write ADDRESS[/PREFIX]:PORT or \
+                 ADDRESS[/PREFIX]:* (IPv6 in brackets), e.g. 127.0.0.1/32:18080"
+            )
+        };
+        let (cidr, port) = match entry.strip_prefix('[') {
+            Some(rest) => {
+                let (inner, after) = rest.split_once(']').ok_or_else(|| bad("no closing ]"))?;
+                (
+                    inner,
+                    after.strip_prefix(':').ok_or_else(|| bad("no port"))?,
+                )
+            }
+            None => entry.rsplit_once(':').ok_or_else(|| bad("no port"))?,
+        };
+        let (address, prefix) = match cidr.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (cidr, None),
+        };
+        let ip: IpAddr = address.parse().map_err(|_| bad("not an IP address"))?;
+        if ip.is_ipv6() && !entry.starts_with('[') {
+            return Err(bad("IPv6 addresses go in brackets"));
+        }
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 = match prefix {
+            None => max,
+            Some(digits) => digits
+                .parse()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| bad("the prefix length is out of range"))?,
+        };
+        let port_range = match port {
+            "*" => String::new(),
+            digits => {
+                let port: u16 = digits
+                    .parse()
+                    .ok()
+                    .filter(|port| *port > 0)
+                    .ok_or_else(|| bad("the port is not 1 to 65535 or *"))?;
+                // Envoy's range is inclusive at both ends here (measured on 1.40).
+                format!(", upstream_port_range: {{start: {port}, end: {port}}}")
+            }
+        };
+        out.push_str(&format!(
+            "{{matcher: {{name: allowed-private-upstream, typed_config: {{\"@type\": \
+             type.googleapis.com/envoy.extensions.rbac.matchers.upstream_ip_port.v3.UpstreamIpPortMatcher, \
+             upstream_ip: {{address_prefix: \"{ip}\", prefix_len: {prefix_len}}}{port_range}}}}}}}, "
+        ));
+    }
     Ok(out)
 }
 
@@ -138,6 +203,44 @@ mod tests {
     fn a_value_containing_a_placeholder_is_not_expanded_again() {
         let rendered = render("${A} ${B}", values(&[("A", "${B}"), ("B", "b")]));
         assert_eq!(rendered.unwrap(), "${B} b");
+    }
+
+    #[test]
+    fn allowed_upstreams_become_one_rbac_permission_each() {
+        assert_eq!(allowed_upstreams::<&str>(&[]).unwrap(), "");
+        let one = allowed_upstreams(&["127.0.0.1/32:18080"]).unwrap();
+        assert!(one.ends_with("}}}, "), "{one}");
+        assert!(
+            one.contains("upstream_ip: {address_prefix: \"127.0.0.1\", prefix_len: 32}"),
+            "{one}"
+        );
+        assert!(
+            one.contains("upstream_port_range: {start: 18080, end: 18080}"),
+            "{one}"
+        );
+        let any_port = allowed_upstreams(&["10.0.0.0/8:*"]).unwrap();
+        assert!(!any_port.contains("upstream_port_range"), "{any_port}");
+        let v6 = allowed_upstreams(&["[fd00::/8]:443", "192.168.1.5:80"]).unwrap();
+        assert!(v6.contains("\"fd00::\", prefix_len: 8"), "{v6}");
+        assert!(v6.contains("\"192.168.1.5\", prefix_len: 32"), "{v6}");
+        assert_eq!(v6.matches("{matcher:").count(), 2);
+    }
+
+    #[test]
+    fn malformed_allowed_upstreams_are_refused_naming_the_entry() {
+        for entry in [
+            "127.0.0.1",
+            "127.0.0.1/33:80",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "localhost:80",
+            "fd00::1:80",
+            "[fd00::/129]:80",
+            "[fd00::1:80",
+        ] {
+            let error = allowed_upstreams(&[entry]).unwrap_err();
+            assert!(error.contains(entry), "{error}");
+        }
     }
 
     #[test]

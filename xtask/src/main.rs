@@ -3,6 +3,9 @@
 //! ```text
 //! xtask render TEMPLATE OUT    render an envoy/ template with values from the
 //!                              environment (OUT `-` is stdout)
+//! xtask allowed-upstreams [ADDRESS[/PREFIX]:PORT ...]
+//!                              print the value of ALLOWED_PRIVATE_UPSTREAMS for these
+//!                              private destinations (nothing for none)
 //! ```
 
 use std::io::Write;
@@ -12,8 +15,14 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["render", template, out] => render(template, out),
+        ["allowed-upstreams", ..] => {
+            xtask::allowed_upstreams(&args[1..]).map(|value| print!("{value}"))
+        }
         _ => {
-            eprintln!("usage: xtask render TEMPLATE OUT   (OUT - is stdout)");
+            eprintln!(
+                "usage: xtask render TEMPLATE OUT   (OUT - is stdout)\n       \
+                 xtask allowed-upstreams [ADDRESS[/PREFIX]:PORT ...]"
+            );
             return ExitCode::from(2);
         }
     };

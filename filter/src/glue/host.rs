@@ -39,6 +39,14 @@ impl Host for ProxyWasmHost {
         response_status()
     }
 
+    fn response_code_details(&mut self) -> String {
+        hostcalls::get_property(vec!["response", "code_details"])
+            .ok()
+            .flatten()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
     fn call_response(&mut self, num_headers: usize, body_size: usize) -> CallResponse {
         call_response(num_headers, body_size)
     }

@@ -31,6 +31,11 @@ pub enum Call {
         /// The current context.
         context: u32,
     },
+    /// The response code details of `context` were read.
+    ReadResponseCodeDetails {
+        /// The current context.
+        context: u32,
+    },
     /// The callout answer being delivered was read.
     ReadCallResponse,
     /// A request was forwarded.
@@ -111,6 +116,8 @@ pub struct FakeHost {
     pub headers: BTreeMap<u32, Vec<(&'static str, String)>>,
     /// Each context's response status.
     pub response_status: BTreeMap<u32, u16>,
+    /// Each context's response code details (Envoy's reason for the status).
+    pub response_code_details: BTreeMap<u32, String>,
     /// The callout answer being delivered.
     pub response: Option<CallResponse>,
     /// Refuse every callout with this status.
@@ -136,6 +143,7 @@ impl FakeHost {
             gone: BTreeSet::new(),
             headers: BTreeMap::new(),
             response_status: BTreeMap::new(),
+            response_code_details: BTreeMap::new(),
             response: None,
             refuse_callouts: None,
             calls: Vec::new(),
@@ -227,6 +235,16 @@ impl Host for FakeHost {
             context: self.current,
         });
         self.response_status.get(&self.current).copied()
+    }
+
+    fn response_code_details(&mut self) -> String {
+        self.calls.push(Call::ReadResponseCodeDetails {
+            context: self.current,
+        });
+        self.response_code_details
+            .get(&self.current)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn call_response(&mut self, _num_headers: usize, _body_size: usize) -> CallResponse {

@@ -14,7 +14,8 @@
 //!   mounts, the same socket layout (a temp dir stands in for each named volume, owned as
 //!   the image leaves it) and the built `.wasm`, as the compose uid/gid; both compose
 //!   healthchecks run against them. Only the network is translated: loopback instead of
-//!   0.0.0.0, free ports instead of 10000/9901/14321 (and the control plane allows the
+//!   0.0.0.0, free ports and sockets instead of 10000/14321 and the admin socket, the
+//!   loopback upstream allowed as a private destination (and the control plane allows the
 //!   test's loopback upstream). Then injection, the filter's Envoy stats and the control
 //!   plane's `/metrics` are asserted end to end.
 
@@ -350,9 +351,9 @@ fn docker_compose_config_accepts_the_file_and_it_has_the_expected_shape() {
     );
     let probe = envoy["healthcheck"]["test"][3].as_str().unwrap();
     assert!(
-        probe.contains(&format!("/dev/tcp/127.0.0.1/{}", values["ADMIN_PORT"]))
-            && probe.contains("/ready"),
-        "the probe asks Envoy's admin /ready: {probe}"
+        probe.contains(&format!("/dev/tcp/127.0.0.1/{}", values["LISTEN_PORT"]))
+            && probe.contains(" 407 "),
+        "the probe asks the proxy, whose filter answers 407 without credentials: {probe}"
     );
 }
 
@@ -931,11 +932,13 @@ fn the_stack_runs_as_compose_runs_it_injects_and_reports_stats_and_metrics() {
             "{address: ${LISTEN_ADDRESS}, port_value: ${LISTEN_PORT}}".to_string(),
         ),
         (
-            format!(
-                "{{address: 127.0.0.1, port_value: {}}}",
-                values["ADMIN_PORT"]
-            ),
-            "{address: 127.0.0.1, port_value: ${ADMIN_PORT}}".to_string(),
+            format!("pipe: {{path: {}, mode: 0600}}", values["ADMIN_SOCKET"]),
+            "pipe: {path: ${ADMIN_SOCKET}, mode: 0600}".to_string(),
+        ),
+        // Compose allows no private destination; here the upstream is on loopback.
+        (
+            "permissions: [{not_rule: {any: true}}]".to_string(),
+            "permissions: [${ALLOWED_PRIVATE_UPSTREAMS}{not_rule: {any: true}}]".to_string(),
         ),
     ] {
         assert_eq!(
@@ -957,15 +960,14 @@ fn the_stack_runs_as_compose_runs_it_injects_and_reports_stats_and_metrics() {
 
     let envoy_health = compose.service("envoy")["healthcheck"]["test"].clone();
     let probe = envoy_health[3].as_str().unwrap();
-    let compose_admin = format!("/127.0.0.1/{}", values["ADMIN_PORT"]);
+    let compose_proxy = format!("/127.0.0.1/{}", values["LISTEN_PORT"]);
     let mut health = envoy_health.clone();
-    health[3] =
-        Value::from(probe.replace(&compose_admin, &format!("/127.0.0.1/{}", envoy.admin_port)));
+    health[3] = Value::from(probe.replace(&compose_proxy, &format!("/127.0.0.1/{}", envoy.port)));
     assert!(
         run_healthcheck(&health, envoy_user, &[]),
         "Envoy's compose healthcheck passes"
     );
-    health[3] = Value::from(probe.replace(&compose_admin, "/127.0.0.1/1"));
+    health[3] = Value::from(probe.replace(&compose_proxy, "/127.0.0.1/1"));
     assert!(
         !run_healthcheck(&health, envoy_user, &[]),
         "and fails when nothing answers"

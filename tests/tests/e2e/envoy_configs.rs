@@ -64,7 +64,14 @@ fn dummy_vars() -> Dummy {
     let vars = [
         ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
         ("LISTEN_PORT", "10000".to_string()),
-        ("ADMIN_PORT", "9901".to_string()),
+        (
+            "ADMIN_SOCKET",
+            dir.path().join("admin.sock").display().to_string(),
+        ),
+        (
+            "ALLOWED_PRIVATE_UPSTREAMS",
+            xtask::allowed_upstreams(&["127.0.0.1/32:18080", "[fd00::/8]:*"]).unwrap(),
+        ),
         (
             "SOCKET_PATH",
             dir.path().join("no-such.sock").display().to_string(),
@@ -227,9 +234,17 @@ fn every_bootstrap_routes_only_what_the_filter_let_through() {
         let name = template.display().to_string();
         let text = render(&std::fs::read_to_string(&template).unwrap(), &dummy.vars);
         let bootstrap = yaml_to_json(&text);
-        assert_eq!(
-            bootstrap["admin"]["address"]["socket_address"]["address"], "127.0.0.1",
-            "{name}: admin on loopback"
+        // Not on TCP, where any local process (agents included) could turn on debug
+        // logging and read injected credentials from the log.
+        assert!(
+            bootstrap["admin"]["address"]["socket_address"].is_null()
+                && bootstrap["admin"]["address"]["pipe"]["path"].is_string(),
+            "{name}: admin on a Unix socket: {}",
+            bootstrap["admin"]
+        );
+        assert!(
+            text.contains("pipe: {path: ") && text.contains(", mode: 0600}"),
+            "{name}: the admin socket is 0600"
         );
         let cp = cluster(&bootstrap, "agent_vault_control_plane");
         assert_eq!(cp["type"], "STATIC", "{name}");
@@ -360,13 +375,19 @@ fn the_forward_proxy_uses_the_dynamic_forward_proxy_with_sni_and_san_checks() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
+    // The destination check (RBAC) runs on the address the forward proxy resolved.
     assert_eq!(
         filters,
         [
             "envoy.filters.http.wasm",
             "envoy.filters.http.dynamic_forward_proxy",
+            "envoy.filters.http.rbac",
             "envoy.filters.http.router"
         ]
+    );
+    assert_eq!(
+        hcm["http_filters"][1]["typed_config"]["save_upstream_address"],
+        true
     );
     let dns = &hcm["http_filters"][1]["typed_config"]["dns_cache_config"];
     assert_eq!(dns["dns_lookup_family"], "V4_ONLY");
@@ -390,6 +411,81 @@ fn the_forward_proxy_uses_the_dynamic_forward_proxy_with_sni_and_san_checks() {
     assert_eq!(options["auto_san_validation"], true);
     assert!(has_tls(tls));
     assert!(!has_tls(cluster(&bootstrap, "dfp_plain")));
+}
+
+/// The destination check (DESIGN.md §11.9): an RBAC filter after the forward proxy's
+/// DNS lookup, allowing only public addresses and the operator's exceptions, whose
+/// refusal is the JSON of `rules/src/reply.rs` (`destination_forbidden`).
+#[test]
+fn the_forward_proxy_refuses_every_private_range_on_the_resolved_address_with_the_contracts_json() {
+    use agent_vault_rules::reply;
+    let dummy = dummy_vars();
+    let text = render(
+        &std::fs::read_to_string(envoy_dir().join("forward-proxy.yaml")).unwrap(),
+        &with_var(&dummy.vars, "ALLOWED_PRIVATE_UPSTREAMS", ""),
+    );
+    let bootstrap = yaml_to_json(&text);
+    let hcm = &hcms(&bootstrap)[0];
+    let rbac = hcm["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.rbac")
+        .expect("the RBAC filter");
+    let rules = &rbac["typed_config"]["rules"];
+    assert_eq!(
+        rules["action"], "ALLOW",
+        "an unknown address is refused too"
+    );
+    let public = rules["policies"]["public-addresses"].to_string();
+    for (prefix, len) in [
+        ("0.0.0.0", 8),
+        ("10.0.0.0", 8),
+        ("100.64.0.0", 10),
+        ("127.0.0.0", 8),
+        ("169.254.0.0", 16),
+        ("172.16.0.0", 12),
+        ("192.168.0.0", 16),
+        ("::", 96),
+        ("::ffff:0:0", 96),
+        ("fc00::", 7),
+        ("fe80::", 10),
+    ] {
+        assert!(
+            public.contains(&format!(
+                "\"upstream_ip\":{{\"address_prefix\":\"{prefix}\",\"prefix_len\":{len}}}"
+            )),
+            "{prefix}/{len} is refused: {public}"
+        );
+    }
+    // With no exception, the second policy matches nothing.
+    assert_eq!(
+        rules["policies"]["allowed-private-upstreams"]["permissions"],
+        json!([{"not_rule": {"any": true}}])
+    );
+    // Not on the fail-closed direct responses: they connect to nothing.
+    for vhost in hcm["route_config"]["virtual_hosts"].as_array().unwrap() {
+        for route in vhost["routes"].as_array().unwrap() {
+            let per_route = &route["typed_per_filter_config"]["envoy.filters.http.rbac"];
+            assert_eq!(
+                per_route.is_object(),
+                route.get("direct_response").is_some(),
+                "{route}"
+            );
+        }
+    }
+    let mapper = &hcm["local_reply_config"]["mappers"][0];
+    assert_eq!(mapper["status_code"], 403);
+    let body = &mapper["body_format_override"]["json_format"];
+    let refused = reply::destination_forbidden();
+    assert_eq!(body["error"], refused.code.as_str());
+    assert_eq!(body["message"], reply::DESTINATION_FORBIDDEN_MESSAGE);
+    assert_eq!(
+        mapper["body_format_override"]["content_type"],
+        "application/json"
+    );
+    let headers = mapper["headers_to_add"].to_string();
+    assert!(headers.contains(reply::ERROR_HEADER), "{headers}");
 }
 
 /// Every YAML document in `path`, as JSON.

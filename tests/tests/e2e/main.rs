@@ -11,5 +11,6 @@ mod proposals;
 mod proxy;
 mod proxy_e2e;
 mod request_log;
+mod security_proxy;
 mod security_ui;
 mod store;

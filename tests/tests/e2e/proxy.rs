@@ -1144,9 +1144,8 @@ fn the_host_matcher_prefers_exact_hosts_then_specific_ports_then_the_longest_pat
             &named,
             "wild-secret",
         ),
-        // specific port over any port
+        // specific port over a rule without a port
         (p2.url("/x"), &p2, "one-port-secret"),
-        (p3.url("/x"), &p3, "any-port-secret"),
         // longest literal path prefix; exact path over prefix
         (
             format!("http://127.0.0.1:{pp}/v1/users"),
@@ -1206,8 +1205,10 @@ fn the_host_matcher_prefers_exact_hosts_then_specific_ports_then_the_longest_pat
         );
         assert_eq!(echo.received().len(), 1, "{url} reached its upstream");
     }
-    // No rule matches: a deeper name (a wildcard covers one label), another path.
+    // No rule matches: a deeper name (a wildcard covers one label), another path,
+    // another port of a plain-HTTP rule without a port (it means port 80 only).
     for (url, host) in [
+        (p3.url("/x"), p3.authority()),
         (
             format!("http://a.b.localhost:{n}/x"),
             format!("a.b.localhost:{n}"),
