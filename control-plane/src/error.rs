@@ -121,7 +121,13 @@ impl From<serde_json::Error> for Error {
 
 impl From<crate::crypto::CryptoError> for Error {
     fn from(e: crate::crypto::CryptoError) -> Error {
-        Error::internal(e)
+        match e {
+            crate::crypto::CryptoError::Busy => Error::TooMany(
+                "server_busy",
+                "too many password checks at once; try again in a moment".into(),
+            ),
+            other => Error::internal(other),
+        }
     }
 }
 

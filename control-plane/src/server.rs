@@ -221,7 +221,9 @@ where
     Ok(())
 }
 
-fn default_data_dir() -> PathBuf {
+/// The data dir when `--data-dir` / `AGENT_VAULT_DATA_DIR` names none (the CLI looks
+/// for the server's local tokens there too).
+pub fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("agent-vault");
     }
@@ -282,6 +284,16 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         max_records: usize::try_from(args.log_max_records).unwrap_or(usize::MAX),
         max_age_days: args.log_retention_days,
     };
+    if let Some(file) = store.bootstrap_token_file() {
+        eprintln!(
+            "agent-vault: no owner yet: the first `agent-vault auth register` needs the one-time \
+             bootstrap token in {} (readable by this OS user only). Run it as this user: the CLI \
+             reads the file (set AGENT_VAULT_DATA_DIR={} unless that is the default), or pass \
+             --bootstrap-token.",
+            file.display(),
+            data_dir.display()
+        );
+    }
     if store.is_passwordless() {
         eprintln!(
             "agent-vault: running passwordless: the data key is protected only by the file {} (set a master password with `agent-vault master-password change`)",

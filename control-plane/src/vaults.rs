@@ -28,8 +28,9 @@ pub struct VaultView {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `data_dir` (see [`Store::open_storage`]) and
-    /// makes sure the `default` vault exists.
+    /// Opens (or creates) the store in `data_dir` (see [`Store::open_storage`]), makes
+    /// sure the `default` vault exists, and writes this process's local tokens
+    /// ([`crate::users`]) into `data_dir`.
     pub fn open(
         data_dir: &Path,
         password: Option<&str>,
@@ -40,6 +41,9 @@ impl Store {
         store
             .ensure_default_vault()
             .map_err(|e| OpenError::Corrupt(e.to_string()))?;
+        store
+            .write_local_tokens()
+            .map_err(|e| OpenError::LocalTokens(data_dir.to_path_buf(), e.to_string()))?;
         Ok(store)
     }
 

@@ -11,4 +11,5 @@ mod proposals;
 mod proxy;
 mod proxy_e2e;
 mod request_log;
+mod security_api;
 mod store;
