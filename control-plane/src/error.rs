@@ -33,6 +33,9 @@ pub enum Error {
     BatchTooLarge(usize, &'static str),
     #[error("{0}")]
     RateLimited(String),
+    /// The request's `Host` is not one this server answers for (DNS rebinding).
+    #[error("{0}")]
+    HostNotAllowed(String),
     /// A per-vault limit is reached (e.g. pending proposals): (code, message).
     #[error("{1}")]
     TooMany(&'static str, String),
@@ -76,6 +79,7 @@ impl Error {
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::RateLimited(_) | Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
+            Error::HostNotAllowed(_) => StatusCode::MISDIRECTED_REQUEST,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,6 +97,7 @@ impl Error {
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => "payload_too_large",
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::RateLimited(_) => "rate_limited",
+            Error::HostNotAllowed(_) => "host_not_allowed",
             Error::Internal(_) => "internal",
         }
     }

@@ -175,14 +175,16 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
 
 /// The application on the TCP listener: the management API and the UI side by side,
 /// plus `GET /metrics` (which also reports the data plane's counters), with every
-/// request counted for it. Unknown routes get the API's JSON 404.
+/// request counted for it. Unknown routes get the API's JSON 404. Requests for a
+/// `Host` this server does not answer for are refused ([`crate::http::check_host`]).
 pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
     let store = state.store.clone();
+    let host_check = axum::middleware::from_fn_with_state(state.clone(), crate::http::check_host);
     let routes = crate::api::routes()
         .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state);
-    crate::metrics::instrument(routes, store, dataplane)
+    crate::metrics::instrument(routes, store, dataplane).layer(host_check)
 }
 
 async fn not_found() -> crate::error::Error {

@@ -228,3 +228,30 @@ fn a_fresh_install_is_claimed_only_with_the_bootstrap_token_and_only_once() {
     server.restart();
     assert_eq!(server.bootstrap_token(), None);
 }
+
+#[test]
+fn requests_for_a_host_that_is_not_this_server_are_refused() {
+    let server = Server::start();
+    let api = anonymous(&server);
+    let port = server.addr.rsplit(':').next().unwrap().to_string();
+    let evil = format!("evil.example:{port}");
+    for path in ["/health", "/v1/auth/whoami", "/ui/login"] {
+        let (status, body) = api.get_with(path, &[("host", &evil)]);
+        assert_eq!(status, 421, "{path}: {body}");
+        assert_eq!(body["error"], "host_not_allowed", "{path}");
+    }
+    // The DNS-rebinding registration of the review gets nowhere either.
+    let response = api
+        .client
+        .post(format!("{}/v1/auth/register", server.url()))
+        .header("host", &evil)
+        .header("content-type", "application/json")
+        .body(r#"{"email":"agent@x","password":"aaaaaaaaaa"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 421);
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let (status, body) = api.get_with("/health", &[("host", &host)]);
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+}
