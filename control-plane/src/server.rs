@@ -55,7 +55,8 @@ pub struct ServerArgs {
     /// Request-log records older than this many days are dropped.
     #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..), env = "AGENT_VAULT_LOG_RETENTION_DAYS")]
     pub log_retention_days: u32,
-    /// Request-log records kept per vault (the oldest are dropped first).
+    /// Request-log records kept per vault, and again for its refused requests (the
+    /// oldest are dropped first): a flood of refusals cannot evict forwarded requests.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..), env = "AGENT_VAULT_LOG_MAX_RECORDS")]
     pub log_max_records: u64,
     /// Serve the API and the UI over https with this PEM certificate chain (with

@@ -88,6 +88,7 @@ trees!(
     agents,
     agent_tokens,
     logs,
+    other_logs,
     proposals,
     proposal_links,
 );
@@ -278,6 +279,15 @@ impl Store {
     /// [`Store::write`], whose transaction spans every tree.
     pub(crate) fn apply_flushed(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<()> {
         tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// [`Store::apply_flushed`] for several trees, with one flush after all of them.
+    pub(crate) fn apply_flushed_all(&self, batches: Vec<(&sled::Tree, sled::Batch)>) -> Result<()> {
+        for (tree, batch) in batches {
+            tree.apply_batch(batch)?;
+        }
         self.db.flush()?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::{Api, Server};
+use agent_vault_testkit::control_plane::{socket_request, Api, Server};
 
 const OWNER: &str = "owner@example.com";
 const OWNER_PASSWORD: &str = "owner-password";
@@ -254,4 +254,68 @@ fn requests_for_a_host_that_is_not_this_server_are_refused() {
         let (status, body) = api.get_with("/health", &[("host", &host)]);
         assert_eq!(status, 200, "{host}: {body}");
     }
+}
+
+// ------------------------------------------------------------------ L1
+
+/// Posts request-log records on the data-plane socket, as Envoy's filter does.
+fn post_log_records(server: &Server, records: &[Value]) {
+    let body = Value::from(records.to_vec()).to_string();
+    let mut request = format!(
+        "POST /v1/dataplane/logs HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    let answer = socket_request(&server.socket(), request).expect("an answer on the socket");
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+}
+
+fn log_record(path: &str, service: Option<&str>, status: u16, error: Option<&str>) -> Value {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    json!({
+        "ts": ts, "agent": "claude", "vault": "default", "method": "POST",
+        "host": "api.stripe.com", "path": path, "service": service, "status": status,
+        "latency_ms": 3, "error": error
+    })
+}
+
+#[test]
+fn an_agent_cannot_flush_the_audit_trail_with_refused_requests() {
+    let server = server_with_owner();
+    let token = server.owner_token();
+    // What the agent did with the credential…
+    let forwarded: Vec<Value> = (0..3)
+        .map(|i| log_record(&format!("/v1/charges/{i}"), Some("stripe"), 200, None))
+        .collect();
+    post_log_records(&server, &forwarded);
+    // …then 10,050 cheap refusals to push it out of the vault's 10,000 records.
+    let refusal = |i: usize| log_record(&format!("/flood/{i}"), None, 403, Some("forbidden"));
+    for start in (0..10_050).step_by(1000) {
+        let batch: Vec<Value> = (start..(start + 1000).min(10_050)).map(refusal).collect();
+        post_log_records(&server, &batch);
+    }
+    let (status, page) = server
+        .api(Some(&token))
+        .get("/v1/vaults/default/logs?after=0&limit=5");
+    assert_eq!(status, 200, "{page}");
+    let paths: Vec<&str> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/charges/0",
+            "/v1/charges/1",
+            "/v1/charges/2",
+            "/flood/50",
+            "/flood/51"
+        ]
+    );
 }
