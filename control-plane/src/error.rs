@@ -33,6 +33,9 @@ pub enum Error {
     BatchTooLarge(usize, &'static str),
     #[error("{0}")]
     RateLimited(String),
+    /// The request's body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The request's `Host` is not one this server answers for (DNS rebinding).
     #[error("{0}")]
     HostNotAllowed(String),
@@ -80,6 +83,7 @@ impl Error {
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::RateLimited(_) | Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::HostNotAllowed(_) => StatusCode::MISDIRECTED_REQUEST,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +102,7 @@ impl Error {
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::RateLimited(_) => "rate_limited",
             Error::HostNotAllowed(_) => "host_not_allowed",
+            Error::RequestTimeout(_) => "request_timeout",
             Error::Internal(_) => "internal",
         }
     }

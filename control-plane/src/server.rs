@@ -4,6 +4,15 @@
 //! [`serve`] takes pre-bound listeners and a shutdown future so tests bind port 0 and
 //! stop cleanly; [`run_from_args`] is what `agent-vault server` does around it.
 //!
+//! The TCP listener bounds what a client can hold ([`ListenerLimits`]): a connection
+//! must send each request's headers within [`HEADER_TIMEOUT`] (which also closes a
+//! keep-alive connection idle that long), a body must arrive within
+//! [`BODY_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are served at once (more wait in
+//! the kernel's backlog). axum's `serve` has no header timeout, so the accept loop is
+//! hyper's own HTTP/1 connection with a timer; it serves a plain TCP listener and
+//! [`crate::tls::TlsListener`] alike. Per-address limits would not help: on loopback
+//! every client, agent or human, has the same address.
+//!
 //! The data-plane socket is the trust boundary between Envoy and everything else:
 //! whoever can connect can fetch credentials. So it lives in a 0700 (or 0750 with a
 //! group) directory, the socket file is 0600 (0660 with `--socket-gid`), and every
@@ -14,6 +23,7 @@ use std::future::{Future, IntoFuture};
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -181,15 +191,78 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
 pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
     let store = state.store.clone();
     let host_check = axum::middleware::from_fn_with_state(state.clone(), crate::http::check_host);
-    let routes = crate::api::routes()
+    // JSON answers may carry values (`?reveal=true`, `credentials/{key}`): no cache may
+    // keep any of them.
+    let api = crate::api::routes().layer(axum::middleware::map_response(no_store));
+    let routes = api
         .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state);
-    crate::metrics::instrument(routes, store, dataplane).layer(host_check)
+    crate::metrics::instrument(routes, store, dataplane)
+        .layer(axum::middleware::from_fn(body_in_time))
+        .layer(host_check)
+}
+
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// Reads the whole body (at most [`crate::http::MAX_BODY_BYTES`]) before the handler
+/// runs, within [`BODY_TIMEOUT`] in all: a client that trickles its body holds a
+/// connection no longer than that (hyper bounds only the headers).
+async fn body_in_time(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    let limit = crate::http::MAX_BODY_BYTES;
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Ok(Err(_)) => crate::error::Error::PayloadTooLarge(limit).into_response(),
+        Err(_) => crate::error::Error::RequestTimeout(format!(
+            "the request body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 async fn not_found() -> crate::error::Error {
     crate::error::Error::not_found("not_found", "no such route")
+}
+
+/// A connection must send each request's headers within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this time.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections the TCP listener serves at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Limits of the TCP listener (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Time to send a request's headers; also how long a keep-alive connection may
+    /// sit idle.
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// Serves the API on `tcp` (plain, or a [`crate::tls::TlsListener`]) and the data
@@ -206,21 +279,103 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
+    serve_with_limits(
+        ListenerLimits::default(),
+        state,
+        dataplane,
+        tcp,
+        socket,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with the TCP listener's limits given (tests shorten them).
+pub async fn serve_with_limits<L>(
+    limits: ListenerLimits,
+    state: AppState,
+    dataplane: DataplaneState,
+    tcp: L,
+    socket: PeerCheckedListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let stats = dataplane.stats.clone();
     let dataplane = crate::dataplane::router(dataplane);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let api = axum::serve(tcp, app(state, stats)).with_graceful_shutdown(wait(stop_rx.clone()));
+    let api = serve_tcp(tcp, app(state, stats), limits, stop_rx.clone());
     let dataplane = axum::serve(socket, dataplane).with_graceful_shutdown(wait(stop_rx));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let (api, dataplane) = tokio::join!(api.into_future(), dataplane.into_future());
+    let (api, dataplane) = tokio::join!(api, dataplane.into_future());
     api.context("management API")?;
     dataplane.context("data-plane socket")?;
+    Ok(())
+}
+
+/// The TCP listener's accept loop: hyper's HTTP/1 with a header timeout, at most
+/// `max_connections` at once; on `stop`, stops accepting, lets each connection
+/// finish its request, and returns once all are closed.
+async fn serve_tcp<L>(
+    mut listener: L,
+    app: Router,
+    limits: ListenerLimits,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+{
+    let max = limits
+        .max_connections
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            () = stopped(stop.clone()) => break,
+        };
+        let Ok(slot) = slot else { break };
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(stop.clone()) => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended");
+                    }
+                }
+                () = stopped(stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    // Every slot back: every connection is closed.
+    let _ = slots
+        .acquire_many(u32::try_from(max).unwrap_or(u32::MAX))
+        .await;
     Ok(())
 }
 
@@ -367,5 +522,225 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = ctrl_c.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::system_store;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// A server on 127.0.0.1:0 with `limits`, stopped when the returned sender drops.
+    struct Running {
+        addr: std::net::SocketAddr,
+        _stop: tokio::sync::oneshot::Sender<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn start(limits: ListenerLimits, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
+        let (dir, store) = system_store();
+        let store = Arc::new(store);
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let socket = bind_socket(
+            &dir.path().join("run/dp.sock"),
+            PeerPolicy::current_user(None),
+        )
+        .await
+        .unwrap();
+        let state = AppState::new(store.clone(), &format!("http://{addr}"));
+        let dataplane = DataplaneState::new(store, crate::logs::LogRetention::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        match tls {
+            Some(config) => {
+                let tcp = crate::tls::TlsListener::new(tcp, config).unwrap();
+                tokio::spawn(serve_with_limits(
+                    limits, state, dataplane, tcp, socket, shutdown,
+                ));
+            }
+            None => {
+                tokio::spawn(serve_with_limits(
+                    limits, state, dataplane, tcp, socket, shutdown,
+                ));
+            }
+        }
+        Running {
+            addr,
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    /// Reads until the server closes the connection; how long that took (`None`: it
+    /// was still open after `patience`).
+    fn closed_within(mut stream: TcpStream, patience: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        stream.set_read_timeout(Some(patience)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Some(started.elapsed()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Some(started.elapsed())
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn get_health(addr: std::net::SocketAddr) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    }
+
+    fn short(header_timeout_ms: u64, max_connections: usize) -> ListenerLimits {
+        ListenerLimits {
+            header_timeout: Duration::from_millis(header_timeout_ms),
+            max_connections,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_that_sends_half_its_headers_is_closed_after_the_header_timeout() {
+        let server = start(short(300, 64), None).await;
+        let addr = server.addr;
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            closed_within(stream, Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        let after = closed.expect("the half-sent request's connection stayed open");
+        assert!(after >= Duration::from_millis(250), "{after:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+        let server = start(short(300, 64), None).await;
+        let addr = server.addr;
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let n = stream.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            // Nothing more: the connection is idle.
+            closed_within(stream, Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        assert!(closed.is_some(), "the idle connection stayed open");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundreds_of_idle_connections_do_not_stop_a_new_clients_request() {
+        let server = start(ListenerLimits::default(), None).await;
+        let addr = server.addr;
+        let answer = tokio::task::spawn_blocking(move || {
+            let idle: Vec<TcpStream> = (0..300)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            let started = std::time::Instant::now();
+            let answer = get_health(addr);
+            drop(idle);
+            (answer, started.elapsed())
+        })
+        .await
+        .unwrap();
+        assert!(answer.0.starts_with("HTTP/1.1 200"), "{}", answer.0);
+        assert!(answer.1 < Duration::from_secs(5), "{:?}", answer.1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_the_connection_limit_a_new_client_waits_only_until_an_idle_one_times_out() {
+        let server = start(short(500, 4), None).await;
+        let addr = server.addr;
+        let (answer, waited) = tokio::task::spawn_blocking(move || {
+            let idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            std::thread::sleep(Duration::from_millis(100));
+            let started = std::time::Instant::now();
+            let answer = get_health(addr);
+            drop(idle);
+            (answer, started.elapsed())
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            waited >= Duration::from_millis(200),
+            "served past the limit: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_https_listener_is_served_with_the_same_limits() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let config = crate::tls::server_config(&cert_path, &key_path).unwrap();
+        let server = start(short(300, 64), Some(config)).await;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut tls = connector.connect(name.clone(), tcp).await.unwrap();
+        tls.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        // Half the headers over TLS: closed after the header timeout as well.
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+        assert!(
+            read.is_ok(),
+            "the half-sent request's TLS connection stayed open"
+        );
     }
 }

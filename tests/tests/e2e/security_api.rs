@@ -319,3 +319,79 @@ fn an_agent_cannot_flush_the_audit_trail_with_refused_requests() {
         ]
     );
 }
+
+// ------------------------------------------------------------------ L2, S4 (API half)
+
+#[test]
+fn a_connection_that_sends_half_its_headers_is_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let server = Server::start();
+    // The review's slowloris: half a request, then nothing (it stayed open 70 s).
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = stream.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "still open after {waited:?}: {read:?}"
+    );
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+}
+
+#[test]
+fn hundreds_of_idle_connections_do_not_stop_a_new_clients_request() {
+    let server = server_with_owner();
+    let token = server.owner_token();
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&server.addr).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let (status, body) = server.api(Some(&token)).get("/v1/vaults");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+#[test]
+fn answers_that_carry_values_are_marked_no_store() {
+    let server = server_with_owner();
+    let token = server.owner_token();
+    let api = server.api(Some(&token));
+    let (status, body) = api.post(
+        "/v1/vaults/default/credentials",
+        &json!({"credentials": {"STRIPE_KEY": "sk_test_abc123"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for path in [
+        "/v1/vaults/default/credentials?reveal=true",
+        "/v1/vaults/default/credentials/STRIPE_KEY",
+    ] {
+        let response = api
+            .client
+            .get(format!("{}{path}", server.url()))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        assert_eq!(
+            response
+                .headers()
+                .get("cache-control")
+                .map(|v| v.as_bytes()),
+            Some(&b"no-store"[..]),
+            "{path}"
+        );
+    }
+}
