@@ -17,7 +17,9 @@
 //! whoever can connect can fetch credentials. So it lives in a 0700 (or 0750 with a
 //! group) directory, the socket file is 0600 (0660 with `--socket-gid`), and every
 //! accepted connection's peer credentials (`SO_PEERCRED`) are checked against the
-//! allowed uid/gid before a byte is read.
+//! allowed uid/gid before a byte is read. The directory's mode is set only when the
+//! server creates it; an existing one that others can write to (or another user's) is
+//! refused, and a data dir others can enter is warned about at start.
 
 use std::future::{Future, IntoFuture};
 use std::io::{BufRead, IsTerminal};
@@ -146,15 +148,23 @@ impl axum::serve::Listener for PeerCheckedListener {
 }
 
 /// Binds the data-plane socket: replaces a stale socket file, refuses a live one,
-/// and sets the directory and file modes.
+/// and sets the file's mode. The directory's mode and group are set only when this
+/// call creates it: an existing directory is the operator's (compose's volume, say),
+/// and one that others may write to (/tmp itself) is refused, since whoever can
+/// write there can replace the socket.
 pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<PeerCheckedListener> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    crate::store::create_private_dir(dir)
-        .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
+    let created = !dir.exists();
+    if created {
+        crate::store::create_private_dir(dir)
+            .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
+    } else {
+        check_socket_dir(dir, policy)?;
+    }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             anyhow::bail!(
@@ -173,14 +183,80 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
     };
     if let Some(gid) = policy.gid {
         std::os::unix::fs::chown(path, None, Some(gid))
-            .and_then(|_| std::os::unix::fs::chown(dir, None, Some(gid)))
+            .and_then(|_| match created {
+                true => std::os::unix::fs::chown(dir, None, Some(gid)),
+                false => Ok(()),
+            })
             .with_context(|| format!("cannot give group {gid} to {}", path.display()))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(file_mode))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+    if created {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+    }
     Ok(PeerCheckedListener {
         inner: listener,
         policy,
+    })
+}
+
+/// Refuses an existing socket directory that everyone can write to, that is sticky
+/// (a shared directory such as /tmp) or that belongs to another user; warns when its
+/// group can write to it or the allowed group cannot enter it.
+fn check_socket_dir(dir: &Path, policy: PeerPolicy) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read the socket directory {}", dir.display()))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o1002 != 0 {
+        anyhow::bail!(
+            "the socket directory {} is shared (mode {mode:04o}: writable by everyone or sticky, \
+             like /tmp): anyone could replace the data-plane socket there; pass a --socket path \
+             in a directory of its own (it is created 0700)",
+            dir.display()
+        );
+    }
+    if mode & 0o020 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the socket directory is writable by its group: its members can replace the \
+             data-plane socket"
+        );
+    }
+    if meta.uid() != policy.uid && meta.uid() != 0 {
+        anyhow::bail!(
+            "the socket directory {} belongs to uid {}, not to this user ({}): its owner could \
+             replace the data-plane socket; pass a --socket path in a directory of your own",
+            dir.display(),
+            meta.uid(),
+            policy.uid
+        );
+    }
+    if let Some(gid) = policy.gid {
+        let group_enters = meta.gid() == gid && mode & 0o010 != 0;
+        if !group_enters && mode & 0o001 == 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                gid,
+                "group {gid} cannot enter the socket directory (it was not created here, so its \
+                 mode and group are left as they are)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A warning when the data dir can be read or entered by others than its owner: it
+/// holds the store, the key file (passwordless mode) and the local tokens. Their own
+/// modes are 0600/0700, but a directory the operator made is not changed here.
+pub fn data_dir_warning(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "agent-vault: WARNING: the data dir {} is accessible to others (mode {mode:04o}); \
+             it holds the store, the key file and the bootstrap and login tokens: chmod 700 it",
+            dir.display()
+        )
     })
 }
 
@@ -442,6 +518,9 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         max_records: usize::try_from(args.log_max_records).unwrap_or(usize::MAX),
         max_age_days: args.log_retention_days,
     };
+    if let Some(warning) = data_dir_warning(&data_dir) {
+        eprintln!("{warning}");
+    }
     if let Some(file) = store.bootstrap_token_file() {
         eprintln!(
             "agent-vault: no owner yet: the first `agent-vault auth register` needs the one-time \
@@ -611,6 +690,63 @@ mod tests {
         ListenerLimits {
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_socket_in_a_shared_directory_is_refused_and_the_directory_left_alone() {
+        for shared in [0o1777, 0o0777, 0o1700, 0o0703] {
+            let tmp = tempfile::tempdir().unwrap();
+            set_mode(tmp.path(), shared);
+            let err = bind_socket(&tmp.path().join("dp.sock"), PeerPolicy::current_user(None))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{shared:o} accepted"));
+            assert!(err.to_string().contains("is shared"), "{err}");
+            assert_eq!(mode(tmp.path()), shared, "the directory was changed");
+            assert!(!tmp.path().join("dp.sock").exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_existing_socket_directory_keeps_its_mode_and_a_created_one_is_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        set_mode(tmp.path(), 0o755);
+        let socket = tmp.path().join("dp.sock");
+        let listener = bind_socket(&socket, PeerPolicy::current_user(None)).await;
+        assert!(listener.is_ok(), "{:?}", listener.err());
+        assert_eq!(
+            mode(tmp.path()),
+            0o755,
+            "an existing directory is not chmodded"
+        );
+        assert_eq!(mode(&socket), 0o600);
+
+        let created = tmp.path().join("run");
+        let listener = bind_socket(&created.join("dp.sock"), PeerPolicy::current_user(None)).await;
+        assert!(listener.is_ok(), "{:?}", listener.err());
+        assert_eq!(mode(&created), 0o700);
+    }
+
+    #[test]
+    fn a_data_dir_others_can_enter_is_warned_about() {
+        let tmp = tempfile::tempdir().unwrap();
+        set_mode(tmp.path(), 0o700);
+        assert_eq!(data_dir_warning(tmp.path()), None);
+        for open in [0o755, 0o750, 0o701] {
+            set_mode(tmp.path(), open);
+            let warning = data_dir_warning(tmp.path()).expect("a warning");
+            assert!(warning.contains(&format!("{open:04o}")), "{warning}");
         }
     }
 

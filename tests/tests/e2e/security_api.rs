@@ -395,3 +395,110 @@ fn answers_that_carry_values_are_marked_no_store() {
         );
     }
 }
+
+// ------------------------------------------------------------------ L7
+
+/// `agent-vault server` on port 0 with `args`; its stderr goes to `log`.
+fn spawn_server(
+    args: &[&std::ffi::OsStr],
+    home: &std::path::Path,
+    log: &std::path::Path,
+) -> std::process::Child {
+    use agent_vault_testkit::process::die_with_parent;
+    let mut command = std::process::Command::new(agent_vault_testkit::control_plane::binary());
+    command
+        .arg("server")
+        .args(["--port", "0"])
+        .args(args)
+        .env_remove("AGENT_VAULT_MASTER_PASSWORD")
+        .env("HOME", home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap());
+    die_with_parent(&mut command)
+        .spawn()
+        .expect("spawn agent-vault server")
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn a_socket_in_a_shared_directory_is_refused_at_start_and_the_directory_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Like /tmp: everyone may create files there.
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    set_mode(&shared, 0o1777);
+    let (data, log) = (tmp.path().join("data"), tmp.path().join("server.log"));
+    let socket = shared.join("dataplane.sock");
+    let mut child = spawn_server(
+        &[
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ],
+        tmp.path(),
+        &log,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the server started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(stderr.contains("is shared"), "{stderr}");
+    assert_eq!(mode_of(&shared), 0o1777, "the shared directory was changed");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_data_dir_others_can_enter_is_warned_about_at_start() {
+    use agent_vault_testkit::process::{announced_address, stop_gracefully};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    set_mode(&data, 0o755);
+    let log = tmp.path().join("server.log");
+    let socket = tmp.path().join("run").join("dataplane.sock");
+    let mut child = spawn_server(
+        &[
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ],
+        tmp.path(),
+        &log,
+    );
+    let addr = announced_address(&mut child, Duration::from_secs(30));
+    stop_gracefully(child, Duration::from_secs(10));
+    assert!(addr.is_some(), "{}", std::fs::read_to_string(&log).unwrap());
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("WARNING: the data dir") && stderr.contains("0755"),
+        "{stderr}"
+    );
+    assert_eq!(
+        mode_of(&data),
+        0o755,
+        "the operator's directory is not changed"
+    );
+    assert_eq!(
+        mode_of(&tmp.path().join("run")),
+        0o700,
+        "a directory it creates is private"
+    );
+}
