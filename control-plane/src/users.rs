@@ -11,9 +11,9 @@
 //!   Without a valid invite, registration answers the same whether or not the email
 //!   has an account.
 //! - Guessing: failed logins are counted per email ([`LoginLimiter`], bounded in
-//!   memory). After [`LOGIN_MAX_FAILURES`] the next attempt waits 1 s after the last
-//!   failure, then 2 s, 4 s, … up to [`LOGIN_WINDOW_SECS`]; the count is forgotten an
-//!   hour after the last failure or on a success. On loopback every client has the
+//!   memory). After [`LOGIN_MAX_FAILURES`] the next attempt waits 5 s after the last
+//!   failure, then 10 s, 20 s, … up to [`LOGIN_WINDOW_SECS`]; the count is forgotten
+//!   an hour after the last failure or on a success. On loopback every client has the
 //!   same address, so these delays hold back the human as much as an agent that keeps
 //!   failing on purpose. The way out is the **local login token**: a random token the
 //!   server writes at every start, 0600, into its data dir (`local-login-token`). The
@@ -49,8 +49,10 @@ const INVITE_TTL_SECS: i64 = 7 * 24 * 3600;
 pub const LOGIN_WINDOW_SECS: i64 = 15 * 60;
 /// Failed logins per email before attempts have to wait.
 pub const LOGIN_MAX_FAILURES: u32 = 5;
+/// The wait after the last free failure; it doubles with every further one.
+const LOGIN_FIRST_DELAY_MS: i64 = 5_000;
 /// An email's failures are forgotten this long after the last one.
-const LOGIN_FORGET_SECS: i64 = 60 * 60;
+const LOGIN_FORGET_MS: i64 = 60 * 60 * 1000;
 /// Emails the limiter keeps at most (each under 300 bytes).
 const LOGIN_MAX_TRACKED: usize = 10_000;
 /// The file in the data dir with the token the first registration needs.
@@ -119,6 +121,7 @@ pub struct MemberAdded {
 #[derive(Default)]
 pub struct LoginLimiter(Mutex<HashMap<String, Failures>>);
 
+/// Times are unix milliseconds: a wait of seconds must not round to none.
 #[derive(Debug, Clone, Copy)]
 struct Failures {
     count: u32,
@@ -127,16 +130,16 @@ struct Failures {
 
 impl Failures {
     fn forgotten(&self, now: i64) -> bool {
-        now - self.last >= LOGIN_FORGET_SECS
+        now - self.last >= LOGIN_FORGET_MS
     }
 
-    /// Seconds until the next attempt may run (0: now).
-    fn wait_secs(&self, now: i64) -> i64 {
+    /// Milliseconds until the next attempt may run (0: now).
+    fn wait_ms(&self, now: i64) -> i64 {
         if self.forgotten(now) || self.count < LOGIN_MAX_FAILURES {
             return 0;
         }
         let doublings = (self.count - LOGIN_MAX_FAILURES).min(20);
-        let delay = (1i64 << doublings).min(LOGIN_WINDOW_SECS);
+        let delay = (LOGIN_FIRST_DELAY_MS << doublings).min(LOGIN_WINDOW_SECS * 1000);
         (self.last + delay - now).max(0)
     }
 }
@@ -146,24 +149,17 @@ impl LoginLimiter {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refuses an attempt that comes before its delay is over.
+    /// Refuses an attempt that comes before its delay is over (`now` in unix ms).
     fn check(&self, email: &str, now: i64) -> Result<()> {
-        let wait = self.lock().get(email).map_or(0, |f| f.wait_secs(now));
-        if wait > 0 {
-            return Err(Error::RateLimited(format!(
-                "too many failed logins for this email; try again in {wait} s (on the \
-                 server's machine, `agent-vault auth login` run as the server's OS user is \
-                 not held back)"
-            )));
-        }
-        Ok(())
+        let wait_ms = self.lock().get(email).map_or(0, |f| f.wait_ms(now));
+        too_soon(wait_ms)
     }
 
-    /// Checks again and counts the attempt as failed until it succeeds: parallel
-    /// guesses cannot all slip in before the first failure is recorded.
+    /// Checks again and counts the attempt as failed until it succeeds, under one
+    /// lock: parallel guesses cannot all slip in before the first failure is recorded.
     fn begin(&self, email: &str, now: i64) -> Result<()> {
-        self.check(email, now)?;
         let mut map = self.lock();
+        too_soon(map.get(email).map_or(0, |f| f.wait_ms(now)))?;
         if !map.contains_key(email) && map.len() >= LOGIN_MAX_TRACKED {
             map.retain(|_, f| !f.forgotten(now));
             if map.len() >= LOGIN_MAX_TRACKED {
@@ -196,6 +192,17 @@ impl LoginLimiter {
     fn tracked(&self) -> usize {
         self.lock().len()
     }
+}
+
+fn too_soon(wait_ms: i64) -> Result<()> {
+    if wait_ms <= 0 {
+        return Ok(());
+    }
+    let wait = (wait_ms + 999) / 1000;
+    Err(Error::RateLimited(format!(
+        "too many failed logins for this email; try again in {wait} s (on the server's \
+         machine, `agent-vault auth login` run as the server's OS user is not held back)"
+    )))
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -459,7 +466,7 @@ impl Store {
         local: bool,
     ) -> Result<String> {
         let email = email.trim().to_lowercase();
-        let now = self.now_secs();
+        let now = self.clock.now_ms();
         if !local {
             limiter.check(&email, now)?;
         }
@@ -874,8 +881,8 @@ mod tests {
         for _ in 0..LOGIN_MAX_FAILURES {
             assert_eq!(fail(), "invalid_credentials");
         }
-        // 1 s after the fifth failure, 2 s after the sixth, 4 s after the seventh.
-        for wait in [1, 2, 4] {
+        // 5 s after the fifth failure, 10 s after the sixth, 20 s after the seventh.
+        for wait in [5, 10, 20] {
             assert_eq!(fail(), "rate_limited");
             clock.advance_secs(wait - 1);
             assert_eq!(fail(), "rate_limited", "{wait} s");
@@ -932,7 +939,7 @@ mod tests {
     #[test]
     fn the_login_limiter_holds_a_bounded_number_of_emails_and_keeps_the_attacked_one() {
         let limiter = LoginLimiter::default();
-        let now = 1_800_000_000;
+        let now = 1_800_000_000_000;
         for _ in 0..LOGIN_MAX_FAILURES {
             limiter.begin("owner@example.com", now).unwrap();
         }
@@ -955,7 +962,7 @@ mod tests {
         );
         // Forgotten entries make room first.
         limiter
-            .begin("late@example.com", now + LOGIN_FORGET_SECS)
+            .begin("late@example.com", now + LOGIN_FORGET_MS)
             .unwrap();
         assert_eq!(limiter.tracked(), 1);
     }
