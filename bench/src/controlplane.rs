@@ -64,13 +64,18 @@ impl ControlPlane {
             socket,
             token: String::new(),
         };
-        cp.token = cp.owner_token()?;
+        // The first registration needs the token the server wrote into its data dir.
+        let bootstrap = std::fs::read_to_string(data.join("bootstrap-token"))
+            .map_err(|e| format!("{name}: no bootstrap token in {}: {e}", data.display()))?;
+        cp.token = cp.owner_token(bootstrap.trim())?;
         Ok(cp)
     }
 
-    fn owner_token(&self) -> Result<String, String> {
+    fn owner_token(&self, bootstrap_token: &str) -> Result<String, String> {
         let creds = json!({"email": "bench@example.com", "password": "bench-password-1"});
-        let (status, body) = self.call_as(None, "POST", "/v1/auth/register", Some(&creds))?;
+        let mut register = creds.clone();
+        register["bootstrap_token"] = json!(bootstrap_token);
+        let (status, body) = self.call_as(None, "POST", "/v1/auth/register", Some(&register))?;
         if status != 201 {
             return Err(format!("register: {status} {body}"));
         }

@@ -10,8 +10,8 @@
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -28,6 +28,9 @@ pub enum CryptoError {
     Tampered,
     #[error("key derivation failed: {0}")]
     Kdf(String),
+    /// Every password-hashing slot stayed busy (see [`PasswordHashing`]).
+    #[error("too many password checks at once; try again in a moment")]
+    Busy,
 }
 
 /// A 256-bit key, wiped from memory when dropped and never printed.
@@ -161,30 +164,206 @@ pub fn proposal_value_aad(vault_id: &str, proposal_id: u64, key: &str) -> Vec<u8
     aad
 }
 
-/// Hashes a user's password for storage (Argon2id, PHC string).
-pub fn hash_password(password: &str) -> Result<String, CryptoError> {
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|e| CryptoError::Kdf(e.to_string()))
+/// Argon2id for users' passwords, bounded: at most `slots` hashes run at once, each in
+/// a memory buffer of its own that is kept for the next one, and at most
+/// [`MAX_WAITERS`] callers wait up to `wait` for a slot; everyone else is told at once
+/// that the server is busy ([`CryptoError::Busy`]).
+///
+/// Why: login and registration hash before anyone is authenticated, and each hash
+/// takes 19 MiB and tens of milliseconds of a core. Unbounded, a few dozen parallel
+/// requests took the server from 166 MB to 2.6 GB (and the blocking pool runs the
+/// data plane's work too). The `argon2` crate's `PasswordHasher` allocates per call
+/// and the allocator keeps freed blocks per thread arena, so only owning the buffers
+/// bounds the memory whatever the allocator does. Waiters are few because each holds
+/// a thread of the blocking pool.
+pub struct PasswordHashing {
+    state: std::sync::Mutex<Slots>,
+    freed: std::sync::Condvar,
+    wait: std::time::Duration,
+    /// A hash of a password nobody has, to verify unknown emails against (same work).
+    dummy: std::sync::OnceLock<String>,
 }
 
-/// Checks a password against a stored PHC string. A malformed hash is a mismatch.
-pub fn verify_password(password: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
-        Err(_) => false,
+struct Slots {
+    /// Buffers not in use.
+    free: Vec<Vec<Block>>,
+    /// Slots whose buffer is not allocated yet.
+    unallocated: usize,
+    waiting: usize,
+}
+
+/// Callers that may wait for a hashing slot at once; more are refused straight away.
+pub const MAX_WAITERS: usize = 16;
+/// How long a caller waits for a hashing slot.
+pub const HASH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl PasswordHashing {
+    pub fn new(slots: usize, wait: std::time::Duration) -> PasswordHashing {
+        PasswordHashing {
+            state: std::sync::Mutex::new(Slots {
+                free: Vec::new(),
+                unallocated: slots.max(1),
+                waiting: 0,
+            }),
+            freed: std::sync::Condvar::new(),
+            wait,
+            dummy: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// One slot per core but one, at least 1 and at most 4: logins never take every
+    /// core from the data plane.
+    pub fn for_this_machine() -> PasswordHashing {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        PasswordHashing::new(cores.saturating_sub(1).clamp(1, 4), HASH_WAIT)
+    }
+
+    /// Hashes a password for storage (see [`HashSlot::hash`]).
+    pub fn hash(&self, password: &str) -> Result<String, CryptoError> {
+        self.slot()?.hash(password)
+    }
+
+    /// Checks a password against a stored hash (see [`HashSlot::verify`]).
+    pub fn verify(&self, password: &str, phc: &str) -> Result<bool, CryptoError> {
+        Ok(self.slot()?.verify(password, phc))
+    }
+
+    /// A free slot, waiting up to `wait` when there are not too many waiting already.
+    pub fn slot(&self) -> Result<HashSlot<'_>, CryptoError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.free.is_empty() && state.unallocated == 0 {
+            if state.waiting >= MAX_WAITERS {
+                return Err(CryptoError::Busy);
+            }
+            state.waiting += 1;
+            let (waited, timeout) = self
+                .freed
+                .wait_timeout_while(state, self.wait, |s| {
+                    s.free.is_empty() && s.unallocated == 0
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            state = waited;
+            state.waiting -= 1;
+            if timeout.timed_out() && state.free.is_empty() && state.unallocated == 0 {
+                return Err(CryptoError::Busy);
+            }
+        }
+        let blocks = match state.free.pop() {
+            Some(blocks) => blocks,
+            None => {
+                state.unallocated -= 1;
+                Vec::new()
+            }
+        };
+        Ok(HashSlot {
+            owner: self,
+            blocks,
+        })
     }
 }
 
-/// A hash to verify against when the email is unknown, so that login takes the same
-/// time whether or not the account exists.
-pub fn dummy_password_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password("agent-vault-dummy-password").unwrap_or_default())
+/// A hashing slot and its buffer; dropping it wipes the buffer and returns it.
+pub struct HashSlot<'a> {
+    owner: &'a PasswordHashing,
+    blocks: Vec<Block>,
+}
+
+impl HashSlot<'_> {
+    /// The buffer, at least `count` blocks (grown once if a stored hash costs more).
+    fn blocks(&mut self, count: usize) -> &mut [Block] {
+        if self.blocks.len() < count {
+            self.blocks.resize(count, Block::default());
+        }
+        &mut self.blocks[..count]
+    }
+
+    /// Hashes a password for storage: Argon2id with the crate's default cost, as a PHC
+    /// string (what `Argon2::default().hash_password` gives).
+    pub fn hash(&mut self, password: &str) -> Result<String, CryptoError> {
+        let salt = SaltString::generate(&mut rand::rngs::OsRng);
+        let mut salt_bytes = [0u8; 64];
+        let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(kdf_error)?;
+        let params = Params::default();
+        let mut out = Zeroizing::new([0u8; Params::DEFAULT_OUTPUT_LEN]);
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                salt_bytes,
+                &mut out[..],
+                self.blocks(params.block_count()),
+            )
+            .map_err(kdf_error)?;
+        let phc = PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&params).map_err(kdf_error)?,
+            salt: Some(salt.as_salt()),
+            hash: Some(Output::new(&out[..]).map_err(kdf_error)?),
+        };
+        Ok(phc.to_string())
+    }
+
+    /// Whether `password` matches a stored PHC string; a malformed one matches nothing.
+    pub fn verify(&mut self, password: &str, phc: &str) -> bool {
+        let Ok(parsed) = PasswordHash::new(phc) else {
+            return false;
+        };
+        let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+            return false;
+        };
+        let algorithm = Algorithm::try_from(parsed.algorithm);
+        let version = Version::try_from(parsed.version.unwrap_or(Version::V0x13.into()));
+        let params = Params::try_from(&parsed);
+        let (Ok(algorithm), Ok(version), Ok(params)) = (algorithm, version, params) else {
+            return false;
+        };
+        let mut salt_bytes = [0u8; 64];
+        let Ok(salt_bytes) = salt.decode_b64(&mut salt_bytes) else {
+            return false;
+        };
+        let mut computed = Zeroizing::new(vec![0u8; expected.len()]);
+        let blocks = self.blocks(params.block_count());
+        let hashed = Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+            password.as_bytes(),
+            salt_bytes,
+            &mut computed[..],
+            blocks,
+        );
+        hashed.is_ok()
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                expected.as_bytes(),
+                &computed[..],
+            ))
+    }
+
+    /// Verifies `password` against a hash of a password nobody has: what checking an
+    /// unknown email costs, so that it takes as long as a wrong password.
+    pub fn verify_dummy(&mut self, password: &str) -> Result<bool, CryptoError> {
+        let owner = self.owner;
+        let dummy = match owner.dummy.get() {
+            Some(dummy) => dummy,
+            None => {
+                let hash = self.hash("agent-vault-dummy-password")?;
+                owner.dummy.get_or_init(|| hash)
+            }
+        };
+        Ok(self.verify(password, dummy))
+    }
+}
+
+impl Drop for HashSlot<'_> {
+    fn drop(&mut self) {
+        // The blocks hold state derived from the password.
+        self.blocks.fill(Block::default());
+        let mut state = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.free.push(std::mem::take(&mut self.blocks));
+        drop(state);
+        self.owner.freed.notify_one();
+    }
+}
+
+fn kdf_error(e: impl std::fmt::Display) -> CryptoError {
+    CryptoError::Kdf(e.to_string())
 }
 
 /// Lowercase hex SHA-256: how tokens are stored and looked up.
@@ -200,6 +379,10 @@ pub const UI_SESSION_PREFIX: &str = "av_ui_";
 pub const INVITE_PREFIX: &str = "av_inv_";
 /// Prefix of agent tokens (`av_agt_<64 hex>`).
 pub const AGENT_PREFIX: &str = "av_agt_";
+/// Prefix of the bootstrap token the first registration needs (`av_boot_<64 hex>`).
+pub const BOOTSTRAP_PREFIX: &str = "av_boot_";
+/// Prefix of the local login token (`av_local_<64 hex>`).
+pub const LOCAL_LOGIN_PREFIX: &str = "av_local_";
 /// Prefix of approval tokens (`av_appr_<64 hex>`).
 pub const APPROVAL_PREFIX: &str = "av_appr_";
 
@@ -280,12 +463,76 @@ mod tests {
         assert_ne!(a.as_bytes(), c.as_bytes());
     }
 
+    fn hashing() -> PasswordHashing {
+        PasswordHashing::new(2, HASH_WAIT)
+    }
+
     #[test]
     fn password_hash_verifies_only_the_right_password() {
-        let hash = hash_password("hunter22").unwrap();
-        assert!(verify_password("hunter22", &hash));
-        assert!(!verify_password("hunter23", &hash));
-        assert!(!verify_password("hunter22", "not a phc string"));
+        let hashing = hashing();
+        let hash = hashing.hash("hunter22").unwrap();
+        assert!(hashing.verify("hunter22", &hash).unwrap());
+        assert!(!hashing.verify("hunter23", &hash).unwrap());
+        assert!(!hashing.verify("hunter22", "not a phc string").unwrap());
+        assert!(!hashing.slot().unwrap().verify_dummy("hunter22").unwrap());
+    }
+
+    #[test]
+    fn stored_hashes_are_the_argon2_crates_own_format_both_ways() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let hashing = hashing();
+        let ours = hashing.hash("hunter22").unwrap();
+        assert!(
+            ours.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{ours}"
+        );
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"hunter22", &parsed)
+            .is_ok());
+        let salt = SaltString::generate(&mut rand::rngs::OsRng);
+        let theirs = Argon2::default()
+            .hash_password(b"hunter22", &salt)
+            .unwrap()
+            .to_string();
+        assert!(hashing.verify("hunter22", &theirs).unwrap());
+        assert!(!hashing.verify("hunter2", &theirs).unwrap());
+    }
+
+    #[test]
+    fn hashing_beyond_the_slots_and_waiters_is_refused_not_queued() {
+        let hashing = PasswordHashing::new(1, std::time::Duration::from_millis(50));
+        let held = hashing.slot().unwrap();
+        // The one slot is taken: a caller waits its 50 ms, then hears "busy".
+        assert!(matches!(hashing.hash("x-password"), Err(CryptoError::Busy)));
+        drop(held);
+        assert!(hashing.hash("x-password").is_ok());
+
+        // With every waiter place taken, the next caller does not wait at all.
+        let hashing = PasswordHashing::new(1, std::time::Duration::from_secs(30));
+        let held = hashing.slot().unwrap();
+        hashing.state.lock().unwrap().waiting = MAX_WAITERS;
+        let started = std::time::Instant::now();
+        assert!(matches!(hashing.verify("x", "y"), Err(CryptoError::Busy)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        hashing.state.lock().unwrap().waiting = 0;
+        drop(held);
+    }
+
+    #[test]
+    fn a_freed_slot_wakes_a_waiter_and_keeps_its_buffer() {
+        let hashing = std::sync::Arc::new(PasswordHashing::new(1, HASH_WAIT));
+        let held = hashing.slot().unwrap();
+        let waiter = {
+            let hashing = hashing.clone();
+            std::thread::spawn(move || hashing.hash("waiting-password"))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(held);
+        assert!(waiter.join().unwrap().is_ok());
+        let state = hashing.state.lock().unwrap();
+        assert_eq!((state.free.len(), state.unallocated), (1, 0));
+        assert_eq!(state.free[0].len(), Params::default().block_count());
     }
 
     #[test]

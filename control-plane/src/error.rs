@@ -33,6 +33,12 @@ pub enum Error {
     BatchTooLarge(usize, &'static str),
     #[error("{0}")]
     RateLimited(String),
+    /// The request's body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The request's `Host` is not one this server answers for (DNS rebinding).
+    #[error("{0}")]
+    HostNotAllowed(String),
     /// A per-vault limit is reached (e.g. pending proposals): (code, message).
     #[error("{1}")]
     TooMany(&'static str, String),
@@ -76,6 +82,8 @@ impl Error {
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::RateLimited(_) | Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
+            Error::HostNotAllowed(_) => StatusCode::MISDIRECTED_REQUEST,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,6 +101,8 @@ impl Error {
             Error::PayloadTooLarge(_) | Error::BatchTooLarge(..) => "payload_too_large",
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::RateLimited(_) => "rate_limited",
+            Error::HostNotAllowed(_) => "host_not_allowed",
+            Error::RequestTimeout(_) => "request_timeout",
             Error::Internal(_) => "internal",
         }
     }
@@ -121,7 +131,13 @@ impl From<serde_json::Error> for Error {
 
 impl From<crate::crypto::CryptoError> for Error {
     fn from(e: crate::crypto::CryptoError) -> Error {
-        Error::internal(e)
+        match e {
+            crate::crypto::CryptoError::Busy => Error::TooMany(
+                "server_busy",
+                "too many password checks at once; try again in a moment".into(),
+            ),
+            other => Error::internal(other),
+        }
     }
 }
 

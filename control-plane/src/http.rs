@@ -123,6 +123,68 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     })
 }
 
+/// Refuses a request whose `Host` is neither the public URL's host, a loopback name
+/// (`localhost`, `*.localhost`) nor an IP address: 421 `host_not_allowed`.
+///
+/// Why: with DNS rebinding, a page on a name the attacker controls (`evil.example`)
+/// gets that name to resolve to 127.0.0.1 and then talks to this port as its own
+/// origin, with `Host: evil.example`. Nothing it can do needs a cookie before the
+/// owner exists (registration), so the name is the one thing to check. An IP address
+/// in `Host` is safe: the page's origin is then this server itself. A request with no
+/// `Host` (not a browser) passes.
+pub async fn check_host(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let presented = match request.uri().authority() {
+        Some(authority) => Some(authority.as_str().to_owned()),
+        None => request
+            .headers()
+            .get(header::HOST)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+    };
+    match presented {
+        Some(host) if !host_allowed(&host, &state.public_url) => {
+            use axum::response::IntoResponse;
+            Error::HostNotAllowed(format!(
+                "this server does not answer for the host {:?}: use {} or a loopback address",
+                host_name(&host),
+                state.public_url
+            ))
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether `authority` (`host[:port]`) is one [`check_host`] lets through.
+pub fn host_allowed(authority: &str, public_url: &str) -> bool {
+    let host = host_name(authority);
+    let public = public_url
+        .split_once("://")
+        .map_or(public_url, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok()
+        || (!host.is_empty() && host == host_name(public))
+}
+
+/// The host of `host[:port]` or `[v6][:port]`, lowercase, without a trailing dot.
+fn host_name(authority: &str) -> String {
+    let authority = authority.trim();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// The authenticated caller.
 pub struct Caller(pub Principal);
 
@@ -162,5 +224,35 @@ impl FromRequestParts<AppState> for Caller {
         blocking(move || store.authenticate(&token))
             .await
             .map(Caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn hosts_are_the_public_urls_loopback_names_or_addresses() {
+        let public = "https://vault.example.com";
+        #[rustfmt::skip]
+        let cases = [
+            ("the public URL's host", "vault.example.com", true),
+            ("with a port and another case", "Vault.Example.com:443", true),
+            ("with a trailing dot", "vault.example.com.", true),
+            ("localhost", "localhost:14321", true),
+            ("a name under localhost", "ui.localhost:14321", true),
+            ("an IPv4 address", "127.0.0.1:14321", true),
+            ("another IPv4 address", "10.1.2.3:14321", true),
+            ("an IPv6 address", "[::1]:14321", true),
+            ("a rebinding name", "evil.example:14321", false),
+            ("the public host as a suffix", "vault.example.com.evil.example", false),
+            ("a public host's lookalike", "evilvault.example.com", false),
+            ("nothing", "", false),
+        ];
+        for (behaviour, host, allowed) in cases {
+            assert_eq!(host_allowed(host, public), allowed, "{behaviour}: {host}");
+        }
+        assert!(host_allowed("127.0.0.1:9", "http://127.0.0.1:14321"));
+        assert!(!host_allowed("evil.example", "http://127.0.0.1:14321"));
     }
 }

@@ -15,12 +15,20 @@
 //! no query string and no body: the filter never sends them, and the path is cut at
 //! `?` / `#` here as well, in case one does.
 //!
-//! Retention: at most `max_records` per vault and nothing older than `max_age_days`
-//! (by the record's `ts`). Pruning happens on insert and stays cheap: a vault whose
-//! record count (counted once, then tracked in memory) passes the limit loses its
-//! oldest records in the same write, whole chunks first (key order); and the whole tree is
-//! pruned every [`PRUNE_EVERY`] batches (the first batch after a start included), by
-//! age and count, which also drops the records of deleted vaults.
+//! Two classes of records are kept apart, each in a tree of its own with the same layout
+//! and its own retention budget: requests forwarded under a service rule (tree `logs`:
+//! where credentials go, what an audit needs) and everything else (tree `other_logs`:
+//! refusals, and unmatched hosts forwarded under `passthrough`). Otherwise an agent
+//! could flush the trail of what it did with a credential by sending ten thousand
+//! cheap refused requests. A page merges the two by sequence.
+//!
+//! Retention: at most `max_records` per vault and class, and nothing older than
+//! `max_age_days` (by the record's `ts`). Pruning happens on insert and stays cheap: a
+//! vault whose record count in a class (counted once, then tracked in memory) passes
+//! the limit loses that class's oldest records in the same write, whole chunks first
+//! (key order); and both trees are pruned every [`PRUNE_EVERY`] batches (the first
+//! batch after a start included), by age and count, which also drops the records of
+//! deleted vaults.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,9 +77,9 @@ pub struct RequestLog {
     store: Arc<Store>,
     retention: LogRetention,
     batches: AtomicU64,
-    /// Records per vault id as far as this process knows: counted on first use, then
-    /// kept up to date by inserts and prunes.
-    counts: Mutex<HashMap<String, usize>>,
+    /// Records per class and vault id as far as this process knows: counted on first
+    /// use, then kept up to date by inserts and prunes.
+    counts: Mutex<HashMap<(Class, String), usize>>,
     /// Held while sequences are drawn and chunks written or rewritten, so chunks never
     /// interleave and a reader never sees a sequence before an earlier one is stored.
     writer: Mutex<()>,
@@ -90,6 +98,40 @@ pub struct LogEntry {
 pub struct LogPage {
     pub records: Vec<LogEntry>,
     pub next: u64,
+}
+
+/// The request log's two retention classes, each in a tree of its own with its own
+/// budget per vault, so that a flood of one cannot evict the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Class {
+    /// Forwarded under a service rule: the requests that carry credentials, the ones an
+    /// audit needs. Tree `logs` (which also holds the records of earlier versions).
+    Service,
+    /// Everything else: refusals (the filter answered itself) and requests forwarded
+    /// to an unmatched host under `passthrough`. Tree `other_logs`.
+    Other,
+}
+
+/// Records with their sequences, as stored under one key.
+type Chunk = Vec<(u64, LogRecord)>;
+
+impl Class {
+    const ALL: [Class; 2] = [Class::Service, Class::Other];
+
+    fn of(record: &LogRecord) -> Class {
+        if record.service.is_some() && record.error.is_none() {
+            Class::Service
+        } else {
+            Class::Other
+        }
+    }
+
+    fn tree(self, store: &Store) -> &sled::Tree {
+        match self {
+            Class::Service => &store.trees.logs,
+            Class::Other => &store.trees.other_logs,
+        }
+    }
 }
 
 impl Store {
@@ -114,49 +156,68 @@ impl Store {
                 format!("limit must be between 1 and {MAX_PAGE}"),
             ));
         }
-        let prefix = vault_prefix(&record.id);
-        let end = prefix_end(&prefix);
+        // Each class's page, merged by sequence: the classes' records interleave.
         let mut records = Vec::new();
+        for class in Class::ALL {
+            records.extend(page_of(class.tree(self), &record.id, after, limit)?);
+        }
+        records.sort_by_key(|entry| entry.seq);
         match after {
-            Some(after) => {
-                if let Some(first) = after.checked_add(1) {
-                    let start = log_key(&record.id, first);
-                    // The chunk holding `first` may start before it.
-                    let before = self
-                        .trees
-                        .logs
-                        .range(prefix.as_slice()..start.as_slice())
-                        .next_back();
-                    let chunks = before.into_iter().chain(self.trees.logs.range(start..end));
-                    'chunks: for entry in chunks {
-                        let (key, value) = entry?;
-                        for (seq, record) in decode_chunk(&key, &value)? {
-                            if seq > after {
-                                records.push(LogEntry { seq, record });
-                                if records.len() == limit {
-                                    break 'chunks;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            Some(_) => records.truncate(limit),
             None => {
-                'newest: for entry in self.trees.logs.range(prefix..end).rev() {
-                    let (key, value) = entry?;
-                    for (seq, record) in decode_chunk(&key, &value)?.into_iter().rev() {
-                        records.push(LogEntry { seq, record });
-                        if records.len() == limit {
-                            break 'newest;
-                        }
-                    }
-                }
-                records.reverse();
+                records.drain(..records.len().saturating_sub(limit));
             }
         }
         let next = records.last().map(|entry| entry.seq).or(after).unwrap_or(0);
         Ok(LogPage { records, next })
     }
+}
+
+/// Up to `limit` of a vault's records in one tree: the first after `after`, or
+/// without it the newest; ascending.
+fn page_of(
+    tree: &sled::Tree,
+    vault_id: &str,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<LogEntry>> {
+    let prefix = vault_prefix(vault_id);
+    let end = prefix_end(&prefix);
+    let mut records = Vec::new();
+    match after {
+        Some(after) => {
+            if let Some(first) = after.checked_add(1) {
+                let start = log_key(vault_id, first);
+                // The chunk holding `first` may start before it.
+                let before = tree.range(prefix.as_slice()..start.as_slice()).next_back();
+                let chunks = before.into_iter().chain(tree.range(start..end));
+                'chunks: for entry in chunks {
+                    let (key, value) = entry?;
+                    for (seq, record) in decode_chunk(&key, &value)? {
+                        if seq > after {
+                            records.push(LogEntry { seq, record });
+                            if records.len() == limit {
+                                break 'chunks;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None => {
+            'newest: for entry in tree.range(prefix..end).rev() {
+                let (key, value) = entry?;
+                for (seq, record) in decode_chunk(&key, &value)?.into_iter().rev() {
+                    records.push(LogEntry { seq, record });
+                    if records.len() == limit {
+                        break 'newest;
+                    }
+                }
+            }
+            records.reverse();
+        }
+    }
+    Ok(records)
 }
 
 impl RequestLog {
@@ -187,8 +248,8 @@ impl RequestLog {
         }
         let _writer = lock(&self.writer);
         let mut vault_ids: HashMap<String, Option<String>> = HashMap::new();
-        // One chunk per vault, in the order the vaults first appear.
-        let mut chunks: Vec<(String, Vec<(u64, LogRecord)>)> = Vec::new();
+        // One chunk per vault and class, in the order they first appear.
+        let mut chunks: Vec<((String, Class), Chunk)> = Vec::new();
         for record in records {
             let record = record.sanitized();
             let id = match vault_ids.get(&record.vault) {
@@ -203,9 +264,10 @@ impl RequestLog {
             // sled's ids start at 0; sequences start at 1, so `after=0` means "from
             // the start" and `next: 0` means "nothing yet".
             let seq = self.store.generate_id()?.saturating_add(1);
-            match chunks.iter_mut().find(|(chunk_id, _)| *chunk_id == id) {
+            let chunk_key = (id, Class::of(&record));
+            match chunks.iter_mut().find(|(key, _)| *key == chunk_key) {
                 Some((_, chunk)) => chunk.push((seq, record)),
-                None => chunks.push((id, vec![(seq, record)])),
+                None => chunks.push((chunk_key, vec![(seq, record)])),
             }
         }
         if chunks.is_empty() {
@@ -214,24 +276,26 @@ impl RequestLog {
         let stored = chunks.iter().map(|(_, chunk)| chunk.len()).sum();
         let state = self;
         let full_prune = state.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0;
-        // One atomic, flushed batch on the log tree alone (no other tree is involved):
-        // the new chunks and, for a vault that goes over its limit, the removal of its
+        // One batch per class tree, applied and flushed together: the new chunks and,
+        // for a vault that goes over a class's limit, the removal of that class's
         // oldest records.
-        let mut batch = sled::Batch::default();
+        let mut batches: HashMap<Class, sled::Batch> = HashMap::new();
         let mut counts = lock(&state.counts);
-        for (id, mut chunk) in chunks {
+        for ((id, class), mut chunk) in chunks {
             let Some((first, _)) = chunk.first() else {
                 continue;
             };
             let key = log_key(&id, *first);
-            let count = match counts.get(&id) {
+            let tree = class.tree(&self.store);
+            let batch = batches.entry(class).or_default();
+            let count = match counts.get(&(class, id.clone())) {
                 Some(count) => *count,
-                None => self.count_vault_records(&id)?,
+                None => count_vault_records(tree, &id)?,
             };
             let mut excess = (count + chunk.len()).saturating_sub(state.retention.max_records);
             let mut kept = count + chunk.len();
             if !full_prune && excess > 0 {
-                let trimmed = self.trim_oldest(&id, excess, &mut batch)?;
+                let trimmed = trim_oldest(tree, &id, excess, batch)?;
                 excess -= trimmed;
                 kept -= trimmed;
                 // A batch larger than the limit loses its own oldest records too.
@@ -242,58 +306,18 @@ impl RequestLog {
             if !chunk.is_empty() {
                 batch.insert(key, serde_json::to_vec(&chunk)?);
             }
-            counts.insert(id, kept);
+            counts.insert((class, id), kept);
         }
         drop(counts);
-        self.store.apply_flushed(&self.store.trees.logs, batch)?;
+        let batches: Vec<(&sled::Tree, sled::Batch)> = batches
+            .into_iter()
+            .map(|(class, batch)| (class.tree(&self.store), batch))
+            .collect();
+        self.store.apply_flushed_all(batches)?;
         if full_prune {
             self.prune_logs_locked()?;
         }
         Ok(stored)
-    }
-
-    /// Records of a vault in the tree (reads every chunk: once per vault and process).
-    fn count_vault_records(&self, vault_id: &str) -> Result<usize> {
-        let mut count = 0;
-        for entry in self.store.trees.logs.scan_prefix(vault_prefix(vault_id)) {
-            let (key, value) = entry?;
-            count += decode_chunk(&key, &value).map_or(0, |chunk| chunk.len());
-        }
-        Ok(count)
-    }
-
-    /// Adds to `batch` the removal of a vault's `excess` oldest stored records: whole
-    /// chunks first (key order), then the front of the oldest remaining chunk. Reads
-    /// only the chunks it changes (ages are checked by the full prune every
-    /// [`PRUNE_EVERY`] batches). Returns how many records go.
-    fn trim_oldest(
-        &self,
-        vault_id: &str,
-        mut excess: usize,
-        batch: &mut sled::Batch,
-    ) -> Result<usize> {
-        let mut removed = 0;
-        for entry in self.store.trees.logs.scan_prefix(vault_prefix(vault_id)) {
-            if excess == 0 {
-                break;
-            }
-            let (key, value) = entry?;
-            let Ok(mut chunk) = decode_chunk(&key, &value) else {
-                batch.remove(key);
-                continue;
-            };
-            if chunk.len() <= excess {
-                excess -= chunk.len();
-                removed += chunk.len();
-                batch.remove(key);
-            } else {
-                let rest = chunk.split_off(excess);
-                removed += excess;
-                excess = 0;
-                batch.insert(key, serde_json::to_vec(&rest)?);
-            }
-        }
-        Ok(removed)
     }
 
     /// Applies retention to every vault's records and drops those of deleted vaults.
@@ -308,19 +332,19 @@ impl RequestLog {
             .map(|(_, vault)| vault.id)
             .collect();
         let cutoff = self.log_cutoff_ms();
-        for id in self.log_vault_ids()? {
-            if live.contains(&id) {
-                self.prune_vault_logs(&id, cutoff)?;
-            } else {
-                let keys = self
-                    .store
-                    .trees
-                    .logs
-                    .scan_prefix(vault_prefix(&id))
-                    .keys()
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                self.remove_log_keys(&keys)?;
-                lock(&self.counts).remove(&id);
+        for class in Class::ALL {
+            let tree = class.tree(&self.store);
+            for id in log_vault_ids(tree)? {
+                if live.contains(&id) {
+                    self.prune_vault_logs(class, &id, cutoff)?;
+                } else {
+                    let keys = tree
+                        .scan_prefix(vault_prefix(&id))
+                        .keys()
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    self.remove_log_keys(tree, &keys)?;
+                    lock(&self.counts).remove(&(class, id));
+                }
             }
         }
         Ok(())
@@ -335,11 +359,13 @@ impl RequestLog {
             .saturating_sub(days.saturating_mul(DAY_MS))
     }
 
-    /// Drops a vault's records older than `cutoff` and then the oldest beyond the limit.
-    fn prune_vault_logs(&self, vault_id: &str, cutoff: i64) -> Result<()> {
+    /// Drops a vault's records of `class` older than `cutoff` and then the oldest
+    /// beyond the limit.
+    fn prune_vault_logs(&self, class: Class, vault_id: &str, cutoff: i64) -> Result<()> {
+        let tree = class.tree(&self.store);
         let mut chunks = Vec::new();
         let mut doomed = Vec::new();
-        for entry in self.store.trees.logs.scan_prefix(vault_prefix(vault_id)) {
+        for entry in tree.scan_prefix(vault_prefix(vault_id)) {
             let (key, value) = entry?;
             match decode_chunk(&key, &value) {
                 Ok(chunk) => chunks.push((key, chunk)),
@@ -369,37 +395,81 @@ impl RequestLog {
                 batch.insert(key, serde_json::to_vec(&kept)?);
             }
         }
-        self.store.apply_flushed(&self.store.trees.logs, batch)?;
+        self.store.apply_flushed(tree, batch)?;
         let kept = total.min(self.retention.max_records);
-        lock(&self.counts).insert(vault_id.to_string(), kept);
+        lock(&self.counts).insert((class, vault_id.to_string()), kept);
         Ok(())
     }
 
-    fn remove_log_keys(&self, keys: &[sled::IVec]) -> Result<()> {
+    fn remove_log_keys(&self, tree: &sled::Tree, keys: &[sled::IVec]) -> Result<()> {
         for chunk in keys.chunks(PRUNE_CHUNK) {
             let mut batch = sled::Batch::default();
             for key in chunk {
                 batch.remove(key);
             }
-            self.store.apply_flushed(&self.store.trees.logs, batch)?;
+            self.store.apply_flushed(tree, batch)?;
         }
         Ok(())
     }
+}
 
-    /// The distinct vault ids in the `logs` tree, jumping from one prefix to the next.
-    fn log_vault_ids(&self) -> Result<Vec<String>> {
-        let mut ids = Vec::new();
-        let mut from: Vec<u8> = Vec::new();
-        while let Some(entry) = self.store.trees.logs.range(from.as_slice()..).next() {
-            let (key, _) = entry?;
-            let id = key.split(|b| *b == 0).next().unwrap_or(&[]);
-            ids.push(String::from_utf8_lossy(id).into_owned());
-            // `<id>\x01` sorts after every `<id>\0…` key (and after a bare `<id>`).
-            from = id.to_vec();
-            from.push(1);
-        }
-        Ok(ids)
+/// Records of a vault in a tree (reads every chunk: once per vault, class and process).
+fn count_vault_records(tree: &sled::Tree, vault_id: &str) -> Result<usize> {
+    let mut count = 0;
+    for entry in tree.scan_prefix(vault_prefix(vault_id)) {
+        let (key, value) = entry?;
+        count += decode_chunk(&key, &value).map_or(0, |chunk| chunk.len());
     }
+    Ok(count)
+}
+
+/// Adds to `batch` the removal of a vault's `excess` oldest records in `tree`: whole
+/// chunks first (key order), then the front of the oldest remaining chunk. Reads
+/// only the chunks it changes (ages are checked by the full prune every
+/// [`PRUNE_EVERY`] batches). Returns how many records go.
+fn trim_oldest(
+    tree: &sled::Tree,
+    vault_id: &str,
+    mut excess: usize,
+    batch: &mut sled::Batch,
+) -> Result<usize> {
+    let mut removed = 0;
+    for entry in tree.scan_prefix(vault_prefix(vault_id)) {
+        if excess == 0 {
+            break;
+        }
+        let (key, value) = entry?;
+        let Ok(mut chunk) = decode_chunk(&key, &value) else {
+            batch.remove(key);
+            continue;
+        };
+        if chunk.len() <= excess {
+            excess -= chunk.len();
+            removed += chunk.len();
+            batch.remove(key);
+        } else {
+            let rest = chunk.split_off(excess);
+            removed += excess;
+            excess = 0;
+            batch.insert(key, serde_json::to_vec(&rest)?);
+        }
+    }
+    Ok(removed)
+}
+
+/// The distinct vault ids in a log tree, jumping from one prefix to the next.
+fn log_vault_ids(tree: &sled::Tree) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut from: Vec<u8> = Vec::new();
+    while let Some(entry) = tree.range(from.as_slice()..).next() {
+        let (key, _) = entry?;
+        let id = key.split(|b| *b == 0).next().unwrap_or(&[]);
+        ids.push(String::from_utf8_lossy(id).into_owned());
+        // `<id>\x01` sorts after every `<id>\0…` key (and after a bare `<id>`).
+        from = id.to_vec();
+        from.push(1);
+    }
+    Ok(ids)
 }
 
 /// `<vault id>\0<seq as 8 big-endian bytes>`.
@@ -735,6 +805,102 @@ mod tests {
         assert_eq!(page.records[0].seq, 1);
         let after_old = store.read_logs(&owner(), "default", Some(1), 10).unwrap();
         assert_eq!(paths(&after_old), ["/new"]);
+    }
+
+    fn refused(path: &str) -> LogRecord {
+        LogRecord {
+            service: None,
+            status: 403,
+            error: Some("forbidden".into()),
+            host: "collector.attacker.example".into(),
+            ..record("default", path, NOW_MS)
+        }
+    }
+
+    #[test]
+    fn a_flood_of_refused_requests_does_not_evict_the_forwarded_ones() {
+        // The review's attack: requests forwarded with a credential, then 10,050 cheap
+        // refusals to push them out of the vault's 10,000 records.
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
+        let forwarded: Vec<LogRecord> = (0..5)
+            .map(|i| record("default", &format!("/exfiltrated/{i}"), NOW_MS))
+            .collect();
+        log.append(forwarded).unwrap();
+        let mut sent = 0;
+        while sent < 10_050 {
+            let batch: Vec<LogRecord> = (sent..(sent + MAX_LOG_BATCH_RECORDS).min(10_050))
+                .map(|i| refused(&format!("/flood/{i}")))
+                .collect();
+            sent += batch.len();
+            log.append(batch).unwrap();
+        }
+        let first = store.read_logs(&owner(), "default", Some(0), 10).unwrap();
+        let expected: Vec<String> = (0..5).map(|i| format!("/exfiltrated/{i}")).collect();
+        assert_eq!(paths(&first)[..5], expected[..]);
+        // The refusals keep their own 10,000, the oldest 50 gone.
+        assert_eq!(paths(&first)[5], "/flood/50");
+        let mut total = 0;
+        let mut after = 0;
+        loop {
+            let page = store
+                .read_logs(&owner(), "default", Some(after), MAX_PAGE)
+                .unwrap();
+            if page.records.is_empty() {
+                break;
+            }
+            total += page.records.len();
+            after = page.next;
+        }
+        assert_eq!(total, 5 + 10_000);
+    }
+
+    #[test]
+    fn each_class_keeps_its_own_budget_and_pages_merge_them_in_order() {
+        let retention = LogRetention {
+            max_records: 3,
+            max_age_days: 7,
+        };
+        let (_dir, log) = with_retention(ManualClock::new(NOW_MS), retention);
+        let store = log.store().clone();
+        let mut passthrough = record("default", "/p0", NOW_MS);
+        passthrough.service = None;
+        log.append(vec![
+            record("default", "/f0", NOW_MS),
+            refused("/r0"),
+            record("default", "/f1", NOW_MS),
+            passthrough,
+            refused("/r1"),
+        ])
+        .unwrap();
+        // Unmatched passthrough requests are in the refusals' class (no credential).
+        assert_eq!(
+            paths(&all(&store, "default")),
+            ["/f0", "/r0", "/f1", "/p0", "/r1"]
+        );
+        for i in 2..6 {
+            log.append(vec![refused(&format!("/r{i}"))]).unwrap();
+        }
+        log.append(vec![record("default", "/f2", NOW_MS)]).unwrap();
+        let everything = all(&store, "default");
+        assert_eq!(
+            paths(&everything),
+            ["/f0", "/f1", "/r3", "/r4", "/r5", "/f2"]
+        );
+        let seqs: Vec<u64> = everything.records.iter().map(|e| e.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        // Pages continue across both classes; without `after`, the newest.
+        let first = store.read_logs(&owner(), "default", Some(0), 4).unwrap();
+        assert_eq!(paths(&first), ["/f0", "/f1", "/r3", "/r4"]);
+        let rest = store
+            .read_logs(&owner(), "default", Some(first.next), 4)
+            .unwrap();
+        assert_eq!(paths(&rest), ["/r5", "/f2"]);
+        let newest = store.read_logs(&owner(), "default", None, 3).unwrap();
+        assert_eq!(paths(&newest), ["/r4", "/r5", "/f2"]);
+        // The full prune keeps each class's budget too.
+        log.prune().unwrap();
+        assert_eq!(paths(&all(&store, "default")), paths(&everything));
     }
 
     #[test]

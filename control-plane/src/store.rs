@@ -20,7 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
 use crate::clock::SharedClock;
-use crate::crypto::{KdfParams, Key, DATA_KEY_AAD};
+use crate::crypto::{KdfParams, Key, PasswordHashing, DATA_KEY_AAD};
 use crate::error::{Error, Result};
 
 /// Bumped when the on-disk layout changes; a newer store is refused.
@@ -88,9 +88,19 @@ trees!(
     agents,
     agent_tokens,
     logs,
+    other_logs,
     proposals,
     proposal_links,
 );
+
+/// This process's bootstrap and local-login tokens as SHA-256 (the tokens themselves
+/// are only in the data dir's files); [`crate::users`] writes and checks them.
+#[derive(Default)]
+pub(crate) struct LocalTokens {
+    /// While there is no owner.
+    pub bootstrap: Mutex<Option<String>>,
+    pub local_login: Mutex<Option<String>>,
+}
 
 /// How the data key is wrapped, as stored in `meta/data_key`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +136,8 @@ pub enum OpenError {
     KeyFile(PathBuf, String),
     #[error("the store is damaged: {0}")]
     Corrupt(String),
+    #[error("cannot write the bootstrap and local login tokens into {0}: {1}")]
+    LocalTokens(PathBuf, String),
 }
 
 pub struct Store {
@@ -140,6 +152,10 @@ pub struct Store {
     kek: Mutex<Kek>,
     pub(crate) clock: SharedClock,
     pub(crate) allow_private_upstreams: bool,
+    /// Every user-password hash goes through it (bounded; see its doc).
+    pub(crate) passwords: PasswordHashing,
+    /// The bootstrap and local-login tokens of this process ([`crate::users`]).
+    pub(crate) local_tokens: LocalTokens,
 }
 
 impl Store {
@@ -224,6 +240,8 @@ impl Store {
             kek: Mutex::new(kek),
             clock,
             allow_private_upstreams,
+            passwords: PasswordHashing::for_this_machine(),
+            local_tokens: LocalTokens::default(),
         })
     }
 
@@ -261,6 +279,15 @@ impl Store {
     /// [`Store::write`], whose transaction spans every tree.
     pub(crate) fn apply_flushed(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<()> {
         tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// [`Store::apply_flushed`] for several trees, with one flush after all of them.
+    pub(crate) fn apply_flushed_all(&self, batches: Vec<(&sled::Tree, sled::Batch)>) -> Result<()> {
+        for (tree, batch) in batches {
+            tree.apply_batch(batch)?;
+        }
         self.db.flush()?;
         Ok(())
     }

@@ -32,6 +32,18 @@ pub fn temp_store(clock: SharedClock, allow_private_upstreams: bool) -> (tempfil
     (dir, store)
 }
 
+/// The bootstrap token `store` wrote into its data dir (while it has no owner).
+pub fn bootstrap_token(store: &Store) -> String {
+    let file = store.data_dir().join(crate::users::BOOTSTRAP_TOKEN_FILE);
+    std::fs::read_to_string(file).unwrap().trim().to_string()
+}
+
+/// Registers the owner, with the bootstrap token as the server's own user would.
+pub fn register_owner(store: &Store, email: &str, password: &str) {
+    let token = bootstrap_token(store);
+    store.register(email, password, None, Some(&token)).unwrap();
+}
+
 /// [`temp_store`] on the system clock, refusing private upstreams like production.
 pub fn system_store() -> (tempfile::TempDir, Store) {
     temp_store(Arc::new(SystemClock), false)
@@ -98,7 +110,7 @@ impl Harness {
     pub fn at(public_url: &str) -> Harness {
         let clock = ManualClock::new(T0_MS);
         let (dir, store) = temp_store(clock.clone(), true);
-        store.register(OWNER, PASSWORD, None).unwrap();
+        register_owner(&store, OWNER, PASSWORD);
         store.create_vault(&owner(), "other").unwrap();
         for (email, vault) in [(MEMBER, "default"), (OUTSIDER, "other")] {
             let invite = store
@@ -106,7 +118,9 @@ impl Harness {
                 .unwrap()
                 .invite
                 .unwrap();
-            store.register(email, PASSWORD, Some(&invite)).unwrap();
+            store
+                .register(email, PASSWORD, Some(&invite), None)
+                .unwrap();
         }
         let agent_token = agent_on(&store, "bot", &["default"]);
         let agent = store.authenticate(&agent_token).unwrap();

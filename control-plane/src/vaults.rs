@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::access::{
     put_member, vault_not_found, Principal, VaultRecord, VaultRole, DEFAULT_VAULT,
 };
+use crate::agents::AgentRecord;
 use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 use crate::store::{
@@ -27,8 +28,9 @@ pub struct VaultView {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `data_dir` (see [`Store::open_storage`]) and
-    /// makes sure the `default` vault exists.
+    /// Opens (or creates) the store in `data_dir` (see [`Store::open_storage`]), makes
+    /// sure the `default` vault exists, and writes this process's local tokens
+    /// ([`crate::users`]) into `data_dir`.
     pub fn open(
         data_dir: &Path,
         password: Option<&str>,
@@ -39,6 +41,9 @@ impl Store {
         store
             .ensure_default_vault()
             .map_err(|e| OpenError::Corrupt(e.to_string()))?;
+        store
+            .write_local_tokens()
+            .map_err(|e| OpenError::LocalTokens(data_dir.to_path_buf(), e.to_string()))?;
         Ok(store)
     }
 
@@ -128,6 +133,14 @@ impl Store {
     /// Deletes a vault with its credentials, services, members, proposals and agent
     /// grants.
     pub fn delete_vault(&self, principal: &Principal, name: &str) -> Result<()> {
+        let deletion = self.plan_vault_deletion(principal, name)?;
+        self.apply_vault_deletion(&deletion)
+    }
+
+    /// What deleting `name` removes, listed outside the transaction (sled cannot scan
+    /// inside one); [`Store::apply_vault_deletion`] re-reads what others may change
+    /// meanwhile.
+    fn plan_vault_deletion(&self, principal: &Principal, name: &str) -> Result<VaultDeletion> {
         let (vault, access) = self.access(principal, name)?;
         access.require_admin()?;
         if name == DEFAULT_VAULT {
@@ -143,40 +156,156 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(Error::from)
         };
-        let credential_keys = per_vault_keys(&self.trees.credentials)?;
-        let member_keys = per_vault_keys(&self.trees.members)?;
-        let proposal_keys = per_vault_keys(&self.trees.proposals)?;
-        let link_keys = self.proposal_link_keys(&vault.id)?;
-        let agents = self.agents_with_grant(name)?;
+        Ok(VaultDeletion {
+            credential_keys: per_vault_keys(&self.trees.credentials)?,
+            member_keys: per_vault_keys(&self.trees.members)?,
+            proposal_keys: per_vault_keys(&self.trees.proposals)?,
+            link_keys: self.proposal_link_keys(&vault.id)?,
+            agents: self
+                .agents_with_grant(name)?
+                .into_iter()
+                .map(|agent| agent.name)
+                .collect(),
+            name: name.to_string(),
+            vault,
+        })
+    }
+
+    fn apply_vault_deletion(&self, deletion: &VaultDeletion) -> Result<()> {
+        let VaultDeletion { name, vault, .. } = deletion;
         self.write_published(|tx| {
-            tx.vaults.remove(name)?;
+            tx.vaults.remove(name.as_bytes())?;
             tx.services.remove(vault.id.as_bytes())?;
-            for key in credential_keys.iter() {
+            for key in deletion.credential_keys.iter() {
                 tx.credentials.remove(key)?;
             }
-            for key in member_keys.iter() {
+            for key in deletion.member_keys.iter() {
                 tx.members.remove(key)?;
             }
-            for key in proposal_keys.iter() {
+            for key in deletion.proposal_keys.iter() {
                 tx.proposals.remove(key)?;
             }
-            for key in link_keys.iter() {
+            for key in deletion.link_keys.iter() {
                 tx.proposal_links.remove(key.as_slice())?;
             }
             for key in crate::proposals::proposal_meta_keys(&vault.id) {
                 tx.meta.remove(key)?;
             }
-            remove_grants(tx, &agents, name)?;
-            Ok(())
-        })
+            remove_grants(tx, &deletion.agents, name)
+        })?;
+        // An agent granted this vault after the listing above (its transaction saw the
+        // vault) would keep a grant that a new vault of the same name would honour.
+        // Agents cannot be granted a vault that no longer exists, so one more pass
+        // finds them all; it stops if the name was taken again meanwhile.
+        let late: Vec<String> = self
+            .agents_with_grant(name)?
+            .into_iter()
+            .map(|agent| agent.name)
+            .collect();
+        if !late.is_empty() {
+            self.write_published(|tx| {
+                if tx.vaults.get(name.as_bytes())?.is_some() {
+                    return Ok(());
+                }
+                remove_grants(tx, &late, name)
+            })?;
+        }
+        Ok(())
     }
 }
 
-fn remove_grants(tx: &Tx, agents: &[crate::agents::AgentRecord], vault: &str) -> TxResult<()> {
-    for agent in agents {
-        let mut agent = agent.clone();
+/// A vault deletion as listed before its transaction.
+struct VaultDeletion {
+    name: String,
+    vault: VaultRecord,
+    credential_keys: Vec<sled::IVec>,
+    member_keys: Vec<sled::IVec>,
+    proposal_keys: Vec<sled::IVec>,
+    link_keys: Vec<Vec<u8>>,
+    /// Names of the agents with a grant on the vault.
+    agents: Vec<String>,
+}
+
+/// Removes `vault`'s grant from each named agent as it is inside the transaction: an
+/// agent revoked or rotated since the listing stays revoked or rotated (writing back
+/// the listed record would resurrect its old token in the snapshot).
+fn remove_grants(tx: &Tx, agents: &[String], vault: &str) -> TxResult<()> {
+    for name in agents {
+        let Some(mut agent) = get_json::<AgentRecord>(tx.agents, name)? else {
+            continue;
+        };
+        let before = agent.vaults.len();
         agent.vaults.retain(|grant| grant.vault != vault);
-        put_json(tx.agents, &agent.name, &agent)?;
+        if agent.vaults.len() != before {
+            put_json(tx.agents, name, &agent)?;
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::sha256_hex;
+    use crate::testing::{agent_on, owner, system_store};
+
+    fn agent(store: &Store, name: &str) -> Option<AgentRecord> {
+        store
+            .all_agents()
+            .unwrap()
+            .into_iter()
+            .find(|a| a.name == name)
+    }
+
+    #[test]
+    fn an_agent_revoked_while_its_vault_is_deleted_stays_revoked() {
+        let (_dir, store) = system_store();
+        store.create_vault(&owner(), "doomed").unwrap();
+        let token = agent_on(&store, "bot", &["default", "doomed"]);
+        let deletion = store.plan_vault_deletion(&owner(), "doomed").unwrap();
+        // Committed between the deletion's listing and its transaction.
+        store.revoke_agent(&owner(), "bot").unwrap();
+        store.apply_vault_deletion(&deletion).unwrap();
+
+        assert_eq!(agent(&store, "bot"), None, "the revoked agent came back");
+        assert!(store.authenticate(&token).is_err());
+        let snapshot = store.build_snapshot().unwrap();
+        assert!(snapshot.agents.is_empty(), "{:?}", snapshot.agents);
+    }
+
+    #[test]
+    fn an_agent_rotated_while_its_vault_is_deleted_keeps_its_new_token_only() {
+        let (_dir, store) = system_store();
+        store.create_vault(&owner(), "doomed").unwrap();
+        let old = agent_on(&store, "bot", &["default", "doomed"]);
+        let deletion = store.plan_vault_deletion(&owner(), "doomed").unwrap();
+        let new = store.rotate_agent(&owner(), "bot").unwrap().token;
+        store.apply_vault_deletion(&deletion).unwrap();
+
+        let bot = agent(&store, "bot").expect("the agent is still there");
+        assert_eq!(bot.token_sha256, sha256_hex(new.as_bytes()));
+        assert_ne!(bot.token_sha256, sha256_hex(old.as_bytes()));
+        let grants: Vec<&str> = bot.vaults.iter().map(|g| g.vault.as_str()).collect();
+        assert_eq!(grants, ["default"], "only the deleted vault's grant goes");
+    }
+
+    #[test]
+    fn an_agent_granted_the_vault_while_it_is_deleted_loses_that_grant() {
+        let (_dir, store) = system_store();
+        store.create_vault(&owner(), "doomed").unwrap();
+        let deletion = store.plan_vault_deletion(&owner(), "doomed").unwrap();
+        agent_on(&store, "late", &["default", "doomed"]);
+        store.apply_vault_deletion(&deletion).unwrap();
+
+        let late = agent(&store, "late").unwrap();
+        let grants: Vec<&str> = late.vaults.iter().map(|g| g.vault.as_str()).collect();
+        assert_eq!(grants, ["default"]);
+        // A new vault of the same name is not the old one's agents'.
+        store.create_vault(&owner(), "doomed").unwrap();
+        assert!(agent(&store, "late")
+            .unwrap()
+            .vaults
+            .iter()
+            .all(|g| g.vault != "doomed"));
+    }
 }

@@ -173,16 +173,20 @@ impl Server {
         self.options.password = password.map(str::to_string);
     }
 
+    /// The CLI of the server's own OS user: it can read the server's data dir (the
+    /// bootstrap and local login tokens), as the human who started it can.
     pub fn cli(&self) -> Cli {
         Cli {
             home: self.home(),
             addr: self.url(),
             token: None,
             ca_file: None,
+            data_dir: Some(self.data_dir()),
         }
     }
 
-    /// Another user's CLI against this server, with a HOME of its own (`home-<name>`).
+    /// Another user's CLI against this server, with a HOME of its own (`home-<name>`)
+    /// and no access to the server's data dir.
     pub fn other_cli(&self, name: &str) -> Cli {
         let home = self.dir.path().join(format!("home-{name}"));
         std::fs::create_dir_all(&home).expect("home");
@@ -191,7 +195,21 @@ impl Server {
             addr: self.url(),
             token: None,
             ca_file: None,
+            data_dir: None,
         }
+    }
+
+    /// The server's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The one-time token the first registration needs, from the server's data dir
+    /// (`None` once the owner is registered).
+    pub fn bootstrap_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir().join("bootstrap-token"))
+            .ok()
+            .map(|token| token.trim().to_string())
     }
 
     /// A second user joins (DESIGN.md §5, invites): `owner` invites `email` to `vault`
@@ -233,14 +251,18 @@ impl Server {
         }
     }
 
-    /// Registers the owner through the API and returns a session token.
+    /// Registers the owner through the API (with the bootstrap token, unless the owner
+    /// exists already) and returns a session token.
     pub fn owner_token(&self) -> String {
         let api = self.api(None);
-        let (status, _) = api.post(
-            "/v1/auth/register",
-            &serde_json::json!({"email": "owner@example.com", "password": "owner-password"}),
-        );
-        assert!(status == 201 || status == 409, "register owner: {status}");
+        if let Some(token) = self.bootstrap_token() {
+            let (status, body) = api.post(
+                "/v1/auth/register",
+                &serde_json::json!({"email": "owner@example.com", "password": "owner-password",
+                                    "bootstrap_token": token}),
+            );
+            assert_eq!(status, 201, "register owner: {body}");
+        }
         let (status, body) = api.post(
             "/v1/auth/login",
             &serde_json::json!({"email": "owner@example.com", "password": "owner-password"}),
@@ -264,6 +286,10 @@ pub struct Cli {
     pub token: Option<String>,
     /// `AGENT_VAULT_CA_FILE`: the CA to trust for an https server.
     pub ca_file: Option<PathBuf>,
+    /// The server's data dir when this CLI runs as the server's OS user
+    /// (`AGENT_VAULT_DATA_DIR`): it then finds the server's bootstrap and local login
+    /// tokens there.
+    pub data_dir: Option<PathBuf>,
 }
 
 pub struct CliOutput {
@@ -330,6 +356,8 @@ impl Cli {
             .env("AGENT_VAULT_ADDR", &self.addr)
             .env_remove("AGENT_VAULT_VAULT")
             .env_remove("AGENT_VAULT_TOKEN")
+            .env_remove("AGENT_VAULT_BOOTSTRAP_TOKEN")
+            .env_remove("XDG_DATA_HOME")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -339,6 +367,10 @@ impl Cli {
         match &self.ca_file {
             Some(pem) => cmd.env("AGENT_VAULT_CA_FILE", pem),
             None => cmd.env_remove("AGENT_VAULT_CA_FILE"),
+        };
+        match &self.data_dir {
+            Some(dir) => cmd.env("AGENT_VAULT_DATA_DIR", dir),
+            None => cmd.env_remove("AGENT_VAULT_DATA_DIR"),
         };
         let mut child = cmd.spawn().expect("spawn cli");
         {
@@ -357,7 +389,8 @@ impl Cli {
         }
     }
 
-    /// Registers (first user = owner) and logs in, saving the session under HOME.
+    /// Registers (first user = owner, with the bootstrap token the CLI reads from the
+    /// data dir) and logs in, saving the session under HOME.
     pub fn register_and_login(&self, email: &str, password: &str) {
         self.run_stdin(
             &["auth", "register", "--email", email, "--password-stdin"],

@@ -135,6 +135,9 @@ struct RegisterBody {
     password: String,
     #[serde(default)]
     invite: Option<String>,
+    /// The first registration's proof (the file `bootstrap-token` in the data dir).
+    #[serde(default)]
+    bootstrap_token: Option<String>,
 }
 
 async fn register(
@@ -142,9 +145,15 @@ async fn register(
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<Response> {
     let store = state.store.clone();
-    let registered =
-        blocking(move || store.register(&body.email, &body.password, body.invite.as_deref()))
-            .await?;
+    let registered = blocking(move || {
+        store.register(
+            &body.email,
+            &body.password,
+            body.invite.as_deref(),
+            body.bootstrap_token.as_deref(),
+        )
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(registered)).into_response())
 }
 
@@ -153,6 +162,9 @@ async fn register(
 struct LoginBody {
     email: String,
     password: String,
+    /// The data dir's `local-login-token`: such a login is not held back by failures.
+    #[serde(default)]
+    local_login_token: Option<String>,
 }
 
 async fn login(
@@ -161,7 +173,15 @@ async fn login(
 ) -> Result<Response> {
     let store = state.store.clone();
     let limiter = state.limiter.clone();
-    let logged_in = blocking(move || store.login(&limiter, &body.email, &body.password)).await?;
+    let logged_in = blocking(move || {
+        store.login_with(
+            &limiter,
+            &body.email,
+            &body.password,
+            body.local_login_token.as_deref(),
+        )
+    })
+    .await?;
     Ok(Json(logged_in).into_response())
 }
 

@@ -490,3 +490,77 @@ async fn a_reviewer_sees_the_diff_and_must_acknowledge_its_warnings() {
         .await;
     assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
 }
+
+#[tokio::test]
+async fn answers_that_can_carry_values_are_never_stored_by_a_cache() {
+    let h = Harness::new();
+    h.store()
+        .set_credentials(
+            &owner(),
+            "default",
+            &secrets(&[("STRIPE_KEY", "sk_live_secret")]),
+        )
+        .unwrap();
+    let member = h.session(MEMBER);
+    for path in [
+        "/v1/vaults/default/credentials?reveal=true",
+        "/v1/vaults/default/credentials/STRIPE_KEY",
+        "/v1/vaults/default/credentials/NO_SUCH_KEY",
+        "/v1/auth/whoami",
+    ] {
+        let reply = h.call(Method::GET, path, Some(&member), None).await;
+        assert_eq!(
+            reply
+                .headers
+                .get(header::CACHE_CONTROL)
+                .map(|v| v.as_bytes()),
+            Some(&b"no-store"[..]),
+            "{path}: {}",
+            reply.status
+        );
+    }
+    let login = h
+        .call(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"email": OWNER, "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(login.headers[header::CACHE_CONTROL], "no-store");
+}
+
+/// A request body that never sends another byte.
+struct Stalled;
+
+impl http_body::Body for Stalled {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_stops_arriving_is_answered_408_after_the_body_timeout() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/vaults")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::new(Stalled))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let reply = tokio::time::timeout(crate::server::BODY_TIMEOUT * 2, h.send(request))
+        .await
+        .expect("no answer: the body would be waited for forever");
+    assert_eq!(reply.status, StatusCode::REQUEST_TIMEOUT, "{}", reply.body);
+    assert_eq!(reply.error(), "request_timeout");
+    assert_eq!(started.elapsed(), crate::server::BODY_TIMEOUT);
+}

@@ -1,7 +1,12 @@
 //! `agent-vault auth`: accounts and the saved session.
 
+use std::path::PathBuf;
+
 use clap::Subcommand;
 use serde_json::{json, Value};
+
+use crate::crypto::{BOOTSTRAP_PREFIX, LOCAL_LOGIN_PREFIX};
+use crate::users::{BOOTSTRAP_TOKEN_FILE, LOCAL_LOGIN_TOKEN_FILE};
 
 use super::client::{api_path, ApiError};
 use super::context::{Context, TOKEN_ENV};
@@ -21,6 +26,10 @@ pub enum AuthCommand {
         /// The invite token printed by `vault user add`
         #[arg(long, value_name = "TOKEN")]
         invite: Option<String>,
+        /// The first registration's (the owner's) proof: the token the server wrote to
+        /// `bootstrap-token` in its data dir; read from there when this user can
+        #[arg(long, value_name = "TOKEN", env = BOOTSTRAP_TOKEN_ENV)]
+        bootstrap_token: Option<String>,
     },
     /// Log in and save the session (0600) under ~/.agent-vault/
     Login {
@@ -42,7 +51,8 @@ pub fn run(cmd: AuthCommand, ctx: &Context) -> anyhow::Result<()> {
             email,
             password_stdin,
             invite,
-        } => register(ctx, &email, password_stdin, invite),
+            bootstrap_token,
+        } => register(ctx, &email, password_stdin, invite, bootstrap_token),
         AuthCommand::Login {
             email,
             password_stdin,
@@ -52,20 +62,69 @@ pub fn run(cmd: AuthCommand, ctx: &Context) -> anyhow::Result<()> {
     }
 }
 
+/// Names the server's data dir for the CLI (the server's `--data-dir` default too).
+pub const DATA_DIR_ENV: &str = "AGENT_VAULT_DATA_DIR";
+pub const BOOTSTRAP_TOKEN_ENV: &str = "AGENT_VAULT_BOOTSTRAP_TOKEN";
+
+/// Where the server this CLI talks to keeps its data: `AGENT_VAULT_DATA_DIR`, else the
+/// default data dir, but only for a server on this machine (a loopback address) unless
+/// the variable names it: a token of one server is never sent to another.
+fn local_data_dir(address: &str) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(DATA_DIR_ENV).filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    is_loopback_address(address).then(crate::server::default_data_dir)
+}
+
+/// Whether `http(s)://host[:port]` names this machine.
+fn is_loopback_address(address: &str) -> bool {
+    let authority = address
+        .split_once("://")
+        .map_or(address, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A token the server wrote into its data dir (`file`), when this user can read it:
+/// the server's own OS user can, agents (other users) cannot.
+fn local_token(ctx: &Context, file: &str, prefix: &str) -> Option<String> {
+    let dir = local_data_dir(&ctx.address)?;
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    let token = text.trim();
+    token.starts_with(prefix).then(|| token.to_owned())
+}
+
 fn register(
     ctx: &Context,
     email: &str,
     password_stdin: bool,
     invite: Option<String>,
+    bootstrap_token: Option<String>,
 ) -> anyhow::Result<()> {
     let password = prompt::new_password("Password for the new account: ", password_stdin)?;
     let mut body = json!({ "email": email, "password": password.as_str() });
     if let Some(invite) = invite {
         body["invite"] = Value::String(invite);
     }
+    let bootstrap_token = bootstrap_token
+        .filter(|t| !t.trim().is_empty())
+        .or_else(|| local_token(ctx, BOOTSTRAP_TOKEN_FILE, BOOTSTRAP_PREFIX));
+    if let Some(token) = bootstrap_token {
+        body["bootstrap_token"] = Value::String(token);
+    }
     let registered = ctx
         .anonymous_client()?
-        .post(&api_path(&["v1", "auth", "register"]), &body)?;
+        .post(&api_path(&["v1", "auth", "register"]), &body)
+        .map_err(|err| with_bootstrap_hint(ctx, err))?;
     if ctx.json {
         return output::json(&registered);
     }
@@ -81,12 +140,38 @@ fn register(
     Ok(())
 }
 
+/// Says where the CLI looked for the bootstrap token when the server wanted one.
+fn with_bootstrap_hint(ctx: &Context, mut err: anyhow::Error) -> anyhow::Error {
+    let looked = local_data_dir(&ctx.address).map(|dir| dir.join(BOOTSTRAP_TOKEN_FILE));
+    if let Some(api) = err.downcast_mut::<ApiError>() {
+        if api.code == "bootstrap_token_required" {
+            api.hint = Some(match looked {
+                Some(file) => format!(
+                    "no readable {} here; run this as the server's OS user, set {DATA_DIR_ENV} \
+                     to the server's data dir, or pass --bootstrap-token",
+                    file.display()
+                ),
+                None => format!(
+                    "this server is not on a loopback address: set {DATA_DIR_ENV} to its data \
+                     dir or pass --bootstrap-token"
+                ),
+            });
+        }
+    }
+    err
+}
+
 fn login(ctx: &Context, email: &str, password_stdin: bool) -> anyhow::Result<()> {
     let password = prompt::password("Password: ", password_stdin)?;
-    let answer = ctx.anonymous_client()?.post(
-        &api_path(&["v1", "auth", "login"]),
-        &json!({ "email": email, "password": password.as_str() }),
-    )?;
+    let mut body = json!({ "email": email, "password": password.as_str() });
+    // Proves this login comes from the server's OS user: failed logins by others (an
+    // agent trying passwords) then never keep it waiting.
+    if let Some(token) = local_token(ctx, LOCAL_LOGIN_TOKEN_FILE, LOCAL_LOGIN_PREFIX) {
+        body["local_login_token"] = Value::String(token);
+    }
+    let answer = ctx
+        .anonymous_client()?
+        .post(&api_path(&["v1", "auth", "login"]), &body)?;
     let token = str_field(&answer, "token");
     if token.is_empty() {
         anyhow::bail!("the server's login answer has no token");
@@ -176,5 +261,25 @@ fn non_empty<'a>(preferred: &'a str, fallback: &'a str) -> &'a str {
         fallback
     } else {
         preferred
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_servers_on_this_machine_get_the_data_dirs_tokens_by_default() {
+        for (address, loopback) in [
+            ("http://127.0.0.1:14321", true),
+            ("https://localhost:14321", true),
+            ("http://[::1]:14321", true),
+            ("http://127.0.0.2", true),
+            ("https://vault.example.com", false),
+            ("http://10.0.0.5:14321", false),
+            ("http://[2001:db8::1]:14321", false),
+        ] {
+            assert_eq!(is_loopback_address(address), loopback, "{address}");
+        }
     }
 }

@@ -979,9 +979,17 @@ fn the_stack_runs_as_compose_runs_it_injects_and_reports_stats_and_metrics() {
         token: None,
         client: reqwest::blocking::Client::new(),
     };
+    // The first registration's bootstrap token, from the data volume as the
+    // control plane's user reads it (`docker compose exec … auth register` does).
+    let data_dir = cp_mounts
+        .host(&compose.flag("control-plane", "--data-dir"))
+        .expect("the data dir is a volume");
+    let bootstrap = std::fs::read_to_string(data_dir.join("bootstrap-token"))
+        .expect("the server wrote its bootstrap token");
     let (status, body) = api.post(
         "/v1/auth/register",
-        &json!({"email": "owner@example.com", "password": "owner-password"}),
+        &json!({"email": "owner@example.com", "password": "owner-password",
+                "bootstrap_token": bootstrap.trim()}),
     );
     assert_eq!(status, 201, "{body}");
     let (status, body) = api.post(

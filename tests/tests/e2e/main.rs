@@ -11,6 +11,7 @@ mod proposals;
 mod proxy;
 mod proxy_e2e;
 mod request_log;
+mod security_api;
 mod security_proxy;
 mod security_ui;
 mod store;
