@@ -136,7 +136,9 @@ pub async fn confirm_password(
     let email = session.email.clone();
     match blocking(move || store.check_password(&limiter, &email, &password)).await {
         Ok(_) => Ok(()),
-        Err(crate::error::Error::RateLimited(message)) => Err(message),
+        Err(
+            crate::error::Error::RateLimited(message) | crate::error::Error::TooMany(_, message),
+        ) => Err(message),
         Err(crate::error::Error::Internal(detail)) => {
             tracing::error!(%detail, "checking a password failed");
             Err("Nothing was changed: internal error; see the server log.".to_string())
