@@ -74,6 +74,17 @@ pub fn secrets(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
         .collect()
 }
 
+/// The owner adds service `stripe` to `default`: `api.stripe.com`, bearer `STRIPE_KEY`
+/// (which must be set first).
+pub fn add_stripe_service(store: &Store) {
+    let service = serde_json::from_value(serde_json::json!({
+        "name": "stripe", "host": "api.stripe.com",
+        "auth": {"type": "bearer", "token": "STRIPE_KEY"}
+    }))
+    .unwrap();
+    store.add_service(&owner(), "default", service).unwrap();
+}
+
 /// Creates agent `name` with the proxy role on `vaults`; returns its token.
 pub fn agent_on(store: &Store, name: &str, vaults: &[&str]) -> String {
     let grants = vaults

@@ -433,15 +433,7 @@ async fn a_reviewer_sees_the_diff_and_must_acknowledge_its_warnings() {
             &secrets(&[("STRIPE_KEY", "sk_live_human")]),
         )
         .unwrap();
-    h.store()
-        .add_service(
-            &owner(),
-            "default",
-            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
-                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
-            .unwrap(),
-        )
-        .unwrap();
+    crate::testing::add_stripe_service(h.store());
     let agent = h.agent_token.clone();
     let proposal = json!({"services": [{"name": "stripe", "host": "api.stripe.com",
         "auth": {"type": "bearer", "token": "STRIPE_KEY"}, "upstream_tls": false}]});

@@ -1216,15 +1216,7 @@ fn only_an_admin_approves_a_proposal_that_changes_services() {
 fn a_warning_must_be_acknowledged_and_is_checked_against_the_vault_at_approval() {
     let f = fixture();
     set_credential(&f, "STRIPE_KEY", "sk_live_human");
-    f.store
-        .add_service(
-            &owner(),
-            "default",
-            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
-                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
-            .unwrap(),
-        )
-        .unwrap();
+    crate::testing::add_stripe_service(&f.store);
     // No secret asked for: only an existing key bound to the agent's host.
     let (view, _) = propose(
         &f,

@@ -928,15 +928,7 @@ async fn credentials_are_masked_and_revealed_to_members_on_a_post() {
 async fn the_vault_pages_render() {
     let h = harness();
     h.set_credential("STRIPE_KEY", "sk");
-    h.store()
-        .add_service(
-            &owner(),
-            "default",
-            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
-                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
-            .unwrap(),
-        )
-        .unwrap();
+    crate::testing::add_stripe_service(h.store());
     crate::logs::RequestLog::new(h.state.store.clone(), Default::default())
         .append(vec![LogRecord {
             ts: T0_MS,
@@ -1049,15 +1041,7 @@ async fn a_stolen_session_cookie_neither_reveals_nor_decides_without_the_passwor
 async fn the_approval_page_shows_the_diff_and_allow_needs_each_warning_acknowledged() {
     let h = harness();
     h.set_credential("STRIPE_KEY", "sk_live_human");
-    h.store()
-        .add_service(
-            &owner(),
-            "default",
-            serde_json::from_value(json!({"name": "stripe", "host": "api.stripe.com",
-                "auth": {"type": "bearer", "token": "STRIPE_KEY"}}))
-            .unwrap(),
-        )
-        .unwrap();
+    crate::testing::add_stripe_service(h.store());
     // No secret asked for: an existing key bound to the agent's host, one click away.
     let (id, link) = h.propose(json!({
         "services": [{"name": "metrics-exporter", "host": "collector.attacker.example",
