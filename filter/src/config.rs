@@ -29,8 +29,27 @@ pub struct Config {
     /// Request-log records sent in one batch; a full batch is sent at once.
     pub log_batch_max: usize,
     /// Request header the filter sets to `tls` or `plain` so the route picks the
-    /// upstream cluster (always overwritten: the agent cannot choose).
+    /// upstream cluster (always overwritten: the agent cannot choose); `tunnel` or
+    /// `opaque` for a `CONNECT` it lets through.
     pub tls_header: String,
+    /// Where this filter instance runs (see [`Mode`]).
+    pub mode: Mode,
+}
+
+/// Where a filter instance runs: on the listener agents connect to, or inside the
+/// tunnels of HTTPS agents that Envoy decrypts (DESIGN.md §3, "HTTPS agents").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The agents' listener: every request proves its agent with its proxy credential;
+    /// a `CONNECT` that does is let through to Envoy's TLS-terminating internal
+    /// listener with the identity it proved ([`crate::tunnel`]).
+    #[default]
+    Proxy,
+    /// Behind that internal listener: the agent is the one proven on the tunnel's
+    /// `CONNECT`, which Envoy hands over as filter state; nothing sent inside the
+    /// tunnel (no header, no second proxy credential) changes it.
+    Tunnel,
 }
 
 impl Default for Config {
@@ -44,6 +63,7 @@ impl Default for Config {
             log_flush_ms: 1000,
             log_batch_max: 1000,
             tls_header: "x-agent-vault-upstream".to_owned(),
+            mode: Mode::Proxy,
         }
     }
 }
@@ -62,7 +82,7 @@ impl std::error::Error for ConfigError {}
 
 /// Request headers the routing header may not be: the filter removes or sets these
 /// for other reasons, or they frame the request.
-const RESERVED_HEADERS: [&str; 11] = [
+const RESERVED_HEADERS: [&str; 12] = [
     "authorization",
     "proxy-authorization",
     "x-vault",
@@ -74,6 +94,7 @@ const RESERVED_HEADERS: [&str; 11] = [
     "upgrade",
     "keep-alive",
     "cookie",
+    crate::tunnel::TUNNEL_HEADER,
 ];
 
 impl Config {
@@ -168,13 +189,14 @@ mod tests {
         assert_eq!(defaults.log_flush_ms, 1000);
         assert_eq!(defaults.log_batch_max, 1000);
         assert_eq!(defaults.tls_header, "x-agent-vault-upstream");
+        assert_eq!(defaults.mode, Mode::Proxy);
     }
 
     #[test]
     fn every_field_can_be_set() {
         let json = r#"{"cluster":"cp","authority":"vault.internal","snapshot_poll_ms":500,
             "credential_cache_ttl_ms":0,"callout_timeout_ms":300,"log_flush_ms":2000,
-            "log_batch_max":10,"tls_header":"X-Upstream-TLS"}"#;
+            "log_batch_max":10,"tls_header":"X-Upstream-TLS","mode":"tunnel"}"#;
         let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             config,
@@ -187,6 +209,7 @@ mod tests {
                 log_flush_ms: 2000,
                 log_batch_max: 10,
                 tls_header: "x-upstream-tls".into(),
+                mode: Mode::Tunnel,
             }
         );
     }
@@ -211,6 +234,8 @@ mod tests {
             ("tls header with a space", r#"{"tls_header":"x tls"}"#, "\"tls_header\""),
             ("tls header pseudo", r#"{"tls_header":":authority"}"#, "\"tls_header\""),
             ("tls header reserved", r#"{"tls_header":"Authorization"}"#, "cannot be \"authorization\""),
+            ("tls header is the tunnel's", r#"{"tls_header":"X-Agent-Vault-Tunnel"}"#, "cannot be \"x-agent-vault-tunnel\""),
+            ("unknown mode", r#"{"mode":"sidecar"}"#, "unknown variant `sidecar`"),
         ];
         for (behaviour, json, needle) in cases {
             let message = match Config::parse(json.as_bytes()) {

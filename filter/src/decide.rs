@@ -2,19 +2,31 @@
 //! fetch credentials first. Pure: the driver reads the request headers, calls
 //! [`decide`], and carries out the [`Decision`] (see [`crate::driver`]).
 //!
-//! The steps, in order (each refusal is a row of DESIGN.md §6):
-//! 1. `CONNECT` → 405 `connect_not_supported`; `TRACE`/`TRACK` → 405
-//!    `method_not_allowed` (no callout).
+//! On the agents' listener ([`crate::config::Mode::Proxy`]), in order (each refusal
+//! is a row of DESIGN.md §6):
+//! 1. `TRACE`/`TRACK` → 405 `method_not_allowed` (no callout).
 //! 2. Proxy credential from `Proxy-Authorization` → else 407 `proxy_auth_required`.
 //! 3. No snapshot yet → 503 `control_plane_unavailable`.
 //! 4. `sha256(token)` → agent → else 407 `invalid_token` (also when expired).
 //! 5. Vault: named (credential, else `X-Vault`), else the agent's only vault →
 //!    400 `vault_required` / 403 `forbidden`.
-//! 6. `:authority` + `:path` → service → 400 `invalid_request`; no match: policy
+//! 6. A `CONNECT` (an HTTPS agent) opens a tunnel if a service of the vault names its
+//!    host on its port, whatever the service's path or state: Envoy decrypts it and
+//!    the requests inside are decided one by one (below). A host no service names is
+//!    403 with `proposal_hint` (policy `deny`), or an untouched tunnel (policy
+//!    `passthrough`). Nothing is fetched for a `CONNECT`.
+//! 7. `:authority` + `:path` → service → 400 `invalid_request`; no match: policy
 //!    `passthrough` forwards without credentials, `deny` → 403 with `proposal_hint`.
-//! 7. Disabled → 403 `service_disabled`; auth rule broken → 502 `invalid_service`.
-//! 8. Keys all fresh in the cache → render and forward; a key known missing → 502
+//! 8. Disabled → 403 `service_disabled`; auth rule broken → 502 `invalid_service`.
+//! 9. Keys all fresh in the cache → render and forward; a key known missing → 502
 //!    `credential_not_found`; else fetch.
+//!
+//! Inside a decrypted tunnel ([`crate::config::Mode::Tunnel`]) steps 2 to 5 are
+//! replaced: the agent and vault are the ones proven on the tunnel's `CONNECT`
+//! ([`crate::tunnel`]), looked up again in the snapshot in use (407 `invalid_token`
+//! once revoked, 403 once the vault is no longer granted); the TLS SNI and the
+//! `:authority` must name the `CONNECT`'s host and port (421 `tunnel_host_mismatch`);
+//! `CONNECT` is refused (405). Steps 7 to 9 are the same, with 443 as the default port.
 //!
 //! The cached path allocates only the normalized host and the rendered headers.
 
@@ -26,11 +38,10 @@ use agent_vault_rules::{normalize_authority, CompiledAuth, UnmatchedHostPolicy};
 
 use crate::cache::{Cached, CredentialCache};
 use crate::request_log::RequestLog;
-use crate::snapshot::{CompiledSnapshot, CompiledVault, TokenHash};
+use crate::snapshot::{Agent, CompiledSnapshot, CompiledVault, TokenHash};
+use crate::tunnel::{sni_names, TunnelIdentity};
 
-pub use agent_vault_rules::reply::DEFAULT_PORT;
-/// Port of TLS upstreams whose host pattern names none.
-pub const TLS_PORT: u16 = 443;
+pub use agent_vault_rules::reply::{DEFAULT_PORT, TLS_PORT};
 
 /// The request headers the filter looks at.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,6 +56,20 @@ pub struct Request<'a> {
     pub proxy_authorization: Option<&'a str>,
     /// `x-vault`.
     pub x_vault: Option<&'a str>,
+    /// Set for a request inside a decrypted tunnel (the filter runs in
+    /// [`crate::config::Mode::Tunnel`]): what Envoy knows of the tunnel.
+    pub tunnel: Option<Tunnelled<'a>>,
+}
+
+/// What Envoy tells the filter about the tunnel a request came through; neither part
+/// is anything the agent sent inside the tunnel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tunnelled<'a> {
+    /// The [`TunnelIdentity`] as encoded, from the tunnel connection's filter state
+    /// (`None`: Envoy has none).
+    pub identity: Option<&'a str>,
+    /// The TLS SNI the agent's client sent when it started TLS inside the tunnel.
+    pub sni: Option<&'a str>,
 }
 
 /// What to do with a request.
@@ -58,15 +83,45 @@ pub enum Decision {
     Fetch(FetchPlan),
 }
 
-/// How to forward a request. Always: remove `proxy-authorization`, `x-vault`, the TLS
+/// Which of Envoy's routes a forwarded request takes: the value of the routing header
+/// (`x-agent-vault-upstream`) the filter sets, and the routes of
+/// `envoy/forward-proxy.yaml` match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// To the upstream over TLS Envoy originates (`tls`).
+    Tls,
+    /// To the upstream over plain HTTP (`plain`).
+    Plain,
+    /// A `CONNECT` into Envoy's TLS-terminating internal listener (`tunnel`), with the
+    /// identity the requests inside will carry ([`crate::tunnel::TUNNEL_HEADER`]).
+    Tunnel(TunnelIdentity),
+    /// A `CONNECT` tunnelled untouched to the host (`opaque`): nothing can be
+    /// injected, and nothing of the agent's is decrypted.
+    Opaque,
+}
+
+impl Route {
+    /// The routing header's value.
+    pub fn header_value(&self) -> &'static str {
+        match self {
+            Route::Tls => "tls",
+            Route::Plain => "plain",
+            Route::Tunnel(_) => "tunnel",
+            Route::Opaque => "opaque",
+        }
+    }
+}
+
+/// How to forward a request. Always: remove `proxy-authorization`, `x-vault`, the
 /// routing header and every header in `inject` (by lowercase name, so any case); then
-/// set `inject`, the TLS routing header, and `:authority` if `authority` is set.
+/// set `inject`, the routing header (and for [`Route::Tunnel`] the tunnel's identity
+/// header), and `:authority` if `authority` is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
     /// Headers to set (lowercase names): the service's auth headers, rendered.
     pub inject: Vec<(String, String)>,
-    /// Route to the TLS-originating cluster.
-    pub upstream_tls: bool,
+    /// The route.
+    pub route: Route,
     /// New `:authority` (`<host>:443` for TLS services without an explicit port).
     pub authority: Option<String>,
     /// The host is one the agent chose, not one a service names exactly: a wildcard
@@ -75,15 +130,21 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Forward with credentials removed and nothing injected, over plain HTTP, to a
-    /// host the agent chose (the `passthrough` policy).
-    pub fn untouched() -> Forward {
+    /// Forward with credentials removed and nothing injected, to a host the agent
+    /// chose (the `passthrough` policy): over plain HTTP, or over TLS when the agent
+    /// spoke TLS to it (inside a tunnel).
+    pub fn untouched(tls: bool) -> Forward {
         Forward {
             inject: Vec::new(),
-            upstream_tls: false,
+            route: if tls { Route::Tls } else { Route::Plain },
             authority: None,
             open_host: true,
         }
+    }
+
+    /// Whether Envoy originates TLS to the upstream.
+    pub fn upstream_tls(&self) -> bool {
+        self.route == Route::Tls
     }
 }
 
@@ -183,7 +244,11 @@ fn render<'v>(
     match auth.render(lookup) {
         Ok(inject) => Decision::Forward(Forward {
             inject,
-            upstream_tls,
+            route: if upstream_tls {
+                Route::Tls
+            } else {
+                Route::Plain
+            },
             authority,
             open_host,
         }),
@@ -200,7 +265,10 @@ pub fn decide(
     now_ms: u64,
     log: &mut RequestLog,
 ) -> Decision {
-    let decision = decide_inner(snapshot, cache, request, now_ms, log);
+    let decision = match &request.tunnel {
+        None => decide_inner(snapshot, cache, request, now_ms, log),
+        Some(tunnel) => decide_in_tunnel(snapshot, cache, request, tunnel, now_ms, log),
+    };
     if let Decision::Reject(reject) = &decision {
         log.error = Some(reject.code);
     }
@@ -216,23 +284,22 @@ fn decide_inner(
 ) -> Decision {
     use Decision::Reject as R;
 
-    // 1. CONNECT: nothing could be injected into an opaque tunnel.
-    if request.method.eq_ignore_ascii_case("CONNECT") {
-        if let Some((host, _)) = request.authority.and_then(|a| normalize_authority(a, 443)) {
-            log.host = host;
-        }
-        return R(reply::connect_not_supported());
-    }
-    // An upstream that implements TRACE echoes the injected credential back.
+    // 1. An upstream that implements TRACE echoes the injected credential back.
     if reply::is_refused_method(request.method) {
         return R(reply::method_not_allowed(request.method));
     }
+    let connect = request.method.eq_ignore_ascii_case("CONNECT");
 
     // 2. Proxy credential.
     let mut buffer = [0u8; DECODE_BUFFER_LEN];
     let credential = match proxy_auth::parse(request.proxy_authorization, &mut buffer) {
         Ok(credential) => credential,
-        Err(error) => return R(reply::proxy_auth_required(error.reason())),
+        Err(error) => {
+            if connect {
+                log_connect_host(request, log);
+            }
+            return R(reply::proxy_auth_required(error.reason()));
+        }
     };
     let named_vault = credential
         .vault
@@ -265,24 +332,217 @@ fn decide_inner(
     };
     log.vault = Some(Rc::clone(&vault.name));
 
-    // 6. Service.
+    // 6. An HTTPS agent's tunnel.
+    if connect {
+        return decide_connect(vault, token_hash.as_str(), request.authority, log);
+    }
+
+    // 7. to 9.
     let Some((host, port)) = request
         .authority
         .and_then(|a| normalize_authority(a, DEFAULT_PORT))
     else {
         return R(reply::invalid_request());
     };
-    let found = vault.matcher.find(&host, port, request.path);
-    let index = match found {
-        Some(index) => index,
-        None => {
-            let decision = match vault.policy {
-                UnmatchedHostPolicy::Passthrough => Decision::Forward(Forward::untouched()),
-                UnmatchedHostPolicy::Deny => R(reply::no_service(&vault.name, &host, port)),
-            };
-            log.host = host;
-            return decision;
-        }
+    let found = Matched {
+        snapshot,
+        vault,
+        token_sha256: token_hash.as_str(),
+        host,
+        port,
+        in_tunnel: false,
+    };
+    decide_service(found, cache, request.path, now_ms, log)
+}
+
+/// For the log of a refused `CONNECT`: the host it asked for.
+fn log_connect_host(request: &Request<'_>, log: &mut RequestLog) {
+    if let Some((host, _)) = request
+        .authority
+        .and_then(|a| normalize_authority(a, TLS_PORT))
+    {
+        log.host = host;
+    }
+}
+
+/// Step 6: a `CONNECT host:port` from an authenticated agent. Nothing is fetched and
+/// nothing injected here; the tunnel carries the identity to the requests inside.
+fn decide_connect(
+    vault: &CompiledVault,
+    token_sha256: &str,
+    authority: Option<&str>,
+    log: &mut RequestLog,
+) -> Decision {
+    let Some((host, port)) = authority.and_then(|a| normalize_authority(a, TLS_PORT)) else {
+        return Decision::Reject(reply::invalid_request());
+    };
+    let Some(index) = vault.matcher.find_for_tunnel(&host, port) else {
+        let decision = match vault.policy {
+            // Nothing to inject for any request inside: the tunnel is not decrypted
+            // (no certificate is minted for a host no rule names).
+            UnmatchedHostPolicy::Passthrough => Decision::Forward(Forward {
+                route: Route::Opaque,
+                ..Forward::untouched(false)
+            }),
+            UnmatchedHostPolicy::Deny => {
+                Decision::Reject(reply::no_service_for_tunnel(&vault.name, &host, port))
+            }
+        };
+        log.host = host;
+        return decision;
+    };
+    if let Some(service) = vault.services.get(index) {
+        log.service = Some(Rc::clone(&service.name));
+    }
+    let open_host = vault.matcher.pattern(index).is_some_and(|p| p.wildcard);
+    let identity = TunnelIdentity {
+        token_sha256: token_sha256.to_owned(),
+        vault: vault.name.to_string(),
+        host,
+        port,
+    };
+    log.host.clone_from(&identity.host);
+    Decision::Forward(Forward {
+        inject: Vec::new(),
+        route: Route::Tunnel(identity),
+        authority: None,
+        open_host,
+    })
+}
+
+/// A request inside a decrypted tunnel: the agent and vault proven on its `CONNECT`,
+/// checked again against the snapshot in use, and the tunnel's host.
+fn decide_in_tunnel(
+    snapshot: Option<&Rc<CompiledSnapshot>>,
+    cache: &CredentialCache,
+    request: &Request<'_>,
+    tunnel: &Tunnelled<'_>,
+    now_ms: u64,
+    log: &mut RequestLog,
+) -> Decision {
+    use Decision::Reject as R;
+
+    if request.method.eq_ignore_ascii_case("CONNECT") {
+        return R(reply::connect_not_supported());
+    }
+    if reply::is_refused_method(request.method) {
+        return R(reply::method_not_allowed(request.method));
+    }
+    // Proven on the CONNECT, carried by Envoy; the request's own Proxy-Authorization
+    // and X-Vault, if any, are not even read (and are removed before forwarding).
+    let Some(identity) = tunnel.identity.and_then(TunnelIdentity::parse) else {
+        return R(reply::tunnel_without_identity());
+    };
+    let Some(snapshot) = snapshot else {
+        return R(reply::control_plane_unavailable(
+            "the proxy has not loaded its rules yet",
+        ));
+    };
+    // The agent as it is now: revoked, rotated or expired since the CONNECT is 407.
+    let Some(agent) = snapshot.agent(&identity.token_sha256) else {
+        return R(reply::invalid_token());
+    };
+    if agent.expired(now_ms) {
+        return R(reply::invalid_token());
+    }
+    log.agent = Some(Rc::clone(&agent.name));
+    let Some(vault) = granted_vault(snapshot, agent, &identity.vault) else {
+        return R(reply::vault_forbidden(&agent.name, Some(&identity.vault)));
+    };
+    log.vault = Some(Rc::clone(&vault.name));
+
+    // The tunnel's host only: its certificate was minted for it, and the CONNECT was
+    // authorised for it. The SNI first: it chose the certificate.
+    if !sni_names(tunnel.sni, &identity.host) {
+        log.host.clone_from(&identity.host);
+        return R(reply::tunnel_host_mismatch(
+            "TLS server name (SNI)",
+            tunnel.sni.unwrap_or("(none)"),
+            &identity.authority(),
+        ));
+    }
+    let Some((host, port)) = request
+        .authority
+        .and_then(|a| normalize_authority(a, TLS_PORT))
+    else {
+        return R(reply::invalid_request());
+    };
+    if host != identity.host || port != identity.port {
+        log.host = host;
+        return R(reply::tunnel_host_mismatch(
+            ":authority (Host)",
+            request.authority.unwrap_or_default(),
+            &identity.authority(),
+        ));
+    }
+    let found = Matched {
+        snapshot,
+        vault,
+        token_sha256: &identity.token_sha256,
+        host,
+        port,
+        in_tunnel: true,
+    };
+    decide_service(found, cache, request.path, now_ms, log)
+}
+
+/// The vault `name` if `agent` is (still) granted it and it (still) exists.
+fn granted_vault<'s>(
+    snapshot: &'s CompiledSnapshot,
+    agent: &Agent,
+    name: &str,
+) -> Option<&'s CompiledVault> {
+    agent
+        .vaults
+        .iter()
+        .any(|granted| **granted == *name)
+        .then(|| snapshot.vault(name))
+        .flatten()
+}
+
+/// An authenticated request and where it goes, for [`decide_service`].
+struct Matched<'a> {
+    snapshot: &'a Rc<CompiledSnapshot>,
+    vault: &'a CompiledVault,
+    token_sha256: &'a str,
+    host: String,
+    port: u16,
+    /// Decrypted from a tunnel: the agent spoke TLS, so 443 is the default port and
+    /// an untouched request goes on over TLS.
+    in_tunnel: bool,
+}
+
+/// Steps 7 to 9: the service for `host:port` and `path`, and its credentials.
+fn decide_service(
+    found: Matched<'_>,
+    cache: &CredentialCache,
+    path: &str,
+    now_ms: u64,
+    log: &mut RequestLog,
+) -> Decision {
+    use Decision::Reject as R;
+    let Matched {
+        snapshot,
+        vault,
+        token_sha256,
+        host,
+        port,
+        in_tunnel,
+    } = found;
+
+    // 7. Service.
+    let Some(index) = vault.matcher.find(&host, port, path) else {
+        let decision = match (vault.policy, in_tunnel) {
+            (UnmatchedHostPolicy::Passthrough, _) => {
+                Decision::Forward(Forward::untouched(in_tunnel))
+            }
+            (UnmatchedHostPolicy::Deny, false) => R(reply::no_service(&vault.name, &host, port)),
+            (UnmatchedHostPolicy::Deny, true) => {
+                R(reply::no_service_for_tunnel(&vault.name, &host, port))
+            }
+        };
+        log.host = host;
+        return decision;
     };
     let (Some(service), Some(auth)) = (vault.services.get(index), vault.matcher.auth(index)) else {
         log.host = host;
@@ -290,7 +550,7 @@ fn decide_inner(
     };
     log.service = Some(Rc::clone(&service.name));
 
-    // 7. Service state.
+    // 8. Service state.
     if !service.enabled {
         log.host = host;
         return R(reply::service_disabled(&vault.name, &service.name));
@@ -307,7 +567,7 @@ fn decide_inner(
         }
     };
 
-    // 8. Credentials.
+    // 9. Credentials.
     let pattern = vault.matcher.pattern(index);
     let explicit_port = pattern.and_then(|p| p.port).is_some();
     let open_host = pattern.is_some_and(|p| p.wildcard);
@@ -326,7 +586,7 @@ fn decide_inner(
             snapshot: Rc::clone(snapshot),
             vault: Rc::clone(&vault.name),
             service: index,
-            token_sha256: token_hash.as_str().to_owned(),
+            token_sha256: token_sha256.to_owned(),
             upstream_tls: service.upstream_tls,
             authority,
             open_host,
@@ -491,14 +751,40 @@ pub(crate) mod tests {
         Reject(u16, &'static str),
         Forward(Vec<(String, String)>, bool, Option<String>),
         Fetch(Vec<String>),
+        /// A CONNECT into the decrypting listener, with this identity (encoded).
+        Tunnel(String),
+        /// A CONNECT tunnelled untouched.
+        Opaque,
     }
 
     fn outcome(decision: Decision) -> Outcome {
         match decision {
             Decision::Reject(r) => Outcome::Reject(r.status(), r.code.as_str()),
-            Decision::Forward(f) => Outcome::Forward(f.inject, f.upstream_tls, f.authority),
+            Decision::Forward(Forward {
+                route: Route::Tunnel(identity),
+                ..
+            }) => Outcome::Tunnel(identity.encode()),
+            Decision::Forward(Forward {
+                route: Route::Opaque,
+                ..
+            }) => Outcome::Opaque,
+            Decision::Forward(f) => {
+                let tls = f.upstream_tls();
+                Outcome::Forward(f.inject, tls, f.authority)
+            }
             Decision::Fetch(plan) => Outcome::Fetch(plan.keys().to_vec()),
         }
+    }
+
+    /// The identity a CONNECT of `token` in `vault` to `host port` carries.
+    pub fn identity(token: &str, vault: &str, host: &str, port: u16) -> String {
+        TunnelIdentity {
+            token_sha256: TokenHash::of(token).as_str().to_owned(),
+            vault: vault.to_owned(),
+            host: host.to_owned(),
+            port,
+        }
+        .encode()
     }
 
     fn fwd(inject: &[(&str, &str)], tls: bool, authority: Option<&str>) -> Outcome {
@@ -554,26 +840,6 @@ pub(crate) mod tests {
         );
         let mut cases = vec![
             // Step 1.
-            Case {
-                method: "CONNECT",
-                path: "",
-                ..get(
-                    "CONNECT is refused without a callout",
-                    alice(),
-                    "api.stripe.com:443",
-                    Outcome::Reject(405, "connect_not_supported"),
-                )
-            },
-            Case {
-                method: "CONNECT",
-                path: "",
-                ..get(
-                    "CONNECT is refused even without credentials",
-                    None,
-                    "api.stripe.com:443",
-                    Outcome::Reject(405, "connect_not_supported"),
-                )
-            },
             Case {
                 method: "TRACE",
                 ..get(
@@ -843,6 +1109,7 @@ pub(crate) mod tests {
                 Outcome::Reject(502, "invalid_credential_value"),
             ),
         ];
+        cases.extend(connect_cases());
         // Step 3 and a cold cache are checked below with another snapshot/cache.
         for case in cases.drain(..) {
             let request = Request {
@@ -851,6 +1118,7 @@ pub(crate) mod tests {
                 path: case.path,
                 proxy_authorization: case.proxy_authorization.as_deref(),
                 x_vault: case.x_vault,
+                tunnel: None,
             };
             let mut log = RequestLog::default();
             let decision = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log);
@@ -868,6 +1136,326 @@ pub(crate) mod tests {
         }
     }
 
+    fn connect(
+        behaviour: &'static str,
+        auth: Option<String>,
+        authority: &'static str,
+        expected: Outcome,
+    ) -> Case {
+        Case {
+            method: "CONNECT",
+            path: "",
+            ..get(behaviour, auth, authority, expected)
+        }
+    }
+
+    /// Step 6: what an HTTPS agent's CONNECT gets (no callout in any case: a warm or
+    /// cold cache makes no difference, nothing is fetched for a tunnel).
+    fn connect_cases() -> Vec<Case> {
+        let alice = || Some(basic(ALICE, ""));
+        vec![
+            connect(
+                "CONNECT without a proxy credential is 407",
+                None,
+                "api.stripe.com:443",
+                Outcome::Reject(407, "proxy_auth_required"),
+            ),
+            connect(
+                "CONNECT with an unknown token is 407",
+                Some(basic("av_agt_nobody", "")),
+                "api.stripe.com:443",
+                Outcome::Reject(407, "invalid_token"),
+            ),
+            connect(
+                "CONNECT with an expired token is 407",
+                Some(basic(EXPIRED, "")),
+                "api.stripe.com:443",
+                Outcome::Reject(407, "invalid_token"),
+            ),
+            connect(
+                "CONNECT to a vault not granted is 403",
+                Some(basic(ALICE, "other")),
+                "api.stripe.com:443",
+                Outcome::Reject(403, "forbidden"),
+            ),
+            connect(
+                "CONNECT with several vaults and none named is 400",
+                Some(format!("Bearer {BOB}")),
+                "api.stripe.com:443",
+                Outcome::Reject(400, "vault_required"),
+            ),
+            connect(
+                "CONNECT to a host a service names opens a tunnel carrying the identity",
+                alice(),
+                "api.stripe.com:443",
+                Outcome::Tunnel(identity(ALICE, "default", "api.stripe.com", 443)),
+            ),
+            connect(
+                "CONNECT carries the vault the agent named",
+                Some(basic(BOB, "default")),
+                "API.Stripe.com.:443",
+                Outcome::Tunnel(identity(BOB, "default", "api.stripe.com", 443)),
+            ),
+            connect(
+                "CONNECT without a port is for 443",
+                alice(),
+                "api.stripe.com",
+                Outcome::Tunnel(identity(ALICE, "default", "api.stripe.com", 443)),
+            ),
+            connect(
+                "CONNECT to a host under a wildcard service",
+                alice(),
+                "api.github.com:443",
+                Outcome::Tunnel(identity(ALICE, "default", "api.github.com", 443)),
+            ),
+            connect(
+                "CONNECT to a TLS service's own port",
+                alice(),
+                "tls.example.com:8443",
+                Outcome::Tunnel(identity(ALICE, "default", "tls.example.com", 8443)),
+            ),
+            connect(
+                "CONNECT to another port than the service names is 403",
+                alice(),
+                "tls.example.com:443",
+                Outcome::Reject(403, "forbidden"),
+            ),
+            connect(
+                "CONNECT to 443 of a plain service without a port is 403",
+                alice(),
+                "plain.example.com:443",
+                Outcome::Reject(403, "forbidden"),
+            ),
+            connect(
+                "CONNECT to a disabled service's host opens: the requests inside are refused",
+                alice(),
+                "off.example.com:443",
+                Outcome::Tunnel(identity(ALICE, "default", "off.example.com", 443)),
+            ),
+            connect(
+                "CONNECT to a host whose credential is missing opens: the requests inside are refused",
+                alice(),
+                "absent.example.com:443",
+                Outcome::Tunnel(identity(ALICE, "default", "absent.example.com", 443)),
+            ),
+            connect(
+                "CONNECT to a host no service names is 403 with a hint",
+                alice(),
+                "evil.example.org:443",
+                Outcome::Reject(403, "forbidden"),
+            ),
+            connect(
+                "CONNECT to a host no service names under the passthrough policy is tunnelled untouched",
+                Some(basic(BOB, "open")),
+                "anything.example.org:443",
+                Outcome::Opaque,
+            ),
+            connect(
+                "CONNECT to a malformed authority is 400",
+                alice(),
+                "api.stripe.com:99999",
+                Outcome::Reject(400, "invalid_request"),
+            ),
+            Case {
+                method: "connect",
+                ..connect(
+                    "CONNECT in lower case is a CONNECT",
+                    alice(),
+                    "api.stripe.com:443",
+                    Outcome::Tunnel(identity(ALICE, "default", "api.stripe.com", 443)),
+                )
+            },
+        ]
+    }
+
+    #[test]
+    fn a_connects_hint_names_the_host_and_its_port_only_when_not_443() {
+        let snapshot = snapshot();
+        let cache = warm_cache();
+        let auth = basic(ALICE, "");
+        for (authority, hinted) in [
+            ("evil.example.org:443", "evil.example.org"),
+            ("evil.example.org", "evil.example.org"),
+            ("evil.example.org:8443", "evil.example.org:8443"),
+        ] {
+            let request = Request {
+                method: "CONNECT",
+                authority: Some(authority),
+                proxy_authorization: Some(&auth),
+                ..Request::default()
+            };
+            let mut log = RequestLog::default();
+            let Decision::Reject(reject) =
+                decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log)
+            else {
+                panic!("{authority}: expected a refusal");
+            };
+            let body: serde_json::Value = serde_json::from_str(&reject.body).unwrap_or_default();
+            assert_eq!(body["proposal_hint"]["host"], hinted, "{authority}");
+            assert_eq!(body["proposal_hint"]["endpoint"], "POST /v1/proposals");
+            assert_eq!(log.host, "evil.example.org");
+        }
+    }
+
+    #[test]
+    fn a_tunnel_never_fetches_and_logs_its_service() {
+        let snapshot = snapshot();
+        let cold = CredentialCache::new(0);
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "CONNECT",
+            authority: Some("api.github.com:443"),
+            proxy_authorization: Some(&auth),
+            ..Request::default()
+        };
+        let mut log = RequestLog::default();
+        let decision = decide(Some(&snapshot), &cold, &request, NOW_MS, &mut log);
+        assert!(
+            decision.open_host(),
+            "a wildcard host counts in the host budget"
+        );
+        assert_eq!(
+            outcome(decision),
+            Outcome::Tunnel(identity(ALICE, "default", "api.github.com", 443))
+        );
+        assert_eq!(log.service.as_deref(), Some("github"));
+        assert_eq!(log.host, "api.github.com");
+    }
+
+    /// A request inside a tunnel opened by `token` in `vault` to `host`:443, whose
+    /// client sent `sni`, for `authority`.
+    fn tunnelled<'a>(
+        identity: Option<&'a str>,
+        sni: Option<&'a str>,
+        authority: &'a str,
+        proxy_authorization: Option<&'a str>,
+    ) -> Request<'a> {
+        Request {
+            method: "GET",
+            authority: Some(authority),
+            path: "/v1/charges",
+            proxy_authorization,
+            x_vault: None,
+            tunnel: Some(Tunnelled { identity, sni }),
+        }
+    }
+
+    #[test]
+    fn requests_inside_a_tunnel_are_decided_as_the_agent_proven_on_its_connect() {
+        let snapshot = snapshot();
+        let cache = warm_cache();
+        let alice_stripe = identity(ALICE, "default", "api.stripe.com", 443);
+        let alice_tls_port = identity(ALICE, "default", "tls.example.com", 8443);
+        let alice_off = identity(ALICE, "default", "off.example.com", 443);
+        let alice_other = identity(ALICE, "other", "api.stripe.com", 443);
+        let bob_open = identity(BOB, "open", "anything.example.org", 443);
+        let expired = identity(EXPIRED, "default", "api.stripe.com", 443);
+        let revoked = identity("av_agt_revoked", "default", "api.stripe.com", 443);
+        let bob_basic = basic(BOB, "other");
+        let stripe = || {
+            fwd(
+                &[("authorization", "Bearer sk_test_abc123")],
+                true,
+                Some("api.stripe.com:443"),
+            )
+        };
+        let sni = Some("api.stripe.com");
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Request<'_>, Outcome)> = vec![
+            ("injected as for a plain request", tunnelled(Some(&alice_stripe), sni, "api.stripe.com", None), stripe()),
+            ("the :authority may name the port", tunnelled(Some(&alice_stripe), sni, "api.stripe.com:443", None), stripe()),
+            ("a proxy credential inside the tunnel changes nothing", tunnelled(Some(&alice_stripe), sni, "api.stripe.com", Some(&bob_basic)), stripe()),
+            ("a TLS service on its own port keeps it", tunnelled(Some(&alice_tls_port), Some("tls.example.com"), "tls.example.com:8443", None), fwd(&[("authorization", "Bearer sk_test_abc123")], true, None)),
+            ("no identity from Envoy is 407", tunnelled(None, sni, "api.stripe.com", Some(&bob_basic)), Outcome::Reject(407, "proxy_auth_required")),
+            ("a malformed identity is 407", tunnelled(Some("v1 x default api.stripe.com 443"), sni, "api.stripe.com", None), Outcome::Reject(407, "proxy_auth_required")),
+            ("a revoked agent is 407", tunnelled(Some(&revoked), sni, "api.stripe.com", None), Outcome::Reject(407, "invalid_token")),
+            ("an agent expired since the CONNECT is 407", tunnelled(Some(&expired), sni, "api.stripe.com", None), Outcome::Reject(407, "invalid_token")),
+            ("a vault no longer granted is 403", tunnelled(Some(&alice_other), sni, "api.stripe.com", None), Outcome::Reject(403, "forbidden")),
+            ("another host in :authority is 421", tunnelled(Some(&alice_stripe), sni, "api.github.com", None), Outcome::Reject(421, "tunnel_host_mismatch")),
+            ("another port in :authority is 421", tunnelled(Some(&alice_stripe), sni, "api.stripe.com:8443", None), Outcome::Reject(421, "tunnel_host_mismatch")),
+            ("another host in the SNI is 421", tunnelled(Some(&alice_stripe), Some("api.github.com"), "api.stripe.com", None), Outcome::Reject(421, "tunnel_host_mismatch")),
+            ("no SNI is 421", tunnelled(Some(&alice_stripe), None, "api.stripe.com", None), Outcome::Reject(421, "tunnel_host_mismatch")),
+            ("no :authority is 400", Request { authority: None, ..tunnelled(Some(&alice_stripe), sni, "", None) }, Outcome::Reject(400, "invalid_request")),
+            ("a disabled service is 403", tunnelled(Some(&alice_off), Some("off.example.com"), "off.example.com", None), Outcome::Reject(403, "service_disabled")),
+            ("CONNECT inside a tunnel is 405", Request { method: "CONNECT", ..tunnelled(Some(&alice_stripe), sni, "api.stripe.com:443", None) }, Outcome::Reject(405, "connect_not_supported")),
+            ("TRACE inside a tunnel is 405", Request { method: "TRACE", ..tunnelled(Some(&alice_stripe), sni, "api.stripe.com", None) }, Outcome::Reject(405, "method_not_allowed")),
+            ("unmatched under the passthrough policy goes on over TLS", tunnelled(Some(&bob_open), Some("anything.example.org"), "anything.example.org", None), fwd(&[], true, None)),
+        ];
+        for (behaviour, request, expected) in cases {
+            let mut log = RequestLog::default();
+            let decision = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log);
+            assert_eq!(outcome(decision), expected, "{behaviour}");
+        }
+        // No snapshot yet: 503, after the identity is read.
+        let request = tunnelled(Some(&alice_stripe), sni, "api.stripe.com", None);
+        let mut log = RequestLog::default();
+        assert_eq!(
+            outcome(decide(None, &cache, &request, NOW_MS, &mut log)),
+            Outcome::Reject(503, "control_plane_unavailable")
+        );
+    }
+
+    #[test]
+    fn inside_a_tunnel_a_missing_credential_is_502_and_a_cold_cache_fetches_for_the_tunnels_agent()
+    {
+        let snapshot = snapshot();
+        let identity = identity(BOB, "default", "api.stripe.com", 443);
+        let request = tunnelled(
+            Some(&identity),
+            Some("api.stripe.com"),
+            "api.stripe.com",
+            None,
+        );
+        let mut log = RequestLog::default();
+        let cold = CredentialCache::new(0);
+        let Decision::Fetch(plan) = decide(Some(&snapshot), &cold, &request, NOW_MS, &mut log)
+        else {
+            panic!("expected a fetch");
+        };
+        assert_eq!(plan.token_sha256, TokenHash::of(BOB).as_str());
+        assert_eq!(&*plan.vault, "default");
+        assert_eq!(log.agent.as_deref(), Some("bob"));
+        let absent = super::tests::identity(BOB, "default", "absent.example.com", 443);
+        let request = tunnelled(
+            Some(&absent),
+            Some("absent.example.com"),
+            "absent.example.com",
+            None,
+        );
+        assert_eq!(
+            outcome(decide(
+                Some(&snapshot),
+                &warm_cache(),
+                &request,
+                NOW_MS,
+                &mut log
+            )),
+            Outcome::Reject(502, "credential_not_found")
+        );
+    }
+
+    #[test]
+    fn a_host_mismatch_inside_a_tunnel_is_logged_with_the_host_asked_for() {
+        let snapshot = snapshot();
+        let identity = identity(ALICE, "default", "api.stripe.com", 443);
+        let request = tunnelled(
+            Some(&identity),
+            Some("api.stripe.com"),
+            "API.github.com",
+            None,
+        );
+        let mut log = RequestLog::default();
+        let Decision::Reject(reject) =
+            decide(Some(&snapshot), &warm_cache(), &request, NOW_MS, &mut log)
+        else {
+            panic!("expected a refusal");
+        };
+        assert_eq!(log.host, "api.github.com");
+        assert_eq!(log.error.map(|e| e.as_str()), Some("tunnel_host_mismatch"));
+        let body: serde_json::Value = serde_json::from_str(&reject.body).unwrap_or_default();
+        assert_eq!(body["host"], "api.stripe.com:443");
+    }
+
     fn alice_to(authority: &'static str) -> (Request<'static>, String) {
         let auth = basic(ALICE, "");
         (
@@ -877,6 +1465,7 @@ pub(crate) mod tests {
                 path: "/",
                 proxy_authorization: None,
                 x_vault: None,
+                tunnel: None,
             },
             auth,
         )
@@ -961,6 +1550,7 @@ pub(crate) mod tests {
                 path: "/",
                 proxy_authorization: auth.as_deref(),
                 x_vault: None,
+                tunnel: None,
             };
             let mut log = RequestLog::default();
             let _ = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log);
@@ -990,6 +1580,7 @@ pub(crate) mod tests {
                 path: "/",
                 proxy_authorization: Some(&auth),
                 x_vault: None,
+                tunnel: None,
             };
             let mut log = RequestLog::default();
             let Decision::Reject(reject) =
@@ -1017,6 +1608,7 @@ pub(crate) mod tests {
                 path: "/",
                 proxy_authorization: Some(&auth),
                 x_vault: None,
+                tunnel: None,
             };
             let mut log = RequestLog::default();
             match decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log) {

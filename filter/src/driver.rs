@@ -20,8 +20,8 @@ use std::rc::Rc;
 
 use agent_vault_rules::reply::{self, ErrorCode, Reject};
 
-use crate::config::Config;
-use crate::decide::{Decision, FetchPlan, Request};
+use crate::config::{Config, Mode};
+use crate::decide::{Decision, FetchPlan, Request, Tunnelled};
 use crate::flight::{Answer, Completion, Join, Waiter, GRACE_MS};
 use crate::host::{Host, LogLevel, Stat};
 use crate::request_log::RequestLog;
@@ -48,6 +48,8 @@ pub enum Flow {
 pub struct Root {
     id: u32,
     worker: Option<SharedWorker>,
+    /// From the configuration: whether requests come through a decrypted tunnel.
+    mode: Mode,
     /// The tick period last set on the host (0: none yet).
     tick_ms: u64,
 }
@@ -58,6 +60,7 @@ impl Root {
         Root {
             id,
             worker: None,
+            mode: Mode::Proxy,
             tick_ms: 0,
         }
     }
@@ -73,6 +76,7 @@ impl Root {
             }
         };
         host.define_stats();
+        self.mode = config.mode;
         let now = host.now_ms();
         let mut worker = Worker::new(config, now);
         poll(host, &mut worker, now);
@@ -136,6 +140,7 @@ impl Root {
         Http {
             id: context_id,
             worker: self.worker.clone(),
+            mode: self.mode,
             log: Rc::new(RefCell::new(RequestLog::default())),
             waiting: false,
         }
@@ -147,6 +152,7 @@ impl Root {
 pub struct Http {
     id: u32,
     worker: Option<SharedWorker>,
+    mode: Mode,
     /// Shared with a [`Waiter`] (weakly) while the request waits for a fetch.
     log: Rc<RefCell<RequestLog>>,
     /// Joined a fetch at some point: tell the worker when this request goes away.
@@ -156,11 +162,16 @@ pub struct Http {
 impl Http {
     /// `on_http_request_headers`: decides the request and refuses it, forwards it, or
     /// pauses it for a fetch. A cache hit (the hot path) asks the host for the time,
-    /// the headers (once) and the forward, nothing else.
+    /// the headers (once) and the forward, nothing else; inside a decrypted tunnel,
+    /// also what Envoy knows of the tunnel.
     pub fn on_request_headers(&mut self, host: &mut impl Host) -> Flow {
         let now = host.now_ms();
         // Zeroed when dropped: it holds the agent's token.
         let headers = host.request_headers();
+        let tunnel = match self.mode {
+            Mode::Proxy => None,
+            Mode::Tunnel => Some(host.tunnel()),
+        };
         let method = headers.get(":method").unwrap_or_default();
         let path = headers.get(":path").unwrap_or_default();
 
@@ -179,6 +190,10 @@ impl Http {
                 path,
                 proxy_authorization: headers.get("proxy-authorization"),
                 x_vault: headers.get("x-vault"),
+                tunnel: tunnel.as_ref().map(|tunnel| Tunnelled {
+                    identity: tunnel.identity.as_deref(),
+                    sni: tunnel.sni.as_deref(),
+                }),
             };
             match (worker.as_mut(), self.log.try_borrow_mut()) {
                 (Ok(w), Ok(mut log)) => Some(w.decide(&request, now, &mut log)),
@@ -553,9 +568,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::decide::tests::{basic, ALICE, NOW_MS};
+    use crate::decide::tests::{basic, identity, ALICE, BOB, NOW_MS};
     use crate::host::fake::{Call, FakeHost};
-    use crate::host::CallResponse;
+    use crate::host::{CallResponse, TunnelInfo};
+    use crate::snapshot::TokenHash;
 
     const ROOT: u32 = 1;
     /// The callout timeout of the default configuration.
@@ -715,6 +731,8 @@ mod tests {
             context,
             known_path: Some(path.to_owned()),
             inject: vec![("authorization".to_owned(), format!("Bearer {value}"))],
+            route: "tls",
+            tunnel: None,
         }
     }
 
@@ -1400,5 +1418,188 @@ mod tests {
             vm.host.calls.first(),
             Some(Call::DispatchPoll { token: Some(_), .. })
         ));
+    }
+
+    fn connect_as(token: &str, authority: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (":method", "CONNECT".to_owned()),
+            (":authority", authority.to_owned()),
+            ("proxy-authorization", basic(token, "")),
+        ]
+    }
+
+    /// A request inside a tunnel: `GET path` on api.stripe.com, with whatever proxy
+    /// credential the agent adds inside.
+    fn inside(path: &str, proxy_authorization: Option<String>) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            (":method", "GET".to_owned()),
+            (":authority", "api.stripe.com".to_owned()),
+            (":path", path.to_owned()),
+        ];
+        headers.extend(proxy_authorization.map(|p| ("proxy-authorization", p)));
+        headers
+    }
+
+    fn alices_tunnel() -> TunnelInfo {
+        TunnelInfo {
+            identity: Some(identity(ALICE, "default", "api.stripe.com", 443)),
+            sni: Some("api.stripe.com".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_connect_is_let_through_with_the_proven_identity_and_no_callout() {
+        let mut vm = Vm::running("");
+        let flow = vm.request_with(2, connect_as(ALICE, "api.stripe.com:443"));
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(
+            vm.host.calls,
+            vec![
+                read(2),
+                Call::Forward {
+                    context: 2,
+                    known_path: None,
+                    inject: vec![],
+                    route: "tunnel",
+                    tunnel: Some(identity(ALICE, "default", "api.stripe.com", 443)),
+                }
+            ],
+            "the agents' listener never reads a tunnel's state"
+        );
+        assert_eq!(vm.host.stats, strings(&["tunnel tunnel"]));
+    }
+
+    #[test]
+    fn a_connect_for_a_host_no_service_names_is_refused_403() {
+        let mut vm = Vm::running("");
+        let flow = vm.request_with(2, connect_as(ALICE, "evil.example.org:443"));
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(vm.calls(), vec![read(2), reject(2, 403, "forbidden")]);
+    }
+
+    #[test]
+    fn inside_a_tunnel_the_agent_is_the_one_envoy_carries_not_a_credential_sent_inside() {
+        let mut vm = Vm::running(r#"{"mode":"tunnel"}"#);
+        vm.host.tunnels.insert(2, alices_tunnel());
+        let flow = vm.request_with(2, inside("/a", Some(basic(BOB, "default"))));
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(2),
+                Call::ReadTunnel { context: 2 },
+                fetch_from(2, Some(FIRST))
+            ]
+        );
+        assert_eq!(
+            vm.host.fetched_for,
+            vec![TokenHash::of(ALICE).as_str().to_owned()],
+            "alice's credentials, whatever the request says"
+        );
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", "sk_1"),
+                resume(2)
+            ]
+        );
+    }
+
+    #[test]
+    fn inside_a_tunnel_without_an_identity_from_envoy_every_request_is_refused() {
+        let mut vm = Vm::running(r#"{"mode":"tunnel"}"#);
+        // A proxy credential inside the tunnel proves nothing.
+        let flow = vm.request_with(2, inside("/a", Some(basic(ALICE, ""))));
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(2),
+                Call::ReadTunnel { context: 2 },
+                reject(2, 407, "proxy_auth_required")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_agent_revoked_while_its_tunnel_is_open_is_refused_on_its_next_request() {
+        let mut vm = Vm::running(r#"{"mode":"tunnel"}"#);
+        vm.host.tunnels.insert(2, alices_tunnel());
+        vm.host.tunnels.insert(3, alices_tunnel());
+        vm.host.tunnels.insert(4, alices_tunnel());
+        vm.request_with(2, inside("/a", None));
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.finish(2, Some(200));
+        vm.calls();
+        assert_eq!(
+            vm.request_with(3, inside("/b", None)),
+            Flow::Continue,
+            "cached"
+        );
+        vm.finish(3, Some(200));
+        // The next snapshot has no alice: revoked.
+        vm.tick(NOW_MS + 1000);
+        let poll = vm
+            .calls()
+            .into_iter()
+            .find_map(|call| match call {
+                Call::DispatchPoll { token, .. } => token,
+                _ => None,
+            })
+            .unwrap_or_default();
+        let mut revoked = crate::worker::tests::snapshot("2");
+        revoked.agents.clear();
+        let body = serde_json::to_vec(&revoked).unwrap_or_default();
+        vm.answer(
+            ROOT,
+            poll,
+            control_plane(200, std::str::from_utf8(&body).unwrap_or("")),
+        );
+        vm.calls();
+        assert_eq!(vm.request_with(4, inside("/c", None)), Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(4),
+                Call::ReadTunnel { context: 4 },
+                reject(4, 407, "invalid_token")
+            ]
+        );
+    }
+
+    #[test]
+    fn inside_a_tunnel_another_host_is_refused_421_without_a_callout() {
+        let mut vm = Vm::running(r#"{"mode":"tunnel"}"#);
+        vm.host.tunnels.insert(2, alices_tunnel());
+        let mut headers = inside("/a", None);
+        headers[1].1 = "api.github.com".to_owned();
+        vm.request_with(2, headers);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(2),
+                Call::ReadTunnel { context: 2 },
+                reject(2, 421, "tunnel_host_mismatch")
+            ]
+        );
+        vm.host.tunnels.insert(
+            3,
+            TunnelInfo {
+                sni: Some("api.github.com".to_owned()),
+                ..alices_tunnel()
+            },
+        );
+        vm.request_with(3, inside("/a", None));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(3),
+                Call::ReadTunnel { context: 3 },
+                reject(3, 421, "tunnel_host_mismatch")
+            ]
+        );
     }
 }

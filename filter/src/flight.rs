@@ -374,6 +374,7 @@ mod tests {
             path: "/",
             proxy_authorization: Some(&auth),
             x_vault: None,
+            tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
         let decision = decide(

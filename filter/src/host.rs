@@ -60,6 +60,15 @@ pub struct CallResponse {
     pub body: Vec<u8>,
 }
 
+/// What Envoy knows of a decrypted tunnel's connection (see [`Host::tunnel`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TunnelInfo {
+    /// The encoded [`crate::tunnel::TunnelIdentity`], if Envoy has one.
+    pub identity: Option<String>,
+    /// The TLS SNI the agent's client sent, if any.
+    pub sni: Option<String>,
+}
+
 /// Something the filter's Envoy stats count (see [`crate::stats`]). Request-path
 /// events only bump integers in the VM; the host writes to Envoy on the root's tick.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +114,12 @@ pub trait Host {
     /// Every request header of the current context, in one host call; empty if the
     /// host cannot give them.
     fn request_headers(&mut self) -> HeaderMap;
+
+    /// For a request inside a decrypted tunnel ([`crate::config::Mode::Tunnel`]):
+    /// what Envoy knows of the tunnel's connection, the identity proven on its
+    /// `CONNECT` (filter state [`crate::tunnel::TUNNEL_STATE`]) and the TLS SNI. Two
+    /// host calls, made only in that mode.
+    fn tunnel(&mut self) -> TunnelInfo;
 
     /// The `:status` of the current context's response headers (`None` if absent).
     fn response_status(&mut self) -> Option<u16>;

@@ -1,7 +1,9 @@
 //! Agent Vault's proxy-wasm filter for Envoy (DESIGN.md §3, §4, §6).
 //!
 //! Agents send plain `http://` requests through Envoy with their agent token as proxy
-//! credential. Per request, the filter authenticates the agent against the rules
+//! credential, or (HTTPS agents) a `CONNECT` that Envoy decrypts, each request inside
+//! going through a second instance of the filter with the identity the `CONNECT`
+//! proved. Per request, the filter authenticates the agent against the rules
 //! snapshot it polls from the control plane, matches the request to one of the vault's
 //! services, and injects that service's credentials — from its per-worker cache, or
 //! fetched from the control plane over the Unix-socket cluster while the request is
@@ -19,6 +21,7 @@
 //! | request-log records and batches                 | [`request_log`]  |
 //! | one worker's state, polling and timers          | [`worker`]       |
 //! | the Envoy stats operators watch                 | [`stats`]        |
+//! | an HTTPS agent's identity, carried into its tunnel | [`tunnel`]     |
 //! | what the filter asks of Envoy (a trait)         | [`host`]         |
 //! | the callbacks: the per-request state machine    | [`driver`]       |
 //! | Envoy's host and contexts (wasm32 only)         | `glue`           |
@@ -55,6 +58,7 @@ pub mod host_budget;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;
+pub mod tunnel;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]

@@ -11,6 +11,8 @@
 //! | `agent_vault.requests.injected`               | counter   | requests forwarded with credentials injected |
 //! | `agent_vault.requests.passthrough`            | counter   | requests forwarded with nothing injected (passthrough rules and policies) |
 //! | `agent_vault.requests.denied.<error code>`    | counter   | requests the filter answered itself, one counter per code of [`ErrorCode`]; `destination_forbidden` counts the forwarded requests Envoy's destination check refused |
+//! | `agent_vault.tunnels.intercepted`             | counter   | HTTPS agents' `CONNECT`s let through into Envoy's decrypting listener (their requests count as the rows above) |
+//! | `agent_vault.tunnels.opaque`                  | counter   | `CONNECT`s tunnelled untouched (the `passthrough` policy) |
 //! | `agent_vault.cache.hits`                      | counter   | requests injected from the worker's cache, no callout |
 //! | `agent_vault.cache.misses`                    | counter   | requests that had to wait for a credential fetch |
 //! | `agent_vault.control_plane.fetch_failures`    | counter   | credential fetches without a usable answer (not sent, Envoy's 503/504, timeout, bad body) |
@@ -33,7 +35,7 @@
 
 use std::collections::HashMap;
 
-use crate::decide::Forward;
+use crate::decide::{Forward, Route};
 use agent_vault_rules::reply::ErrorCode;
 
 /// Every name starts with this (inside Envoy's `wasmcustom.` namespace).
@@ -59,10 +61,14 @@ pub enum Counter {
     FetchFailure,
     /// A snapshot poll failed.
     PollFailure,
+    /// A `CONNECT` let through into the decrypting listener.
+    TunnelIntercepted,
+    /// A `CONNECT` tunnelled untouched.
+    TunnelOpaque,
 }
 
 /// Number of counters.
-pub const COUNTERS: usize = 6 + ERROR_CODES.len();
+pub const COUNTERS: usize = 8 + ERROR_CODES.len();
 
 impl Counter {
     /// Every counter, in slot order.
@@ -75,6 +81,8 @@ impl Counter {
                 Counter::CacheMiss,
                 Counter::FetchFailure,
                 Counter::PollFailure,
+                Counter::TunnelIntercepted,
+                Counter::TunnelOpaque,
             ])
     }
 
@@ -88,6 +96,8 @@ impl Counter {
             Counter::CacheMiss => 3 + ERROR_CODES.len(),
             Counter::FetchFailure => 4 + ERROR_CODES.len(),
             Counter::PollFailure => 5 + ERROR_CODES.len(),
+            Counter::TunnelIntercepted => 6 + ERROR_CODES.len(),
+            Counter::TunnelOpaque => 7 + ERROR_CODES.len(),
         }
     }
 
@@ -101,6 +111,8 @@ impl Counter {
             Counter::CacheMiss => format!("{PREFIX}.cache.misses"),
             Counter::FetchFailure => format!("{PREFIX}.control_plane.fetch_failures"),
             Counter::PollFailure => format!("{PREFIX}.control_plane.poll_failures"),
+            Counter::TunnelIntercepted => format!("{PREFIX}.tunnels.intercepted"),
+            Counter::TunnelOpaque => format!("{PREFIX}.tunnels.opaque"),
         }
     }
 }
@@ -170,6 +182,11 @@ impl Stats {
     /// A request is forwarded. `from_cache`: decided on arrival (no fetch), so any
     /// credential it carries came from the cache.
     pub fn forwarded(&mut self, forward: &Forward, from_cache: bool) {
+        match forward.route {
+            Route::Tunnel(_) => return self.count(Counter::TunnelIntercepted),
+            Route::Opaque => return self.count(Counter::TunnelOpaque),
+            Route::Tls | Route::Plain => {}
+        }
         if forward.inject.is_empty() {
             self.count(Counter::Passthrough);
             return;
@@ -253,7 +270,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
-            upstream_tls: false,
+            route: Route::Plain,
             authority: None,
             open_host: false,
         }
@@ -313,6 +330,11 @@ mod tests {
         stats.count(Counter::CacheMiss);
         stats.forwarded(&forward(&[("authorization", "Bearer x")]), false);
         stats.forwarded(&forward(&[]), true);
+        let tunnel = Forward {
+            route: Route::Opaque,
+            ..forward(&[])
+        };
+        stats.forwarded(&tunnel, true);
         stats.count(Counter::Denied(ErrorCode::Forbidden));
         stats.count(Counter::Denied(ErrorCode::Forbidden));
         stats.count(Counter::Denied(ErrorCode::InvalidToken));
@@ -326,6 +348,7 @@ mod tests {
                 ("agent_vault.requests.denied.forbidden".to_string(), 2),
                 ("agent_vault.cache.hits".to_string(), 1),
                 ("agent_vault.cache.misses".to_string(), 1),
+                ("agent_vault.tunnels.opaque".to_string(), 1),
             ]
         );
         assert!(stats.take().is_empty(), "taking resets the counts");

@@ -367,7 +367,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn snapshot(version: &str) -> Snapshot {
+    pub(crate) fn snapshot(version: &str) -> Snapshot {
         Snapshot {
             version: version.into(),
             vaults: vec![SnapshotVault {
@@ -525,6 +525,7 @@ pub(crate) mod tests {
             path: "/",
             proxy_authorization: Some(&auth),
             x_vault: None,
+            tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
         let Decision::Fetch(plan) = worker.decide(&request, now, &mut log.borrow_mut()) else {
@@ -558,6 +559,7 @@ pub(crate) mod tests {
             path: "/",
             proxy_authorization: Some(&auth),
             x_vault: None,
+            tunnel: None,
         };
         match worker.decide(&request, now, &mut RequestLog::default()) {
             Decision::Forward(f) => format!("{:?}", f.inject),
@@ -613,6 +615,7 @@ pub(crate) mod tests {
             path: "/",
             proxy_authorization: Some(&auth),
             x_vault: None,
+            tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
         let Decision::Fetch(plan) = worker.decide(&request, NOW_MS, &mut log.borrow_mut()) else {
@@ -700,6 +703,7 @@ pub(crate) mod tests {
             path: "/",
             proxy_authorization: Some(&auth),
             x_vault: None,
+            tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
         let Decision::Fetch(plan) = worker.decide(&request, NOW_MS, &mut log.borrow_mut()) else {

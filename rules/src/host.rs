@@ -720,6 +720,23 @@ impl ServiceMatcher {
         self.best(self.wildcard.get(parent), port, &request)
     }
 
+    /// Index of the service that could serve requests inside a tunnel to `host:port`
+    /// (an HTTPS agent's `CONNECT`): the best match by host and port as [`Self::find`]
+    /// ranks them, whatever the service's path, since the tunnel carries requests for
+    /// any path and each is matched on its own once decrypted. `None`: no service of
+    /// the vault names this host on this port.
+    pub fn find_for_tunnel(&self, host: &str, port: u16) -> Option<usize> {
+        let host = lookup_host(host);
+        if let Some(best) = self.best_by_port(self.exact.get(host.as_ref()), port) {
+            return Some(best);
+        }
+        let (label, parent) = host.split_once('.')?;
+        if label.is_empty() {
+            return None;
+        }
+        self.best_by_port(self.wildcard.get(parent), port)
+    }
+
     /// The parsed pattern of service `index` (`None` if out of range or unparseable).
     pub fn pattern(&self, index: usize) -> Option<&HostPattern> {
         self.patterns.get(index).and_then(Option::as_ref)
@@ -740,6 +757,37 @@ impl ServiceMatcher {
         self.patterns.is_empty()
     }
 
+    /// The first candidate that takes `port`, preferring one that names the port.
+    fn best_by_port(&self, candidates: Option<&Vec<usize>>, port: u16) -> Option<usize> {
+        let mut best: Option<(bool, usize)> = None;
+        for &index in candidates? {
+            if self.port_refused(index, port) {
+                continue;
+            }
+            let Some(pattern) = self.pattern(index) else {
+                continue;
+            };
+            if pattern.port.is_some_and(|p| p != port) {
+                continue;
+            }
+            let specific = pattern.port.is_some();
+            if best.is_none_or(|(best_specific, _)| specific && !best_specific) {
+                best = Some((specific, index));
+            }
+        }
+        best.map(|(_, index)| index)
+    }
+
+    /// Whether service `index` names no port and is plain HTTP, so it takes port 80
+    /// only, and `port` is another.
+    fn port_refused(&self, index: usize, port: u16) -> bool {
+        self.implied_ports
+            .get(index)
+            .copied()
+            .flatten()
+            .is_some_and(|only| only != port)
+    }
+
     fn best(
         &self,
         candidates: Option<&Vec<usize>>,
@@ -748,13 +796,7 @@ impl ServiceMatcher {
     ) -> Option<usize> {
         let mut best: Option<(Rank, usize)> = None;
         for &index in candidates? {
-            if self
-                .implied_ports
-                .get(index)
-                .copied()
-                .flatten()
-                .is_some_and(|only| only != port)
-            {
+            if self.port_refused(index, port) {
                 continue;
             }
             let Some(rank) = self.pattern(index).and_then(|p| p.rank(port, request)) else {
@@ -1254,6 +1296,48 @@ mod tests {
                 .collect();
             let matcher = ServiceMatcher::new(&services);
             assert_eq!(matcher.find(host, *port, "/"), *expected, "{behaviour}");
+        }
+    }
+
+    /// (behaviour, (host pattern, upstream_tls) in declaration order, CONNECT host and
+    /// port, expected index)
+    type TunnelCase<'a> = (&'a str, &'a [(&'a str, bool)], &'a str, u16, Option<usize>);
+
+    #[test]
+    fn a_tunnel_is_matched_by_host_and_port_whatever_the_services_path() {
+        #[rustfmt::skip]
+        let cases: &[TunnelCase<'_>] = &[
+            ("a TLS service without a port takes 443", &[("api.stripe.com", true)], "api.stripe.com", 443, Some(0)),
+            ("a TLS service without a port takes any port", &[("api.stripe.com", true)], "api.stripe.com", 8443, Some(0)),
+            ("a path-scoped service still lets the tunnel open", &[("api.stripe.com/v1/*", true)], "api.stripe.com", 443, Some(0)),
+            ("a service naming another port does not", &[("api.stripe.com:8443", true)], "api.stripe.com", 443, None),
+            ("a service naming the port wins over one that does not", &[("api.stripe.com", true), ("api.stripe.com:443/v1/*", true)], "api.stripe.com", 443, Some(1)),
+            ("exact beats wildcard", &[("*.github.com", true), ("api.github.com/x", true)], "api.github.com", 443, Some(1)),
+            ("a wildcard covers one label", &[("*.github.com", true)], "api.github.com", 443, Some(0)),
+            ("a wildcard does not cover two labels", &[("*.github.com", true)], "a.b.github.com", 443, None),
+            ("a wildcard does not cover its parent", &[("*.github.com", true)], "github.com", 443, None),
+            ("a plain service without a port takes only 80", &[("internal.example", false)], "internal.example", 443, None),
+            ("a plain service on 80 can be tunnelled to on 80", &[("internal.example", false)], "internal.example", 80, Some(0)),
+            ("a plain service naming the port", &[("internal.example:8443", false)], "internal.example", 8443, Some(0)),
+            ("the host is compared without case and trailing dot", &[("api.stripe.com", true)], "API.Stripe.com.", 443, Some(0)),
+            ("declaration order breaks ties", &[("api.stripe.com/a", true), ("api.stripe.com/b", true)], "api.stripe.com", 443, Some(0)),
+            ("no service for another host", &[("api.stripe.com", true)], "api.openai.com", 443, None),
+        ];
+        for (behaviour, hosts, host, port, expected) in cases {
+            let services: Vec<Service> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, (h, tls))| Service {
+                    upstream_tls: *tls,
+                    ..service(&format!("s{i}"), h)
+                })
+                .collect();
+            let matcher = ServiceMatcher::new(&services);
+            assert_eq!(
+                matcher.find_for_tunnel(host, *port),
+                *expected,
+                "{behaviour}"
+            );
         }
     }
 

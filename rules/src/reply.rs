@@ -23,7 +23,8 @@ pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 /// The error codes the filter answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
-    /// 405: `CONNECT` (an `HTTPS_PROXY` client).
+    /// 405: `CONNECT` where no tunnel can be opened: inside an intercepted tunnel, or
+    /// through a listener that does not intercept (`envoy/sidecar.yaml`).
     ConnectNotSupported,
     /// 405: `TRACE` or `TRACK`, which make upstreams echo the injected credential.
     MethodNotAllowed,
@@ -54,11 +55,14 @@ pub enum ErrorCode {
     /// Envoy answers it (its RBAC filter, after the DNS lookup), not the filter; the
     /// bootstraps' `local_reply_config` writes [`destination_forbidden`]'s body.
     DestinationForbidden,
+    /// 421: inside an intercepted tunnel, a request whose `:authority` (or the TLS
+    /// SNI of its connection) names another host than the tunnel's `CONNECT`.
+    TunnelHostMismatch,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::ConnectNotSupported,
         ErrorCode::MethodNotAllowed,
         ErrorCode::ProxyAuthRequired,
@@ -73,6 +77,7 @@ impl ErrorCode {
         ErrorCode::ControlPlaneUnavailable,
         ErrorCode::TooManyHosts,
         ErrorCode::DestinationForbidden,
+        ErrorCode::TunnelHostMismatch,
     ];
 
     /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
@@ -93,6 +98,7 @@ impl ErrorCode {
             ErrorCode::ControlPlaneUnavailable => 11,
             ErrorCode::TooManyHosts => 12,
             ErrorCode::DestinationForbidden => 13,
+            ErrorCode::TunnelHostMismatch => 14,
         }
     }
 
@@ -113,6 +119,7 @@ impl ErrorCode {
             ErrorCode::ControlPlaneUnavailable => "control_plane_unavailable",
             ErrorCode::TooManyHosts => "too_many_hosts",
             ErrorCode::DestinationForbidden => "destination_forbidden",
+            ErrorCode::TunnelHostMismatch => "tunnel_host_mismatch",
         }
     }
 
@@ -130,6 +137,9 @@ impl ErrorCode {
             | ErrorCode::InvalidCredentialValue => 502,
             ErrorCode::ControlPlaneUnavailable => 503,
             ErrorCode::TooManyHosts => 429,
+            // RFC 9110 §15.5.20: this connection cannot answer for that host; a client
+            // may retry on a connection (a tunnel) of its own.
+            ErrorCode::TunnelHostMismatch => 421,
         }
     }
 }
@@ -205,13 +215,43 @@ pub fn quote(text: &str) -> String {
     format!("{short:?}")
 }
 
-/// `CONNECT` → 405.
+/// `CONNECT` inside an intercepted tunnel → 405: the tunnel already goes to one host,
+/// and its requests are decrypted and forwarded one by one.
 pub fn connect_not_supported() -> Reject {
     Reject::new(
         ErrorCode::ConnectNotSupported,
-        "CONNECT (an HTTPS_PROXY client) is not supported: send plain http:// URLs through \
-         the proxy with HTTP_PROXY, e.g. curl -x http://<agent-token>:<vault>@<proxy> \
-         http://api.example.com/...; the proxy originates TLS to services that need it",
+        "CONNECT inside a tunnel is not supported: send the requests themselves through \
+         the tunnel, and open another tunnel (CONNECT to the proxy) for another host",
+    )
+}
+
+/// Inside an intercepted tunnel, the request's `what` (`:authority`, or the TLS SNI)
+/// names `got`, not the host the tunnel's `CONNECT` was authorised for → 421.
+pub fn tunnel_host_mismatch(what: &str, got: &str, tunnel: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert("host".to_owned(), Value::from(tunnel));
+    Reject::with_fields(
+        ErrorCode::TunnelHostMismatch,
+        format!(
+            "this tunnel was opened (CONNECT) for {tunnel}, and the request's {what} names \
+             {}: a tunnel carries requests for its own host only; open one for each host, \
+             as HTTPS_PROXY clients do",
+            quote(got)
+        ),
+        fields,
+    )
+}
+
+/// Inside an intercepted tunnel, Envoy handed the filter no identity proven on the
+/// tunnel's `CONNECT` (a configuration error: see `envoy/forward-proxy.yaml`) → 407,
+/// as for a request without a proxy credential. Nothing sent inside the tunnel can
+/// stand in for it.
+pub fn tunnel_without_identity() -> Reject {
+    Reject::new(
+        ErrorCode::ProxyAuthRequired,
+        "this tunnel carries no agent identity proven on its CONNECT, and nothing sent \
+         inside a tunnel can prove one: the proxy's configuration is broken; tell its \
+         operator",
     )
 }
 
@@ -336,11 +376,27 @@ pub fn invalid_request() -> Reject {
 
 /// Port assumed when a plain request's `:authority` names none (agents send `http://`).
 pub const DEFAULT_PORT: u16 = 80;
+/// Port assumed when an HTTPS agent's `CONNECT`, or a request inside its tunnel, names
+/// none (`https://`).
+pub const TLS_PORT: u16 = 443;
 
 /// No service of `vault` matches `host:port` (policy `deny`) → 403 with a proposal
 /// hint naming the host, and the port when it is not [`DEFAULT_PORT`].
 pub fn no_service(vault: &str, host: &str, port: u16) -> Reject {
-    let host = if port == DEFAULT_PORT {
+    no_service_on(vault, host, port, DEFAULT_PORT)
+}
+
+/// An HTTPS agent's `CONNECT host:port`, and no service of `vault` names that host on
+/// that port (policy `deny`) → 403 with a proposal hint naming the host, and the port
+/// when it is not [`TLS_PORT`]: a service with upstream TLS and no port (the usual
+/// form) takes it. The hint is in the body of the `CONNECT`'s answer; clients show the
+/// status (see `envoy/README.md`, "HTTPS agents").
+pub fn no_service_for_tunnel(vault: &str, host: &str, port: u16) -> Reject {
+    no_service_on(vault, host, port, TLS_PORT)
+}
+
+fn no_service_on(vault: &str, host: &str, port: u16, default_port: u16) -> Reject {
+    let host = if port == default_port {
         host.to_owned()
     } else {
         format!("{host}:{port}")
@@ -457,6 +513,13 @@ mod tests {
             (method_not_allowed("TRACE"), 405, "method_not_allowed"),
             (destination_forbidden(), 403, "destination_forbidden"),
             (too_many_hosts("a", 100, 60), 429, "too_many_hosts"),
+            (
+                tunnel_host_mismatch("SNI", "b.example", "a.example:443"),
+                421,
+                "tunnel_host_mismatch",
+            ),
+            (tunnel_without_identity(), 407, "proxy_auth_required"),
+            (no_service_for_tunnel("v", "h", 443), 403, "forbidden"),
             (proxy_auth_required("x"), 407, "proxy_auth_required"),
             (invalid_token(), 407, "invalid_token"),
             (vault_required::<&str>("a", &[]), 400, "vault_required"),
@@ -542,6 +605,28 @@ mod tests {
             .body
             .find("proposal_hint")
             .is_none());
+    }
+
+    #[test]
+    fn a_tunnels_hint_names_the_port_only_when_it_is_not_443() {
+        let hint_host = |port| {
+            body(&no_service_for_tunnel("v", "h.example", port))["proposal_hint"]["host"].clone()
+        };
+        assert_eq!(hint_host(443), "h.example");
+        assert_eq!(hint_host(8443), "h.example:8443");
+    }
+
+    #[test]
+    fn a_tunnel_host_mismatch_names_the_tunnels_host_and_quotes_the_other() {
+        let reject = tunnel_host_mismatch(":authority", "evil\r\nx", "api.example.com");
+        let body = body(&reject);
+        assert_eq!(body["host"], "api.example.com");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("opened (CONNECT) for api.example.com"),
+            "{message}"
+        );
+        assert!(message.contains("\"evil\\r\\nx\""), "{message}");
     }
 
     #[test]

@@ -15,9 +15,10 @@ use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
 
 use super::stats;
 use crate::config::Config;
-use crate::decide::Forward;
+use crate::decide::{Forward, Route};
 use crate::header_map::HeaderMap;
-use crate::host::{CallResponse, Host, LogLevel, Refused, Stat};
+use crate::host::{CallResponse, Host, LogLevel, Refused, Stat, TunnelInfo};
+use crate::tunnel::{TUNNEL_HEADER, TUNNEL_STATE};
 use agent_vault_rules::reply::Reject;
 
 /// Envoy, as the host of the current callback. No state: the host keeps it.
@@ -33,6 +34,13 @@ impl Host for ProxyWasmHost {
 
     fn request_headers(&mut self) -> HeaderMap {
         header_map(MapType::HttpRequestHeaders)
+    }
+
+    fn tunnel(&mut self) -> TunnelInfo {
+        TunnelInfo {
+            identity: property(&["filter_state", TUNNEL_STATE]),
+            sni: property(&["connection", "requested_server_name"]),
+        }
     }
 
     fn response_status(&mut self) -> Option<u16> {
@@ -148,6 +156,14 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
+    // Likewise rather than the SDK's `get_property`, which traps on an unexpected
+    // status.
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
 }
 
 fn header_map(map: MapType) -> HeaderMap {
@@ -173,7 +189,12 @@ fn apply_forward(config: &Config, forward: &Forward, known: &HeaderMap) {
     let present = |name: &str| known.is_empty() || known.contains(name);
     // Envoy stores header names lowercase, so removing by lowercase name removes the
     // header whatever case the agent sent it in (all occurrences).
-    let fixed = ["proxy-authorization", "x-vault", config.tls_header.as_str()];
+    let fixed = [
+        "proxy-authorization",
+        "x-vault",
+        config.tls_header.as_str(),
+        TUNNEL_HEADER,
+    ];
     for name in fixed
         .into_iter()
         .chain(forward.inject.iter().map(|(name, _)| name.as_str()))
@@ -188,7 +209,16 @@ fn apply_forward(config: &Config, forward: &Forward, known: &HeaderMap) {
     // Last, so that nothing (not even a service's custom header) can choose the route.
     // Removed above if the agent sent it, so adding leaves exactly one, unless a custom
     // header of the service has its name: then replace.
-    let tls = if forward.upstream_tls { "tls" } else { "plain" };
+    if let Route::Tunnel(identity) = &forward.route {
+        // For Envoy's set_filter_state filter, which makes it the tunnel connection's
+        // filter state (crate::tunnel). Removed above if anything had set it.
+        let _ = hostcalls::add_map_value(
+            MapType::HttpRequestHeaders,
+            TUNNEL_HEADER,
+            &identity.encode(),
+        );
+    }
+    let tls = forward.route.header_value();
     if forward
         .inject
         .iter()
@@ -252,6 +282,33 @@ fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
         from_control_plane,
         body,
     }
+}
+
+/// A property of the current context as text (`None`: absent, empty, or not UTF-8).
+/// Read with the plain import (see `proxy_get_property`): the SDK's `get_property`
+/// traps on a status it does not expect, and this runs on every request in a tunnel.
+fn property(path: &[&str]) -> Option<String> {
+    // The ABI's path: each part followed by a NUL.
+    let mut serialized = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
+    for part in path {
+        serialized.extend_from_slice(part.as_bytes());
+        serialized.push(0);
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the path outlives the call; the host writes a pointer and a size through
+    // the two out-parameters.
+    let status =
+        unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) };
+    if status != Status::Ok as u32 || data.is_null() {
+        return None;
+    }
+    // SAFETY: as in `header_map`: the host allocated `size` bytes with the SDK's
+    // exported allocator (the Rust global allocator) and hands them over.
+    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    String::from_utf8(bytes)
+        .ok()
+        .filter(|text| !text.is_empty())
 }
 
 /// The `:status` of the current context's response headers (`None` if absent).

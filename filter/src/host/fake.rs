@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use agent_vault_rules::reply::Reject;
 use agent_vault_rules::CredentialsRequest;
 
-use super::{CallResponse, Host, LogLevel, Refused, Stat};
+use super::{CallResponse, Host, LogLevel, Refused, Stat, TunnelInfo};
 use crate::config::Config;
-use crate::decide::Forward;
+use crate::decide::{Forward, Route};
 use crate::header_map::{serialize, HeaderMap};
 use crate::stats::Callout;
 
@@ -36,6 +36,11 @@ pub enum Call {
         /// The current context.
         context: u32,
     },
+    /// What Envoy knows of `context`'s tunnel was read.
+    ReadTunnel {
+        /// The current context.
+        context: u32,
+    },
     /// The callout answer being delivered was read.
     ReadCallResponse,
     /// A request was forwarded.
@@ -46,6 +51,10 @@ pub enum Call {
         known_path: Option<String>,
         /// Headers injected.
         inject: Vec<(String, String)>,
+        /// The routing header's value.
+        route: &'static str,
+        /// The tunnel identity set on a `CONNECT` (encoded).
+        tunnel: Option<String>,
     },
     /// The filter answered a request itself.
     Reject {
@@ -114,6 +123,8 @@ pub struct FakeHost {
     pub gone: BTreeSet<u32>,
     /// Each context's request headers.
     pub headers: BTreeMap<u32, Vec<(&'static str, String)>>,
+    /// What Envoy knows of each context's tunnel.
+    pub tunnels: BTreeMap<u32, TunnelInfo>,
     /// Each context's response status.
     pub response_status: BTreeMap<u32, u16>,
     /// Each context's response code details (Envoy's reason for the status).
@@ -128,6 +139,8 @@ pub struct FakeHost {
     pub logs: Vec<(LogLevel, String)>,
     /// Every stat event, described.
     pub stats: Vec<String>,
+    /// The agent (token hash) of every credential fetch, in order.
+    pub fetched_for: Vec<String>,
     next_token: u32,
 }
 
@@ -142,6 +155,7 @@ impl FakeHost {
             current,
             gone: BTreeSet::new(),
             headers: BTreeMap::new(),
+            tunnels: BTreeMap::new(),
             response_status: BTreeMap::new(),
             response_code_details: BTreeMap::new(),
             response: None,
@@ -149,6 +163,7 @@ impl FakeHost {
             calls: Vec::new(),
             logs: Vec::new(),
             stats: Vec::new(),
+            fetched_for: Vec::new(),
             next_token: Self::FIRST_TOKEN,
         }
     }
@@ -182,6 +197,9 @@ fn describe(event: Stat<'_>) -> String {
             forward,
             from_cache,
         } => {
+            if let Route::Tunnel(_) | Route::Opaque = forward.route {
+                return format!("tunnel {}", forward.route.header_value());
+            }
             let what = if forward.inject.is_empty() {
                 "passthrough"
             } else {
@@ -230,6 +248,13 @@ impl Host for FakeHost {
         HeaderMap::parse(serialize(&pairs))
     }
 
+    fn tunnel(&mut self) -> TunnelInfo {
+        self.calls.push(Call::ReadTunnel {
+            context: self.current,
+        });
+        self.tunnels.get(&self.current).cloned().unwrap_or_default()
+    }
+
     fn response_status(&mut self) -> Option<u16> {
         self.calls.push(Call::ReadResponseStatus {
             context: self.current,
@@ -257,6 +282,11 @@ impl Host for FakeHost {
             context: self.current,
             known_path: known.get(":path").map(str::to_owned),
             inject: forward.inject.clone(),
+            route: forward.route.header_value(),
+            tunnel: match &forward.route {
+                Route::Tunnel(identity) => Some(identity.encode()),
+                _ => None,
+            },
         });
     }
 
@@ -288,9 +318,10 @@ impl Host for FakeHost {
 
     fn dispatch_credentials(&mut self, _config: &Config, body: &[u8]) -> Result<u32, Refused> {
         let result = self.dispatch();
-        let keys = serde_json::from_slice::<CredentialsRequest>(body)
-            .map(|request| request.keys)
-            .unwrap_or_default();
+        let request = serde_json::from_slice::<CredentialsRequest>(body).ok();
+        self.fetched_for
+            .extend(request.as_ref().map(|r| r.token_sha256.clone()));
+        let keys = request.map(|request| request.keys).unwrap_or_default();
         self.calls.push(Call::DispatchCredentials {
             from: self.current,
             keys,
