@@ -74,6 +74,17 @@ impl Server {
         self.dir.path().join("run").join("dataplane.sock")
     }
 
+    /// The SDS socket the server creates beside the data-plane socket: the
+    /// certificates Envoy shows HTTPS agents.
+    pub fn sds_socket(&self) -> PathBuf {
+        self.socket().with_file_name("sds.sock")
+    }
+
+    /// The CA HTTPS agents trust (PEM), which the server writes in its data dir.
+    pub fn proxy_ca(&self) -> PathBuf {
+        self.data_dir().join("ca.pem")
+    }
+
     pub fn home(&self) -> PathBuf {
         let home = self.dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");

@@ -139,12 +139,32 @@ pub fn validate(config: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `config` (the forward proxy) with the decrypting listener's on-demand certificate
+/// selector replaced by one fixed certificate; panics if it has none.
+pub fn with_static_tunnel_certificate(config: &str, chain: &Path, key: &Path) -> String {
+    let start = "            custom_tls_certificate_selector:\n";
+    let end = "                    - envoy_grpc: {cluster_name: agent_vault_sds}\n";
+    let (Some(from), Some(to)) = (config.find(start), config.find(end)) else {
+        panic!("no on-demand certificate selector to replace in the bootstrap");
+    };
+    format!(
+        "{}            tls_certificates:\n            - certificate_chain: {{filename: {}}}\n              private_key: {{filename: {}}}\n{}",
+        &config[..from],
+        chain.display(),
+        key.display(),
+        &config[to + end.len()..]
+    )
+}
+
 /// How to run one Envoy.
 #[derive(Clone, Debug)]
 pub struct EnvoyOptions {
     /// The template, e.g. `envoy/forward-proxy.yaml`.
     pub template: PathBuf,
     pub socket: PathBuf,
+    /// The control plane's SDS socket (`SDS_SOCKET`): the certificates of HTTPS
+    /// agents' tunnels.
+    pub sds_socket: PathBuf,
     pub ca_bundle: PathBuf,
     pub wasm: PathBuf,
     pub snapshot_poll_ms: u64,
@@ -162,6 +182,10 @@ pub struct EnvoyOptions {
     /// started after Envoy on ports nobody knows beforehand, be reached;
     /// `security_proxy` sets exactly its upstreams' address and port instead.
     pub allowed_private_upstreams: Vec<String>,
+    /// A fixed certificate (chain, key: PEM files) for every tunnel instead of the
+    /// control plane's on-demand ones: the decrypting listener's certificate selector
+    /// is replaced in the rendered bootstrap.
+    pub static_tunnel_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 impl EnvoyOptions {
@@ -171,6 +195,7 @@ impl EnvoyOptions {
         EnvoyOptions {
             template: envoy_dir().join("forward-proxy.yaml"),
             socket: socket.to_path_buf(),
+            sds_socket: socket.with_file_name("sds.sock"),
             ca_bundle: ca_bundle.to_path_buf(),
             wasm: filter_wasm(),
             snapshot_poll_ms: 1000,
@@ -181,6 +206,7 @@ impl EnvoyOptions {
                 .unwrap_or_else(|_| "info".into()),
             run_as: None,
             allowed_private_upstreams: vec!["127.0.0.1/32:*".into()],
+            static_tunnel_certificate: None,
         }
     }
 
@@ -212,6 +238,14 @@ impl EnvoyOptions {
         self
     }
 
+    /// Tunnels decrypted with this certificate (chain and key PEM files) rather than
+    /// the control plane's on-demand ones (see
+    /// [`EnvoyOptions::static_tunnel_certificate`]).
+    pub fn static_tunnel_certificate(mut self, chain: &Path, key: &Path) -> EnvoyOptions {
+        self.static_tunnel_certificate = Some((chain.to_path_buf(), key.to_path_buf()));
+        self
+    }
+
     /// Every placeholder value for the given listener port and admin socket.
     pub fn template_vars(&self, listen_port: u16, admin_socket: &Path) -> Vec<(String, String)> {
         let allowed = xtask::allowed_upstreams(&self.allowed_private_upstreams)
@@ -222,6 +256,7 @@ impl EnvoyOptions {
             ("ADMIN_SOCKET", admin_socket.display().to_string()),
             ("ALLOWED_PRIVATE_UPSTREAMS", allowed),
             ("SOCKET_PATH", self.socket.display().to_string()),
+            ("SDS_SOCKET", self.sds_socket.display().to_string()),
             ("WASM_PATH", self.wasm.display().to_string()),
             ("CA_BUNDLE", self.ca_bundle.display().to_string()),
             ("SNAPSHOT_POLL_MS", self.snapshot_poll_ms.to_string()),
@@ -270,11 +305,11 @@ impl Envoy {
             let port = free_port();
             let admin_socket = dir.path().join("admin.sock");
             let config_path = dir.path().join("envoy.yaml");
-            std::fs::write(
-                &config_path,
-                render(&template, &options.template_vars(port, &admin_socket)),
-            )
-            .expect("write envoy config");
+            let mut config = render(&template, &options.template_vars(port, &admin_socket));
+            if let Some((chain, key)) = &options.static_tunnel_certificate {
+                config = with_static_tunnel_certificate(&config, chain, key);
+            }
+            std::fs::write(&config_path, config).expect("write envoy config");
             let log_path = dir.path().join(format!("envoy-{attempt}.log"));
             let stdio = std::fs::File::create(dir.path().join(format!("envoy-{attempt}.out")))
                 .expect("envoy stdout file");

@@ -10,9 +10,10 @@
 //! | Envoy with the built filter, its templates rendered and validated | `envoy` |
 //! | the whole system at once, and waiting for a change to reach every worker | `stack` |
 //! | echo upstreams (plain and TLS) and a test CA | `upstream` |
+//! | an HTTPS agent's tunnel, byte by byte: CONNECT, TLS with any SNI, any `Host` | `https_agent` |
 //! | a control plane that misbehaves on purpose | `fake_control_plane` |
 //!
-//! The last five need the `e2e` feature (on by default): an HTTP client, TLS and temp
+//! The last six need the `e2e` feature (on by default): an HTTP client, TLS and temp
 //! dirs, which the benchmark's release build does without.
 
 pub mod http;
@@ -25,6 +26,8 @@ pub mod control_plane;
 pub mod envoy;
 #[cfg(feature = "e2e")]
 pub mod fake_control_plane;
+#[cfg(feature = "e2e")]
+pub mod https_agent;
 #[cfg(feature = "e2e")]
 pub mod stack;
 #[cfg(feature = "e2e")]

@@ -57,10 +57,9 @@ impl Stack {
         let server = Server::start_with(server_options);
         let owner = server.owner_token();
         let ca_bundle = ca.write_pem(&server.dir.path().join("upstream-ca.pem"));
-        let envoy = Envoy::start(configure(EnvoyOptions::forward_proxy(
-            &server.socket(),
-            &ca_bundle,
-        )));
+        let mut options = EnvoyOptions::forward_proxy(&server.socket(), &ca_bundle);
+        options.sds_socket = server.sds_socket();
+        let envoy = Envoy::start(configure(options));
         Stack {
             server,
             owner,

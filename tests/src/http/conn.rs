@@ -71,6 +71,20 @@ impl Conn<UnixStream> {
 }
 
 impl<S: Stream> Conn<S> {
+    /// A connection over `stream`, whose requests name `host` unless they say.
+    pub fn over(stream: S, host: &str) -> Conn<S> {
+        Conn {
+            reader: BufReader::with_capacity(64 * 1024, stream),
+            host: host.to_string(),
+        }
+    }
+
+    /// The stream, and whatever was read from it beyond the last response.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let buffered = self.reader.buffer().to_vec();
+        (self.reader.into_inner(), buffered)
+    }
+
     /// Sends a request (a `Host` header is added unless given) and reads the answer.
     pub fn request(
         &mut self,
@@ -95,7 +109,9 @@ impl<S: Stream> Conn<S> {
             bytes.extend_from_slice(body);
         }
         self.reader.get_mut().write_all(&bytes)?;
-        self.read_response(method == "HEAD")
+        // A 2xx to CONNECT has no body: the tunnel starts after its head.
+        let connect = method.eq_ignore_ascii_case("CONNECT");
+        self.read_response(method == "HEAD", connect)
     }
 
     fn read_line(&mut self) -> std::io::Result<String> {
@@ -109,7 +125,7 @@ impl<S: Stream> Conn<S> {
         Ok(line.trim_end_matches(['\r', '\n']).to_string())
     }
 
-    fn read_response(&mut self, head_only: bool) -> std::io::Result<RawResponse> {
+    fn read_response(&mut self, head_only: bool, connect: bool) -> std::io::Result<RawResponse> {
         let status_line = self.read_line()?;
         let status = status_line
             .split_whitespace()
@@ -131,7 +147,12 @@ impl<S: Stream> Conn<S> {
             headers,
             body: Vec::new(),
         };
-        if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+        if head_only
+            || status == 204
+            || status == 304
+            || (100..200).contains(&status)
+            || (connect && (200..300).contains(&status))
+        {
             return Ok(response);
         }
         if let Some(length) = response.header("content-length") {

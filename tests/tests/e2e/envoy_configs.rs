@@ -76,6 +76,10 @@ fn dummy_vars() -> Dummy {
             "SOCKET_PATH",
             dir.path().join("no-such.sock").display().to_string(),
         ),
+        (
+            "SDS_SOCKET",
+            dir.path().join("no-such-sds.sock").display().to_string(),
+        ),
         ("WASM_PATH", filter_wasm().display().to_string()),
         ("CA_BUNDLE", ca.display().to_string()),
         ("SNAPSHOT_POLL_MS", "1000".to_string()),
@@ -194,6 +198,8 @@ fn yaml_to_json(text: &str) -> Value {
     serde_json::to_value(value).expect("YAML as JSON")
 }
 
+/// Every HTTP connection manager of a bootstrap: the agents' listener's first, then
+/// the decrypting internal listener's, if any.
 fn hcms(bootstrap: &Value) -> Vec<Value> {
     let mut out = Vec::new();
     for listener in bootstrap["static_resources"]["listeners"]
@@ -293,12 +299,23 @@ fn every_bootstrap_routes_only_what_the_filter_let_through() {
             let plugin: Value =
                 serde_json::from_str(config["configuration"]["value"].as_str().unwrap())
                     .expect("plugin configuration is JSON");
+            // The decrypting listener's instance runs in tunnel mode; the agents'
+            // listener's in the default (proxy) mode.
+            let decrypting = hcm["stat_prefix"] == "agent_vault_tunnel";
+            let mut expected = json!({"cluster": "agent_vault_control_plane",
+                "authority": "agent-vault", "snapshot_poll_ms": 1000,
+                "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000});
+            if decrypting {
+                expected["mode"] = json!("tunnel");
+            }
             assert_eq!(
-                plugin,
-                json!({"cluster": "agent_vault_control_plane", "authority": "agent-vault",
-                       "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000,
-                       "callout_timeout_ms": 2000}),
+                plugin, expected,
                 "{name}: exactly the documented keys, no secrets"
+            );
+            assert!(
+                early.contains("\"remove\":\"x-agent-vault-tunnel\"")
+                    || !text.contains("x-agent-vault-tunnel"),
+                "{name}: an agent cannot supply the tunnel identity: {early}"
             );
 
             let routes = &hcm["route_config"];
@@ -314,11 +331,31 @@ fn every_bootstrap_routes_only_what_the_filter_let_through() {
                 for route in vhost["routes"].as_array().unwrap() {
                     let m = &route["match"];
                     if m.get("connect_matcher").is_some() {
-                        assert!(
-                            route.get("direct_response").is_some(),
-                            "{name}: CONNECT is never tunnelled"
+                        let Some(target) = route["route"]["cluster"].as_str() else {
+                            assert!(route.get("direct_response").is_some(), "{name}");
+                            // The last CONNECT route fails closed.
+                            connect_backstop = m.get("headers").is_none();
+                            continue;
+                        };
+                        // A CONNECT is tunnelled only when the filter said so, and
+                        // only into the decrypting internal listener, never to an
+                        // address the agent chose.
+                        let value = m["headers"]
+                            .as_array()
+                            .and_then(|hs| {
+                                hs.iter().find(|h| h["name"] == "x-agent-vault-upstream")
+                            })
+                            .and_then(|h| h["string_match"]["exact"].as_str());
+                        assert_eq!(value, Some("tunnel"), "{name}: CONNECT to {target}");
+                        assert_eq!(target, "agent_vault_tunnel", "{name}");
+                        assert!(!decrypting, "{name}: no tunnel inside a tunnel");
+                        let internal = &cluster(&bootstrap, target)["load_assignment"]["endpoints"]
+                            [0]["lb_endpoints"][0]["endpoint"]["address"];
+                        assert_eq!(
+                            internal["envoy_internal_address"]["server_listener_name"],
+                            "agent_vault_tunnel",
+                            "{name}"
                         );
-                        connect_backstop = true;
                         continue;
                     }
                     let Some(target) = route["route"]["cluster"].as_str() else {
@@ -380,16 +417,17 @@ fn the_forward_proxy_uses_the_dynamic_forward_proxy_with_sni_and_san_checks() {
         filters,
         [
             "envoy.filters.http.wasm",
+            "envoy.filters.http.set_filter_state",
             "envoy.filters.http.dynamic_forward_proxy",
             "envoy.filters.http.rbac",
             "envoy.filters.http.router"
         ]
     );
     assert_eq!(
-        hcm["http_filters"][1]["typed_config"]["save_upstream_address"],
+        hcm["http_filters"][2]["typed_config"]["save_upstream_address"],
         true
     );
-    let dns = &hcm["http_filters"][1]["typed_config"]["dns_cache_config"];
+    let dns = &hcm["http_filters"][2]["typed_config"]["dns_cache_config"];
     assert_eq!(dns["dns_lookup_family"], "V4_ONLY");
     for name in ["dfp_tls", "dfp_plain"] {
         let c = cluster(&bootstrap, name);
@@ -411,6 +449,140 @@ fn the_forward_proxy_uses_the_dynamic_forward_proxy_with_sni_and_san_checks() {
     assert_eq!(options["auto_san_validation"], true);
     assert!(has_tls(tls));
     assert!(!has_tls(cluster(&bootstrap, "dfp_plain")));
+}
+
+/// HTTPS agents (DESIGN.md §3): the shape the filter's tunnel mode relies on. The
+/// identity header becomes filter state shared with the upstream connection; the
+/// tunnel goes only into the internal listener, which reads the SNI, terminates TLS
+/// with the control plane's on-demand certificates, and runs the same filter in tunnel
+/// mode, then the forward proxy, the destination check and the router, as outside.
+#[test]
+fn the_forward_proxy_decrypts_tunnels_with_on_demand_certificates_and_the_identity_proven_on_connect(
+) {
+    let dummy = dummy_vars();
+    let text = render(
+        &std::fs::read_to_string(envoy_dir().join("forward-proxy.yaml")).unwrap(),
+        &dummy.vars,
+    );
+    let bootstrap = yaml_to_json(&text);
+    assert_eq!(
+        bootstrap["bootstrap_extensions"][0]["name"],
+        "envoy.bootstrap.internal_listener"
+    );
+    let hcms = hcms(&bootstrap);
+    assert_eq!(hcms.len(), 2, "the agents' listener and the decrypting one");
+    let (outer, inner) = (&hcms[0], &hcms[1]);
+
+    let set_state = outer["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.set_filter_state")
+        .expect("set_filter_state on the agents' listener");
+    let state = &set_state["typed_config"]["on_request_headers"][0];
+    assert_eq!(state["object_key"], "agent_vault.tunnel");
+    assert_eq!(state["shared_with_upstream"], "ONCE");
+    assert_eq!(
+        state["format_string"]["text_format_source"]["inline_string"],
+        "%REQ(x-agent-vault-tunnel)%"
+    );
+    assert_eq!(state["skip_if_empty"], true);
+    assert_eq!(
+        outer["http_protocol_options"]["accept_http_10"], true,
+        "Python's CONNECT is HTTP/1.0"
+    );
+
+    let listener = bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "agent_vault_tunnel")
+        .expect("the decrypting listener");
+    assert!(listener["internal_listener"].is_object(), "no socket");
+    assert!(listener.get("address").is_none());
+    assert_eq!(
+        listener["listener_filters"][0]["name"], "envoy.filters.listener.tls_inspector",
+        "the SNI reaches the filter"
+    );
+    let tls = &listener["filter_chains"][0]["transport_socket"]["typed_config"];
+    assert_eq!(tls["disable_stateless_session_resumption"], true);
+    assert_eq!(tls["disable_stateful_session_resumption"], true);
+    let common = &tls["common_tls_context"];
+    assert_eq!(common["alpn_protocols"], json!(["h2", "http/1.1"]));
+    assert!(
+        common.get("tls_certificates").is_none(),
+        "no static certificate"
+    );
+    let selector = &common["custom_tls_certificate_selector"];
+    assert_eq!(
+        selector["name"],
+        "envoy.tls.certificate_selectors.on_demand_secret"
+    );
+    let selector = &selector["typed_config"];
+    assert_eq!(
+        selector["certificate_mapper"]["name"],
+        "envoy.tls.certificate_mappers.sni"
+    );
+    let source = &selector["config_source"]["api_config_source"];
+    assert_eq!(source["api_type"], "DELTA_GRPC");
+    assert_eq!(
+        source["grpc_services"][0]["envoy_grpc"]["cluster_name"],
+        "agent_vault_sds"
+    );
+    let sds = cluster(&bootstrap, "agent_vault_sds");
+    assert_eq!(
+        sds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+            ["path"],
+        dummy
+            .vars
+            .iter()
+            .find(|(n, _)| n == "SDS_SOCKET")
+            .unwrap()
+            .1
+            .as_str(),
+        "SDS on the control plane's Unix socket, never TCP"
+    );
+    assert!(
+        sds["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            ["http2_protocol_options"]
+            .is_object(),
+        "gRPC needs HTTP/2"
+    );
+    let tunnel = cluster(&bootstrap, "agent_vault_tunnel");
+    assert_eq!(
+        tunnel["transport_socket"]["name"],
+        "envoy.transport_sockets.internal_upstream"
+    );
+
+    let inner_filters: Vec<&str> = inner["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        inner_filters,
+        [
+            "envoy.filters.http.wasm",
+            "envoy.filters.http.dynamic_forward_proxy",
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.router"
+        ]
+    );
+    assert_eq!(
+        inner["http_filters"][0]["typed_config"]["config"]["vm_config"],
+        outer["http_filters"][0]["typed_config"]["config"]["vm_config"],
+        "the same VM"
+    );
+    // The same forward proxy (one DNS cache) and the same destination check.
+    assert_eq!(inner["http_filters"][1], outer["http_filters"][2]);
+    assert_eq!(inner["http_filters"][2], outer["http_filters"][3]);
+    assert_eq!(inner["local_reply_config"], outer["local_reply_config"]);
+    assert_eq!(
+        inner["early_header_mutation_extensions"],
+        outer["early_header_mutation_extensions"]
+    );
 }
 
 /// The destination check (DESIGN.md §11.9): an RBAC filter after the forward proxy's
@@ -467,9 +639,12 @@ fn the_forward_proxy_refuses_every_private_range_on_the_resolved_address_with_th
     for vhost in hcm["route_config"]["virtual_hosts"].as_array().unwrap() {
         for route in vhost["routes"].as_array().unwrap() {
             let per_route = &route["typed_per_filter_config"]["envoy.filters.http.rbac"];
+            // ...nor on the tunnel into the decrypting listener: its requests are
+            // checked inside, each on the address it resolves to.
+            let into_the_decrypting_listener = route["route"]["cluster"] == "agent_vault_tunnel";
             assert_eq!(
                 per_route.is_object(),
-                route.get("direct_response").is_some(),
+                route.get("direct_response").is_some() || into_the_decrypting_listener,
                 "{route}"
             );
         }

@@ -155,8 +155,10 @@ fn an_upstream_certificate_from_an_untrusted_ca_fails_closed() {
     );
 }
 
+/// A CONNECT the filter does not let through (HTTPS agents, see `https_proxy` for the
+/// ones it does) gets the filter's JSON, and nothing reaches an upstream.
 #[test]
-fn connect_gets_a_clear_json_error_and_is_never_tunnelled() {
+fn a_connect_the_filter_refuses_gets_a_clear_json_error_and_reaches_no_upstream() {
     let stack = Stack::start();
     let echo = Echo::plain();
     stack.set_credential("default", "KEY", "v");
@@ -174,30 +176,51 @@ fn connect_gets_a_clear_json_error_and_is_never_tunnelled() {
     );
     echo.clear();
 
-    for auth in [Some(proxy_basic(&token, "default")), None] {
-        let mut request = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n", echo.authority());
-        if let Some(auth) = &auth {
+    let auth = proxy_basic(&token, "default");
+    let other_port = format!("localhost:{}", echo.port + 1);
+    let cases = [
+        (
+            "no proxy credential",
+            echo.authority(),
+            None,
+            407,
+            "proxy_auth_required",
+        ),
+        (
+            "a host no service names",
+            "api.example.org:443".to_string(),
+            Some(&auth),
+            403,
+            "forbidden",
+        ),
+        (
+            "another port of the service's host",
+            other_port,
+            Some(&auth),
+            403,
+            "forbidden",
+        ),
+    ];
+    for (behaviour, authority, auth, status, code) in cases {
+        let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+        if let Some(auth) = auth {
             request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
         }
         request.push_str("\r\n");
         let response = raw_request(stack.envoy.port, request.as_bytes());
-        assert_eq!(response.status, 405, "{response:?}");
+        assert_eq!(response.status, status, "{behaviour}: {response:?}");
         assert_eq!(response.header("x-agent-vault-error"), Some("true"));
         assert!(response
             .header("content-type")
             .is_some_and(|c| c.starts_with("application/json")));
         let body = response.json();
-        assert_eq!(body["error"], "connect_not_supported", "{body}");
-        let message = body["message"].as_str().unwrap();
-        assert!(
-            message.contains("http://"),
-            "tells the agent what to do instead: {body}"
-        );
+        assert_eq!(body["error"], code, "{behaviour}: {body}");
         // The filter itself answered (upgrade_configs lets CONNECT reach it), not the
         // config's connect_matcher backstop.
+        let message = body["message"].as_str().unwrap();
         assert!(
             !stack.envoy.config().contains(message),
-            "answered by the route backstop, not the filter: {body}"
+            "{behaviour}: answered by the route backstop, not the filter: {body}"
         );
     }
     assert!(echo.received().is_empty(), "nothing was tunnelled");

@@ -1,0 +1,677 @@
+//! HTTPS agents (`HTTPS_PROXY`) end to end: real clients (curl, Python `requests`) and a
+//! byte-by-byte one (`https_agent`) send `CONNECT` through the real Envoy with the
+//! built filter; Envoy decrypts the tunnel and the requests inside reach a loopback TLS
+//! echo upstream with the credential injected, as the agent proven on the `CONNECT`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use agent_vault_testkit::control_plane::ServerOptions;
+use agent_vault_testkit::envoy::workspace_root;
+use agent_vault_testkit::http::proxy_basic;
+use agent_vault_testkit::http::RawResponse;
+use agent_vault_testkit::https_agent::{connect, HttpsTunnel, TlsOptions, TunnelError};
+use agent_vault_testkit::stack::{wait_for, Stack};
+use agent_vault_testkit::upstream::{Echo, TestCa};
+
+/// Long enough for the filter's first snapshot poll (on start, then every 1 s).
+const FIRST_SNAPSHOT: Duration = Duration::from_secs(5);
+/// A change reaches every worker's filter within one poll (1 s); with a margin.
+const PROPAGATION: Duration = Duration::from_secs(5);
+
+/// The system with an HTTPS echo upstream on loopback, reached as `localhost:<port>`
+/// (SNI needs a name) and allowed by Envoy's destination check by exactly its address
+/// and port; a service `echo` of vault `default` for it, injecting `ECHO_TOKEN`.
+struct Https {
+    stack: Stack,
+    echo: Echo,
+    /// The CA agents trust for the proxy's certificates (PEM file).
+    proxy_ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Https {
+    fn start() -> Https {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream_ca = TestCa::new("upstream test CA");
+        let echo = Echo::tls(&upstream_ca);
+        let proxy = TestCa::new("agent-vault proxy test CA");
+        let (chain, key) = proxy.issue_pem(&["localhost", "other.localhost"]);
+        let chain_path = dir.path().join("tunnel.pem");
+        let key_path = dir.path().join("tunnel.key");
+        std::fs::write(&chain_path, chain).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let proxy_ca = proxy.write_pem(&dir.path().join("proxy-ca.pem"));
+        let allowed = format!("127.0.0.1/32:{}", echo.port);
+        let stack = Stack::start_with_ca(ServerOptions::default(), upstream_ca, |options| {
+            options
+                .allow_private_upstreams(&[&allowed])
+                .static_tunnel_certificate(&chain_path, &key_path)
+        });
+        Https {
+            stack,
+            echo,
+            proxy_ca,
+            _dir: dir,
+        }
+    }
+
+    /// Adds the `echo` service (bearer `ECHO_TOKEN` = `secret`) to `vault`.
+    fn add_echo_service(&self, vault: &str, secret: &str) {
+        self.stack.set_credential(vault, "ECHO_TOKEN", secret);
+        self.stack.add_service(
+            vault,
+            json!({"name": "echo", "host": self.echo.authority(),
+                   "auth": {"type": "bearer", "token": "ECHO_TOKEN"}}),
+        );
+    }
+
+    fn proxy_ca_pem(&self) -> String {
+        std::fs::read_to_string(&self.proxy_ca).unwrap()
+    }
+
+    /// `https://localhost:<echo port><path>`.
+    fn url(&self, path: &str) -> String {
+        format!("https://{}{}", self.echo.authority(), path)
+    }
+
+    /// `http://token:vault@127.0.0.1:<proxy port>`.
+    fn proxy_url(&self, token: &str, vault: &str) -> String {
+        format!("http://{token}:{vault}@127.0.0.1:{}", self.stack.envoy.port)
+    }
+
+    /// A tunnel to the echo as `token` in `vault`, TLS with SNI `localhost`.
+    fn tunnel(&self, token: &str, vault: &str) -> Result<HttpsTunnel, TunnelError> {
+        let auth = proxy_basic(token, vault);
+        HttpsTunnel::open(
+            self.stack.envoy.port,
+            &self.echo.authority(),
+            &[("Proxy-Authorization", &auth)],
+            &TlsOptions::new("localhost", &self.proxy_ca_pem()),
+        )
+    }
+}
+
+/// What curl printed: its exit code, the body, the status (`-w`) and its stderr.
+struct CurlOutput {
+    code: i32,
+    status: u16,
+    body: String,
+    stderr: String,
+}
+
+impl CurlOutput {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "curl's body is not JSON ({e}): {} {}",
+                self.body, self.stderr
+            )
+        })
+    }
+}
+
+/// curl through the proxy, as an agent runs it: `--proxy http://TOKEN:vault@proxy`,
+/// `--cacert <the proxy's CA>`, plus `args`. No proxy variable from the test's
+/// environment applies (`NO_PROXY=localhost` would bypass the proxy).
+fn curl(proxy_url: &str, ca: &Path, args: &[&str]) -> CurlOutput {
+    const STATUS_MARK: &str = "\n--status--";
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--proxy", proxy_url, "--cacert"])
+        .arg(ca)
+        .args(["-w", &format!("{STATUS_MARK}%{{http_code}}")])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once(STATUS_MARK).unwrap_or((&stdout, "0"));
+    CurlOutput {
+        code: out.status.code().unwrap_or(-1),
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn curl_over_https_gets_the_credential_injected_over_http1_and_http2_and_never_sends_the_token() {
+    let https = Https::start();
+    let secret = "sk_test_https_0123456789";
+    https.add_echo_service("default", secret);
+    let token = https.stack.create_agent("curl-agent", &["default"]);
+    let proxy = https.proxy_url(&token, "default");
+
+    for version in ["--http1.1", "--http2"] {
+        let url = https.url("/v1/charges?limit=1");
+        let mut last = None;
+        let ok = wait_for(FIRST_SNAPSHOT, || {
+            let out = curl(&proxy, &https.proxy_ca, &[version, &url]);
+            let done = out.status == 200;
+            last = Some(out);
+            done.then_some(())
+        });
+        let out = last.unwrap();
+        assert!(
+            ok.is_some(),
+            "{version}: curl {} {} {} {}\n{}",
+            out.code,
+            out.status,
+            out.body,
+            out.stderr,
+            https.stack.envoy.log_tail(30)
+        );
+        let seen = out.json();
+        assert_eq!(seen["path"], "/v1/charges?limit=1", "{version}");
+        assert_eq!(seen["tls"], true, "Envoy originated TLS upstream");
+        assert_eq!(seen["sni"], "localhost");
+        let headers = &seen["headers"];
+        assert_eq!(
+            headers["authorization"],
+            format!("Bearer {secret}"),
+            "{version}"
+        );
+        assert!(headers.get("proxy-authorization").is_none(), "{headers}");
+        assert!(headers.get("x-agent-vault-upstream").is_none(), "{headers}");
+        assert!(headers.get("x-agent-vault-tunnel").is_none(), "{headers}");
+        let all = seen["header_list"].to_string();
+        assert!(!all.contains(&token), "agent token leaked upstream: {all}");
+    }
+}
+
+/// What Python `requests` got: `{"status", "body"}` or `{"error"}` (the exception).
+fn python_requests(url: &str, https_proxy: &str, ca: &Path) -> Value {
+    const SCRIPT: &str = r#"
+import json, sys
+import requests
+try:
+    r = requests.get(sys.argv[1], timeout=20)
+    print(json.dumps({"status": r.status_code, "body": r.text}))
+except Exception as e:
+    print(json.dumps({"error": repr(e)}))
+"#;
+    let python = workspace_root().join(".venv/bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./dev test, which installs Python requests there",
+        python.display()
+    );
+    let out = Command::new(python)
+        .args(["-c", SCRIPT, url])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HTTPS_PROXY", https_proxy)
+        .env("REQUESTS_CA_BUNDLE", ca)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "python printed no JSON ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The body of an answer as JSON.
+fn json_of(response: &RawResponse) -> Value {
+    serde_json::from_slice(&response.body).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {} {:?} {}",
+            response.status,
+            response.headers,
+            response.text()
+        )
+    })
+}
+
+/// Asserts `response` is the filter's own JSON refusal with `status` and `code`.
+#[track_caller]
+fn assert_refused(response: &RawResponse, status: u16, code: &str) -> Value {
+    assert_eq!(response.status, status, "{}", response.text());
+    assert_eq!(response.header("x-agent-vault-error"), Some("true"));
+    assert!(response
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/json")));
+    let body = json_of(response);
+    assert_eq!(body["error"], code, "{body}");
+    body
+}
+
+/// Waits until a tunnel as `token` in `vault` works (the snapshot with the agent has
+/// reached the filter), and returns it.
+fn ready_tunnel(https: &Https, token: &str, vault: &str) -> HttpsTunnel {
+    let mut last = String::new();
+    let tunnel = wait_for(FIRST_SNAPSHOT, || match https.tunnel(token, vault) {
+        Ok(mut tunnel) => match tunnel.get("/ready", &[]) {
+            Ok(r) if r.status == 200 => Some(tunnel),
+            Ok(r) => {
+                last = format!("{} {}", r.status, r.text());
+                None
+            }
+            Err(e) => {
+                last = e.to_string();
+                None
+            }
+        },
+        Err(e) => {
+            last = format!("{e:?}");
+            None
+        }
+    });
+    tunnel.unwrap_or_else(|| {
+        panic!(
+            "no working tunnel: {last}\n{}",
+            https.stack.envoy.log_tail(30)
+        )
+    })
+}
+
+#[test]
+fn python_requests_with_https_proxy_and_requests_ca_bundle_gets_the_credential_injected() {
+    let https = Https::start();
+    let secret = "sk_test_python_0123456789";
+    https.add_echo_service("default", secret);
+    let token = https.stack.create_agent("python-agent", &["default"]);
+    let mut last = Value::Null;
+    let ok = wait_for(FIRST_SNAPSHOT, || {
+        last = python_requests(
+            &https.url("/v1/items"),
+            &https.proxy_url(&token, "default"),
+            &https.proxy_ca,
+        );
+        (last["status"] == 200).then_some(())
+    });
+    assert!(ok.is_some(), "{last}\n{}", https.stack.envoy.log_tail(30));
+    let seen: Value = serde_json::from_str(last["body"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["headers"]["authorization"], format!("Bearer {secret}"));
+    assert!(seen["headers"].get("proxy-authorization").is_none());
+    assert!(!seen["header_list"].to_string().contains(&token));
+}
+
+#[test]
+fn a_connect_without_or_with_a_bad_token_is_407_with_the_challenge() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_never");
+    let authority = https.echo.authority();
+    let bad = proxy_basic(
+        "av_agt_0000000000000000000000000000000000000000000000000000000000000000",
+        "default",
+    );
+    for (behaviour, headers, code) in [
+        ("no credential", vec![], "proxy_auth_required"),
+        (
+            "an unknown token",
+            vec![("Proxy-Authorization", bad.as_str())],
+            "invalid_token",
+        ),
+    ] {
+        let (response, tunnel) = connect(https.stack.envoy.port, &authority, &headers).unwrap();
+        assert!(tunnel.is_none(), "{behaviour}");
+        assert_refused(&response, 407, code);
+        assert_eq!(
+            response.header("proxy-authenticate"),
+            Some("Basic realm=\"agent-vault\""),
+            "{behaviour}"
+        );
+    }
+    // What a real client shows: curl fails the CONNECT with its status.
+    let out = curl(
+        &format!("http://127.0.0.1:{}", https.stack.envoy.port),
+        &https.proxy_ca,
+        &[&https.url("/")],
+    );
+    assert_eq!(out.code, 56, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("CONNECT tunnel failed, response 407"),
+        "{}",
+        out.stderr
+    );
+    assert!(https.echo.received().is_empty());
+}
+
+#[test]
+fn a_connect_to_a_host_no_rule_names_is_403_with_a_proposal_hint_and_clients_show_the_403() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_never");
+    let token = https.stack.create_agent("curious", &["default"]);
+    let auth = proxy_basic(&token, "default");
+    let connect_unknown = || {
+        connect(
+            https.stack.envoy.port,
+            "api.unknown-to-the-vault.example:443",
+            &[("Proxy-Authorization", &auth)],
+        )
+        .unwrap()
+        .0
+    };
+    let response = wait_for(FIRST_SNAPSHOT, || {
+        let response = connect_unknown();
+        (response.status != 407).then_some(response)
+    })
+    .unwrap_or_else(connect_unknown);
+    let body = assert_refused(&response, 403, "forbidden");
+    assert_eq!(
+        body["proposal_hint"],
+        json!({"host": "api.unknown-to-the-vault.example", "endpoint": "POST /v1/proposals",
+               "supported_auth_types": ["bearer", "basic", "api-key", "custom", "passthrough"]}),
+        "{body}"
+    );
+    // Another port of a host the vault knows is no service either: the hint names it.
+    let (other_port, _) = connect(
+        https.stack.envoy.port,
+        &format!("localhost:{}", https.echo.port + 1),
+        &[("Proxy-Authorization", &auth)],
+    )
+    .unwrap();
+    let body = assert_refused(&other_port, 403, "forbidden");
+    assert_eq!(
+        body["proposal_hint"]["host"],
+        format!("localhost:{}", https.echo.port + 1)
+    );
+
+    // curl shows the status of the refused CONNECT, not its body (-v shows the
+    // headers, x-agent-vault-error among them).
+    let proxy = https.proxy_url(&token, "default");
+    let out = curl(
+        &proxy,
+        &https.proxy_ca,
+        &["-v", "https://api.unknown-to-the-vault.example/v1/x"],
+    );
+    assert_eq!(out.code, 56, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("CONNECT tunnel failed, response 403"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("< x-agent-vault-error: true"),
+        "{}",
+        out.stderr
+    );
+    // Python requests raises a ProxyError naming the status.
+    let got = python_requests(
+        "https://api.unknown-to-the-vault.example/v1/x",
+        &proxy,
+        &https.proxy_ca,
+    );
+    let error = got["error"].as_str().unwrap_or_default();
+    assert!(error.contains("ProxyError"), "{got}");
+    assert!(
+        error.contains("Tunnel connection failed: 403 Forbidden"),
+        "{got}"
+    );
+}
+
+#[test]
+fn inside_a_tunnel_a_disabled_service_is_403_a_deleted_credential_502_and_a_stopped_control_plane_503(
+) {
+    let mut https = Https::start();
+    https.add_echo_service("default", "sk_test_inside");
+    // A second service on the same host, whose credential no request has fetched yet:
+    // with the control plane down, a request for it cannot be served from the cache.
+    https
+        .stack
+        .set_credential("default", "FRESH_TOKEN", "sk_fresh");
+    https.stack.add_service(
+        "default",
+        json!({"name": "fresh", "host": format!("{}/fresh/*", https.echo.authority()),
+               "auth": {"type": "bearer", "token": "FRESH_TOKEN"}}),
+    );
+    let token = https.stack.create_agent("inside", &["default"]);
+    let mut tunnel = ready_tunnel(&https, &token, "default");
+
+    https.stack.set_service_enabled("default", "echo", false);
+    let (disabled, _, ok) = until_raw(
+        PROPAGATION,
+        || tunnel.get("/v1/x", &[]),
+        |r| r.status == 403,
+    );
+    assert!(ok, "{} {}", disabled.status, disabled.text());
+    let body = assert_refused(&disabled, 403, "service_disabled");
+    assert!(
+        body["message"].as_str().unwrap().contains("\"echo\""),
+        "{body}"
+    );
+
+    https.stack.set_service_enabled("default", "echo", true);
+    https.stack.delete_credentials("default", &["ECHO_TOKEN"]);
+    let (missing, _, ok) = until_raw(
+        PROPAGATION,
+        || tunnel.get("/v1/x", &[]),
+        |r| r.status == 502,
+    );
+    assert!(ok, "{} {}", missing.status, missing.text());
+    let body = assert_refused(&missing, 502, "credential_not_found");
+    assert_eq!(body["key"], "ECHO_TOKEN");
+
+    https.stack.server.stop();
+    https.echo.clear();
+    let down = tunnel.get("/fresh/x", &[]).unwrap();
+    assert_refused(&down, 503, "control_plane_unavailable");
+    assert!(https.echo.received().is_empty());
+}
+
+/// Repeats `request` on a tunnel every 100 ms until `done` or `timeout`: the last
+/// answer, the time it took, and whether `done` held.
+fn until_raw(
+    timeout: Duration,
+    mut request: impl FnMut() -> std::io::Result<RawResponse>,
+    done: impl Fn(&RawResponse) -> bool,
+) -> (RawResponse, Duration, bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let response = request().expect("the tunnel stays open");
+        if done(&response) {
+            return (response, start.elapsed(), true);
+        }
+        if start.elapsed() > timeout {
+            return (response, start.elapsed(), false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_tunnel_opened_before_a_revoke_stops_injecting_within_the_propagation_target() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_test_revoked");
+    let token = https.stack.create_agent("doomed", &["default"]);
+    let mut tunnel = ready_tunnel(&https, &token, "default");
+    let before = tunnel.get("/before", &[]).unwrap();
+    assert_eq!(
+        json_of(&before)["headers"]["authorization"],
+        "Bearer sk_test_revoked"
+    );
+
+    https.stack.revoke_agent("doomed");
+    let (revoked, took, ok) = until_raw(
+        PROPAGATION,
+        || tunnel.get("/after", &[]),
+        |r| r.status != 200,
+    );
+    assert!(
+        ok,
+        "still served {took:?} after the revoke: {}",
+        revoked.text()
+    );
+    assert_refused(&revoked, 407, "invalid_token");
+    // The same tunnel stays refused (every worker has the new rules by now).
+    std::thread::sleep(Duration::from_millis(1500));
+    https.echo.clear();
+    for _ in 0..10 {
+        let again = tunnel.get("/again", &[]).unwrap();
+        assert_refused(&again, 407, "invalid_token");
+    }
+    assert!(https.echo.received().is_empty());
+    eprintln!("a revoke reached an open tunnel in {took:?}");
+}
+
+#[test]
+fn a_tunnel_authenticated_as_agent_a_never_gets_vault_bs_or_agent_bs_credential() {
+    let https = Https::start();
+    https.stack.create_vault("vault-a");
+    https.stack.create_vault("vault-b");
+    https.add_echo_service("vault-a", "sk_vault_a");
+    https.add_echo_service("vault-b", "sk_vault_b");
+    let a = https.stack.create_agent("agent-a", &["vault-a"]);
+    let b = https.stack.create_agent("agent-b", &["vault-b"]);
+    let mut tunnel = ready_tunnel(&https, &a, "vault-a");
+    let _ = ready_tunnel(&https, &b, "vault-b");
+
+    // Inside A's tunnel: B's proxy credential, B's vault named, and the identity
+    // header of the filter itself, forged.
+    let b_auth = proxy_basic(&b, "vault-b");
+    let forged =
+        "v1 0000000000000000000000000000000000000000000000000000000000000000 vault-b localhost 443";
+    for headers in [
+        vec![("Proxy-Authorization", b_auth.as_str())],
+        vec![("X-Vault", "vault-b")],
+        vec![("x-agent-vault-tunnel", forged)],
+        vec![
+            ("Proxy-Authorization", b_auth.as_str()),
+            ("X-Vault", "vault-b"),
+            ("x-agent-vault-tunnel", forged),
+        ],
+    ] {
+        let seen = json_of(&tunnel.get("/v1/x", &headers).unwrap());
+        assert_eq!(
+            seen["headers"]["authorization"], "Bearer sk_vault_a",
+            "{headers:?}"
+        );
+        assert!(
+            seen["headers"].get("proxy-authorization").is_none(),
+            "{seen}"
+        );
+        assert!(seen["headers"].get("x-vault").is_none(), "{seen}");
+        assert!(
+            seen["headers"].get("x-agent-vault-tunnel").is_none(),
+            "{seen}"
+        );
+        assert!(!seen["header_list"].to_string().contains(&b), "{seen}");
+    }
+
+    // A cannot open a tunnel in B's vault.
+    let a_in_b = proxy_basic(&a, "vault-b");
+    let (refused, _) = connect(
+        https.stack.envoy.port,
+        &https.echo.authority(),
+        &[("Proxy-Authorization", &a_in_b)],
+    )
+    .unwrap();
+    assert_refused(&refused, 403, "forbidden");
+
+    // A CONNECT carrying a forged identity header gets the identity it proves, A's.
+    let a_auth = proxy_basic(&a, "vault-a");
+    let b_identity = format!(
+        "v1 {} vault-b {} {}",
+        sha256_hex(&b),
+        "localhost",
+        https.echo.port
+    );
+    let mut forged_tunnel = HttpsTunnel::open(
+        https.stack.envoy.port,
+        &https.echo.authority(),
+        &[
+            ("Proxy-Authorization", &a_auth),
+            ("x-agent-vault-tunnel", &b_identity),
+        ],
+        &TlsOptions::new("localhost", &https.proxy_ca_pem()),
+    )
+    .unwrap();
+    let seen = json_of(&forged_tunnel.get("/v1/x", &[]).unwrap());
+    assert_eq!(seen["headers"]["authorization"], "Bearer sk_vault_a");
+    // Without a valid proxy credential the forged header opens nothing.
+    let (refused, tunnel) = connect(
+        https.stack.envoy.port,
+        &https.echo.authority(),
+        &[("x-agent-vault-tunnel", &b_identity)],
+    )
+    .unwrap();
+    assert!(tunnel.is_none());
+    assert_refused(&refused, 407, "proxy_auth_required");
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
+}
+
+#[test]
+fn a_tls_server_name_other_than_the_connects_host_is_refused_421() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_never_sni");
+    let token = https.stack.create_agent("sni", &["default"]);
+    let _ = ready_tunnel(&https, &token, "default");
+    let auth = proxy_basic(&token, "default");
+    let mut tunnel = HttpsTunnel::open(
+        https.stack.envoy.port,
+        &https.echo.authority(),
+        &[("Proxy-Authorization", &auth)],
+        &TlsOptions::new("other.localhost", &https.proxy_ca_pem()),
+    )
+    .unwrap();
+    https.echo.clear();
+    let host = format!("other.localhost:{}", https.echo.port);
+    for headers in [vec![], vec![("Host", host.as_str())]] {
+        let response = tunnel.get("/v1/x", &headers).unwrap();
+        let body = assert_refused(&response, 421, "tunnel_host_mismatch");
+        assert_eq!(body["host"], https.echo.authority(), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("SNI"), "{body}");
+    }
+    assert!(https.echo.received().is_empty());
+}
+
+#[test]
+fn an_authority_other_than_the_connects_host_inside_the_tunnel_is_refused_421() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_never_host");
+    // The other host has a rule too: the tunnel still carries only its own host.
+    https
+        .stack
+        .set_credential("default", "OTHER_TOKEN", "sk_other");
+    https.stack.add_service(
+        "default",
+        json!({"name": "other", "host": format!("other.localhost:{}", https.echo.port),
+               "auth": {"type": "bearer", "token": "OTHER_TOKEN"}}),
+    );
+    let token = https.stack.create_agent("host", &["default"]);
+    let mut tunnel = ready_tunnel(&https, &token, "default");
+    https.echo.clear();
+    let other = format!("other.localhost:{}", https.echo.port);
+    let other_port = format!("localhost:{}", https.echo.port + 1);
+    for host in [other.as_str(), other_port.as_str(), "localhost"] {
+        let response = tunnel.get("/v1/x", &[("Host", host)]).unwrap();
+        let body = assert_refused(&response, 421, "tunnel_host_mismatch");
+        assert!(
+            body["message"].as_str().unwrap().contains(":authority"),
+            "{body}"
+        );
+    }
+    assert!(https.echo.received().is_empty());
+    // Its own host still works on the same tunnel.
+    let own = tunnel.get("/v1/x", &[]).unwrap();
+    assert_eq!(
+        json_of(&own)["headers"]["authorization"],
+        "Bearer sk_never_host"
+    );
+}
+
+#[test]
+fn plain_http_through_the_proxy_still_works_beside_https() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_plain_too");
+    let token = https.stack.create_agent("both", &["default"]);
+    let _ = ready_tunnel(&https, &token, "default");
+    // http:// to the same TLS service: Envoy originates TLS, as before.
+    let response = https
+        .stack
+        .get_as(&token, "default", &https.echo.url("/plain"), &[]);
+    let seen = response.echoed();
+    assert_eq!(seen["headers"]["authorization"], "Bearer sk_plain_too");
+    assert_eq!(seen["tls"], true);
+}
