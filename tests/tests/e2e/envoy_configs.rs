@@ -337,25 +337,39 @@ fn every_bootstrap_routes_only_what_the_filter_let_through() {
                             connect_backstop = m.get("headers").is_none();
                             continue;
                         };
-                        // A CONNECT is tunnelled only when the filter said so, and
-                        // only into the decrypting internal listener, never to an
-                        // address the agent chose.
+                        // A CONNECT is tunnelled only when the filter said so: into
+                        // the decrypting internal listener, or untouched (the
+                        // passthrough policy) through the destination check.
                         let value = m["headers"]
                             .as_array()
                             .and_then(|hs| {
                                 hs.iter().find(|h| h["name"] == "x-agent-vault-upstream")
                             })
                             .and_then(|h| h["string_match"]["exact"].as_str());
-                        assert_eq!(value, Some("tunnel"), "{name}: CONNECT to {target}");
-                        assert_eq!(target, "agent_vault_tunnel", "{name}");
                         assert!(!decrypting, "{name}: no tunnel inside a tunnel");
-                        let internal = &cluster(&bootstrap, target)["load_assignment"]["endpoints"]
-                            [0]["lb_endpoints"][0]["endpoint"]["address"];
-                        assert_eq!(
-                            internal["envoy_internal_address"]["server_listener_name"],
-                            "agent_vault_tunnel",
-                            "{name}"
-                        );
+                        let checked =
+                            route["typed_per_filter_config"]["envoy.filters.http.rbac"].is_null();
+                        match value {
+                            Some("tunnel") => {
+                                assert_eq!(target, "agent_vault_tunnel", "{name}");
+                                let internal = &cluster(&bootstrap, target)["load_assignment"]
+                                    ["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"];
+                                assert_eq!(
+                                    internal["envoy_internal_address"]["server_listener_name"],
+                                    "agent_vault_tunnel",
+                                    "{name}"
+                                );
+                            }
+                            Some("opaque") => {
+                                assert_eq!(target, "dfp_opaque", "{name}");
+                                assert!(!has_tls(cluster(&bootstrap, target)), "{name}");
+                                assert!(
+                                    checked,
+                                    "{name}: an untouched tunnel's destination is checked"
+                                );
+                            }
+                            other => panic!("{name}: CONNECT to {target} on {other:?}"),
+                        }
                         continue;
                     }
                     let Some(target) = route["route"]["cluster"].as_str() else {

@@ -675,3 +675,58 @@ fn plain_http_through_the_proxy_still_works_beside_https() {
     assert_eq!(seen["headers"]["authorization"], "Bearer sk_plain_too");
     assert_eq!(seen["tls"], true);
 }
+
+#[test]
+fn under_the_passthrough_policy_an_unknown_host_is_tunnelled_untouched_and_its_destination_still_checked(
+) {
+    let https = Https::start();
+    https.stack.create_vault("open");
+    https.stack.set_unmatched_host_policy("open", "passthrough");
+    let token = https.stack.create_agent("open-agent", &["open"]);
+    let auth = proxy_basic(&token, "open");
+    // Not decrypted: the client speaks TLS with the upstream itself, trusting the
+    // upstream's own CA, and nothing is injected.
+    let upstream_tls = TlsOptions::new("localhost", &https.stack.ca.cert_pem);
+    let mut tunnel = wait_for(FIRST_SNAPSHOT, || {
+        HttpsTunnel::open(
+            https.stack.envoy.port,
+            &https.echo.authority(),
+            &[("Proxy-Authorization", &auth)],
+            &upstream_tls,
+        )
+        .ok()
+    })
+    .unwrap_or_else(|| panic!("no untouched tunnel\n{}", https.stack.envoy.log_tail(30)));
+    let seen = json_of(
+        &tunnel
+            .get("/v1/x", &[("Authorization", "Bearer agents-own")])
+            .unwrap(),
+    );
+    assert_eq!(seen["headers"]["authorization"], "Bearer agents-own");
+    assert!(
+        seen["headers"].get("proxy-authorization").is_none(),
+        "{seen}"
+    );
+    assert!(
+        seen["headers"].get("x-forwarded-proto").is_none(),
+        "not through Envoy's HTTP: {seen}"
+    );
+
+    // The control plane's API port is loopback and not allowed: refused on the CONNECT.
+    let api_port = https
+        .stack
+        .server
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let (refused, tunnel) = connect(
+        https.stack.envoy.port,
+        &format!("localhost:{api_port}"),
+        &[("Proxy-Authorization", &auth)],
+    )
+    .unwrap();
+    assert!(tunnel.is_none());
+    assert_refused(&refused, 403, "destination_forbidden");
+}
