@@ -22,6 +22,10 @@ pub struct VaultRecord {
     pub id: String,
     pub name: String,
     pub unmatched_host_policy: UnmatchedHostPolicy,
+    /// Hosts whose HTTPS tunnels are not decrypted (certificate-pinning clients);
+    /// empty by default, and in records written before it existed.
+    #[serde(default)]
+    pub passthrough_hosts: Vec<String>,
     pub created_at: i64,
 }
 

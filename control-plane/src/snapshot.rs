@@ -29,6 +29,7 @@ impl Store {
                 services: self.services_of(&vault.id)?,
                 name: vault.name,
                 unmatched_host_policy: vault.unmatched_host_policy,
+                passthrough_hosts: vault.passthrough_hosts,
             });
         }
         let agents = self

@@ -1,13 +1,15 @@
 //! The life of a vault: opening the store with its `default` vault, creating, listing,
-//! changing the unmatched-host policy, deleting. Deleting a vault cascades to
+//! changing the unmatched-host policy and the passthrough hosts, deleting. Deleting a vault cascades to
 //! everything in it (credentials, services, members, proposals, agents' grants), so
 //! this is the one concept module that knows every other; who may do what is decided
 //! in [`crate::access`].
 
 use std::path::Path;
 
-use agent_vault_rules::validate_vault_name;
-use agent_vault_rules::UnmatchedHostPolicy;
+use agent_vault_rules::{
+    parse_passthrough_host, validate_vault_name, HostPattern, UnmatchedHostPolicy,
+    MAX_PASSTHROUGH_HOSTS,
+};
 use serde::Serialize;
 
 use crate::access::{
@@ -16,6 +18,7 @@ use crate::access::{
 use crate::agents::AgentRecord;
 use crate::clock::SharedClock;
 use crate::error::{Error, Result};
+use crate::services::read_services_tx;
 use crate::store::{
     abort, get_json, put_json, scan_json, vault_prefix, OpenError, Store, Tx, TxResult,
 };
@@ -25,6 +28,15 @@ pub struct VaultView {
     pub name: String,
     pub role: &'static str,
     pub unmatched_host_policy: UnmatchedHostPolicy,
+    pub passthrough_hosts: Vec<String>,
+}
+
+/// A change of a vault's settings; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default)]
+pub struct VaultUpdate {
+    pub unmatched_host_policy: Option<UnmatchedHostPolicy>,
+    /// The whole new list (empty: none).
+    pub passthrough_hosts: Option<Vec<String>>,
 }
 
 impl Store {
@@ -65,6 +77,7 @@ impl Store {
             id: crate::crypto::new_token("v_")[..26].to_string(),
             name: name.to_string(),
             unmatched_host_policy: UnmatchedHostPolicy::Deny,
+            passthrough_hosts: Vec::new(),
             created_at: self.now_secs(),
         }
     }
@@ -77,6 +90,7 @@ impl Store {
                     name: vault.name,
                     role: access.role_name(),
                     unmatched_host_policy: vault.unmatched_host_policy,
+                    passthrough_hosts: vault.passthrough_hosts,
                 });
             }
         }
@@ -104,6 +118,7 @@ impl Store {
             name: name.to_string(),
             role: "admin",
             unmatched_host_policy: UnmatchedHostPolicy::Deny,
+            passthrough_hosts: Vec::new(),
         })
     }
 
@@ -113,13 +128,48 @@ impl Store {
         name: &str,
         policy: UnmatchedHostPolicy,
     ) -> Result<VaultView> {
+        self.update_vault(
+            principal,
+            name,
+            VaultUpdate {
+                unmatched_host_policy: Some(policy),
+                ..VaultUpdate::default()
+            },
+        )
+    }
+
+    /// Changes a vault's settings (admin). Passthrough hosts are validated like
+    /// service hosts (no path), deduplicated, at most [`MAX_PASSTHROUGH_HOSTS`], and
+    /// refused when a service of the vault that injects a credential could match the
+    /// same host: that host's tunnels must be decrypted, or the credential could not be
+    /// injected. (Should such a service be added later, the proxy decrypts anyway: a
+    /// rule that injects always wins.)
+    pub fn update_vault(
+        &self,
+        principal: &Principal,
+        name: &str,
+        update: VaultUpdate,
+    ) -> Result<VaultView> {
         let (_, access) = self.access(principal, name)?;
         access.require_admin()?;
+        let hosts = update
+            .passthrough_hosts
+            .map(|hosts| self.validate_passthrough_hosts(hosts))
+            .transpose()?;
         let record = self.write_published(|tx| {
             let Some(mut record) = get_json::<VaultRecord>(tx.vaults, name)? else {
                 return abort(vault_not_found(name));
             };
-            record.unmatched_host_policy = policy;
+            if let Some(policy) = update.unmatched_host_policy {
+                record.unmatched_host_policy = policy;
+            }
+            if let Some((hosts, patterns)) = &hosts {
+                let services = read_services_tx(tx, &record.id)?;
+                if let Err(error) = no_injecting_service_overlaps(&services, hosts, patterns) {
+                    return abort(error);
+                }
+                record.passthrough_hosts.clone_from(hosts);
+            }
             put_json(tx.vaults, name, &record)?;
             Ok(record)
         })?;
@@ -127,7 +177,33 @@ impl Store {
             name: record.name,
             role: access.role_name(),
             unmatched_host_policy: record.unmatched_host_policy,
+            passthrough_hosts: record.passthrough_hosts,
         })
+    }
+
+    /// The canonical, deduplicated list and its parsed patterns.
+    fn validate_passthrough_hosts(
+        &self,
+        hosts: Vec<String>,
+    ) -> Result<(Vec<String>, Vec<HostPattern>)> {
+        let options = self.validation_options();
+        let mut canonical: Vec<String> = Vec::with_capacity(hosts.len());
+        let mut patterns = Vec::with_capacity(hosts.len());
+        for host in &hosts {
+            let pattern = parse_passthrough_host(host, &options)?;
+            let written = pattern.to_string();
+            if !canonical.contains(&written) {
+                canonical.push(written);
+                patterns.push(pattern);
+            }
+        }
+        if canonical.len() > MAX_PASSTHROUGH_HOSTS {
+            return Err(Error::bad_request(
+                "too_many_passthrough_hosts",
+                format!("a vault has at most {MAX_PASSTHROUGH_HOSTS} passthrough hosts"),
+            ));
+        }
+        Ok((canonical, patterns))
     }
 
     /// Deletes a vault with its credentials, services, members, proposals and agent
@@ -243,6 +319,41 @@ fn remove_grants(tx: &Tx, agents: &[String], vault: &str) -> TxResult<()> {
     Ok(())
 }
 
+/// Refuses passthrough hosts a credential-injecting service of the vault could match.
+fn no_injecting_service_overlaps(
+    services: &[agent_vault_rules::Service],
+    hosts: &[String],
+    patterns: &[HostPattern],
+) -> Result<()> {
+    let options = agent_vault_rules::ValidationOptions {
+        allow_private_upstreams: true,
+    };
+    for service in services {
+        if service.auth.header_names().is_empty() {
+            continue;
+        }
+        let Ok(service_pattern) = HostPattern::parse(&service.host, &options) else {
+            continue;
+        };
+        if let Some(host) = patterns
+            .iter()
+            .position(|p| p.overlaps(&service_pattern))
+            .and_then(|i| hosts.get(i))
+        {
+            return Err(Error::bad_request(
+                "passthrough_host_has_service",
+                format!(
+                    "passthrough host {host:?} overlaps service {:?} ({}), which injects a \
+                     credential: tunnels to its hosts must be decrypted for that; remove \
+                     or narrow one of them",
+                    service.name, service.host
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +366,105 @@ mod tests {
             .unwrap()
             .into_iter()
             .find(|a| a.name == name)
+    }
+
+    fn hosts(store: &Store, vault: &str, hosts: &[&str]) -> Result<VaultView> {
+        store.update_vault(
+            &owner(),
+            vault,
+            VaultUpdate {
+                passthrough_hosts: Some(hosts.iter().map(|h| h.to_string()).collect()),
+                ..VaultUpdate::default()
+            },
+        )
+    }
+
+    #[test]
+    fn passthrough_hosts_are_off_by_default_canonical_and_reach_the_snapshot() {
+        let (_dir, store) = system_store();
+        let views = store.list_vaults(&owner()).unwrap();
+        assert!(views.iter().all(|v| v.passthrough_hosts.is_empty()));
+        let view = hosts(
+            &store,
+            "default",
+            &[
+                "Pinned.Example.com.",
+                "pinned.example.com",
+                "*.apps.example.com:443",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            view.passthrough_hosts,
+            ["pinned.example.com", "*.apps.example.com:443"],
+            "canonical and deduplicated"
+        );
+        assert_eq!(
+            view.unmatched_host_policy,
+            UnmatchedHostPolicy::Deny,
+            "unchanged"
+        );
+        let snapshot = store.build_snapshot().unwrap();
+        let default = snapshot
+            .vaults
+            .iter()
+            .find(|v| v.name == "default")
+            .unwrap();
+        assert_eq!(default.passthrough_hosts, view.passthrough_hosts);
+        assert!(hosts(&store, "default", &[])
+            .unwrap()
+            .passthrough_hosts
+            .is_empty());
+    }
+
+    #[test]
+    fn a_passthrough_host_is_refused_where_a_service_injects_a_credential_or_it_is_no_host() {
+        let (_dir, store) = system_store();
+        store
+            .set_credentials(
+                &owner(),
+                "default",
+                &crate::testing::secrets(&[("STRIPE_KEY", "sk")]),
+            )
+            .unwrap();
+        crate::testing::add_stripe_service(&store);
+        let open: agent_vault_rules::Service = serde_json::from_value(serde_json::json!({
+            "name": "open", "host": "open.example.com", "auth": {"type": "passthrough"}
+        }))
+        .unwrap();
+        store.add_service(&owner(), "default", open).unwrap();
+        // (behaviour, hosts, error code)
+        #[rustfmt::skip]
+        let refused: &[(&str, &[&str], &str)] = &[
+            ("the injecting service's host", &["api.stripe.com"], "passthrough_host_has_service"),
+            ("a wildcard over it", &["*.stripe.com"], "passthrough_host_has_service"),
+            ("its host on a port", &["api.stripe.com:443"], "passthrough_host_has_service"),
+            ("a path", &["pinned.example.com/v1/*"], "invalid_host"),
+            ("a private name without --allow-private-upstreams", &["localhost:8443"], "private_host"),
+        ];
+        for (behaviour, list, code) in refused {
+            let error = hosts(&store, "default", list).unwrap_err();
+            assert_eq!(error.code(), *code, "{behaviour}: {error}");
+        }
+        let too_many: Vec<String> = (0..=agent_vault_rules::MAX_PASSTHROUGH_HOSTS)
+            .map(|i| format!("h{i}.example.com"))
+            .collect();
+        let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+        assert_eq!(
+            hosts(&store, "default", &too_many).unwrap_err().code(),
+            "too_many_passthrough_hosts"
+        );
+        // A service that injects nothing does not stand in the way.
+        let view = hosts(&store, "default", &["open.example.com", "*.example.com"]).unwrap();
+        assert_eq!(view.passthrough_hosts.len(), 2);
+        let snapshot = store.build_snapshot().unwrap();
+        assert!(
+            snapshot
+                .vaults
+                .iter()
+                .any(|v| v.passthrough_hosts.len() == 2),
+            "nothing was half-applied before"
+        );
     }
 
     #[test]

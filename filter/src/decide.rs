@@ -12,9 +12,11 @@
 //!    400 `vault_required` / 403 `forbidden`.
 //! 6. A `CONNECT` (an HTTPS agent) opens a tunnel if a service of the vault names its
 //!    host on its port, whatever the service's path or state: Envoy decrypts it and
-//!    the requests inside are decided one by one (below). A host no service names is
-//!    403 with `proposal_hint` (policy `deny`), or an untouched tunnel (policy
-//!    `passthrough`). Nothing is fetched for a `CONNECT`.
+//!    the requests inside are decided one by one (below). A host on the vault's
+//!    passthrough list gets an untouched tunnel instead, unless a service that injects
+//!    a credential names it. A host no service names is 403 with `proposal_hint`
+//!    (policy `deny`), or an untouched tunnel (policy `passthrough`). Nothing is
+//!    fetched for a `CONNECT`.
 //! 7. `:authority` + `:path` → service → 400 `invalid_request`; no match: policy
 //!    `passthrough` forwards without credentials, `deny` → 403 with `proposal_hint`.
 //! 8. Disabled → 403 `service_disabled`; auth rule broken → 502 `invalid_service`.
@@ -376,16 +378,37 @@ fn decide_connect(
     let Some((host, port)) = authority.and_then(|a| normalize_authority(a, TLS_PORT)) else {
         return Decision::Reject(reply::invalid_request());
     };
-    let Some(index) = vault.matcher.find_for_tunnel(&host, port) else {
-        let decision = match vault.policy {
-            // Nothing to inject for any request inside: the tunnel is not decrypted
-            // (no certificate is minted for a host no rule names).
-            UnmatchedHostPolicy::Passthrough => Decision::Forward(Forward {
-                route: Route::Opaque,
-                ..Forward::untouched(false)
-            }),
-            UnmatchedHostPolicy::Deny => {
-                Decision::Reject(reply::no_service_for_tunnel(&vault.name, &host, port))
+    // Nothing to inject into, nothing decrypted: raw bytes to the host.
+    let opaque = || {
+        Decision::Forward(Forward {
+            route: Route::Opaque,
+            ..Forward::untouched(false)
+        })
+    };
+    let pinned = || {
+        vault
+            .passthrough_hosts
+            .iter()
+            .any(|pattern| pattern.matches_tunnel(&host, port))
+    };
+    let found = vault.matcher.find_for_tunnel(&host, port);
+    let injects = found
+        .and_then(|index| vault.matcher.auth(index))
+        .is_none_or(|auth| {
+            auth.as_ref()
+                .map_or(true, |auth| auth.header_names().next().is_some())
+        });
+    let Some(index) = found.filter(|_| injects || !pinned()) else {
+        let decision = if pinned() {
+            // A client that pins its certificates: it would refuse ours.
+            opaque()
+        } else {
+            match vault.policy {
+                // No certificate is minted for a host no rule names.
+                UnmatchedHostPolicy::Passthrough => opaque(),
+                UnmatchedHostPolicy::Deny => {
+                    Decision::Reject(reply::no_service_for_tunnel(&vault.name, &host, port))
+                }
             }
         };
         log.host = host;
@@ -620,6 +643,7 @@ pub(crate) mod tests {
     pub const EXPIRED: &str = "av_agt_expired";
     pub const LONELY: &str = "av_agt_lonely";
     pub const ORPHAN: &str = "av_agt_orphan";
+    pub const PINNED: &str = "av_agt_pinned";
 
     fn service(name: &str, host: &str, auth: Auth) -> Service {
         Service {
@@ -698,16 +722,34 @@ pub(crate) mod tests {
                             ..service("plain", "plain.example.com", bearer("STRIPE_KEY"))
                         },
                     ],
+                    passthrough_hosts: vec![],
                 },
                 SnapshotVault {
                     name: "open".into(),
                     unmatched_host_policy: UnmatchedHostPolicy::Passthrough,
                     services: vec![],
+                    passthrough_hosts: vec![],
+                },
+                SnapshotVault {
+                    name: "pinned".into(),
+                    unmatched_host_policy: UnmatchedHostPolicy::Deny,
+                    services: vec![
+                        service("injects", "stripe-pinned.example.com", bearer("STRIPE_KEY")),
+                        service("allows", "open-pinned.example.com", Auth::Passthrough {}),
+                    ],
+                    passthrough_hosts: vec![
+                        "pinned.example.com".into(),
+                        "*.apps.example.com:443".into(),
+                        "stripe-pinned.example.com".into(),
+                        "open-pinned.example.com".into(),
+                        "not a host".into(),
+                    ],
                 },
                 SnapshotVault {
                     name: "other".into(),
                     unmatched_host_policy: UnmatchedHostPolicy::Deny,
                     services: vec![service("stripe", "api.stripe.com", bearer("STRIPE_KEY"))],
+                    passthrough_hosts: vec![],
                 },
             ],
             agents: vec![
@@ -716,6 +758,7 @@ pub(crate) mod tests {
                 agent(EXPIRED, "old", &["default"], Some(1_600_000_000)),
                 agent(LONELY, "lonely", &[], None),
                 agent(ORPHAN, "orphan", &["deleted-vault"], None),
+                agent(PINNED, "pinned", &["pinned"], None),
             ],
         }))
     }
@@ -1255,6 +1298,42 @@ pub(crate) mod tests {
                 alice(),
                 "api.stripe.com:99999",
                 Outcome::Reject(400, "invalid_request"),
+            ),
+            connect(
+                "CONNECT to a passthrough host is tunnelled untouched",
+                Some(basic(PINNED, "")),
+                "pinned.example.com:443",
+                Outcome::Opaque,
+            ),
+            connect(
+                "CONNECT to a host under a passthrough wildcard on its port",
+                Some(basic(PINNED, "")),
+                "a.apps.example.com:443",
+                Outcome::Opaque,
+            ),
+            connect(
+                "CONNECT to a host under a passthrough wildcard on another port is 403",
+                Some(basic(PINNED, "")),
+                "a.apps.example.com:8443",
+                Outcome::Reject(403, "forbidden"),
+            ),
+            connect(
+                "CONNECT to a passthrough host a credential-injecting service names is decrypted",
+                Some(basic(PINNED, "")),
+                "stripe-pinned.example.com:443",
+                Outcome::Tunnel(identity(PINNED, "pinned", "stripe-pinned.example.com", 443)),
+            ),
+            connect(
+                "CONNECT to a passthrough host whose service injects nothing is untouched",
+                Some(basic(PINNED, "")),
+                "open-pinned.example.com:443",
+                Outcome::Opaque,
+            ),
+            connect(
+                "another vault's passthrough host is no passthrough host",
+                alice(),
+                "pinned.example.com:443",
+                Outcome::Reject(403, "forbidden"),
             ),
             Case {
                 method: "connect",

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use agent_vault_rules::{ServiceMatcher, Snapshot, UnmatchedHostPolicy};
+use agent_vault_rules::{
+    HostPattern, ServiceMatcher, Snapshot, UnmatchedHostPolicy, ValidationOptions,
+};
 use sha2::{Digest, Sha256};
 
 /// An agent that may use the proxy.
@@ -55,6 +57,9 @@ pub struct CompiledVault {
     pub services: Vec<ServiceInfo>,
     /// Host/port/path lookup and compiled auth blocks.
     pub matcher: ServiceMatcher,
+    /// Hosts whose HTTPS tunnels go through untouched (a short list, looked at for a
+    /// `CONNECT` only). Entries that do not parse are dropped: they match nothing.
+    pub passthrough_hosts: Vec<HostPattern>,
 }
 
 /// A snapshot ready for lookups.
@@ -85,11 +90,21 @@ impl CompiledSnapshot {
                 });
             }
             matcher.shrink_to_fit();
+            // The control plane validated them with its own options.
+            let options = ValidationOptions {
+                allow_private_upstreams: true,
+            };
+            let passthrough_hosts = vault
+                .passthrough_hosts
+                .iter()
+                .filter_map(|host| agent_vault_rules::parse_passthrough_host(host, &options).ok())
+                .collect();
             vaults.entry(vault.name).or_insert(CompiledVault {
                 name,
                 policy: vault.unmatched_host_policy,
                 services,
                 matcher,
+                passthrough_hosts,
             });
         }
         let mut agents = HashMap::with_capacity(snapshot.agents.len());
@@ -197,6 +212,7 @@ mod tests {
                     auth: Auth::Passthrough {},
                     upstream_tls: false,
                 }],
+                passthrough_hosts: vec![],
             }],
             agents: vec![SnapshotAgent {
                 token_sha256: "AB".repeat(32),

@@ -382,6 +382,7 @@ pub(crate) mod tests {
                     },
                     upstream_tls: true,
                 }],
+                passthrough_hosts: vec![],
             }],
             agents: vec![SnapshotAgent {
                 token_sha256: crate::snapshot::TokenHash::of(ALICE).as_str().to_owned(),

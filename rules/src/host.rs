@@ -527,6 +527,58 @@ fn parse_path(input: &str, path: &str) -> Result<PathPattern, RuleError> {
     })
 }
 
+/// Most hosts in a vault's passthrough list.
+pub const MAX_PASSTHROUGH_HOSTS: usize = 100;
+
+/// Parses an entry of a vault's passthrough list (HTTPS tunnels that are not
+/// decrypted): a host pattern as for services (`api.example.com`, `*.example.com`,
+/// optional `:port`, the same refusals of private names and public-suffix
+/// wildcards), without a path: a tunnel that is not decrypted has no paths to match.
+pub fn parse_passthrough_host(
+    input: &str,
+    options: &ValidationOptions,
+) -> Result<HostPattern, RuleError> {
+    let pattern = HostPattern::parse(input, options)?;
+    if pattern.path.is_some() {
+        return Err(RuleError::InvalidHost {
+            host: input.to_owned(),
+            reason: "a passthrough host has no path: the tunnel is not decrypted, so the \
+                     proxy never sees one; write the host and optionally its port"
+                .to_owned(),
+        });
+    }
+    Ok(pattern)
+}
+
+impl HostPattern {
+    /// Whether some `host:port` could match both patterns (paths aside): the same
+    /// exact host, a host one label under the other's wildcard, or the same wildcard;
+    /// ports equal or either open. A plain service's implied port 80 is not taken into
+    /// account: this errs towards saying they overlap.
+    pub fn overlaps(&self, other: &HostPattern) -> bool {
+        let ports = match (self.port, other.port) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let one_label_under = |host: &str, parent: &str| {
+            host.split_once('.')
+                .is_some_and(|(label, rest)| !label.is_empty() && rest == parent)
+        };
+        let hosts = match (self.wildcard, other.wildcard) {
+            (false, false) | (true, true) => self.host == other.host,
+            (true, false) => one_label_under(&other.host, &self.host),
+            (false, true) => one_label_under(&self.host, &other.host),
+        };
+        ports && hosts
+    }
+
+    /// Whether a tunnel to `host:port` (as from [`normalize_authority`]) matches this
+    /// pattern, its path aside.
+    pub fn matches_tunnel(&self, host: &str, port: u16) -> bool {
+        self.matches_host(host) && self.port.is_none_or(|p| p == port)
+    }
+}
+
 /// Port in a pattern or authority: 1 to 5 ASCII digits, 1..=65535.
 fn parse_port(digits: &str) -> Option<u16> {
     if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -1339,6 +1391,65 @@ mod tests {
                 "{behaviour}"
             );
         }
+    }
+
+    #[test]
+    fn passthrough_hosts_are_service_hosts_without_a_path() {
+        for good in [
+            "pinned.example.com",
+            "*.pinned.example.com",
+            "pinned.example.com:8443",
+        ] {
+            assert!(parse_passthrough_host(good, &STRICT).is_ok(), "{good}");
+        }
+        // (behaviour, input, error code)
+        #[rustfmt::skip]
+        let refused: &[(&str, &str, &str)] = &[
+            ("a path", "pinned.example.com/v1/*", "invalid_host"),
+            ("a private name", "localhost:8443", "private_host"),
+            ("an IP literal", "10.0.0.5", "private_host"),
+            ("a wildcard over a public suffix", "*.com", "invalid_host"),
+            ("a scheme", "https://pinned.example.com", "invalid_host"),
+        ];
+        for (behaviour, input, code) in refused {
+            let error = parse_passthrough_host(input, &STRICT).err();
+            assert_eq!(error.map(|e| e.code()), Some(*code), "{behaviour}");
+        }
+        assert!(parse_passthrough_host("localhost:8443", &ALLOW_PRIVATE).is_ok());
+    }
+
+    /// (behaviour, a, b, overlap)
+    type OverlapCase<'a> = (&'a str, &'a str, &'a str, bool);
+
+    #[test]
+    fn patterns_overlap_when_some_host_and_port_matches_both() {
+        #[rustfmt::skip]
+        let cases: &[OverlapCase<'_>] = &[
+            ("the same host", "api.example.com", "api.example.com", true),
+            ("another host", "api.example.com", "web.example.com", false),
+            ("the same host, any port and one port", "api.example.com", "api.example.com:8443", true),
+            ("the same host on other ports", "api.example.com:443", "api.example.com:8443", false),
+            ("a host under a wildcard", "*.example.com", "api.example.com", true),
+            ("a wildcard over a host", "api.example.com", "*.example.com", true),
+            ("the wildcard's parent", "*.example.com", "example.com", false),
+            ("two labels under a wildcard", "*.example.com", "a.b.example.com", false),
+            ("the same wildcard", "*.example.com", "*.example.com:443", true),
+            ("nested wildcards", "*.example.com", "*.api.example.com", false),
+            ("paths do not matter", "api.example.com/v1/*", "api.example.com", true),
+        ];
+        for (behaviour, a, b, expected) in cases {
+            let (a, b) = (
+                HostPattern::parse(a, &STRICT).unwrap(),
+                HostPattern::parse(b, &STRICT).unwrap(),
+            );
+            assert_eq!(a.overlaps(&b), *expected, "{behaviour}");
+            assert_eq!(b.overlaps(&a), *expected, "{behaviour} (the other way)");
+        }
+        let pinned = parse_passthrough_host("*.pinned.example.com:443", &STRICT).unwrap();
+        assert!(pinned.matches_tunnel("app.pinned.example.com", 443));
+        assert!(pinned.matches_tunnel("APP.pinned.example.com.", 443));
+        assert!(!pinned.matches_tunnel("app.pinned.example.com", 8443));
+        assert!(!pinned.matches_tunnel("pinned.example.com", 443));
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub mod wire;
 
 pub use auth::{Auth, CompiledAuth, RenderError};
 pub use error::RuleError;
-pub use host::{normalize_authority, HostPattern, PathPattern, ServiceMatcher, ValidationOptions};
+pub use host::{
+    normalize_authority, parse_passthrough_host, HostPattern, PathPattern, ServiceMatcher,
+    ValidationOptions, MAX_PASSTHROUGH_HOSTS,
+};
 pub use names::{
     validate_agent_name, validate_credential_key, validate_service_name, validate_vault_name,
 };

@@ -48,6 +48,12 @@ pub struct SnapshotVault {
     pub unmatched_host_policy: UnmatchedHostPolicy,
     /// Services in declaration order (the order breaks matching ties).
     pub services: Vec<Service>,
+    /// Hosts whose HTTPS tunnels go through untouched, never decrypted (clients that
+    /// pin certificates): patterns as [`crate::host::parse_passthrough_host`] takes
+    /// them. Never for a host a service that injects a credential names: that service
+    /// wins. Empty by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough_hosts: Vec<String>,
 }
 
 /// An agent in the snapshot: identified by the SHA-256 of its token.
@@ -287,6 +293,7 @@ mod tests {
                     },
                     upstream_tls: true,
                 }],
+                passthrough_hosts: vec![],
             }],
             agents: vec![SnapshotAgent {
                 token_sha256: "ab".repeat(32),

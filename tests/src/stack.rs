@@ -120,6 +120,15 @@ impl Stack {
         assert_eq!(status, 200, "set policy of {vault} to {policy}: {body}");
     }
 
+    /// Sets a vault's passthrough hosts: HTTPS tunnels Envoy does not decrypt.
+    #[track_caller]
+    pub fn set_passthrough_hosts(&self, vault: &str, hosts: &[&str]) -> (u16, Value) {
+        self.api().patch(
+            &format!("/v1/vaults/{vault}"),
+            &json!({"passthrough_hosts": hosts}),
+        )
+    }
+
     /// Deletes credentials (all or nothing).
     #[track_caller]
     pub fn delete_credentials(&self, vault: &str, keys: &[&str]) {

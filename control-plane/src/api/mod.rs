@@ -238,7 +238,8 @@ async fn create_vault(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateVaultBody {
-    unmatched_host_policy: UnmatchedHostPolicy,
+    unmatched_host_policy: Option<UnmatchedHostPolicy>,
+    passthrough_hosts: Option<Vec<String>>,
 }
 
 async fn update_vault(
@@ -247,8 +248,18 @@ async fn update_vault(
     Path(vault): Path<String>,
     JsonBody(body): JsonBody<UpdateVaultBody>,
 ) -> Result<Response> {
+    if body.unmatched_host_policy.is_none() && body.passthrough_hosts.is_none() {
+        return Err(Error::bad_request(
+            "invalid_request",
+            "give unmatched_host_policy, passthrough_hosts or both",
+        ));
+    }
+    let update = crate::vaults::VaultUpdate {
+        unmatched_host_policy: body.unmatched_host_policy,
+        passthrough_hosts: body.passthrough_hosts,
+    };
     Ok(with_store(&state, caller, move |store, who| {
-        store.update_vault_policy(who, &vault, body.unmatched_host_policy)
+        store.update_vault(who, &vault, update)
     })
     .await?
     .into_response())

@@ -556,3 +556,71 @@ async fn a_body_that_stops_arriving_is_answered_408_after_the_body_timeout() {
     assert_eq!(reply.error(), "request_timeout");
     assert_eq!(started.elapsed(), crate::server::BODY_TIMEOUT);
 }
+
+#[tokio::test]
+async fn patch_vault_sets_the_policy_the_passthrough_hosts_or_both_and_refuses_an_empty_change() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let hosts = h
+        .call(
+            Method::PATCH,
+            "/v1/vaults/default",
+            Some(&token),
+            Some(json!({"passthrough_hosts": ["pinned.example.com"]})),
+        )
+        .await;
+    assert_eq!(hosts.status, StatusCode::OK, "{}", hosts.body);
+    assert_eq!(
+        hosts.json(),
+        json!({"name": "default", "role": "admin", "unmatched_host_policy": "deny",
+               "passthrough_hosts": ["pinned.example.com"]})
+    );
+    let policy = h
+        .call(
+            Method::PATCH,
+            "/v1/vaults/default",
+            Some(&token),
+            Some(json!({"unmatched_host_policy": "passthrough"})),
+        )
+        .await;
+    assert_eq!(
+        policy.json()["passthrough_hosts"],
+        json!(["pinned.example.com"]),
+        "the list stays when only the policy changes"
+    );
+    let empty = h
+        .call(
+            Method::PATCH,
+            "/v1/vaults/default",
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    assert_eq!(empty.error(), "invalid_request");
+    let path = h
+        .call(
+            Method::PATCH,
+            "/v1/vaults/default",
+            Some(&token),
+            Some(json!({"passthrough_hosts": ["pinned.example.com/v1/*"]})),
+        )
+        .await;
+    assert_eq!(path.status, StatusCode::BAD_REQUEST);
+    assert_eq!(path.error(), "invalid_host");
+    let member = h.session(MEMBER);
+    let refused = h
+        .call(
+            Method::PATCH,
+            "/v1/vaults/default",
+            Some(&member),
+            Some(json!({"passthrough_hosts": []})),
+        )
+        .await;
+    assert!(
+        refused.status == StatusCode::FORBIDDEN || refused.status == StatusCode::NOT_FOUND,
+        "only an admin: {} {}",
+        refused.status,
+        refused.body
+    );
+}

@@ -33,12 +33,23 @@ pub enum VaultCommand {
         name: String,
     },
     /// Change a vault's settings
+    #[command(group(clap::ArgGroup::new("setting").required(true).multiple(true)
+        .args(["unmatched_host_policy", "passthrough_host", "no_passthrough_hosts"])))]
     Update {
         /// The vault to change
         name: String,
         /// What the proxy does with a host no service matches
         #[arg(long, value_enum, value_name = "POLICY")]
-        unmatched_host_policy: UnmatchedHostPolicy,
+        unmatched_host_policy: Option<UnmatchedHostPolicy>,
+        /// A host whose HTTPS tunnels the proxy never decrypts (clients that pin
+        /// certificates), e.g. api.example.com, *.example.com or api.example.com:8443;
+        /// repeat for several. Replaces the vault's list. Refused for a host a service
+        /// that injects a credential names
+        #[arg(long, value_name = "HOST", conflicts_with = "no_passthrough_hosts")]
+        passthrough_host: Vec<String>,
+        /// Empty the vault's passthrough list: every tunnel is decrypted again
+        #[arg(long)]
+        no_passthrough_hosts: bool,
     },
     /// Invite and manage the vault's users
     #[command(subcommand)]
@@ -84,7 +95,13 @@ pub fn run(cmd: VaultCommand, ctx: &Context) -> anyhow::Result<()> {
         VaultCommand::Update {
             name,
             unmatched_host_policy,
-        } => update(ctx, &name, unmatched_host_policy),
+            passthrough_host,
+            no_passthrough_hosts,
+        } => {
+            let hosts =
+                (no_passthrough_hosts || !passthrough_host.is_empty()).then_some(passthrough_host);
+            update(ctx, &name, unmatched_host_policy, hosts)
+        }
         VaultCommand::User(cmd) => users::run(cmd, ctx),
         VaultCommand::Credential(cmd) => credentials::run(cmd, ctx),
         VaultCommand::Service(cmd) => services::run(cmd, ctx),
@@ -193,21 +210,51 @@ fn use_vault(ctx: &Context, name: &str) -> anyhow::Result<()> {
     output::line(&format!("Using vault {name}"))
 }
 
-fn update(ctx: &Context, name: &str, policy: UnmatchedHostPolicy) -> anyhow::Result<()> {
-    let vault = ctx.client()?.patch(
-        &api_path(&["v1", "vaults", name]),
-        &json!({ "unmatched_host_policy": policy.as_str() }),
-    )?;
+fn update(
+    ctx: &Context,
+    name: &str,
+    policy: Option<UnmatchedHostPolicy>,
+    passthrough_hosts: Option<Vec<String>>,
+) -> anyhow::Result<()> {
+    let mut body = serde_json::Map::new();
+    if let Some(policy) = policy {
+        body.insert("unmatched_host_policy".into(), json!(policy.as_str()));
+    }
+    if let Some(hosts) = &passthrough_hosts {
+        body.insert("passthrough_hosts".into(), json!(hosts));
+    }
+    let vault = ctx
+        .client()?
+        .patch(&api_path(&["v1", "vaults", name]), &Value::Object(body))?;
     if ctx.json {
         return output::json(&vault);
     }
-    let effect = match policy {
-        UnmatchedHostPolicy::Deny => "refused",
-        UnmatchedHostPolicy::Passthrough => "passed through without credentials",
-    };
-    output::line(&format!(
-        "Vault {name}: requests to unmatched hosts are now {effect}"
-    ))
+    if let Some(policy) = policy {
+        let effect = match policy {
+            UnmatchedHostPolicy::Deny => "refused",
+            UnmatchedHostPolicy::Passthrough => "passed through without credentials",
+        };
+        output::line(&format!(
+            "Vault {name}: requests to unmatched hosts are now {effect}"
+        ))?;
+    }
+    if passthrough_hosts.is_some() {
+        let hosts: Vec<&str> = vault["passthrough_hosts"]
+            .as_array()
+            .map(|hosts| hosts.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if hosts.is_empty() {
+            output::line(&format!(
+                "Vault {name}: no passthrough hosts; every HTTPS tunnel is decrypted"
+            ))?;
+        } else {
+            output::line(&format!(
+                "Vault {name}: HTTPS tunnels to {} go through untouched (nothing injected)",
+                hosts.join(", ")
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 fn discover(ctx: &Context) -> anyhow::Result<()> {

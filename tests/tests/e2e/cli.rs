@@ -1758,8 +1758,10 @@ fn json_output_of_vault_list_and_agent_list() {
     assert_eq!(
         Value::Array(vaults),
         json!([
-            {"name": "default", "role": "admin", "unmatched_host_policy": "deny"},
-            {"name": "my-vault", "role": "admin", "unmatched_host_policy": "deny"},
+            {"name": "default", "role": "admin", "unmatched_host_policy": "deny",
+             "passthrough_hosts": []},
+            {"name": "my-vault", "role": "admin", "unmatched_host_policy": "deny",
+             "passthrough_hosts": []},
         ])
     );
 
@@ -1916,4 +1918,52 @@ fn credential_set_key_dash_reads_the_value_from_stdin_so_it_is_never_in_argv() {
         )
         .fails();
     assert!(out.stderr.contains("EMPTY"), "{}", out.stderr);
+}
+
+#[test]
+fn vault_update_sets_and_clears_passthrough_hosts_and_says_why_it_refuses_one() {
+    let (_server, cli) = setup_with_vault("my-vault");
+    let set = cmd(
+        &cli,
+        "vault update my-vault --passthrough-host pinned.example.com --passthrough-host *.apps.example.com:443",
+    )
+    .ok();
+    assert!(
+        set.stdout.contains(
+            "HTTPS tunnels to pinned.example.com, *.apps.example.com:443 go through untouched"
+        ),
+        "{}",
+        set.stdout
+    );
+    let vaults = cmd(&cli, "vault list --json").ok().json();
+    let mine = vaults
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "my-vault")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        mine["passthrough_hosts"],
+        json!(["pinned.example.com", "*.apps.example.com:443"])
+    );
+    let error = one_line_error(cmd(
+        &cli,
+        "vault update my-vault --passthrough-host pinned.example.com/v1/*",
+    ));
+    assert!(error.contains("no path"), "{error}");
+    // Nothing to change: clap's usage error names what can be changed.
+    let nothing = cmd(&cli, "vault update my-vault").fails();
+    assert!(
+        nothing.stderr.contains("--unmatched-host-policy")
+            && nothing.stderr.contains("--passthrough-host"),
+        "{}",
+        nothing.stderr
+    );
+    let cleared = cmd(&cli, "vault update my-vault --no-passthrough-hosts").ok();
+    assert!(
+        cleared.stdout.contains("no passthrough hosts"),
+        "{}",
+        cleared.stdout
+    );
 }

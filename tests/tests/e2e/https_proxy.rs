@@ -730,3 +730,96 @@ fn under_the_passthrough_policy_an_unknown_host_is_tunnelled_untouched_and_its_d
     assert!(tunnel.is_none());
     assert_refused(&refused, 403, "destination_forbidden");
 }
+
+#[test]
+fn a_passthrough_host_is_tunnelled_untouched_unless_a_service_injects_a_credential_for_it() {
+    let https = Https::start();
+    https.stack.create_vault("pinning");
+    let token = https.stack.create_agent("pinning-agent", &["pinning"]);
+    let auth = proxy_basic(&token, "pinning");
+    let (status, body) = https
+        .stack
+        .set_passthrough_hosts("pinning", &[&https.echo.authority()]);
+    assert_eq!(status, 200, "{body}");
+    // A client that pins its upstream's certificate: it trusts the upstream's CA only.
+    let pinned_tls = TlsOptions::new("localhost", &https.stack.ca.cert_pem);
+    let mut tunnel = wait_for(FIRST_SNAPSHOT, || {
+        HttpsTunnel::open(
+            https.stack.envoy.port,
+            &https.echo.authority(),
+            &[("Proxy-Authorization", &auth)],
+            &pinned_tls,
+        )
+        .ok()
+    })
+    .unwrap_or_else(|| panic!("no untouched tunnel\n{}", https.stack.envoy.log_tail(30)));
+    let seen = json_of(&tunnel.get("/pinned", &[]).unwrap());
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    assert!(seen["headers"].get("x-forwarded-proto").is_none(), "{seen}");
+    drop(tunnel);
+
+    // A service that injects a credential for that host cannot be added beside it
+    // through the list... (the control plane refuses the list, below) and when one is
+    // added after the list, the rule that injects wins: the tunnel is decrypted.
+    https.add_echo_service("pinning", "sk_pinning");
+    let (status, body) = https
+        .stack
+        .set_passthrough_hosts("pinning", &[&https.echo.authority()]);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "passthrough_host_has_service");
+    let decrypted = until_tunnel_decrypted(&https, &token, "pinning");
+    assert_eq!(decrypted["headers"]["authorization"], "Bearer sk_pinning");
+
+    // A passthrough host that resolves to a private address not allowed: refused.
+    let api_port = https
+        .stack
+        .server
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let api = format!("localhost:{api_port}");
+    let (status, body) = https.stack.set_passthrough_hosts("pinning", &[&api]);
+    assert_eq!(status, 200, "{body}");
+    let refused = wait_for(PROPAGATION, || {
+        let (response, _) = connect(
+            https.stack.envoy.port,
+            &api,
+            &[("Proxy-Authorization", &auth)],
+        )
+        .unwrap();
+        (response.status == 403 && json_of(&response)["error"] == "destination_forbidden")
+            .then_some(response)
+    });
+    assert!(refused.is_some(), "{}", https.stack.envoy.log_tail(20));
+}
+
+/// Opens tunnels as `token` until one is decrypted (the proxy's certificate) and a
+/// request inside reaches the echo: what the echo saw.
+fn until_tunnel_decrypted(https: &Https, token: &str, vault: &str) -> Value {
+    let mut last = String::new();
+    wait_for(PROPAGATION, || match https.tunnel(token, vault) {
+        Ok(mut tunnel) => match tunnel.get("/decrypted", &[]) {
+            Ok(r) if r.status == 200 => Some(json_of(&r)),
+            Ok(r) => {
+                last = format!("{} {}", r.status, r.text());
+                None
+            }
+            Err(e) => {
+                last = e.to_string();
+                None
+            }
+        },
+        Err(e) => {
+            last = format!("{e:?}");
+            None
+        }
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "never decrypted: {last}\n{}",
+            https.stack.envoy.log_tail(30)
+        )
+    })
+}
