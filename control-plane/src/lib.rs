@@ -17,6 +17,7 @@
 //! | | service rules (validated by `agent-vault-rules`) | [`services`] |
 //! | | proposals: agents ask, humans approve or reject | [`proposals`] |
 //! | | the request log and its retention | [`logs`] |
+//! | | the proxy CA of HTTPS interception, and the leaves it signs | [`ca`] |
 //! | across concepts | a vault's life (deleting one cascades) | [`vaults`] |
 //! | | rotating the data key (re-seals every value) | [`master_key`] |
 //! | | the rules snapshot the data plane polls | [`snapshot`] |
@@ -34,6 +35,7 @@
 pub mod access;
 pub mod agents;
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod credentials;
