@@ -21,6 +21,7 @@
 //! | across concepts | a vault's life (deleting one cascades) | [`vaults`] |
 //! | | rotating the data key (re-seals every value) | [`master_key`] |
 //! | | the rules snapshot the data plane polls | [`snapshot`] |
+//! | | leaf certificates for intercepted hosts: which names, minting, renewal, bounds | [`leaves`] |
 //! | HTTP shell | state, extractors, the blocking pool | [`http`] |
 //! | HTTP routes | the management API (TCP) | [`api`] |
 //! | | the browser UI: login, approval page, vault pages | [`ui`] |
@@ -43,6 +44,7 @@ pub mod crypto;
 pub mod dataplane;
 pub mod error;
 pub mod http;
+pub mod leaves;
 pub mod logs;
 pub mod master_key;
 pub mod metrics;
