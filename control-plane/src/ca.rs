@@ -426,14 +426,15 @@ pub(crate) mod tests {
     use crate::testing::system_store;
     use webpki::{anchor_from_trusted_cert, EndEntityCert, KeyUsage};
 
-    /// Whether `leaf` chains to `ca` and is valid for `name` at `at` (unix seconds).
+    /// Whether the first certificate of `chain_pem` chains to `ca_der` and is valid for
+    /// `name` at `at` (unix seconds).
     pub(crate) fn verifies(
         ca_der: &[u8],
-        leaf: &LeafCertificate,
+        chain_pem: &str,
         name: &str,
         at: i64,
     ) -> std::result::Result<(), String> {
-        let leaf_der = pem_to_der(&leaf.chain_pem).ok_or("no PEM")?;
+        let leaf_der = pem_to_der(chain_pem).ok_or("no PEM")?;
         let ca = rustls::pki_types::CertificateDer::from(ca_der.to_vec());
         let anchor = anchor_from_trusted_cert(&ca).map_err(|e| e.to_string())?;
         let leaf_der = rustls::pki_types::CertificateDer::from(leaf_der);
@@ -470,14 +471,25 @@ pub(crate) mod tests {
             "the chain ends with the CA"
         );
         assert!(leaf.key.expose_pem().contains("PRIVATE KEY"));
-        verifies(ca.cert_der(), &leaf, "api.example.com", NOW).unwrap();
-        verifies(ca.cert_der(), &leaf, "api.example.com", NOW + 3599).unwrap();
-        let expired = verifies(ca.cert_der(), &leaf, "api.example.com", NOW + 3601);
+        verifies(ca.cert_der(), &leaf.chain_pem, "api.example.com", NOW).unwrap();
+        verifies(
+            ca.cert_der(),
+            &leaf.chain_pem,
+            "api.example.com",
+            NOW + 3599,
+        )
+        .unwrap();
+        let expired = verifies(
+            ca.cert_der(),
+            &leaf.chain_pem,
+            "api.example.com",
+            NOW + 3601,
+        );
         assert!(expired.unwrap_err().contains("Expired"));
-        let other = verifies(ca.cert_der(), &leaf, "evil.example.com", NOW);
+        let other = verifies(ca.cert_der(), &leaf.chain_pem, "evil.example.com", NOW);
         assert!(other.unwrap_err().starts_with("name"));
         let stranger = CertificateAuthority::generate(1, NOW).unwrap();
-        let foreign = verifies(stranger.cert_der(), &leaf, "api.example.com", NOW);
+        let foreign = verifies(stranger.cert_der(), &leaf.chain_pem, "api.example.com", NOW);
         assert!(foreign.unwrap_err().starts_with("chain"));
     }
 
@@ -490,7 +502,7 @@ pub(crate) mod tests {
         assert_ne!(a.key.expose_pem(), b.key.expose_pem());
         let long = format!("{}.example.com", "x".repeat(60));
         let leaf = ca.mint_leaf(&long, NOW * 1000, 60).unwrap();
-        verifies(ca.cert_der(), &leaf, &long, NOW).unwrap();
+        verifies(ca.cert_der(), &leaf.chain_pem, &long, NOW).unwrap();
     }
 
     #[test]
@@ -511,7 +523,7 @@ pub(crate) mod tests {
         assert_eq!(again.generation(), 1);
         // The loaded CA signs leaves that chain to the stored certificate.
         let leaf = again.mint_leaf("api.example.com", NOW * 1000, 60).unwrap();
-        verifies(first.cert_der(), &leaf, "api.example.com", NOW).unwrap();
+        verifies(first.cert_der(), &leaf.chain_pem, "api.example.com", NOW).unwrap();
 
         // The certificate file is public, the key appears nowhere in plaintext.
         let file = store.ca_file();
@@ -590,8 +602,8 @@ pub(crate) mod tests {
         let loaded = store.load_or_create_ca().unwrap();
         assert_eq!(loaded.cert_pem(), second.cert_pem());
         let leaf = loaded.mint_leaf("a.example.com", NOW * 1000, 60).unwrap();
-        verifies(second.cert_der(), &leaf, "a.example.com", NOW).unwrap();
-        assert!(verifies(first.cert_der(), &leaf, "a.example.com", NOW).is_err());
+        verifies(second.cert_der(), &leaf.chain_pem, "a.example.com", NOW).unwrap();
+        assert!(verifies(first.cert_der(), &leaf.chain_pem, "a.example.com", NOW).is_err());
     }
 
     #[test]
@@ -606,7 +618,7 @@ pub(crate) mod tests {
         let loaded = store.load_or_create_ca().unwrap();
         assert_eq!(loaded.cert_pem(), ca.cert_pem());
         let leaf = loaded.mint_leaf("a.example.com", NOW * 1000, 60).unwrap();
-        verifies(ca.cert_der(), &leaf, "a.example.com", NOW).unwrap();
+        verifies(ca.cert_der(), &leaf.chain_pem, "a.example.com", NOW).unwrap();
     }
 
     #[test]

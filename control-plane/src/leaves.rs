@@ -874,7 +874,7 @@ mod tests {
         let ca = store.load_or_create_ca().unwrap();
         verifies(
             ca.cert_der(),
-            &renewed,
+            &renewed.chain_pem,
             "a.example.com",
             clock.now_secs() + 29,
         )
@@ -958,8 +958,14 @@ mod tests {
         let new = serve_one(&leaves, "a.example.com").unwrap();
         assert_eq!(new.ca_generation, summary.generation);
         let ca = store.load_or_create_ca().unwrap();
-        verifies(ca.cert_der(), &new, "a.example.com", clock.now_secs()).unwrap();
-        assert!(verifies(&old_ca, &new, "a.example.com", clock.now_secs()).is_err());
+        verifies(
+            ca.cert_der(),
+            &new.chain_pem,
+            "a.example.com",
+            clock.now_secs(),
+        )
+        .unwrap();
+        assert!(verifies(&old_ca, &new.chain_pem, "a.example.com", clock.now_secs()).is_err());
         assert_eq!(leaves.ca_pem(), ca.cert_pem());
     }
 

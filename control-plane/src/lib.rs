@@ -26,6 +26,7 @@
 //! | HTTP routes | the management API (TCP) | [`api`] |
 //! | | the browser UI: login, approval page, vault pages | [`ui`] |
 //! | | the data-plane protocol and `ext_authz` (Unix socket only) | [`dataplane`] |
+//! | | SDS: the leaf certificates Envoy asks for (delta xDS, gRPC, Unix socket only) | [`sds`] |
 //! | | `/metrics` for operators (Prometheus text) | [`metrics`] |
 //! | process | HTTPS for the TCP listener | [`tls`] |
 //! | | listeners, socket permissions, the app, startup | [`server`] |
@@ -49,6 +50,7 @@ pub mod logs;
 pub mod master_key;
 pub mod metrics;
 pub mod proposals;
+pub mod sds;
 pub mod server;
 pub mod services;
 pub mod snapshot;

@@ -268,7 +268,6 @@ fn seconds(micros: u64) -> String {
 mod tests {
     use super::*;
     use crate::clock::{SharedClock, SystemClock};
-    use crate::http::AppState;
     use axum::body::Body;
     use tower::ServiceExt;
 
@@ -278,7 +277,7 @@ mod tests {
     }
 
     fn app(dir: &std::path::Path) -> Router {
-        let state = AppState::new(Arc::new(store(dir)), "http://127.0.0.1");
+        let state = crate::testing::app_state(Arc::new(store(dir)), "http://127.0.0.1");
         crate::server::app(state, Arc::default())
     }
 
