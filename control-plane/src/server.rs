@@ -330,6 +330,7 @@ pub fn data_dir_warning(dir: &Path) -> Option<String> {
 /// `Host` this server does not answer for are refused ([`crate::http::check_host`]).
 pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
     let store = state.store.clone();
+    let leaves = state.leaves.clone();
     let host_check = axum::middleware::from_fn_with_state(state.clone(), crate::http::check_host);
     // JSON answers may carry values (`?reveal=true`, `credentials/{key}`): no cache may
     // keep any of them.
@@ -338,7 +339,7 @@ pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
         .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state);
-    crate::metrics::instrument(routes, store, dataplane)
+    crate::metrics::instrument(routes, store, dataplane, leaves)
         .layer(axum::middleware::from_fn(body_in_time))
         .layer(host_check)
 }
