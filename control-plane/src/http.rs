@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::access::Principal;
 use crate::error::{Error, Result};
+use crate::leaves::Leaves;
 use crate::store::Store;
 use crate::users::LoginLimiter;
 
@@ -26,15 +27,19 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     pub store: Arc<Store>,
     pub limiter: Arc<LoginLimiter>,
+    /// The proxy CA and its leaf certificates (`/v1/ca`, `ca rotate`), shared with
+    /// the SDS server.
+    pub leaves: Arc<Leaves>,
     /// Base URL for links shown to humans (approval links).
     pub public_url: String,
 }
 
 impl AppState {
-    pub fn new(store: Arc<Store>, public_url: &str) -> AppState {
+    pub fn new(store: Arc<Store>, leaves: Arc<Leaves>, public_url: &str) -> AppState {
         AppState {
             store,
             limiter: Arc::new(LoginLimiter::default()),
+            leaves,
             public_url: public_url.trim_end_matches('/').to_string(),
         }
     }

@@ -17,13 +17,16 @@
 //! | | service rules (validated by `agent-vault-rules`) | [`services`] |
 //! | | proposals: agents ask, humans approve or reject | [`proposals`] |
 //! | | the request log and its retention | [`logs`] |
+//! | | the proxy CA of HTTPS interception, and the leaves it signs | [`ca`] |
 //! | across concepts | a vault's life (deleting one cascades) | [`vaults`] |
 //! | | rotating the data key (re-seals every value) | [`master_key`] |
 //! | | the rules snapshot the data plane polls | [`snapshot`] |
+//! | | leaf certificates for intercepted hosts: which names, minting, renewal, bounds | [`leaves`] |
 //! | HTTP shell | state, extractors, the blocking pool | [`http`] |
 //! | HTTP routes | the management API (TCP) | [`api`] |
 //! | | the browser UI: login, approval page, vault pages | [`ui`] |
 //! | | the data-plane protocol and `ext_authz` (Unix socket only) | [`dataplane`] |
+//! | | SDS: the leaf certificates Envoy asks for (delta xDS, gRPC, Unix socket only) | [`sds`] |
 //! | | `/metrics` for operators (Prometheus text) | [`metrics`] |
 //! | process | HTTPS for the TCP listener | [`tls`] |
 //! | | listeners, socket permissions, the app, startup | [`server`] |
@@ -34,6 +37,7 @@
 pub mod access;
 pub mod agents;
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod credentials;
@@ -41,10 +45,12 @@ pub mod crypto;
 pub mod dataplane;
 pub mod error;
 pub mod http;
+pub mod leaves;
 pub mod logs;
 pub mod master_key;
 pub mod metrics;
 pub mod proposals;
+pub mod sds;
 pub mod server;
 pub mod services;
 pub mod snapshot;

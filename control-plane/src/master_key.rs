@@ -1,6 +1,6 @@
 //! Rotating the data key (`agent-vault master-key rotate`): every sealed value —
-//! credentials and the agent-supplied values of proposals — re-encrypted under a new
-//! random data key in one transaction, all or nothing. Changing the master password
+//! credentials, the agent-supplied values of proposals and the proxy CA's key —
+//! re-encrypted under a new random data key in one transaction, all or nothing. Changing the master password
 //! only re-wraps the data key and is the store's own business
 //! ([`Store::change_master_password`]).
 
@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::store::Store;
 
 impl Store {
-    /// Replaces the data key and re-encrypts every sealed value; returns how many.
+    /// Replaces the data key and re-encrypts every sealed value; returns how many
+    /// credential and proposal values (the proxy CA's key is re-sealed too, uncounted).
     pub fn rotate_data_key(&self) -> Result<usize> {
         let keys = |tree: &sled::Tree| {
             tree.iter()
@@ -20,6 +21,7 @@ impl Store {
             |tx, (credentials, proposals), old, new| {
                 let credentials = crate::credentials::reseal(tx, credentials, old, new)?;
                 let proposals = crate::proposals::reseal(tx, proposals, old, new)?;
+                crate::ca::reseal(tx, old, new)?;
                 Ok(credentials + proposals)
             },
         )

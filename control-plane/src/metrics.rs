@@ -12,6 +12,9 @@
 //! | `agent_vault_snapshot_builds_total` | counter | snapshots built |
 //! | `agent_vault_snapshot_last_build_seconds` | gauge | how long the last build took |
 //! | `agent_vault_snapshot_last_bytes` | gauge | size of the last snapshot built |
+//! | `agent_vault_leaf_certificates_held` | gauge | leaf certificates of HTTPS interception held for Envoy ([`crate::leaves`]) |
+//! | `agent_vault_leaf_certificates_minted_total` | counter | leaf certificates minted (new names, renewals, CA rotations) |
+//! | `agent_vault_leaf_certificate_refusals_total{reason}` | counter | names refused a certificate: `not_a_host_name`, `no_rule`, `budget_spent`, `too_many_held`, `mint_failed` |
 //! | `agent_vault_build_info{version}` | gauge | always 1 |
 //!
 //! No label carries a secret, a token, a user, an agent or a vault name: labels are
@@ -26,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use crate::dataplane::DataplaneStats;
 use crate::error::Result;
 use crate::http::blocking;
+use crate::leaves::{LeafStats, Leaves, Refusal};
 use crate::store::Store;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
@@ -79,17 +83,24 @@ fn method_label(method: &Method) -> &'static str {
 struct MetricsState {
     store: Arc<Store>,
     dataplane: Arc<DataplaneStats>,
+    leaves: Arc<Leaves>,
     http: Arc<HttpMetrics>,
 }
 
 /// `api` (the management API and UI) plus `GET /metrics`, with every request counted.
-pub fn instrument(api: Router, store: Arc<Store>, dataplane: Arc<DataplaneStats>) -> Router {
+pub fn instrument(
+    api: Router,
+    store: Arc<Store>,
+    dataplane: Arc<DataplaneStats>,
+    leaves: Arc<Leaves>,
+) -> Router {
     let http = Arc::new(HttpMetrics::default());
     let metrics = Router::new()
         .route(METRICS_PATH, get(serve_metrics))
         .with_state(MetricsState {
             store,
             dataplane,
+            leaves,
             http: http.clone(),
         });
     api.merge(metrics)
@@ -115,7 +126,8 @@ async fn serve_metrics(State(state): State<MetricsState>) -> Result<Response> {
     let store = state.store.clone();
     let gauges = blocking(move || StoreGauges::read(&store)).await?;
     let dataplane = state.dataplane.counts();
-    let body = render(&gauges, &dataplane, &state.http.read());
+    let leaves = state.leaves.stats();
+    let body = render(&gauges, &dataplane, &leaves, &state.http.read());
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response())
 }
 
@@ -155,6 +167,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 pub fn render(
     store: &StoreGauges,
     dataplane: &crate::dataplane::DataplaneCounts,
+    leaves: &LeafStats,
     http: &[((String, &'static str, u16), u64)],
 ) -> String {
     let mut out = String::new();
@@ -256,6 +269,38 @@ pub fn render(
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
+
+    family(
+        &mut out,
+        "agent_vault_leaf_certificates_held",
+        "gauge",
+        "Leaf certificates of HTTPS interception held for Envoy.",
+    );
+    let _ = writeln!(out, "agent_vault_leaf_certificates_held {}", leaves.held);
+    family(
+        &mut out,
+        "agent_vault_leaf_certificates_minted_total",
+        "counter",
+        "Leaf certificates minted: new names, renewals and CA rotations.",
+    );
+    let _ = writeln!(
+        out,
+        "agent_vault_leaf_certificates_minted_total {}",
+        leaves.minted
+    );
+    family(
+        &mut out,
+        "agent_vault_leaf_certificate_refusals_total",
+        "counter",
+        "Names Envoy asked a certificate for and was refused, by reason.",
+    );
+    for (reason, count) in Refusal::ALL.iter().zip(leaves.refused) {
+        let _ = writeln!(
+            out,
+            "agent_vault_leaf_certificate_refusals_total{{reason=\"{}\"}} {count}",
+            reason.as_str()
+        );
+    }
     out
 }
 
@@ -268,7 +313,6 @@ fn seconds(micros: u64) -> String {
 mod tests {
     use super::*;
     use crate::clock::{SharedClock, SystemClock};
-    use crate::http::AppState;
     use axum::body::Body;
     use tower::ServiceExt;
 
@@ -278,7 +322,7 @@ mod tests {
     }
 
     fn app(dir: &std::path::Path) -> Router {
-        let state = AppState::new(Arc::new(store(dir)), "http://127.0.0.1");
+        let state = crate::testing::app_state(Arc::new(store(dir)), "http://127.0.0.1");
         crate::server::app(state, Arc::default())
     }
 
@@ -373,6 +417,11 @@ mod tests {
                 last_build_us: 1_500_250,
                 ..Default::default()
             },
+            &LeafStats {
+                held: 4,
+                minted: 9,
+                refused: [1, 2, 3, 4, 5],
+            },
             &[(("/v1/\"odd\"\\route".to_owned(), "GET", 200), 3)],
         );
         let mut declared = Vec::new();
@@ -396,6 +445,14 @@ mod tests {
         );
         assert_eq!(value(&text, "agent_vault_proposals_pending"), Some(2.0));
         assert_eq!(value(&text, "agent_vault_snapshot_version"), Some(7.0));
+        assert_eq!(
+            value(&text, "agent_vault_leaf_certificates_held"),
+            Some(4.0)
+        );
+        assert!(
+            text.contains("agent_vault_leaf_certificate_refusals_total{reason=\"budget_spent\"} 3"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Starting and stopping the server: the TCP listener for the management API and UI,
-//! and the Unix socket for the data plane.
+//! the Unix socket for the data plane, and the SDS socket Envoy fetches the leaf
+//! certificates of HTTPS interception from ([`crate::sds`]).
 //!
 //! [`serve`] takes pre-bound listeners and a shutdown future so tests bind port 0 and
 //! stop cleanly; [`run_from_args`] is what `agent-vault server` does around it.
@@ -19,7 +20,9 @@
 //! accepted connection's peer credentials (`SO_PEERCRED`) are checked against the
 //! allowed uid/gid before a byte is read. The directory's mode is set only when the
 //! server creates it; an existing one that others can write to (or another user's) is
-//! refused, and a data dir others can enter is warned about at start.
+//! refused, and a data dir others can enter is warned about at start. The SDS socket
+//! hands out private keys of certificates the agents trust, so it gets exactly the
+//! same treatment (by default it is `sds.sock` beside the data-plane socket).
 
 use std::future::{Future, IntoFuture};
 use std::io::{BufRead, IsTerminal};
@@ -51,6 +54,18 @@ pub struct ServerArgs {
     /// The data-plane Unix socket Envoy connects to (default: <data-dir>/run/dataplane.sock).
     #[arg(long, env = "AGENT_VAULT_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// The SDS Unix socket Envoy fetches leaf certificates from for HTTPS interception
+    /// (default: sds.sock beside the data-plane socket).
+    #[arg(long, env = "AGENT_VAULT_SDS_SOCKET")]
+    pub sds_socket: Option<PathBuf>,
+    /// Lifetime of the leaf certificates of HTTPS interception, in seconds; they are
+    /// re-minted and pushed to Envoy after two thirds of it.
+    #[arg(long, default_value_t = crate::leaves::DEFAULT_TTL_SECS, value_parser = clap::value_parser!(i64).range(3..=30 * 86_400), env = "AGENT_VAULT_LEAF_TTL_SECS")]
+    pub leaf_ttl_secs: i64,
+    /// New host names that get a leaf certificate per hour, server-wide; past it, new
+    /// names are refused until the hour ends (ten times as many are held at most).
+    #[arg(long, default_value_t = crate::leaves::DEFAULT_NAMES_PER_HOUR as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000), env = "AGENT_VAULT_LEAF_NAMES_PER_HOUR")]
+    pub leaf_names_per_hour: u64,
     /// Read the master password from the first line of stdin.
     #[arg(long)]
     pub password_stdin: bool,
@@ -114,6 +129,20 @@ impl PeerPolicy {
 pub struct PeerCheckedListener {
     inner: UnixListener,
     policy: PeerPolicy,
+    /// What the socket is, for the log (`data-plane`, `SDS`).
+    what: &'static str,
+}
+
+impl PeerCheckedListener {
+    /// The allowed peers' connections as a stream (what tonic serves).
+    pub fn into_incoming(
+        self,
+    ) -> impl futures_util::Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut listener| async move {
+            let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
+            Some((Ok(stream), listener))
+        })
+    }
 }
 
 impl axum::serve::Listener for PeerCheckedListener {
@@ -130,12 +159,17 @@ impl axum::serve::Listener for PeerCheckedListener {
                     Ok(cred) => tracing::warn!(
                         uid = cred.uid(),
                         gid = cred.gid(),
-                        "refused a data-plane connection from a peer that is not allowed"
+                        socket = self.what,
+                        "refused a connection from a peer that is not allowed"
                     ),
-                    Err(e) => tracing::warn!(error = %e, "cannot read data-plane peer credentials"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        socket = self.what,
+                        "cannot read a peer's credentials"
+                    ),
                 },
                 Err(e) => {
-                    tracing::warn!(error = %e, "data-plane accept failed");
+                    tracing::warn!(error = %e, socket = self.what, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
@@ -147,13 +181,41 @@ impl axum::serve::Listener for PeerCheckedListener {
     }
 }
 
+/// A Unix socket the server binds: what it is called in messages, and its flag.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketRole {
+    pub what: &'static str,
+    pub flag: &'static str,
+}
+
+/// The data-plane socket (`--socket`).
+pub const DATA_PLANE_SOCKET: SocketRole = SocketRole {
+    what: "data-plane",
+    flag: "--socket",
+};
+/// The SDS socket (`--sds-socket`).
+pub const SDS_SOCKET: SocketRole = SocketRole {
+    what: "SDS",
+    flag: "--sds-socket",
+};
+
 /// Binds the data-plane socket: replaces a stale socket file, refuses a live one,
 /// and sets the file's mode. The directory's mode and group are set only when this
 /// call creates it: an existing directory is the operator's (compose's volume, say),
 /// and one that others may write to (/tmp itself) is refused, since whoever can
 /// write there can replace the socket.
 pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<PeerCheckedListener> {
+    bind_socket_as(path, policy, DATA_PLANE_SOCKET).await
+}
+
+/// [`bind_socket`] for the socket `role` (the SDS socket is bound the same way).
+pub async fn bind_socket_as(
+    path: &Path,
+    policy: PeerPolicy,
+    role: SocketRole,
+) -> anyhow::Result<PeerCheckedListener> {
     use std::os::unix::fs::PermissionsExt;
+    let SocketRole { what, flag } = role;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -163,12 +225,12 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
         crate::store::create_private_dir(dir)
             .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
     } else {
-        check_socket_dir(dir, policy)?;
+        check_socket_dir(dir, policy, role)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             anyhow::bail!(
-                "another agent-vault server is already listening on {}; stop it or pass another --socket",
+                "another agent-vault server is already listening on {}; stop it or pass another {flag}",
                 path.display()
             );
         }
@@ -176,7 +238,7 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind the data-plane socket {}", path.display()))?;
+        .with_context(|| format!("cannot bind the {what} socket {}", path.display()))?;
     let (file_mode, dir_mode) = match policy.gid {
         Some(_) => (0o660, 0o750),
         None => (0o600, 0o700),
@@ -196,21 +258,23 @@ pub async fn bind_socket(path: &Path, policy: PeerPolicy) -> anyhow::Result<Peer
     Ok(PeerCheckedListener {
         inner: listener,
         policy,
+        what,
     })
 }
 
 /// Refuses an existing socket directory that everyone can write to, that is sticky
 /// (a shared directory such as /tmp) or that belongs to another user; warns when its
 /// group can write to it or the allowed group cannot enter it.
-fn check_socket_dir(dir: &Path, policy: PeerPolicy) -> anyhow::Result<()> {
+fn check_socket_dir(dir: &Path, policy: PeerPolicy, role: SocketRole) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
+    let SocketRole { what, flag } = role;
     let meta = std::fs::metadata(dir)
         .with_context(|| format!("cannot read the socket directory {}", dir.display()))?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o1002 != 0 {
         anyhow::bail!(
             "the socket directory {} is shared (mode {mode:04o}: writable by everyone or sticky, \
-             like /tmp): anyone could replace the data-plane socket there; pass a --socket path \
+             like /tmp): anyone could replace the {what} socket there; pass a {flag} path \
              in a directory of its own (it is created 0700)",
             dir.display()
         );
@@ -218,14 +282,14 @@ fn check_socket_dir(dir: &Path, policy: PeerPolicy) -> anyhow::Result<()> {
     if mode & 0o020 != 0 {
         tracing::warn!(
             dir = %dir.display(),
-            "the socket directory is writable by its group: its members can replace the \
-             data-plane socket"
+            socket = what,
+            "the socket directory is writable by its group: its members can replace the socket"
         );
     }
     if meta.uid() != policy.uid && meta.uid() != 0 {
         anyhow::bail!(
             "the socket directory {} belongs to uid {}, not to this user ({}): its owner could \
-             replace the data-plane socket; pass a --socket path in a directory of your own",
+             replace the {what} socket; pass a {flag} path in a directory of your own",
             dir.display(),
             meta.uid(),
             policy.uid
@@ -266,6 +330,7 @@ pub fn data_dir_warning(dir: &Path) -> Option<String> {
 /// `Host` this server does not answer for are refused ([`crate::http::check_host`]).
 pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
     let store = state.store.clone();
+    let leaves = state.leaves.clone();
     let host_check = axum::middleware::from_fn_with_state(state.clone(), crate::http::check_host);
     // JSON answers may carry values (`?reveal=true`, `credentials/{key}`): no cache may
     // keep any of them.
@@ -274,7 +339,7 @@ pub fn app(state: AppState, dataplane: Arc<DataplaneStats>) -> Router {
         .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state);
-    crate::metrics::instrument(routes, store, dataplane)
+    crate::metrics::instrument(routes, store, dataplane, leaves)
         .layer(axum::middleware::from_fn(body_in_time))
         .layer(host_check)
 }
@@ -341,14 +406,21 @@ impl Default for ListenerLimits {
     }
 }
 
-/// Serves the API on `tcp` (plain, or a [`crate::tls::TlsListener`]) and the data
-/// plane on `socket` until `shutdown` resolves. Both share the store; the socket's
-/// routes get their own state, never the API's.
+/// The two Unix sockets, both peer-checked: the data plane's and SDS's.
+pub struct Sockets {
+    pub dataplane: PeerCheckedListener,
+    pub sds: PeerCheckedListener,
+}
+
+/// Serves the API on `tcp` (plain, or a [`crate::tls::TlsListener`]), the data
+/// plane and SDS on `sockets`, and renews leaf certificates, until `shutdown`
+/// resolves. All share the store; the sockets' handlers get their own state, never
+/// the API's.
 pub async fn serve<L>(
     state: AppState,
     dataplane: DataplaneState,
     tcp: L,
-    socket: PeerCheckedListener,
+    sockets: Sockets,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
@@ -360,7 +432,7 @@ where
         state,
         dataplane,
         tcp,
-        socket,
+        sockets,
         shutdown,
     )
     .await
@@ -372,7 +444,7 @@ pub async fn serve_with_limits<L>(
     state: AppState,
     dataplane: DataplaneState,
     tcp: L,
-    socket: PeerCheckedListener,
+    sockets: Sockets,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
@@ -380,20 +452,25 @@ where
     L::Addr: std::fmt::Debug,
 {
     let stats = dataplane.stats.clone();
+    let leaves = state.leaves.clone();
     let dataplane = crate::dataplane::router(dataplane);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let maintenance = tokio::spawn(leaves.clone().run_maintenance(wait(stop_rx.clone())));
+    let sds = crate::sds::serve(leaves, sockets.sds.into_incoming(), wait(stop_rx.clone()));
     let api = serve_tcp(tcp, app(state, stats), limits, stop_rx.clone());
-    let dataplane = axum::serve(socket, dataplane).with_graceful_shutdown(wait(stop_rx));
+    let dataplane = axum::serve(sockets.dataplane, dataplane).with_graceful_shutdown(wait(stop_rx));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let (api, dataplane) = tokio::join!(api, dataplane.into_future());
+    let (api, dataplane, sds) = tokio::join!(api, dataplane.into_future(), sds);
+    let _ = maintenance.await;
     api.context("management API")?;
     dataplane.context("data-plane socket")?;
+    sds.context("SDS socket")?;
     Ok(())
 }
 
@@ -506,6 +583,17 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| data_dir.join("run").join("dataplane.sock"));
+    let sds_socket = args.sds_socket.clone().unwrap_or_else(|| {
+        socket
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(crate::sds::DEFAULT_SOCKET_NAME)
+    });
+    anyhow::ensure!(
+        sds_socket != socket,
+        "--sds-socket and --socket name the same file ({}): give each socket its own path",
+        socket.display()
+    );
     let password = master_password(&args)?;
     let clock: SharedClock = Arc::new(SystemClock);
     let store = Store::open(
@@ -542,6 +630,13 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
+    let store = Arc::new(store);
+    let limits = crate::leaves::LeafLimits::new(
+        args.leaf_ttl_secs,
+        usize::try_from(args.leaf_names_per_hour).unwrap_or(usize::MAX),
+    );
+    let leaves =
+        crate::leaves::Leaves::open(store.clone(), limits).context("cannot load the proxy CA")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -552,7 +647,11 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
         let addr = tcp.local_addr()?;
-        let unix = bind_socket(&socket, PeerPolicy::current_user(args.socket_gid)).await?;
+        let policy = PeerPolicy::current_user(args.socket_gid);
+        let sockets = Sockets {
+            dataplane: bind_socket(&socket, policy).await?,
+            sds: bind_socket_as(&sds_socket, policy, SDS_SOCKET).await?,
+        };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let public_url = args
             .public_url
@@ -567,23 +666,27 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
                  https with --tls-cert and --tls-key."
             );
         }
-        let store = Arc::new(store);
         let dataplane = DataplaneState::new(store.clone(), retention);
-        let state = AppState::new(store, &public_url);
+        let ca_file = store.ca_file();
+        let state = AppState::new(store, leaves, &public_url);
         // One line for humans and for scripts (tests parse the address from it).
         println!(
-            "agent-vault listening on {scheme}://{addr} (data-plane socket {}, data dir {})",
+            "agent-vault listening on {scheme}://{addr} (data-plane socket {}, SDS socket {}, \
+             proxy CA {}, data dir {})",
             socket.display(),
+            sds_socket.display(),
+            ca_file.display(),
             data_dir.display()
         );
         match tls {
             Some(config) => {
                 let tcp = crate::tls::TlsListener::new(tcp, config)?;
-                serve(state, dataplane, tcp, unix, shutdown_signal()).await?;
+                serve(state, dataplane, tcp, sockets, shutdown_signal()).await?;
             }
-            None => serve(state, dataplane, tcp, unix, shutdown_signal()).await?,
+            None => serve(state, dataplane, tcp, sockets, shutdown_signal()).await?,
         }
         let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&sds_socket);
         eprintln!("agent-vault: stopped");
         Ok(())
     })
@@ -623,13 +726,19 @@ mod tests {
         let store = Arc::new(store);
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let socket = bind_socket(
-            &dir.path().join("run/dp.sock"),
-            PeerPolicy::current_user(None),
-        )
-        .await
-        .unwrap();
-        let state = AppState::new(store.clone(), &format!("http://{addr}"));
+        let policy = PeerPolicy::current_user(None);
+        let socket = Sockets {
+            dataplane: bind_socket(&dir.path().join("run/dp.sock"), policy)
+                .await
+                .unwrap(),
+            sds: bind_socket_as(&dir.path().join("run/sds.sock"), policy, SDS_SOCKET)
+                .await
+                .unwrap(),
+        };
+        let leaves =
+            crate::leaves::Leaves::open(store.clone(), crate::leaves::LeafLimits::default())
+                .unwrap();
+        let state = AppState::new(store.clone(), leaves, &format!("http://{addr}"));
         let dataplane = DataplaneState::new(store, crate::logs::LogRetention::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {

@@ -25,6 +25,12 @@ pub const MEMBER: &str = "member@example.com";
 pub const OUTSIDER: &str = "outsider@example.com";
 pub const PASSWORD: &str = "correct-horse";
 
+/// The TCP app's state for `store`, with its proxy CA and default leaf limits.
+pub fn app_state(store: Arc<Store>, public_url: &str) -> AppState {
+    let leaves = crate::leaves::Leaves::open(store.clone(), Default::default()).unwrap();
+    AppState::new(store, leaves, public_url)
+}
+
 /// A store in a fresh temporary directory (removed with the returned guard).
 pub fn temp_store(clock: SharedClock, allow_private_upstreams: bool) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
@@ -137,7 +143,7 @@ impl Harness {
         let agent = store.authenticate(&agent_token).unwrap();
         Harness {
             _dir: dir,
-            state: AppState::new(Arc::new(store), public_url),
+            state: app_state(Arc::new(store), public_url),
             clock,
             agent,
             agent_token,

@@ -104,6 +104,8 @@ pub fn routes() -> Router<AppState> {
         .route("/discover", get(discover))
         .route("/v1/master-password", post(change_master_password))
         .route("/v1/master-key/rotate", post(rotate_master_key))
+        .route("/v1/ca", get(ca_certificate))
+        .route("/v1/ca/rotate", post(rotate_ca))
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -604,9 +606,13 @@ async fn discover(
 }
 
 fn require_owner(principal: &Principal) -> Result<()> {
+    require_owner_to(principal, "manage the master key")
+}
+
+fn require_owner_to(principal: &Principal, what: &str) -> Result<()> {
     match principal {
         Principal::User { owner: true, .. } => Ok(()),
-        _ => Err(Error::forbidden("only the owner can manage the master key")),
+        _ => Err(Error::forbidden(format!("only the owner can {what}"))),
     }
 }
 
@@ -650,6 +656,30 @@ async fn rotate_master_key(State(state): State<AppState>, caller: Caller) -> Res
     })
     .await?;
     Ok(Json(serde_json::json!({"reencrypted": count.0})).into_response())
+}
+
+// ---------------------------------------------------------------- proxy CA
+
+/// `Content-Type` of `GET /v1/ca`.
+pub const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
+
+/// The proxy CA's certificate, PEM. No login: it is public, and agents and their tools
+/// fetch it to trust the certificates Envoy presents inside their tunnels.
+async fn ca_certificate(State(state): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, PEM_CONTENT_TYPE)],
+        state.leaves.ca_pem(),
+    )
+        .into_response()
+}
+
+/// A new proxy CA (owner only): every leaf Envoy holds is re-minted from it and
+/// pushed; agents must trust the new certificate from now on.
+async fn rotate_ca(State(state): State<AppState>, caller: Caller) -> Result<Response> {
+    require_owner_to(&caller.0, "rotate the proxy CA")?;
+    let leaves = state.leaves.clone();
+    let summary = blocking(move || leaves.rotate_ca()).await?;
+    Ok(Json(summary).into_response())
 }
 
 // ---------------------------------------------------------------- proposals

@@ -624,3 +624,55 @@ async fn patch_vault_sets_the_policy_the_passthrough_hosts_or_both_and_refuses_a
         refused.body
     );
 }
+
+#[tokio::test]
+async fn the_proxy_ca_is_public_and_only_the_owner_rotates_it() {
+    let h = Harness::new();
+    let pem = h.call(Method::GET, "/v1/ca", None, None).await;
+    assert_eq!(pem.status, StatusCode::OK);
+    assert_eq!(
+        pem.headers[header::CONTENT_TYPE],
+        crate::api::PEM_CONTENT_TYPE
+    );
+    assert!(
+        pem.body.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{}",
+        pem.body
+    );
+    assert!(!pem.body.contains("PRIVATE"), "{}", pem.body);
+    assert_eq!(
+        pem.body,
+        std::fs::read_to_string(h.store().ca_file()).unwrap(),
+        "the API and <data-dir>/ca.pem agree"
+    );
+
+    let refused = [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some(h.agent_token.clone()), StatusCode::FORBIDDEN),
+        (Some(h.session(MEMBER)), StatusCode::FORBIDDEN),
+    ];
+    for (token, status) in refused {
+        let answer = h
+            .call(Method::POST, "/v1/ca/rotate", token.as_deref(), None)
+            .await;
+        assert_eq!(answer.status, status, "{}", answer.body);
+    }
+    let unchanged = h.call(Method::GET, "/v1/ca", None, None).await;
+    assert_eq!(
+        unchanged.body, pem.body,
+        "a refused rotation changed nothing"
+    );
+
+    let owner = h.session(OWNER);
+    let rotated = h
+        .call(Method::POST, "/v1/ca/rotate", Some(&owner), None)
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.body);
+    let summary = rotated.json();
+    assert_eq!(summary["generation"], 2);
+    assert_eq!(summary["reminted"], 0);
+    let new_pem = h.call(Method::GET, "/v1/ca", None, None).await.body;
+    assert_ne!(new_pem, pem.body);
+    let der = crate::ca::pem_to_der(&new_pem).unwrap();
+    assert_eq!(summary["fingerprint_sha256"], crate::ca::fingerprint(&der));
+}

@@ -2,12 +2,15 @@
 //!
 //! A token is shown once, by `create` and `rotate`. It goes alone to stdout so
 //! `TOKEN=$(agent-vault agent create bot)` captures exactly the token; everything
-//! said around it goes to stderr.
+//! said around it goes to stderr. With `--env` they print the agent's whole
+//! environment instead (proxy URLs with the token, `NO_PROXY`, the CA bundle), and
+//! `agent env NAME` prints it later from the token on stdin ([`super::agent_env`]).
 
 use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use super::agent_env::{self, EnvArgs};
 use super::client::api_path;
 use super::context::Context;
 use super::output::{self, str_field};
@@ -24,6 +27,12 @@ pub enum AgentCommand {
         /// Without it: the global vault (AGENT_VAULT_VAULT, `vault use`, `default`)
         #[arg(long, value_name = "VAULT[:ROLE]")]
         vault: Vec<String>,
+        /// Print the agent's environment (proxy URLs with the token, NO_PROXY, the CA
+        /// bundle's variables) instead of the token alone
+        #[arg(long)]
+        env: bool,
+        #[command(flatten)]
+        env_args: EnvArgs,
     },
     /// List agents with a grant on a vault you administer
     List,
@@ -36,6 +45,24 @@ pub enum AgentCommand {
     Rotate {
         /// The agent whose token to replace
         name: String,
+        /// Print the agent's environment with the new token instead of the token alone
+        #[arg(long)]
+        env: bool,
+        #[command(flatten)]
+        env_args: EnvArgs,
+    },
+    /// Print the environment an agent runs with: HTTPS_PROXY/HTTP_PROXY with its
+    /// token, NO_PROXY, and SSL_CERT_FILE & co. naming a CA bundle written now. The
+    /// token is read from stdin (or a hidden prompt), never from the command line
+    #[command(
+        after_help = "Example:\n  agent-vault agent env my-agent --ca-out /srv/agent/ca.pem < token.txt > agent.env\n  \
+                      eval \"$(agent-vault agent env my-agent < token.txt)\""
+    )]
+    Env {
+        /// The agent whose token is on stdin
+        name: String,
+        #[command(flatten)]
+        env_args: EnvArgs,
     },
 }
 
@@ -87,22 +114,52 @@ pub fn grants(flags: &[String], resolved_vault: &str) -> anyhow::Result<Vec<Gran
 
 pub fn run(cmd: AgentCommand, ctx: &Context) -> anyhow::Result<()> {
     match cmd {
-        AgentCommand::Create { name, vault } => create(ctx, &name, &vault),
+        AgentCommand::Create {
+            name,
+            vault,
+            env,
+            env_args,
+        } => create(ctx, &name, &vault, env.then_some(&env_args)),
         AgentCommand::List => list(ctx),
         AgentCommand::Revoke { name } => {
             ctx.client()?.delete(&api_path(&["v1", "agents", &name]))?;
             output::line(&format!("Revoked agent {name}"))
         }
-        AgentCommand::Rotate { name } => {
+        AgentCommand::Rotate {
+            name,
+            env,
+            env_args,
+        } => {
+            if env {
+                // Refused before the old token is thrown away.
+                agent_env::proxy_authority(&env_args.proxy)?;
+            }
             let rotated = ctx
                 .client()?
                 .post(&api_path(&["v1", "agents", &name, "rotate"]), &json!({}))?;
-            show_token(ctx, &rotated, &format!("Rotated the token of agent {name}"))
+            let headline = format!("Rotated the token of agent {name}");
+            match env {
+                true => {
+                    output::note(&headline);
+                    agent_env::print_issued(ctx, &env_args, &rotated)
+                }
+                false => show_token(ctx, &rotated, &headline),
+            }
         }
+        AgentCommand::Env { name, env_args } => agent_env::run_env(ctx, &name, &env_args),
     }
 }
 
-fn create(ctx: &Context, name: &str, vault_flags: &[String]) -> anyhow::Result<()> {
+fn create(
+    ctx: &Context,
+    name: &str,
+    vault_flags: &[String],
+    env: Option<&EnvArgs>,
+) -> anyhow::Result<()> {
+    if let Some(env) = env {
+        // Refused before the agent exists, so its token is never lost to a typo.
+        agent_env::proxy_authority(&env.proxy)?;
+    }
     let grants = grants(vault_flags, &ctx.vault().name)?;
     let vaults: Vec<Value> = grants
         .iter()
@@ -116,11 +173,14 @@ fn create(ctx: &Context, name: &str, vault_flags: &[String]) -> anyhow::Result<(
         .iter()
         .map(|g| format!("{} ({})", g.vault, g.role))
         .collect();
-    show_token(
-        ctx,
-        &created,
-        &format!("Created agent {name} with access to {}", access.join(", ")),
-    )
+    let headline = format!("Created agent {name} with access to {}", access.join(", "));
+    match env {
+        Some(env) => {
+            output::note(&headline);
+            agent_env::print_issued(ctx, env, &created)
+        }
+        None => show_token(ctx, &created, &headline),
+    }
 }
 
 /// Prints a freshly issued token: JSON with `--json`, else the token alone on stdout
@@ -142,7 +202,8 @@ fn show_token(ctx: &Context, answer: &Value, headline: &str) -> anyhow::Result<(
         .filter(|v| !v.is_empty())
         .unwrap_or("VAULT");
     output::note(&format!(
-        "The agent uses it through Envoy: HTTP_PROXY=http://<token>:{vault}@127.0.0.1:10000"
+        "The agent uses it through Envoy: HTTPS_PROXY=http://<token>:{vault}@127.0.0.1:10000 \
+         (`agent-vault agent env NAME` prints every variable it needs, the proxy CA included)"
     ));
     Ok(())
 }

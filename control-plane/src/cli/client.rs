@@ -168,6 +168,30 @@ impl Client {
 
     /// Sends one request; an empty success body (`204`) is `Value::Null`.
     pub fn send(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let text = self.send_text(method, path, body)?;
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|_| {
+            anyhow!(
+                "{} answered {path} with something that is not JSON: is it an agent-vault server?",
+                self.address
+            )
+        })
+    }
+
+    /// `GET path`, answered with text rather than JSON (`/v1/ca`'s PEM).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        self.send_text(Method::GET, path, None)
+    }
+
+    /// Sends one request and returns the body of a success as it came.
+    fn send_text(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<String> {
         let url = format!("{}{}", self.address, path);
         let mut request: RequestBuilder = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -191,15 +215,7 @@ impl Client {
             }
             return Err(error.into());
         }
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text).map_err(|_| {
-            anyhow!(
-                "{} answered {path} with something that is not JSON: is it an agent-vault server?",
-                self.address
-            )
-        })
+        Ok(text)
     }
 
     fn transport_error(&self, err: reqwest::Error) -> anyhow::Error {

@@ -20,14 +20,18 @@
 //! | [`logs`] | `vault logs` |
 //! | [`proposals`] | `vault proposal create|list|show|approve|reject|review` |
 //! | [`agents`] | `agent` |
+//! | [`agent_env`] | `agent env`, `--env`: the environment an agent runs with |
+//! | [`ca`] | `ca cert|rotate`: the proxy CA of HTTPS interception |
 //! | [`master_key`] | `master-password change`, `master-key rotate` |
 //! | [`healthcheck`] | `healthcheck`: the container probe |
 //!
 //! Errors: every failure is one line on stderr (`error: …`) and exit code 1; clap's
 //! own usage errors keep clap's exit code 2. Nothing panics on bad input.
 
+pub mod agent_env;
 pub mod agents;
 pub mod auth;
+pub mod ca;
 pub mod client;
 pub mod context;
 pub mod credentials;
@@ -71,7 +75,7 @@ pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:14321";
         agent-vault auth login --email you@example.com\n  \
         agent-vault vault credential set STRIPE_KEY=sk_test_abc123 --vault default\n  \
         agent-vault vault service add --name stripe --host api.stripe.com --auth-type bearer --token-key STRIPE_KEY\n  \
-        agent-vault agent create my-agent --vault default"
+        agent-vault agent create my-agent --vault default --env   # the agent's HTTPS_PROXY & co."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -121,9 +125,12 @@ pub enum Command {
     /// Manage vaults and what is in them: users, credentials, services
     #[command(subcommand)]
     Vault(vaults::VaultCommand),
-    /// Manage agent tokens
+    /// Manage agent tokens, and print the environment an agent runs with
     #[command(subcommand)]
     Agent(agents::AgentCommand),
+    /// The proxy CA agents trust for HTTPS through the proxy: print it, or rotate it
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Change or remove the master password that wraps the data key (owner only)
     #[command(subcommand)]
     MasterPassword(master_key::MasterPasswordCommand),
@@ -161,6 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Auth(cmd) => auth::run(cmd, &ctx()?),
         Command::Vault(cmd) => vaults::run(cmd, &ctx()?),
         Command::Agent(cmd) => agents::run(cmd, &ctx()?),
+        Command::Ca(cmd) => ca::run(cmd, &ctx()?),
         Command::MasterPassword(cmd) => master_key::run_password(cmd, &ctx()?),
         Command::MasterKey(cmd) => master_key::run_key(cmd, &ctx()?),
         Command::Healthcheck(args) => healthcheck::run(global.address.as_deref(), &args),
@@ -325,12 +333,43 @@ mod tests {
             "b:proxy",
         ]);
         match cli.command {
-            Command::Agent(agents::AgentCommand::Create { name, vault }) => {
+            Command::Agent(agents::AgentCommand::Create {
+                name, vault, env, ..
+            }) => {
                 assert_eq!(name, "bot");
                 assert_eq!(vault, vec!["a".to_string(), "b:proxy".to_string()]);
+                assert!(!env);
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn agent_env_takes_the_proxy_and_the_bundle_path_but_no_token() {
+        let cli = parse(&[
+            "agent-vault",
+            "agent",
+            "env",
+            "bot",
+            "--proxy",
+            "http://10.0.0.2:10000",
+            "--ca-out",
+            "/srv/bot/ca.pem",
+        ]);
+        match cli.command {
+            Command::Agent(agents::AgentCommand::Env { name, env_args }) => {
+                assert_eq!(name, "bot");
+                assert_eq!(env_args.proxy, "http://10.0.0.2:10000");
+                assert_eq!(
+                    env_args.ca_out.unwrap(),
+                    std::path::Path::new("/srv/bot/ca.pem")
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let no_token_flag =
+            Cli::try_parse_from(["agent-vault", "agent", "env", "bot", "--token", "x"]);
+        assert!(no_token_flag.is_err());
     }
 
     #[test]

@@ -61,6 +61,11 @@ impl StateDir {
         Self { dir: dir.into() }
     }
 
+    /// The directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn session_path(&self) -> PathBuf {
         self.dir.join("session.json")
     }
