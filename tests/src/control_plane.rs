@@ -74,6 +74,11 @@ impl Server {
         self.dir.path().join("run").join("dataplane.sock")
     }
 
+    /// The SDS socket (by default beside the data-plane socket).
+    pub fn sds_socket(&self) -> PathBuf {
+        self.dir.path().join("run").join("sds.sock")
+    }
+
     pub fn home(&self) -> PathBuf {
         let home = self.dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");
