@@ -14,7 +14,7 @@
 //! | `agent_vault_snapshot_last_bytes` | gauge | size of the last snapshot built |
 //! | `agent_vault_leaf_certificates_held` | gauge | leaf certificates of HTTPS interception held for Envoy ([`crate::leaves`]) |
 //! | `agent_vault_leaf_certificates_minted_total` | counter | leaf certificates minted (new names, renewals, CA rotations) |
-//! | `agent_vault_leaf_certificate_refusals_total{reason}` | counter | names refused a certificate: `not_a_host_name`, `no_rule`, `budget_spent`, `too_many_held`, `mint_failed` |
+//! | `agent_vault_leaf_certificate_refusals_total{reason}` | counter | certificate names Envoy was refused (told so on a stream): `not_a_host_name`, `no_rule`, `budget_spent`, `too_many_held`, `mint_failed` |
 //! | `agent_vault_build_info{version}` | gauge | always 1 |
 //!
 //! No label carries a secret, a token, a user, an agent or a vault name: labels are
@@ -292,7 +292,7 @@ pub fn render(
         &mut out,
         "agent_vault_leaf_certificate_refusals_total",
         "counter",
-        "Names Envoy asked a certificate for and was refused, by reason.",
+        "Certificate names Envoy was refused (told on an SDS stream), by reason.",
     );
     for (reason, count) in Refusal::ALL.iter().zip(leaves.refused) {
         let _ = writeln!(

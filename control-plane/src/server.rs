@@ -669,6 +669,7 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         let dataplane = DataplaneState::new(store.clone(), retention);
         let ca_file = store.ca_file();
         let state = AppState::new(store, leaves, &public_url);
+        let stop = shutdown_signal();
         // One line for humans and for scripts (tests parse the address from it).
         println!(
             "agent-vault listening on {scheme}://{addr} (data-plane socket {}, SDS socket {}, \
@@ -681,9 +682,9 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         match tls {
             Some(config) => {
                 let tcp = crate::tls::TlsListener::new(tcp, config)?;
-                serve(state, dataplane, tcp, sockets, shutdown_signal()).await?;
+                serve(state, dataplane, tcp, sockets, stop).await?;
             }
-            None => serve(state, dataplane, tcp, sockets, shutdown_signal()).await?,
+            None => serve(state, dataplane, tcp, sockets, stop).await?,
         }
         let _ = std::fs::remove_file(&socket);
         let _ = std::fs::remove_file(&sds_socket);
@@ -692,17 +693,24 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+/// Stops on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal that arrives right after the server
+/// announced itself still stops it cleanly (sockets removed) instead of killing it.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -165,6 +165,7 @@ impl StreamState {
             }
             if !self.told.contains_key(name) && self.told.len() + fresh.len() >= self.max_names {
                 removed.push(name.clone());
+                self.leaves.count_refusal(Refusal::TooManyHeld);
                 continue;
             }
             fresh.push(name.clone());
@@ -236,11 +237,12 @@ impl StreamState {
                     }
                     if initial.is_some() || before != Some(Told::Refused) {
                         removed.push(requested.clone());
+                        self.leaves.count_refusal(refusal);
+                        log_refusal(refusal);
                     }
                     if refusal.may_change() {
                         self.told.insert(requested, Told::Refused);
                     }
-                    log_refusal(refusal);
                 }
             }
         }

@@ -7,6 +7,7 @@ mod browser;
 mod cli;
 mod deployment;
 mod envoy_configs;
+mod https_ca;
 mod https_proxy;
 mod proposals;
 mod proxy;
