@@ -210,6 +210,22 @@ impl Server {
         }
     }
 
+    /// The value of the `/metrics` sample whose line starts with `line_start` (the
+    /// metric's name and labels, then a space).
+    pub fn metric(&self, line_start: &str) -> Option<f64> {
+        let text = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .build()
+            .ok()?
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+    }
+
     /// The server's process id (while it runs).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -287,6 +303,25 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The variables of `export NAME='value'` lines (what `agent-vault agent env` and
+/// `agent create --env` print); panics on any other line.
+pub fn shell_exports(stdout: &str) -> std::collections::BTreeMap<String, String> {
+    stdout
+        .lines()
+        .map(|line| {
+            let rest = line
+                .strip_prefix("export ")
+                .unwrap_or_else(|| panic!("not an export line: {line}"));
+            let (name, value) = rest.split_once('=').expect("NAME=value");
+            let value = value
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap_or_else(|| panic!("value not single-quoted: {line}"));
+            (name.to_string(), value.to_string())
+        })
+        .collect()
 }
 
 /// The CLI with its own HOME, pointed at one server.

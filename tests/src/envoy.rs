@@ -139,23 +139,6 @@ pub fn validate(config: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// `config` (the forward proxy) with the decrypting listener's on-demand certificate
-/// selector replaced by one fixed certificate; panics if it has none.
-pub fn with_static_tunnel_certificate(config: &str, chain: &Path, key: &Path) -> String {
-    let start = "            custom_tls_certificate_selector:\n";
-    let end = "                    - envoy_grpc: {cluster_name: agent_vault_sds}\n";
-    let (Some(from), Some(to)) = (config.find(start), config.find(end)) else {
-        panic!("no on-demand certificate selector to replace in the bootstrap");
-    };
-    format!(
-        "{}            tls_certificates:\n            - certificate_chain: {{filename: {}}}\n              private_key: {{filename: {}}}\n{}",
-        &config[..from],
-        chain.display(),
-        key.display(),
-        &config[to + end.len()..]
-    )
-}
-
 /// How to run one Envoy.
 #[derive(Clone, Debug)]
 pub struct EnvoyOptions {
@@ -182,10 +165,6 @@ pub struct EnvoyOptions {
     /// started after Envoy on ports nobody knows beforehand, be reached;
     /// `security_proxy` sets exactly its upstreams' address and port instead.
     pub allowed_private_upstreams: Vec<String>,
-    /// A fixed certificate (chain, key: PEM files) for every tunnel instead of the
-    /// control plane's on-demand ones: the decrypting listener's certificate selector
-    /// is replaced in the rendered bootstrap.
-    pub static_tunnel_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 impl EnvoyOptions {
@@ -206,7 +185,6 @@ impl EnvoyOptions {
                 .unwrap_or_else(|_| "info".into()),
             run_as: None,
             allowed_private_upstreams: vec!["127.0.0.1/32:*".into()],
-            static_tunnel_certificate: None,
         }
     }
 
@@ -235,14 +213,6 @@ impl EnvoyOptions {
     /// [`EnvoyOptions::allowed_private_upstreams`]).
     pub fn allow_private_upstreams(mut self, entries: &[&str]) -> EnvoyOptions {
         self.allowed_private_upstreams = entries.iter().map(|e| e.to_string()).collect();
-        self
-    }
-
-    /// Tunnels decrypted with this certificate (chain and key PEM files) rather than
-    /// the control plane's on-demand ones (see
-    /// [`EnvoyOptions::static_tunnel_certificate`]).
-    pub fn static_tunnel_certificate(mut self, chain: &Path, key: &Path) -> EnvoyOptions {
-        self.static_tunnel_certificate = Some((chain.to_path_buf(), key.to_path_buf()));
         self
     }
 
@@ -305,10 +275,7 @@ impl Envoy {
             let port = free_port();
             let admin_socket = dir.path().join("admin.sock");
             let config_path = dir.path().join("envoy.yaml");
-            let mut config = render(&template, &options.template_vars(port, &admin_socket));
-            if let Some((chain, key)) = &options.static_tunnel_certificate {
-                config = with_static_tunnel_certificate(&config, chain, key);
-            }
+            let config = render(&template, &options.template_vars(port, &admin_socket));
             std::fs::write(&config_path, config).expect("write envoy config");
             let log_path = dir.path().join(format!("envoy-{attempt}.log"));
             let stdio = std::fs::File::create(dir.path().join(format!("envoy-{attempt}.out")))

@@ -85,6 +85,8 @@ impl TlsOptions {
 /// other on one connection.
 pub struct HttpsTunnel {
     conn: Conn<TlsInTunnel>,
+    /// The certificate the proxy showed (DER), which the client verified.
+    certificate: Vec<u8>,
 }
 
 /// Why a tunnel did not open.
@@ -122,9 +124,21 @@ impl HttpsTunnel {
                 return Err(TunnelError::Tls(error.to_string()));
             }
         }
+        let certificate = tls_stream
+            .conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| leaf.to_vec())
+            .unwrap_or_default();
         Ok(HttpsTunnel {
             conn: Conn::over(TlsInTunnel(tls_stream), authority),
+            certificate,
         })
+    }
+
+    /// The leaf certificate the proxy showed for the tunnel (DER).
+    pub fn certificate(&self) -> &[u8] {
+        &self.certificate
     }
 
     /// One request on the tunnel's connection.

@@ -21,8 +21,10 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client
 use prost::Message;
 use tokio::sync::mpsc;
 
-use agent_vault_testkit::control_plane::{binary, bytes_on_disk, Cli, Server, ServerOptions};
-use agent_vault_testkit::process::{die_with_parent, stop_gracefully};
+use agent_vault_testkit::control_plane::{
+    binary, bytes_on_disk, shell_exports, Cli, Server, ServerOptions,
+};
+use agent_vault_testkit::process::{die_with_parent, rss_kib, stop_gracefully};
 
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
@@ -227,29 +229,6 @@ fn received(resource: &envoy_types::pb::envoy::service::discovery::v3::Resource)
     }
 }
 
-fn metric(server: &Server, line_start: &str) -> Option<f64> {
-    let text = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/metrics", server.url()))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn the_sds_socket_serves_hosts_a_rule_could_match_and_pushes_renewals_before_expiry() {
     let server = start(&["--leaf-ttl-secs", "6"]);
@@ -389,7 +368,7 @@ fn one_client_asking_for_thousands_of_names_holds_no_more_than_the_budget() {
     let (served, removed) = envoy.answers(names.len());
     assert_eq!((served.len(), removed.len()), (1000, 200));
     assert_eq!(
-        metric(&server, "agent_vault_leaf_certificates_held "),
+        server.metric("agent_vault_leaf_certificates_held "),
         Some(1000.0)
     );
     let rss_before = rss_kib(pid);
@@ -406,14 +385,11 @@ fn one_client_asking_for_thousands_of_names_holds_no_more_than_the_budget() {
     assert!(served_a.is_empty() && served_b.is_empty());
     assert_eq!(removed_a.len() + removed_b.len(), 5000);
     assert_eq!(
-        metric(&server, "agent_vault_leaf_certificates_held "),
+        server.metric("agent_vault_leaf_certificates_held "),
         Some(1000.0)
     );
     assert_eq!(
-        metric(
-            &server,
-            "agent_vault_leaf_certificate_refusals_total{reason=\"budget_spent\"} "
-        ),
+        server.metric("agent_vault_leaf_certificate_refusals_total{reason=\"budget_spent\"} "),
         Some(5200.0)
     );
     let grown = rss_kib(pid).saturating_sub(rss_before);
@@ -553,24 +529,6 @@ fn the_ca_key_is_never_on_disk_in_plaintext_and_survives_rotations_and_restarts(
 }
 
 /// `export NAME='value'` lines as a map.
-fn exports(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .map(|line| {
-            let rest = line
-                .strip_prefix("export ")
-                .unwrap_or_else(|| panic!("{line}"));
-            let (name, value) = rest.split_once('=').unwrap();
-            let value = value
-                .strip_prefix('\'')
-                .unwrap()
-                .strip_suffix('\'')
-                .unwrap();
-            (name.to_string(), value.to_string())
-        })
-        .collect()
-}
-
 fn token_of(vars: &BTreeMap<String, String>) -> String {
     let url = &vars["HTTPS_PROXY"];
     let rest = url.strip_prefix("http://").unwrap();
@@ -590,7 +548,7 @@ fn agent_env_prints_the_lines_an_agent_needs_with_the_token_never_on_argv() {
             "agent", "create", "bot", "--vault", "default", "--env", "--ca-out", bundle_arg,
         ])
         .ok();
-    let vars = exports(&created.stdout);
+    let vars = shell_exports(&created.stdout);
     let token = token_of(&vars);
     assert!(token.starts_with("av_agt_") && token.len() == 71, "{token}");
     let proxy = format!("http://{token}:default@127.0.0.1:10000");
@@ -630,7 +588,7 @@ fn agent_env_prints_the_lines_an_agent_needs_with_the_token_never_on_argv() {
         &["agent", "env", "bot", "--ca-out", bundle_arg],
         &format!("{token}\n"),
     );
-    assert_eq!(exports(&again.ok().stdout), expected);
+    assert_eq!(shell_exports(&again.ok().stdout), expected);
     // Another proxy address, and JSON.
     let json = owner
         .run_stdin(
@@ -697,7 +655,7 @@ fn agent_env_prints_the_lines_an_agent_needs_with_the_token_never_on_argv() {
     let rotated = owner
         .run(&["agent", "rotate", "bot", "--env", "--ca-out", bundle_arg])
         .ok();
-    let new_token = token_of(&exports(&rotated.stdout));
+    let new_token = token_of(&shell_exports(&rotated.stdout));
     assert_ne!(new_token, token);
     let stale = owner
         .run_stdin(&["agent", "env", "bot"], &format!("{token}\n"))

@@ -3,17 +3,19 @@
 //! built filter; Envoy decrypts the tunnel and the requests inside reach a loopback TLS
 //! echo upstream with the credential injected, as the agent proven on the `CONNECT`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::ServerOptions;
+use agent_vault_testkit::control_plane::{shell_exports, ServerOptions};
 use agent_vault_testkit::envoy::workspace_root;
 use agent_vault_testkit::http::proxy_basic;
 use agent_vault_testkit::http::RawResponse;
 use agent_vault_testkit::https_agent::{connect, HttpsTunnel, TlsOptions, TunnelError};
+use agent_vault_testkit::process::rss_kib;
 use agent_vault_testkit::stack::{wait_for, Stack};
 use agent_vault_testkit::upstream::{Echo, TestCa};
 
@@ -24,38 +26,34 @@ const PROPAGATION: Duration = Duration::from_secs(5);
 
 /// The system with an HTTPS echo upstream on loopback, reached as `localhost:<port>`
 /// (SNI needs a name) and allowed by Envoy's destination check by exactly its address
-/// and port; a service `echo` of vault `default` for it, injecting `ECHO_TOKEN`.
+/// and port; a service `echo` of vault `default` for it, injecting `ECHO_TOKEN`. The
+/// tunnels' certificates are the control plane's: minted by its CA for the SNI and
+/// served to Envoy over its SDS socket, as in production.
 struct Https {
     stack: Stack,
     echo: Echo,
-    /// The CA agents trust for the proxy's certificates (PEM file).
+    /// The CA agents trust for the proxy's certificates: the control plane's
+    /// `<data-dir>/ca.pem`.
     proxy_ca: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Https {
     fn start() -> Https {
-        let dir = tempfile::tempdir().unwrap();
+        Https::start_with(ServerOptions::default())
+    }
+
+    fn start_with(server: ServerOptions) -> Https {
         let upstream_ca = TestCa::new("upstream test CA");
         let echo = Echo::tls(&upstream_ca);
-        let proxy = TestCa::new("agent-vault proxy test CA");
-        let (chain, key) = proxy.issue_pem(&["localhost", "other.localhost"]);
-        let chain_path = dir.path().join("tunnel.pem");
-        let key_path = dir.path().join("tunnel.key");
-        std::fs::write(&chain_path, chain).unwrap();
-        std::fs::write(&key_path, key).unwrap();
-        let proxy_ca = proxy.write_pem(&dir.path().join("proxy-ca.pem"));
         let allowed = format!("127.0.0.1/32:{}", echo.port);
-        let stack = Stack::start_with_ca(ServerOptions::default(), upstream_ca, |options| {
-            options
-                .allow_private_upstreams(&[&allowed])
-                .static_tunnel_certificate(&chain_path, &key_path)
+        let stack = Stack::start_with_ca(server, upstream_ca, |options| {
+            options.allow_private_upstreams(&[&allowed])
         });
+        let proxy_ca = stack.server.proxy_ca();
         Https {
             stack,
             echo,
             proxy_ca,
-            _dir: dir,
         }
     }
 
@@ -602,19 +600,33 @@ fn sha256_hex(text: &str) -> String {
 }
 
 #[test]
-fn a_tls_server_name_other_than_the_connects_host_is_refused_421() {
+fn a_tls_server_name_other_than_the_connects_host_is_refused_421_and_one_no_rule_names_gets_no_certificate(
+) {
     let https = Https::start();
     https.add_echo_service("default", "sk_never_sni");
+    // `other.localhost` has a rule too, so the control plane mints it a certificate:
+    // the handshake succeeds and the filter refuses the requests.
+    https
+        .stack
+        .set_credential("default", "OTHER_TOKEN", "sk_other_sni");
+    https.stack.add_service(
+        "default",
+        json!({"name": "other", "host": format!("other.localhost:{}", https.echo.port),
+               "auth": {"type": "bearer", "token": "OTHER_TOKEN"}}),
+    );
     let token = https.stack.create_agent("sni", &["default"]);
     let _ = ready_tunnel(&https, &token, "default");
     let auth = proxy_basic(&token, "default");
-    let mut tunnel = HttpsTunnel::open(
-        https.stack.envoy.port,
-        &https.echo.authority(),
-        &[("Proxy-Authorization", &auth)],
-        &TlsOptions::new("other.localhost", &https.proxy_ca_pem()),
-    )
-    .unwrap();
+    let open = |sni: &str| {
+        HttpsTunnel::open(
+            https.stack.envoy.port,
+            &https.echo.authority(),
+            &[("Proxy-Authorization", &auth)],
+            &TlsOptions::new(sni, &https.proxy_ca_pem()),
+        )
+    };
+    let mut tunnel = wait_for(PROPAGATION, || open("other.localhost").ok())
+        .expect("a certificate for other.localhost");
     https.echo.clear();
     let host = format!("other.localhost:{}", https.echo.port);
     for headers in [vec![], vec![("Host", host.as_str())]] {
@@ -622,6 +634,15 @@ fn a_tls_server_name_other_than_the_connects_host_is_refused_421() {
         let body = assert_refused(&response, 421, "tunnel_host_mismatch");
         assert_eq!(body["host"], https.echo.authority(), "{body}");
         assert!(body["message"].as_str().unwrap().contains("SNI"), "{body}");
+    }
+    // A name no rule of any vault matches gets no certificate: the handshake fails
+    // (the control plane told Envoy the name is removed) and nothing reaches upstream.
+    for sni in ["unknown.localhost", "evil.example.com"] {
+        match open(sni) {
+            Err(TunnelError::Tls(_)) => {}
+            Err(other) => panic!("{sni}: {other:?}"),
+            Ok(_) => panic!("{sni}: a certificate for a name no rule matches"),
+        }
     }
     assert!(https.echo.received().is_empty());
 }
@@ -822,4 +843,197 @@ fn until_tunnel_decrypted(https: &Https, token: &str, vault: &str) -> Value {
             https.stack.envoy.log_tail(30)
         )
     })
+}
+
+/// Runs `program args` with exactly `vars` (and `PATH`) as its environment: an agent
+/// configured only by what the CLI printed.
+fn run_with_only(program: &Path, args: &[&str], vars: &BTreeMap<String, String>) -> Output {
+    Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(vars)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()))
+}
+
+#[test]
+fn an_agent_configured_only_by_the_lines_the_cli_prints_calls_an_https_api_through_envoy() {
+    let https = Https::start();
+    let secret = "sk_live_from_agent_env_0123456789";
+    https.add_echo_service("default", secret);
+    let cli = https.stack.server.cli();
+    cli.login("owner@example.com", "owner-password");
+    let bundle = https.stack.server.dir.path().join("agent").join("ca.pem");
+    let proxy = format!("http://127.0.0.1:{}", https.stack.envoy.port);
+    let created = cli
+        .run(&[
+            "agent",
+            "create",
+            "env-agent",
+            "--vault",
+            "default",
+            "--env",
+            "--proxy",
+            &proxy,
+            "--ca-out",
+            bundle.to_str().unwrap(),
+        ])
+        .ok();
+    let vars = shell_exports(&created.stdout);
+    let url = https.url("/v1/customers?limit=3");
+
+    // curl: HTTPS_PROXY (its token in the URL) and CURL_CA_BUNDLE, nothing on argv.
+    let curl = PathBuf::from("curl");
+    let mut last = String::new();
+    let answered = wait_for(FIRST_SNAPSHOT, || {
+        let out = run_with_only(&curl, &["-sS", "--max-time", "20", &url], &vars);
+        last = format!(
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .filter(|seen| seen["path"] == "/v1/customers?limit=3")
+    });
+    let seen =
+        answered.unwrap_or_else(|| panic!("curl: {last}\n{}", https.stack.envoy.log_tail(30)));
+    assert_eq!(seen["headers"]["authorization"], format!("Bearer {secret}"));
+    assert_eq!(seen["tls"], true);
+
+    // Python requests: HTTPS_PROXY and REQUESTS_CA_BUNDLE.
+    let python = workspace_root().join(".venv/bin/python3");
+    let script = "import requests, sys; r = requests.get(sys.argv[1], timeout=20); \
+                  print(r.status_code); print(r.text)";
+    let out = run_with_only(&python, &["-c", script, &url], &vars);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (status, body) = stdout
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("python: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(status, "200", "{body}");
+    let seen: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(seen["headers"]["authorization"], format!("Bearer {secret}"));
+    let token = vars["HTTPS_PROXY"]
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split(':').next())
+        .unwrap();
+    assert!(!seen["header_list"].to_string().contains(token));
+}
+
+#[test]
+fn leaves_are_re_minted_and_pushed_to_envoy_before_they_expire() {
+    // Six-second leaves, re-minted after four: over twenty seconds every handshake
+    // (checked by rustls against the clock and the proxy CA) gets a valid one, and
+    // Envoy shows several successive leaves without restarting anything.
+    let https = Https::start_with(ServerOptions {
+        extra_args: vec![
+            "--allow-private-upstreams".into(),
+            "--leaf-ttl-secs".into(),
+            "6".into(),
+        ],
+        ..ServerOptions::default()
+    });
+    https.add_echo_service("default", "sk_renewed");
+    let token = https.stack.create_agent("renewals", &["default"]);
+    let _ = ready_tunnel(&https, &token, "default");
+    let mut seen = Vec::<Vec<u8>>::new();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < until {
+        let mut tunnel = https.tunnel(&token, "default").unwrap_or_else(|e| {
+            panic!(
+                "a handshake failed (an expired or missing leaf?): {e:?}\n{}",
+                https.stack.envoy.log_tail(20)
+            )
+        });
+        let answer = tunnel.get("/v1/renewed", &[]).unwrap();
+        assert_eq!(
+            json_of(&answer)["headers"]["authorization"],
+            "Bearer sk_renewed"
+        );
+        if seen.last().map(Vec::as_slice) != Some(tunnel.certificate()) {
+            seen.push(tunnel.certificate().to_vec());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        seen.len() >= 4,
+        "{} distinct leaves in 20 s of 6 s leaves",
+        seen.len()
+    );
+}
+
+#[test]
+fn a_thousand_server_names_from_one_agent_leave_envoy_and_the_control_plane_bounded() {
+    // A wildcard rule lets any `*.example.com` name have a certificate; the budget of
+    // new names (50 an hour here) is what bounds them. One agent, one tunnel per name.
+    let https = Https::start_with(ServerOptions {
+        extra_args: vec![
+            "--allow-private-upstreams".into(),
+            "--leaf-names-per-hour".into(),
+            "50".into(),
+        ],
+        ..ServerOptions::default()
+    });
+    https.add_echo_service("default", "sk_many_names");
+    https.stack.add_service(
+        "default",
+        json!({"name": "wild", "host": "*.example.com", "auth": {"type": "passthrough"}}),
+    );
+    let token = https.stack.create_agent("names", &["default"]);
+    let _ = ready_tunnel(&https, &token, "default");
+    let auth = proxy_basic(&token, "default");
+    let ca = https.proxy_ca_pem();
+    let handshake = |name: &str| {
+        HttpsTunnel::open(
+            https.stack.envoy.port,
+            &https.echo.authority(),
+            &[("Proxy-Authorization", &auth)],
+            &TlsOptions::new(name, &ca),
+        )
+        .is_ok()
+    };
+    let envoy = https.stack.envoy.pid().unwrap();
+    let control_plane = https.stack.server.pid().unwrap();
+    let mut rounds = Vec::new();
+    for round in 0..4 {
+        let served = (0..250)
+            .filter(|i| handshake(&format!("n{round}-{i}.example.com")))
+            .count();
+        rounds.push((served, rss_kib(envoy), rss_kib(control_plane)));
+    }
+    let served: usize = rounds.iter().map(|r| r.0).sum();
+    // `localhost` took one name of the budget; the wildcard the rest.
+    assert_eq!(served, 49, "{rounds:?}");
+    assert!(rounds[1..].iter().all(|r| r.0 == 0), "{rounds:?}");
+    let held = https
+        .stack
+        .server
+        .metric("agent_vault_leaf_certificates_held ");
+    assert_eq!(held, Some(50.0));
+    // Envoy holds a certificate only for names it was given one: the refused ones
+    // leave nothing active behind.
+    let stats = https
+        .stack
+        .envoy
+        .admin_get("/stats?filter=on_demand_secret.cert_active");
+    let active: Vec<u64> = stats
+        .body
+        .lines()
+        .filter_map(|l| l.split_once("cert_active: ")?.1.trim().parse().ok())
+        .collect();
+    assert_eq!(active, [50], "{}", stats.body);
+    // Memory: the last 750 names (all refused) add no more than noise. A certificate
+    // kept per name (tens of KiB in Envoy) would add many MiB.
+    let (first_envoy, first_cp) = (rounds[0].1, rounds[0].2);
+    let (last_envoy, last_cp) = (rounds[3].1, rounds[3].2);
+    let (envoy_grew, cp_grew) = (
+        last_envoy.saturating_sub(first_envoy),
+        last_cp.saturating_sub(first_cp),
+    );
+    assert!(
+        envoy_grew < 4096 && cp_grew < 4096,
+        "over 750 refused names Envoy grew {envoy_grew} KiB and the control plane \
+         {cp_grew} KiB: {rounds:?}"
+    );
 }
