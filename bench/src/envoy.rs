@@ -124,6 +124,9 @@ const ROUTER: &str = r#"
 
 /// The header our filter sets for the route (its default `tls_header`).
 const ROUTE_HEADER: &str = "x-agent-vault-upstream";
+/// The header carrying a `CONNECT`'s proven identity into its tunnel; removed from
+/// every agent request, as in the shipped config.
+const TUNNEL_HEADER: &str = "x-agent-vault-tunnel";
 
 /// Envoy's wasm filter running `wasm` in its own VM `name`, with an optional plugin
 /// configuration (a string).
@@ -191,6 +194,7 @@ fn routes(filter: bool) -> String {
               "@type": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
               mutations:
               - remove: {ROUTE_HEADER}
+              - remove: {TUNNEL_HEADER}
               - remove_on_match: {{key_matcher: {{prefix: x-envoy-}}}}
               - remove: x-forwarded-host
               - remove: x-forwarded-server
@@ -203,7 +207,7 @@ fn routes(filter: bool) -> String {
               - remove: x-method-override
           route_config:
             name: bench
-            request_headers_to_remove: [{ROUTE_HEADER}]
+            request_headers_to_remove: [{ROUTE_HEADER}, {TUNNEL_HEADER}]
             virtual_hosts:
             - name: any
               domains: ["*"]
@@ -568,6 +572,7 @@ mod tests {
                 ("ADMIN_SOCKET", "/run/agent-vault-envoy/admin.sock"),
                 ("ALLOWED_PRIVATE_UPSTREAMS", ""),
                 ("SOCKET_PATH", "/run/agent-vault/dataplane.sock"),
+                ("SDS_SOCKET", "/run/agent-vault/sds.sock"),
                 ("WASM_PATH", wasm_path.as_str()),
                 ("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
                 ("SNAPSHOT_POLL_MS", "1000"),
