@@ -346,23 +346,30 @@ pub(crate) fn reseal(tx: &Tx, old: &Key, new: &Key) -> TxResult<usize> {
     Ok(1)
 }
 
-/// Writes the public CA certificate to `path`, 0644, atomically: agents (other OS
-/// users included) may read it.
-fn write_public_file(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+/// Writes a public file (certificates only) to `path`, 0644 whatever the umask,
+/// atomically (a temporary file renamed over it): agents, other OS users included,
+/// may read it. The proxy CA and the CLI's CA bundles.
+pub fn write_public_file(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let tmp = path.with_extension("pem.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    // A umask may have taken bits off the mode above.
-    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        // A umask may have taken bits off the mode above.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 impl Store {

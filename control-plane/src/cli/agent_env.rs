@@ -156,29 +156,12 @@ pub fn bundle(ca_pem: &str, system: Option<&str>) -> String {
 /// Writes `contents` to `path` with mode 0644 (agents may run as other users),
 /// atomically; creates the directory if needed.
 fn write_bundle(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        file.write_all(contents.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.with_context(|| format!("cannot write the CA bundle {}", path.display()))
+    crate::ca::write_public_file(path, contents.as_bytes())
+        .with_context(|| format!("cannot write the CA bundle {}", path.display()))
 }
 
 /// `av_agt_` and 64 hex digits.
