@@ -845,6 +845,38 @@ fn until_tunnel_decrypted(https: &Https, token: &str, vault: &str) -> Value {
     })
 }
 
+/// A Node HTTPS agent: `CONNECT` to the URL's host through `HTTPS_PROXY` (its user and
+/// password as `Proxy-Authorization`), then Node's TLS (the default CAs plus
+/// `NODE_EXTRA_CA_CERTS`) and an `https` GET inside; prints `{"status","body"}` or
+/// `{"error"}`.
+const NODE_AGENT: &str = r#"
+const http = require('http'), https = require('https'), tls = require('tls');
+const target = new URL(process.argv[1]);
+const proxy = new URL(process.env.HTTPS_PROXY);
+const port = target.port || 443;
+const credential = decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password);
+const done = (answer) => { console.log(JSON.stringify(answer)); process.exit(0); };
+const connect = http.request({
+  host: proxy.hostname, port: proxy.port, method: 'CONNECT', path: `${target.hostname}:${port}`,
+  headers: {'Proxy-Authorization': 'Basic ' + Buffer.from(credential).toString('base64')},
+});
+connect.on('connect', (answer, socket) => {
+  if (answer.statusCode !== 200) return done({status: answer.statusCode});
+  const request = https.request({
+    host: target.hostname, port, path: target.pathname + target.search,
+    createConnection: () => tls.connect({socket, servername: target.hostname}),
+  }, (response) => {
+    let body = '';
+    response.on('data', (chunk) => body += chunk);
+    response.on('end', () => done({status: response.statusCode, body}));
+  });
+  request.on('error', (e) => done({error: String(e)}));
+  request.end();
+});
+connect.on('error', (e) => done({error: String(e)}));
+connect.end();
+"#;
+
 /// Runs `program args` with exactly `vars` (and `PATH`) as its environment: an agent
 /// configured only by what the CLI printed.
 fn run_with_only(program: &Path, args: &[&str], vars: &BTreeMap<String, String>) -> Output {
@@ -914,6 +946,21 @@ fn an_agent_configured_only_by_the_lines_the_cli_prints_calls_an_https_api_throu
     assert_eq!(status, "200", "{body}");
     let seen: Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!(seen["headers"]["authorization"], format!("Bearer {secret}"));
+    // Node: its own TLS stack, trusting NODE_EXTRA_CA_CERTS; the tunnel opened from
+    // HTTPS_PROXY as the usual agent (https-proxy-agent) does, since Node's fetch reads
+    // no proxy variable before Node 24.
+    let node = run_with_only(&PathBuf::from("node"), &["-e", NODE_AGENT, &url], &vars);
+    let printed: Value = serde_json::from_slice(&node.stdout).unwrap_or_else(|e| {
+        panic!(
+            "node printed no JSON ({e}): {} {}",
+            String::from_utf8_lossy(&node.stdout),
+            String::from_utf8_lossy(&node.stderr)
+        )
+    });
+    assert_eq!(printed["status"], 200, "{printed}");
+    let seen: Value = serde_json::from_str(printed["body"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["headers"]["authorization"], format!("Bearer {secret}"));
+
     let token = vars["HTTPS_PROXY"]
         .strip_prefix("http://")
         .and_then(|rest| rest.split(':').next())
