@@ -309,6 +309,7 @@ pub struct Handshakes {
 /// the names, and no request is sent inside (the filter would refuse a name other
 /// than the `CONNECT`'s, after the handshake this measures).
 pub fn first_handshakes(agent: &Agent, domain: &str, names: usize) -> Handshakes {
+    const PAUSE: Duration = Duration::from_millis(10);
     let mut out = Handshakes {
         names,
         ..Handshakes::default()
@@ -319,10 +320,16 @@ pub fn first_handshakes(agent: &Agent, domain: &str, names: usize) -> Handshakes
         if i == 0 {
             out.example = name.clone();
         }
-        // Each tunnel is closed (dropped) before the next opens.
-        let result = agent.open(&name).and_then(|(tunnel, first)| {
+        // Each tunnel is closed (dropped) before the next opens, and each opens after a
+        // pause: Envoy has finished with the previous one (its close, the certificate
+        // it just received), so both opens of a name start from the same idle proxy.
+        let open = || {
+            std::thread::sleep(PAUSE);
+            agent.open(&name)
+        };
+        let result = open().and_then(|(tunnel, first)| {
             drop(tunnel);
-            agent.open(&name).map(|(_, again)| (first, again))
+            open().map(|(_, again)| (first, again))
         });
         match result {
             Ok((first, again)) => {
