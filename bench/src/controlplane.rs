@@ -1,6 +1,6 @@
 //! A control plane for the benchmark: the release `agent-vault server` on a free
-//! loopback port with its own data dir and data-plane socket, an owner session, and
-//! the management API calls that seed and change it.
+//! loopback port with its own data dir, data-plane and SDS sockets and proxy CA, an
+//! owner session, and the management API calls that seed and change it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,8 +18,17 @@ pub struct ControlPlane {
     pub proc: Proc,
     pub port: u16,
     pub socket: PathBuf,
+    /// The SDS socket (the default, beside the data-plane socket): certificates for
+    /// the tunnels of HTTPS agents.
+    pub sds_socket: PathBuf,
+    /// The proxy CA's certificate (PEM), which HTTPS agents trust.
+    pub proxy_ca: PathBuf,
     token: String,
 }
+
+/// New host names that get a certificate per hour: far more than the benchmark's first
+/// handshakes ask for (the server's default is 1000).
+pub const LEAF_NAMES_PER_HOUR: u32 = 100_000;
 
 /// Requests counted by the control plane (`GET /v1/dataplane/stats`).
 pub type Counts = DataplaneCounts;
@@ -36,6 +45,7 @@ impl ControlPlane {
         command
             .arg("server")
             .args(["--port", "0", "--allow-private-upstreams"])
+            .args(["--leaf-names-per-hour", &LEAF_NAMES_PER_HOUR.to_string()])
             .arg("--data-dir")
             .arg(&data)
             .arg("--socket")
@@ -61,7 +71,9 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             proc,
             port,
+            sds_socket: socket.with_file_name("sds.sock"),
             socket,
+            proxy_ca: data.join("ca.pem"),
             token: String::new(),
         };
         // The first registration needs the token the server wrote into its data dir.

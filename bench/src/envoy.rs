@@ -1,6 +1,10 @@
-//! One Envoy per variant, all from the same binary with `--concurrency 2`: the same
-//! listener, HTTP connection manager, router and static upstream cluster; only the
-//! HTTP filters (and what they need) differ.
+//! One Envoy per variant, all from the same binary with `--concurrency 2`. The plain
+//! request variants (a–g, i, x) share one listener, HTTP connection manager, router and
+//! static upstream cluster; only the HTTP filters (and what they need) differ. The
+//! HTTPS interception pair (h, j) runs the shipped `envoy/forward-proxy.yaml` itself
+//! (CONNECT, the internal listener that terminates the tunnel's TLS with certificates
+//! from the control plane's SDS, the dynamic forward proxy and the destination check):
+//! (j) as shipped, (h) with the filter taken out of both listeners.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,13 +39,20 @@ pub enum Variant {
     FilterNoCache,
     /// (g) our filter, warm cache, control plane with 10k services × 1k agents.
     FilterBig,
-    /// (h) another build of our filter (`--candidate-wasm`), warm cache: to compare a
+    /// (h) HTTPS agents: Envoy terminating the tunnel's TLS (certificates from the
+    /// control plane's SDS), no filter: `envoy/forward-proxy.yaml` without the wasm
+    /// filter on either listener, every CONNECT and request routed.
+    HttpsPlain,
+    /// (j) HTTPS agents through `envoy/forward-proxy.yaml` as shipped: our filter
+    /// authenticates the CONNECT and injects into the requests inside, warm cache.
+    HttpsFilter,
+    /// (x) another build of our filter (`--candidate-wasm`), warm cache: to compare a
     /// change against the current build within one run.
     Candidate,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 8] = [
+    pub const ALL: [Variant; 10] = [
         Variant::Plain,
         Variant::NoopWasm,
         Variant::NoopAddHeader,
@@ -50,6 +61,8 @@ impl Variant {
         Variant::FilterWarm,
         Variant::FilterNoCache,
         Variant::FilterBig,
+        Variant::HttpsPlain,
+        Variant::HttpsFilter,
     ];
 
     pub fn letter(self) -> &'static str {
@@ -61,8 +74,10 @@ impl Variant {
             Variant::FilterWarm => "e",
             Variant::FilterNoCache => "f",
             Variant::FilterBig => "g",
-            Variant::Candidate => "h",
+            Variant::HttpsPlain => "h",
             Variant::NoopAddHeader => "i",
+            Variant::HttpsFilter => "j",
+            Variant::Candidate => "x",
         }
     }
 
@@ -77,7 +92,20 @@ impl Variant {
             Variant::FilterBig => "Agent Vault filter, warm, 10k svc × 1k agents",
             Variant::Candidate => "candidate filter build, warm cache",
             Variant::NoopAddHeader => "wasm filter that only adds the route header",
+            Variant::HttpsPlain => "HTTPS agents: Envoy decrypting the tunnel, no filter",
+            Variant::HttpsFilter => "HTTPS agents: Agent Vault filter in the tunnel, warm",
         }
+    }
+
+    /// Whether its load is HTTPS agents (CONNECT, then TLS inside the tunnel) rather
+    /// than wrk's plain requests.
+    pub fn https(self) -> bool {
+        matches!(self, Variant::HttpsPlain | Variant::HttpsFilter)
+    }
+
+    /// Whether it has a control plane of its own: (h) for its certificates only.
+    pub fn has_control_plane(self) -> bool {
+        self.needs_agent() || self == Variant::HttpsPlain
     }
 
     /// Whether requests must carry the agent's proxy credential.
@@ -88,6 +116,7 @@ impl Variant {
                 | Variant::FilterWarm
                 | Variant::FilterNoCache
                 | Variant::FilterBig
+                | Variant::HttpsFilter
                 | Variant::Candidate
         )
     }
@@ -96,7 +125,7 @@ impl Variant {
     pub fn injects(self) -> bool {
         !matches!(
             self,
-            Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader
+            Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader | Variant::HttpsPlain
         )
     }
 }
@@ -106,10 +135,13 @@ pub struct Inputs<'a> {
     pub upstream_port: u16,
     pub filter_wasm: &'a Path,
     pub noop_wasm: &'a Path,
-    /// Variant (h)'s filter.
+    /// Variant (x)'s filter.
     pub candidate_wasm: Option<&'a Path>,
-    /// The control plane's socket for this variant (d, e, f: small; g: big).
+    /// The control plane's socket for this variant (d, e, f, h, j: small; g: big).
     pub socket: &'a Path,
+    /// Its SDS socket, and the PEM file of its proxy CA (h, j).
+    pub sds_socket: &'a Path,
+    pub proxy_ca: &'a Path,
     /// Where the variant's files (config, SDS secret, log) go.
     pub dir: &'a Path,
     /// The static credential header value for (c).
@@ -124,8 +156,8 @@ const ROUTER: &str = r#"
 
 /// The header our filter sets for the route (its default `tls_header`).
 const ROUTE_HEADER: &str = "x-agent-vault-upstream";
-/// The header carrying a `CONNECT`'s proven identity into its tunnel; removed from
-/// every agent request, as in the shipped config.
+/// The header it sets on a CONNECT it lets into the decrypting listener: the tunnel's
+/// identity. The shipped config drops an agent's own before any filter, as the bench's.
 const TUNNEL_HEADER: &str = "x-agent-vault-tunnel";
 
 /// Envoy's wasm filter running `wasm` in its own VM `name`, with an optional plugin
@@ -233,6 +265,9 @@ pub fn config(
     admin_socket: &Path,
     inputs: &Inputs<'_>,
 ) -> Result<String, String> {
+    if variant.https() {
+        return forward_proxy(variant, port, admin_socket, inputs);
+    }
     let mut filters = String::new();
     let filter_routes = matches!(
         variant,
@@ -243,7 +278,7 @@ pub fn config(
             | Variant::Candidate
     );
     match variant {
-        Variant::Plain => {}
+        Variant::Plain | Variant::HttpsPlain | Variant::HttpsFilter => {}
         Variant::NoopWasm => filters.push_str(&noop_filter(inputs.noop_wasm, None)),
         Variant::NoopAddHeader => filters.push_str(&noop_filter(
             inputs.noop_wasm,
@@ -365,6 +400,151 @@ static_resources:
     ))
 }
 
+/// The shipped forward proxy, as built into this binary.
+const FORWARD_PROXY: &str = include_str!("../../envoy/forward-proxy.yaml");
+
+/// (h) and (j): `envoy/forward-proxy.yaml` rendered with the production defaults (poll
+/// 1 s, cache 60 s), the control plane's sockets, and the upstream's address and port
+/// as the only private destination allowed; for (h), [`without_filter`].
+fn forward_proxy(
+    variant: Variant,
+    port: u16,
+    admin_socket: &Path,
+    inputs: &Inputs<'_>,
+) -> Result<String, String> {
+    let rendered = render_forward_proxy(port, admin_socket, inputs)?;
+    let config = match variant {
+        Variant::HttpsPlain => without_filter(&rendered)?,
+        _ => rendered,
+    };
+    Ok(format!(
+        "# Generated by agent-vault-bench: variant ({}) {}.\n{config}",
+        variant.letter(),
+        variant.describe()
+    ))
+}
+
+fn render_forward_proxy(
+    port: u16,
+    admin_socket: &Path,
+    inputs: &Inputs<'_>,
+) -> Result<String, String> {
+    let allowed = xtask::allowed_upstreams(&[format!("127.0.0.1/32:{}", inputs.upstream_port)])?;
+    let values = [
+        ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
+        ("LISTEN_PORT", port.to_string()),
+        ("ADMIN_SOCKET", admin_socket.display().to_string()),
+        ("ALLOWED_PRIVATE_UPSTREAMS", allowed),
+        ("SOCKET_PATH", inputs.socket.display().to_string()),
+        ("SDS_SOCKET", inputs.sds_socket.display().to_string()),
+        ("WASM_PATH", inputs.filter_wasm.display().to_string()),
+        // Only TLS upstreams use it, and the benchmark's upstream is plain HTTP; any
+        // valid bundle will do.
+        ("CA_BUNDLE", inputs.proxy_ca.display().to_string()),
+        ("SNAPSHOT_POLL_MS", "1000".to_string()),
+        ("CREDENTIAL_CACHE_TTL_MS", "60000".to_string()),
+        ("CALLOUT_TIMEOUT_MS", "2000".to_string()),
+    ];
+    xtask::render(FORWARD_PROXY, |name| {
+        values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+    })
+    .map_err(|missing| format!("envoy/forward-proxy.yaml: {missing}"))
+}
+
+/// The rendered forward proxy without our filter: the wasm filter removed from both
+/// listeners (the agents' and the internal one that decrypts tunnels), and the routes
+/// that wait for its routing header made unconditional: every CONNECT goes to the
+/// decrypting listener, every request inside to the plain-HTTP forward proxy (the
+/// benchmark's upstream is plain HTTP), as they do in (j) once the filter said so. The
+/// rest, destination check included, is untouched. Written out as JSON (which YAML
+/// reads), so no YAML quirk changes a value on the way.
+pub fn without_filter(rendered: &str) -> Result<String, String> {
+    let mut config: serde_json::Value =
+        serde_yaml::from_str(rendered).map_err(|e| format!("envoy/forward-proxy.yaml: {e}"))?;
+    let marker = |route: &serde_json::Value| -> Option<String> {
+        route["match"]["headers"]
+            .as_array()?
+            .iter()
+            .find(|h| h["name"] == ROUTE_HEADER)
+            .and_then(|h| h["string_match"]["exact"].as_str())
+            .map(str::to_string)
+    };
+    let (mut filters_removed, mut routes_opened) = (0, Vec::new());
+    let listeners = config["static_resources"]["listeners"]
+        .as_array_mut()
+        .ok_or("no listeners")?;
+    for listener in listeners {
+        let Some(chains) = listener["filter_chains"].as_array_mut() else {
+            continue;
+        };
+        for chain in chains {
+            let Some(filters) = chain["filters"].as_array_mut() else {
+                continue;
+            };
+            for filter in filters {
+                let hcm = &mut filter["typed_config"];
+                if let Some(http_filters) = hcm["http_filters"].as_array_mut() {
+                    let before = http_filters.len();
+                    http_filters.retain(|f| f["name"] != "envoy.filters.http.wasm");
+                    filters_removed += before - http_filters.len();
+                }
+                let Some(hosts) = hcm["route_config"]["virtual_hosts"].as_array_mut() else {
+                    continue;
+                };
+                for host in hosts {
+                    let Some(routes) = host["routes"].as_array_mut() else {
+                        continue;
+                    };
+                    routes.retain(|r| !matches!(marker(r).as_deref(), Some("tls" | "opaque")));
+                    for route in routes {
+                        if let Some(kind) = marker(route) {
+                            if let Some(m) = route["match"].as_object_mut() {
+                                m.remove("headers");
+                            }
+                            routes_opened.push(kind);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Two listeners, each with the filter; the agents' one routes CONNECT to the tunnel
+    // and requests to `plain`, the tunnel's one requests to `plain`.
+    if filters_removed != 2 || routes_opened != ["tunnel", "plain", "plain"] {
+        return Err(format!(
+            "envoy/forward-proxy.yaml is not shaped as the benchmark expects: removed {filters_removed} \
+             wasm filters (expected 2), opened the routes {routes_opened:?} (expected tunnel, plain, plain)"
+        ));
+    }
+    octal_modes(&mut config);
+    serde_json::to_string_pretty(&config).map_err(|e| e.to_string())
+}
+
+/// Unix socket modes (`mode: 0600`) as the numbers Envoy reads them as: its YAML parser
+/// takes a leading 0 for octal, serde_yaml keeps such a scalar as the string "0600",
+/// which as JSON would be read as decimal 600.
+fn octal_modes(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                let octal = value
+                    .as_str()
+                    .filter(|text| key == "mode" && text.starts_with('0'))
+                    .and_then(|text| u32::from_str_radix(text, 8).ok());
+                match octal {
+                    Some(mode) => *value = mode.into(),
+                    None => octal_modes(value),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(octal_modes),
+        _ => {}
+    }
+}
+
 pub struct Envoy {
     pub variant: Variant,
     pub proc: Proc,
@@ -479,6 +659,27 @@ impl Envoy {
         counts
     }
 
+    /// The sum of the counters whose name ends with `suffix` (`None` if there is none,
+    /// or the admin API does not answer).
+    pub fn counter_sum(&self, suffix: &str) -> Option<u64> {
+        let response = http::unix_once(
+            &self.admin_socket,
+            "GET",
+            "/stats",
+            &[("Connection", "close")],
+            None,
+        )
+        .ok()?;
+        let values: Vec<u64> = response
+            .text()
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+            .filter(|(name, _)| name.ends_with(suffix))
+            .filter_map(|(_, value)| value.trim().parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     pub fn version(binary: &Path) -> String {
         Command::new(binary)
             .arg("--version")
@@ -556,6 +757,8 @@ mod tests {
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
+            sds_socket: Path::new("/run/agent-vault/sds.sock"),
+            proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
             dir: Path::new("/nonexistent"),
             static_credential: "unused",
         };
@@ -645,5 +848,104 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The listeners' HTTP connection managers, in order.
+    fn all_hcms(bootstrap: &Value) -> Vec<Value> {
+        bootstrap["static_resources"]["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["filter_chains"].as_array().cloned().unwrap_or_default())
+            .flat_map(|c| c["filters"].as_array().cloned().unwrap_or_default())
+            .map(|f| f["typed_config"].clone())
+            .collect()
+    }
+
+    /// (j) is the shipped forward proxy; (h) is the same without our filter, and the
+    /// only other change is that its routes no longer wait for the filter's header:
+    /// so the pair measures the filter in a tunnel and nothing else.
+    #[test]
+    fn the_https_pair_runs_the_shipped_forward_proxy_and_h_differs_only_by_the_filter() {
+        let inputs = Inputs {
+            upstream_port: 18080,
+            filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
+            noop_wasm: Path::new("/opt/noop.wasm"),
+            candidate_wasm: None,
+            socket: Path::new("/run/agent-vault/dataplane.sock"),
+            sds_socket: Path::new("/run/agent-vault/sds.sock"),
+            proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
+            dir: Path::new("/nonexistent"),
+            static_credential: "unused",
+        };
+        let admin = Path::new("/run/agent-vault-envoy/admin.sock");
+        let j = config(Variant::HttpsFilter, 10000, admin, &inputs).expect("(j)");
+        let h = config(Variant::HttpsPlain, 10000, admin, &inputs).expect("(h)");
+        let rendered = render_forward_proxy(10000, admin, &inputs).expect("rendered");
+        assert_eq!(
+            j.split_once('\n').map(|(_, rest)| rest),
+            Some(rendered.as_str()),
+            "(j) is the template rendered, under a comment line"
+        );
+        let j = yaml(&j);
+        let mut h = yaml(&h);
+        assert_eq!(
+            h["admin"]["address"]["pipe"]["mode"],
+            Value::from(0o600),
+            "the admin socket's mode, as Envoy reads the template's 0600"
+        );
+        // The filter is on both of (j)'s listeners and on none of (h)'s; the other
+        // filters are the same, in the same order.
+        let names = |hcm: &Value| -> Vec<String> {
+            hcm["http_filters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["name"].as_str().map(str::to_string))
+                .collect()
+        };
+        let (j_hcms, h_hcms) = (all_hcms(&j), all_hcms(&h));
+        assert_eq!(j_hcms.len(), 2, "the agents' listener and the tunnel's");
+        assert_eq!(h_hcms.len(), 2);
+        for (jh, hh) in j_hcms.iter().zip(&h_hcms) {
+            assert!(names(jh).contains(&"envoy.filters.http.wasm".to_string()));
+            let without: Vec<String> = names(jh)
+                .into_iter()
+                .filter(|n| n != "envoy.filters.http.wasm")
+                .collect();
+            assert_eq!(names(hh), without);
+        }
+        // (h)'s forwarding routes: every CONNECT into the decrypting listener, every
+        // request to the plain forward proxy; no header condition, nothing else.
+        let forwarding = |hcm: &Value| -> Vec<(Value, Value)> {
+            routes(hcm)
+                .into_iter()
+                .filter(|r| r.get("route").is_some())
+                .map(|r| (r["match"].clone(), r["route"]["cluster"].clone()))
+                .collect()
+        };
+        assert_eq!(
+            forwarding(&h_hcms[0]),
+            [
+                (
+                    serde_json::json!({"connect_matcher": {}}),
+                    Value::from("agent_vault_tunnel")
+                ),
+                (serde_json::json!({"prefix": "/"}), Value::from("dfp_plain")),
+            ]
+        );
+        assert_eq!(
+            forwarding(&h_hcms[1]),
+            [(serde_json::json!({"prefix": "/"}), Value::from("dfp_plain"))]
+        );
+        // Everything else is (j)'s: put (j)'s filters and routes into (h) and compare.
+        for (i, jh) in j_hcms.iter().enumerate() {
+            let hcm = &mut h["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]
+                ["typed_config"];
+            hcm["http_filters"] = jh["http_filters"].clone();
+            hcm["route_config"] = jh["route_config"].clone();
+        }
+        h["admin"] = j["admin"].clone();
+        assert_eq!(h, j);
     }
 }

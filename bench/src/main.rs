@@ -3,19 +3,23 @@
 //! On loopback only: a minimal upstream (in this process), control planes (the release
 //! `agent-vault server`, one per variant that talks to one, so each counts only its own
 //! variant's calls), and one Envoy per variant from the same binary with
-//! `--concurrency 2`. The variants are driven by `wrk` with the same requests, at 1
-//! and 16 connections, alternating over rounds (each round starts at a different
-//! variant); medians are reported. Then the control plane alone, the 10k × 1k
-//! snapshot, Envoy's memory, and propagation of revocations under load. Prints one
-//! table and writes `BENCHMARKS.md`.
+//! `--concurrency 2`. The plain-request variants are driven by `wrk` with the same
+//! requests, the HTTPS interception pair (h, j) by this program's own HTTPS agents
+//! (`https`: CONNECT, then TLS inside the tunnel), at 1 and 16 connections, all
+//! alternating over rounds (each round starts at a different variant); medians are
+//! reported. Then the control plane alone, the 10k × 1k snapshot, Envoy's memory, the
+//! first handshakes to new hosts, and propagation of revocations under load. Prints
+//! one table and writes `BENCHMARKS.md`.
 //!
 //! ```text
 //! agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH
-//!     [--rounds 5] [--duration 4] [--events 50] [--out BENCHMARKS.md] [--command TEXT]
+//!     [--rounds 12] [--duration 2] [--events 50] [--handshakes 200] [--out BENCHMARKS.md]
+//!     [--command TEXT]
 //! ```
 
 mod controlplane;
 mod envoy;
+mod https;
 mod load;
 mod procs;
 mod propagation;
@@ -42,6 +46,8 @@ pub struct Args {
     pub duration: Duration,
     pub connections: Vec<usize>,
     pub events: usize,
+    /// New host names whose first handshake is timed (0: none).
+    pub handshakes: usize,
     pub cp_duration: Duration,
     pub big_services: usize,
     pub big_agents: usize,
@@ -53,17 +59,32 @@ pub struct Args {
     pub skip_cp_alone: bool,
     /// Keep the work directory (configs, Envoy logs) after a successful run.
     pub keep_workdir: bool,
-    /// Adds variant (h): this build of the filter, alternated with the others.
+    /// Adds variant (x): this build of the filter, alternated with the others.
     pub candidate_wasm: Option<PathBuf>,
 }
 
+const USAGE: &str =
+    "usage: agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH
+    [--rounds N]            rounds of every variant at every connection count (12)
+    [--duration SECS]       each measured run (2)
+    [--connections 1,16]    connection counts
+    [--variants abcdefghij] only these variants (all by default); the committed numbers come
+                            from a full run: (a) no filter, (b) no-op wasm, (i) no-op wasm adding
+                            the route header, (c) credential_injector, (d) ext_authz, (e) our
+                            filter warm, (f) cache off, (g) 10k x 1k, (h) HTTPS agents through
+                            the forward proxy without the filter, (j) the same with it
+    [--events N]            revocations timed for propagation, on (e) (50; 0: none)
+    [--handshakes N]        first handshakes to new host names, on (j) (200; 0: none)
+    [--cp-duration SECS]    each run of the control plane alone (3)
+    [--skip-cp-alone]
+    [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
+    [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
+    [--out FILE|-]          where the Markdown goes (BENCHMARKS.md; -: nowhere)
+    [--command TEXT]        the command shown in it
+    [--keep-workdir]        keep the generated configs and logs";
+
 fn usage() -> ! {
-    eprintln!(
-        "usage: agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH \
-         [--rounds N] [--duration SECS] [--connections 1,16] [--events N] [--cp-duration SECS] \
-         [--big-services N] [--big-agents N] [--out FILE|-] [--command TEXT] \
-         [--variants abcdefg] [--skip-cp-alone] [--candidate-wasm PATH] [--keep-workdir]"
-    );
+    eprintln!("{USAGE}");
     std::process::exit(2);
 }
 
@@ -77,6 +98,7 @@ fn parse_args() -> Args {
         duration: Duration::from_secs(2),
         connections: vec![1, 16],
         events: 50,
+        handshakes: 200,
         cp_duration: Duration::from_secs(3),
         big_services: 10_000,
         big_agents: 1_000,
@@ -108,6 +130,11 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--events" => args.events = number(value()),
+            "--handshakes" => args.handshakes = number(value()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--big-services" => args.big_services = number(value()).max(1),
             "--big-agents" => args.big_agents = number(value()).max(1),
             "--out" => {
@@ -144,6 +171,9 @@ fn parse_args() -> Args {
     }
     args
 }
+
+/// Requests each HTTPS connection sends before a measured window.
+pub const HTTPS_WARMUP_REQUESTS: usize = 20;
 
 fn log(message: &str) {
     eprintln!("bench: {message}");
@@ -195,6 +225,8 @@ pub struct Results {
     pub cp_big: CpAlone,
     pub memory: Memory,
     pub propagation: Vec<propagation::Event>,
+    /// First handshakes to new hosts on (j).
+    pub handshakes: Option<https::Handshakes>,
     pub started: Instant,
     pub load_before: String,
     pub load_after: String,
@@ -272,15 +304,24 @@ fn run_in(
     let up = |letter: &str| upstreams[letter].port;
     let mut checks = Vec::new();
 
-    // Control planes: one per variant that talks to one (d, e, f small; g big).
+    // Control planes: one per variant that has one (d, e, f, x small; h, j small with
+    // the wildcard of the first handshakes; g big).
     log("starting control planes and seeding (10 services × 10 agents; 10k × 1k)");
     let mut cps: BTreeMap<&'static str, ControlPlane> = BTreeMap::new();
     let mut seeded: BTreeMap<&'static str, seed::Seeded> = BTreeMap::new();
-    let candidate = args.candidate_wasm.is_some().then_some("h");
+    let candidate = args.candidate_wasm.is_some().then_some("x");
     for letter in ["d", "e", "f"].into_iter().chain(candidate) {
         let cp = ControlPlane::start(&args.agent_vault, workdir, &format!("cp-{letter}"))?;
         seeded.insert(letter, seed::small(&cp, up(letter), &secret)?);
         cps.insert(letter, cp);
+    }
+    for variant in [Variant::HttpsPlain, Variant::HttpsFilter] {
+        if args.variants.contains(&variant) {
+            let letter = variant.letter();
+            let cp = ControlPlane::start(&args.agent_vault, workdir, &format!("cp-{letter}"))?;
+            seeded.insert(letter, seed::https(&cp, up(letter), &secret)?);
+            cps.insert(letter, cp);
+        }
     }
     let big = ControlPlane::start(&args.agent_vault, workdir, "cp-g")?;
     let seed_start = Instant::now();
@@ -315,20 +356,34 @@ fn run_in(
     let static_credential = format!("Bearer {secret}");
     let mut envoys: Vec<Envoy> = Vec::new();
     for &variant in &args.variants {
-        let socket = cps
-            .get(variant.letter())
-            .map(|cp| cp.socket.clone())
-            .unwrap_or_else(|| cps["e"].socket.clone());
+        let cp = cps.get(variant.letter()).unwrap_or(&cps["e"]);
         let inputs = Inputs {
             upstream_port: up(variant.letter()),
             filter_wasm: &args.filter_wasm,
             noop_wasm: &args.noop_wasm,
             candidate_wasm: args.candidate_wasm.as_deref(),
-            socket: &socket,
+            socket: &cp.socket,
+            sds_socket: &cp.sds_socket,
+            proxy_ca: &cp.proxy_ca,
             dir: workdir,
             static_credential: &static_credential,
         };
         envoys.push(Envoy::start(&args.envoy, variant, &inputs)?);
+    }
+    // The HTTPS agents of (h) and (j): the load's agent, trusting the variant's proxy CA.
+    let mut agents: BTreeMap<&'static str, https::Agent> = BTreeMap::new();
+    for envoy in envoys.iter().filter(|e| e.variant.https()) {
+        let letter = envoy.variant.letter();
+        let cp = &cps[letter];
+        let ca = std::fs::read_to_string(&cp.proxy_ca)
+            .map_err(|e| format!("{}: {e}", cp.proxy_ca.display()))?;
+        let agent = https::Agent::new(
+            envoy.port,
+            &format!("localhost:{}", up(letter)),
+            &http::proxy_basic(&seeded[letter].agent_token, "default"),
+            &ca,
+        )?;
+        agents.insert(letter, agent);
     }
     let headers_for = |variant: Variant| -> Vec<(String, String)> {
         let token = &seeded
@@ -356,7 +411,19 @@ fn run_in(
         loop {
             let upstream = &upstreams[envoy.variant.letter()];
             let before = upstream.counts();
-            let response = http::tcp_once(envoy.port, "GET", "/bench", &pairs, None);
+            let response = match agents.get(envoy.variant.letter()) {
+                // A tunnel (its certificate comes from the control plane on the first
+                // handshake), one request inside.
+                Some(agent) => agent
+                    .open(agent.host())
+                    .and_then(|(mut tunnel, _)| {
+                        tunnel
+                            .request("GET", "/bench", &[], None)
+                            .map_err(|e| e.to_string())
+                    })
+                    .map_err(std::io::Error::other),
+                None => http::tcp_once(envoy.port, "GET", "/bench", &pairs, None),
+            };
             let seen = upstream.counts().since(before);
             match response {
                 Ok(r) if r.status == 200 => {
@@ -385,13 +452,21 @@ fn run_in(
     }
     log("warming up every variant (1 s each, not recorded)");
     for envoy in &envoys {
-        let headers = headers_for(envoy.variant);
-        let target = load::Target {
-            port: envoy.port,
-            path: "/bench",
-            headers: &headers,
-        };
-        load::wrk(&target, 16, Duration::from_secs(1))?;
+        match agents.get(envoy.variant.letter()) {
+            Some(agent) => {
+                https::Load::open(agent, 16, "/bench", HTTPS_WARMUP_REQUESTS)?
+                    .run(Duration::from_secs(1))?;
+            }
+            None => {
+                let headers = headers_for(envoy.variant);
+                let target = load::Target {
+                    port: envoy.port,
+                    path: "/bench",
+                    headers: &headers,
+                };
+                load::wrk(&target, 16, Duration::from_secs(1))?;
+            }
+        }
     }
 
     // The rounds.
@@ -418,12 +493,26 @@ fn run_in(
                     path: "/bench",
                     headers: &headers,
                 };
+                // HTTPS agents open and warm their tunnels before anything is read:
+                // the window is the requests alone, as wrk's is.
+                let tunnels = match agents.get(envoy.variant.letter()) {
+                    Some(agent) => Some(https::Load::open(
+                        agent,
+                        connections,
+                        "/bench",
+                        HTTPS_WARMUP_REQUESTS,
+                    )?),
+                    None => None,
+                };
                 let cp_before = cp.map(ControlPlane::counts).unwrap_or_default();
                 let upstream = &upstreams[envoy.variant.letter()];
                 let up_before = upstream.counts();
                 let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0);
                 let cp_cpu = cp.and_then(|c| procs::cpu_ticks(c.proc.pid())).unwrap_or(0);
-                let run = load::wrk(&target, connections, args.duration)?;
+                let run = match tunnels {
+                    Some(tunnels) => tunnels.run(args.duration)?,
+                    None => load::wrk(&target, connections, args.duration)?,
+                };
                 let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0) - envoy_cpu;
                 let cp_cpu = cp
                     .and_then(|c| procs::cpu_ticks(c.proc.pid()))
@@ -459,7 +548,7 @@ fn run_in(
                     run.rps,
                     run.p50_us,
                     run.p99_us,
-                    run.non_2xx,
+                    run.non_2xx + run.socket_errors,
                     cp_counts.calls(),
                     sample.envoy_cpu_us,
                 ));
@@ -492,6 +581,42 @@ fn run_in(
     std::thread::sleep(Duration::from_secs(4));
     let polls = cps["g"].counts().since(polls_before);
     memory.polling_vms = (polls.snapshot_full + polls.snapshot_not_modified) as f64 / 4.0;
+
+    // First handshakes to new hosts on (j), after the runs: every name makes Envoy ask
+    // the control plane for a certificate it mints and pushes.
+    let mut handshakes = None;
+    if let (true, Some(agent), Some(envoy)) = (
+        args.handshakes > 0,
+        agents.get("j"),
+        envoys.iter().find(|e| e.variant == Variant::HttpsFilter),
+    ) {
+        log(&format!(
+            "first handshakes: {} new names under *.{}, each followed by a second handshake",
+            args.handshakes,
+            seed::NEW_HOSTS_DOMAIN
+        ));
+        let before = envoy.counter_sum("on_demand_secret.cert_requested");
+        let mut result = https::first_handshakes(agent, seed::NEW_HOSTS_DOMAIN, args.handshakes);
+        result.envoy_cert_requests = envoy
+            .counter_sum("on_demand_secret.cert_requested")
+            .zip(before)
+            .map(|(after, before)| after.saturating_sub(before));
+        if result.first.is_empty() {
+            return Err(format!(
+                "first handshakes: none worked: {}",
+                result.first_error.unwrap_or_default()
+            ));
+        }
+        if result.failed > 0 {
+            checks.push(format!(
+                "first handshakes: {} of {} names failed: {}",
+                result.failed,
+                result.names,
+                result.first_error.clone().unwrap_or_default()
+            ));
+        }
+        handshakes = Some(result);
+    }
 
     // Propagation on (e).
     let mut propagation = Vec::new();
@@ -526,6 +651,7 @@ fn run_in(
         cp_big,
         memory,
         propagation,
+        handshakes,
         started,
         load_before,
         load_after: report::loadavg(),

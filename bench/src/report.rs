@@ -206,7 +206,16 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             let non_2xx: u64 = s.iter().map(|s| s.run.non_2xx + s.run.socket_errors).sum();
             let calls = med(results, variant, c, |s| s.cp.calls() as f64);
             let cp_cpu = med(results, variant, c, |s| s.cp_cpu_us);
-            let has_cp = variant.needs_agent();
+            let has_cp = variant.has_control_plane();
+            // HTTPS agents are another load (tunnels, TLS, another client): their ratios
+            // are to each other, in the HTTPS interception table.
+            let versus = |base: Variant| {
+                if variant.https() {
+                    "—".to_string()
+                } else {
+                    num(rps_ratio(results, variant, base, c), 2)
+                }
+            };
             let _ = writeln!(
                 table,
                 "| ({}) {} | {c} | {} | {} | {} | {} | {} | {non_2xx} | {} | {} | {} |",
@@ -215,8 +224,8 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
                 num(med(results, variant, c, |s| s.run.rps), 0),
                 num(med(results, variant, c, |s| s.run.p50_us), 0),
                 num(med(results, variant, c, |s| s.run.p99_us), 0),
-                num(rps_ratio(results, variant, Variant::Plain, c), 2),
-                num(rps_ratio(results, variant, Variant::NoopWasm, c), 2),
+                versus(Variant::Plain),
+                versus(Variant::NoopWasm),
                 if has_cp { num(calls, 0) } else { "—".into() },
                 num(med(results, variant, c, |s| s.envoy_cpu_us), 1),
                 if has_cp { num(cp_cpu, 1) } else { "—".into() },
@@ -345,6 +354,13 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         }
     }
 
+    let interception = interception(args, results);
+    let first_handshakes = results
+        .handshakes
+        .as_ref()
+        .map(handshake_table)
+        .unwrap_or_default();
+
     // Targets.
     let mut targets = Vec::new();
     let cpu = |v: Variant, c: usize| med(results, v, c, |s| s.envoy_cpu_us);
@@ -427,6 +443,33 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             ),
         });
     }
+    for &c in conns {
+        let tunnel = rps_ratio(results, Variant::HttpsFilter, Variant::HttpsPlain, c);
+        let plain = rps_ratio(results, Variant::FilterWarm, Variant::Plain, c);
+        let cpu_added = |v: Variant, base: Variant| {
+            paired(results, v, base, c, |a, b| a.envoy_cpu_us - b.envoy_cpu_us)
+        };
+        targets.push(Target {
+            what: format!(
+                "our filter costs no more inside a tunnel than on a plain request: (j)/(h) ≥ (e)/(a) in req/s, {c} conn"
+            ),
+            measured: format!(
+                "(j)/(h) = {}× ({}) against (e)/(a) = {}×; Envoy CPU the filter adds per request: {} µs \
+                 in the tunnel, {} µs on a plain request",
+                num(tunnel, 3),
+                rps_ratio_range(results, Variant::HttpsFilter, Variant::HttpsPlain, c),
+                num(plain, 3),
+                num(cpu_added(Variant::HttpsFilter, Variant::HttpsPlain), 1),
+                num(cpu_added(Variant::FilterWarm, Variant::Plain), 1),
+            ),
+            pass: (tunnel.is_finite() && plain.is_finite()).then_some(tunnel >= plain),
+            why: "inside a tunnel Envoy also enters the filter on the agents' listener for the \
+                  tunnel's bytes (the body of the CONNECT stream, both ways), and the filter reads \
+                  the tunnel's identity and the SNI; see “Where the time goes” for what those \
+                  parts cost, and the per-round range for what one round says here"
+                .into(),
+        });
+    }
     targets.push(Target {
         what: "10k × 1k snapshot built ≤ 50 ms".into(),
         measured: format!(
@@ -502,7 +545,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
 
     let elapsed = results.started.elapsed().as_secs_f64();
     let mut printed = String::new();
-    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{target_text}", results.memory.polling_vms);
+    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{interception}\n{first_handshakes}\n{target_text}", results.memory.polling_vms);
     let _ = writeln!(
         printed,
         "finished in {elapsed:.0} s; load average before {} / after {}",
@@ -544,15 +587,23 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
     let _ = writeln!(md, "## Command\n\n```sh\n{}\n```\n", args.command);
     let _ = writeln!(
         md,
-        "{} rounds × {} variants × {:?} connections × {} s with `wrk -t1 -cN --latency`, every request \
-         `GET /bench` with `Host: localhost:<upstream>` and `Proxy-Authorization: Basic base64(<agent token>:default)`; \
-         the upstream is a minimal HTTP/1.1 server in the benchmark process answering `200 ok`. Each variant has its \
-         own Envoy and (d–g) its own control plane, so the control plane's counters (`GET /v1/dataplane/stats` on \
-         its socket) count only that variant's calls. CPU columns are from `/proc/<pid>/stat` over each run.\n",
+        "{} rounds × {} variants × {:?} connections × {} s. The plain-request variants run \
+         `wrk -t1 -cN --latency`, every request `GET /bench` with `Host: localhost:<upstream>` and \
+         `Proxy-Authorization: Basic base64(<agent token>:default)`. The HTTPS pair (h, j) runs the benchmark's \
+         own HTTPS agents instead (wrk cannot `CONNECT`): N threads, each opening a tunnel (`CONNECT \
+         localhost:<upstream>` with the same `Proxy-Authorization`, then TLS 1.3 inside with rustls, SNI \
+         `localhost`, trusting only the variant's proxy CA) and sending {HTTPS_WARMUP} warm-up requests before \
+         the clock starts, then keep-alive `GET /bench` in a closed loop, each request timed by the client \
+         (nearest-rank percentiles). The upstream is a minimal HTTP/1.1 server in the benchmark process answering \
+         `200 ok`, one per variant; it counts the requests carrying the injected credential and any carrying \
+         `Proxy-Authorization`. Each variant has its own Envoy and (d–h, j) its own control plane, so the \
+         control plane's counters (`GET /v1/dataplane/stats` on its socket) count only that variant's calls. \
+         CPU columns are from `/proc/<pid>/stat` over each run.\n",
         args.rounds,
         args.variants.len(),
         args.connections,
-        args.duration.as_secs()
+        args.duration.as_secs(),
+        HTTPS_WARMUP = crate::HTTPS_WARMUP_REQUESTS,
     );
     let _ = writeln!(md, "## Results\n\n{table}");
     let _ = writeln!(md, "### Snapshot and memory\n\n{facts}");
@@ -571,6 +622,26 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             events.len()
         );
     }
+    if !interception.is_empty() {
+        let _ = writeln!(
+            md,
+            "### HTTPS interception\n\n\
+             HTTPS agents (`HTTPS_PROXY`) through the shipped `envoy/forward-proxy.yaml`: (j) as shipped, \
+             (h) the same with the wasm filter taken out of both listeners and the routes that wait for \
+             its routing header made unconditional. In both, Envoy terminates the tunnel's TLS with a \
+             certificate for `localhost` from the variant's control plane (on-demand SDS), routes the \
+             requests inside through the dynamic forward proxy and the destination check to the same \
+             plain-HTTP upstream as every other variant. The filter's cost is compared with the same \
+             cost on a plain request, (e) over (a), from the same rounds (paired per round, medians).\n\n\
+             {interception}"
+        );
+    }
+    if !first_handshakes.is_empty() {
+        let _ = writeln!(
+            md,
+            "### First handshake to a new host\n\n{first_handshakes}"
+        );
+    }
     let _ = writeln!(md, "## Targets\n\n{target_text}");
     let _ = writeln!(md, "{WHERE_THE_TIME_GOES}");
     if !results.checks.is_empty() {
@@ -581,6 +652,132 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         md.push('\n');
     }
     (printed, md)
+}
+
+/// The HTTPS pair against the plain pair: what the filter costs inside a tunnel and on
+/// a plain request, from the same rounds. Empty when (h) or (j) did not run.
+fn interception(args: &Args, results: &Results) -> String {
+    let ran = |v: Variant| args.variants.contains(&v);
+    if !ran(Variant::HttpsPlain) || !ran(Variant::HttpsFilter) {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| conns | (h) req/s | (j) req/s | (j)/(h) req/s | (e)/(a) req/s | p50 (h) → (j) µs | p50 added in the tunnel, (j) − (h) | p50 added on a plain request, (e) − (a) | Envoy CPU µs/req added: tunnel | plain |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &c in &args.connections {
+        let p50_added = |v: Variant, base: Variant| {
+            paired(results, v, base, c, |a, b| a.run.p50_us - b.run.p50_us)
+        };
+        let cpu_added = |v: Variant, base: Variant| {
+            paired(results, v, base, c, |a, b| a.envoy_cpu_us - b.envoy_cpu_us)
+        };
+        let signed = |x: f64| {
+            if x.is_finite() {
+                format!("{x:+.0} µs")
+            } else {
+                "—".into()
+            }
+        };
+        let plain_ran = ran(Variant::Plain) && ran(Variant::FilterWarm);
+        let plain = |text: String| if plain_ran { text } else { "—".into() };
+        let _ = writeln!(
+            out,
+            "| {c} | {} | {} | {}× ({}) | {} | {} → {} | {} | {} | {} | {} |",
+            num(med(results, Variant::HttpsPlain, c, |s| s.run.rps), 0),
+            num(med(results, Variant::HttpsFilter, c, |s| s.run.rps), 0),
+            num(
+                rps_ratio(results, Variant::HttpsFilter, Variant::HttpsPlain, c),
+                3
+            ),
+            rps_ratio_range(results, Variant::HttpsFilter, Variant::HttpsPlain, c),
+            plain(format!(
+                "{}×",
+                num(
+                    rps_ratio(results, Variant::FilterWarm, Variant::Plain, c),
+                    3
+                )
+            )),
+            num(med(results, Variant::HttpsPlain, c, |s| s.run.p50_us), 0),
+            num(med(results, Variant::HttpsFilter, c, |s| s.run.p50_us), 0),
+            signed(p50_added(Variant::HttpsFilter, Variant::HttpsPlain)),
+            plain(signed(p50_added(Variant::FilterWarm, Variant::Plain))),
+            signed(cpu_added(Variant::HttpsFilter, Variant::HttpsPlain)),
+            plain(signed(cpu_added(Variant::FilterWarm, Variant::Plain))),
+        );
+    }
+    out
+}
+
+/// The first handshakes to new names, and the second to the same names.
+fn handshake_table(h: &crate::https::Handshakes) -> String {
+    let us = |opened: &[crate::https::Opened], f: &dyn Fn(&crate::https::Opened) -> f64| {
+        let values: Vec<f64> = opened.iter().map(f).collect();
+        format!(
+            "{} / {}",
+            num(quantile(&values, 0.5), 0),
+            num(quantile(&values, 0.99), 0)
+        )
+    };
+    let connect = |o: &crate::https::Opened| o.connect.as_secs_f64() * 1e6;
+    let handshake = |o: &crate::https::Opened| o.handshake.as_secs_f64() * 1e6;
+    let total = |o: &crate::https::Opened| (o.connect + o.handshake).as_secs_f64() * 1e6;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} names under the wildcard service `*.{}` (e.g. `{}`), one after the other on (j)'s Envoy, each \
+         opened twice: first when neither Envoy nor its control plane has a certificate for it (Envoy pauses \
+         the handshake at the ClientHello, asks the control plane over SDS, the control plane mints a leaf \
+         and pushes it, the handshake resumes), then again right after, served from Envoy's cache. The \
+         `CONNECT` is to the load's own `localhost:<upstream>` and only the SNI varies: the names never \
+         resolve (`.test` is reserved) and nothing connects to them; no request is sent inside (the filter \
+         would refuse an SNI other than the `CONNECT`'s host, but only after the handshake timed here). \
+         The client verifies each certificate against the proxy CA; session resumption is off; each tunnel \
+         opens 10 ms after the previous one closed.\n",
+        h.names,
+        crate::seed::NEW_HOSTS_DOMAIN,
+        h.example,
+    );
+    let _ = writeln!(
+        out,
+        "| handshake | tunnels | TCP + CONNECT: p50 / p99 µs | TLS handshake: p50 / p99 µs | both: p50 / p99 µs |"
+    );
+    let _ = writeln!(out, "|---|---:|---|---|---|");
+    for (label, opened) in [
+        (
+            "first to a new name (certificate minted and pushed)",
+            &h.first,
+        ),
+        (
+            "again to the same name (certificate held by Envoy)",
+            &h.again,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} |",
+            opened.len(),
+            us(opened, &connect),
+            us(opened, &handshake),
+            us(opened, &total),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nFailed names: {}{}. Certificates Envoy asked its control plane for meanwhile \
+         (`on_demand_secret.cert_requested`): {}. The control plane's budget of new names was \
+         raised for the benchmark (`--leaf-names-per-hour {}`; the default is 1000 an hour).",
+        h.failed,
+        h.first_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" (first error: {e})")),
+        h.envoy_cert_requests
+            .map_or_else(|| "not reported".to_string(), |n| n.to_string()),
+        crate::controlplane::LEAF_NAMES_PER_HOUR,
+    );
+    out
 }
 
 /// What the numbers mean, for BENCHMARKS.md: facts about the design and the code, not
@@ -603,8 +800,8 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   `Proxy-Authorization` (headers that are not present are not removed), the credential
   and the route marker, two clock reads, and the response's `:status` for the request log
   (read in the response-headers callback, which runs anyway). Builds of the filter
-  changed for one measurement each and run as variant (h)
-  against (e) in one run (`--candidate-wasm`, 2026-11-26) put numbers on the parts, as
+  changed for one measurement each and run as the candidate variant (then lettered (h),
+  now (x)) against (e) in one run (`--candidate-wasm`, 2026-11-26) put numbers on the parts, as
   Envoy CPU per request at 1 / 16 connections: a host call that returns no data costs
   0.9 / 0.3 µs (the no-op module with ten extra clock reads); the whole decision (token
   hash, agent, vault and service lookups, cache, header rendering) 3.8 / 2.2 µs (a build
@@ -639,9 +836,38 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
 - **Propagation** is bounded by the snapshot poll (every 1 s per worker): a revoked
   agent or deleted credential changes the snapshot version, and the next poll drops the
   worker's credential cache.
+- **HTTPS interception (h, j)** runs the shipped forward proxy, and (h) differs from (j)
+  by the filter alone (a unit test checks it): the same CONNECT route into the internal
+  listener, the same TLS termination with an on-demand certificate from the control
+  plane, the same forward proxy and destination check. The upstream stays plain HTTP, as
+  for every other variant: a TLS upstream would add Envoy's upstream encryption to both
+  sides of the pair, making the filter's share look smaller while measuring nothing of
+  it; the tunnel's TLS, which interception adds, is in both. Tunnels are opened and
+  warmed before the clock starts, so the filter's work on the `CONNECT` (authentication,
+  once per tunnel) is outside the window; per request inside, it does what it does on a
+  plain request, except that the agent comes from the tunnel's identity (filter state)
+  instead of `Proxy-Authorization`, and it checks the SNI and `Host` against the tunnel's
+  host. One thing a tunnel adds that a plain request does not: the tunnel's bytes are
+  the body of the `CONNECT` stream on the agents' listener, so Envoy enters the filter
+  there too, for each chunk in each direction (it does nothing with them). A one-off run
+  (2026-12-02, 8 rounds of (h), (j) and two throwaway variants, on a quieter machine than
+  the run above) put numbers on it, as Envoy CPU per request over (h) at 1 / 16
+  connections: the no-op module on the agents' listener only, 22 / 3 µs; on both
+  listeners, 33 / 25 µs (the tunnel's (b) − (a)); our filter, (j), 64 / 61 µs, so 29 /
+  38 µs of its own work above the no-op pair. The req/s ratio (j)/(h) starts from a
+  dearer base than (e)/(a) (TLS both ways, and a load generator that decrypts too, on
+  the same cores), so the same added cost reads as a ratio closer to 1: the Envoy CPU
+  the filter adds per request is the like-for-like comparison, and the table shows both.
+- **A first handshake to a new host** waits for the control plane: Envoy pauses the
+  handshake at the ClientHello and subscribes to the name on the SDS socket; the control
+  plane checks the name against the rules and its budget, mints a P-256 leaf (under one
+  lock, so concurrent askers get one certificate) and pushes it; then the handshake
+  resumes. Envoy 1.40 opens one delta SDS stream per name (its log shows one closing per
+  name when the control plane stops) and keeps every certificate for as long as it runs,
+  so the second handshake to a name is served from Envoy alone.
 - **Comparing a change**: build the filter differently and pass the `.wasm` with
-  `--candidate-wasm PATH` (e.g. `./dev bench --variants beh --events 0 --skip-cp-alone
-  --candidate-wasm /tmp/x.wasm --out -`): it runs as variant (h), alternated with the
+  `--candidate-wasm PATH` (e.g. `./dev bench --variants be --events 0 --handshakes 0
+  --skip-cp-alone --candidate-wasm /tmp/x.wasm --out -`): it runs as variant (x), alternated with the
   others in the same run, so its ratios are as trustworthy as theirs. Runs minutes apart
   on this machine differ by ±15 %; only paired ratios within one run are comparable.
   `--keep-workdir` keeps the generated Envoy configs and logs.

@@ -3,7 +3,10 @@
 //! Small (10 services × 10 agents): `bench` (the load's service: `localhost:<upstream>`,
 //! plain HTTP, bearer `BENCH_TOKEN`), `probe` (`127.0.0.1:<upstream>`, bearer
 //! `PROBE_KEY`, for the credential-delete propagation probe), 8 more; agents
-//! `bench-0` … `bench-8` and `prober`.
+//! `bench-0` … `bench-8` and `prober`. The HTTPS pair's (h, j) adds `new-hosts`, the
+//! wildcard `*.bench.test`, so that the control plane mints a certificate for any name
+//! under it: the first handshakes to new hosts. `.test` is reserved (RFC 6761) and never
+//! resolves; nothing connects to those names.
 //!
 //! Big (10k services × 1k agents), seeded fast: the 10k services in one
 //! `PUT /v1/vaults/default/services` (a mix of exact hosts, wildcards, ports, path
@@ -24,6 +27,8 @@ pub struct Seeded {
 }
 
 pub const LOAD_KEY: &str = "BENCH_TOKEN";
+/// The parent of the HTTPS pair's wildcard service.
+pub const NEW_HOSTS_DOMAIN: &str = "bench.test";
 pub const PROBE_KEY: &str = "PROBE_KEY";
 
 fn service(name: &str, host: &str, key: &str) -> Value {
@@ -54,6 +59,21 @@ fn filler(i: usize) -> Value {
 }
 
 pub fn small(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seeded, String> {
+    small_with(cp, upstream_port, secret, Vec::new())
+}
+
+/// [`small`] and the wildcard service of the first handshakes.
+pub fn https(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seeded, String> {
+    let wildcard = service("new-hosts", &format!("*.{NEW_HOSTS_DOMAIN}"), LOAD_KEY);
+    small_with(cp, upstream_port, secret, vec![wildcard])
+}
+
+fn small_with(
+    cp: &ControlPlane,
+    upstream_port: u16,
+    secret: &str,
+    extra: Vec<Value>,
+) -> Result<Seeded, String> {
     cp.set_credential(LOAD_KEY, secret)?;
     cp.set_credential(PROBE_KEY, "sk_probe_value")?;
     let mut services = vec![
@@ -61,6 +81,7 @@ pub fn small(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seed
         service("probe", &format!("127.0.0.1:{upstream_port}"), PROBE_KEY),
     ];
     services.extend((2..10).map(filler));
+    services.extend(extra);
     cp.replace_services(&services)?;
     let agent_token = cp.create_agent("bench-0")?;
     for i in 1..9 {
