@@ -918,10 +918,11 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   host. One thing a tunnel adds that a plain request does not: the tunnel's bytes are
   the body of the `CONNECT` stream on the agents' listener, so Envoy enters the filter
   there too, for each chunk in each direction (it does nothing with them). A separate
-  one-off run (2026-12-02, 8 rounds of (h), (j) and two throwaway variants) put numbers on it, as Envoy CPU per request over (h) at 1 / 16
-  connections: the no-op module on the agents' listener only, 22 / 3 µs; on both
-  listeners, 33 / 25 µs (the tunnel's (b) − (a)); our filter, (j), 64 / 61 µs, so 29 /
-  38 µs of its own work above the no-op pair. The req/s ratio (j)/(h) starts from a
+  one-off run (2026-12-02, 8 rounds of (h), (j) and two throwaway variants) put numbers
+  on it, as Envoy CPU per request over (h) at 1 / 16 connections: the no-op module on
+  the agents' listener only, 22 / 3 µs; on both listeners, 33 / 25 µs (the tunnel's
+  (b) − (a)); our filter, (j), 64 / 61 µs, so 29 / 38 µs of its own work above the
+  no-op pair. The req/s ratio (j)/(h) starts from a
   dearer base than (e)/(a) (TLS both ways, and a load generator that decrypts too, on
   the same cores), so the same added cost reads as a ratio closer to 1: the Envoy CPU
   the filter adds per request is the like-for-like comparison, and the table shows both.
