@@ -708,7 +708,63 @@ fn interception(args: &Args, results: &Results) -> String {
             plain(signed(cpu_added(Variant::FilterWarm, Variant::Plain))),
         );
     }
+    if ran(Variant::Plain) && ran(Variant::FilterWarm) {
+        let _ = writeln!(out, "\n{}", interception_summary(args, results));
+    }
     out
+}
+
+/// What the interception table says, in words computed from it: whether the filter
+/// costs more in a tunnel than on a plain request, in Envoy CPU per request.
+fn interception_summary(args: &Args, results: &Results) -> String {
+    let conns = &args.connections;
+    let added = |v: Variant, base: Variant, c: usize| {
+        paired(results, v, base, c, |a, b| a.envoy_cpu_us - b.envoy_cpu_us)
+    };
+    let tunnel: Vec<f64> = conns
+        .iter()
+        .map(|&c| added(Variant::HttpsFilter, Variant::HttpsPlain, c))
+        .collect();
+    let plain: Vec<f64> = conns
+        .iter()
+        .map(|&c| added(Variant::FilterWarm, Variant::Plain, c))
+        .collect();
+    let list = |values: &[f64]| {
+        values
+            .iter()
+            .map(|v| num(*v, 0))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let counts = conns
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(" / ");
+    let more: Vec<f64> = tunnel.iter().zip(&plain).map(|(t, p)| t - p).collect();
+    let verdict = if more.iter().all(|d| *d <= 0.0) {
+        "no more inside a tunnel than on a plain request".to_string()
+    } else if more.iter().all(|d| *d > 0.0) {
+        format!(
+            "more inside a tunnel, by {} µs per request (what a tunnel adds is in “Where the time goes”)",
+            list(&more)
+        )
+    } else {
+        let signed = more
+            .iter()
+            .map(|d| format!("{d:+.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        format!("no consistent difference between the two ({signed} µs in the tunnel)")
+    };
+    format!(
+        "In this run the filter added {} µs of Envoy CPU per request inside a tunnel and {} µs on a plain \
+         request ({counts} connections): {verdict}. The req/s ratios favour the tunnel by construction: \
+         (h) is a dearer base than (a) (TLS both ways, and a load generator that decrypts too, on the \
+         same cores), so the same added cost is a smaller share of it.",
+        list(&tunnel),
+        list(&plain),
+    )
 }
 
 /// The first handshakes to new names, and the second to the same names.
@@ -764,9 +820,21 @@ fn handshake_table(h: &crate::https::Handshakes) -> String {
             us(opened, &total),
         );
     }
+    let p50 = |opened: &[crate::https::Opened]| {
+        quantile(&opened.iter().map(handshake).collect::<Vec<_>>(), 0.5)
+    };
     let _ = writeln!(
         out,
-        "\nFailed names: {}{}. Certificates Envoy asked its control plane for meanwhile \
+        "\nA first handshake took {} ms longer than one to a name Envoy already held (TLS handshake p50 \
+         {} µs against {} µs): the round trip to the control plane, which checks the name against the \
+         rules and its budget, mints a leaf and pushes it.",
+        num((p50(&h.first) - p50(&h.again)) / 1000.0, 1),
+        num(p50(&h.first), 0),
+        num(p50(&h.again), 0),
+    );
+    let _ = writeln!(
+        out,
+        "Failed names: {}{}. Certificates Envoy asked its control plane for meanwhile \
          (`on_demand_secret.cert_requested`): {}. The control plane's budget of new names was \
          raised for the benchmark (`--leaf-names-per-hour {}`; the default is 1000 an hour).",
         h.failed,
@@ -849,12 +917,12 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   instead of `Proxy-Authorization`, and it checks the SNI and `Host` against the tunnel's
   host. One thing a tunnel adds that a plain request does not: the tunnel's bytes are
   the body of the `CONNECT` stream on the agents' listener, so Envoy enters the filter
-  there too, for each chunk in each direction (it does nothing with them). A one-off run
-  (2026-12-02, 8 rounds of (h), (j) and two throwaway variants, on a quieter machine than
-  the run above) put numbers on it, as Envoy CPU per request over (h) at 1 / 16
-  connections: the no-op module on the agents' listener only, 22 / 3 µs; on both
-  listeners, 33 / 25 µs (the tunnel's (b) − (a)); our filter, (j), 64 / 61 µs, so 29 /
-  38 µs of its own work above the no-op pair. The req/s ratio (j)/(h) starts from a
+  there too, for each chunk in each direction (it does nothing with them). A separate
+  one-off run (2026-12-02, 8 rounds of (h), (j) and two throwaway variants) put numbers
+  on it, as Envoy CPU per request over (h) at 1 / 16 connections: the no-op module on
+  the agents' listener only, 22 / 3 µs; on both listeners, 33 / 25 µs (the tunnel's
+  (b) − (a)); our filter, (j), 64 / 61 µs, so 29 / 38 µs of its own work above the
+  no-op pair. The req/s ratio (j)/(h) starts from a
   dearer base than (e)/(a) (TLS both ways, and a load generator that decrypts too, on
   the same cores), so the same added cost reads as a ratio closer to 1: the Envoy CPU
   the filter adds per request is the like-for-like comparison, and the table shows both.
