@@ -797,6 +797,7 @@ async fn get_proposal(
     State(state): State<AppState>,
     caller: Caller,
     Path((vault, id)): Path<(String, String)>,
+    Query(query): Query<RevealQuery>,
 ) -> Result<Response> {
     let id = proposal_id(&id)?;
     Ok(with_store(&state, caller, move |store, who| {
@@ -808,20 +809,35 @@ async fn get_proposal(
             }
             _ => None,
         };
-        Ok(ProposalReview { view, diff })
+        // `?reveal=true`: the values the agent supplied, for a member or admin to
+        // confirm (403 for anyone else, agents included).
+        let values = if query.reveal {
+            let opened = store.reveal_proposal_values(who, &vault, id)?;
+            Some(
+                opened
+                    .into_iter()
+                    .map(|(key, value)| (key, value.expose().to_string()))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Ok(ProposalReview { view, diff, values })
     })
     .await?
     .into_response())
 }
 
 /// A proposal as a human reviewer gets it: the proposal and, while it is pending,
-/// what approving it would change.
+/// what approving it would change; with `?reveal=true`, the values the agent supplied.
 #[derive(Serialize)]
 struct ProposalReview {
     #[serde(flatten)]
     view: ProposalView,
     #[serde(skip_serializing_if = "Option::is_none")]
     diff: Option<Diff>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    values: Option<BTreeMap<String, String>>,
 }
 
 /// Approving and rejecting are for humans: an agent is refused before anything else

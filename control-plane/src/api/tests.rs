@@ -676,3 +676,60 @@ async fn the_proxy_ca_is_public_and_only_the_owner_rotates_it() {
     let der = crate::ca::pem_to_der(&new_pem).unwrap();
     assert_eq!(summary["fingerprint_sha256"], crate::ca::fingerprint(&der));
 }
+
+#[tokio::test]
+async fn reveal_gives_a_reviewer_the_agents_value_and_an_agent_a_403() {
+    let h = Harness::new();
+    let agent = h.agent_token.clone();
+    let created = h
+        .call(
+            Method::POST,
+            "/v1/proposals",
+            Some(&agent),
+            Some(json!({"credentials": [
+                {"key": "GENERATED_TOKEN", "value": "tok_check_me"},
+                {"key": "HUMAN_KEY"}]})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let path = "/v1/vaults/default/proposals/1";
+    let plain = h
+        .call(Method::GET, path, Some(&h.session(MEMBER)), None)
+        .await;
+    assert!(plain.json().get("values").is_none());
+    assert!(!plain.body.contains("tok_check_me"));
+    let revealed = h
+        .call(
+            Method::GET,
+            &format!("{path}?reveal=true"),
+            Some(&h.session(MEMBER)),
+            None,
+        )
+        .await;
+    assert_eq!(revealed.status, StatusCode::OK, "{}", revealed.body);
+    assert_eq!(
+        revealed.json()["values"],
+        json!({"GENERATED_TOKEN": "tok_check_me"})
+    );
+    let refused = h
+        .call(
+            Method::GET,
+            &format!("{path}?reveal=true"),
+            Some(&agent),
+            None,
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    assert!(!refused.body.contains("tok_check_me"));
+    // The agents' own route has no reveal: the query changes nothing.
+    let own = h
+        .call(
+            Method::GET,
+            "/v1/proposals/1?reveal=true",
+            Some(&agent),
+            None,
+        )
+        .await;
+    assert!(own.json().get("values").is_none(), "{}", own.body);
+    assert!(!own.body.contains("tok_check_me"));
+}

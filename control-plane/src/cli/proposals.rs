@@ -3,7 +3,8 @@
 //! - `create` (agents, or users): a one-service proposal from `vault service add`'s
 //!   flags plus `--credential KEY[:description]` slots, or the seed's full JSON with
 //!   `-f FILE|-`. Prints the id, the status and the approval link for a human.
-//! - `list`, `show`: never a value (the server sends `has_value` instead).
+//! - `list`, `show`: never a value (the server sends `has_value` instead), except
+//!   `show --reveal`: the values the agent supplied, for a member or admin to confirm.
 //! - `approve N [KEY=VALUE …] [--yes] [--accept-warnings]`: every set slot needs a
 //!   value (`KEY=-` reads it instead of taking it from the command line); missing ones
 //!   are prompted for without echo on a terminal, and agent-supplied values are
@@ -44,10 +45,14 @@ pub enum ProposalCommand {
         #[arg(long, value_enum, value_name = "STATUS")]
         status: Option<StatusArg>,
     },
-    /// Show one proposal (never a credential value)
+    /// Show one proposal (a credential value only with --reveal)
     Show {
         /// The proposal id
         id: u64,
+        /// Also print the values the agent supplied, to confirm them before approving
+        /// (members and admins of the vault; never an agent)
+        #[arg(long)]
+        reveal: bool,
     },
     /// Approve a pending proposal, giving a value for each credential slot
     Approve {
@@ -130,7 +135,7 @@ pub fn run(cmd: ProposalCommand, ctx: &Context) -> anyhow::Result<()> {
     match cmd {
         ProposalCommand::Create(args) => create(ctx, &args),
         ProposalCommand::List { status } => list(ctx, status),
-        ProposalCommand::Show { id } => show(ctx, id),
+        ProposalCommand::Show { id, reveal } => show(ctx, id, reveal),
         ProposalCommand::Approve {
             id,
             pairs,
@@ -364,8 +369,17 @@ fn list(ctx: &Context, status: Option<StatusArg>) -> anyhow::Result<()> {
     ))
 }
 
-fn show(ctx: &Context, id: u64) -> anyhow::Result<()> {
-    let (client, path) = read_client_and_path(ctx, Some(id))?;
+fn show(ctx: &Context, id: u64, reveal: bool) -> anyhow::Result<()> {
+    if reveal && is_agent(ctx) {
+        bail!(
+            "an agent cannot reveal a proposal's values: a member or admin of the vault \
+             confirms them (proposal show {id} --reveal, or the approval page)"
+        );
+    }
+    let (client, mut path) = read_client_and_path(ctx, Some(id))?;
+    if reveal {
+        path.push_str("?reveal=true");
+    }
     let proposal = client.get(&path)?;
     if ctx.json {
         return output::json(&proposal);
@@ -469,8 +483,8 @@ fn auth_summary(auth: &Value) -> String {
     }
 }
 
-/// The full human-readable description of a proposal (never a value: the API sends
-/// none, and this prints only `has_value`).
+/// The full human-readable description of a proposal. A value only when the API sent
+/// `values` (`show --reveal`); otherwise `has_value` alone.
 pub fn describe(p: &Value) -> String {
     let mut out = String::new();
     let id = p.get("id").and_then(Value::as_u64).unwrap_or(0);
@@ -547,6 +561,13 @@ pub fn describe(p: &Value) -> String {
                 line.push_str("  [value provided by the agent]");
             }
             out.push_str(&line);
+            let revealed = p
+                .get("values")
+                .and_then(|values| values.get(str_field(c, "key")))
+                .and_then(Value::as_str);
+            if let Some(value) = revealed {
+                out.push_str(&format!("\n            value:  {}", output::cell(value)));
+            }
             out.push('\n');
             if let Some(obtain) = c.get("obtain").and_then(Value::as_str) {
                 out.push_str(&format!("            obtain: {}\n", output::cell(obtain)));

@@ -669,6 +669,35 @@ impl Store {
         Ok(self.expire_if_due(record)?.view())
     }
 
+    /// The values the agent supplied in pending proposal `id`, opened, so that a member
+    /// or admin of the vault can confirm them before approving (the seed: "you review
+    /// the proposal and confirm the value is correct before it is stored"). Never for
+    /// an agent, its own proposal included: no agent token reads a stored value back.
+    /// A decided or expired proposal holds no value any more: the map is empty.
+    pub fn reveal_proposal_values(
+        &self,
+        principal: &Principal,
+        vault: &str,
+        id: u64,
+    ) -> Result<BTreeMap<String, Secret>> {
+        reviewer(principal)?;
+        let (vault_record, access) = self.access(principal, vault)?;
+        access.require_member()?;
+        let record = self
+            .read_proposal(&vault_record.id, id)?
+            .ok_or_else(|| proposal_not_found(id, vault))?;
+        let record = self.expire_if_due(record)?;
+        let data_key = self.data_key();
+        let mut values = BTreeMap::new();
+        for slot in &record.credentials {
+            if let Some(sealed) = &slot.sealed {
+                let value = open_value(&data_key, &record.vault_id, id, &slot.key, sealed)?;
+                values.insert(slot.key.clone(), value);
+            }
+        }
+        Ok(values)
+    }
+
     /// The vault's proposals by id (agents: their own), optionally of one status.
     pub fn list_proposals(
         &self,

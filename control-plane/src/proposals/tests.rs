@@ -1307,3 +1307,49 @@ fn accepting_the_agents_value_for_an_existing_key_needs_its_acknowledgement() {
         Some("sk_live_typed")
     );
 }
+
+#[test]
+fn members_and_admins_reveal_the_agents_values_while_pending_and_no_agent_ever_does() {
+    let f = fixture();
+    propose(
+        &f,
+        json!({"credentials": [
+            {"key": "GENERATED_TOKEN", "value": "tok_confirm_me"},
+            {"key": "TYPED_BY_HUMAN"}]}),
+    )
+    .unwrap();
+    let opened = |who: &Principal| {
+        f.store
+            .reveal_proposal_values(who, "default", 1)
+            .map(|values| {
+                values
+                    .into_iter()
+                    .map(|(k, v)| (k, v.expose().to_string()))
+                    .collect::<Vec<_>>()
+            })
+    };
+    let expected = vec![("GENERATED_TOKEN".to_string(), "tok_confirm_me".to_string())];
+    for who in [owner(), admin(), member()] {
+        assert_eq!(opened(&who).unwrap(), expected);
+    }
+    // The agent that supplied it, and anyone outside the vault, are refused.
+    assert_eq!(opened(&agent("bot")).unwrap_err().code(), "forbidden");
+    assert!(opened(&stranger()).is_err());
+    assert_eq!(
+        f.store
+            .reveal_proposal_values(&owner(), "default", 9)
+            .unwrap_err()
+            .code(),
+        "proposal_not_found"
+    );
+    // Once decided, the sealed copy is gone: nothing to reveal.
+    f.store
+        .approve_proposal(
+            &owner(),
+            "default",
+            1,
+            Approval::new(secrets(&[("TYPED_BY_HUMAN", "typed")]), true),
+        )
+        .unwrap();
+    assert_eq!(opened(&owner()).unwrap(), vec![]);
+}

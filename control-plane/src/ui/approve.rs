@@ -6,7 +6,9 @@
 //! the proposal is in). Without a session, the page embeds the login form, which
 //! comes back here. Secrets the human types are only ever in the POST body; when a
 //! decision fails, the page comes back with the error and what was chosen (accepted
-//! agent values, the reason), never with a typed secret.
+//! agent values, the reason), never with a typed secret. Values the agent supplied are
+//! shown to a member or admin who asks ("Reveal", password again) so they can confirm
+//! them before accepting; never to an agent, and never on a page anyone else gets.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -86,13 +88,15 @@ impl Viewer<'_> {
     }
 }
 
-/// What the reviewer chose on a failed attempt, shown again (never a typed secret).
+/// What the reviewer chose on a failed attempt, shown again (never a typed secret),
+/// and the agent's values once the reviewer revealed them (password confirmed).
 #[derive(Default)]
 struct Draft {
     accepted: BTreeSet<String>,
     acknowledged: BTreeSet<String>,
     reason: String,
     error: Option<String>,
+    revealed: BTreeMap<String, Secret>,
 }
 
 /// The form field of each acknowledged warning (one checkbox per warning id).
@@ -352,7 +356,13 @@ fn allow_form(
                         },
                         (ProposalAction::Set, true) => {
                             (slot_help(slot))
-                            p { span.badge.agent { "provided by the agent" } " The agent supplied this value itself; it is never shown." }
+                            @match draft.revealed.get(&slot.key) {
+                                Some(value) => p.revealed {
+                                    span.badge.agent { "provided by the agent" }
+                                    " The agent's value: " code.value { (value.expose()) }
+                                },
+                                None => p { span.badge.agent { "provided by the agent" } " The agent supplied this value itself; reveal it below to check it before you accept it." },
+                            }
                             label.check for=(accept_id) {
                                 input id=(accept_id) type="checkbox" name=(accept_field(&slot.key)) value="1" checked[draft.accepted.contains(&slot.key)];
                                 " Accept the agent's value"
@@ -367,6 +377,30 @@ fn allow_form(
                 (confirm_field("confirm-allow"))
                 button.primary #allow type="submit" { "Allow" }
             }
+        }
+    }
+}
+
+/// Reveal the values the agent supplied (password again, like a credential reveal);
+/// shown while some slot has one and they are not shown yet.
+fn reveal_form(view: &ProposalView, target: &Target, session: &Session, draft: &Draft) -> Markup {
+    let hidden = view
+        .credentials
+        .iter()
+        .any(|slot| slot.has_value && !draft.revealed.contains_key(&slot.key));
+    html! {
+        @if hidden {
+            form.reveal method="post" action=(target.action("reveal")) autocomplete="off" {
+                input type="hidden" name=(CSRF_FIELD) value=(session.csrf());
+                (target.hidden())
+                p { "Check the values the agent supplied before you accept them." }
+                label for="confirm-reveal" { "Your password" }
+                input #confirm-reveal type="password" name=(CONFIRM_FIELD) autocomplete="current-password" required;
+                button #reveal type="submit" { "Reveal the agent's values" }
+            }
+        }
+        @if !draft.revealed.is_empty() {
+            p.notice { "The agent's values are shown on this page only; it is not cached. Reload it to hide them." }
         }
     }
 }
@@ -421,6 +455,7 @@ fn review(
         }
         @match viewer {
             Viewer::Reviewer(session) if pending => {
+                (reveal_form(view, target, session, draft))
                 (allow_form(view, diff, target, session, draft))
                 (deny_form(target, session, draft))
             },
@@ -631,11 +666,12 @@ pub async fn vault_proposal(
     )
 }
 
-/// Allow or Deny.
+/// Allow or Deny, or Reveal the agent's values first (each asks for the password).
 #[derive(Debug, Clone, Copy)]
 enum Decision {
     Allow,
     Deny,
+    Reveal,
 }
 
 /// What every decision POST checks first: a session (403 without: a form posted with
@@ -814,6 +850,15 @@ async fn decide(
                 return again(StatusCode::BAD_REQUEST, &view, diff.as_ref(), &draft);
             }
         },
+        Decision::Reveal => {
+            // Nothing changes: the same page, with the agent's values in their slots.
+            match blocking(move || store.reveal_proposal_values(&principal, &vault, id)).await {
+                Ok(values) => draft.revealed = values,
+                Err(error) => draft.error = Some(error.to_string()),
+            }
+            let diff = diff_for(&state, &reviewer, &view).await;
+            return again(StatusCode::OK, &view, diff.as_ref(), &draft);
+        }
         Decision::Deny => {
             draft.reason = form.text("reason").to_string();
             let reason = Some(draft.reason.clone());
@@ -861,6 +906,32 @@ pub async fn link_deny(
     form: Form,
 ) -> Response {
     decide(state, headers, form, Decision::Deny, Some(id), None).await
+}
+
+pub async fn link_reveal(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    form: Form,
+) -> Response {
+    decide(state, headers, form, Decision::Reveal, Some(id), None).await
+}
+
+pub async fn vault_reveal(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((vault, id)): Path<(String, String)>,
+    form: Form,
+) -> Response {
+    decide(
+        state,
+        headers,
+        form,
+        Decision::Reveal,
+        None,
+        Some((vault, id)),
+    )
+    .await
 }
 
 pub async fn vault_allow(

@@ -54,6 +54,10 @@ pub fn router() -> Router<AppState> {
             "/ui/vaults/{vault}/proposals/{id}/deny",
             post(approve::vault_deny),
         )
+        .route(
+            "/ui/vaults/{vault}/proposals/{id}/reveal",
+            post(approve::vault_reveal),
+        )
         .route("/ui/vaults/{vault}/services", get(vaults::services))
         .route("/ui/vaults/{vault}/credentials", get(vaults::credentials))
         .route(
@@ -65,6 +69,7 @@ pub fn router() -> Router<AppState> {
         .route("/approve/{id}", get(approve::link_page))
         .route("/approve/{id}/allow", post(approve::link_allow))
         .route("/approve/{id}/deny", post(approve::link_deny))
+        .route("/approve/{id}/reveal", post(approve::link_reveal))
         .route(
             "/ui/{*rest}",
             get(layout::not_found).post(layout::not_found),

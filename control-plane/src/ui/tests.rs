@@ -1113,3 +1113,76 @@ async fn a_harmless_proposal_has_no_warning_to_acknowledge() {
         page.body
     );
 }
+
+#[tokio::test]
+async fn a_reviewer_reveals_the_agents_value_with_the_password_and_an_outsider_never_does() {
+    let h = harness();
+    let (id, link) = h.propose(json!({
+        "credentials": [{"key": "GENERATED", "value": "agent-generated-value"}]
+    }));
+    let token = h.ui_session(MEMBER);
+    let cookie = session_cookie(&token);
+    let csrf = csrf_for_session(&token);
+    let page = h
+        .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+        .await;
+    assert!(page.body.contains(r#"id="reveal""#), "{}", page.body);
+    assert!(!page.body.contains("agent-generated-value"));
+    // No password, a wrong one, no CSRF token: refused, nothing shown.
+    for fields in [
+        vec![("csrf", csrf.as_str()), ("token", link.as_str())],
+        vec![
+            ("csrf", csrf.as_str()),
+            ("token", link.as_str()),
+            (CONFIRM_FIELD, "not-the-password"),
+        ],
+    ] {
+        let refused = h
+            .post_raw(&format!("/approve/{id}/reveal"), Some(&cookie), &fields)
+            .await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert!(!refused.body.contains("agent-generated-value"));
+    }
+    let no_csrf = h
+        .post(
+            &format!("/approve/{id}/reveal"),
+            Some(&cookie),
+            &[("token", &link)],
+        )
+        .await;
+    assert!(!no_csrf.body.contains("agent-generated-value"));
+    // With the password, behind the link and in the vault's pages: the value, in its
+    // slot; the proposal is still pending and the reveal form gone.
+    for path in [
+        format!("/approve/{id}/reveal"),
+        format!("/ui/vaults/default/proposals/{id}/reveal"),
+    ] {
+        let shown = h
+            .post(
+                &path,
+                Some(&cookie),
+                &[("csrf", csrf.as_str()), ("token", link.as_str())],
+            )
+            .await;
+        assert_eq!(shown.status, StatusCode::OK, "{path}: {}", shown.body);
+        assert!(
+            shown.body.contains("agent-generated-value"),
+            "{path}: {}",
+            shown.body
+        );
+        assert!(!shown.body.contains(r#"id="reveal""#));
+        assert!(shown.body.contains(r#"id="allow""#));
+    }
+    assert_eq!(h.status_of(id), ProposalStatus::Pending);
+    // Someone outside the vault gets no form and no value.
+    let outsider = h.ui_session(OUTSIDER);
+    let refused = h
+        .post(
+            &format!("/approve/{id}/reveal"),
+            Some(&session_cookie(&outsider)),
+            &[("csrf", &csrf_for_session(&outsider)), ("token", &link)],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(!refused.body.contains("agent-generated-value"));
+}

@@ -934,6 +934,22 @@ fn cli_create_list_show_approve_reject_and_discover() {
     let out = run(&s.owner, &["vault", "proposal", "show", "2", "--json"]).ok();
     assert_eq!(out.json()["credentials"][0]["has_value"], true);
     assert!(!out.stdout.contains("tok_abc123"));
+    // --reveal: the owner confirms the agent's value; the agent never reads it back.
+    let out = run(&s.owner, &["vault", "proposal", "show", "2", "--reveal"]).ok();
+    assert!(out.stdout.contains("value:  tok_abc123"), "{}", out.stdout);
+    let out = run(
+        &s.owner,
+        &["vault", "proposal", "show", "2", "--reveal", "--json"],
+    )
+    .ok();
+    assert_eq!(out.json()["values"]["GENERATED_TOKEN"], "tok_abc123");
+    let out = run(&agent_cli, &["vault", "proposal", "show", "2", "--reveal"]).fails();
+    assert!(
+        out.stderr.contains("an agent cannot reveal"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("tok_abc123"));
     let out = run(&s.owner, &["vault", "proposal", "show", "1"]).ok();
     for expected in [
         "Proposal 1 in vault default: pending",
