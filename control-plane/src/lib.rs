@@ -15,6 +15,7 @@
 //! | | credential values | [`credentials`] |
 //! | | users, sessions, invites, vault members | [`users`] |
 //! | | service rules (validated by `agent-vault-rules`) | [`services`] |
+//! | | built-in service templates for common APIs | [`catalog`] |
 //! | | proposals: agents ask, humans approve or reject | [`proposals`] |
 //! | | the request log and its retention | [`logs`] |
 //! | | the proxy CA of HTTPS interception, and the leaves it signs | [`ca`] |
@@ -38,6 +39,7 @@ pub mod access;
 pub mod agents;
 pub mod api;
 pub mod ca;
+pub mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod credentials;

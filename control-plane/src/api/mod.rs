@@ -105,6 +105,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/master-password", post(change_master_password))
         .route("/v1/master-key/rotate", post(rotate_master_key))
         .route("/v1/ca", get(ca_certificate))
+        .route("/v1/service-catalog", get(service_catalog))
         .route("/v1/ca/rotate", post(rotate_ca))
 }
 
@@ -665,6 +666,11 @@ pub const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
 
 /// The proxy CA's certificate, PEM. No login: it is public, and agents and their tools
 /// fetch it to trust the certificates Envoy presents inside their tunnels.
+/// The built-in service templates (public: no secret in them).
+async fn service_catalog() -> Response {
+    Json(crate::catalog::entries()).into_response()
+}
+
 async fn ca_certificate(State(state): State<AppState>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, PEM_CONTENT_TYPE)],

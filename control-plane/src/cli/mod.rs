@@ -32,6 +32,7 @@ pub mod agent_env;
 pub mod agents;
 pub mod auth;
 pub mod ca;
+pub mod catalog;
 pub mod client;
 pub mod context;
 pub mod credentials;
@@ -131,6 +132,8 @@ pub enum Command {
     /// The proxy CA agents trust for HTTPS through the proxy: print it, or rotate it
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// List the built-in service templates (`vault service add --from-catalog NAME`)
+    Catalog,
     /// Change or remove the master password that wraps the data key (owner only)
     #[command(subcommand)]
     MasterPassword(master_key::MasterPasswordCommand),
@@ -169,6 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vault(cmd) => vaults::run(cmd, &ctx()?),
         Command::Agent(cmd) => agents::run(cmd, &ctx()?),
         Command::Ca(cmd) => ca::run(cmd, &ctx()?),
+        Command::Catalog => catalog::run(&ctx()?),
         Command::MasterPassword(cmd) => master_key::run_password(cmd, &ctx()?),
         Command::MasterKey(cmd) => master_key::run_key(cmd, &ctx()?),
         Command::Healthcheck(args) => healthcheck::run(global.address.as_deref(), &args),

@@ -21,8 +21,8 @@ use super::output::{self, str_field, yes_no};
 // Parsed once per process: the size of the `add` variant does not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum ServiceCommand {
-    /// Add a service: a host and how to authenticate to it
-    Add(AddService),
+    /// Add a service: a host and how to authenticate to it, or a catalog template
+    Add(Box<AddCommand>),
     /// List the vault's services in match order
     List,
     /// Remove a service
@@ -72,6 +72,30 @@ impl AuthType {
             Self::Passthrough => "passthrough",
         }
     }
+}
+
+/// `service add`: a service described by its flags, or a catalog template.
+#[derive(Debug, Clone, Args)]
+pub struct AddCommand {
+    /// Start from a built-in template (`agent-vault catalog` lists them): its host and
+    /// auth; --name, --host, --disabled and --no-upstream-tls adjust it
+    #[arg(long, value_name = "NAME", conflicts_with = "auth_type")]
+    pub from_catalog: Option<String>,
+    /// Service name, unique in the vault [default with --from-catalog: the template's]
+    #[arg(long, required_unless_present = "from_catalog")]
+    pub name: Option<String>,
+    /// api.stripe.com, *.github.com, with optional :port and /path* suffix
+    #[arg(long, required_unless_present = "from_catalog")]
+    pub host: Option<String>,
+    #[arg(
+        long,
+        value_enum,
+        value_name = "TYPE",
+        required_unless_present = "from_catalog"
+    )]
+    pub auth_type: Option<AuthType>,
+    #[command(flatten)]
+    pub flags: ServiceFlags,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -139,7 +163,19 @@ impl ServiceFlags {
 pub fn run(cmd: ServiceCommand, ctx: &Context) -> anyhow::Result<()> {
     let vault = ctx.vault().name;
     match cmd {
-        ServiceCommand::Add(args) => add(ctx, &vault, &args),
+        ServiceCommand::Add(args) => match args.from_catalog.clone() {
+            Some(template) => add_from_catalog(ctx, &vault, &template, *args),
+            None => add(
+                ctx,
+                &vault,
+                &AddService {
+                    name: args.name.unwrap_or_default(),
+                    host: args.host.unwrap_or_default(),
+                    auth_type: args.auth_type.unwrap_or(AuthType::Passthrough),
+                    flags: args.flags,
+                },
+            ),
+        },
         ServiceCommand::List => list(ctx, &vault),
         ServiceCommand::Remove { name } => {
             ctx.client()?
@@ -292,6 +328,76 @@ fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
         } else {
             ""
         }
+    ))
+}
+
+/// `service add --from-catalog NAME`: the template's service, with the name, host and
+/// transport flags applied; the keys it reads are named so the human sets them.
+fn add_from_catalog(
+    ctx: &Context,
+    vault: &str,
+    template: &str,
+    args: AddCommand,
+) -> anyhow::Result<()> {
+    let flags = &args.flags;
+    if flags.token_key.is_some()
+        || flags.username_key.is_some()
+        || flags.password_key.is_some()
+        || flags.api_key_key.is_some()
+        || flags.api_key_header.is_some()
+        || flags.api_key_prefix.is_some()
+        || !flags.custom_header.is_empty()
+    {
+        anyhow::bail!(
+            "--from-catalog takes the template's auth: drop the auth flags, or describe the \
+             service with --auth-type instead"
+        );
+    }
+    let entry = super::catalog::entry(ctx, template)?;
+    let mut service = entry["service"].clone();
+    let keys: Vec<&str> = output::items(&entry["credentials"])
+        .iter()
+        .filter_map(|c| c["key"].as_str())
+        .collect();
+    if let Some(name) = &args.name {
+        service["name"] = Value::from(name.as_str());
+    }
+    if let Some(host) = &args.host {
+        service["host"] = Value::from(host.as_str());
+    }
+    service["enabled"] = Value::from(!flags.disabled);
+    if flags.no_upstream_tls {
+        service["upstream_tls"] = Value::from(false);
+    }
+    let client = ctx.client()?;
+    let held = client.get(&api_path(&["v1", "vaults", vault, "credentials"]))?;
+    let missing: Vec<&str> = keys
+        .iter()
+        .copied()
+        .filter(|key| !output::items(&held).iter().any(|c| c["key"] == *key))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the {template} template reads {}, not in vault {vault} yet: set {} first \
+             (agent-vault vault credential set {})",
+            keys.join(", "),
+            if missing.len() == 1 { "it" } else { "them" },
+            missing
+                .iter()
+                .map(|k| format!("{k}=…"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    let added = client.post(&api_path(&["v1", "vaults", vault, "services"]), &service)?;
+    if ctx.json {
+        return output::json(&added);
+    }
+    output::line(&format!(
+        "Added service {} ({}, {}) to vault {vault} from the catalog's {template}",
+        output::cell(service["name"].as_str().unwrap_or_default()),
+        output::cell(service["host"].as_str().unwrap_or_default()),
+        output::cell(service["auth"]["type"].as_str().unwrap_or_default()),
     ))
 }
 

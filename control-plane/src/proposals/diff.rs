@@ -472,6 +472,7 @@ mod tests {
             auth: Some(Auth::Bearer { token: key.into() }),
             enabled: None,
             upstream_tls: Some(tls),
+            catalog: None,
         }
     }
 

@@ -134,6 +134,11 @@ pub struct ServiceChange {
     pub enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<bool>,
+    /// A `set` from a service catalog template ([`crate::catalog`]): its host, auth and
+    /// transport fill what the entry leaves out. Expanded when the proposal is created,
+    /// so a stored proposal never carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<String>,
 }
 
 impl ServiceChange {
@@ -375,6 +380,58 @@ fn apply_failed(id: u64, reason: impl std::fmt::Display) -> Error {
     )
 }
 
+/// Fills each `set` that names a catalog template with the template's host, auth and
+/// transport where the entry gives none (what the entry says wins), and adds a slot,
+/// with the template's description and "obtain" link, for each key the template reads
+/// that is neither in the vault nor already in the proposal.
+fn expand_catalog(mut input: ProposalInput, existing: &BTreeSet<String>) -> Result<ProposalInput> {
+    let mut slots = Vec::new();
+    for change in &mut input.services {
+        let Some(name) = change.catalog.take() else {
+            continue;
+        };
+        if change.action != ProposalAction::Set {
+            return Err(Error::bad_request(
+                "invalid_request",
+                format!(
+                    "service \"{}\": \"catalog\" applies to a set, not a delete",
+                    change.name
+                ),
+            ));
+        }
+        let entry = crate::catalog::find(&name)?;
+        let template = &entry.service;
+        change.host.get_or_insert_with(|| template.host.clone());
+        change.auth.get_or_insert_with(|| template.auth.clone());
+        change.upstream_tls.get_or_insert(template.upstream_tls);
+        for credential in &entry.credentials {
+            let listed = input
+                .credentials
+                .iter()
+                .any(|slot| slot.key == credential.key)
+                || slots
+                    .iter()
+                    .any(|slot: &CredentialSlotInput| slot.key == credential.key);
+            let used = change
+                .auth
+                .as_ref()
+                .is_some_and(|auth| auth.referenced_keys().contains(&credential.key));
+            if used && !listed && !existing.contains(&credential.key) {
+                slots.push(CredentialSlotInput {
+                    action: ProposalAction::Set,
+                    key: credential.key.clone(),
+                    description: Some(credential.description.clone()),
+                    obtain: Some(credential.obtain.clone()),
+                    obtain_instructions: None,
+                    value: None,
+                });
+            }
+        }
+    }
+    input.credentials.extend(slots);
+    Ok(input)
+}
+
 fn reviewer(principal: &Principal) -> Result<String> {
     match principal {
         Principal::User { email, .. } => Ok(email.clone()),
@@ -568,8 +625,9 @@ impl Store {
                 email: email.clone(),
             },
         };
-        validate_proposal(&input, &self.validation_options())?;
         let existing = self.credential_keys(&vault_record.id)?;
+        let input = expand_catalog(input, &existing)?;
+        validate_proposal(&input, &self.validation_options())?;
         check_references(&input, &existing, vault)?;
 
         let token = new_token(APPROVAL_PREFIX);

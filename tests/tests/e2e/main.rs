@@ -4,6 +4,7 @@
 //! `cargo test -p agent-vault-testkit --test e2e proxy::`.
 
 mod browser;
+mod catalog;
 mod cli;
 mod deployment;
 mod envoy_configs;

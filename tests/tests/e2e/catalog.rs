@@ -1,0 +1,191 @@
+//! The service catalog (issue 13): the public listing, `agent-vault catalog`,
+//! `vault service add --from-catalog`, and proposals that name a template.
+
+use serde_json::json;
+
+use agent_vault_testkit::control_plane::Server;
+
+#[test]
+fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
+    let server = Server::start();
+    // Public, without a login, and no value in it.
+    let (status, catalog) = server.api(None).get("/v1/service-catalog");
+    assert_eq!(status, 200, "{catalog}");
+    let names: Vec<&str> = catalog
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["service"]["name"].as_str())
+        .collect();
+    for expected in [
+        "openai",
+        "anthropic",
+        "github",
+        "stripe",
+        "slack",
+        "atlassian",
+    ] {
+        assert!(names.contains(&expected), "{expected}: {names:?}");
+    }
+    let stripe = catalog
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["service"]["name"] == "stripe")
+        .unwrap();
+    assert_eq!(stripe["service"]["host"], "api.stripe.com");
+    assert_eq!(stripe["credentials"][0]["key"], "STRIPE_KEY");
+
+    let owner = server.cli();
+    owner.register_and_login("owner@example.com", "owner-password");
+    let listed = owner.run(&["catalog"]).ok();
+    for expected in [
+        "NAME",
+        "stripe",
+        "api.stripe.com",
+        "*.atlassian.net",
+        "ATLASSIAN_API_TOKEN",
+    ] {
+        assert!(
+            listed.stdout.contains(expected),
+            "{expected}: {}",
+            listed.stdout
+        );
+    }
+
+    // From the CLI: the template, with the name and host adjusted for one site; its
+    // keys must be in the vault first, and the error says which.
+    let add_jira = [
+        "vault",
+        "service",
+        "add",
+        "--from-catalog",
+        "atlassian",
+        "--name",
+        "jira",
+        "--host",
+        "acme.atlassian.net",
+    ];
+    let early = owner.run(&add_jira).fails();
+    assert!(
+        early.stderr.contains(
+            "set them first (agent-vault vault credential set ATLASSIAN_EMAIL=… ATLASSIAN_API_TOKEN=…)"
+        ),
+        "{}",
+        early.stderr
+    );
+    owner
+        .run(&[
+            "vault",
+            "credential",
+            "set",
+            "ATLASSIAN_EMAIL=me@acme.example",
+            "ATLASSIAN_API_TOKEN=atl_token",
+        ])
+        .ok();
+    let added = owner.run(&add_jira).ok();
+    assert!(
+        added.stdout.contains("from the catalog's atlassian"),
+        "{}",
+        added.stdout
+    );
+    let services = owner
+        .run(&["vault", "service", "list", "--json"])
+        .ok()
+        .json();
+    let jira = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "jira")
+        .unwrap_or_else(|| panic!("{services}"));
+    assert_eq!(jira["host"], "acme.atlassian.net");
+    assert_eq!(
+        jira["auth"],
+        json!({"type": "basic", "username": "ATLASSIAN_EMAIL", "password": "ATLASSIAN_API_TOKEN"})
+    );
+    // Mistakes: an unknown template names the known ones; auth flags do not mix.
+    let unknown = owner
+        .run(&["vault", "service", "add", "--from-catalog", "strype"])
+        .fails();
+    assert!(
+        unknown.stderr.contains("known: openai"),
+        "{}",
+        unknown.stderr
+    );
+    let mixed = owner
+        .run(&[
+            "vault",
+            "service",
+            "add",
+            "--from-catalog",
+            "stripe",
+            "--token-key",
+            "OTHER",
+        ])
+        .fails();
+    assert!(
+        mixed.stderr.contains("drop the auth flags"),
+        "{}",
+        mixed.stderr
+    );
+    let bare = owner
+        .run(&["vault", "service", "add", "--name", "x"])
+        .fails();
+    assert!(bare.stderr.contains("--host"), "{}", bare.stderr);
+
+    // From a proposal: the agent names the template; the slot comes with it.
+    let token = owner
+        .run(&["agent", "create", "bot", "--vault", "default"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let agent = server.api(Some(&token));
+    let (status, created) = agent.post(
+        "/v1/proposals",
+        &json!({"services": [{"name": "stripe", "catalog": "stripe"}],
+                "user_message": "Stripe, as the catalog has it."}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let (_, proposal) = agent.get(&format!("/v1/proposals/{id}"));
+    assert_eq!(proposal["services"][0]["host"], "api.stripe.com");
+    assert_eq!(
+        proposal["services"][0]["auth"],
+        json!({"type": "bearer", "token": "STRIPE_KEY"})
+    );
+    assert!(
+        proposal["services"][0].get("catalog").is_none(),
+        "{proposal}"
+    );
+    assert_eq!(proposal["credentials"][0]["key"], "STRIPE_KEY");
+    assert_eq!(
+        proposal["credentials"][0]["obtain"],
+        "https://dashboard.stripe.com/apikeys"
+    );
+    let (status, refused) = agent.post(
+        "/v1/proposals",
+        &json!({"services": [{"name": "x", "catalog": "strype"}]}),
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"], "unknown_catalog_entry");
+    // Approved like any other, the service is live.
+    owner
+        .run(&[
+            "vault",
+            "proposal",
+            "approve",
+            &id.to_string(),
+            "STRIPE_KEY=sk_test_catalog",
+            "--yes",
+            "--accept-warnings",
+        ])
+        .ok();
+    let services = owner.run(&["vault", "service", "list"]).ok();
+    assert!(
+        services.stdout.contains("api.stripe.com"),
+        "{}",
+        services.stdout
+    );
+}
