@@ -292,6 +292,7 @@ mod tests {
                         token: "STRIPE_KEY".to_owned(),
                     },
                     upstream_tls: true,
+                    methods: None,
                 }],
                 passthrough_hosts: vec![],
             }],

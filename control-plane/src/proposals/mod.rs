@@ -134,6 +134,10 @@ pub struct ServiceChange {
     pub enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<bool>,
+    /// The methods the service forwards (validated as for `vault service add`);
+    /// absent: every method but TRACE/TRACK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
 }
 
 impl ServiceChange {
@@ -146,6 +150,7 @@ impl ServiceChange {
                 enabled: self.enabled.unwrap_or(true),
                 auth: auth.clone(),
                 upstream_tls: self.upstream_tls.unwrap_or(true),
+                methods: self.methods.clone(),
             }),
             _ => None,
         }
