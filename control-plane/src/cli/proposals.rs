@@ -1190,6 +1190,40 @@ mod tests {
     }
 
     #[test]
+    fn a_proposed_services_methods_are_sent_and_shown_with_the_diff() {
+        let built = proposal(&[
+            "--service-name",
+            "ro",
+            "--host",
+            "ro.example.com",
+            "--auth-type",
+            "passthrough",
+            "--methods",
+            "GET,HEAD",
+        ])
+        .unwrap();
+        assert_eq!(built["services"][0]["methods"], json!(["GET", "HEAD"]));
+        let shown = describe(&json!({
+            "id": 1, "vault": "default", "status": "pending",
+            "services": [{"action": "set", "name": "ro", "host": "ro.example.com",
+                          "auth": {"type": "passthrough"}, "methods": ["GET", "HEAD"]}],
+            "diff": {"services": [{"change": "replace", "name": "ro",
+                "before": {"host": "ro.example.com", "auth_type": "passthrough", "keys": [],
+                           "upstream_tls": true, "enabled": true},
+                "after": {"host": "ro.example.com", "auth_type": "passthrough", "keys": [],
+                          "upstream_tls": true, "enabled": true, "methods": ["GET", "HEAD"]}}],
+                "credentials": [], "warnings": []},
+        }));
+        assert!(shown.contains("[methods GET, HEAD]"), "{shown}");
+        assert!(
+            shown.contains(
+                "TLS on, methods all  ->  ro.example.com, passthrough , TLS on, methods GET, HEAD"
+            ),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn credential_only_and_delete_proposals() {
         assert_eq!(
             proposal(&["--credential", "A", "--credential", "B: the b key "]).unwrap(),

@@ -279,9 +279,10 @@ fn inside_an_https_tunnel_a_method_the_service_does_not_list_is_403_and_never_re
 }
 
 #[test]
-fn the_api_refuses_invalid_methods_with_a_clear_400_and_stores_nothing() {
+fn the_api_and_the_cli_refuse_invalid_methods_with_a_clear_400_and_store_nothing() {
     let server = Server::start();
-    let owner = server.api(Some(&server.owner_token()));
+    let session = server.owner_token();
+    let owner = server.api(Some(&session));
     let service = |methods: Value| {
         json!({"name": "ro", "host": "ro.example.com", "auth": {"type": "passthrough"},
                "methods": methods})
@@ -324,4 +325,67 @@ fn the_api_refuses_invalid_methods_with_a_clear_400_and_stores_nothing() {
     let (status, listed) = owner.get("/v1/vaults/default/services");
     assert_eq!(status, 200);
     assert!(!listed.to_string().contains("ro.example.com"), "{listed}");
+
+    // The CLI: --method repeated or --methods comma-separated; list shows them.
+    let cli = server.cli().with_token(&session);
+    let add = |name: &str, host: &str, methods: &[&str]| {
+        let mut args = vec![
+            "vault",
+            "service",
+            "add",
+            "--name",
+            name,
+            "--host",
+            host,
+            "--auth-type",
+            "passthrough",
+            "--vault",
+            "default",
+        ];
+        args.extend_from_slice(methods);
+        cli.run(&args)
+    };
+    let out = add("bad", "bad.example.com", &["--method", "get"]).fails();
+    let stderr = out.stderr.trim_end();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("invalid method \"get\": methods are case-sensitive uppercase"),
+        "{stderr}"
+    );
+    let out = add(
+        "ro",
+        "ro.example.com",
+        &["--method", "GET", "--method", "HEAD"],
+    )
+    .ok();
+    assert!(out.stdout.contains("methods GET, HEAD"), "{}", out.stdout);
+    add("rw", "rw.example.com", &["--methods", "GET,POST"]).ok();
+    add("any", "any.example.com", &[]).ok();
+    let listed = cli
+        .run(&["vault", "service", "list", "--vault", "default"])
+        .ok()
+        .stdout;
+    assert!(listed.contains("METHODS"), "{listed}");
+    let line = |name: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line("ro ").ends_with("GET, HEAD"), "{listed}");
+    assert!(line("rw ").ends_with("GET, POST"), "{listed}");
+    assert!(line("any ").ends_with("all"), "{listed}");
+    let json = cli
+        .run(&["vault", "service", "list", "--vault", "default", "--json"])
+        .ok()
+        .json();
+    let rw = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "rw")
+        .cloned()
+        .unwrap();
+    assert_eq!(rw["methods"], json!(["GET", "POST"]));
 }
