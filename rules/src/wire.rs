@@ -337,6 +337,24 @@ mod tests {
     }
 
     #[test]
+    fn a_services_methods_travel_in_the_snapshot_only_when_set() {
+        let mut with = snapshot();
+        with.vaults[0].services[0].methods = Some(vec!["GET".to_owned(), "HEAD".to_owned()]);
+        let json = serde_json::to_value(&with).unwrap_or_default();
+        assert_eq!(
+            json["vaults"][0]["services"][0]["methods"],
+            serde_json::json!(["GET", "HEAD"])
+        );
+        let back: Snapshot = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, with);
+        // A snapshot from before methods existed parses, every method allowed.
+        let without = serde_json::to_string(&snapshot()).unwrap_or_default();
+        assert!(!without.contains("methods"), "{without}");
+        let old: Snapshot = serde_json::from_str(&without).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(old.vaults[0].services[0].methods, None);
+    }
+
+    #[test]
     fn optional_snapshot_fields_have_defaults() {
         let json = r#"{"version":"1","vaults":[{"name":"v1x","services":[]}],
             "agents":[{"token_sha256":"00","name":"a","vaults":[{"vault":"v1x"}]}]}"#;
