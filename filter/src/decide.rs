@@ -19,7 +19,9 @@
 //!    fetched for a `CONNECT`.
 //! 7. `:authority` + `:path` → service → 400 `invalid_request`; no match: policy
 //!    `passthrough` forwards without credentials, `deny` → 403 with `proposal_hint`.
-//! 8. Disabled → 403 `service_disabled`; auth rule broken → 502 `invalid_service`.
+//! 8. Disabled → 403 `service_disabled`; a method the service does not list in its
+//!    `methods` → 403 `method_not_allowed_for_service` (nothing fetched); auth rule
+//!    broken → 502 `invalid_service`.
 //! 9. Keys all fresh in the cache → render and forward; a key known missing → 502
 //!    `credential_not_found`; else fetch.
 //!
@@ -353,6 +355,7 @@ fn decide_inner(
         host,
         port,
         in_tunnel: false,
+        method: request.method,
     };
     decide_service(found, cache, request.path, now_ms, log)
 }
@@ -505,6 +508,7 @@ fn decide_in_tunnel(
         host,
         port,
         in_tunnel: true,
+        method: request.method,
     };
     decide_service(found, cache, request.path, now_ms, log)
 }
@@ -533,6 +537,8 @@ struct Matched<'a> {
     /// Decrypted from a tunnel: the agent spoke TLS, so 443 is the default port and
     /// an untouched request goes on over TLS.
     in_tunnel: bool,
+    /// The request's `:method`.
+    method: &'a str,
 }
 
 /// Steps 7 to 9: the service for `host:port` and `path`, and its credentials.
@@ -551,6 +557,7 @@ fn decide_service(
         host,
         port,
         in_tunnel,
+        method,
     } = found;
 
     // 7. Service.
@@ -577,6 +584,15 @@ fn decide_service(
     if !service.enabled {
         log.host = host;
         return R(reply::service_disabled(&vault.name, &service.name));
+    }
+    if !agent_vault_rules::method_allowed(service.methods.as_deref(), method) {
+        log.host = host;
+        return R(reply::method_not_allowed_for_service(
+            &vault.name,
+            &service.name,
+            method,
+            service.methods.as_deref().unwrap_or_default(),
+        ));
     }
     let auth = match auth {
         Ok(auth) => auth,
@@ -652,6 +668,7 @@ pub(crate) mod tests {
             enabled: true,
             auth,
             upstream_tls: true,
+            methods: None,
         }
     }
 
@@ -720,6 +737,14 @@ pub(crate) mod tests {
                         Service {
                             upstream_tls: false,
                             ..service("plain", "plain.example.com", bearer("STRIPE_KEY"))
+                        },
+                        Service {
+                            methods: Some(vec!["GET".into(), "HEAD".into()]),
+                            ..service("readonly", "readonly.example.com", bearer("STRIPE_KEY"))
+                        },
+                        Service {
+                            methods: Some(vec!["POST".into()]),
+                            ..service("post-cold", "cold.example.com", bearer("COLD_KEY"))
                         },
                     ],
                     passthrough_hosts: vec![],
@@ -1042,6 +1067,79 @@ pub(crate) mod tests {
                 "anything.example.org:8080",
                 fwd(&[], false, None),
             ),
+            // Step 8: the service's methods.
+            get(
+                "GET to a GET/HEAD service is injected",
+                alice(),
+                "readonly.example.com",
+                fwd(
+                    &[("authorization", "Bearer sk_test_abc123")],
+                    true,
+                    Some("readonly.example.com:443"),
+                ),
+            ),
+            Case {
+                method: "HEAD",
+                ..get(
+                    "HEAD, the other listed method, is injected",
+                    alice(),
+                    "readonly.example.com",
+                    fwd(
+                        &[("authorization", "Bearer sk_test_abc123")],
+                        true,
+                        Some("readonly.example.com:443"),
+                    ),
+                )
+            },
+            Case {
+                method: "POST",
+                ..get(
+                    "POST to a GET/HEAD service is 403",
+                    alice(),
+                    "readonly.example.com",
+                    Outcome::Reject(403, "method_not_allowed_for_service"),
+                )
+            },
+            Case {
+                method: "get",
+                ..get(
+                    "methods are case-sensitive",
+                    alice(),
+                    "readonly.example.com",
+                    Outcome::Reject(403, "method_not_allowed_for_service"),
+                )
+            },
+            Case {
+                method: "DELETE",
+                ..get(
+                    "a service without a methods list forwards any method",
+                    alice(),
+                    "api.stripe.com",
+                    fwd(
+                        &[("authorization", "Bearer sk_test_abc123")],
+                        true,
+                        Some("api.stripe.com:443"),
+                    ),
+                )
+            },
+            Case {
+                method: "GET",
+                ..get(
+                    "a refused method is refused before any fetch (cold cache)",
+                    alice(),
+                    "cold.example.com",
+                    Outcome::Reject(403, "method_not_allowed_for_service"),
+                )
+            },
+            Case {
+                method: "POST",
+                ..get(
+                    "an allowed method with a cold cache fetches",
+                    alice(),
+                    "cold.example.com",
+                    fetch(&["COLD_KEY"]),
+                )
+            },
             // Step 7.
             get(
                 "disabled service",
@@ -1420,12 +1518,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_method_the_service_does_not_list_is_logged_with_its_service_and_names_the_list() {
+        let snapshot = snapshot();
+        let cache = warm_cache();
+        let alice = basic(ALICE, "");
+        let request = Request {
+            method: "PATCH",
+            authority: Some("readonly.example.com"),
+            path: "/x",
+            proxy_authorization: Some(&alice),
+            ..Request::default()
+        };
+        let mut log = RequestLog::default();
+        let Decision::Reject(reject) = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log)
+        else {
+            panic!("refused")
+        };
+        assert_eq!(reject.code, ErrorCode::MethodNotAllowedForService);
+        let body: serde_json::Value =
+            serde_json::from_str(&reject.body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body["service"], "readonly");
+        assert_eq!(body["method"], "PATCH");
+        assert_eq!(body["allowed_methods"], serde_json::json!(["GET", "HEAD"]));
+        assert!(!reject.body.contains("sk_test"), "{}", reject.body);
+        assert_eq!(log.error, Some(ErrorCode::MethodNotAllowedForService));
+        assert_eq!(log.service.as_deref(), Some("readonly"));
+        assert_eq!(log.host, "readonly.example.com");
+    }
+
+    #[test]
     fn requests_inside_a_tunnel_are_decided_as_the_agent_proven_on_its_connect() {
         let snapshot = snapshot();
         let cache = warm_cache();
         let alice_stripe = identity(ALICE, "default", "api.stripe.com", 443);
         let alice_tls_port = identity(ALICE, "default", "tls.example.com", 8443);
         let alice_off = identity(ALICE, "default", "off.example.com", 443);
+        let alice_readonly = identity(ALICE, "default", "readonly.example.com", 443);
         let alice_other = identity(ALICE, "other", "api.stripe.com", 443);
         let bob_open = identity(BOB, "open", "anything.example.org", 443);
         let expired = identity(EXPIRED, "default", "api.stripe.com", 443);
@@ -1457,6 +1585,8 @@ pub(crate) mod tests {
             ("no :authority is 400", Request { authority: None, ..tunnelled(Some(&alice_stripe), sni, "", None) }, Outcome::Reject(400, "invalid_request")),
             ("a disabled service is 403", tunnelled(Some(&alice_off), Some("off.example.com"), "off.example.com", None), Outcome::Reject(403, "service_disabled")),
             ("CONNECT inside a tunnel is 405", Request { method: "CONNECT", ..tunnelled(Some(&alice_stripe), sni, "api.stripe.com:443", None) }, Outcome::Reject(405, "connect_not_supported")),
+            ("a listed method inside a tunnel is injected", tunnelled(Some(&alice_readonly), Some("readonly.example.com"), "readonly.example.com", None), fwd(&[("authorization", "Bearer sk_test_abc123")], true, Some("readonly.example.com:443"))),
+            ("an unlisted method inside a tunnel is 403", Request { method: "POST", ..tunnelled(Some(&alice_readonly), Some("readonly.example.com"), "readonly.example.com", None) }, Outcome::Reject(403, "method_not_allowed_for_service")),
             ("TRACE inside a tunnel is 405", Request { method: "TRACE", ..tunnelled(Some(&alice_stripe), sni, "api.stripe.com", None) }, Outcome::Reject(405, "method_not_allowed")),
             ("unmatched under the passthrough policy goes on over TLS", tunnelled(Some(&bob_open), Some("anything.example.org"), "anything.example.org", None), fwd(&[], true, None)),
         ];

@@ -1602,4 +1602,63 @@ mod tests {
             ]
         );
     }
+
+    /// The usual snapshot, with stripe forwarding `GET` only.
+    fn get_only_vm(configuration: &str) -> Vm {
+        let mut snapshot = crate::worker::tests::snapshot("1");
+        snapshot.vaults[0].services[0].methods = Some(vec!["GET".to_owned()]);
+        let mut vm = Vm::configured(configuration);
+        vm.answer(
+            ROOT,
+            FakeHost::FIRST_TOKEN,
+            CallResponse {
+                status: Some(200),
+                from_control_plane: true,
+                body: serde_json::to_vec(&snapshot).unwrap_or_default(),
+            },
+        );
+        vm.host.clear();
+        vm
+    }
+
+    #[test]
+    fn a_method_the_service_does_not_list_is_refused_403_without_a_fetch_plain_and_in_a_tunnel() {
+        let mut vm = get_only_vm("");
+        let flow = vm.request_with(
+            2,
+            vec![
+                (":method", "POST".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", "/v1/charges".to_owned()),
+                ("proxy-authorization", basic(ALICE, "")),
+            ],
+        );
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.host.stats,
+            strings(&["denied method_not_allowed_for_service"])
+        );
+        assert_eq!(
+            vm.calls(),
+            vec![read(2), reject(2, 403, "method_not_allowed_for_service")]
+        );
+        // GET, the listed method, is fetched as usual.
+        vm.host.clear();
+        vm.request(3, "/v1/charges");
+        assert_eq!(vm.calls(), vec![read(3), fetch_from(3, Some(FIRST))]);
+
+        let mut vm = get_only_vm(r#"{"mode":"tunnel"}"#);
+        vm.host.tunnels.insert(2, alices_tunnel());
+        let mut headers = inside("/a", None);
+        headers[0].1 = "DELETE".to_owned();
+        assert_eq!(vm.request_with(2, headers), Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(2),
+                Call::ReadTunnel { context: 2 },
+                reject(2, 403, "method_not_allowed_for_service")
+            ]
+        );
+    }
 }

@@ -44,6 +44,8 @@ pub struct ServiceInfo {
     pub enabled: bool,
     /// Envoy originates TLS to the upstream.
     pub upstream_tls: bool,
+    /// The methods the service forwards; `None`: all but TRACE/TRACK.
+    pub methods: Option<Box<[Box<str>]>>,
 }
 
 /// One vault's rules.
@@ -87,6 +89,9 @@ impl CompiledSnapshot {
                     name: Rc::from(service.name.as_str()),
                     enabled: service.enabled,
                     upstream_tls: service.upstream_tls,
+                    methods: service
+                        .methods
+                        .map(|list| list.into_iter().map(String::into_boxed_str).collect()),
                 });
             }
             matcher.shrink_to_fit();
@@ -211,6 +216,7 @@ mod tests {
                     enabled: false,
                     auth: Auth::Passthrough {},
                     upstream_tls: false,
+                    methods: None,
                 }],
                 passthrough_hosts: vec![],
             }],

@@ -381,6 +381,7 @@ pub(crate) mod tests {
                         token: "STRIPE_KEY".into(),
                     },
                     upstream_tls: true,
+                    methods: None,
                 }],
                 passthrough_hosts: vec![],
             }],

@@ -69,6 +69,15 @@ pub enum RuleError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A service's `methods` list is empty, too long, or names a method that is not an
+    /// uppercase HTTP token, is listed twice, or is never allowed (TRACE, TRACK, CONNECT).
+    #[error("invalid method {}: {reason}", quoted(.method))]
+    InvalidMethod {
+        /// The refused method (empty when the list itself is refused).
+        method: String,
+        /// The rule it breaks.
+        reason: String,
+    },
     /// Two services of one vault share a name.
     #[error(
         "duplicate service name {}: service names must be unique within a vault",
@@ -92,6 +101,7 @@ impl RuleError {
             RuleError::InvalidServiceName { .. } => "invalid_service_name",
             RuleError::InvalidAgentName { .. } => "invalid_agent_name",
             RuleError::DuplicateService { .. } => "duplicate_service",
+            RuleError::InvalidMethod { .. } => "invalid_method",
         }
     }
 
@@ -170,6 +180,13 @@ mod tests {
             (
                 RuleError::DuplicateService { name: "n".into() },
                 "duplicate_service",
+            ),
+            (
+                RuleError::InvalidMethod {
+                    method: "get".into(),
+                    reason: "r".into(),
+                },
+                "invalid_method",
             ),
         ];
         for (error, code) in cases {

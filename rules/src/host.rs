@@ -1266,6 +1266,7 @@ mod tests {
             enabled: true,
             auth: Auth::Passthrough {},
             upstream_tls: true,
+            methods: None,
         }
     }
 

@@ -43,7 +43,9 @@ pub use host::{
 pub use names::{
     validate_agent_name, validate_credential_key, validate_service_name, validate_vault_name,
 };
-pub use service::{validate_services, Service, UnmatchedHostPolicy};
+pub use service::{
+    method_allowed, validate_methods, validate_services, Service, UnmatchedHostPolicy,
+};
 pub use wire::{
     loggable_path, truncated, CredentialsRequest, CredentialsResponse, DataplaneCounts, Grant,
     LogRecord, Role, Snapshot, SnapshotAgent, SnapshotVault, CONTROL_PLANE_HEADER,

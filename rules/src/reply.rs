@@ -58,11 +58,14 @@ pub enum ErrorCode {
     /// 421: inside an intercepted tunnel, a request whose `:authority` (or the TLS
     /// SNI of its connection) names another host than the tunnel's `CONNECT`.
     TunnelHostMismatch,
+    /// 403: the matched service lists its `methods`, and the request's is not one of
+    /// them (never forwarded, no credential fetched).
+    MethodNotAllowedForService,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::ConnectNotSupported,
         ErrorCode::MethodNotAllowed,
         ErrorCode::ProxyAuthRequired,
@@ -78,6 +81,7 @@ impl ErrorCode {
         ErrorCode::TooManyHosts,
         ErrorCode::DestinationForbidden,
         ErrorCode::TunnelHostMismatch,
+        ErrorCode::MethodNotAllowedForService,
     ];
 
     /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::TooManyHosts => 12,
             ErrorCode::DestinationForbidden => 13,
             ErrorCode::TunnelHostMismatch => 14,
+            ErrorCode::MethodNotAllowedForService => 15,
         }
     }
 
@@ -120,6 +125,7 @@ impl ErrorCode {
             ErrorCode::TooManyHosts => "too_many_hosts",
             ErrorCode::DestinationForbidden => "destination_forbidden",
             ErrorCode::TunnelHostMismatch => "tunnel_host_mismatch",
+            ErrorCode::MethodNotAllowedForService => "method_not_allowed_for_service",
         }
     }
 
@@ -129,9 +135,10 @@ impl ErrorCode {
             ErrorCode::ConnectNotSupported | ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => 407,
             ErrorCode::VaultRequired | ErrorCode::InvalidRequest => 400,
-            ErrorCode::Forbidden | ErrorCode::ServiceDisabled | ErrorCode::DestinationForbidden => {
-                403
-            }
+            ErrorCode::Forbidden
+            | ErrorCode::ServiceDisabled
+            | ErrorCode::DestinationForbidden
+            | ErrorCode::MethodNotAllowedForService => 403,
             ErrorCode::InvalidService
             | ErrorCode::CredentialNotFound
             | ErrorCode::InvalidCredentialValue => 502,
@@ -428,6 +435,41 @@ pub fn service_disabled(vault: &str, service: &str) -> Reject {
     )
 }
 
+/// The matched service lists the methods it forwards, and `method` is not one of them
+/// → 403, naming the service, the method and the allowed list (`allowed_methods`).
+pub fn method_not_allowed_for_service<S: AsRef<str>>(
+    vault: &str,
+    service: &str,
+    method: &str,
+    allowed: &[S],
+) -> Reject {
+    let allowed: Vec<&str> = allowed.iter().map(AsRef::as_ref).collect();
+    let mut fields = serde_json::Map::new();
+    fields.insert("service".to_owned(), Value::from(service));
+    fields.insert("method".to_owned(), Value::from(quote_raw(method)));
+    fields.insert("allowed_methods".to_owned(), json!(allowed));
+    Reject::with_fields(
+        ErrorCode::MethodNotAllowedForService,
+        format!(
+            "service {service:?} of vault {vault:?} forwards only {}; {} is refused and \
+             gets no credential (methods are case-sensitive); a human can change the \
+             service's methods, or approve a proposal that does",
+            allowed.join(", "),
+            quote(method)
+        ),
+        fields,
+    )
+}
+
+/// What an agent sent, cut to 64 characters (no quotes added).
+fn quote_raw(text: &str) -> String {
+    let mut short: String = text.chars().take(64).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    short
+}
+
 /// The matched service's auth rule does not compile → 502 (never forwarded).
 pub fn invalid_service(vault: &str, service: &str, reason: &str) -> Reject {
     Reject::new(
@@ -528,6 +570,11 @@ mod tests {
             (vault_forbidden("a", None), 403, "forbidden"),
             (no_service("v", "h", 80), 403, "forbidden"),
             (service_disabled("v", "s"), 403, "service_disabled"),
+            (
+                method_not_allowed_for_service("v", "s", "POST", &["GET"]),
+                403,
+                "method_not_allowed_for_service",
+            ),
             (invalid_service("v", "s", "r"), 502, "invalid_service"),
             (credential_not_found("v", "K"), 502, "credential_not_found"),
             (
@@ -580,6 +627,21 @@ mod tests {
         let refused = method_not_allowed("TRACE");
         assert!(refused.headers().contains(&("allow", ALLOWED_METHODS)));
         assert!(!ALLOWED_METHODS.contains("TRACE"));
+    }
+
+    #[test]
+    fn a_method_refused_by_its_service_names_the_service_the_method_and_the_list() {
+        let reject = method_not_allowed_for_service("v", "stripe", "POST", &["GET", "HEAD"]);
+        let body = body(&reject);
+        assert_eq!(body["error"], "method_not_allowed_for_service");
+        assert_eq!(body["service"], "stripe");
+        assert_eq!(body["method"], "POST");
+        assert_eq!(body["allowed_methods"], json!(["GET", "HEAD"]));
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("forwards only GET, HEAD"), "{message}");
+        assert!(reject.headers().contains(&(ERROR_HEADER, "true")));
+        let long = method_not_allowed_for_service("v", "s", &"X".repeat(500), &["GET"]);
+        assert!(long.body.len() < 600, "{}", long.body);
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub struct Service {
     /// Envoy connects to the upstream over TLS (port 443 unless the host names one).
     #[serde(default = "default_true")]
     pub upstream_tls: bool,
+    /// The HTTP methods the service forwards, as given (see [`validate_methods`]).
+    /// `None` (absent in JSON): every method but `TRACE`/`TRACK`, which the proxy
+    /// refuses whatever the service. A request with another method is refused with
+    /// 403 `method_not_allowed_for_service` and never gets the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
 }
 
 fn default_true() -> bool {
@@ -36,8 +42,90 @@ impl Service {
     pub fn validate(&self, options: &ValidationOptions) -> Result<(), RuleError> {
         validate_service_name(&self.name)?;
         HostPattern::parse(&self.host, options)?;
-        self.auth.validate()
+        self.auth.validate()?;
+        if let Some(methods) = &self.methods {
+            validate_methods(methods)?;
+        }
+        Ok(())
     }
+
+    /// Whether the service forwards a request with `method`. Methods are
+    /// case-sensitive (RFC 9110 §9.1): with `methods: ["GET"]`, `get` is refused.
+    /// `TRACE`/`TRACK` are refused before any service is looked at.
+    pub fn allows_method(&self, method: &str) -> bool {
+        method_allowed(self.methods.as_deref(), method)
+    }
+}
+
+/// Longest method name a service may list.
+pub const MAX_METHOD_LEN: usize = 32;
+/// Most methods a service may list.
+pub const MAX_METHODS: usize = 32;
+
+/// Whether `allowed` (a service's `methods`, `None` = all) lets `method` through.
+pub fn method_allowed<S: AsRef<str>>(allowed: Option<&[S]>, method: &str) -> bool {
+    allowed.is_none_or(|list| list.iter().any(|m| m.as_ref() == method))
+}
+
+/// Checks a service's `methods` list: not empty, at most [`MAX_METHODS`], each an
+/// uppercase HTTP token (`A`–`Z`, digits, `-`, `_`; at most [`MAX_METHOD_LEN`]
+/// characters), none twice, and neither `TRACE`, `TRACK` (always refused) nor
+/// `CONNECT` (tunnels are opened for a service's host whatever its methods). The list
+/// is kept as given: its order is the one shown back.
+pub fn validate_methods<S: AsRef<str>>(methods: &[S]) -> Result<(), RuleError> {
+    let invalid = |method: &str, reason: &str| {
+        Err(RuleError::InvalidMethod {
+            method: method.to_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    if methods.is_empty() {
+        return invalid(
+            "",
+            "the methods list is empty; omit it to allow every method but TRACE and TRACK",
+        );
+    }
+    if let Some(extra) = methods.get(MAX_METHODS) {
+        return invalid(
+            extra.as_ref(),
+            &format!("a service lists at most {MAX_METHODS} methods"),
+        );
+    }
+    let mut seen = HashSet::with_capacity(methods.len());
+    for method in methods {
+        let method = method.as_ref();
+        if method.is_empty() || method.len() > MAX_METHOD_LEN {
+            return invalid(
+                method,
+                &format!("a method is 1 to {MAX_METHOD_LEN} characters, e.g. GET"),
+            );
+        }
+        if !method
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return invalid(
+                method,
+                "methods are case-sensitive uppercase names (A-Z, 0-9, '-', '_'), e.g. GET or POST",
+            );
+        }
+        if matches!(method, "TRACE" | "TRACK") {
+            return invalid(
+                method,
+                "TRACE and TRACK are always refused: an upstream echoes the injected credential back",
+            );
+        }
+        if method == "CONNECT" {
+            return invalid(
+                method,
+                "CONNECT is not a service method: HTTPS agents' tunnels are opened for the service's host whatever its methods",
+            );
+        }
+        if !seen.insert(method) {
+            return invalid(method, "listed twice");
+        }
+    }
+    Ok(())
 }
 
 /// Validates every service of a vault and refuses duplicate names. Returns the first
@@ -86,6 +174,7 @@ mod tests {
                 token: "STRIPE_KEY".to_owned(),
             },
             upstream_tls: true,
+            methods: None,
         }
     }
 
@@ -195,6 +284,100 @@ mod tests {
         assert!(service("local", "localhost:8080")
             .validate(&allowed)
             .is_ok());
+    }
+
+    #[test]
+    fn methods_json_is_omitted_when_absent_and_kept_as_given() {
+        let json =
+            r#"{"name":"s","host":"a.com","auth":{"type":"passthrough"},"methods":["POST","GET"]}"#;
+        let parsed: Service = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            parsed.methods.as_deref(),
+            Some(&["POST".to_owned(), "GET".to_owned()][..])
+        );
+        let out = serde_json::to_string(&parsed).unwrap_or_default();
+        assert!(out.ends_with(r#""methods":["POST","GET"]}"#), "{out}");
+        let plain = serde_json::to_string(&service("s", "a.com")).unwrap_or_default();
+        assert!(!plain.contains("methods"), "{plain}");
+        assert!(
+            serde_json::from_str::<Service>(
+                r#"{"name":"s","host":"a.com","auth":{"type":"passthrough"},"methods":"GET"}"#
+            )
+            .is_err(),
+            "a string is not a list"
+        );
+    }
+
+    #[test]
+    fn methods_validation() {
+        let with = |methods: &[&str]| Service {
+            methods: Some(methods.iter().map(|m| (*m).to_owned()).collect()),
+            ..service("s", "api.example.com")
+        };
+        let too_many: Vec<String> = (0..=MAX_METHODS).map(|i| format!("M{i}")).collect();
+        let long = "X".repeat(MAX_METHOD_LEN + 1);
+        // (behaviour, methods, refused method in the error, or None when valid)
+        let cases: Vec<(&str, Service, Option<&str>)> = vec![
+            ("GET only", with(&["GET"]), None),
+            ("several, any order", with(&["POST", "GET", "DELETE"]), None),
+            (
+                "an extension method",
+                with(&["PROPFIND", "X-CUSTOM_1"]),
+                None,
+            ),
+            ("absent = all", service("s", "api.example.com"), None),
+            ("empty list", with(&[]), Some("")),
+            ("lowercase", with(&["get"]), Some("get")),
+            ("mixed case", with(&["GET", "Post"]), Some("Post")),
+            ("space", with(&["GET "]), Some("GET ")),
+            ("empty name", with(&[""]), Some("")),
+            ("too long", with(&[long.as_str()]), Some(long.as_str())),
+            ("duplicate", with(&["GET", "POST", "GET"]), Some("GET")),
+            ("TRACE", with(&["GET", "TRACE"]), Some("TRACE")),
+            ("TRACK", with(&["TRACK"]), Some("TRACK")),
+            ("CONNECT", with(&["CONNECT"]), Some("CONNECT")),
+            (
+                "too many",
+                Service {
+                    methods: Some(too_many),
+                    ..service("s", "api.example.com")
+                },
+                Some("M32"),
+            ),
+        ];
+        for (behaviour, service, refused) in cases {
+            let result = service.validate(&STRICT);
+            match (refused, result) {
+                (None, Ok(())) => {}
+                (Some(method), Err(RuleError::InvalidMethod { method: got, .. })) => {
+                    assert_eq!(got, method, "{behaviour}");
+                }
+                (expected, got) => panic!("{behaviour}: expected {expected:?}, got {got:?}"),
+            }
+        }
+        let message = with(&["get"])
+            .validate(&STRICT)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.starts_with("invalid method \"get\": methods are case-sensitive uppercase"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn allowed_methods_are_matched_exactly() {
+        let all = service("s", "a.com");
+        assert!(all.allows_method("GET") && all.allows_method("PROPFIND"));
+        let get = Service {
+            methods: Some(vec!["GET".to_owned(), "HEAD".to_owned()]),
+            ..service("s", "a.com")
+        };
+        assert!(get.allows_method("GET") && get.allows_method("HEAD"));
+        for refused in ["POST", "get", "Get", "GE", "GETX", ""] {
+            assert!(!get.allows_method(refused), "{refused}");
+        }
     }
 
     #[test]

@@ -292,6 +292,7 @@ mod tests {
                         token: "STRIPE_KEY".to_owned(),
                     },
                     upstream_tls: true,
+                    methods: None,
                 }],
                 passthrough_hosts: vec![],
             }],
@@ -333,6 +334,24 @@ mod tests {
         assert_eq!(json, expected);
         let back: Option<Snapshot> = serde_json::from_value(json).ok();
         assert_eq!(back, Some(snapshot()));
+    }
+
+    #[test]
+    fn a_services_methods_travel_in_the_snapshot_only_when_set() {
+        let mut with = snapshot();
+        with.vaults[0].services[0].methods = Some(vec!["GET".to_owned(), "HEAD".to_owned()]);
+        let json = serde_json::to_value(&with).unwrap_or_default();
+        assert_eq!(
+            json["vaults"][0]["services"][0]["methods"],
+            serde_json::json!(["GET", "HEAD"])
+        );
+        let back: Snapshot = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, with);
+        // A snapshot from before methods existed parses, every method allowed.
+        let without = serde_json::to_string(&snapshot()).unwrap_or_default();
+        assert!(!without.contains("methods"), "{without}");
+        let old: Snapshot = serde_json::from_str(&without).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(old.vaults[0].services[0].methods, None);
     }
 
     #[test]

@@ -579,6 +579,8 @@ struct DiscoveredService {
     host: String,
     auth_type: &'static str,
     enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    methods: Option<Vec<String>>,
 }
 
 async fn discover(
@@ -597,6 +599,7 @@ async fn discover(
                 name: s.name,
                 host: s.host,
                 enabled: s.enabled,
+                methods: s.methods,
             })
             .collect();
         let credentials: Vec<String> = store.credential_keys(&record.id)?.into_iter().collect();

@@ -733,3 +733,122 @@ async fn reveal_gives_a_reviewer_the_agents_value_and_an_agent_a_403() {
     assert!(own.json().get("values").is_none(), "{}", own.body);
     assert!(!own.body.contains("tok_check_me"));
 }
+
+#[tokio::test]
+async fn a_services_methods_are_validated_stored_and_shown() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let service = |methods: Value| {
+        json!({"name": "ro", "host": "ro.example.com", "auth": {"type": "passthrough"},
+               "methods": methods})
+    };
+    // (behaviour, methods, refused method quoted in the message)
+    let cases: [(&str, Value, &str); 6] = [
+        ("lowercase", json!(["get"]), "\"get\""),
+        ("empty list", json!([]), "\"\""),
+        ("duplicate", json!(["GET", "GET"]), "\"GET\""),
+        ("TRACE", json!(["TRACE"]), "\"TRACE\""),
+        ("CONNECT", json!(["CONNECT"]), "\"CONNECT\""),
+        ("not a token", json!(["GE T"]), "\"GE T\""),
+    ];
+    for (behaviour, methods, quoted) in cases {
+        let reply = h
+            .call(
+                Method::POST,
+                "/v1/vaults/default/services",
+                Some(&token),
+                Some(service(methods)),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{behaviour}: {}",
+            reply.body
+        );
+        assert_eq!(reply.error(), "invalid_method", "{behaviour}");
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.starts_with(&format!("invalid method {quoted}")),
+            "{behaviour}: {message}"
+        );
+    }
+    let not_a_list = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(service(json!("GET"))),
+        )
+        .await;
+    assert_eq!(
+        not_a_list.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        not_a_list.body
+    );
+    let listed = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/services",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(
+        !listed.body.contains("\"ro\""),
+        "nothing stored: {}",
+        listed.body
+    );
+
+    let added = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(service(json!(["POST", "GET"]))),
+        )
+        .await;
+    assert!(added.status.is_success(), "{}", added.body);
+    let listed = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/services",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(
+        listed.body.contains(r#""methods":["POST","GET"]"#),
+        "kept as given: {}",
+        listed.body
+    );
+
+    // A proposal's service is validated the same way.
+    let agent = h.agent_token.clone();
+    let proposal = json!({"services": [{"name": "ro2", "host": "ro2.example.com",
+        "auth": {"type": "passthrough"}, "methods": ["get"]}]});
+    let refused = h
+        .call(Method::POST, "/v1/proposals", Some(&agent), Some(proposal))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert!(refused.body.contains("invalid method"), "{}", refused.body);
+    let proposal = json!({"services": [{"name": "ro2", "host": "ro2.example.com",
+        "auth": {"type": "passthrough"}, "methods": ["GET"]}]});
+    let created = h
+        .call(Method::POST, "/v1/proposals", Some(&agent), Some(proposal))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let shown = h
+        .call(Method::GET, "/v1/proposals/1", Some(&agent), None)
+        .await;
+    assert_eq!(
+        shown.json()["services"][0]["methods"],
+        json!(["GET"]),
+        "{}",
+        shown.body
+    );
+}

@@ -33,7 +33,7 @@ use super::context::{Context, VaultSource};
 use super::credentials::{check_key, read_pairs};
 use super::output::{self, str_field};
 use super::prompt;
-use super::services::{build_service, AddService, AuthType, ServiceFlags};
+use super::services::{build_service, methods_text, AddService, AuthType, ServiceFlags};
 
 #[derive(Debug, Subcommand)]
 pub enum ProposalCommand {
@@ -526,10 +526,13 @@ pub fn describe(p: &Value) -> String {
             }
             let mut flags = Vec::new();
             if s.get("enabled").and_then(Value::as_bool) == Some(false) {
-                flags.push("disabled");
+                flags.push("disabled".to_owned());
             }
             if s.get("upstream_tls").and_then(Value::as_bool) == Some(false) {
-                flags.push("plain HTTP upstream");
+                flags.push("plain HTTP upstream".to_owned());
+            }
+            if s.get("methods").is_some() {
+                flags.push(format!("methods {}", methods_text(s)));
             }
             let flags = if flags.is_empty() {
                 String::new()
@@ -597,7 +600,7 @@ pub fn describe(p: &Value) -> String {
 }
 
 /// `api.stripe.com, bearer STRIPE_KEY, TLS on`.
-fn summary_line(s: &Value) -> String {
+fn summary_line(s: &Value, with_methods: bool) -> String {
     let keys: Vec<String> = output::items(s.get("keys").unwrap_or(&Value::Null))
         .iter()
         .filter_map(Value::as_str)
@@ -607,8 +610,13 @@ fn summary_line(s: &Value) -> String {
         Some(false) => "TLS OFF",
         _ => "TLS on",
     };
+    let methods = if with_methods || s.get("methods").is_some() {
+        format!(", methods {}", methods_text(s))
+    } else {
+        String::new()
+    };
     format!(
-        "{}, {} {}, {tls}",
+        "{}, {} {}, {tls}{methods}",
         output::cell(str_field(s, "host")),
         output::cell(str_field(s, "auth_type")),
         keys.join(" ")
@@ -620,7 +628,11 @@ fn describe_diff(diff: &Value) -> String {
     let mut out = String::from("  Changes to the vault:\n");
     for change in output::items(diff.get("services").unwrap_or(&Value::Null)) {
         let name = output::cell(str_field(change, "name"));
-        let side = |field: &str| change.get(field).map(summary_line);
+        // Both sides name their methods when either has a list, so a change shows.
+        let with_methods = ["before", "after"]
+            .iter()
+            .any(|side| change.get(*side).and_then(|s| s.get("methods")).is_some());
+        let side = |field: &str| change.get(field).map(|s| summary_line(s, with_methods));
         let line = match str_field(change, "change") {
             "add" => format!(
                 "    new service {name}: {}",
@@ -1195,6 +1207,40 @@ mod tests {
                 "message": "Stripe access",
                 "user_message": "I need to create charges.",
             })
+        );
+    }
+
+    #[test]
+    fn a_proposed_services_methods_are_sent_and_shown_with_the_diff() {
+        let built = proposal(&[
+            "--service-name",
+            "ro",
+            "--host",
+            "ro.example.com",
+            "--auth-type",
+            "passthrough",
+            "--methods",
+            "GET,HEAD",
+        ])
+        .unwrap();
+        assert_eq!(built["services"][0]["methods"], json!(["GET", "HEAD"]));
+        let shown = describe(&json!({
+            "id": 1, "vault": "default", "status": "pending",
+            "services": [{"action": "set", "name": "ro", "host": "ro.example.com",
+                          "auth": {"type": "passthrough"}, "methods": ["GET", "HEAD"]}],
+            "diff": {"services": [{"change": "replace", "name": "ro",
+                "before": {"host": "ro.example.com", "auth_type": "passthrough", "keys": [],
+                           "upstream_tls": true, "enabled": true},
+                "after": {"host": "ro.example.com", "auth_type": "passthrough", "keys": [],
+                          "upstream_tls": true, "enabled": true, "methods": ["GET", "HEAD"]}}],
+                "credentials": [], "warnings": []},
+        }));
+        assert!(shown.contains("[methods GET, HEAD]"), "{shown}");
+        assert!(
+            shown.contains(
+                "TLS on, methods all  ->  ro.example.com, passthrough , TLS on, methods GET, HEAD"
+            ),
+            "{shown}"
         );
     }
 

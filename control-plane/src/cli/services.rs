@@ -78,7 +78,7 @@ impl AuthType {
 #[derive(Debug, Clone, Args)]
 pub struct AddCommand {
     /// Start from a built-in template (`agent-vault catalog` lists them): its host and
-    /// auth; --name, --host, --disabled and --no-upstream-tls adjust it
+    /// auth; --name, --host, --method, --disabled and --no-upstream-tls adjust it
     #[arg(long, value_name = "NAME", conflicts_with = "auth_type")]
     pub from_catalog: Option<String>,
     /// Service name, unique in the vault [default with --from-catalog: the template's]
@@ -143,6 +143,15 @@ pub struct ServiceFlags {
     /// Add the service disabled
     #[arg(long)]
     pub disabled: bool,
+    /// Forward only this method, e.g. GET (repeatable, or comma-separated with
+    /// --methods GET,POST) [default: every method but TRACE and TRACK]
+    #[arg(
+        long = "method",
+        visible_alias = "methods",
+        value_name = "METHOD",
+        value_delimiter = ','
+    )]
+    pub methods: Vec<String>,
 }
 
 impl ServiceFlags {
@@ -157,6 +166,7 @@ impl ServiceFlags {
             || !self.custom_header.is_empty()
             || self.no_upstream_tls
             || self.disabled
+            || !self.methods.is_empty()
     }
 }
 
@@ -300,14 +310,37 @@ pub fn parse_custom_header(raw: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// The service JSON that `service add` sends.
+/// The methods are sent as given: the server checks them (uppercase, no duplicates,
+/// neither TRACE, TRACK nor CONNECT).
 pub fn build_service(args: &AddService) -> anyhow::Result<Value> {
-    Ok(json!({
+    let mut service = json!({
         "name": args.name,
         "host": args.host,
         "enabled": !args.flags.disabled,
         "auth": build_auth(args)?,
         "upstream_tls": !args.flags.no_upstream_tls,
-    }))
+    });
+    let methods: Vec<&str> = args.flags.methods.iter().map(|m| m.trim()).collect();
+    if !methods.is_empty() {
+        if let Some(object) = service.as_object_mut() {
+            object.insert("methods".into(), json!(methods));
+        }
+    }
+    Ok(service)
+}
+
+/// A service's (or a diff summary's) `methods` for people: `GET, POST`, or `all` when
+/// the service has no list.
+pub fn methods_text(service: &Value) -> String {
+    match service.get("methods").and_then(Value::as_array) {
+        Some(methods) => methods
+            .iter()
+            .filter_map(Value::as_str)
+            .map(output::cell)
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => "all".to_owned(),
+    }
 }
 
 fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
@@ -318,8 +351,13 @@ fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
     if ctx.json {
         return output::json(&added);
     }
+    let methods = if args.flags.methods.is_empty() {
+        String::new()
+    } else {
+        format!(", methods {}", methods_text(&service))
+    };
     output::line(&format!(
-        "Added service {} ({}, {}) to vault {vault}{}",
+        "Added service {} ({}, {}{methods}) to vault {vault}{}",
         args.name,
         args.host,
         args.auth_type.as_str(),
@@ -368,6 +406,10 @@ fn add_from_catalog(
     service["enabled"] = Value::from(!flags.disabled);
     if flags.no_upstream_tls {
         service["upstream_tls"] = Value::from(false);
+    }
+    let methods: Vec<&str> = flags.methods.iter().map(|m| m.trim()).collect();
+    if !methods.is_empty() {
+        service["methods"] = json!(methods);
     }
     let client = ctx.client()?;
     let held = client.get(&api_path(&["v1", "vaults", vault, "credentials"]))?;
@@ -419,6 +461,7 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
                 auth_keys(auth).join(","),
                 yes_no(s.get("enabled")).to_owned(),
                 yes_no(s.get("upstream_tls")).to_owned(),
+                methods_text(s),
             ]
         })
         .collect();
@@ -426,7 +469,7 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
         return output::line(&format!("No services in vault {vault}"));
     }
     output::text(&output::table(
-        &["NAME", "HOST", "AUTH", "KEYS", "ENABLED", "TLS"],
+        &["NAME", "HOST", "AUTH", "KEYS", "ENABLED", "TLS", "METHODS"],
         &rows,
     ))
 }
@@ -542,6 +585,34 @@ mod tests {
             Ok(v) => panic!("{flags:?} built {v}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn methods_are_repeatable_or_comma_separated_and_absent_by_default() {
+        let base = [
+            "--name",
+            "ro",
+            "--host",
+            "a.example.com",
+            "--auth-type",
+            "passthrough",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            build_service(&add_args(&all)).unwrap()
+        };
+        assert!(with(&[]).get("methods").is_none());
+        assert_eq!(methods_text(&with(&[])), "all");
+        let repeated = with(&["--method", "GET", "--method", "POST"]);
+        assert_eq!(repeated["methods"], json!(["GET", "POST"]));
+        assert_eq!(methods_text(&repeated), "GET, POST");
+        assert_eq!(
+            with(&["--methods", "GET,HEAD"])["methods"],
+            json!(["GET", "HEAD"])
+        );
+        // Sent as given: the server explains what is wrong with a lowercase method.
+        assert_eq!(with(&["--method", "get"])["methods"], json!(["get"]));
     }
 
     #[test]

@@ -11,6 +11,8 @@ use super::output::{self, str_field, yes_no};
 use super::{credentials, logs, prompt, proposals, services, users};
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `service`/`proposal` variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum VaultCommand {
     /// Create a vault; you become its admin
     Create {

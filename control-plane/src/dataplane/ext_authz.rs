@@ -27,6 +27,8 @@ pub const EXT_AUTHZ_PATH: &str = "/v1/dataplane/ext_authz";
 /// What an `ext_authz` check sees of the original request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckRequest<'a> {
+    /// The original `:method` (Envoy's HTTP check request keeps it).
+    pub method: &'a str,
     pub proxy_authorization: Option<&'a str>,
     pub x_vault: Option<&'a str>,
     /// The original `:authority` (Envoy sends it as the check request's `Host`).
@@ -87,6 +89,14 @@ pub fn decide(
     if !service.enabled {
         return Err(reply::service_disabled(&vault.name, &service.name));
     }
+    if !service.allows_method(request.method) {
+        return Err(reply::method_not_allowed_for_service(
+            &vault.name,
+            &service.name,
+            request.method,
+            service.methods.as_deref().unwrap_or_default(),
+        ));
+    }
     let auth = auth
         .as_ref()
         .map_err(|e| reply::invalid_service(&vault.name, &service.name, &e.to_string()))?;
@@ -101,6 +111,7 @@ pub fn decide(
 /// and path here.
 pub async fn check(
     State(state): State<DataplaneState>,
+    method: axum::http::Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
@@ -127,6 +138,7 @@ pub async fn check(
             &store,
             &CheckRequest {
                 proxy_authorization: proxy_authorization.as_deref(),
+                method: method.as_str(),
                 x_vault: x_vault.as_deref(),
                 authority: authority.as_deref(),
                 path: &path,
@@ -255,5 +267,44 @@ mod tests {
         let counts: DataplaneCounts = serde_json::from_slice(&body).unwrap();
         assert_eq!(counts.ext_authz, 5);
         assert_eq!(counts.credentials, 0);
+    }
+
+    #[tokio::test]
+    async fn ext_authz_refuses_a_method_the_service_does_not_list() {
+        let (_dir, state, token) = seeded();
+        state
+            .store
+            .add_service(
+                &owner(),
+                "default",
+                agent_vault_rules::Service {
+                    name: "ro".into(),
+                    host: "ro.example.com".into(),
+                    enabled: true,
+                    auth: agent_vault_rules::Auth::Bearer {
+                        token: "API_TOKEN".into(),
+                    },
+                    upstream_tls: true,
+                    methods: Some(vec!["GET".into()]),
+                },
+            )
+            .unwrap_or_else(|e| panic!("add: {e}"));
+        let credential = basic(&token, "");
+        let (status, headers, _) =
+            send(&state, check_request("ro.example.com", Some(&credential))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["authorization"], "Bearer sk_live_1");
+        let post = Request::post(format!("{EXT_AUTHZ_PATH}/v1/charges"))
+            .header(header::HOST, "ro.example.com")
+            .header(header::PROXY_AUTHORIZATION, credential.as_str())
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, body) = send(&state, post).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(headers.get("authorization").is_none());
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "method_not_allowed_for_service");
+        assert_eq!(body["allowed_methods"], serde_json::json!(["GET"]));
+        assert!(!body.to_string().contains("sk_live_1"));
     }
 }

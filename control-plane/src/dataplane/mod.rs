@@ -259,6 +259,7 @@ pub(crate) mod tests {
                         token: "API_TOKEN".into(),
                     },
                     upstream_tls: true,
+                    methods: None,
                 },
             )
             .unwrap();

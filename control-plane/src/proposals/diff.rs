@@ -40,6 +40,9 @@ pub struct ServiceSummary {
     pub keys: Vec<String>,
     pub upstream_tls: bool,
     pub enabled: bool,
+    /// The methods the service forwards; absent: all but TRACE/TRACK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
 }
 
 impl ServiceSummary {
@@ -50,6 +53,7 @@ impl ServiceSummary {
             keys: service.auth.referenced_keys(),
             upstream_tls: service.upstream_tls,
             enabled: service.enabled,
+            methods: service.methods.clone(),
         }
     }
 }
@@ -461,6 +465,7 @@ mod tests {
             enabled: true,
             auth: Auth::Bearer { token: key.into() },
             upstream_tls: tls,
+            methods: None,
         }
     }
 
@@ -473,6 +478,7 @@ mod tests {
             enabled: None,
             upstream_tls: Some(tls),
             catalog: None,
+            methods: None,
         }
     }
 
@@ -610,6 +616,22 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_methods_change_shows_in_the_before_and_after() {
+        let mut only_get = set("stripe", "api.stripe.com", "STRIPE_KEY", true);
+        only_get.methods = Some(vec!["GET".into()]);
+        let diff = diff(&[only_get], &[], &vault(), held);
+        let ServiceDiff::Replace { before, after, .. } = &diff.services[0] else {
+            panic!("{:?}", diff.services)
+        };
+        assert_eq!(before.methods, None);
+        assert_eq!(after.methods.as_deref(), Some(&["GET".to_owned()][..]));
+        let json = serde_json::to_value(&diff.services[0]).unwrap_or_default();
+        assert_eq!(json["after"]["methods"], serde_json::json!(["GET"]));
+        assert!(json["before"].get("methods").is_none(), "{json}");
+        assert!(diff.warnings.is_empty(), "{:?}", diff.warnings);
     }
 
     #[test]

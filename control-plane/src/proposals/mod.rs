@@ -139,6 +139,10 @@ pub struct ServiceChange {
     /// so a stored proposal never carries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
+    /// The methods the service forwards (validated as for `vault service add`);
+    /// absent: every method but TRACE/TRACK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
 }
 
 impl ServiceChange {
@@ -151,6 +155,7 @@ impl ServiceChange {
                 enabled: self.enabled.unwrap_or(true),
                 auth: auth.clone(),
                 upstream_tls: self.upstream_tls.unwrap_or(true),
+                methods: self.methods.clone(),
             }),
             _ => None,
         }

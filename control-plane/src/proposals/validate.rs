@@ -94,6 +94,7 @@ pub fn validate_proposal(input: &ProposalInput, options: &ValidationOptions) -> 
                     || change.auth.is_some()
                     || change.enabled.is_some()
                     || change.upstream_tls.is_some()
+                    || change.methods.is_some()
                 {
                     return Err(invalid(format!(
                         "service {name:?}: a delete service carries only its name"

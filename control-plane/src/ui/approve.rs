@@ -154,7 +154,7 @@ fn services_table(view: &ProposalView) -> Markup {
             section {
                 h2 { "Services" }
                 table.changes {
-                    thead { tr { th { "Change" } th { "Service" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Upstream TLS" } } }
+                    thead { tr { th { "Change" } th { "Service" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Upstream TLS" } th { "Methods" } } }
                     tbody {
                         @for change in &view.services {
                             @match change.action {
@@ -169,11 +169,12 @@ fn services_table(view: &ProposalView) -> Markup {
                                         }
                                     }
                                     td { @if change.upstream_tls.unwrap_or(true) { "yes" } @else { "no (plain HTTP)" } }
+                                    td { (methods_cell(change.methods.as_deref())) }
                                 },
                                 ProposalAction::Delete => tr {
                                     td { span.action-delete { "delete" } }
                                     td { (change.name) }
-                                    td colspan="4" { "the service is removed from the vault" }
+                                    td colspan="5" { "the service is removed from the vault" }
                                 },
                             }
                         }
@@ -189,6 +190,19 @@ fn summary_cells(summary: &ServiceSummary) -> Markup {
         code { (summary.host) } " · " (summary.auth_type)
         @for key in &summary.keys { " " code.key { (key) } }
         " · TLS " @if summary.upstream_tls { "on" } @else { strong { "off" } }
+        " · methods " (methods_cell(summary.methods.as_deref()))
+    }
+}
+
+/// A service's allowed methods: each in `code`, or "all but TRACE/TRACK" with no list.
+pub(crate) fn methods_cell(methods: Option<&[String]>) -> Markup {
+    html! {
+        @match methods {
+            Some(methods) => @for (i, method) in methods.iter().enumerate() {
+                @if i > 0 { " " } code.method { (method) }
+            },
+            None => "all but TRACE/TRACK",
+        }
     }
 }
 

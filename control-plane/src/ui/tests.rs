@@ -1186,3 +1186,32 @@ async fn a_reviewer_reveals_the_agents_value_with_the_password_and_an_outsider_n
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert!(!refused.body.contains("agent-generated-value"));
 }
+
+#[tokio::test]
+async fn the_approval_page_shows_the_methods_a_proposed_service_allows() {
+    let h = harness();
+    h.set_credential("STRIPE_KEY", "sk_live_human");
+    crate::testing::add_stripe_service(h.store());
+    let (id, link) = h.propose(json!({
+        "services": [{"name": "stripe", "host": "api.stripe.com", "methods": ["GET", "HEAD"],
+                      "auth": {"type": "bearer", "token": "STRIPE_KEY"}}]
+    }));
+    let token = h.ui_session(OWNER);
+    let cookie = session_cookie(&token);
+    let page = h
+        .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.body
+            .contains(r#"<code class="method">GET</code> <code class="method">HEAD</code>"#),
+        "{}",
+        page.body
+    );
+    // The diff: all methods today, GET and HEAD once approved.
+    assert!(
+        page.body.contains(" · methods all but TRACE/TRACK"),
+        "{}",
+        page.body
+    );
+}

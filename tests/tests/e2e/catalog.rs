@@ -65,6 +65,8 @@ fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
         "jira",
         "--host",
         "acme.atlassian.net",
+        "--method",
+        "GET",
     ];
     let early = owner.run(&add_jira).fails();
     assert!(
@@ -100,6 +102,7 @@ fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
         .find(|s| s["name"] == "jira")
         .unwrap_or_else(|| panic!("{services}"));
     assert_eq!(jira["host"], "acme.atlassian.net");
+    assert_eq!(jira["methods"], json!(["GET"]));
     assert_eq!(
         jira["auth"],
         json!({"type": "basic", "username": "ATLASSIAN_EMAIL", "password": "ATLASSIAN_API_TOKEN"})

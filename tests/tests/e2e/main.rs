@@ -10,6 +10,7 @@ mod deployment;
 mod envoy_configs;
 mod https_ca;
 mod https_proxy;
+mod methods;
 mod proposals;
 mod proxy;
 mod proxy_e2e;
