@@ -78,6 +78,14 @@ pub enum RuleError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A service's `substitutions` are malformed (placeholder form, surfaces, collisions).
+    #[error("invalid substitution {}: {reason}", quoted(.placeholder))]
+    InvalidSubstitution {
+        /// The refused placeholder (empty when the list itself is refused).
+        placeholder: String,
+        /// The rule it breaks.
+        reason: String,
+    },
     /// Two services of one vault share a name.
     #[error(
         "duplicate service name {}: service names must be unique within a vault",
@@ -102,6 +110,7 @@ impl RuleError {
             RuleError::InvalidAgentName { .. } => "invalid_agent_name",
             RuleError::DuplicateService { .. } => "duplicate_service",
             RuleError::InvalidMethod { .. } => "invalid_method",
+            RuleError::InvalidSubstitution { .. } => "invalid_substitution",
         }
     }
 

@@ -9,6 +9,7 @@
 //! | host patterns and matching requests to services          | [`host`]       |
 //! | auth types and header rendering                          | [`auth`]       |
 //! | services and the unmatched-host policy                   | [`service`]    |
+//! | placeholders replaced by a credential in path, query, header, body | [`substitution`] |
 //! | data-plane protocol (snapshot, credentials, logs)        | [`wire`]       |
 //! | the agent's proxy credential (`Proxy-Authorization`)     | [`proxy_auth`] |
 //! | what an agent sees when refused: codes, statuses, bodies | [`reply`]      |
@@ -32,6 +33,7 @@ pub mod names;
 pub mod proxy_auth;
 pub mod reply;
 pub mod service;
+pub mod substitution;
 pub mod wire;
 
 pub use auth::{Auth, CompiledAuth, RenderError};

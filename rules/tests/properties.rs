@@ -769,3 +769,61 @@ proptest! {
         prop_assert_ne!(found, Some(first + 1), "the later twin was found");
     }
 }
+
+/// Undoes `percent_encode`/`form_encode` (test only).
+fn percent_decode(text: &str, plus_is_space: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b'%' => {
+                let hex = std::str::from_utf8(&bytes[at + 1..at + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                at += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                at += 1;
+            }
+            byte => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever a secret holds, it lands in one path segment, one query value, one JSON
+    /// string or one form field, and reads back exactly; the request's structure around
+    /// it never changes.
+    #[test]
+    fn a_substituted_value_reads_back_exactly_and_never_changes_the_structure(value in "\\PC*") {
+        use agent_vault_rules::substitution::*;
+        let path_sub = Substitution { key: "K".into(), placeholder: "__PATH_VALUE__".into(), surfaces: vec![Surface::Path] };
+        let query_sub = Substitution { key: "Q".into(), placeholder: "__QUERY_VALUE__".into(), surfaces: vec![Surface::Query, Surface::Body] };
+        let filled = [(&path_sub, value.as_str()), (&query_sub, value.as_str())];
+        let (out, count) = substitute_path_and_query("/a/__PATH_VALUE__/b?x=__QUERY_VALUE__&y=1", &filled);
+        prop_assert_eq!(count, 2);
+        let (path, query) = out.split_once('?').unwrap();
+        let segments: Vec<&str> = path.split('/').collect();
+        prop_assert_eq!(segments.len(), 4);
+        prop_assert_eq!(percent_decode(segments[2], false), value.clone());
+        let pairs: Vec<&str> = query.split('&').collect();
+        prop_assert_eq!(pairs.len(), 2);
+        prop_assert_eq!(percent_decode(pairs[0].strip_prefix("x=").unwrap(), false), value.clone());
+        let (json, _) = substitute_body(br#"{"v":"__QUERY_VALUE__","w":1}"#, "application/json", &filled).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        prop_assert_eq!(parsed["v"].as_str().unwrap(), value.as_str());
+        prop_assert_eq!(parsed["w"].as_i64(), Some(1));
+        let (form, _) = substitute_body(b"v=__QUERY_VALUE__&w=1", "application/x-www-form-urlencoded", &filled).unwrap();
+        let form = String::from_utf8(form).unwrap();
+        let fields: Vec<&str> = form.split('&').collect();
+        prop_assert_eq!(fields.len(), 2);
+        prop_assert_eq!(percent_decode(fields[0].strip_prefix("v=").unwrap(), true), value);
+    }
+}
