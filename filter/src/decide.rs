@@ -669,6 +669,7 @@ pub(crate) mod tests {
             auth,
             upstream_tls: true,
             methods: None,
+            rate_limit: None,
         }
     }
 

@@ -217,6 +217,7 @@ mod tests {
                     auth: Auth::Passthrough {},
                     upstream_tls: false,
                     methods: None,
+                    rate_limit: None,
                 }],
                 passthrough_hosts: vec![],
             }],

@@ -382,6 +382,7 @@ pub(crate) mod tests {
                     },
                     upstream_tls: true,
                     methods: None,
+                    rate_limit: None,
                 }],
                 passthrough_hosts: vec![],
             }],

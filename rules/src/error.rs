@@ -78,6 +78,13 @@ pub enum RuleError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A service's `rate_limit` allows 0 or more than 1,000,000 requests per window
+    /// (or its short form does not parse).
+    #[error("invalid rate limit: {reason}")]
+    InvalidRateLimit {
+        /// The rule it breaks.
+        reason: String,
+    },
     /// Two services of one vault share a name.
     #[error(
         "duplicate service name {}: service names must be unique within a vault",
@@ -102,6 +109,7 @@ impl RuleError {
             RuleError::InvalidAgentName { .. } => "invalid_agent_name",
             RuleError::DuplicateService { .. } => "duplicate_service",
             RuleError::InvalidMethod { .. } => "invalid_method",
+            RuleError::InvalidRateLimit { .. } => "invalid_rate_limit",
         }
     }
 
@@ -187,6 +195,10 @@ mod tests {
                     reason: "r".into(),
                 },
                 "invalid_method",
+            ),
+            (
+                RuleError::InvalidRateLimit { reason: "r".into() },
+                "invalid_rate_limit",
             ),
         ];
         for (error, code) in cases {
