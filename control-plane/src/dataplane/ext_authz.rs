@@ -287,6 +287,7 @@ mod tests {
                     },
                     upstream_tls: true,
                     methods: Some(vec!["GET".into()]),
+                    rate_limit: None,
                 },
             )
             .unwrap_or_else(|e| panic!("add: {e}"));

@@ -466,6 +466,7 @@ mod tests {
             auth: Auth::Bearer { token: key.into() },
             upstream_tls: tls,
             methods: None,
+            rate_limit: None,
         }
     }
 
@@ -479,6 +480,7 @@ mod tests {
             upstream_tls: Some(tls),
             catalog: None,
             methods: None,
+            rate_limit: None,
         }
     }
 
