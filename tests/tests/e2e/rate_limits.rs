@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::ServerOptions;
+use agent_vault_testkit::control_plane::{Server, ServerOptions};
 use agent_vault_testkit::http::{proxy_basic, HttpResponse};
 use agent_vault_testkit::https_agent::{HttpsTunnel, TlsOptions};
 use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
@@ -291,4 +291,73 @@ fn inside_https_tunnels_the_same_budget_applies_as_before_them() {
             "only the admitted requests reached the upstream"
         );
     }
+}
+
+#[test]
+fn the_cli_sets_a_rate_limit_as_n_per_second_or_minute_and_refuses_a_bad_one() {
+    let server = Server::start();
+    let session = server.owner_token();
+    let cli = server.cli().with_token(&session);
+    let add = |name: &str, extra: &[&str]| {
+        let host = format!("{name}.example.com");
+        let mut args = vec![
+            "vault",
+            "service",
+            "add",
+            "--name",
+            name,
+            "--host",
+            host.as_str(),
+            "--auth-type",
+            "passthrough",
+            "--vault",
+            "default",
+        ];
+        args.extend_from_slice(extra);
+        cli.run(&args)
+    };
+    let refused = add("bad", &["--rate-limit", "0/s"]).fails();
+    assert!(
+        refused
+            .stderr
+            .contains("invalid rate limit: requests is 1 to 1000000"),
+        "{}",
+        refused.stderr
+    );
+    let out = add("fast", &["--rate-limit", "10/s"]).ok();
+    assert!(
+        out.stdout.contains("rate limit 10/s per agent"),
+        "{}",
+        out.stdout
+    );
+    add("slow", &["--rate-limit", "600/min"]).ok();
+    add("free", &[]).ok();
+    let listed = cli
+        .run(&["vault", "service", "list", "--vault", "default"])
+        .ok()
+        .stdout;
+    assert!(listed.contains("RATE LIMIT"), "{listed}");
+    let line = |name: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line("fast ").contains(" 10/s "), "{listed}");
+    assert!(line("slow ").contains(" 600/min "), "{listed}");
+    assert!(line("free ").contains(" none "), "{listed}");
+    assert!(!listed.contains("bad.example.com"), "{listed}");
+    let json = cli
+        .run(&["vault", "service", "list", "--vault", "default", "--json"])
+        .ok()
+        .json();
+    let slow = json
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "slow").cloned())
+        .unwrap_or_default();
+    assert_eq!(
+        slow["rate_limit"],
+        json!({"requests": 600, "per": "minute"})
+    );
 }
