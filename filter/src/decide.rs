@@ -20,8 +20,11 @@
 //! 7. `:authority` + `:path` → service → 400 `invalid_request`; no match: policy
 //!    `passthrough` forwards without credentials, `deny` → 403 with `proposal_hint`.
 //! 8. Disabled → 403 `service_disabled`; a method the service does not list in its
-//!    `methods` → 403 `method_not_allowed_for_service` (nothing fetched); auth rule
-//!    broken → 502 `invalid_service`.
+//!    `methods` → 403 `method_not_allowed_for_service` (nothing fetched); the agent
+//!    over the service's `rate_limit` → 429 `rate_limited` with `Retry-After` (counted
+//!    per agent token and service in Envoy's shared data, [`crate::rate_limit`], so
+//!    neither new connections nor tunnels reset it; nothing fetched); auth rule broken
+//!    → 502 `invalid_service`.
 //! 9. Keys all fresh in the cache → render and forward; a key known missing → 502
 //!    `credential_not_found`; else fetch.
 //!
@@ -41,6 +44,7 @@ use agent_vault_rules::reply::{self, Reject};
 use agent_vault_rules::{normalize_authority, CompiledAuth, UnmatchedHostPolicy};
 
 use crate::cache::{Cached, CredentialCache};
+use crate::rate_limit::{self, Admission, SharedStore};
 use crate::request_log::RequestLog;
 use crate::snapshot::{Agent, CompiledSnapshot, CompiledVault, TokenHash};
 use crate::tunnel::{sni_names, TunnelIdentity};
@@ -262,16 +266,18 @@ fn render<'v>(
 
 /// Decides what to do with `request` at `now_ms`, recording what it learns (agent,
 /// vault, host, service, error) in `log`.
+/// Rate limits are counted in `store` (Envoy's shared data).
 pub fn decide(
     snapshot: Option<&Rc<CompiledSnapshot>>,
     cache: &CredentialCache,
     request: &Request<'_>,
     now_ms: u64,
     log: &mut RequestLog,
+    store: &mut impl SharedStore,
 ) -> Decision {
     let decision = match &request.tunnel {
-        None => decide_inner(snapshot, cache, request, now_ms, log),
-        Some(tunnel) => decide_in_tunnel(snapshot, cache, request, tunnel, now_ms, log),
+        None => decide_inner(snapshot, cache, request, now_ms, log, store),
+        Some(tunnel) => decide_in_tunnel(snapshot, cache, request, tunnel, now_ms, log, store),
     };
     if let Decision::Reject(reject) = &decision {
         log.error = Some(reject.code);
@@ -285,6 +291,7 @@ fn decide_inner(
     request: &Request<'_>,
     now_ms: u64,
     log: &mut RequestLog,
+    store: &mut impl SharedStore,
 ) -> Decision {
     use Decision::Reject as R;
 
@@ -357,7 +364,7 @@ fn decide_inner(
         in_tunnel: false,
         method: request.method,
     };
-    decide_service(found, cache, request.path, now_ms, log)
+    decide_service(found, cache, request.path, now_ms, log, store)
 }
 
 /// For the log of a refused `CONNECT`: the host it asked for.
@@ -445,6 +452,7 @@ fn decide_in_tunnel(
     tunnel: &Tunnelled<'_>,
     now_ms: u64,
     log: &mut RequestLog,
+    store: &mut impl SharedStore,
 ) -> Decision {
     use Decision::Reject as R;
 
@@ -510,7 +518,7 @@ fn decide_in_tunnel(
         in_tunnel: true,
         method: request.method,
     };
-    decide_service(found, cache, request.path, now_ms, log)
+    decide_service(found, cache, request.path, now_ms, log, store)
 }
 
 /// The vault `name` if `agent` is (still) granted it and it (still) exists.
@@ -548,6 +556,7 @@ fn decide_service(
     path: &str,
     now_ms: u64,
     log: &mut RequestLog,
+    store: &mut impl SharedStore,
 ) -> Decision {
     use Decision::Reject as R;
     let Matched {
@@ -593,6 +602,20 @@ fn decide_service(
             method,
             service.methods.as_deref().unwrap_or_default(),
         ));
+    }
+    if let Some(limit) = service.rate_limit {
+        let key = rate_limit::key(token_sha256, &vault.name, &service.name);
+        if let Admission::Limited { retry_after_s } = rate_limit::admit(store, &key, limit, now_ms)
+        {
+            log.host = host;
+            return R(reply::rate_limited(
+                &vault.name,
+                &service.name,
+                limit.requests,
+                limit.per.as_str(),
+                retry_after_s,
+            ));
+        }
     }
     let auth = match auth {
         Ok(auth) => auth,
@@ -648,6 +671,7 @@ fn decide_service(
 pub(crate) mod tests {
     use super::*;
     use crate::cache::Secret;
+    use crate::rate_limit::MemoryStore;
     use agent_vault_rules::reply::ErrorCode;
     use agent_vault_rules::{Auth, Grant, Role, Service, Snapshot, SnapshotAgent, SnapshotVault};
     use base64::Engine as _;
@@ -669,6 +693,7 @@ pub(crate) mod tests {
             auth,
             upstream_tls: true,
             methods: None,
+            rate_limit: None,
         }
     }
 
@@ -745,6 +770,13 @@ pub(crate) mod tests {
                         Service {
                             methods: Some(vec!["POST".into()]),
                             ..service("post-cold", "cold.example.com", bearer("COLD_KEY"))
+                        },
+                        Service {
+                            rate_limit: Some(agent_vault_rules::RateLimit {
+                                requests: 3,
+                                per: agent_vault_rules::RatePeriod::Minute,
+                            }),
+                            ..service("limited", "limited.example.com", bearer("COLD_KEY"))
                         },
                     ],
                     passthrough_hosts: vec![],
@@ -1262,7 +1294,14 @@ pub(crate) mod tests {
                 tunnel: None,
             };
             let mut log = RequestLog::default();
-            let decision = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log);
+            let decision = decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default(),
+            );
             let expected_error = match &case.expected {
                 Outcome::Reject(_, code) => Some(*code),
                 _ => None,
@@ -1462,9 +1501,14 @@ pub(crate) mod tests {
                 ..Request::default()
             };
             let mut log = RequestLog::default();
-            let Decision::Reject(reject) =
-                decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log)
-            else {
+            let Decision::Reject(reject) = decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default(),
+            ) else {
                 panic!("{authority}: expected a refusal");
             };
             let body: serde_json::Value = serde_json::from_str(&reject.body).unwrap_or_default();
@@ -1486,7 +1530,14 @@ pub(crate) mod tests {
             ..Request::default()
         };
         let mut log = RequestLog::default();
-        let decision = decide(Some(&snapshot), &cold, &request, NOW_MS, &mut log);
+        let decision = decide(
+            Some(&snapshot),
+            &cold,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        );
         assert!(
             decision.open_host(),
             "a wildcard host counts in the host budget"
@@ -1518,6 +1569,86 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rate_limit_counts_each_agent_across_connections_and_tunnels_before_any_fetch() {
+        let snapshot = snapshot();
+        let cache = warm_cache();
+        let mut store = MemoryStore::default();
+        let alice = basic(ALICE, "default");
+        let bob = basic(BOB, "default");
+        let alice_tunnel = identity(ALICE, "default", "limited.example.com", 443);
+        let plain = |auth| Request {
+            method: "GET",
+            authority: Some("limited.example.com"),
+            path: "/x",
+            proxy_authorization: Some(auth),
+            ..Request::default()
+        };
+        let inside = tunnelled(
+            Some(&alice_tunnel),
+            Some("limited.example.com"),
+            "limited.example.com",
+            None,
+        );
+        let mut run = |request: &Request<'_>, now_ms: u64| {
+            let mut log = RequestLog::default();
+            let decision = decide(
+                Some(&snapshot),
+                &cache,
+                request,
+                now_ms,
+                &mut log,
+                &mut store,
+            );
+            (decision, log)
+        };
+        // Cold key (COLD_KEY): admitted requests fetch; the limit is checked first.
+        let (first, _) = run(&plain(&alice), NOW_MS);
+        assert_eq!(outcome(first), fetch(&["COLD_KEY"]));
+        let (second, _) = run(&inside, NOW_MS + 1);
+        assert_eq!(
+            outcome(second),
+            fetch(&["COLD_KEY"]),
+            "a tunnel shares the count"
+        );
+        let (third, _) = run(&plain(&alice), NOW_MS + 2);
+        assert_eq!(outcome(third), fetch(&["COLD_KEY"]));
+        for request in [plain(&alice), inside] {
+            let (decision, log) = run(&request, NOW_MS + 3);
+            let Decision::Reject(reject) = decision else {
+                panic!("expected 429, got {decision:?}")
+            };
+            assert_eq!(reject.code, ErrorCode::RateLimited);
+            let retry = (60_000 - (NOW_MS + 3) % 60_000).div_ceil(1000).to_string();
+            assert!(
+                reject.headers().contains(&("retry-after", retry.as_str())),
+                "{:?}",
+                reject.headers()
+            );
+            assert_eq!(log.error, Some(ErrorCode::RateLimited));
+            assert_eq!(log.service.as_deref(), Some("limited"));
+            assert_eq!(log.host, "limited.example.com");
+        }
+        let (other_agent, _) = run(&plain(&bob), NOW_MS + 4);
+        assert_eq!(
+            outcome(other_agent),
+            fetch(&["COLD_KEY"]),
+            "bob has his own"
+        );
+        let next_window = NOW_MS - NOW_MS % 60_000 + 60_000;
+        let (later, _) = run(&plain(&alice), next_window);
+        assert_eq!(outcome(later), fetch(&["COLD_KEY"]), "a new window");
+        let (unlimited, _) = run(
+            &Request {
+                authority: Some("api.stripe.com"),
+                ..plain(&alice)
+            },
+            NOW_MS + 5,
+        );
+        assert!(matches!(unlimited, Decision::Forward(_)));
+        assert_eq!(store.values.len(), 2, "one key per agent and service");
+    }
+
+    #[test]
     fn a_method_the_service_does_not_list_is_logged_with_its_service_and_names_the_list() {
         let snapshot = snapshot();
         let cache = warm_cache();
@@ -1530,8 +1661,14 @@ pub(crate) mod tests {
             ..Request::default()
         };
         let mut log = RequestLog::default();
-        let Decision::Reject(reject) = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log)
-        else {
+        let Decision::Reject(reject) = decide(
+            Some(&snapshot),
+            &cache,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        ) else {
             panic!("refused")
         };
         assert_eq!(reject.code, ErrorCode::MethodNotAllowedForService);
@@ -1592,14 +1729,28 @@ pub(crate) mod tests {
         ];
         for (behaviour, request, expected) in cases {
             let mut log = RequestLog::default();
-            let decision = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log);
+            let decision = decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default(),
+            );
             assert_eq!(outcome(decision), expected, "{behaviour}");
         }
         // No snapshot yet: 503, after the identity is read.
         let request = tunnelled(Some(&alice_stripe), sni, "api.stripe.com", None);
         let mut log = RequestLog::default();
         assert_eq!(
-            outcome(decide(None, &cache, &request, NOW_MS, &mut log)),
+            outcome(decide(
+                None,
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default()
+            )),
             Outcome::Reject(503, "control_plane_unavailable")
         );
     }
@@ -1617,8 +1768,14 @@ pub(crate) mod tests {
         );
         let mut log = RequestLog::default();
         let cold = CredentialCache::new(0);
-        let Decision::Fetch(plan) = decide(Some(&snapshot), &cold, &request, NOW_MS, &mut log)
-        else {
+        let Decision::Fetch(plan) = decide(
+            Some(&snapshot),
+            &cold,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        ) else {
             panic!("expected a fetch");
         };
         assert_eq!(plan.token_sha256, TokenHash::of(BOB).as_str());
@@ -1637,7 +1794,8 @@ pub(crate) mod tests {
                 &warm_cache(),
                 &request,
                 NOW_MS,
-                &mut log
+                &mut log,
+                &mut MemoryStore::default()
             )),
             Outcome::Reject(502, "credential_not_found")
         );
@@ -1654,9 +1812,14 @@ pub(crate) mod tests {
             None,
         );
         let mut log = RequestLog::default();
-        let Decision::Reject(reject) =
-            decide(Some(&snapshot), &warm_cache(), &request, NOW_MS, &mut log)
-        else {
+        let Decision::Reject(reject) = decide(
+            Some(&snapshot),
+            &warm_cache(),
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        ) else {
             panic!("expected a refusal");
         };
         assert_eq!(log.host, "api.github.com");
@@ -1685,13 +1848,27 @@ pub(crate) mod tests {
         let cache = CredentialCache::new(1000);
         let (mut request, auth) = alice_to("api.stripe.com");
         let mut log = RequestLog::default();
-        let no_credential = decide(None, &cache, &request, NOW_MS, &mut log);
+        let no_credential = decide(
+            None,
+            &cache,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        );
         assert_eq!(
             outcome(no_credential),
             Outcome::Reject(407, "proxy_auth_required")
         );
         request.proxy_authorization = Some(&auth);
-        let decision = decide(None, &cache, &request, NOW_MS, &mut log);
+        let decision = decide(
+            None,
+            &cache,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        );
         assert_eq!(
             outcome(decision),
             Outcome::Reject(503, "control_plane_unavailable")
@@ -1705,7 +1882,14 @@ pub(crate) mod tests {
         request.proxy_authorization = Some(&auth);
         let mut log = RequestLog::default();
         let empty = CredentialCache::new(60_000);
-        let decision = decide(Some(&snapshot), &empty, &request, NOW_MS, &mut log);
+        let decision = decide(
+            Some(&snapshot),
+            &empty,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        );
         assert_eq!(outcome(decision), fetch(&["GH_PASS", "GH_USER"]));
         // One key fresh, one stale: still a fetch.
         let mut partly = CredentialCache::new(60_000);
@@ -1721,11 +1905,25 @@ pub(crate) mod tests {
             Some(Secret::new("x".into())),
             NOW_MS - 60_000,
         );
-        let decision = decide(Some(&snapshot), &partly, &request, NOW_MS, &mut log);
+        let decision = decide(
+            Some(&snapshot),
+            &partly,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        );
         assert_eq!(outcome(decision), fetch(&["GH_PASS", "GH_USER"]));
         // A disabled cache always fetches.
         let disabled = CredentialCache::new(0);
-        let decision = decide(Some(&snapshot), &disabled, &request, NOW_MS, &mut log);
+        let decision = decide(
+            Some(&snapshot),
+            &disabled,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        );
         assert!(matches!(decision, Decision::Fetch(_)));
     }
 
@@ -1762,7 +1960,14 @@ pub(crate) mod tests {
                 tunnel: None,
             };
             let mut log = RequestLog::default();
-            let _ = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log);
+            let _ = decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default(),
+            );
             assert_eq!(log.agent.as_deref().unwrap_or(""), agent, "{behaviour}");
             assert_eq!(log.vault.as_deref().unwrap_or(""), vault, "{behaviour}");
             assert_eq!(log.host, host, "{behaviour}");
@@ -1792,9 +1997,14 @@ pub(crate) mod tests {
                 tunnel: None,
             };
             let mut log = RequestLog::default();
-            let Decision::Reject(reject) =
-                decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log)
-            else {
+            let Decision::Reject(reject) = decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default(),
+            ) else {
                 panic!("{authority}: expected a refusal");
             };
             for token in [ALICE, BOB, EXPIRED] {
@@ -1820,7 +2030,14 @@ pub(crate) mod tests {
                 tunnel: None,
             };
             let mut log = RequestLog::default();
-            match decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log) {
+            match decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut log,
+                &mut MemoryStore::default(),
+            ) {
                 Decision::Reject(r) => {
                     serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default()
                 }
@@ -1862,8 +2079,14 @@ pub(crate) mod tests {
         request.proxy_authorization = Some(&auth);
         let mut log = RequestLog::default();
         let cache = CredentialCache::new(0);
-        let Decision::Fetch(plan) = decide(Some(&snapshot), &cache, &request, NOW_MS, &mut log)
-        else {
+        let Decision::Fetch(plan) = decide(
+            Some(&snapshot),
+            &cache,
+            &request,
+            NOW_MS,
+            &mut log,
+            &mut MemoryStore::default(),
+        ) else {
             panic!("expected a fetch");
         };
         assert_eq!(plan.token_sha256, TokenHash::of(ALICE).as_str());

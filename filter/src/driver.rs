@@ -196,7 +196,7 @@ impl Http {
                 }),
             };
             match (worker.as_mut(), self.log.try_borrow_mut()) {
-                (Ok(w), Ok(mut log)) => Some(w.decide(&request, now, &mut log)),
+                (Ok(w), Ok(mut log)) => Some(w.decide(&request, now, &mut log, host)),
                 _ => None,
             }
         };

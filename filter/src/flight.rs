@@ -383,6 +383,7 @@ mod tests {
             &request,
             NOW_MS,
             &mut log.borrow_mut(),
+            &mut crate::rate_limit::MemoryStore::default(),
         );
         let Decision::Fetch(plan) = decision else {
             panic!("expected a fetch, got {decision:?}");

@@ -20,6 +20,7 @@ use agent_vault_rules::reply::{ErrorCode, Reject};
 use crate::config::Config;
 use crate::decide::Forward;
 use crate::header_map::HeaderMap;
+use crate::rate_limit::SharedStore;
 use crate::stats::Callout;
 
 #[cfg(test)]
@@ -106,8 +107,9 @@ pub enum Stat<'a> {
 }
 
 /// The host calls the filter makes. `config` is passed where the call goes to the
-/// control plane's cluster or names the routing header.
-pub trait Host {
+/// control plane's cluster or names the routing header. Envoy's shared data (for the
+/// rate limits' counters, [`crate::rate_limit`]) is the [`SharedStore`] part.
+pub trait Host: SharedStore {
     /// Unix milliseconds (0 if the host cannot tell).
     fn now_ms(&mut self) -> u64;
 

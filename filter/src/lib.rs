@@ -55,6 +55,7 @@ pub mod flight;
 pub mod header_map;
 pub mod host;
 pub mod host_budget;
+pub mod rate_limit;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;

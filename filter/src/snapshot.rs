@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use agent_vault_rules::{
-    HostPattern, ServiceMatcher, Snapshot, UnmatchedHostPolicy, ValidationOptions,
+    HostPattern, RateLimit, ServiceMatcher, Snapshot, UnmatchedHostPolicy, ValidationOptions,
 };
 use sha2::{Digest, Sha256};
 
@@ -46,6 +46,8 @@ pub struct ServiceInfo {
     pub upstream_tls: bool,
     /// The methods the service forwards; `None`: all but TRACE/TRACK.
     pub methods: Option<Box<[Box<str>]>>,
+    /// Requests per agent token and window; `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// One vault's rules.
@@ -92,6 +94,7 @@ impl CompiledSnapshot {
                     methods: service
                         .methods
                         .map(|list| list.into_iter().map(String::into_boxed_str).collect()),
+                    rate_limit: service.rate_limit,
                 });
             }
             matcher.shrink_to_fit();
@@ -217,6 +220,7 @@ mod tests {
                     auth: Auth::Passthrough {},
                     upstream_tls: false,
                     methods: None,
+                    rate_limit: None,
                 }],
                 passthrough_hosts: vec![],
             }],

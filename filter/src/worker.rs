@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::decide::{decide, Decision, Request};
 use crate::flight::{Answer, Completion, FlightKey, Flights, Join, Waiter};
 use crate::host_budget::{HostBudget, MAX_OPEN_HOSTS, WINDOW_MS};
+use crate::rate_limit::SharedStore;
 use crate::request_log::{LogBatch, RequestLog};
 use crate::snapshot::CompiledSnapshot;
 
@@ -97,8 +98,21 @@ impl Worker {
 
     /// Decides a request (see [`crate::decide`]); a host the agent chose (wildcard,
     /// passthrough) also has to fit its budget of new hosts ([`crate::host_budget`]).
-    pub fn decide(&mut self, request: &Request<'_>, now_ms: u64, log: &mut RequestLog) -> Decision {
-        let decision = decide(self.snapshot.as_ref(), &self.cache, request, now_ms, log);
+    pub fn decide(
+        &mut self,
+        request: &Request<'_>,
+        now_ms: u64,
+        log: &mut RequestLog,
+        store: &mut impl SharedStore,
+    ) -> Decision {
+        let decision = decide(
+            self.snapshot.as_ref(),
+            &self.cache,
+            request,
+            now_ms,
+            log,
+            store,
+        );
         if !decision.open_host() {
             return decision;
         }
@@ -351,6 +365,7 @@ impl Worker {
 pub(crate) mod tests {
     use super::*;
     use crate::decide::tests::{basic, ALICE, NOW_MS};
+    use crate::rate_limit::MemoryStore;
     use agent_vault_rules::{
         Auth, Grant, Role, Service, SnapshotAgent, SnapshotVault, UnmatchedHostPolicy,
     };
@@ -382,6 +397,7 @@ pub(crate) mod tests {
                     },
                     upstream_tls: true,
                     methods: None,
+                    rate_limit: None,
                 }],
                 passthrough_hosts: vec![],
             }],
@@ -530,7 +546,12 @@ pub(crate) mod tests {
             tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
-        let Decision::Fetch(plan) = worker.decide(&request, now, &mut log.borrow_mut()) else {
+        let Decision::Fetch(plan) = worker.decide(
+            &request,
+            now,
+            &mut log.borrow_mut(),
+            &mut MemoryStore::default(),
+        ) else {
             panic!("expected a fetch");
         };
         let waiter = Waiter {
@@ -563,7 +584,12 @@ pub(crate) mod tests {
             x_vault: None,
             tunnel: None,
         };
-        match worker.decide(&request, now, &mut RequestLog::default()) {
+        match worker.decide(
+            &request,
+            now,
+            &mut RequestLog::default(),
+            &mut MemoryStore::default(),
+        ) {
             Decision::Forward(f) => format!("{:?}", f.inject),
             Decision::Fetch(_) => "fetch".to_owned(),
             Decision::Reject(r) => r.code.as_str().to_owned(),
@@ -620,7 +646,12 @@ pub(crate) mod tests {
             tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
-        let Decision::Fetch(plan) = worker.decide(&request, NOW_MS, &mut log.borrow_mut()) else {
+        let Decision::Fetch(plan) = worker.decide(
+            &request,
+            NOW_MS,
+            &mut log.borrow_mut(),
+            &mut MemoryStore::default(),
+        ) else {
             panic!("expected a fetch");
         };
         let waiter = Waiter {
@@ -708,7 +739,12 @@ pub(crate) mod tests {
             tunnel: None,
         };
         let log = Rc::new(RefCell::new(RequestLog::default()));
-        let Decision::Fetch(plan) = worker.decide(&request, NOW_MS, &mut log.borrow_mut()) else {
+        let Decision::Fetch(plan) = worker.decide(
+            &request,
+            NOW_MS,
+            &mut log.borrow_mut(),
+            &mut MemoryStore::default(),
+        ) else {
             panic!("fetch");
         };
         let waiter = Waiter {

@@ -86,6 +86,13 @@ pub enum RuleError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A service's `rate_limit` allows 0 or more than 1,000,000 requests per window
+    /// (or its short form does not parse).
+    #[error("invalid rate limit: {reason}")]
+    InvalidRateLimit {
+        /// The rule it breaks.
+        reason: String,
+    },
     /// Two services of one vault share a name.
     #[error(
         "duplicate service name {}: service names must be unique within a vault",
@@ -111,6 +118,7 @@ impl RuleError {
             RuleError::DuplicateService { .. } => "duplicate_service",
             RuleError::InvalidMethod { .. } => "invalid_method",
             RuleError::InvalidSubstitution { .. } => "invalid_substitution",
+            RuleError::InvalidRateLimit { .. } => "invalid_rate_limit",
         }
     }
 
@@ -196,6 +204,17 @@ mod tests {
                     reason: "r".into(),
                 },
                 "invalid_method",
+            ),
+            (
+                RuleError::InvalidRateLimit { reason: "r".into() },
+                "invalid_rate_limit",
+            ),
+            (
+                RuleError::InvalidSubstitution {
+                    placeholder: "__X__".into(),
+                    reason: "r".into(),
+                },
+                "invalid_substitution",
             ),
         ];
         for (error, code) in cases {

@@ -1267,6 +1267,7 @@ mod tests {
             auth: Auth::Passthrough {},
             upstream_tls: true,
             methods: None,
+            rate_limit: None,
         }
     }
 

@@ -46,7 +46,8 @@ pub use names::{
     validate_agent_name, validate_credential_key, validate_service_name, validate_vault_name,
 };
 pub use service::{
-    method_allowed, validate_methods, validate_services, Service, UnmatchedHostPolicy,
+    method_allowed, validate_methods, validate_services, RateLimit, RatePeriod, Service,
+    UnmatchedHostPolicy, MAX_RATE_LIMIT_REQUESTS,
 };
 pub use wire::{
     loggable_path, truncated, CredentialsRequest, CredentialsResponse, DataplaneCounts, Grant,

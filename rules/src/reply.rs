@@ -9,6 +9,8 @@
 use crate::auth::RenderError;
 use crate::names::validate_vault_name;
 use crate::wire::SUPPORTED_AUTH_TYPES;
+use std::borrow::Cow;
+
 use serde_json::{json, Value};
 
 /// Header set on every response the proxy produces itself.
@@ -61,11 +63,15 @@ pub enum ErrorCode {
     /// 403: the matched service lists its `methods`, and the request's is not one of
     /// them (never forwarded, no credential fetched).
     MethodNotAllowedForService,
+    /// 429: the agent used up the matched service's `rate_limit` in the current
+    /// window (counted per agent token and service, across connections and tunnels);
+    /// `Retry-After` says when the window ends. Never forwarded, nothing fetched.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::ConnectNotSupported,
         ErrorCode::MethodNotAllowed,
         ErrorCode::ProxyAuthRequired,
@@ -82,6 +88,7 @@ impl ErrorCode {
         ErrorCode::DestinationForbidden,
         ErrorCode::TunnelHostMismatch,
         ErrorCode::MethodNotAllowedForService,
+        ErrorCode::RateLimited,
     ];
 
     /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
@@ -104,6 +111,7 @@ impl ErrorCode {
             ErrorCode::DestinationForbidden => 13,
             ErrorCode::TunnelHostMismatch => 14,
             ErrorCode::MethodNotAllowedForService => 15,
+            ErrorCode::RateLimited => 16,
         }
     }
 
@@ -126,6 +134,7 @@ impl ErrorCode {
             ErrorCode::DestinationForbidden => "destination_forbidden",
             ErrorCode::TunnelHostMismatch => "tunnel_host_mismatch",
             ErrorCode::MethodNotAllowedForService => "method_not_allowed_for_service",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -143,7 +152,7 @@ impl ErrorCode {
             | ErrorCode::CredentialNotFound
             | ErrorCode::InvalidCredentialValue => 502,
             ErrorCode::ControlPlaneUnavailable => 503,
-            ErrorCode::TooManyHosts => 429,
+            ErrorCode::TooManyHosts | ErrorCode::RateLimited => 429,
             // RFC 9110 §15.5.20: this connection cannot answer for that host; a client
             // may retry on a connection (a tunnel) of its own.
             ErrorCode::TunnelHostMismatch => 421,
@@ -159,7 +168,7 @@ pub struct Reject {
     /// JSON body.
     pub body: String,
     /// Headers besides `content-type` and [`ERROR_HEADER`].
-    pub extra_headers: Vec<(&'static str, &'static str)>,
+    pub extra_headers: Vec<(&'static str, Cow<'static, str>)>,
 }
 
 impl Reject {
@@ -182,10 +191,10 @@ impl Reject {
             // RFC 9110 §15.5.8: a 407 carries a challenge, so clients know to send
             // proxy credentials.
             ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => {
-                vec![("proxy-authenticate", PROXY_AUTHENTICATE)]
+                vec![("proxy-authenticate", Cow::Borrowed(PROXY_AUTHENTICATE))]
             }
             ErrorCode::ConnectNotSupported | ErrorCode::MethodNotAllowed => {
-                vec![("allow", ALLOWED_METHODS)]
+                vec![("allow", Cow::Borrowed(ALLOWED_METHODS))]
             }
             _ => Vec::new(),
         };
@@ -202,13 +211,17 @@ impl Reject {
     }
 
     /// Every header of the response, in order.
-    pub fn headers(&self) -> Vec<(&'static str, &'static str)> {
+    pub fn headers(&self) -> Vec<(&'static str, &str)> {
         let mut headers = vec![
             ("content-type", "application/json"),
             (ERROR_HEADER, "true"),
             ("cache-control", "no-store"),
         ];
-        headers.extend(self.extra_headers.iter().copied());
+        headers.extend(
+            self.extra_headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_ref())),
+        );
         headers
     }
 }
@@ -461,6 +474,40 @@ pub fn method_not_allowed_for_service<S: AsRef<str>>(
     )
 }
 
+/// The agent used up the matched service's rate limit (`requests` per `per`) in the
+/// current window → 429 with `Retry-After: retry_after_s` (at least 1), naming the
+/// service, the limit and `retry_after` (seconds). The count is kept per agent token
+/// and service, across connections and tunnels.
+pub fn rate_limited(
+    vault: &str,
+    service: &str,
+    requests: u32,
+    per: &str,
+    retry_after_s: u64,
+) -> Reject {
+    let retry_after_s = retry_after_s.max(1);
+    let mut fields = serde_json::Map::new();
+    fields.insert("service".to_owned(), Value::from(service));
+    fields.insert(
+        "limit".to_owned(),
+        json!({"requests": requests, "per": per}),
+    );
+    fields.insert("retry_after".to_owned(), Value::from(retry_after_s));
+    let mut reject = Reject::with_fields(
+        ErrorCode::RateLimited,
+        format!(
+            "service {service:?} of vault {vault:?} allows {requests} requests per {per} \
+             for each agent, and this agent used them up; retry in {retry_after_s} s \
+             (new connections or tunnels share the same count)"
+        ),
+        fields,
+    );
+    reject
+        .extra_headers
+        .push(("retry-after", Cow::Owned(retry_after_s.to_string())));
+    reject
+}
+
 /// What an agent sent, cut to 64 characters (no quotes added).
 fn quote_raw(text: &str) -> String {
     let mut short: String = text.chars().take(64).collect();
@@ -575,6 +622,7 @@ mod tests {
                 403,
                 "method_not_allowed_for_service",
             ),
+            (rate_limited("v", "s", 5, "minute", 3), 429, "rate_limited"),
             (invalid_service("v", "s", "r"), 502, "invalid_service"),
             (credential_not_found("v", "K"), 502, "credential_not_found"),
             (
@@ -642,6 +690,22 @@ mod tests {
         assert!(reject.headers().contains(&(ERROR_HEADER, "true")));
         let long = method_not_allowed_for_service("v", "s", &"X".repeat(500), &["GET"]);
         assert!(long.body.len() < 600, "{}", long.body);
+    }
+
+    #[test]
+    fn rate_limited_names_the_limit_and_says_when_to_retry() {
+        let reject = rate_limited("v", "stripe", 5, "minute", 42);
+        let body = body(&reject);
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["service"], "stripe");
+        assert_eq!(body["limit"], json!({"requests": 5, "per": "minute"}));
+        assert_eq!(body["retry_after"], 42);
+        let headers = reject.headers();
+        assert!(headers.contains(&("retry-after", "42")), "{headers:?}");
+        assert!(headers.contains(&(ERROR_HEADER, "true")));
+        let soon = rate_limited("v", "s", 1, "second", 0);
+        assert!(soon.headers().contains(&("retry-after", "1")));
+        assert!(soon.body.contains(r#""retry_after":1"#), "{}", soon.body);
     }
 
     #[test]

@@ -31,6 +31,102 @@ pub struct Service {
     /// 403 `method_not_allowed_for_service` and never gets the credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
+    /// At most this many requests per agent token in each window (see [`RateLimit`]).
+    /// `None` (absent in JSON): no limit. Past it, the filter answers 429
+    /// `rate_limited` with `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Most requests a rate limit may allow per window.
+pub const MAX_RATE_LIMIT_REQUESTS: u32 = 1_000_000;
+
+/// A service's per-agent rate limit: `requests` per `per` (a fixed window aligned on
+/// the clock: each second, or each minute, starts afresh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// 1 to [`MAX_RATE_LIMIT_REQUESTS`].
+    pub requests: u32,
+    /// The window.
+    pub per: RatePeriod,
+}
+
+/// The window of a [`RateLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatePeriod {
+    /// One second.
+    Second,
+    /// One minute.
+    Minute,
+}
+
+impl RatePeriod {
+    /// As JSON names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RatePeriod::Second => "second",
+            RatePeriod::Minute => "minute",
+        }
+    }
+
+    /// The window's length in milliseconds.
+    pub fn millis(self) -> u64 {
+        match self {
+            RatePeriod::Second => 1_000,
+            RatePeriod::Minute => 60_000,
+        }
+    }
+}
+
+impl RateLimit {
+    /// Checks `requests` is 1 to [`MAX_RATE_LIMIT_REQUESTS`].
+    pub fn validate(&self) -> Result<(), RuleError> {
+        if self.requests == 0 || self.requests > MAX_RATE_LIMIT_REQUESTS {
+            return Err(RuleError::InvalidRateLimit {
+                reason: format!(
+                    "requests is 1 to {MAX_RATE_LIMIT_REQUESTS}, not {}",
+                    self.requests
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Parses the CLI's short form: `N/s`, `N/sec`, `N/second`, `N/min`, `N/minute`
+    /// (e.g. `10/s`, `600/min`), then validates it.
+    pub fn parse_short(text: &str) -> Result<RateLimit, RuleError> {
+        let invalid = |reason: &str| RuleError::InvalidRateLimit {
+            reason: reason.to_owned(),
+        };
+        let (count, unit) = text
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| invalid("write it as N/s or N/min, e.g. 10/s"))?;
+        let requests: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| invalid("the count is a whole number, e.g. 10/s"))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => RatePeriod::Second,
+            "m" | "min" | "minute" => RatePeriod::Minute,
+            _ => return Err(invalid("the unit is s (per second) or min (per minute)")),
+        };
+        let limit = RateLimit { requests, per };
+        limit.validate()?;
+        Ok(limit)
+    }
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per {
+            RatePeriod::Second => "s",
+            RatePeriod::Minute => "min",
+        };
+        write!(f, "{}/{unit}", self.requests)
+    }
 }
 
 fn default_true() -> bool {
@@ -45,6 +141,9 @@ impl Service {
         self.auth.validate()?;
         if let Some(methods) = &self.methods {
             validate_methods(methods)?;
+        }
+        if let Some(limit) = &self.rate_limit {
+            limit.validate()?;
         }
         Ok(())
     }
@@ -175,6 +274,7 @@ mod tests {
             },
             upstream_tls: true,
             methods: None,
+            rate_limit: None,
         }
     }
 
@@ -306,6 +406,72 @@ mod tests {
             .is_err(),
             "a string is not a list"
         );
+    }
+
+    #[test]
+    fn rate_limit_json_is_omitted_when_absent_and_validated() {
+        let json = r#"{"name":"s","host":"a.com","auth":{"type":"passthrough"},"rate_limit":{"requests":5,"per":"minute"}}"#;
+        let parsed: Service = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            parsed.rate_limit,
+            Some(RateLimit {
+                requests: 5,
+                per: RatePeriod::Minute
+            })
+        );
+        assert!(parsed.validate(&STRICT).is_ok());
+        let out = serde_json::to_string(&parsed).unwrap_or_default();
+        assert!(
+            out.ends_with(r#""rate_limit":{"requests":5,"per":"minute"}}"#),
+            "{out}"
+        );
+        let plain = serde_json::to_string(&service("s", "a.com")).unwrap_or_default();
+        assert!(!plain.contains("rate_limit"), "{plain}");
+        for bad in [
+            r#"{"requests":5,"per":"hour"}"#,
+            r#"{"requests":-1,"per":"second"}"#,
+            r#"{"requests":5}"#,
+            r#"{"requests":5,"per":"second","burst":2}"#,
+        ] {
+            let json = format!(
+                r#"{{"name":"s","host":"a.com","auth":{{"type":"passthrough"}},"rate_limit":{bad}}}"#
+            );
+            assert!(serde_json::from_str::<Service>(&json).is_err(), "{bad}");
+        }
+        for (requests, valid) in [
+            (0, false),
+            (1, true),
+            (MAX_RATE_LIMIT_REQUESTS, true),
+            (MAX_RATE_LIMIT_REQUESTS + 1, false),
+        ] {
+            let service = Service {
+                rate_limit: Some(RateLimit {
+                    requests,
+                    per: RatePeriod::Second,
+                }),
+                ..service("s", "a.com")
+            };
+            let result = service.validate(&STRICT);
+            assert_eq!(result.is_ok(), valid, "{requests}: {result:?}");
+            if !valid {
+                assert!(
+                    matches!(result, Err(RuleError::InvalidRateLimit { .. })),
+                    "{result:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rate_limit_short_form() {
+        let ok = |text: &str| RateLimit::parse_short(text).map(|l| l.to_string());
+        assert_eq!(ok("10/s").ok().as_deref(), Some("10/s"));
+        assert_eq!(ok(" 10 / second ").ok().as_deref(), Some("10/s"));
+        assert_eq!(ok("600/min").ok().as_deref(), Some("600/min"));
+        assert_eq!(ok("5/minute").ok().as_deref(), Some("5/min"));
+        for bad in ["10", "10/h", "0/s", "x/s", "-1/s", "1000001/s", ""] {
+            assert!(RateLimit::parse_short(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

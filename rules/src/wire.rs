@@ -293,6 +293,7 @@ mod tests {
                     },
                     upstream_tls: true,
                     methods: None,
+                    rate_limit: None,
                 }],
                 passthrough_hosts: vec![],
             }],

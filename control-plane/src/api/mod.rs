@@ -581,6 +581,8 @@ struct DiscoveredService {
     enabled: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     methods: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<agent_vault_rules::RateLimit>,
 }
 
 async fn discover(
@@ -600,6 +602,7 @@ async fn discover(
                 host: s.host,
                 enabled: s.enabled,
                 methods: s.methods,
+                rate_limit: s.rate_limit,
             })
             .collect();
         let credentials: Vec<String> = store.credential_keys(&record.id)?.into_iter().collect();

@@ -852,3 +852,68 @@ async fn a_services_methods_are_validated_stored_and_shown() {
         shown.body
     );
 }
+
+#[tokio::test]
+async fn a_services_rate_limit_is_validated_stored_and_shown() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let service = |limit: Value| {
+        json!({"name": "limited", "host": "limited.example.com",
+               "auth": {"type": "passthrough"}, "rate_limit": limit})
+    };
+    for (behaviour, limit) in [
+        ("zero", json!({"requests": 0, "per": "second"})),
+        ("too many", json!({"requests": 1_000_001, "per": "minute"})),
+        ("unknown period", json!({"requests": 5, "per": "hour"})),
+        ("no period", json!({"requests": 5})),
+        ("a string", json!("10/s")),
+    ] {
+        let reply = h
+            .call(
+                Method::POST,
+                "/v1/vaults/default/services",
+                Some(&token),
+                Some(service(limit)),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{behaviour}: {}",
+            reply.body
+        );
+    }
+    let zero = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(service(json!({"requests": 0, "per": "second"}))),
+        )
+        .await;
+    assert_eq!(zero.error(), "invalid_rate_limit", "{}", zero.body);
+    let limit = json!({"requests": 600, "per": "minute"});
+    let added = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(service(limit.clone())),
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    let listed = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/services",
+            Some(&token),
+            None,
+        )
+        .await;
+    let shown = listed.json();
+    let limited = shown
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "limited").cloned())
+        .unwrap_or_default();
+    assert_eq!(limited["rate_limit"], limit, "{shown}");
+}

@@ -33,7 +33,9 @@ use super::context::{Context, VaultSource};
 use super::credentials::{check_key, read_pairs};
 use super::output::{self, str_field};
 use super::prompt;
-use super::services::{build_service, methods_text, AddService, AuthType, ServiceFlags};
+use super::services::{
+    build_service, methods_text, rate_limit_text, AddService, AuthType, ServiceFlags,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ProposalCommand {
@@ -534,6 +536,9 @@ pub fn describe(p: &Value) -> String {
             if s.get("methods").is_some() {
                 flags.push(format!("methods {}", methods_text(s)));
             }
+            if s.get("rate_limit").is_some() {
+                flags.push(format!("rate limit {} per agent", rate_limit_text(s)));
+            }
             let flags = if flags.is_empty() {
                 String::new()
             } else {
@@ -614,6 +619,11 @@ fn summary_line(s: &Value, with_methods: bool) -> String {
         format!(", methods {}", methods_text(s))
     } else {
         String::new()
+    };
+    let methods = if s.get("rate_limit").is_some() {
+        format!("{methods}, rate limit {} per agent", rate_limit_text(s))
+    } else {
+        methods
     };
     format!(
         "{}, {} {}, {tls}{methods}",

@@ -6,7 +6,7 @@
 
 use std::io::Read;
 
-use agent_vault_rules::Auth;
+use agent_vault_rules::{Auth, RateLimit};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize as _;
@@ -152,6 +152,23 @@ pub struct ServiceFlags {
         value_delimiter = ','
     )]
     pub methods: Vec<String>,
+    /// At most this many requests per agent: N/s or N/min, e.g. 10/s or 600/min
+    /// [default: no limit]
+    #[arg(long, value_name = "N/s|N/min", value_parser = parse_rate_limit)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `--rate-limit 10/s` or `600/min`, checked as the server checks it.
+fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+    RateLimit::parse_short(text).map_err(|e| e.to_string())
+}
+
+/// A service's `rate_limit` for people: `10/s`, `600/min`, or `none`.
+pub fn rate_limit_text(service: &Value) -> String {
+    service
+        .get("rate_limit")
+        .and_then(|v| RateLimit::deserialize(v).ok())
+        .map_or_else(|| "none".to_owned(), |limit| limit.to_string())
 }
 
 impl ServiceFlags {
@@ -167,6 +184,7 @@ impl ServiceFlags {
             || self.no_upstream_tls
             || self.disabled
             || !self.methods.is_empty()
+            || self.rate_limit.is_some()
     }
 }
 
@@ -326,6 +344,9 @@ pub fn build_service(args: &AddService) -> anyhow::Result<Value> {
             object.insert("methods".into(), json!(methods));
         }
     }
+    if let Some(limit) = args.flags.rate_limit {
+        service["rate_limit"] = json!(limit);
+    }
     Ok(service)
 }
 
@@ -355,6 +376,10 @@ fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
         String::new()
     } else {
         format!(", methods {}", methods_text(&service))
+    };
+    let methods = match args.flags.rate_limit {
+        Some(limit) => format!("{methods}, rate limit {limit} per agent"),
+        None => methods,
     };
     output::line(&format!(
         "Added service {} ({}, {}{methods}) to vault {vault}{}",
@@ -411,6 +436,9 @@ fn add_from_catalog(
     if !methods.is_empty() {
         service["methods"] = json!(methods);
     }
+    if let Some(limit) = flags.rate_limit {
+        service["rate_limit"] = json!(limit);
+    }
     let client = ctx.client()?;
     let held = client.get(&api_path(&["v1", "vaults", vault, "credentials"]))?;
     let missing: Vec<&str> = keys
@@ -461,6 +489,7 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
                 auth_keys(auth).join(","),
                 yes_no(s.get("enabled")).to_owned(),
                 yes_no(s.get("upstream_tls")).to_owned(),
+                rate_limit_text(s),
                 methods_text(s),
             ]
         })
@@ -469,7 +498,16 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
         return output::line(&format!("No services in vault {vault}"));
     }
     output::text(&output::table(
-        &["NAME", "HOST", "AUTH", "KEYS", "ENABLED", "TLS", "METHODS"],
+        &[
+            "NAME",
+            "HOST",
+            "AUTH",
+            "KEYS",
+            "ENABLED",
+            "TLS",
+            "RATE LIMIT",
+            "METHODS",
+        ],
         &rows,
     ))
 }
@@ -613,6 +651,42 @@ mod tests {
         );
         // Sent as given: the server explains what is wrong with a lowercase method.
         assert_eq!(with(&["--method", "get"])["methods"], json!(["get"]));
+    }
+
+    #[test]
+    fn rate_limit_flag_is_n_per_second_or_minute_and_absent_by_default() {
+        let base = [
+            "--name",
+            "ro",
+            "--host",
+            "a.example.com",
+            "--auth-type",
+            "passthrough",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            build_service(&add_args(&all)).unwrap()
+        };
+        assert!(with(&[]).get("rate_limit").is_none());
+        assert_eq!(rate_limit_text(&with(&[])), "none");
+        let per_second = with(&["--rate-limit", "10/s"]);
+        assert_eq!(
+            per_second["rate_limit"],
+            json!({"requests": 10, "per": "second"})
+        );
+        assert_eq!(rate_limit_text(&per_second), "10/s");
+        assert_eq!(
+            with(&["--rate-limit", "600/min"])["rate_limit"],
+            json!({"requests": 600, "per": "minute"})
+        );
+        for bad in ["0/s", "10/h", "ten/s", "10", "1000001/min"] {
+            let refused = parse_rate_limit(bad).err().unwrap_or_default();
+            assert!(
+                refused.starts_with("invalid rate limit: "),
+                "{bad}: {refused}"
+            );
+        }
     }
 
     #[test]

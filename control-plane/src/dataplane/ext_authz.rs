@@ -171,10 +171,11 @@ pub async fn check(
         Err(reject) => {
             let status =
                 StatusCode::from_u16(reject.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let headers = reject
+            let headers: Vec<(&'static str, HeaderValue)> = reject
                 .headers()
                 .into_iter()
-                .map(|(name, value)| (name, HeaderValue::from_static(value)));
+                .filter_map(|(name, value)| Some((name, HeaderValue::from_str(value).ok()?)))
+                .collect();
             let mut response = (status, reject.body).into_response();
             for (name, value) in headers {
                 response.headers_mut().insert(name, value);
@@ -286,6 +287,7 @@ mod tests {
                     },
                     upstream_tls: true,
                     methods: Some(vec!["GET".into()]),
+                    rate_limit: None,
                 },
             )
             .unwrap_or_else(|e| panic!("add: {e}"));

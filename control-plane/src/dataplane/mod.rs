@@ -260,6 +260,7 @@ pub(crate) mod tests {
                     },
                     upstream_tls: true,
                     methods: None,
+                    rate_limit: None,
                 },
             )
             .unwrap();

@@ -43,6 +43,9 @@ pub struct ServiceSummary {
     /// The methods the service forwards; absent: all but TRACE/TRACK.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
+    /// The per-agent rate limit; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<agent_vault_rules::RateLimit>,
 }
 
 impl ServiceSummary {
@@ -54,6 +57,7 @@ impl ServiceSummary {
             upstream_tls: service.upstream_tls,
             enabled: service.enabled,
             methods: service.methods.clone(),
+            rate_limit: service.rate_limit,
         }
     }
 }
@@ -466,6 +470,7 @@ mod tests {
             auth: Auth::Bearer { token: key.into() },
             upstream_tls: tls,
             methods: None,
+            rate_limit: None,
         }
     }
 
@@ -479,6 +484,7 @@ mod tests {
             upstream_tls: Some(tls),
             catalog: None,
             methods: None,
+            rate_limit: None,
         }
     }
 
@@ -616,6 +622,30 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_rate_limit_change_shows_in_the_before_and_after() {
+        let mut limited = set("stripe", "api.stripe.com", "STRIPE_KEY", true);
+        limited.rate_limit = Some(agent_vault_rules::RateLimit {
+            requests: 10,
+            per: agent_vault_rules::RatePeriod::Second,
+        });
+        let diff = diff(&[limited], &[], &vault(), held);
+        let ServiceDiff::Replace { before, after, .. } = &diff.services[0] else {
+            panic!("{:?}", diff.services)
+        };
+        assert_eq!(before.rate_limit, None);
+        assert_eq!(
+            after.rate_limit.map(|l| l.to_string()).as_deref(),
+            Some("10/s")
+        );
+        let json = serde_json::to_value(&diff.services[0]).unwrap_or_default();
+        assert_eq!(
+            json["after"]["rate_limit"],
+            serde_json::json!({"requests": 10, "per": "second"})
+        );
+        assert!(json["before"].get("rate_limit").is_none(), "{json}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use validate::{
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent_vault_rules::{validate_services, Auth, Service};
+use agent_vault_rules::{validate_services, Auth, RateLimit, Service};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
@@ -143,6 +143,10 @@ pub struct ServiceChange {
     /// absent: every method but TRACE/TRACK.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
+    /// The service's per-agent rate limit (validated as for `vault service add`);
+    /// absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl ServiceChange {
@@ -156,6 +160,7 @@ impl ServiceChange {
                 auth: auth.clone(),
                 upstream_tls: self.upstream_tls.unwrap_or(true),
                 methods: self.methods.clone(),
+                rate_limit: self.rate_limit,
             }),
             _ => None,
         }

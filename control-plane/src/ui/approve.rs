@@ -154,7 +154,7 @@ fn services_table(view: &ProposalView) -> Markup {
             section {
                 h2 { "Services" }
                 table.changes {
-                    thead { tr { th { "Change" } th { "Service" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Upstream TLS" } th { "Methods" } } }
+                    thead { tr { th { "Change" } th { "Service" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Upstream TLS" } th { "Methods" } th { "Rate limit" } } }
                     tbody {
                         @for change in &view.services {
                             @match change.action {
@@ -170,11 +170,12 @@ fn services_table(view: &ProposalView) -> Markup {
                                     }
                                     td { @if change.upstream_tls.unwrap_or(true) { "yes" } @else { "no (plain HTTP)" } }
                                     td { (methods_cell(change.methods.as_deref())) }
+                                    td { (rate_limit_cell(change.rate_limit)) }
                                 },
                                 ProposalAction::Delete => tr {
                                     td { span.action-delete { "delete" } }
                                     td { (change.name) }
-                                    td colspan="5" { "the service is removed from the vault" }
+                                    td colspan="6" { "the service is removed from the vault" }
                                 },
                             }
                         }
@@ -191,6 +192,17 @@ fn summary_cells(summary: &ServiceSummary) -> Markup {
         @for key in &summary.keys { " " code.key { (key) } }
         " · TLS " @if summary.upstream_tls { "on" } @else { strong { "off" } }
         " · methods " (methods_cell(summary.methods.as_deref()))
+        " · rate limit " (rate_limit_cell(summary.rate_limit))
+    }
+}
+
+/// A service's per-agent rate limit (`10/s per agent`), or "none".
+pub(crate) fn rate_limit_cell(limit: Option<agent_vault_rules::RateLimit>) -> Markup {
+    html! {
+        @match limit {
+            Some(limit) => { code { (limit) } " per agent" },
+            None => "none",
+        }
     }
 }
 

@@ -1215,3 +1215,28 @@ async fn the_approval_page_shows_the_methods_a_proposed_service_allows() {
         page.body
     );
 }
+
+#[tokio::test]
+async fn the_approval_page_shows_a_proposed_services_rate_limit() {
+    let h = harness();
+    h.set_credential("STRIPE_KEY", "sk_live_human");
+    crate::testing::add_stripe_service(h.store());
+    let (id, link) = h.propose(json!({
+        "services": [{"name": "stripe", "host": "api.stripe.com",
+                      "rate_limit": {"requests": 10, "per": "second"},
+                      "auth": {"type": "bearer", "token": "STRIPE_KEY"}}]
+    }));
+    let token = h.ui_session(OWNER);
+    let cookie = session_cookie(&token);
+    let page = h
+        .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.body.contains("<code>10/s</code> per agent"),
+        "{}",
+        page.body
+    );
+    // The diff: no limit today, 10/s once approved.
+    assert!(page.body.contains(" · rate limit none"), "{}", page.body);
+}

@@ -233,7 +233,7 @@ pub async fn services(
             p.empty { "This vault has no services yet: agents propose them, or an admin adds them with " code { "agent-vault vault service add" } "." }
         } @else {
             table {
-                thead { tr { th { "Name" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Enabled" } th { "Upstream TLS" } th { "Methods" } } }
+                thead { tr { th { "Name" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Enabled" } th { "Upstream TLS" } th { "Methods" } th { "Rate limit" } } }
                 tbody {
                     @for service in &services {
                         tr {
@@ -248,6 +248,7 @@ pub async fn services(
                             td { @if service.enabled { "yes" } @else { span.off { "disabled" } } }
                             td { @if service.upstream_tls { "yes" } @else { "no (plain HTTP)" } }
                             td { (super::approve::methods_cell(service.methods.as_deref())) }
+                            td { (super::approve::rate_limit_cell(service.rate_limit)) }
                         }
                     }
                 }

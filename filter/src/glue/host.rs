@@ -18,11 +18,30 @@ use crate::config::Config;
 use crate::decide::{Forward, Route};
 use crate::header_map::HeaderMap;
 use crate::host::{CallResponse, Host, LogLevel, Refused, Stat, TunnelInfo};
+use crate::rate_limit::{SetError, SharedStore};
 use crate::tunnel::{TUNNEL_HEADER, TUNNEL_STATE};
 use agent_vault_rules::reply::Reject;
 
 /// Envoy, as the host of the current callback. No state: the host keeps it.
 pub struct ProxyWasmHost;
+
+impl SharedStore for ProxyWasmHost {
+    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, u32) {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, cas)) => (value, cas.unwrap_or(0)),
+            Err(_) => (None, 0),
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let cas = (cas != 0).then_some(cas);
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(status) => Err(SetError::Refused(format!("{status:?}"))),
+        }
+    }
+}
 
 impl Host for ProxyWasmHost {
     fn now_ms(&mut self) -> u64 {

@@ -16,6 +16,7 @@ use super::{CallResponse, Host, LogLevel, Refused, Stat, TunnelInfo};
 use crate::config::Config;
 use crate::decide::{Forward, Route};
 use crate::header_map::{serialize, HeaderMap};
+use crate::rate_limit::{MemoryStore, SetError, SharedStore};
 use crate::stats::Callout;
 
 /// A host call, as the fake saw it.
@@ -141,7 +142,19 @@ pub struct FakeHost {
     pub stats: Vec<String>,
     /// The agent (token hash) of every credential fetch, in order.
     pub fetched_for: Vec<String>,
+    /// Envoy's shared data (the rate limits' counters).
+    pub shared: MemoryStore,
     next_token: u32,
+}
+
+impl SharedStore for FakeHost {
+    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, u32) {
+        self.shared.shared_get(key)
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        self.shared.shared_set(key, value, cas)
+    }
 }
 
 impl FakeHost {
@@ -164,6 +177,7 @@ impl FakeHost {
             logs: Vec::new(),
             stats: Vec::new(),
             fetched_for: Vec::new(),
+            shared: MemoryStore::default(),
             next_token: Self::FIRST_TOKEN,
         }
     }

@@ -14,6 +14,7 @@ mod methods;
 mod proposals;
 mod proxy;
 mod proxy_e2e;
+mod rate_limits;
 mod request_log;
 mod security_api;
 mod security_proxy;
