@@ -700,6 +700,18 @@ enum Decision {
     Reveal,
 }
 
+impl Decision {
+    /// The decision a form posts to (the last segment of its action, [`Target::action`]).
+    fn from_path(segment: &str) -> Option<Decision> {
+        match segment {
+            "allow" => Some(Decision::Allow),
+            "deny" => Some(Decision::Deny),
+            "reveal" => Some(Decision::Reveal),
+            _ => None,
+        }
+    }
+}
+
 /// What every decision POST checks first: a session (403 without: a form posted with
 /// no session cannot carry a valid token), its CSRF token, the proposal (via the
 /// link, or the vault), and the member/admin role. Returns the session, the vault,
@@ -916,80 +928,28 @@ async fn decide(
     }
 }
 
-pub async fn link_allow(
+/// `POST /approve/{id}/{allow|deny|reveal}`.
+pub async fn link_decision(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path((id, decision)): Path<(String, String)>,
     form: Form,
 ) -> Response {
-    decide(state, headers, form, Decision::Allow, Some(id), None).await
+    match Decision::from_path(&decision) {
+        Some(decision) => decide(state, headers, form, decision, Some(id), None).await,
+        None => super::layout::not_found().await,
+    }
 }
 
-pub async fn link_deny(
+/// `POST /ui/vaults/{vault}/proposals/{id}/{allow|deny|reveal}`.
+pub async fn vault_decision(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path((vault, id, decision)): Path<(String, String, String)>,
     form: Form,
 ) -> Response {
-    decide(state, headers, form, Decision::Deny, Some(id), None).await
-}
-
-pub async fn link_reveal(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    form: Form,
-) -> Response {
-    decide(state, headers, form, Decision::Reveal, Some(id), None).await
-}
-
-pub async fn vault_reveal(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((vault, id)): Path<(String, String)>,
-    form: Form,
-) -> Response {
-    decide(
-        state,
-        headers,
-        form,
-        Decision::Reveal,
-        None,
-        Some((vault, id)),
-    )
-    .await
-}
-
-pub async fn vault_allow(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((vault, id)): Path<(String, String)>,
-    form: Form,
-) -> Response {
-    decide(
-        state,
-        headers,
-        form,
-        Decision::Allow,
-        None,
-        Some((vault, id)),
-    )
-    .await
-}
-
-pub async fn vault_deny(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((vault, id)): Path<(String, String)>,
-    form: Form,
-) -> Response {
-    decide(
-        state,
-        headers,
-        form,
-        Decision::Deny,
-        None,
-        Some((vault, id)),
-    )
-    .await
+    match Decision::from_path(&decision) {
+        Some(decision) => decide(state, headers, form, decision, None, Some((vault, id))).await,
+        None => super::layout::not_found().await,
+    }
 }

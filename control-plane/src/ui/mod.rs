@@ -47,16 +47,8 @@ pub fn router() -> Router<AppState> {
             get(approve::vault_proposal),
         )
         .route(
-            "/ui/vaults/{vault}/proposals/{id}/allow",
-            post(approve::vault_allow),
-        )
-        .route(
-            "/ui/vaults/{vault}/proposals/{id}/deny",
-            post(approve::vault_deny),
-        )
-        .route(
-            "/ui/vaults/{vault}/proposals/{id}/reveal",
-            post(approve::vault_reveal),
+            "/ui/vaults/{vault}/proposals/{id}/{decision}",
+            post(approve::vault_decision),
         )
         .route("/ui/vaults/{vault}/services", get(vaults::services))
         .route("/ui/vaults/{vault}/credentials", get(vaults::credentials))
@@ -67,9 +59,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/vaults/{vault}/agents", get(vaults::agents))
         .route("/ui/vaults/{vault}/logs", get(vaults::request_log))
         .route("/approve/{id}", get(approve::link_page))
-        .route("/approve/{id}/allow", post(approve::link_allow))
-        .route("/approve/{id}/deny", post(approve::link_deny))
-        .route("/approve/{id}/reveal", post(approve::link_reveal))
+        .route("/approve/{id}/{decision}", post(approve::link_decision))
         .route(
             "/ui/{*rest}",
             get(layout::not_found).post(layout::not_found),
