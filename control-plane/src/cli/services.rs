@@ -174,6 +174,15 @@ pub fn rate_limit_text(service: &Value) -> String {
 impl ServiceFlags {
     /// Whether any of these flags was given.
     pub fn any(&self) -> bool {
+        self.any_auth()
+            || self.no_upstream_tls
+            || self.disabled
+            || !self.methods.is_empty()
+            || self.rate_limit.is_some()
+    }
+
+    /// Whether any flag of the auth block was given (a catalog template brings its own).
+    fn any_auth(&self) -> bool {
         self.token_key.is_some()
             || self.username_key.is_some()
             || self.password_key.is_some()
@@ -181,10 +190,6 @@ impl ServiceFlags {
             || self.api_key_header.is_some()
             || self.api_key_prefix.is_some()
             || !self.custom_header.is_empty()
-            || self.no_upstream_tls
-            || self.disabled
-            || !self.methods.is_empty()
-            || self.rate_limit.is_some()
     }
 }
 
@@ -403,14 +408,7 @@ fn add_from_catalog(
     args: AddCommand,
 ) -> anyhow::Result<()> {
     let flags = &args.flags;
-    if flags.token_key.is_some()
-        || flags.username_key.is_some()
-        || flags.password_key.is_some()
-        || flags.api_key_key.is_some()
-        || flags.api_key_header.is_some()
-        || flags.api_key_prefix.is_some()
-        || !flags.custom_header.is_empty()
-    {
+    if flags.any_auth() {
         anyhow::bail!(
             "--from-catalog takes the template's auth: drop the auth flags, or describe the \
              service with --auth-type instead"
