@@ -43,10 +43,12 @@ use agent_vault_rules::proxy_auth::{self, DECODE_BUFFER_LEN};
 use agent_vault_rules::reply::{self, Reject};
 use agent_vault_rules::{normalize_authority, CompiledAuth, UnmatchedHostPolicy};
 
-use crate::cache::{Cached, CredentialCache};
+use agent_vault_rules::substitution::Substitution;
+
+use crate::cache::{Cached, CredentialCache, Secret};
 use crate::rate_limit::{self, Admission, SharedStore};
 use crate::request_log::RequestLog;
-use crate::snapshot::{Agent, CompiledSnapshot, CompiledVault, TokenHash};
+use crate::snapshot::{Agent, CompiledSnapshot, CompiledVault, ServiceInfo, TokenHash};
 use crate::tunnel::{sni_names, TunnelIdentity};
 
 pub use agent_vault_rules::reply::{DEFAULT_PORT, TLS_PORT};
@@ -135,6 +137,69 @@ pub struct Forward {
     /// The host is one the agent chose, not one a service names exactly: a wildcard
     /// match or the `passthrough` policy ([`crate::host_budget`]).
     pub open_host: bool,
+    /// The values the request was given, for what happens after its headers
+    /// (substitution, redaction); `None` when the service needs neither.
+    pub secrets: Option<Rc<Secrets>>,
+}
+
+/// The credential values one forwarded request was given, kept by its context for the
+/// rest of the exchange. Wiped when the last holder drops it.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    /// The service's substitutions, each with its key's value.
+    pub substitutions: Vec<(Substitution, Secret)>,
+    /// What to remove from the response (empty when the service does not redact):
+    /// every credential value of the service's keys and every header value injected,
+    /// each once.
+    pub redact: Vec<Secret>,
+}
+
+impl PartialEq for Secrets {
+    fn eq(&self, other: &Secrets) -> bool {
+        let pairs = |s: &Secrets| -> Vec<(Substitution, String)> {
+            s.substitutions
+                .iter()
+                .map(|(sub, v)| (sub.clone(), v.expose().to_owned()))
+                .collect()
+        };
+        let values = |s: &Secrets| -> Vec<String> {
+            s.redact.iter().map(|v| v.expose().to_owned()).collect()
+        };
+        pairs(self) == pairs(other) && values(self) == values(other)
+    }
+}
+
+impl Eq for Secrets {}
+
+impl Secrets {
+    /// What `service`'s request needs kept, given its keys' values (`lookup`) and the
+    /// headers rendered for it; `None` if nothing.
+    fn of<'v>(
+        service: &ServiceInfo,
+        lookup: &impl Fn(&str) -> Option<&'v str>,
+        inject: &[(String, String)],
+    ) -> Option<Rc<Secrets>> {
+        let substitutions: Vec<(Substitution, Secret)> = service
+            .substitutions
+            .iter()
+            .filter_map(|sub| Some((sub.clone(), Secret::new(lookup(&sub.key)?.to_owned()))))
+            .collect();
+        let mut redact: Vec<Secret> = Vec::new();
+        if service.redact {
+            let keys = service.keys.iter().filter_map(|key| lookup(key));
+            for value in keys.chain(inject.iter().map(|(_, value)| value.as_str())) {
+                if !value.is_empty() && !redact.iter().any(|known| known.expose() == value) {
+                    redact.push(Secret::new(value.to_owned()));
+                }
+            }
+        }
+        (!substitutions.is_empty() || !redact.is_empty()).then(|| {
+            Rc::new(Secrets {
+                substitutions,
+                redact,
+            })
+        })
+    }
 }
 
 impl Forward {
@@ -147,6 +212,7 @@ impl Forward {
             route: if tls { Route::Tls } else { Route::Plain },
             authority: None,
             open_host: true,
+            secrets: None,
         }
     }
 
@@ -196,16 +262,19 @@ impl FetchPlan {
             .and_then(|auth| auth.as_ref().ok())
     }
 
-    fn service_name(&self) -> &str {
+    fn service_info(&self) -> Option<&ServiceInfo> {
         self.snapshot
             .vault(&self.vault)
             .and_then(|v| v.services.get(self.service))
-            .map_or("", |s| &*s.name)
     }
 
-    /// The credential keys to fetch, sorted and deduplicated.
+    fn service_name(&self) -> &str {
+        self.service_info().map_or("", |s| &*s.name)
+    }
+
+    /// The credential keys to fetch (auth and substitutions), sorted and deduplicated.
     pub fn keys(&self) -> &[String] {
-        self.auth().map(CompiledAuth::keys).unwrap_or_default()
+        self.service_info().map(|s| &*s.keys).unwrap_or_default()
     }
 
     /// Finishes the request with fetched values: any needed key missing → 502
@@ -215,7 +284,7 @@ impl FetchPlan {
         lookup: impl Fn(&str) -> Option<&'v str>,
         missing: &[String],
     ) -> Decision {
-        let Some(auth) = self.auth() else {
+        let (Some(auth), Some(service)) = (self.auth(), self.service_info()) else {
             // Cannot happen: a plan is only made for a compiled auth.
             return Decision::Reject(reply::invalid_service(
                 &self.vault,
@@ -223,8 +292,8 @@ impl FetchPlan {
                 "not compiled",
             ));
         };
-        if let Some(key) = auth
-            .keys()
+        if let Some(key) = service
+            .keys
             .iter()
             .find(|k| missing.contains(k) || lookup(k).is_none())
         {
@@ -233,34 +302,38 @@ impl FetchPlan {
         render(
             auth,
             lookup,
-            (&self.vault, self.service_name()),
+            (&self.vault, service),
             (self.upstream_tls, self.open_host),
             self.authority.clone(),
         )
     }
 }
 
-/// Renders a service's headers into a [`Forward`]; the names are (vault, service),
-/// the flags (upstream TLS, open host).
+/// Renders a service's headers into a [`Forward`], with the [`Secrets`] the rest of
+/// the exchange needs; the flags are (upstream TLS, open host).
 fn render<'v>(
     auth: &CompiledAuth,
     lookup: impl Fn(&str) -> Option<&'v str>,
-    (vault, service): (&str, &str),
+    (vault, service): (&str, &ServiceInfo),
     (upstream_tls, open_host): (bool, bool),
     authority: Option<String>,
 ) -> Decision {
-    match auth.render(lookup) {
-        Ok(inject) => Decision::Forward(Forward {
-            inject,
-            route: if upstream_tls {
-                Route::Tls
-            } else {
-                Route::Plain
-            },
-            authority,
-            open_host,
-        }),
-        Err(error) => Decision::Reject(reply::render_failed(vault, service, &error)),
+    match auth.render(&lookup) {
+        Ok(inject) => {
+            let secrets = Secrets::of(service, &lookup, &inject);
+            Decision::Forward(Forward {
+                inject,
+                route: if upstream_tls {
+                    Route::Tls
+                } else {
+                    Route::Plain
+                },
+                authority,
+                open_host,
+                secrets,
+            })
+        }
+        Err(error) => Decision::Reject(reply::render_failed(vault, &service.name, &error)),
     }
 }
 
@@ -440,6 +513,7 @@ fn decide_connect(
         route: Route::Tunnel(identity),
         authority: None,
         open_host,
+        secrets: None,
     })
 }
 
@@ -636,7 +710,7 @@ fn decide_service(
     let authority = (service.upstream_tls && !explicit_port).then(|| format!("{host}:{TLS_PORT}"));
     log.host = host;
     let mut complete = true;
-    for key in auth.keys() {
+    for key in &*service.keys {
         match cache.get(&vault.name, key, now_ms) {
             Cached::Value(_) => {}
             Cached::Missing => return R(reply::credential_not_found(&vault.name, key)),
@@ -661,7 +735,7 @@ fn decide_service(
     render(
         auth,
         lookup,
-        (&vault.name, &service.name),
+        (&vault.name, service),
         (service.upstream_tls, open_host),
         authority,
     )
@@ -694,6 +768,8 @@ pub(crate) mod tests {
             upstream_tls: true,
             methods: None,
             rate_limit: None,
+            substitutions: Vec::new(),
+            redact_responses: None,
         }
     }
 
@@ -770,6 +846,18 @@ pub(crate) mod tests {
                         Service {
                             methods: Some(vec!["POST".into()]),
                             ..service("post-cold", "cold.example.com", bearer("COLD_KEY"))
+                        },
+                        Service {
+                            substitutions: vec![Substitution {
+                                key: "BOT_TOKEN".into(),
+                                placeholder: "__BOT_TOKEN__".into(),
+                                surfaces: vec![agent_vault_rules::substitution::Surface::Path],
+                            }],
+                            ..service("telegram", "bot.example.com", bearer("STRIPE_KEY"))
+                        },
+                        Service {
+                            redact_responses: Some(false),
+                            ..service("no-redact", "echo.example.com", bearer("STRIPE_KEY"))
                         },
                         Service {
                             rate_limit: Some(agent_vault_rules::RateLimit {
@@ -2070,6 +2158,73 @@ pub(crate) mod tests {
             .contains("\"ABSENT\""));
         let crlf = body(basic(ALICE, ""), "crlf.example.com");
         assert_eq!(crlf["key"], "CRLF");
+    }
+
+    #[test]
+    fn a_forward_carries_the_values_its_substitutions_and_its_redaction_need() {
+        let secrets = |authority: &'static str, cache: &CredentialCache| {
+            let auth = basic(ALICE, "default");
+            let request = Request {
+                method: "GET",
+                authority: Some(authority),
+                path: "/",
+                proxy_authorization: Some(&auth),
+                ..Request::default()
+            };
+            decide(
+                Some(&snapshot()),
+                cache,
+                &request,
+                NOW_MS,
+                &mut RequestLog::default(),
+                &mut MemoryStore::default(),
+            )
+        };
+        // A substitution's key is fetched with the auth's.
+        let Decision::Fetch(plan) = secrets("bot.example.com", &warm_cache()) else {
+            panic!("the bot token is not cached: expected a fetch");
+        };
+        assert_eq!(plan.keys(), ["BOT_TOKEN", "STRIPE_KEY"]);
+        let Decision::Forward(forward) = plan.finish(
+            |key| match key {
+                "BOT_TOKEN" => Some("123:abc"),
+                "STRIPE_KEY" => Some("sk_test_1"),
+                _ => None,
+            },
+            &[],
+        ) else {
+            panic!("expected a forward");
+        };
+        let kept = forward
+            .secrets
+            .expect("substitution and redaction need values");
+        let values = |list: &[Secret]| {
+            list.iter()
+                .map(|v| v.expose().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept.substitutions.len(), 1);
+        assert_eq!(kept.substitutions[0].1.expose(), "123:abc");
+        assert_eq!(
+            values(&kept.redact),
+            ["123:abc", "sk_test_1", "Bearer sk_test_1"]
+        );
+        // A bot token the vault lacks is the 502 of any missing credential.
+        let Decision::Reject(reject) = plan.finish(|key| (key == "STRIPE_KEY").then_some("v"), &[])
+        else {
+            panic!("expected a reject");
+        };
+        assert_eq!(reject.code, ErrorCode::CredentialNotFound);
+        // Redaction off: nothing kept for a service that does not substitute.
+        let Decision::Forward(forward) = secrets("echo.example.com", &warm_cache()) else {
+            panic!("expected a forward");
+        };
+        assert!(forward.secrets.is_none());
+        // On by default.
+        let Decision::Forward(forward) = secrets("api.stripe.com", &warm_cache()) else {
+            panic!("expected a forward");
+        };
+        assert_eq!(values(&forward.secrets.expect("redacts").redact).len(), 2);
     }
 
     #[test]

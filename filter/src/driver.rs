@@ -213,6 +213,10 @@ impl Http {
                     forward: &forward,
                     from_cache: true,
                 });
+                if let (Some(secrets), Ok(mut log)) = (&forward.secrets, self.log.try_borrow_mut())
+                {
+                    log.secrets = Some(Rc::clone(secrets));
+                }
                 host.apply_forward(worker.config(), &forward, &headers);
                 Flow::Continue
             }

@@ -340,8 +340,12 @@ fn finish_each(waiters: Vec<Waiter>, decide: impl Fn(&FetchPlan) -> Decision) ->
             continue;
         };
         let decision = decide(&waiter.plan);
-        if let (Decision::Reject(reject), Ok(mut log)) = (&decision, log.try_borrow_mut()) {
-            log.error = Some(reject.code);
+        if let Ok(mut log) = log.try_borrow_mut() {
+            match &decision {
+                Decision::Reject(reject) => log.error = Some(reject.code),
+                Decision::Forward(forward) => log.secrets.clone_from(&forward.secrets),
+                Decision::Fetch(_) => {}
+            }
         }
         completions.push(Completion {
             context_id: waiter.context_id,

@@ -11,6 +11,8 @@ use agent_vault_rules::reply::ErrorCode;
 use agent_vault_rules::{loggable_path, truncated, LogRecord, MAX_LOG_METHOD};
 use serde::Serialize;
 
+use crate::decide::Secrets;
+
 /// A batch this large is sent whatever its record count: well under the control
 /// plane's 1 MiB body limit even with one more record of the longest kind.
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -36,6 +38,10 @@ pub struct RequestLog {
     pub error: Option<ErrorCode>,
     /// The `:status` of the response headers, when they passed through the filter.
     pub response_status: Option<u16>,
+    /// Never logged: the values a forwarded request was given, for its body and its
+    /// response. Kept here because this is the state a paused request shares with
+    /// the flight that finishes it ([`crate::flight::Waiter`]).
+    pub secrets: Option<Rc<Secrets>>,
 }
 
 impl RequestLog {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use agent_vault_rules::substitution::Substitution;
 use agent_vault_rules::{
     HostPattern, RateLimit, ServiceMatcher, Snapshot, UnmatchedHostPolicy, ValidationOptions,
 };
@@ -48,6 +49,12 @@ pub struct ServiceInfo {
     pub methods: Option<Box<[Box<str>]>>,
     /// Requests per agent token and window; `None`: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// Its placeholders (usually none).
+    pub substitutions: Rc<[Substitution]>,
+    /// Whether its responses are redacted ([`agent_vault_rules::Service::redacts_responses`]).
+    pub redact: bool,
+    /// Every credential key it needs, auth and substitutions, sorted and deduplicated.
+    pub keys: Box<[String]>,
 }
 
 /// One vault's rules.
@@ -87,6 +94,8 @@ impl CompiledSnapshot {
             let mut matcher = ServiceMatcher::with_capacity(vault.services.len());
             for service in vault.services {
                 matcher.push(&service);
+                let keys = service.credential_keys().into_boxed_slice();
+                let redact = service.redacts_responses();
                 services.push(ServiceInfo {
                     name: Rc::from(service.name.as_str()),
                     enabled: service.enabled,
@@ -95,6 +104,9 @@ impl CompiledSnapshot {
                         .methods
                         .map(|list| list.into_iter().map(String::into_boxed_str).collect()),
                     rate_limit: service.rate_limit,
+                    substitutions: service.substitutions.into(),
+                    redact,
+                    keys,
                 });
             }
             matcher.shrink_to_fit();
@@ -221,6 +233,8 @@ mod tests {
                     upstream_tls: false,
                     methods: None,
                     rate_limit: None,
+                    substitutions: Vec::new(),
+                    redact_responses: None,
                 }],
                 passthrough_hosts: vec![],
             }],

@@ -273,6 +273,7 @@ mod tests {
             route: Route::Plain,
             authority: None,
             open_host: false,
+            secrets: None,
         }
     }
 

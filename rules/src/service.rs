@@ -8,6 +8,7 @@ use crate::auth::Auth;
 use crate::error::RuleError;
 use crate::host::{HostPattern, ValidationOptions};
 use crate::names::validate_service_name;
+use crate::substitution::{validate_substitutions, Substitution};
 
 /// One service rule of a vault (DESIGN.md §5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +37,15 @@ pub struct Service {
     /// `rate_limited` with `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Placeholders the filter replaces with a credential's value on the surfaces each
+    /// one names (see [`crate::substitution`]). Empty (absent in JSON): none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substitutions: Vec<Substitution>,
+    /// Whether the filter removes the values it injected into a request from that
+    /// request's response (headers and body; raw and in the encodings an echo uses).
+    /// `None` (absent in JSON): on. See [`Service::redacts_responses`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact_responses: Option<bool>,
 }
 
 /// Most requests a rate limit may allow per window.
@@ -145,7 +155,24 @@ impl Service {
         if let Some(limit) = &self.rate_limit {
             limit.validate()?;
         }
+        validate_substitutions(&self.substitutions)?;
         Ok(())
+    }
+
+    /// Whether responses are redacted: unless the service turns it off. A service that
+    /// injects nothing has nothing to redact, whatever this says.
+    pub fn redacts_responses(&self) -> bool {
+        self.redact_responses.unwrap_or(true)
+    }
+
+    /// Every credential key the service needs, its auth's and its substitutions',
+    /// sorted and deduplicated: a request is forwarded only when all have values.
+    pub fn credential_keys(&self) -> Vec<String> {
+        let mut keys = self.auth.referenced_keys();
+        keys.extend(self.substitutions.iter().map(|s| s.key.clone()));
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 
     /// Whether the service forwards a request with `method`. Methods are
@@ -275,6 +302,8 @@ mod tests {
             upstream_tls: true,
             methods: None,
             rate_limit: None,
+            substitutions: Vec::new(),
+            redact_responses: None,
         }
     }
 

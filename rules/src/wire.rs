@@ -294,6 +294,8 @@ mod tests {
                     upstream_tls: true,
                     methods: None,
                     rate_limit: None,
+                    substitutions: Vec::new(),
+                    redact_responses: None,
                 }],
                 passthrough_hosts: vec![],
             }],

@@ -288,6 +288,8 @@ mod tests {
                     upstream_tls: true,
                     methods: Some(vec!["GET".into()]),
                     rate_limit: None,
+                    substitutions: Vec::new(),
+                    redact_responses: None,
                 },
             )
             .unwrap_or_else(|e| panic!("add: {e}"));

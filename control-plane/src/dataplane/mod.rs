@@ -261,6 +261,8 @@ pub(crate) mod tests {
                     upstream_tls: true,
                     methods: None,
                     rate_limit: None,
+                    substitutions: Vec::new(),
+                    redact_responses: None,
                 },
             )
             .unwrap();

@@ -471,6 +471,8 @@ mod tests {
             upstream_tls: tls,
             methods: None,
             rate_limit: None,
+            substitutions: Vec::new(),
+            redact_responses: None,
         }
     }
 

@@ -161,6 +161,8 @@ impl ServiceChange {
                 upstream_tls: self.upstream_tls.unwrap_or(true),
                 methods: self.methods.clone(),
                 rate_limit: self.rate_limit,
+                substitutions: Vec::new(),
+                redact_responses: None,
             }),
             _ => None,
         }
