@@ -7,7 +7,7 @@
 //! Every concept module (credentials, services, agents, proposals, logs, users)
 //! builds on this one; it builds only on the store.
 
-use agent_vault_rules::{Grant, UnmatchedHostPolicy};
+use agent_vault_rules::{Grant, RateLimit, UnmatchedHostPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -26,6 +26,10 @@ pub struct VaultRecord {
     /// empty by default, and in records written before it existed.
     #[serde(default)]
     pub passthrough_hosts: Vec<String>,
+    /// Per agent, over all the vault's services; none by default, and in records
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
     pub created_at: i64,
 }
 

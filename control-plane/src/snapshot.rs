@@ -30,6 +30,7 @@ impl Store {
                 name: vault.name,
                 unmatched_host_policy: vault.unmatched_host_policy,
                 passthrough_hosts: vault.passthrough_hosts,
+                rate_limit: vault.rate_limit,
             });
         }
         let agents = self

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use agent_vault_rules::{
-    parse_passthrough_host, validate_vault_name, HostPattern, UnmatchedHostPolicy,
+    parse_passthrough_host, validate_vault_name, HostPattern, RateLimit, UnmatchedHostPolicy,
     MAX_PASSTHROUGH_HOSTS,
 };
 use serde::Serialize;
@@ -29,6 +29,20 @@ pub struct VaultView {
     pub role: &'static str,
     pub unmatched_host_policy: UnmatchedHostPolicy,
     pub passthrough_hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl VaultView {
+    fn of(record: VaultRecord, role: &'static str) -> VaultView {
+        VaultView {
+            name: record.name,
+            role,
+            unmatched_host_policy: record.unmatched_host_policy,
+            passthrough_hosts: record.passthrough_hosts,
+            rate_limit: record.rate_limit,
+        }
+    }
 }
 
 /// A change of a vault's settings; `None` leaves a setting as it is.
@@ -37,6 +51,8 @@ pub struct VaultUpdate {
     pub unmatched_host_policy: Option<UnmatchedHostPolicy>,
     /// The whole new list (empty: none).
     pub passthrough_hosts: Option<Vec<String>>,
+    /// `Some(None)` removes the vault's rate limit.
+    pub rate_limit: Option<Option<RateLimit>>,
 }
 
 impl Store {
@@ -78,6 +94,7 @@ impl Store {
             name: name.to_string(),
             unmatched_host_policy: UnmatchedHostPolicy::Deny,
             passthrough_hosts: Vec::new(),
+            rate_limit: None,
             created_at: self.now_secs(),
         }
     }
@@ -86,12 +103,7 @@ impl Store {
         let mut views = Vec::new();
         for (_, vault) in scan_json::<VaultRecord>(&self.trees.vaults, b"")? {
             if let Ok((vault, access)) = self.access(principal, &vault.name) {
-                views.push(VaultView {
-                    name: vault.name,
-                    role: access.role_name(),
-                    unmatched_host_policy: vault.unmatched_host_policy,
-                    passthrough_hosts: vault.passthrough_hosts,
-                });
+                views.push(VaultView::of(vault, access.role_name()));
             }
         }
         Ok(views)
@@ -114,12 +126,7 @@ impl Store {
             put_member(tx, &record.id, email, VaultRole::Admin)?;
             Ok(())
         })?;
-        Ok(VaultView {
-            name: name.to_string(),
-            role: "admin",
-            unmatched_host_policy: UnmatchedHostPolicy::Deny,
-            passthrough_hosts: Vec::new(),
-        })
+        Ok(VaultView::of(record, "admin"))
     }
 
     pub fn update_vault_policy(
@@ -156,6 +163,9 @@ impl Store {
             .passthrough_hosts
             .map(|hosts| self.validate_passthrough_hosts(hosts))
             .transpose()?;
+        if let Some(Some(limit)) = &update.rate_limit {
+            limit.validate()?;
+        }
         let record = self.write_published(|tx| {
             let Some(mut record) = get_json::<VaultRecord>(tx.vaults, name)? else {
                 return abort(vault_not_found(name));
@@ -170,15 +180,13 @@ impl Store {
                 }
                 record.passthrough_hosts.clone_from(hosts);
             }
+            if let Some(limit) = update.rate_limit {
+                record.rate_limit = limit;
+            }
             put_json(tx.vaults, name, &record)?;
             Ok(record)
         })?;
-        Ok(VaultView {
-            name: record.name,
-            role: access.role_name(),
-            unmatched_host_policy: record.unmatched_host_policy,
-            passthrough_hosts: record.passthrough_hosts,
-        })
+        Ok(VaultView::of(record, access.role_name()))
     }
 
     /// The canonical, deduplicated list and its parsed patterns.

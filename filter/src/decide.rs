@@ -677,18 +677,24 @@ fn decide_service(
             service.methods.as_deref().unwrap_or_default(),
         ));
     }
-    if let Some(limit) = service.rate_limit {
-        let key = rate_limit::key(token_sha256, &vault.name, &service.name);
+    // The service's limit, then the vault's (a request one refuses still counted
+    // against the one checked before it).
+    let limits = [
+        (service.rate_limit, &*service.name),
+        (vault.rate_limit, rate_limit::WHOLE_VAULT),
+    ];
+    for (limit, scope) in limits {
+        let Some(limit) = limit else { continue };
+        let key = rate_limit::key(token_sha256, &vault.name, scope);
         if let Admission::Limited { retry_after_s } = rate_limit::admit(store, &key, limit, now_ms)
         {
             log.host = host;
-            return R(reply::rate_limited(
-                &vault.name,
-                &service.name,
-                limit.requests,
-                limit.per.as_str(),
-                retry_after_s,
-            ));
+            let (requests, per) = (limit.requests, limit.per.as_str());
+            return R(if scope == rate_limit::WHOLE_VAULT {
+                reply::vault_rate_limited(&vault.name, requests, per, retry_after_s)
+            } else {
+                reply::rate_limited(&vault.name, scope, requests, per, retry_after_s)
+            });
         }
     }
     let auth = match auth {
@@ -868,12 +874,14 @@ pub(crate) mod tests {
                         },
                     ],
                     passthrough_hosts: vec![],
+                    rate_limit: None,
                 },
                 SnapshotVault {
                     name: "open".into(),
                     unmatched_host_policy: UnmatchedHostPolicy::Passthrough,
                     services: vec![],
                     passthrough_hosts: vec![],
+                    rate_limit: None,
                 },
                 SnapshotVault {
                     name: "pinned".into(),
@@ -889,12 +897,14 @@ pub(crate) mod tests {
                         "open-pinned.example.com".into(),
                         "not a host".into(),
                     ],
+                    rate_limit: None,
                 },
                 SnapshotVault {
                     name: "other".into(),
                     unmatched_host_policy: UnmatchedHostPolicy::Deny,
                     services: vec![service("stripe", "api.stripe.com", bearer("STRIPE_KEY"))],
                     passthrough_hosts: vec![],
+                    rate_limit: None,
                 },
             ],
             agents: vec![
@@ -1734,6 +1744,79 @@ pub(crate) mod tests {
         );
         assert!(matches!(unlimited, Decision::Forward(_)));
         assert_eq!(store.values.len(), 2, "one key per agent and service");
+    }
+
+    #[test]
+    fn a_vault_wide_limit_counts_every_service_of_the_vault_together() {
+        let vault = |name: &str, rate_limit| SnapshotVault {
+            name: name.into(),
+            unmatched_host_policy: UnmatchedHostPolicy::Deny,
+            services: vec![
+                service("stripe", "api.stripe.com", bearer("STRIPE_KEY")),
+                service("custom", "custom.example.com", bearer("STRIPE_KEY")),
+            ],
+            passthrough_hosts: vec![],
+            rate_limit,
+        };
+        let snapshot = Rc::new(CompiledSnapshot::new(Snapshot {
+            version: "1".into(),
+            vaults: vec![
+                vault(
+                    "default",
+                    Some(agent_vault_rules::RateLimit {
+                        requests: 2,
+                        per: agent_vault_rules::RatePeriod::Second,
+                    }),
+                ),
+                vault("other", None),
+            ],
+            agents: vec![agent(ALICE, "alice", &["default", "other"], None)],
+        }));
+        let mut cache = warm_cache();
+        cache.insert(
+            "other",
+            "STRIPE_KEY",
+            Some(Secret::new("sk_other".into())),
+            NOW_MS,
+        );
+        let mut store = MemoryStore::default();
+        let mut run = |vault: &str, authority: &'static str| {
+            let auth = basic(ALICE, vault);
+            let request = Request {
+                method: "GET",
+                authority: Some(authority),
+                path: "/x",
+                proxy_authorization: Some(&auth),
+                ..Request::default()
+            };
+            decide(
+                Some(&snapshot),
+                &cache,
+                &request,
+                NOW_MS,
+                &mut RequestLog::default(),
+                &mut store,
+            )
+        };
+        assert!(matches!(
+            run("default", "api.stripe.com"),
+            Decision::Forward(_)
+        ));
+        assert!(matches!(
+            run("default", "custom.example.com"),
+            Decision::Forward(_)
+        ));
+        let Decision::Reject(reject) = run("default", "api.stripe.com") else {
+            panic!("the vault's 2 per second are used up");
+        };
+        assert_eq!(reject.code, ErrorCode::RateLimited);
+        let body: serde_json::Value = serde_json::from_str(&reject.body).expect("JSON");
+        assert_eq!(body["scope"], "vault");
+        assert_eq!(body["limit"]["requests"], 2);
+        assert!(
+            matches!(run("other", "api.stripe.com"), Decision::Forward(_)),
+            "another vault has none"
+        );
     }
 
     #[test]

@@ -39,7 +39,11 @@ pub enum SetError {
 /// Writes retried after losing a CAS race before the request is refused.
 pub const MAX_ATTEMPTS: usize = 8;
 
-/// The shared-data key of an agent's count for a service.
+/// The service part of the key of a vault-wide limit: no service name can be `*`.
+pub const WHOLE_VAULT: &str = "*";
+
+/// The shared-data key of an agent's count for a service ([`WHOLE_VAULT`]: for all of
+/// the vault's services).
 pub fn key(token_sha256: &str, vault: &str, service: &str) -> String {
     format!("av-rl|{token_sha256}|{vault}|{service}")
 }

@@ -71,6 +71,8 @@ pub struct CompiledVault {
     /// Hosts whose HTTPS tunnels go through untouched (a short list, looked at for a
     /// `CONNECT` only). Entries that do not parse are dropped: they match nothing.
     pub passthrough_hosts: Vec<HostPattern>,
+    /// Per agent over all its services (`None`: no vault-wide limit).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A snapshot ready for lookups.
@@ -125,6 +127,7 @@ impl CompiledSnapshot {
                 services,
                 matcher,
                 passthrough_hosts,
+                rate_limit: vault.rate_limit,
             });
         }
         let mut agents = HashMap::with_capacity(snapshot.agents.len());
@@ -237,6 +240,7 @@ mod tests {
                     redact_responses: None,
                 }],
                 passthrough_hosts: vec![],
+                rate_limit: None,
             }],
             agents: vec![SnapshotAgent {
                 token_sha256: "AB".repeat(32),

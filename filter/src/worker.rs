@@ -402,6 +402,7 @@ pub(crate) mod tests {
                     redact_responses: None,
                 }],
                 passthrough_hosts: vec![],
+                rate_limit: None,
             }],
             agents: vec![SnapshotAgent {
                 token_sha256: crate::snapshot::TokenHash::of(ALICE).as_str().to_owned(),

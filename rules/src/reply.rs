@@ -486,22 +486,51 @@ pub fn rate_limited(
     retry_after_s: u64,
 ) -> Reject {
     let retry_after_s = retry_after_s.max(1);
-    let mut fields = serde_json::Map::new();
-    fields.insert("service".to_owned(), Value::from(service));
-    fields.insert(
-        "limit".to_owned(),
-        json!({"requests": requests, "per": per}),
-    );
-    fields.insert("retry_after".to_owned(), Value::from(retry_after_s));
-    let mut reject = Reject::with_fields(
-        ErrorCode::RateLimited,
+    over_limit(
+        ("service", service),
         format!(
             "service {service:?} of vault {vault:?} allows {requests} requests per {per} \
              for each agent, and this agent used them up; retry in {retry_after_s} s \
              (new connections or tunnels share the same count)"
         ),
-        fields,
+        (requests, per),
+        retry_after_s,
+    )
+}
+
+/// The agent used up its vault's rate limit (`requests` per `per`, over all the
+/// vault's services together) → 429 `rate_limited` with `Retry-After`, as
+/// [`rate_limited`] but naming the vault's limit (`"scope": "vault"`).
+pub fn vault_rate_limited(vault: &str, requests: u32, per: &str, retry_after_s: u64) -> Reject {
+    let retry_after_s = retry_after_s.max(1);
+    over_limit(
+        ("scope", "vault"),
+        format!(
+            "vault {vault:?} allows {requests} requests per {per} for each agent over all \
+             its services, and this agent used them up; retry in {retry_after_s} s \
+             (new connections or tunnels share the same count)"
+        ),
+        (requests, per),
+        retry_after_s,
+    )
+}
+
+/// The 429 of both limits: `whose` names the limit, then `limit` and `retry_after`,
+/// and the `Retry-After` header.
+fn over_limit(
+    (name, value): (&str, &str),
+    message: String,
+    (requests, per): (u32, &str),
+    retry_after_s: u64,
+) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert(name.to_owned(), Value::from(value));
+    fields.insert(
+        "limit".to_owned(),
+        json!({"requests": requests, "per": per}),
     );
+    fields.insert("retry_after".to_owned(), Value::from(retry_after_s));
+    let mut reject = Reject::with_fields(ErrorCode::RateLimited, message, fields);
     reject
         .extra_headers
         .push(("retry-after", Cow::Owned(retry_after_s.to_string())));

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{Service, UnmatchedHostPolicy};
+use crate::service::{RateLimit, Service, UnmatchedHostPolicy};
 
 /// `GET`: the rules snapshot (`If-None-Match: "<version>"` → 304 when unchanged).
 pub const SNAPSHOT_PATH: &str = "/v1/dataplane/snapshot";
@@ -54,6 +54,11 @@ pub struct SnapshotVault {
     /// wins. Empty by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passthrough_hosts: Vec<String>,
+    /// At most this many requests per agent token in each window, over all the vault's
+    /// services together (each service's own `rate_limit` still applies). `None`
+    /// (absent in JSON): no vault-wide limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// An agent in the snapshot: identified by the SHA-256 of its token.
@@ -298,6 +303,7 @@ mod tests {
                     redact_responses: None,
                 }],
                 passthrough_hosts: vec![],
+                rate_limit: None,
             }],
             agents: vec![SnapshotAgent {
                 token_sha256: "ab".repeat(32),

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent_vault_rules::{Grant, Role, Service, UnmatchedHostPolicy};
+use agent_vault_rules::{Grant, RateLimit, Role, Service, UnmatchedHostPolicy};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -243,6 +243,19 @@ async fn create_vault(
 struct UpdateVaultBody {
     unmatched_host_policy: Option<UnmatchedHostPolicy>,
     passthrough_hosts: Option<Vec<String>>,
+    /// Absent: unchanged; `null`: removed.
+    #[serde(default, deserialize_with = "present")]
+    rate_limit: Option<Option<RateLimit>>,
+}
+
+/// A field that may be `null`: `Some(None)` when it is, `None` (by `default`) when
+/// it is absent.
+fn present<'de, D, T>(deserializer: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 async fn update_vault(
@@ -251,15 +264,19 @@ async fn update_vault(
     Path(vault): Path<String>,
     JsonBody(body): JsonBody<UpdateVaultBody>,
 ) -> Result<Response> {
-    if body.unmatched_host_policy.is_none() && body.passthrough_hosts.is_none() {
+    if body.unmatched_host_policy.is_none()
+        && body.passthrough_hosts.is_none()
+        && body.rate_limit.is_none()
+    {
         return Err(Error::bad_request(
             "invalid_request",
-            "give unmatched_host_policy, passthrough_hosts or both",
+            "give unmatched_host_policy, passthrough_hosts, rate_limit (null removes it), or several",
         ));
     }
     let update = crate::vaults::VaultUpdate {
         unmatched_host_policy: body.unmatched_host_policy,
         passthrough_hosts: body.passthrough_hosts,
+        rate_limit: body.rate_limit,
     };
     Ok(with_store(&state, caller, move |store, who| {
         store.update_vault(who, &vault, update)

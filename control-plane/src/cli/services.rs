@@ -159,7 +159,7 @@ pub struct ServiceFlags {
 }
 
 /// `--rate-limit 10/s` or `600/min`, checked as the server checks it.
-fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+pub fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
     RateLimit::parse_short(text).map_err(|e| e.to_string())
 }
 

@@ -1,6 +1,7 @@
 //! `agent-vault vault`: vaults themselves, and the subtrees for what lives in a vault
 //! (users, credentials, services, logs, proposals).
 
+use agent_vault_rules::RateLimit;
 use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -36,7 +37,8 @@ pub enum VaultCommand {
     },
     /// Change a vault's settings
     #[command(group(clap::ArgGroup::new("setting").required(true).multiple(true)
-        .args(["unmatched_host_policy", "passthrough_host", "no_passthrough_hosts"])))]
+        .args(["unmatched_host_policy", "passthrough_host", "no_passthrough_hosts",
+               "rate_limit", "no_rate_limit"])))]
     Update {
         /// The vault to change
         name: String,
@@ -52,6 +54,14 @@ pub enum VaultCommand {
         /// Empty the vault's passthrough list: every tunnel is decrypted again
         #[arg(long)]
         no_passthrough_hosts: bool,
+        /// At most this many requests per agent over all the vault's services together
+        /// (each service's own limit still applies): N/s or N/min, e.g. 100/min
+        #[arg(long, value_name = "N/s|N/min", value_parser = services::parse_rate_limit,
+              conflicts_with = "no_rate_limit")]
+        rate_limit: Option<RateLimit>,
+        /// Remove the vault-wide rate limit
+        #[arg(long)]
+        no_rate_limit: bool,
     },
     /// Invite and manage the vault's users
     #[command(subcommand)]
@@ -99,10 +109,13 @@ pub fn run(cmd: VaultCommand, ctx: &Context) -> anyhow::Result<()> {
             unmatched_host_policy,
             passthrough_host,
             no_passthrough_hosts,
+            rate_limit,
+            no_rate_limit,
         } => {
             let hosts =
                 (no_passthrough_hosts || !passthrough_host.is_empty()).then_some(passthrough_host);
-            update(ctx, &name, unmatched_host_policy, hosts)
+            let limit = (no_rate_limit || rate_limit.is_some()).then_some(rate_limit);
+            update(ctx, &name, unmatched_host_policy, hosts, limit)
         }
         VaultCommand::User(cmd) => users::run(cmd, ctx),
         VaultCommand::Credential(cmd) => credentials::run(cmd, ctx),
@@ -159,6 +172,7 @@ fn list(ctx: &Context) -> anyhow::Result<()> {
                 name.to_owned(),
                 str_field(v, "role").to_owned(),
                 str_field(v, "unmatched_host_policy").to_owned(),
+                services::rate_limit_text(v),
             ]
         })
         .collect();
@@ -166,7 +180,7 @@ fn list(ctx: &Context) -> anyhow::Result<()> {
         return output::line("No vaults");
     }
     output::text(&output::table(
-        &["", "NAME", "ROLE", "UNMATCHED HOSTS"],
+        &["", "NAME", "ROLE", "UNMATCHED HOSTS", "RATE LIMIT"],
         &rows,
     ))
 }
@@ -217,8 +231,12 @@ fn update(
     name: &str,
     policy: Option<UnmatchedHostPolicy>,
     passthrough_hosts: Option<Vec<String>>,
+    rate_limit: Option<Option<RateLimit>>,
 ) -> anyhow::Result<()> {
     let mut body = serde_json::Map::new();
+    if let Some(limit) = &rate_limit {
+        body.insert("rate_limit".into(), json!(limit));
+    }
     if let Some(policy) = policy {
         body.insert("unmatched_host_policy".into(), json!(policy.as_str()));
     }
@@ -255,6 +273,12 @@ fn update(
                 hosts.join(", ")
             ))?;
         }
+    }
+    if rate_limit.is_some() {
+        output::line(&match services::rate_limit_text(&vault).as_str() {
+            "none" => format!("Vault {name}: no vault-wide rate limit"),
+            limit => format!("Vault {name}: at most {limit} per agent over all its services"),
+        })?;
     }
     Ok(())
 }

@@ -361,3 +361,130 @@ fn the_cli_sets_a_rate_limit_as_n_per_second_or_minute_and_refuses_a_bad_one() {
         json!({"requests": 600, "per": "minute"})
     );
 }
+
+#[test]
+fn a_vault_wide_limit_counts_all_its_services_together_and_the_cli_sets_and_removes_it() {
+    let one = Echo::plain();
+    let two = Echo::plain();
+    let entries = [
+        format!("127.0.0.1/32:{}", one.port),
+        format!("127.0.0.1/32:{}", two.port),
+    ];
+    let stack = Stack::start_with(ServerOptions::default(), |options| {
+        options.allow_private_upstreams(&[&entries[0], &entries[1]])
+    });
+    stack.set_credential("default", "ECHO_TOKEN", "sk_live_vault_rate_1f2e");
+    for (name, echo) in [("one", &one), ("two", &two)] {
+        stack.add_service(
+            "default",
+            json!({"name": name, "host": echo.authority(), "upstream_tls": false,
+                   "auth": {"type": "bearer", "token": "ECHO_TOKEN"}}),
+        );
+    }
+    let api = stack.api();
+    // Bad input: the same rules as a service's limit.
+    let (status, body) = api.patch(
+        "/v1/vaults/default",
+        &json!({"rate_limit": {"requests": 0, "per": "minute"}}),
+    );
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("invalid_rate_limit")),
+        "{body}"
+    );
+    let cli = stack.server.cli().with_token(&stack.owner);
+    let refused = cli
+        .run(&["vault", "update", "default", "--rate-limit", "3/hour"])
+        .fails();
+    assert!(
+        refused.stderr.contains("--rate-limit"),
+        "{}",
+        refused.stderr
+    );
+
+    let set = cli
+        .run(&[
+            "vault",
+            "update",
+            "default",
+            "--rate-limit",
+            &format!("{LIMIT}/min"),
+        ])
+        .ok();
+    assert!(
+        set.stdout.contains(&format!(
+            "at most {LIMIT}/min per agent over all its services"
+        )),
+        "{}",
+        set.stdout
+    );
+    let listed = cli.run(&["vault", "list"]).ok().stdout;
+    assert!(
+        listed.contains("RATE LIMIT") && listed.contains(&format!("{LIMIT}/min")),
+        "{listed}"
+    );
+    let agent = stack.create_agent("vault-rate", &["default"]);
+    let other = stack.create_agent("vault-rate-other", &["default"]);
+    // Both workers have the snapshot with the limit: the other agent probes (it has
+    // its own budget, and spends at most 4 of it).
+    on_every_worker(
+        &stack.envoy,
+        SNAPSHOT,
+        4,
+        || stack.get_as(&other, "default", &one.url("/ready"), &[]),
+        |r| r.status == 200,
+    );
+
+    away_from_a_minute_boundary();
+    let responses: Vec<HttpResponse> = (0..2 * LIMIT)
+        .map(|i| {
+            let echo = if i % 2 == 0 { &one } else { &two };
+            stack.get_as(&agent, "default", &echo.url("/v1/items"), &[])
+        })
+        .collect();
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        LIMIT,
+        "{LIMIT} per minute over both services together: {statuses:?}"
+    );
+    let refused = responses
+        .iter()
+        .find(|r| r.status == 429)
+        .unwrap_or_else(|| panic!("{statuses:?}"));
+    let body = refused.json();
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    assert_eq!(body["scope"], "vault", "{body}");
+    assert_eq!(
+        body["limit"],
+        json!({"requests": LIMIT, "per": "minute"}),
+        "{body}"
+    );
+    assert!(
+        refused.header("retry-after").is_some(),
+        "{:?}",
+        refused.headers
+    );
+
+    // Removed: the agent is admitted again once the snapshot says so.
+    let removed = cli
+        .run(&["vault", "update", "default", "--no-rate-limit"])
+        .ok();
+    assert!(
+        removed.stdout.contains("no vault-wide rate limit"),
+        "{}",
+        removed.stdout
+    );
+    let (_, vault) = api.get("/v1/vaults");
+    assert!(
+        vault
+            .as_array()
+            .is_some_and(|all| all.iter().all(|v| v.get("rate_limit").is_none())),
+        "{vault}"
+    );
+    wait_for(SNAPSHOT, || {
+        let r = stack.get_as(&agent, "default", &two.url("/v1/items"), &[]);
+        (r.status == 200).then_some(())
+    })
+    .expect("admitted again once the vault's limit is removed");
+}
