@@ -1051,4 +1051,37 @@ async fn a_services_substitutions_are_validated_stored_listed_and_discovered_wit
         .unwrap_or_default();
     assert!(plain.get("substitutions").is_none(), "{plain}");
     assert_eq!(plain["redact_responses"], true, "{plain}");
+
+    // A proposal: an unknown surface has the same code; another bad substitution is
+    // the proposal's 400 with the substitution's reason.
+    for (substitutions, code, reason) in [
+        (
+            json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["cookie"]}]),
+            "invalid_substitution",
+            "unknown variant `cookie`",
+        ),
+        (
+            json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": []}]),
+            "invalid_proposal",
+            "invalid substitution \"__BOT_TOKEN__\"",
+        ),
+    ] {
+        let mut proposed = service(substitutions);
+        proposed["name"] = json!("proposed");
+        let reply = h
+            .call(
+                Method::POST,
+                "/v1/proposals",
+                Some(&h.agent_token),
+                Some(json!({"services": [proposed]})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.error(), code, "{}", reply.body);
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(reason), "{message}");
+    }
 }
