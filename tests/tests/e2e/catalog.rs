@@ -265,6 +265,39 @@ fn telegram_from_the_catalog_substitutes_the_bot_token_in_the_path() {
         .ok()
         .json();
     assert_eq!(services[0]["substitutions"], declared, "{services}");
+    assert!(services[0].get("redact_responses").is_none(), "{services}");
+    // --substitute adds to the template's substitutions; --no-redact turns redaction off.
+    owner
+        .run(&[
+            "vault",
+            "service",
+            "add",
+            "--from-catalog",
+            "telegram",
+            "--name",
+            "telegram-files",
+            "--host",
+            "files.telegram.example.com",
+            "--substitute",
+            "TELEGRAM_BOT_TOKEN:__TG_TOKEN_IN_QUERY__:query",
+            "--no-redact",
+        ])
+        .ok();
+    let services = owner
+        .run(&["vault", "service", "list", "--json"])
+        .ok()
+        .json();
+    let files = services
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "telegram-files").cloned())
+        .unwrap_or_default();
+    assert_eq!(
+        files["substitutions"],
+        json!([{"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TELEGRAM_BOT_TOKEN__", "in": ["path"]},
+               {"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TG_TOKEN_IN_QUERY__", "in": ["query"]}]),
+        "{services}"
+    );
+    assert_eq!(files["redact_responses"], false, "{services}");
 
     // An agent proposing the template gets its substitution, and discovers what to
     // write once it is live; never the value.
