@@ -70,7 +70,14 @@ const CATALOG_JSON: &str = r#"[
    "credentials": [{"key": "ATLASSIAN_EMAIL", "description": "The Atlassian account's email address",
                     "obtain": "https://id.atlassian.com/manage-profile/email"},
                    {"key": "ATLASSIAN_API_TOKEN", "description": "Atlassian API token",
-                    "obtain": "https://id.atlassian.com/manage-profile/security/api-tokens"}]}
+                    "obtain": "https://id.atlassian.com/manage-profile/security/api-tokens"}]},
+  {"title": "Telegram Bot API", "docs": "https://core.telegram.org/bots/api#making-requests",
+   "service": {"name": "telegram", "host": "api.telegram.org",
+               "auth": {"type": "passthrough"},
+               "substitutions": [{"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TELEGRAM_BOT_TOKEN__",
+                                  "in": ["path"]}]},
+   "credentials": [{"key": "TELEGRAM_BOT_TOKEN", "description": "Telegram bot token (123456:ABC-…), from @BotFather's /newbot",
+                    "obtain": "https://t.me/BotFather"}]}
 ]"#;
 
 /// Every template, in the order listed.
@@ -105,7 +112,7 @@ mod tests {
     #[test]
     fn every_entry_is_a_valid_service_whose_keys_are_its_credentials() {
         let entries = entries();
-        assert!(entries.len() >= 6);
+        assert!(entries.len() >= 7);
         let mut names = std::collections::BTreeSet::new();
         for entry in entries {
             let service = &entry.service;
@@ -114,7 +121,7 @@ mod tests {
                 .validate(&agent_vault_rules::ValidationOptions::default())
                 .unwrap_or_else(|e| panic!("{}: {e}", service.name));
             let referenced: std::collections::BTreeSet<String> =
-                service.auth.referenced_keys().into_iter().collect();
+                service.credential_keys().into_iter().collect();
             let listed: std::collections::BTreeSet<String> =
                 entry.credentials.iter().map(|c| c.key.clone()).collect();
             assert_eq!(referenced, listed, "{}", service.name);
@@ -131,9 +138,25 @@ mod tests {
             "stripe",
             "slack",
             "atlassian",
+            "telegram",
         ] {
             assert!(names.contains(required), "{required}");
         }
+    }
+
+    #[test]
+    fn telegram_puts_the_bot_token_in_the_path_and_injects_no_header() {
+        let service = &find("telegram").unwrap().service;
+        assert_eq!(service.host, "api.telegram.org");
+        assert_eq!(service.auth, agent_vault_rules::Auth::Passthrough {});
+        assert_eq!(
+            serde_json::to_value(&service.substitutions).unwrap(),
+            serde_json::json!([{"key": "TELEGRAM_BOT_TOKEN",
+                                "placeholder": "__TELEGRAM_BOT_TOKEN__", "in": ["path"]}])
+        );
+        // The key comes from the substitution: a request is forwarded only when it is set.
+        assert_eq!(service.credential_keys(), vec!["TELEGRAM_BOT_TOKEN"]);
+        assert!(service.redacts_responses());
     }
 
     #[test]

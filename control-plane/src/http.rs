@@ -114,6 +114,9 @@ async fn read_body(req: Request) -> Result<axum::body::Bytes> {
         .map_err(|_| Error::PayloadTooLarge(MAX_BODY_BYTES))
 }
 
+/// How serde ends its message for an unknown substitution surface.
+const SURFACES_EXPECTED: &str = "expected one of `path`, `query`, `header`, `body`";
+
 /// Parses a request body, telling malformed JSON from a well-formed wrong shape.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -121,6 +124,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
         // error; a second, shape-free pass tells malformed JSON apart.
         let well_formed = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
         if e.classify() == serde_json::error::Category::Data && well_formed {
+            if e.to_string().contains(SURFACES_EXPECTED) {
+                // serde refuses a substitution's unknown surface before validation can
+                // name it: the same code as every other bad substitution.
+                return Error::bad_request(
+                    "invalid_substitution",
+                    format!("invalid substitution: \"in\" names path, query, header or body: {e}"),
+                );
+            }
             Error::bad_request("invalid_request", format!("invalid request body: {e}"))
         } else {
             Error::bad_request("invalid_json", format!("malformed JSON: {e}"))

@@ -25,7 +25,7 @@ pub(crate) fn check_keys_exist(
     also_present: &[String],
 ) -> TxResult<()> {
     for service in services {
-        for key in service.auth.referenced_keys() {
+        for key in service.credential_keys() {
             if also_present.contains(&key) {
                 continue;
             }

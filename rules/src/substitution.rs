@@ -109,7 +109,8 @@ pub fn validate_substitutions(substitutions: &[Substitution]) -> Result<(), Rule
         ));
     }
     for (index, substitution) in substitutions.iter().enumerate() {
-        validate_credential_key(&substitution.key)?;
+        validate_credential_key(&substitution.key)
+            .map_err(|e| invalid(&substitution.placeholder, format!("its key: {e}")))?;
         validate_placeholder(&substitution.placeholder)?;
         let surfaces = &substitution.surfaces;
         if surfaces.is_empty() {
@@ -386,8 +387,11 @@ mod tests {
             assert_eq!(error.code(), "invalid_substitution", "{behaviour}");
             assert!(error.to_string().contains(reason), "{behaviour}: {error}");
         }
-        let bad_key = validate_substitutions(&[sub("bad-key", "__TOKEN__", &[Surface::Path])]);
-        assert_eq!(bad_key.unwrap_err().code(), "invalid_key");
+        // A bad key is the substitution's fault: its code, and the key rule in words.
+        let bad_key =
+            validate_substitutions(&[sub("bad-key", "__TOKEN__", &[Surface::Path])]).unwrap_err();
+        assert_eq!(bad_key.code(), "invalid_substitution");
+        assert!(bad_key.to_string().contains("\"bad-key\""), "{bad_key}");
     }
 
     #[test]

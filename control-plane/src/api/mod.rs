@@ -600,6 +600,12 @@ struct DiscoveredService {
     methods: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rate_limit: Option<agent_vault_rules::RateLimit>,
+    /// What the agent writes and where: each placeholder, its key and its surfaces
+    /// (the same shape as the service's; a key name, never a value).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    substitutions: Vec<agent_vault_rules::substitution::Substitution>,
+    /// Whether the filter removes the injected values from responses.
+    redact_responses: bool,
 }
 
 async fn discover(
@@ -615,11 +621,13 @@ async fn discover(
             .into_iter()
             .map(|s| DiscoveredService {
                 auth_type: s.auth.type_name(),
+                redact_responses: s.redacts_responses(),
                 name: s.name,
                 host: s.host,
                 enabled: s.enabled,
                 methods: s.methods,
                 rate_limit: s.rate_limit,
+                substitutions: s.substitutions,
             })
             .collect();
         let credentials: Vec<String> = store.credential_keys(&record.id)?.into_iter().collect();

@@ -917,3 +917,171 @@ async fn a_services_rate_limit_is_validated_stored_and_shown() {
         .unwrap_or_default();
     assert_eq!(limited["rate_limit"], limit, "{shown}");
 }
+
+#[tokio::test]
+async fn a_services_substitutions_are_validated_stored_listed_and_discovered_without_values() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    h.store()
+        .set_credentials(
+            &owner(),
+            "default",
+            &secrets(&[("BOT_TOKEN", "123456:secret-bot-token")]),
+        )
+        .unwrap();
+    let service = |substitutions: Value| {
+        json!({"name": "bot", "host": "api.telegram.org",
+               "auth": {"type": "passthrough"}, "substitutions": substitutions})
+    };
+    #[rustfmt::skip]
+    let refused: &[(&str, Value, &str)] = &[
+        ("a placeholder without __", json!([{"key": "BOT_TOKEN", "placeholder": "BOT_TOKEN_X", "in": ["path"]}]), "starts and ends with __"),
+        ("a lowercase placeholder", json!([{"key": "BOT_TOKEN", "placeholder": "__bot_token__", "in": ["path"]}]), "only A-Z, 0-9 and _"),
+        ("an empty in", json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": []}]), "at least one of path, query, header, body"),
+        ("an unknown surface", json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["cookie"]}]), "unknown variant `cookie`"),
+        ("colliding placeholders", json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path"]},
+                                          {"key": "OTHER", "placeholder": "__BOT_TOKEN__2__", "in": ["query"]}]), "collides"),
+        ("a bad key", json!([{"key": "bot-token", "placeholder": "__BOT_TOKEN__", "in": ["path"]}]), "UPPER_SNAKE_CASE"),
+    ];
+    for (behaviour, substitutions, reason) in refused {
+        let reply = h
+            .call(
+                Method::POST,
+                "/v1/vaults/default/services",
+                Some(&token),
+                Some(service(substitutions.clone())),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{behaviour}: {}",
+            reply.body
+        );
+        assert_eq!(reply.error(), "invalid_substitution", "{behaviour}");
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(reason), "{behaviour}: {message}");
+    }
+    // The same rules hold when replacing every service at once.
+    let replaced = h
+        .call(
+            Method::PUT,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(json!({"services": [service(json!([{"key": "BOT_TOKEN",
+                "placeholder": "__BOT_TOKEN__", "in": ["path", "path"]}]))]})),
+        )
+        .await;
+    assert_eq!(
+        replaced.error(),
+        "invalid_substitution",
+        "{}",
+        replaced.body
+    );
+
+    let declared =
+        json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path", "query"]}]);
+    let mut unredacted = service(declared.clone());
+    unredacted["redact_responses"] = json!(false);
+    let added = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(unredacted),
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    let listed = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/services",
+            Some(&token),
+            None,
+        )
+        .await;
+    let shown = listed.json();
+    let bot = shown
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "bot").cloned())
+        .unwrap_or_default();
+    assert_eq!(bot["substitutions"], declared, "{shown}");
+    assert_eq!(bot["redact_responses"], false, "{shown}");
+
+    // An agent discovers what to write and where, and that responses are not
+    // redacted; never the value.
+    let discover = h
+        .call(Method::GET, "/discover", Some(&h.agent_token), None)
+        .await;
+    assert_eq!(discover.status, StatusCode::OK, "{}", discover.body);
+    let services = discover.json()["services"].clone();
+    let found = services
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "bot").cloned())
+        .unwrap_or_default();
+    assert_eq!(found["substitutions"], declared, "{services}");
+    assert_eq!(found["redact_responses"], false, "{services}");
+    assert!(
+        !discover.body.contains("secret-bot-token"),
+        "{}",
+        discover.body
+    );
+    // A service without substitutions shows none, and redaction on.
+    let mut plain = service(json!([]));
+    plain["name"] = json!("plain");
+    plain["host"] = json!("plain.example.com");
+    let added = h
+        .call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(plain),
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    let discover = h
+        .call(Method::GET, "/discover", Some(&h.agent_token), None)
+        .await;
+    let plain = discover.json()["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "plain").cloned())
+        .unwrap_or_default();
+    assert!(plain.get("substitutions").is_none(), "{plain}");
+    assert_eq!(plain["redact_responses"], true, "{plain}");
+
+    // A proposal: an unknown surface has the same code; another bad substitution is
+    // the proposal's 400 with the substitution's reason.
+    for (substitutions, code, reason) in [
+        (
+            json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["cookie"]}]),
+            "invalid_substitution",
+            "unknown variant `cookie`",
+        ),
+        (
+            json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": []}]),
+            "invalid_proposal",
+            "invalid substitution \"__BOT_TOKEN__\"",
+        ),
+    ] {
+        let mut proposed = service(substitutions);
+        proposed["name"] = json!("proposed");
+        let reply = h
+            .call(
+                Method::POST,
+                "/v1/proposals",
+                Some(&h.agent_token),
+                Some(json!({"services": [proposed]})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.error(), code, "{}", reply.body);
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(reason), "{message}");
+    }
+}

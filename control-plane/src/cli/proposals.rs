@@ -34,7 +34,8 @@ use super::credentials::{check_key, read_pairs};
 use super::output::{self, str_field};
 use super::prompt;
 use super::services::{
-    build_service, methods_text, rate_limit_text, AddService, AuthType, ServiceFlags,
+    build_service, methods_text, rate_limit_text, redact_text, substitutions_text, AddService,
+    AuthType, ServiceFlags,
 };
 
 #[derive(Debug, Subcommand)]
@@ -539,6 +540,12 @@ pub fn describe(p: &Value) -> String {
             if s.get("rate_limit").is_some() {
                 flags.push(format!("rate limit {} per agent", rate_limit_text(s)));
             }
+            if s.get("substitutions").is_some() {
+                flags.push(format!("substitutes {}", substitutions_text(s)));
+            }
+            if redact_text(s) == "no" {
+                flags.push("responses not redacted".to_owned());
+            }
             let flags = if flags.is_empty() {
                 String::new()
             } else {
@@ -622,6 +629,16 @@ fn summary_line(s: &Value, with_methods: bool) -> String {
     };
     let methods = if s.get("rate_limit").is_some() {
         format!("{methods}, rate limit {} per agent", rate_limit_text(s))
+    } else {
+        methods
+    };
+    let methods = if s.get("substitutions").is_some() {
+        format!("{methods}, substitutes {}", substitutions_text(s))
+    } else {
+        methods
+    };
+    let methods = if redact_text(s) == "no" {
+        format!("{methods}, responses NOT redacted")
     } else {
         methods
     };
@@ -1217,6 +1234,55 @@ mod tests {
                 "message": "Stripe access",
                 "user_message": "I need to create charges.",
             })
+        );
+    }
+
+    #[test]
+    fn a_proposed_services_substitutions_and_redaction_are_sent_and_shown_with_the_diff() {
+        let built = proposal(&[
+            "--service-name",
+            "bot",
+            "--host",
+            "api.telegram.org",
+            "--auth-type",
+            "passthrough",
+            "--substitute",
+            "BOT_TOKEN:__BOT_TOKEN__:path",
+            "--no-redact",
+            "--credential",
+            "BOT_TOKEN:the bot's token",
+        ])
+        .unwrap();
+        assert_eq!(
+            built["services"][0]["substitutions"],
+            json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path"]}])
+        );
+        assert_eq!(built["services"][0]["redact_responses"], json!(false));
+        // Alone, the flags still need a service name.
+        let lone = proposal(&["--substitute", "BOT_TOKEN:__BOT_TOKEN__:path"])
+            .unwrap_err()
+            .to_string();
+        assert!(lone.contains("--service-name"), "{lone}");
+        let shown = describe(&json!({
+            "id": 1, "vault": "default", "status": "pending",
+            "services": [{"action": "set", "name": "bot", "host": "api.telegram.org",
+                          "auth": {"type": "passthrough"}, "redact_responses": false,
+                          "substitutions": [{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path"]}]}],
+            "diff": {"services": [{"change": "add", "name": "bot",
+                "after": {"host": "api.telegram.org", "auth_type": "passthrough", "keys": ["BOT_TOKEN"],
+                          "upstream_tls": true, "enabled": true, "redact_responses": false,
+                          "substitutions": [{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path"]}]}}],
+                "credentials": [], "warnings": []},
+        }));
+        assert!(
+            shown.contains("[substitutes BOT_TOKEN:__BOT_TOKEN__:path, responses not redacted]"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(
+                "new service bot: api.telegram.org, passthrough BOT_TOKEN, TLS on, substitutes BOT_TOKEN:__BOT_TOKEN__:path, responses NOT redacted"
+            ),
+            "{shown}"
         );
     }
 

@@ -6,6 +6,7 @@
 
 use std::io::Read;
 
+use agent_vault_rules::substitution::{validate_substitutions, Substitution, Surface};
 use agent_vault_rules::{Auth, RateLimit};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
@@ -156,6 +157,113 @@ pub struct ServiceFlags {
     /// [default: no limit]
     #[arg(long, value_name = "N/s|N/min", value_parser = parse_rate_limit)]
     pub rate_limit: Option<RateLimit>,
+    /// Replace PLACEHOLDER with credential KEY's value on these surfaces (path, query,
+    /// header, body), e.g. BOT_TOKEN:__BOT_TOKEN__:path (repeatable)
+    #[arg(
+        long = "substitute",
+        value_name = "KEY:PLACEHOLDER:SURFACE[,SURFACE...]",
+        value_parser = parse_substitute
+    )]
+    pub substitute: Vec<Substitution>,
+    /// Do not remove the injected values from responses [default: redacted]
+    #[arg(long)]
+    pub no_redact: bool,
+}
+
+/// `--substitute KEY:__PLACEHOLDER__:path,query`, checked as the server checks it.
+pub fn parse_substitute(text: &str) -> Result<Substitution, String> {
+    let form =
+        "write it as KEY:PLACEHOLDER:SURFACE[,SURFACE...], e.g. BOT_TOKEN:__BOT_TOKEN__:path";
+    let mut parts = text.splitn(3, ':');
+    let (Some(key), Some(placeholder), Some(surfaces)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("invalid substitution {text:?}: {form}"));
+    };
+    let (key, placeholder) = (key.trim(), placeholder.trim());
+    if key.is_empty() || placeholder.is_empty() {
+        return Err(format!("invalid substitution {text:?}: {form}"));
+    }
+    let surfaces = surfaces
+        .split(',')
+        .map(|surface| match surface.trim() {
+            "path" => Ok(Surface::Path),
+            "query" => Ok(Surface::Query),
+            "header" => Ok(Surface::Header),
+            "body" => Ok(Surface::Body),
+            "" => Err(format!(
+                "invalid substitution {text:?}: name at least one surface: path, query, header or body"
+            )),
+            other => Err(format!(
+                "invalid substitution {text:?}: unknown surface {other:?}: one of path, query, header, body"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let substitution = Substitution {
+        key: key.to_owned(),
+        placeholder: placeholder.to_owned(),
+        surfaces,
+    };
+    validate_substitutions(std::slice::from_ref(&substitution)).map_err(|e| e.to_string())?;
+    Ok(substitution)
+}
+
+/// One substitution as `--substitute` writes it: `KEY:__PLACEHOLDER__:path,query`.
+fn substitution_text(substitution: &Substitution) -> String {
+    let surfaces: Vec<&str> = substitution
+        .surfaces
+        .iter()
+        .map(|surface| match surface {
+            Surface::Path => "path",
+            Surface::Query => "query",
+            Surface::Header => "header",
+            Surface::Body => "body",
+        })
+        .collect();
+    format!(
+        "{}:{}:{}",
+        substitution.key,
+        substitution.placeholder,
+        surfaces.join(",")
+    )
+}
+
+/// A service's (or a diff summary's) `substitutions` for people, each as
+/// `--substitute` takes it, space-separated; `none` without any.
+pub fn substitutions_text(service: &Value) -> String {
+    let substitutions: Vec<Substitution> = service
+        .get("substitutions")
+        .and_then(|v| Vec::<Substitution>::deserialize(v).ok())
+        .unwrap_or_default();
+    if substitutions.is_empty() {
+        return "none".to_owned();
+    }
+    substitutions
+        .iter()
+        .map(|s| output::cell(&substitution_text(s)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether a service's (or a diff summary's) responses are redacted: `yes` unless
+/// `redact_responses` is `false`.
+pub fn redact_text(service: &Value) -> &'static str {
+    if service.get("redact_responses").and_then(Value::as_bool) == Some(false) {
+        "no"
+    } else {
+        "yes"
+    }
+}
+
+/// `, substitutes KEY:__P__:path, responses not redacted` for a confirmation line.
+fn policy_suffix(service: &Value) -> String {
+    let mut out = String::new();
+    if service.get("substitutions").is_some() {
+        out.push_str(&format!(", substitutes {}", substitutions_text(service)));
+    }
+    if redact_text(service) == "no" {
+        out.push_str(", responses not redacted");
+    }
+    out
 }
 
 /// `--rate-limit 10/s` or `600/min`, checked as the server checks it.
@@ -179,6 +287,8 @@ impl ServiceFlags {
             || self.disabled
             || !self.methods.is_empty()
             || self.rate_limit.is_some()
+            || !self.substitute.is_empty()
+            || self.no_redact
     }
 
     /// Whether any flag of the auth block was given (a catalog template brings its own).
@@ -352,6 +462,12 @@ pub fn build_service(args: &AddService) -> anyhow::Result<Value> {
     if let Some(limit) = args.flags.rate_limit {
         service["rate_limit"] = json!(limit);
     }
+    if !args.flags.substitute.is_empty() {
+        service["substitutions"] = json!(args.flags.substitute);
+    }
+    if args.flags.no_redact {
+        service["redact_responses"] = json!(false);
+    }
     Ok(service)
 }
 
@@ -386,6 +502,7 @@ fn add(ctx: &Context, vault: &str, args: &AddService) -> anyhow::Result<()> {
         Some(limit) => format!("{methods}, rate limit {limit} per agent"),
         None => methods,
     };
+    let methods = format!("{methods}{}", policy_suffix(&service));
     output::line(&format!(
         "Added service {} ({}, {}{methods}) to vault {vault}{}",
         args.name,
@@ -416,10 +533,16 @@ fn add_from_catalog(
     }
     let entry = super::catalog::entry(ctx, template)?;
     let mut service = entry["service"].clone();
-    let keys: Vec<&str> = output::items(&entry["credentials"])
+    let mut keys: Vec<&str> = output::items(&entry["credentials"])
         .iter()
         .filter_map(|c| c["key"].as_str())
         .collect();
+    // The template's substitutions stay; --substitute adds to them.
+    for extra in &flags.substitute {
+        if !keys.contains(&extra.key.as_str()) {
+            keys.push(&extra.key);
+        }
+    }
     if let Some(name) = &args.name {
         service["name"] = Value::from(name.as_str());
     }
@@ -436,6 +559,14 @@ fn add_from_catalog(
     }
     if let Some(limit) = flags.rate_limit {
         service["rate_limit"] = json!(limit);
+    }
+    if !flags.substitute.is_empty() {
+        let mut all = output::items(&service["substitutions"]).to_vec();
+        all.extend(flags.substitute.iter().map(|s| json!(s)));
+        service["substitutions"] = Value::Array(all);
+    }
+    if flags.no_redact {
+        service["redact_responses"] = json!(false);
     }
     let client = ctx.client()?;
     let held = client.get(&api_path(&["v1", "vaults", vault, "credentials"]))?;
@@ -462,10 +593,11 @@ fn add_from_catalog(
         return output::json(&added);
     }
     output::line(&format!(
-        "Added service {} ({}, {}) to vault {vault} from the catalog's {template}",
+        "Added service {} ({}, {}{}) to vault {vault} from the catalog's {template}",
         output::cell(service["name"].as_str().unwrap_or_default()),
         output::cell(service["host"].as_str().unwrap_or_default()),
         output::cell(service["auth"]["type"].as_str().unwrap_or_default()),
+        policy_suffix(&service),
     ))
 }
 
@@ -484,10 +616,12 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
                 str_field(s, "name").to_owned(),
                 str_field(s, "host").to_owned(),
                 str_field(auth, "type").to_owned(),
-                auth_keys(auth).join(","),
+                service_keys(s).join(","),
                 yes_no(s.get("enabled")).to_owned(),
                 yes_no(s.get("upstream_tls")).to_owned(),
                 rate_limit_text(s),
+                redact_text(s).to_owned(),
+                substitutions_text(s),
                 methods_text(s),
             ]
         })
@@ -504,10 +638,26 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
             "ENABLED",
             "TLS",
             "RATE LIMIT",
+            "REDACT",
+            "SUBSTITUTIONS",
             "METHODS",
         ],
         &rows,
     ))
+}
+
+/// Every credential key a service reads, for the `KEYS` column: its auth's as written,
+/// then its substitutions' not named already.
+fn service_keys(service: &Value) -> Vec<String> {
+    let mut keys = auth_keys(service.get("auth").unwrap_or(&Value::Null));
+    for substitution in output::items(service.get("substitutions").unwrap_or(&Value::Null)) {
+        if let Some(key) = substitution.get("key").and_then(Value::as_str) {
+            if !keys.iter().any(|k| k == key) {
+                keys.push(key.to_owned());
+            }
+        }
+    }
+    keys
 }
 
 /// The credential keys an auth object references, for the `KEYS` column, as the rules
@@ -649,6 +799,96 @@ mod tests {
         );
         // Sent as given: the server explains what is wrong with a lowercase method.
         assert_eq!(with(&["--method", "get"])["methods"], json!(["get"]));
+    }
+
+    #[test]
+    fn substitute_flag_is_key_placeholder_surfaces_and_repeatable() {
+        let service = build_service(&add_args(&[
+            "--name",
+            "bot",
+            "--host",
+            "api.telegram.org",
+            "--auth-type",
+            "passthrough",
+            "--substitute",
+            "BOT_TOKEN:__BOT_TOKEN__:path",
+            "--substitute",
+            " API_KEY : __API_KEY_X__ : query, body ",
+        ]))
+        .unwrap();
+        assert_eq!(
+            service["substitutions"],
+            json!([
+                {"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path"]},
+                {"key": "API_KEY", "placeholder": "__API_KEY_X__", "in": ["query", "body"]}
+            ])
+        );
+        assert_eq!(
+            substitutions_text(&service),
+            "BOT_TOKEN:__BOT_TOKEN__:path API_KEY:__API_KEY_X__:query,body"
+        );
+        assert_eq!(service_keys(&service), vec!["BOT_TOKEN", "API_KEY"]);
+        assert!(service.get("redact_responses").is_none());
+        assert_eq!(redact_text(&service), "yes");
+        assert_eq!(
+            policy_suffix(&service),
+            ", substitutes BOT_TOKEN:__BOT_TOKEN__:path API_KEY:__API_KEY_X__:query,body"
+        );
+        let plain = build_service(&add_args(&[
+            "--name",
+            "p",
+            "--host",
+            "a.example.com",
+            "--auth-type",
+            "passthrough",
+        ]))
+        .unwrap();
+        assert!(plain.get("substitutions").is_none());
+        assert_eq!(substitutions_text(&plain), "none");
+    }
+
+    #[test]
+    fn a_malformed_substitute_flag_says_what_is_wrong() {
+        #[rustfmt::skip]
+        let cases = [
+            ("no surfaces", "BOT_TOKEN:__BOT_TOKEN__", "write it as KEY:PLACEHOLDER:SURFACE"),
+            ("only a key", "BOT_TOKEN", "write it as KEY:PLACEHOLDER:SURFACE"),
+            ("an empty key", ":__BOT_TOKEN__:path", "write it as KEY:PLACEHOLDER:SURFACE"),
+            ("an empty surface list", "BOT_TOKEN:__BOT_TOKEN__:", "name at least one surface"),
+            ("a trailing comma", "BOT_TOKEN:__BOT_TOKEN__:path,", "name at least one surface"),
+            ("an unknown surface", "BOT_TOKEN:__BOT_TOKEN__:cookie", "unknown surface \"cookie\": one of path, query, header, body"),
+            ("a surface twice", "BOT_TOKEN:__BOT_TOKEN__:path,path", "lists path twice"),
+            ("a bad placeholder", "BOT_TOKEN:BOT_TOKEN:path", "starts and ends with __"),
+            ("a lowercase placeholder", "BOT_TOKEN:__bot__x__:path", "only A-Z"),
+            ("a bad key", "bot-token:__BOT_TOKEN__:path", "UPPER_SNAKE_CASE"),
+        ];
+        for (behaviour, flag, reason) in cases {
+            let refused = parse_substitute(flag).err().unwrap_or_default();
+            assert!(
+                refused.starts_with("invalid substitution"),
+                "{behaviour}: {refused}"
+            );
+            assert!(refused.contains(reason), "{behaviour}: {refused}");
+        }
+    }
+
+    #[test]
+    fn no_redact_flag_turns_redaction_off() {
+        let service = build_service(&add_args(&[
+            "--name",
+            "echo",
+            "--host",
+            "echo.example.com",
+            "--auth-type",
+            "bearer",
+            "--token-key",
+            "K",
+            "--no-redact",
+        ]))
+        .unwrap();
+        assert_eq!(service["redact_responses"], json!(false));
+        assert_eq!(redact_text(&service), "no");
+        assert_eq!(policy_suffix(&service), ", responses not redacted");
     }
 
     #[test]

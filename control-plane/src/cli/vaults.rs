@@ -314,6 +314,8 @@ fn discover(ctx: &Context) -> anyhow::Result<()> {
                 str_field(s, "host").to_owned(),
                 str_field(s, "auth_type").to_owned(),
                 yes_no(s.get("enabled")).to_owned(),
+                super::services::redact_text(s).to_owned(),
+                super::services::substitutions_text(s),
             ]
         })
         .collect();
@@ -326,7 +328,14 @@ fn discover(ctx: &Context) -> anyhow::Result<()> {
         text.push_str("No services\n");
     } else {
         text.push_str(&output::table(
-            &["SERVICE", "HOST", "AUTH", "ENABLED"],
+            &[
+                "SERVICE",
+                "HOST",
+                "AUTH",
+                "ENABLED",
+                "REDACT",
+                "SUBSTITUTIONS",
+            ],
             &services,
         ));
     }

@@ -97,6 +97,9 @@ pub fn decide(
             service.methods.as_deref().unwrap_or_default(),
         ));
     }
+    if !service.substitutions.is_empty() {
+        return Err(substitutions_unsupported(&vault.name, &service.name));
+    }
     let auth = auth
         .as_ref()
         .map_err(|e| reply::invalid_service(&vault.name, &service.name, &e.to_string()))?;
@@ -105,6 +108,19 @@ pub fn decide(
         .map_err(internal)?;
     auth.render(|key| values.get(key).map(|v| v.expose()))
         .map_err(|error| reply::render_failed(&vault.name, &service.name, &error))
+}
+
+/// A service with `substitutions` → 502 `invalid_service`, never forwarded: an
+/// `ext_authz` answer can only add headers, so it could not write a placeholder's value
+/// into the path, query or body, and forwarding the placeholder instead would send the
+/// upstream a request the service's rule does not describe. Fail closed, and say why.
+fn substitutions_unsupported(vault: &str, service: &str) -> Reject {
+    Reject::new(
+        reply::ErrorCode::InvalidService,
+        format!(
+            "service {service:?} of vault {vault:?} declares substitutions, which the ext_authz check cannot perform (it can only add headers); requests to it are refused here: send them through the proxy with the agent-vault filter"
+        ),
+    )
 }
 
 /// The route: Envoy's `ext_authz` HTTP service sends the original request's headers
@@ -310,5 +326,45 @@ mod tests {
         assert_eq!(body["error"], "method_not_allowed_for_service");
         assert_eq!(body["allowed_methods"], serde_json::json!(["GET"]));
         assert!(!body.to_string().contains("sk_live_1"));
+    }
+
+    #[tokio::test]
+    async fn ext_authz_refuses_a_service_with_substitutions_and_injects_nothing() {
+        let (_dir, state, token) = seeded();
+        let service: agent_vault_rules::Service = serde_json::from_value(serde_json::json!({
+            "name": "telegram", "host": "api.telegram.org",
+            "auth": {"type": "bearer", "token": "API_TOKEN"},
+            "substitutions": [{"key": "API_TOKEN", "placeholder": "__API_TOKEN__", "in": ["path"]}]
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        state
+            .store
+            .add_service(&owner(), "default", service)
+            .unwrap_or_else(|e| panic!("add: {e}"));
+        let request = Request::get(format!("{EXT_AUTHZ_PATH}/bot__API_TOKEN__/getMe"))
+            .header(header::HOST, "api.telegram.org")
+            .header(header::PROXY_AUTHORIZATION, basic(&token, ""))
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, body) = send(&state, request).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert!(headers.get("authorization").is_none());
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "invalid_service");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("\"telegram\"") && message.contains("substitutions"),
+            "{message}"
+        );
+        assert!(message.contains("can only add headers"), "{message}");
+        assert!(!body.to_string().contains("sk_live_1"));
+        // The vault's other service is unaffected.
+        let (status, headers, _) = send(
+            &state,
+            check_request("api.example.com", Some(&basic(&token, ""))),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["authorization"], "Bearer sk_live_1");
     }
 }

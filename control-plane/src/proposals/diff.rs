@@ -46,6 +46,12 @@ pub struct ServiceSummary {
     /// The per-agent rate limit; absent: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<agent_vault_rules::RateLimit>,
+    /// The placeholders the filter replaces, with their keys and surfaces; absent:
+    /// none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub substitutions: Vec<agent_vault_rules::substitution::Substitution>,
+    /// Whether responses are redacted (on unless the service turns it off).
+    pub redact_responses: bool,
 }
 
 impl ServiceSummary {
@@ -53,11 +59,13 @@ impl ServiceSummary {
         ServiceSummary {
             host: service.host.clone(),
             auth_type: service.auth.type_name(),
-            keys: service.auth.referenced_keys(),
+            keys: service.credential_keys(),
             upstream_tls: service.upstream_tls,
             enabled: service.enabled,
             methods: service.methods.clone(),
             rate_limit: service.rate_limit,
+            substitutions: service.substitutions.clone(),
+            redact_responses: service.redacts_responses(),
         }
     }
 }
@@ -263,7 +271,7 @@ pub fn diff(
 fn users_of(key: &str, current: &[Service]) -> String {
     let users: Vec<String> = current
         .iter()
-        .filter(|s| s.auth.referenced_keys().iter().any(|k| k == key))
+        .filter(|s| s.credential_keys().iter().any(|k| k == key))
         .map(|s| format!("{} → {}", s.name, s.host))
         .collect();
     if users.is_empty() {
@@ -280,14 +288,14 @@ fn service_change_warnings(
     exists: &impl Fn(&str) -> bool,
     warnings: &mut Vec<Warning>,
 ) {
-    let keys = after.auth.referenced_keys();
+    let keys = after.credential_keys();
     let name = &after.name;
     let new_host = pattern(after).map(|p| probes(&p).0);
     for key in &keys {
         // Some service sends the key to this host name today (any port or path): not
         // a new host. The shadow and TLS warnings cover other ports and paths.
         let covered = current.iter().any(|s| {
-            s.auth.referenced_keys().contains(key)
+            s.credential_keys().contains(key)
                 && match (pattern(s), &new_host) {
                     (Some(old), Some(host)) => serves_host(&old, host),
                     _ => s.host == after.host,
@@ -487,6 +495,8 @@ mod tests {
             catalog: None,
             methods: None,
             rate_limit: None,
+            substitutions: None,
+            redact_responses: None,
         }
     }
 
@@ -648,6 +658,36 @@ mod tests {
             serde_json::json!({"requests": 10, "per": "second"})
         );
         assert!(json["before"].get("rate_limit").is_none(), "{json}");
+    }
+
+    #[test]
+    fn a_substitution_and_redaction_change_shows_in_the_before_and_after() {
+        let mut in_path = set("telegram", "api.telegram.org", "TELEGRAM_BOT_TOKEN", true);
+        in_path.auth = Some(Auth::Passthrough {});
+        in_path.substitutions = Some(vec![serde_json::from_value(serde_json::json!(
+            {"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path", "query"]}
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))]);
+        in_path.redact_responses = Some(false);
+        let mut before_service =
+            service("telegram", "api.telegram.org", "TELEGRAM_BOT_TOKEN", true);
+        before_service.auth = Auth::Passthrough {};
+        let diff = diff(&[in_path], &[], &[before_service], held);
+        let ServiceDiff::Replace { before, after, .. } = &diff.services[0] else {
+            panic!("{:?}", diff.services)
+        };
+        assert!(before.substitutions.is_empty() && before.redact_responses);
+        assert!(!after.redact_responses);
+        // The substitution's key is one of the service's keys.
+        assert_eq!(after.keys, vec!["BOT_TOKEN".to_owned()]);
+        let json = serde_json::to_value(&diff.services[0]).unwrap_or_default();
+        assert_eq!(
+            json["after"]["substitutions"],
+            serde_json::json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path", "query"]}])
+        );
+        assert_eq!(json["after"]["redact_responses"], false);
+        assert!(json["before"].get("substitutions").is_none(), "{json}");
+        assert_eq!(json["before"]["redact_responses"], true);
     }
 
     #[test]

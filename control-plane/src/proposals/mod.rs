@@ -36,6 +36,7 @@ pub use validate::{
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use agent_vault_rules::substitution::Substitution;
 use agent_vault_rules::{validate_services, Auth, RateLimit, Service};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -147,6 +148,13 @@ pub struct ServiceChange {
     /// absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Placeholders the filter replaces with a credential's value (validated as for
+    /// `vault service add`); absent: none, or a catalog template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substitutions: Option<Vec<Substitution>>,
+    /// `false` turns response redaction off; absent: on (or a catalog template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact_responses: Option<bool>,
 }
 
 impl ServiceChange {
@@ -161,8 +169,8 @@ impl ServiceChange {
                 upstream_tls: self.upstream_tls.unwrap_or(true),
                 methods: self.methods.clone(),
                 rate_limit: self.rate_limit,
-                substitutions: Vec::new(),
-                redact_responses: None,
+                substitutions: self.substitutions.clone().unwrap_or_default(),
+                redact_responses: self.redact_responses,
             }),
             _ => None,
         }
@@ -416,6 +424,16 @@ fn expand_catalog(mut input: ProposalInput, existing: &BTreeSet<String>) -> Resu
         change.host.get_or_insert_with(|| template.host.clone());
         change.auth.get_or_insert_with(|| template.auth.clone());
         change.upstream_tls.get_or_insert(template.upstream_tls);
+        if change.substitutions.is_none() && !template.substitutions.is_empty() {
+            change.substitutions = Some(template.substitutions.clone());
+        }
+        if change.redact_responses.is_none() {
+            change.redact_responses = template.redact_responses;
+        }
+        let used_keys = change
+            .service()
+            .map(|service| service.credential_keys())
+            .unwrap_or_default();
         for credential in &entry.credentials {
             let listed = input
                 .credentials
@@ -424,10 +442,7 @@ fn expand_catalog(mut input: ProposalInput, existing: &BTreeSet<String>) -> Resu
                 || slots
                     .iter()
                     .any(|slot: &CredentialSlotInput| slot.key == credential.key);
-            let used = change
-                .auth
-                .as_ref()
-                .is_some_and(|auth| auth.referenced_keys().contains(&credential.key));
+            let used = used_keys.contains(&credential.key);
             if used && !listed && !existing.contains(&credential.key) {
                 slots.push(CredentialSlotInput {
                     action: ProposalAction::Set,
@@ -935,7 +950,7 @@ impl Store {
                 }
             }
             for change in current.services.iter().filter_map(ServiceChange::service) {
-                for referenced in change.auth.referenced_keys() {
+                for referenced in change.credential_keys() {
                     if tx
                         .credentials
                         .get(vault_key(vault_id, &referenced))?

@@ -54,7 +54,9 @@ const FIELDS: &[&str] = &[
     "prefix",
     "headers",
     "methods",
+    "rate_limit",
     "substitutions",
+    "redact_responses",
 ];
 
 // Each vocabulary has valid entries first, then invalid ones; generators draw the

@@ -1353,3 +1353,90 @@ fn members_and_admins_reveal_the_agents_values_while_pending_and_no_agent_ever_d
         .unwrap();
     assert_eq!(opened(&owner()).unwrap(), vec![]);
 }
+
+#[test]
+fn a_proposal_carries_substitutions_and_redaction_and_a_catalog_template_brings_its_own() {
+    let f = fixture();
+    // The Telegram template: passthrough auth, the bot token in the path; its slot
+    // (with BotFather's link) is added since the vault does not hold the key.
+    let (view, _) = propose(
+        &f,
+        json!({"services": [{"name": "telegram", "catalog": "telegram"}]}),
+    )
+    .unwrap();
+    let change = &view.services[0];
+    assert_eq!(change.host.as_deref(), Some("api.telegram.org"));
+    assert_eq!(
+        serde_json::to_value(&change.substitutions).unwrap(),
+        json!([{"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TELEGRAM_BOT_TOKEN__", "in": ["path"]}])
+    );
+    assert_eq!(view.credentials[0].key, "TELEGRAM_BOT_TOKEN");
+    assert_eq!(
+        view.credentials[0].obtain.as_deref(),
+        Some("https://t.me/BotFather")
+    );
+    f.store
+        .approve_proposal(
+            &admin(),
+            "default",
+            view.id,
+            all_acknowledged(
+                &f,
+                view.id,
+                secrets(&[("TELEGRAM_BOT_TOKEN", "123:abc")]),
+                false,
+            ),
+        )
+        .unwrap();
+    let applied = f
+        .store
+        .list_services(&owner(), "default")
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "telegram")
+        .unwrap_or_else(|| panic!("telegram not applied"));
+    assert_eq!(applied.substitutions.len(), 1);
+    assert_eq!(applied.credential_keys(), vec!["TELEGRAM_BOT_TOKEN"]);
+    assert!(applied.redacts_responses());
+
+    // Declared by the agent, with redaction off.
+    set_credential(&f, "ECHO_KEY", "k");
+    let (view, _) = propose(
+        &f,
+        json!({"services": [{"name": "echo", "host": "echo.example.com",
+            "auth": {"type": "passthrough"}, "redact_responses": false,
+            "substitutions": [{"key": "ECHO_KEY", "placeholder": "__ECHO_KEY__", "in": ["query", "body"]}]}]}),
+    )
+    .unwrap();
+    assert_eq!(view.services[0].redact_responses, Some(false));
+    let diff = f.store.proposal_diff(&owner(), "default", view.id).unwrap();
+    let json = serde_json::to_value(&diff).unwrap();
+    assert_eq!(json["services"][0]["after"]["redact_responses"], false);
+    assert_eq!(
+        json["services"][0]["after"]["substitutions"][0]["placeholder"],
+        "__ECHO_KEY__"
+    );
+    assert_eq!(json["services"][0]["after"]["keys"], json!(["ECHO_KEY"]));
+}
+
+#[test]
+fn a_proposals_bad_substitution_is_refused_naming_it() {
+    let f = fixture();
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("a bad placeholder", json!({"services": [{"name": "s", "host": "s.example.com", "auth": {"type": "passthrough"},
+            "substitutions": [{"key": "K", "placeholder": "K", "in": ["path"]}]}],
+            "credentials": [{"key": "K"}]}), "invalid substitution"),
+        ("a key neither held nor proposed", json!({"services": [{"name": "s", "host": "s.example.com", "auth": {"type": "passthrough"},
+            "substitutions": [{"key": "MISSING", "placeholder": "__MISSING__", "in": ["path"]}]}]}), "MISSING"),
+        ("a delete carrying substitutions", json!({"services": [{"action": "delete", "name": "s",
+            "substitutions": [{"key": "K", "placeholder": "__KKKKKK__", "in": ["path"]}]}]}), "carries only its name"),
+        ("a delete carrying redact_responses", json!({"services": [{"action": "delete", "name": "s",
+            "redact_responses": false}]}), "carries only its name"),
+    ];
+    for (behaviour, proposal, reason) in cases {
+        let error = propose(&f, proposal).unwrap_err();
+        assert_eq!(error.code(), "invalid_proposal", "{behaviour}: {error}");
+        assert!(error.to_string().contains(reason), "{behaviour}: {error}");
+    }
+}

@@ -95,6 +95,9 @@ pub fn validate_proposal(input: &ProposalInput, options: &ValidationOptions) -> 
                     || change.enabled.is_some()
                     || change.upstream_tls.is_some()
                     || change.methods.is_some()
+                    || change.rate_limit.is_some()
+                    || change.substitutions.is_some()
+                    || change.redact_responses.is_some()
                 {
                     return Err(invalid(format!(
                         "service {name:?}: a delete service carries only its name"
@@ -180,7 +183,7 @@ pub(super) fn check_references(
     let set = slots(ProposalAction::Set);
     let deleted = slots(ProposalAction::Delete);
     for service in input.services.iter().filter_map(ServiceChange::service) {
-        for key in service.auth.referenced_keys() {
+        for key in service.credential_keys() {
             if deleted.contains(key.as_str()) {
                 return Err(invalid(format!(
                     "service {:?} references credential {key}, which this proposal deletes",

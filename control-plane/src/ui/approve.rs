@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use agent_vault_rules::substitution::{Substitution, Surface};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -154,7 +155,7 @@ fn services_table(view: &ProposalView) -> Markup {
             section {
                 h2 { "Services" }
                 table.changes {
-                    thead { tr { th { "Change" } th { "Service" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Upstream TLS" } th { "Methods" } th { "Rate limit" } } }
+                    thead { tr { th { "Change" } th { "Service" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Upstream TLS" } th { "Methods" } th { "Rate limit" } th { "Substitutions" } th { "Responses" } } }
                     tbody {
                         @for change in &view.services {
                             @match change.action {
@@ -164,18 +165,20 @@ fn services_table(view: &ProposalView) -> Markup {
                                     td { code { (change.host.as_deref().unwrap_or("")) } }
                                     td { (change.auth.as_ref().map(|a| a.type_name()).unwrap_or("")) }
                                     td {
-                                        @for key in change.auth.as_ref().map(|a| a.referenced_keys()).unwrap_or_default() {
+                                        @for key in change.service().map(|s| s.credential_keys()).unwrap_or_default() {
                                             code.key { (key) } " "
                                         }
                                     }
                                     td { @if change.upstream_tls.unwrap_or(true) { "yes" } @else { "no (plain HTTP)" } }
                                     td { (methods_cell(change.methods.as_deref())) }
                                     td { (rate_limit_cell(change.rate_limit)) }
+                                    td { (substitutions_cell(change.substitutions.as_deref().unwrap_or_default())) }
+                                    td { (redaction_cell(change.redact_responses.unwrap_or(true))) }
                                 },
                                 ProposalAction::Delete => tr {
                                     td { span.action-delete { "delete" } }
                                     td { (change.name) }
-                                    td colspan="6" { "the service is removed from the vault" }
+                                    td colspan="8" { "the service is removed from the vault" }
                                 },
                             }
                         }
@@ -193,6 +196,44 @@ fn summary_cells(summary: &ServiceSummary) -> Markup {
         " · TLS " @if summary.upstream_tls { "on" } @else { strong { "off" } }
         " · methods " (methods_cell(summary.methods.as_deref()))
         " · rate limit " (rate_limit_cell(summary.rate_limit))
+        " · substitutions " (substitutions_cell(&summary.substitutions))
+        " · responses " (redaction_cell(summary.redact_responses))
+    }
+}
+
+/// A service's substitutions: `__PLACEHOLDER__ ← KEY in path, query` each, or "none".
+/// Placeholders and key names only: never a value.
+pub(crate) fn substitutions_cell(substitutions: &[Substitution]) -> Markup {
+    html! {
+        @if substitutions.is_empty() {
+            "none"
+        }
+        @for (i, substitution) in substitutions.iter().enumerate() {
+            @if i > 0 { "; " }
+            code.placeholder { (substitution.placeholder) } " ← " code.key { (substitution.key) }
+            " in " (surfaces_text(&substitution.surfaces))
+        }
+    }
+}
+
+/// `path, query`: the surfaces as JSON names them.
+pub(crate) fn surfaces_text(surfaces: &[Surface]) -> String {
+    surfaces
+        .iter()
+        .map(|surface| match surface {
+            Surface::Path => "path",
+            Surface::Query => "query",
+            Surface::Header => "header",
+            Surface::Body => "body",
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether the filter removes injected values from responses.
+pub(crate) fn redaction_cell(redacts: bool) -> Markup {
+    html! {
+        @if redacts { "redacted" } @else { strong { "not redacted" } }
     }
 }
 

@@ -1240,3 +1240,63 @@ async fn the_approval_page_shows_a_proposed_services_rate_limit() {
     // The diff: no limit today, 10/s once approved.
     assert!(page.body.contains(" · rate limit none"), "{}", page.body);
 }
+
+#[tokio::test]
+async fn the_approval_and_services_pages_show_substitutions_and_redaction_never_values() {
+    let h = harness();
+    h.set_credential("TELEGRAM_BOT_TOKEN", "123456:bot-secret");
+    let (id, link) = h.propose(json!({
+        "services": [{"name": "telegram", "catalog": "telegram", "redact_responses": false}]
+    }));
+    let token = h.ui_session(OWNER);
+    let cookie = session_cookie(&token);
+    let page = h
+        .get(&format!("/approve/{id}?token={link}"), Some(&cookie))
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let shown = "<code class=\"placeholder\">__TELEGRAM_BOT_TOKEN__</code> ← <code class=\"key\">TELEGRAM_BOT_TOKEN</code> in path";
+    assert!(page.body.contains(shown), "{}", page.body);
+    assert!(
+        page.body.contains("<strong>not redacted</strong>"),
+        "{}",
+        page.body
+    );
+    // The diff names the substitution's key among the service's keys.
+    assert!(
+        page.body
+            .contains(" · substitutions <code class=\"placeholder\">"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("bot-secret"), "{}", page.body);
+
+    let service: agent_vault_rules::Service = serde_json::from_value(json!({
+        "name": "telegram", "host": "api.telegram.org", "auth": {"type": "passthrough"},
+        "substitutions": [{"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TELEGRAM_BOT_TOKEN__", "in": ["path", "query"]}]
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    h.store()
+        .add_service(&crate::testing::owner(), "default", service)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let services = h.get("/ui/vaults/default/services", Some(&cookie)).await;
+    assert_eq!(services.status, StatusCode::OK, "{}", services.body);
+    assert!(
+        services.body.contains("<code class=\"placeholder\">__TELEGRAM_BOT_TOKEN__</code> ← <code class=\"key\">TELEGRAM_BOT_TOKEN</code> in path, query"),
+        "{}",
+        services.body
+    );
+    assert!(
+        services.body.contains("<td>redacted</td>"),
+        "{}",
+        services.body
+    );
+    // The key comes from the substitution: the credentials column names it.
+    assert!(
+        services
+            .body
+            .contains("<td><code class=\"key\">TELEGRAM_BOT_TOKEN</code> </td>"),
+        "{}",
+        services.body
+    );
+    assert!(!services.body.contains("bot-secret"));
+}

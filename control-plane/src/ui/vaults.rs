@@ -233,7 +233,7 @@ pub async fn services(
             p.empty { "This vault has no services yet: agents propose them, or an admin adds them with " code { "agent-vault vault service add" } "." }
         } @else {
             table {
-                thead { tr { th { "Name" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Enabled" } th { "Upstream TLS" } th { "Methods" } th { "Rate limit" } } }
+                thead { tr { th { "Name" } th { "Host" } th { "Auth" } th { "Credentials" } th { "Enabled" } th { "Upstream TLS" } th { "Methods" } th { "Rate limit" } th { "Substitutions" } th { "Responses" } } }
                 tbody {
                     @for service in &services {
                         tr {
@@ -241,7 +241,7 @@ pub async fn services(
                             td { code { (service.host) } }
                             td { (service.auth.type_name()) }
                             td {
-                                @for key in service.auth.referenced_keys() {
+                                @for key in service.credential_keys() {
                                     code.key { (key) } " "
                                 }
                             }
@@ -249,6 +249,8 @@ pub async fn services(
                             td { @if service.upstream_tls { "yes" } @else { "no (plain HTTP)" } }
                             td { (super::approve::methods_cell(service.methods.as_deref())) }
                             td { (super::approve::rate_limit_cell(service.rate_limit)) }
+                            td { (super::approve::substitutions_cell(&service.substitutions)) }
+                            td { (super::approve::redaction_cell(service.redacts_responses())) }
                         }
                     }
                 }

@@ -24,6 +24,7 @@ fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
         "stripe",
         "slack",
         "atlassian",
+        "telegram",
     ] {
         assert!(names.contains(&expected), "{expected}: {names:?}");
     }
@@ -45,6 +46,8 @@ fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
         "api.stripe.com",
         "*.atlassian.net",
         "ATLASSIAN_API_TOKEN",
+        "api.telegram.org",
+        "TELEGRAM_BOT_TOKEN",
     ] {
         assert!(
             listed.stdout.contains(expected),
@@ -190,5 +193,136 @@ fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
         services.stdout.contains("api.stripe.com"),
         "{}",
         services.stdout
+    );
+}
+
+#[test]
+fn telegram_from_the_catalog_substitutes_the_bot_token_in_the_path() {
+    let server = Server::start();
+    let (status, catalog) = server.api(None).get("/v1/service-catalog");
+    assert_eq!(status, 200, "{catalog}");
+    let telegram = catalog
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["service"]["name"] == "telegram")
+        .cloned()
+        .unwrap_or_else(|| panic!("{catalog}"));
+    assert_eq!(telegram["service"]["host"], "api.telegram.org");
+    assert_eq!(telegram["service"]["auth"], json!({"type": "passthrough"}));
+    let declared = json!([{"key": "TELEGRAM_BOT_TOKEN",
+                           "placeholder": "__TELEGRAM_BOT_TOKEN__", "in": ["path"]}]);
+    assert_eq!(telegram["service"]["substitutions"], declared);
+    assert_eq!(telegram["credentials"][0]["key"], "TELEGRAM_BOT_TOKEN");
+    assert_eq!(
+        telegram["credentials"][0]["obtain"],
+        "https://t.me/BotFather"
+    );
+
+    let owner = server.cli();
+    owner.register_and_login("owner@example.com", "owner-password");
+    // The key comes from the substitution: it must be in the vault first.
+    let early = owner
+        .run(&["vault", "service", "add", "--from-catalog", "telegram"])
+        .fails();
+    assert!(
+        early
+            .stderr
+            .contains("the telegram template reads TELEGRAM_BOT_TOKEN, not in vault default yet"),
+        "{}",
+        early.stderr
+    );
+    owner
+        .run(&[
+            "vault",
+            "credential",
+            "set",
+            "TELEGRAM_BOT_TOKEN=123456:tg-secret",
+        ])
+        .ok();
+    let added = owner
+        .run(&["vault", "service", "add", "--from-catalog", "telegram"])
+        .ok();
+    assert!(
+        added.stdout.contains(
+            "Added service telegram (api.telegram.org, passthrough, substitutes TELEGRAM_BOT_TOKEN:__TELEGRAM_BOT_TOKEN__:path)"
+        ),
+        "{}",
+        added.stdout
+    );
+    let listed = owner.run(&["vault", "service", "list"]).ok().stdout;
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("telegram "))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" TELEGRAM_BOT_TOKEN ")
+            && line.contains(" TELEGRAM_BOT_TOKEN:__TELEGRAM_BOT_TOKEN__:path "),
+        "{listed}"
+    );
+    let services = owner
+        .run(&["vault", "service", "list", "--json"])
+        .ok()
+        .json();
+    assert_eq!(services[0]["substitutions"], declared, "{services}");
+    assert!(services[0].get("redact_responses").is_none(), "{services}");
+    // --substitute adds to the template's substitutions; --no-redact turns redaction off.
+    owner
+        .run(&[
+            "vault",
+            "service",
+            "add",
+            "--from-catalog",
+            "telegram",
+            "--name",
+            "telegram-files",
+            "--host",
+            "files.telegram.example.com",
+            "--substitute",
+            "TELEGRAM_BOT_TOKEN:__TG_TOKEN_IN_QUERY__:query",
+            "--no-redact",
+        ])
+        .ok();
+    let services = owner
+        .run(&["vault", "service", "list", "--json"])
+        .ok()
+        .json();
+    let files = services
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "telegram-files").cloned())
+        .unwrap_or_default();
+    assert_eq!(
+        files["substitutions"],
+        json!([{"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TELEGRAM_BOT_TOKEN__", "in": ["path"]},
+               {"key": "TELEGRAM_BOT_TOKEN", "placeholder": "__TG_TOKEN_IN_QUERY__", "in": ["query"]}]),
+        "{services}"
+    );
+    assert_eq!(files["redact_responses"], false, "{services}");
+
+    // An agent proposing the template gets its substitution, and discovers what to
+    // write once it is live; never the value.
+    let token = owner
+        .run(&["agent", "create", "bot", "--vault", "default"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let agent = server.api(Some(&token));
+    let (status, created) = agent.post(
+        "/v1/proposals",
+        &json!({"services": [{"name": "telegram2", "catalog": "telegram"}]}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let (_, proposal) = agent.get(&format!("/v1/proposals/{id}"));
+    assert_eq!(proposal["services"][0]["substitutions"], declared);
+    let (status, discovered) = agent.get("/discover");
+    assert_eq!(status, 200, "{discovered}");
+    assert_eq!(discovered["services"][0]["name"], "telegram");
+    assert_eq!(discovered["services"][0]["substitutions"], declared);
+    assert_eq!(discovered["services"][0]["redact_responses"], true);
+    assert!(
+        !discovered.to_string().contains("tg-secret"),
+        "{discovered}"
     );
 }

@@ -1967,3 +1967,133 @@ fn vault_update_sets_and_clears_passthrough_hosts_and_says_why_it_refuses_one() 
         cleared.stdout
     );
 }
+
+#[test]
+fn substitute_and_no_redact_flags_add_list_propose_and_discover() {
+    let (server, cli) = setup();
+    cli.run(&["vault", "credential", "set", "BOT_TOKEN=123:bot-secret"])
+        .ok();
+    let add = |name: &str, extra: &[&str]| {
+        let host = format!("{name}.example.com");
+        let mut args = vec![
+            "vault",
+            "service",
+            "add",
+            "--name",
+            name,
+            "--host",
+            host.as_str(),
+            "--auth-type",
+            "passthrough",
+        ];
+        args.extend_from_slice(extra);
+        cli.run(&args)
+    };
+    // Malformed flags are refused before anything is sent, saying why.
+    for (flag, reason) in [
+        (
+            "BOT_TOKEN:__BOT_TOKEN__",
+            "write it as KEY:PLACEHOLDER:SURFACE",
+        ),
+        (
+            "BOT_TOKEN:__BOT_TOKEN__:cookie",
+            "unknown surface \"cookie\"",
+        ),
+        ("BOT_TOKEN:BOT_TOKEN:path", "starts and ends with __"),
+    ] {
+        let error = add("bad", &["--substitute", flag]).fails().stderr;
+        assert!(
+            error.contains("for '--substitute") && error.contains(reason),
+            "{flag}: {error}"
+        );
+    }
+    let out = add(
+        "bot",
+        &[
+            "--substitute",
+            "BOT_TOKEN:__BOT_TOKEN__:path,query",
+            "--no-redact",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout
+            .contains("substitutes BOT_TOKEN:__BOT_TOKEN__:path,query, responses not redacted"),
+        "{}",
+        out.stdout
+    );
+    add("plain", &[]).ok();
+    let listed = cli.run(&["vault", "service", "list"]).ok().stdout;
+    assert!(
+        listed.contains("REDACT") && listed.contains("SUBSTITUTIONS"),
+        "{listed}"
+    );
+    let line = |name: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line("bot ").contains(" no ")
+            && line("bot ").contains(" BOT_TOKEN:__BOT_TOKEN__:path,query "),
+        "{listed}"
+    );
+    assert!(line("plain ").contains(" yes "), "{listed}");
+    assert!(!listed.contains("bad.example.com"), "{listed}");
+    let bot = services_json(&cli, "default")
+        .into_iter()
+        .find(|s| s["name"] == "bot")
+        .unwrap_or_default();
+    assert_eq!(
+        bot["substitutions"],
+        json!([{"key": "BOT_TOKEN", "placeholder": "__BOT_TOKEN__", "in": ["path", "query"]}])
+    );
+    assert_eq!(bot["redact_responses"], false);
+
+    // An agent proposes one, and shows it with the diff; it discovers the live one.
+    let token = create_agent(&cli, "helper", "default");
+    let agent = cli.with_token(&token);
+    let created = agent
+        .run(&[
+            "vault",
+            "proposal",
+            "create",
+            "--service-name",
+            "echo",
+            "--host",
+            "echo.example.com",
+            "--auth-type",
+            "passthrough",
+            "--substitute",
+            "BOT_TOKEN:__ECHO_TOKEN__:header,body",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let id = created["id"].as_u64().unwrap_or_default().to_string();
+    let shown = cli.run(&["vault", "proposal", "show", &id]).ok().stdout;
+    assert!(
+        shown.contains("[substitutes BOT_TOKEN:__ECHO_TOKEN__:header,body]"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("new service echo: echo.example.com, passthrough BOT_TOKEN, TLS on, substitutes BOT_TOKEN:__ECHO_TOKEN__:header,body"),
+        "{shown}"
+    );
+    let found = agent.run(&["vault", "discover", "--json"]).ok().json();
+    let bot = found["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "bot").cloned())
+        .unwrap_or_default();
+    assert_eq!(bot["substitutions"][0]["placeholder"], "__BOT_TOKEN__");
+    assert_eq!(bot["redact_responses"], false);
+    let table = agent.run(&["vault", "discover"]).ok().stdout;
+    assert!(
+        table.contains("BOT_TOKEN:__BOT_TOKEN__:path,query"),
+        "{table}"
+    );
+    assert!(!table.contains("bot-secret") && !found.to_string().contains("bot-secret"));
+    drop(server);
+}
