@@ -145,6 +145,7 @@ impl Root {
             mode: self.mode,
             log: Rc::new(RefCell::new(RequestLog::default())),
             waiting: false,
+            body: Vec::new(),
         }
     }
 }
@@ -159,6 +160,9 @@ pub struct Http {
     log: Rc<RefCell<RequestLog>>,
     /// Joined a fetch at some point: tell the worker when this request goes away.
     waiting: bool,
+    /// Request-side substitution: the body taken so far, for a service that
+    /// substitutes in bodies (see [`Http::on_request_body`]).
+    body: Vec<u8>,
 }
 
 impl Http {
@@ -288,16 +292,20 @@ impl Http {
 
 /// Request-side substitution: the request body.
 impl Http {
-    /// `on_http_request_body` (`body_size`: the body buffered so far, this chunk
-    /// included). A request whose headers are not forwarded (waiting for a credential,
-    /// or refused) is held, whatever the body: continuing would send it without its
-    /// credential. A forwarded request's body passes, unless its service substitutes in
-    /// bodies: then it is buffered to its end (413 past the bound), substituted and
-    /// replaced.
+    /// `on_http_request_body` (`chunk_size`: the size of the chunk being delivered).
+    ///
+    /// A request whose headers are not forwarded (waiting for a credential, or
+    /// refused) is held, whatever the body: continuing would send it without its
+    /// credential. A forwarded request's body passes, unless its service substitutes
+    /// in bodies: then each chunk is taken into the VM and an empty one passes on (the
+    /// body is never left in Envoy's buffer, which a filter after this one flushes
+    /// upstream when it resumes, e.g. after its DNS lookup); at the end of the body
+    /// the whole is substituted and passes on as the last chunk. Past the bound: 413,
+    /// and the upstream saw the headers and no byte of the body.
     pub fn on_request_body(
         &mut self,
         host: &mut impl Host,
-        body_size: usize,
+        chunk_size: usize,
         end_of_stream: bool,
     ) -> Flow {
         let (limit, service) = {
@@ -310,14 +318,24 @@ impl Http {
                 BodyPlan::Substitute { limit, service, .. } => (*limit, service.clone()),
             }
         };
-        if u64::try_from(body_size).unwrap_or(u64::MAX) > limit {
+        let taken = self.body.len().saturating_add(chunk_size);
+        if u64::try_from(taken).unwrap_or(u64::MAX) > limit {
             let reject = reply::request_body_too_large(&service, limit, None);
             return self.refuse_body(host, &reject);
         }
-        if !end_of_stream {
-            return Flow::Pause;
+        let drained_before = !self.body.is_empty();
+        if chunk_size > 0 {
+            let chunk = host.request_body(chunk_size);
+            self.body.extend_from_slice(&chunk);
+            crate::cache::wipe(chunk);
         }
-        let body = host.request_body(body_size);
+        if !end_of_stream {
+            if chunk_size > 0 {
+                host.replace_request_body(chunk_size, &[]);
+            }
+            return Flow::Continue;
+        }
+        let whole = std::mem::take(&mut self.body);
         let substituted = {
             let Ok(log) = self.log.try_borrow() else {
                 return Flow::Pause;
@@ -327,22 +345,30 @@ impl Http {
             else {
                 return Flow::Pause;
             };
-            substitute::substitute_body(secrets, &body, content_type, &service)
+            substitute::substitute_body(secrets, &whole, content_type, &service)
         };
-        crate::cache::wipe(body);
-        match substituted {
-            Ok(None) => Flow::Continue,
+        let flow = match substituted {
             Ok(Some(new_body)) => {
-                host.replace_request_body(body_size, &new_body);
+                host.replace_request_body(chunk_size, &new_body);
                 crate::cache::wipe(new_body);
                 Flow::Continue
             }
+            Ok(None) => {
+                // Unchanged: the chunks taken before go back in front of this one.
+                if drained_before {
+                    host.replace_request_body(chunk_size, &whole);
+                }
+                Flow::Continue
+            }
             Err(reject) => self.refuse_body(host, &reject),
-        }
+        };
+        crate::cache::wipe(whole);
+        flow
     }
 
     /// Refuses a request from a body callback; its later body callbacks hold.
     fn refuse_body(&mut self, host: &mut impl Host, reject: &Reject) -> Flow {
+        crate::cache::wipe(std::mem::take(&mut self.body));
         if let Ok(mut log) = self.log.try_borrow_mut() {
             log.body = BodyPlan::Hold;
         }
@@ -1837,7 +1863,7 @@ mod tests {
     }
 
     impl Vm {
-        /// A body callback of request `id`: `body` is what Envoy buffered so far.
+        /// A body callback of request `id` delivering `body`.
         fn body(&mut self, id: u32, body: &[u8], end_of_stream: bool) -> Flow {
             self.host.current = id;
             self.host.bodies.insert(id, body.to_vec());
@@ -1965,16 +1991,29 @@ mod tests {
                 resume(2)
             ]
         );
-        assert_eq!(vm.body(2, br#"{"key":"__STR"#, false), Flow::Pause);
-        assert_eq!(vm.calls(), vec![], "buffering asks nothing of the host");
-        let whole = br#"{"key":"__STRIPE_KEY__"}"#;
-        assert_eq!(vm.body(2, whole, true), Flow::Continue);
+        // Each chunk is taken into the VM and an empty one passes on; the last one
+        // carries the whole body, substituted.
+        assert_eq!(vm.body(2, br#"{"key":"__STR"#, false), Flow::Continue);
         assert_eq!(
             vm.calls(),
             vec![
                 Call::ReadBody {
                     context: 2,
-                    size: whole.len()
+                    size: 13
+                },
+                Call::ReplaceBody {
+                    context: 2,
+                    body: String::new()
+                }
+            ]
+        );
+        assert_eq!(vm.body(2, br#"IPE_KEY__"}"#, true), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadBody {
+                    context: 2,
+                    size: 11
                 },
                 Call::ReplaceBody {
                     context: 2,
@@ -2000,7 +2039,7 @@ mod tests {
                 body: "a=1&k=s%22k".to_owned()
             }
         );
-        // No placeholder: read, left alone.
+        // No placeholder in one chunk: read, left alone; in several: put back whole.
         vm.request_with(4, to_stripe("POST", "/v1", form));
         vm.calls();
         assert_eq!(vm.body(4, b"a=1", true), Flow::Continue);
@@ -2010,6 +2049,23 @@ mod tests {
                 context: 4,
                 size: 3
             }]
+        );
+        vm.request_with(5, to_stripe("POST", "/v1", form));
+        vm.body(5, b"a=1", false);
+        vm.calls();
+        assert_eq!(vm.body(5, b"&b=2", true), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadBody {
+                    context: 5,
+                    size: 4
+                },
+                Call::ReplaceBody {
+                    context: 5,
+                    body: "a=1&b=2".to_owned()
+                }
+            ]
         );
     }
 
@@ -2040,17 +2096,19 @@ mod tests {
             vm.calls(),
             vec![read(3), reject(3, 413, "request_body_too_large")]
         );
-        // Streamed: refused once the buffered body passes the bound.
+        // Streamed: refused once the body taken passes the bound.
         let flow = vm.request_with(
             4,
             to_stripe("POST", "/v1", &[("transfer-encoding", "chunked")]),
         );
         assert_eq!(flow, Flow::Continue);
         vm.calls();
-        assert_eq!(vm.body(4, &[b'a'; 1024], false), Flow::Pause);
-        assert_eq!(vm.body(4, &[b'a'; 1025], false), Flow::Pause);
+        assert_eq!(vm.body(4, &[b'a'; 1000], false), Flow::Continue);
+        assert_eq!(vm.body(4, &[b'a'; 24], false), Flow::Continue);
+        vm.calls();
+        assert_eq!(vm.body(4, b"a", false), Flow::Pause);
         assert_eq!(vm.calls(), vec![reject(4, 413, "request_body_too_large")]);
-        assert_eq!(vm.body(4, &[b'a'; 1030], true), Flow::Pause);
+        assert_eq!(vm.body(4, b"a", true), Flow::Pause);
         assert_eq!(vm.calls(), vec![], "nothing after the refusal");
     }
 

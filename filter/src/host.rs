@@ -185,11 +185,11 @@ pub trait Host: SharedStore {
     /// each name gets exactly the values given, in order; none removes it.
     fn edit_request_headers(&mut self, edits: &[(String, Vec<String>)]);
 
-    /// The current context's request body buffered so far (`size` bytes, as the body
-    /// callback reported); empty if the host cannot give it.
+    /// The request body chunk being delivered to the current context (`size` bytes,
+    /// as the body callback reported); empty if the host cannot give it.
     fn request_body(&mut self, size: usize) -> Vec<u8>;
 
-    /// Replaces the current context's buffered request body (`old_size` bytes) with
-    /// `body`.
+    /// Replaces the request body chunk being delivered (`old_size` bytes) with `body`
+    /// (empty: nothing of it passes on).
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]);
 }

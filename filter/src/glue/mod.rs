@@ -94,8 +94,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        // Pause here is StopIterationAndBuffer: Envoy keeps the chunk and hands the
-        // whole body so far to the next call.
+        // Pause here is StopIterationAndBuffer (only for a request not forwarded).
         match self
             .0
             .on_request_body(&mut ProxyWasmHost, body_size, end_of_stream)
