@@ -34,10 +34,10 @@ pub struct Config {
     pub tls_header: String,
     /// Where this filter instance runs (see [`Mode`]).
     pub mode: Mode,
-    /// Largest request body the filter buffers to substitute placeholders in (services
+    /// Largest request body the filter holds to substitute placeholders in (services
     /// with a `body` substitution only); a larger one is answered 413
-    /// `request_body_too_large`. Envoy's own buffer limit (the listener's
-    /// `per_connection_buffer_limit_bytes`) must be above it, or Envoy answers first.
+    /// `request_body_too_large`. The body is held in the worker's VM, not in Envoy's
+    /// buffer, so Envoy's buffer limit does not bound it.
     pub max_substitution_body_bytes: u64,
 }
 

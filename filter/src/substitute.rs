@@ -10,11 +10,13 @@
 //!   driver already read; the host applies them with the forward. Pseudo-headers other
 //!   than `:path`, the headers the filter itself removes or sets, and the framing
 //!   headers are never substituted in.
-//! - Body: for a service with a `body` substitution, the request's body is buffered
-//!   whole (up to [`crate::config::Config::max_substitution_body_bytes`], else 413),
-//!   substituted by content type, and replaced ([`substitute_body`]). Its length
-//!   changes, so a `content-length` is removed when the headers are forwarded and
-//!   Envoy sends the body upstream chunked.
+//! - Body: for a service with a `body` substitution, the request's body is taken into
+//!   the VM chunk by chunk (up to
+//!   [`crate::config::Config::max_substitution_body_bytes`], else 413), substituted
+//!   whole by content type ([`substitute_body`]) and sent on as the last chunk (see
+//!   [`crate::driver::Http::on_request_body`]). Its length changes, so a
+//!   `content-length` is removed when the headers are forwarded and Envoy sends the
+//!   body upstream chunked.
 //!
 //! Until a request's headers are forwarded its [`BodyPlan`] is [`BodyPlan::Hold`]: no
 //! body callback ever lets a request that waits for a credential (or was refused)

@@ -462,7 +462,8 @@ fn a_body_too_large_to_substitute_in_is_a_json_413_declared_or_streamed_and_a_la
     let (stack, token) = plain_stack(&echo, &recorder, 0);
     let url = echo.url("/v1/upload");
 
-    // 2 MiB, above Envoy's default buffer limit of 1 MiB: the bootstrap raises it.
+    // 2 MiB, above Envoy's buffer limit (the listener's default 1 MiB): the filter
+    // takes the body into its VM chunk by chunk, so Envoy's limit never answers first.
     let mut large = b"{\"pad\":\"".to_vec();
     large.extend(std::iter::repeat_n(b'a', 2 * 1024 * 1024));
     large.extend_from_slice(b"\",\"key\":\"__BODY_SECRET__\"}");
