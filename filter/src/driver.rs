@@ -366,6 +366,23 @@ impl Http {
         flow
     }
 
+    /// `on_http_request_trailers`: held while the request is not forwarded; refused
+    /// (415) for a service that substitutes in bodies, as the body it holds could no
+    /// longer be sent before the trailers; else passed.
+    pub fn on_request_trailers(&mut self, host: &mut impl Host) -> Flow {
+        let service = {
+            let Ok(log) = self.log.try_borrow() else {
+                return Flow::Pause;
+            };
+            match &log.body {
+                BodyPlan::Hold => return Flow::Pause,
+                BodyPlan::Pass => return Flow::Continue,
+                BodyPlan::Substitute { service, .. } => service.clone(),
+            }
+        };
+        self.refuse_body(host, &reply::substitution_body_with_trailers(&service))
+    }
+
     /// Refuses a request from a body callback; its later body callbacks hold.
     fn refuse_body(&mut self, host: &mut impl Host, reject: &Reject) -> Flow {
         crate::cache::wipe(std::mem::take(&mut self.body));
@@ -2132,6 +2149,42 @@ mod tests {
                 reject(2, 415, "unsupported_substitution_body")
             ]
         );
+    }
+
+    #[test]
+    fn trailers_after_a_body_to_substitute_in_are_refused_415_and_others_pass() {
+        let mut vm = substituting_vm("", &[Surface::Body]);
+        let json: &[(&'static str, &str)] = &[("content-type", "application/json")];
+        vm.request_with(2, to_stripe("POST", "/v1", json));
+        vm.host.current = 2;
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|h| h.on_request_trailers(&mut vm.host));
+        assert_eq!(flow, Some(Flow::Pause), "held while waiting");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.calls();
+        assert_eq!(vm.body(2, b"{}", false), Flow::Continue);
+        vm.calls();
+        vm.host.current = 2;
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|h| h.on_request_trailers(&mut vm.host));
+        assert_eq!(flow, Some(Flow::Pause));
+        assert_eq!(
+            vm.calls(),
+            vec![reject(2, 415, "unsupported_substitution_body")]
+        );
+        let mut vm = Vm::running("");
+        vm.request_with(3, to_stripe("POST", "/v1", json));
+        vm.answer(3, FIRST, credentials("sk_1"));
+        vm.host.current = 3;
+        let flow = vm
+            .requests
+            .get_mut(&3)
+            .map(|h| h.on_request_trailers(&mut vm.host));
+        assert_eq!(flow, Some(Flow::Continue));
     }
 
     #[test]

@@ -646,6 +646,18 @@ pub fn substitution_body_not_utf8(service: &str) -> Reject {
     )
 }
 
+/// Trailers after a body a `body` substitution holds → 415: the substituted body
+/// could not be sent before them.
+pub fn substitution_body_with_trailers(service: &str) -> Reject {
+    Reject::new(
+        ErrorCode::UnsupportedSubstitutionBody,
+        format!(
+            "service {service:?} substitutes placeholders in request bodies, which the \
+             proxy cannot do for a body followed by trailers; send it without trailers"
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,6 +719,11 @@ mod tests {
             ),
             (
                 substitution_body_not_utf8("s"),
+                415,
+                "unsupported_substitution_body",
+            ),
+            (
+                substitution_body_with_trailers("s"),
                 415,
                 "unsupported_substitution_body",
             ),
