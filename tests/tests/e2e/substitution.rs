@@ -628,6 +628,19 @@ fn inside_an_https_tunnel_placeholders_are_replaced_too() {
     let body = echoed_json_body(&seen);
     assert_eq!(body, json!({"password": BODY_SECRET, "h": "__HDR_KEY__"}));
 
+    // A chunked form body, the placeholder split across chunks.
+    let mut raw = format!(
+        "POST /v1/form HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n",
+        echo.authority()
+    )
+    .into_bytes();
+    for piece in chunked(&[b"a=1&k=__BODY", b"_SECRET__"]) {
+        raw.extend_from_slice(&piece);
+    }
+    let posted = tunnel.request_raw(&raw).unwrap();
+    assert_eq!(posted.status, 200, "{}", posted.text());
+    assert_eq!(posted.json()["body"], "a=1&k=p%22a+ss%26w%5C");
+
     // A declared length over the bound: 413 on the headers, inside the tunnel too.
     let mut fresh = open().unwrap_or_else(|e| panic!("{e:?}"));
     let declared = (BODY_BOUND + 1).to_string();
