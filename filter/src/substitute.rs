@@ -195,7 +195,7 @@ fn header_edits(
             let (new_value, _) =
                 substitution::substitute_header(value, filled).map_err(|error| match error {
                     SubstitutionError::UnsafeHeaderValue { key } => {
-                        reply::invalid_credential_value(names.vault, &key)
+                        reply::unsafe_substituted_header(names.vault, &key)
                     }
                     // Not produced for headers.
                     _ => reply::invalid_service(names.vault, names.service, "substitution"),
@@ -340,6 +340,11 @@ mod tests {
         let refused = plan(&Config::default(), &forward, &known, NAMES).unwrap_err();
         assert_eq!(refused.code.as_str(), "invalid_credential_value");
         assert!(refused.body.contains("\"KEY\""), "{}", refused.body);
+        assert!(
+            refused.body.contains("control character"),
+            "{}",
+            refused.body
+        );
         assert!(!refused.body.contains("Evil"), "{}", refused.body);
         // Not sent in a header: nothing to refuse.
         let known = headers(&[(":path", "/__IN_HEADER__")]);

@@ -646,6 +646,21 @@ pub fn substitution_body_not_utf8(service: &str) -> Reject {
     )
 }
 
+/// A value a `header` substitution would write holds a control character → 502
+/// `invalid_credential_value`, naming the key (nothing is sent).
+pub fn unsafe_substituted_header(vault: &str, key: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert("key".to_owned(), Value::from(key));
+    Reject::with_fields(
+        ErrorCode::InvalidCredentialValue,
+        format!(
+            "credential {key:?} of vault {vault:?} has a value that cannot be substituted in \
+             a request header (it contains a control character); the request was not sent"
+        ),
+        fields,
+    )
+}
+
 /// Trailers after a body a `body` substitution holds → 415: the substituted body
 /// could not be sent before them.
 pub fn substitution_body_with_trailers(service: &str) -> Reject {
@@ -721,6 +736,11 @@ mod tests {
                 substitution_body_not_utf8("s"),
                 415,
                 "unsupported_substitution_body",
+            ),
+            (
+                unsafe_substituted_header("v", "K"),
+                502,
+                "invalid_credential_value",
             ),
             (
                 substitution_body_with_trailers("s"),
