@@ -3,7 +3,8 @@
 //! agent's placeholders on the declared surfaces only (path, query, header, JSON and
 //! form bodies, chunked or not), plain and inside HTTPS tunnels; a body too large to
 //! buffer is a JSON 413 (declared or streamed), a placeholder in a body of another
-//! type a JSON 415, an unset key a 502; the request log keeps the placeholder. Bad
+//! type a JSON 415, an unset key a 502, a value with a line break for a header a 502;
+//! the request log keeps the placeholder. Bad
 //! declarations are a 400 from the API.
 
 use std::io::{Read, Write};
@@ -697,4 +698,36 @@ fn the_api_refuses_an_invalid_substitution_with_a_clear_400() {
     let (status, listed) = owner.get("/v1/vaults/default/services");
     assert_eq!(status, 200);
     assert!(!listed.to_string().contains("api.telegram.org"), "{listed}");
+}
+
+#[test]
+fn a_value_with_a_line_break_is_never_written_into_a_header_and_is_encoded_in_a_path() {
+    let echo = Echo::plain();
+    let recorder = Recorder::start();
+    // No cache: the new values are used at once.
+    let (stack, token) = plain_stack(&echo, &recorder, 0);
+    stack.set_credential("default", "HDR_KEY", "v\r\nX-Injected: 1");
+    stack.set_credential("default", "TG_TOKEN", "t\r\nX-Injected: 2");
+    let refused = stack.get_as(
+        &token,
+        "default",
+        &echo.url("/v1/x"),
+        &[("X-Api-Key", "__HDR_KEY__")],
+    );
+    let body = assert_refused(&refused, 502, "invalid_credential_value");
+    assert_eq!(body["key"], "HDR_KEY", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("control character"),
+        "{body}"
+    );
+    assert!(!refused.body.contains("X-Injected"), "{}", refused.body);
+    assert!(echo.received().is_empty(), "{:?}", echo.received());
+    // In the path the same kind of value is percent-encoded, and no header appears.
+    let got = stack.get_as(&token, "default", &echo.url("/bot__TG_TOKEN__/x"), &[]);
+    let seen = got.echoed();
+    assert_eq!(seen["path"], "/bott%0D%0AX-Injected%3A%202/x");
+    assert!(header_lines(&seen, "x-injected").is_empty(), "{seen}");
 }
