@@ -4,8 +4,7 @@
 //! form bodies, chunked or not), plain and inside HTTPS tunnels; a body too large to
 //! buffer is a JSON 413 (declared or streamed), a placeholder in a body of another
 //! type a JSON 415, an unset key a 502, a value with a line break for a header a 502;
-//! the request log keeps the placeholder. Bad
-//! declarations are a 400 from the API.
+//! the request log keeps the placeholder. Bad declarations are a 400 from the API.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
