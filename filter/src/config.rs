@@ -34,7 +34,15 @@ pub struct Config {
     pub tls_header: String,
     /// Where this filter instance runs (see [`Mode`]).
     pub mode: Mode,
+    /// Largest request body the filter holds to substitute placeholders in (services
+    /// with a `body` substitution only); a larger one is answered 413
+    /// `request_body_too_large`. The body is held in the worker's VM, not in Envoy's
+    /// buffer, so Envoy's buffer limit does not bound it.
+    pub max_substitution_body_bytes: u64,
 }
+
+/// The default of [`Config::max_substitution_body_bytes`]: 4 MiB.
+pub const DEFAULT_MAX_SUBSTITUTION_BODY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Where a filter instance runs: on the listener agents connect to, or inside the
 /// tunnels of HTTPS agents that Envoy decrypts (DESIGN.md §3, "HTTPS agents").
@@ -64,6 +72,7 @@ impl Default for Config {
             log_batch_max: 1000,
             tls_header: "x-agent-vault-upstream".to_owned(),
             mode: Mode::Proxy,
+            max_substitution_body_bytes: DEFAULT_MAX_SUBSTITUTION_BODY_BYTES,
         }
     }
 }
@@ -123,7 +132,7 @@ impl Config {
                 self.authority
             ));
         }
-        let ranges: [(&str, u64, u64, u64); 5] = [
+        let ranges: [(&str, u64, u64, u64); 6] = [
             ("snapshot_poll_ms", self.snapshot_poll_ms, 100, 600_000),
             (
                 "credential_cache_ttl_ms",
@@ -139,6 +148,13 @@ impl Config {
                 1,
                 // The control plane refuses larger batches.
                 MAX_LOG_BATCH_RECORDS as u64,
+            ),
+            // The whole body is held in the worker's memory while it is substituted.
+            (
+                "max_substitution_body_bytes",
+                self.max_substitution_body_bytes,
+                1024,
+                64 * 1024 * 1024,
             ),
         ];
         for (name, value, min, max) in ranges {
@@ -190,13 +206,15 @@ mod tests {
         assert_eq!(defaults.log_batch_max, 1000);
         assert_eq!(defaults.tls_header, "x-agent-vault-upstream");
         assert_eq!(defaults.mode, Mode::Proxy);
+        assert_eq!(defaults.max_substitution_body_bytes, 4 * 1024 * 1024);
     }
 
     #[test]
     fn every_field_can_be_set() {
         let json = r#"{"cluster":"cp","authority":"vault.internal","snapshot_poll_ms":500,
             "credential_cache_ttl_ms":0,"callout_timeout_ms":300,"log_flush_ms":2000,
-            "log_batch_max":10,"tls_header":"X-Upstream-TLS","mode":"tunnel"}"#;
+            "log_batch_max":10,"tls_header":"X-Upstream-TLS","mode":"tunnel",
+            "max_substitution_body_bytes":2048}"#;
         let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             config,
@@ -210,6 +228,7 @@ mod tests {
                 log_batch_max: 10,
                 tls_header: "x-upstream-tls".into(),
                 mode: Mode::Tunnel,
+                max_substitution_body_bytes: 2048,
             }
         );
     }
@@ -236,6 +255,8 @@ mod tests {
             ("tls header reserved", r#"{"tls_header":"Authorization"}"#, "cannot be \"authorization\""),
             ("tls header is the tunnel's", r#"{"tls_header":"X-Agent-Vault-Tunnel"}"#, "cannot be \"x-agent-vault-tunnel\""),
             ("unknown mode", r#"{"mode":"sidecar"}"#, "unknown variant `sidecar`"),
+            ("body bound too small", r#"{"max_substitution_body_bytes":10}"#, "\"max_substitution_body_bytes\" must be between 1024 and 67108864"),
+            ("body bound too large", r#"{"max_substitution_body_bytes":1000000000}"#, "\"max_substitution_body_bytes\""),
         ];
         for (behaviour, json, needle) in cases {
             let message = match Config::parse(json.as_bytes()) {

@@ -21,11 +21,13 @@ use std::rc::Rc;
 use agent_vault_rules::reply::{self, ErrorCode, Reject};
 
 use crate::config::{Config, Mode};
-use crate::decide::{Decision, FetchPlan, Request, Tunnelled};
+use crate::decide::{Decision, FetchPlan, Forward, Request, Tunnelled};
 use crate::flight::{Answer, Completion, Join, Waiter, GRACE_MS};
+use crate::header_map::HeaderMap;
 use crate::host::{Host, LogLevel, Stat};
 use crate::request_log::RequestLog;
 use crate::stats::Callout;
+use crate::substitute::{self, BodyPlan};
 use crate::worker::{PollOutcome, Worker};
 
 /// How Envoy's response details start when its RBAC filter (the destination check of
@@ -143,6 +145,7 @@ impl Root {
             mode: self.mode,
             log: Rc::new(RefCell::new(RequestLog::default())),
             waiting: false,
+            body: Vec::new(),
         }
     }
 }
@@ -157,6 +160,9 @@ pub struct Http {
     log: Rc<RefCell<RequestLog>>,
     /// Joined a fetch at some point: tell the worker when this request goes away.
     waiting: bool,
+    /// Request-side substitution: the body taken so far, for a service that
+    /// substitutes in bodies (see [`Http::on_request_body`]).
+    body: Vec<u8>,
 }
 
 impl Http {
@@ -209,16 +215,11 @@ impl Http {
         match decision {
             Decision::Reject(reject) => refuse(host, &self.log, &reject),
             Decision::Forward(forward) => {
-                host.stat(Stat::Forwarded {
-                    forward: &forward,
-                    from_cache: true,
-                });
-                if let (Some(secrets), Ok(mut log)) = (&forward.secrets, self.log.try_borrow_mut())
-                {
-                    log.secrets = Some(Rc::clone(secrets));
+                if forward_request(host, worker.config(), &self.log, &forward, &headers, true) {
+                    Flow::Continue
+                } else {
+                    Flow::Pause
                 }
-                host.apply_forward(worker.config(), &forward, &headers);
-                Flow::Continue
             }
             Decision::Fetch(plan) => {
                 host.stat(Stat::CacheMiss);
@@ -289,6 +290,109 @@ impl Http {
     }
 }
 
+/// Request-side substitution: the request body.
+impl Http {
+    /// `on_http_request_body` (`chunk_size`: the size of the chunk being delivered).
+    ///
+    /// A request whose headers are not forwarded (waiting for a credential, or
+    /// refused) is held, whatever the body: continuing would send it without its
+    /// credential. A forwarded request's body passes, unless its service substitutes
+    /// in bodies: then each chunk is taken into the VM and an empty one passes on (the
+    /// body is never left in Envoy's buffer, which a filter after this one flushes
+    /// upstream when it resumes, e.g. after its DNS lookup); at the end of the body
+    /// the whole is substituted and passes on as the last chunk. Past the bound: 413,
+    /// and the upstream saw the headers and no byte of the body.
+    pub fn on_request_body(
+        &mut self,
+        host: &mut impl Host,
+        chunk_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let (limit, service) = {
+            let Ok(log) = self.log.try_borrow() else {
+                return Flow::Pause;
+            };
+            match &log.body {
+                BodyPlan::Hold => return Flow::Pause,
+                BodyPlan::Pass => return Flow::Continue,
+                BodyPlan::Substitute { limit, service, .. } => (*limit, service.clone()),
+            }
+        };
+        let taken = self.body.len().saturating_add(chunk_size);
+        if u64::try_from(taken).unwrap_or(u64::MAX) > limit {
+            let reject = reply::request_body_too_large(&service, limit, None);
+            return self.refuse_body(host, &reject);
+        }
+        let drained_before = !self.body.is_empty();
+        if chunk_size > 0 {
+            let chunk = host.request_body(chunk_size);
+            self.body.extend_from_slice(&chunk);
+            crate::cache::wipe(chunk);
+        }
+        if !end_of_stream {
+            if chunk_size > 0 {
+                host.replace_request_body(chunk_size, &[]);
+            }
+            return Flow::Continue;
+        }
+        let whole = std::mem::take(&mut self.body);
+        let substituted = {
+            let Ok(log) = self.log.try_borrow() else {
+                return Flow::Pause;
+            };
+            let (BodyPlan::Substitute { content_type, .. }, Some(secrets)) =
+                (&log.body, &log.secrets)
+            else {
+                return Flow::Pause;
+            };
+            substitute::substitute_body(secrets, &whole, content_type, &service)
+        };
+        let flow = match substituted {
+            Ok(Some(new_body)) => {
+                host.replace_request_body(chunk_size, &new_body);
+                crate::cache::wipe(new_body);
+                Flow::Continue
+            }
+            Ok(None) => {
+                // Unchanged: the chunks taken before go back in front of this one.
+                if drained_before {
+                    host.replace_request_body(chunk_size, &whole);
+                }
+                Flow::Continue
+            }
+            Err(reject) => self.refuse_body(host, &reject),
+        };
+        crate::cache::wipe(whole);
+        flow
+    }
+
+    /// `on_http_request_trailers`: held while the request is not forwarded; refused
+    /// (415) for a service that substitutes in bodies, as the body it holds could no
+    /// longer be sent before the trailers; else passed.
+    pub fn on_request_trailers(&mut self, host: &mut impl Host) -> Flow {
+        let service = {
+            let Ok(log) = self.log.try_borrow() else {
+                return Flow::Pause;
+            };
+            match &log.body {
+                BodyPlan::Hold => return Flow::Pause,
+                BodyPlan::Pass => return Flow::Continue,
+                BodyPlan::Substitute { service, .. } => service.clone(),
+            }
+        };
+        self.refuse_body(host, &reply::substitution_body_with_trailers(&service))
+    }
+
+    /// Refuses a request from a body callback; its later body callbacks hold.
+    fn refuse_body(&mut self, host: &mut impl Host, reject: &Reject) -> Flow {
+        crate::cache::wipe(std::mem::take(&mut self.body));
+        if let Ok(mut log) = self.log.try_borrow_mut() {
+            log.body = BodyPlan::Hold;
+        }
+        refuse(host, &self.log, reject)
+    }
+}
+
 impl Drop for Http {
     /// Envoy deleted the context (the request finished or its client went away).
     fn drop(&mut self) {
@@ -298,6 +402,51 @@ impl Drop for Http {
             }
         }
     }
+}
+
+/// Forwards the current request: plans its substitutions (a refusal is answered
+/// instead, and `false` returned), keeps what its body and response need in `log`,
+/// then carries out the forward and the header edits.
+fn forward_request(
+    host: &mut impl Host,
+    config: &Config,
+    log: &RefCell<RequestLog>,
+    forward: &Forward,
+    known: &HeaderMap,
+    from_cache: bool,
+) -> bool {
+    let planned = match log.try_borrow() {
+        Ok(entry) => substitute::plan(
+            config,
+            forward,
+            known,
+            substitute::Names {
+                vault: entry.vault.as_deref().unwrap_or_default(),
+                service: entry.service.as_deref().unwrap_or_default(),
+            },
+        ),
+        Err(_) => Err(reply::control_plane_unavailable("busy")),
+    };
+    let edits = match planned {
+        Ok(edits) => edits,
+        Err(reject) => {
+            refuse(host, log, &reject);
+            return false;
+        }
+    };
+    host.stat(Stat::Forwarded {
+        forward,
+        from_cache,
+    });
+    if let Ok(mut entry) = log.try_borrow_mut() {
+        entry.secrets.clone_from(&forward.secrets);
+        entry.body = edits.body;
+    }
+    host.apply_forward(config, forward, known);
+    if !edits.headers.is_empty() {
+        host.edit_request_headers(&edits.headers);
+    }
+    true
 }
 
 /// Answers the current request with `reject`.
@@ -494,15 +643,14 @@ fn apply_completions(
         }
         match completion.decision {
             Decision::Forward(forward) => {
-                host.stat(Stat::Forwarded {
-                    forward: &forward,
-                    from_cache: false,
-                });
                 // This request's headers again, in one call: then only the headers
                 // that are there are removed.
                 let known = host.request_headers();
-                host.apply_forward(config, &forward, &known);
-                host.resume();
+                // Alive while Envoy knows the context (its `Http` holds it).
+                let log = completion.log.upgrade().unwrap_or_default();
+                if forward_request(host, config, &log, &forward, &known, false) {
+                    host.resume();
+                }
             }
             Decision::Reject(reject) => {
                 host.stat(Stat::Denied(reject.code));
@@ -1664,5 +1812,412 @@ mod tests {
                 reject(2, 403, "method_not_allowed_for_service")
             ]
         );
+    }
+
+    // --- Request-side substitution ------------------------------------------------
+
+    use agent_vault_rules::substitution::{Substitution, Surface};
+
+    /// Running, with stripe substituting `STRIPE_KEY` for `__STRIPE_KEY__` on
+    /// `surfaces`.
+    fn substituting_vm(configuration: &str, surfaces: &[Surface]) -> Vm {
+        let mut snapshot = crate::worker::tests::snapshot("1");
+        snapshot.vaults[0].services[0].substitutions = vec![Substitution {
+            key: "STRIPE_KEY".to_owned(),
+            placeholder: "__STRIPE_KEY__".to_owned(),
+            surfaces: surfaces.to_vec(),
+        }];
+        let mut vm = Vm::configured(configuration);
+        vm.answer(
+            ROOT,
+            FakeHost::FIRST_TOKEN,
+            CallResponse {
+                status: Some(200),
+                from_control_plane: true,
+                body: serde_json::to_vec(&snapshot).unwrap_or_default(),
+            },
+        );
+        vm.host.clear();
+        vm
+    }
+
+    /// Alice's request to stripe with `method`, `path` and more headers.
+    fn to_stripe(
+        method: &str,
+        path: &str,
+        more: &[(&'static str, &str)],
+    ) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            (":method", method.to_owned()),
+            (":authority", "api.stripe.com".to_owned()),
+            (":path", path.to_owned()),
+            ("proxy-authorization", basic(ALICE, "")),
+        ];
+        headers.extend(more.iter().map(|(n, v)| (*n, (*v).to_owned())));
+        headers
+    }
+
+    fn edit(pairs: &[(&str, &[&str])]) -> Call {
+        Call::EditHeaders {
+            context: 0,
+            edits: pairs
+                .iter()
+                .map(|(n, vs)| {
+                    (
+                        (*n).to_owned(),
+                        vs.iter().map(|v| (*v).to_owned()).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn edit_on(context: u32, pairs: &[(&str, &[&str])]) -> Call {
+        match edit(pairs) {
+            Call::EditHeaders { edits, .. } => Call::EditHeaders { context, edits },
+            other => other,
+        }
+    }
+
+    impl Vm {
+        /// A body callback of request `id` delivering `body`.
+        fn body(&mut self, id: u32, body: &[u8], end_of_stream: bool) -> Flow {
+            self.host.current = id;
+            self.host.bodies.insert(id, body.to_vec());
+            let Some(http) = self.requests.get_mut(&id) else {
+                return Flow::Continue;
+            };
+            http.on_request_body(&mut self.host, body.len(), end_of_stream)
+        }
+    }
+
+    #[test]
+    fn path_query_and_header_placeholders_are_replaced_after_a_fetch_and_from_the_cache() {
+        let mut vm = substituting_vm(
+            r#"{"log_batch_max": 1}"#,
+            &[Surface::Path, Surface::Query, Surface::Header],
+        );
+        let path = "/bot__STRIPE_KEY__/send?k=__STRIPE_KEY__";
+        vm.request_with(
+            2,
+            to_stripe("GET", path, &[("x-api-key", "Key __STRIPE_KEY__")]),
+        );
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk/1 x"));
+        let edits: &[(&str, &[&str])] = &[
+            (":path", &["/botsk%2F1%20x/send?k=sk%2F1%20x"]),
+            ("x-api-key", &["Key sk/1 x"]),
+        ];
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, path, "sk/1 x"),
+                edit_on(2, edits),
+                resume(2)
+            ]
+        );
+        vm.finish(2, Some(200));
+        let logged = vm.calls();
+        assert!(
+            logged.contains(&Call::PostLogs {
+                records: strings(&["GET /bot__STRIPE_KEY__/send 200"]),
+                sent: true
+            }),
+            "the log keeps the agent's placeholder, never the value: {logged:?}"
+        );
+        // The same from the cache, on arrival.
+        let flow = vm.request_with(
+            3,
+            to_stripe("GET", path, &[("x-api-key", "Key __STRIPE_KEY__")]),
+        );
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![read(3), forward(3, path, "sk/1 x"), edit_on(3, edits)]
+        );
+    }
+
+    #[test]
+    fn a_placeholder_on_an_undeclared_surface_passes_literally() {
+        let mut vm = substituting_vm("", &[Surface::Query]);
+        vm.request_with(
+            2,
+            to_stripe("GET", "/__STRIPE_KEY__", &[("x-api-key", "__STRIPE_KEY__")]),
+        );
+        vm.answer(2, FIRST, credentials("sk_1"));
+        let calls = vm.calls();
+        assert!(calls.contains(&resume(2)), "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| matches!(c, Call::EditHeaders { .. })),
+            "{calls:?}"
+        );
+    }
+
+    #[test]
+    fn a_value_that_cannot_go_into_a_header_is_refused_502_and_nothing_is_forwarded() {
+        let mut vm = substituting_vm(r#"{"log_batch_max": 1}"#, &[Surface::Header]);
+        vm.request_with(
+            2,
+            to_stripe("GET", "/a", &[("x-api-key", "__STRIPE_KEY__")]),
+        );
+        vm.calls();
+        // A control character the auth header tolerates (it refuses CR, LF, NUL).
+        vm.answer(2, FIRST, credentials(r"sk_1\u0007x-evil"));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                reject(2, 502, "invalid_credential_value")
+            ]
+        );
+        vm.finish(2, None);
+        assert!(vm.calls().contains(&Call::PostLogs {
+            records: strings(&["GET /a 502 invalid_credential_value"]),
+            sent: true
+        }));
+        // From the cache likewise.
+        let flow = vm.request_with(
+            3,
+            to_stripe("GET", "/b", &[("x-api-key", "__STRIPE_KEY__")]),
+        );
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![read(3), reject(3, 502, "invalid_credential_value")]
+        );
+    }
+
+    #[test]
+    fn a_body_is_buffered_to_its_end_substituted_and_sent_without_its_old_length() {
+        let mut vm = substituting_vm("", &[Surface::Body]);
+        let json: &[(&'static str, &str)] = &[
+            ("content-type", "application/json"),
+            ("content-length", "26"),
+        ];
+        vm.request_with(2, to_stripe("POST", "/v1", json));
+        vm.calls();
+        vm.answer(2, FIRST, credentials(r#"s\"k"#));
+        assert_eq!(
+            vm.calls()[2..],
+            [
+                forward(2, "/v1", "s\"k"),
+                edit_on(2, &[("content-length", &[])]),
+                resume(2)
+            ]
+        );
+        // Each chunk is taken into the VM and an empty one passes on; the last one
+        // carries the whole body, substituted.
+        assert_eq!(vm.body(2, br#"{"key":"__STR"#, false), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadBody {
+                    context: 2,
+                    size: 13
+                },
+                Call::ReplaceBody {
+                    context: 2,
+                    body: String::new()
+                }
+            ]
+        );
+        assert_eq!(vm.body(2, br#"IPE_KEY__"}"#, true), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadBody {
+                    context: 2,
+                    size: 11
+                },
+                Call::ReplaceBody {
+                    context: 2,
+                    body: r#"{"key":"s\"k"}"#.to_owned()
+                }
+            ]
+        );
+        // A form body from the cache; chunked, so no length to remove.
+        let form: &[(&'static str, &str)] = &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("transfer-encoding", "chunked"),
+        ];
+        assert_eq!(
+            vm.request_with(3, to_stripe("POST", "/v1", form)),
+            Flow::Continue
+        );
+        assert_eq!(vm.calls(), vec![read(3), forward(3, "/v1", "s\"k")]);
+        assert_eq!(vm.body(3, b"a=1&k=__STRIPE_KEY__", true), Flow::Continue);
+        assert_eq!(
+            vm.calls()[1],
+            Call::ReplaceBody {
+                context: 3,
+                body: "a=1&k=s%22k".to_owned()
+            }
+        );
+        // No placeholder in one chunk: read, left alone; in several: put back whole.
+        vm.request_with(4, to_stripe("POST", "/v1", form));
+        vm.calls();
+        assert_eq!(vm.body(4, b"a=1", true), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadBody {
+                context: 4,
+                size: 3
+            }]
+        );
+        vm.request_with(5, to_stripe("POST", "/v1", form));
+        vm.body(5, b"a=1", false);
+        vm.calls();
+        assert_eq!(vm.body(5, b"&b=2", true), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadBody {
+                    context: 5,
+                    size: 4
+                },
+                Call::ReplaceBody {
+                    context: 5,
+                    body: "a=1&b=2".to_owned()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_body_over_the_bound_is_refused_413_by_its_length_or_while_it_streams() {
+        let mut vm = substituting_vm(r#"{"max_substitution_body_bytes": 1024}"#, &[Surface::Body]);
+        vm.request_with(2, to_stripe("POST", "/v1", &[("content-length", "1025")]));
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                reject(2, 413, "request_body_too_large")
+            ],
+            "never forwarded, never resumed"
+        );
+        assert_eq!(
+            vm.body(2, b"late", true),
+            Flow::Pause,
+            "a refused request holds"
+        );
+        // From the cache, declared.
+        let flow = vm.request_with(3, to_stripe("POST", "/v1", &[("content-length", "5000")]));
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![read(3), reject(3, 413, "request_body_too_large")]
+        );
+        // Streamed: refused once the body taken passes the bound.
+        let flow = vm.request_with(
+            4,
+            to_stripe("POST", "/v1", &[("transfer-encoding", "chunked")]),
+        );
+        assert_eq!(flow, Flow::Continue);
+        vm.calls();
+        assert_eq!(vm.body(4, &[b'a'; 1000], false), Flow::Continue);
+        assert_eq!(vm.body(4, &[b'a'; 24], false), Flow::Continue);
+        vm.calls();
+        assert_eq!(vm.body(4, b"a", false), Flow::Pause);
+        assert_eq!(vm.calls(), vec![reject(4, 413, "request_body_too_large")]);
+        assert_eq!(vm.body(4, b"a", true), Flow::Pause);
+        assert_eq!(vm.calls(), vec![], "nothing after the refusal");
+    }
+
+    #[test]
+    fn a_placeholder_in_a_body_of_another_type_is_refused_415() {
+        let mut vm = substituting_vm("", &[Surface::Body]);
+        vm.request_with(
+            2,
+            to_stripe("POST", "/v1", &[("content-type", "text/plain")]),
+        );
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.calls();
+        assert_eq!(vm.body(2, b"token __STRIPE_KEY__", true), Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadBody {
+                    context: 2,
+                    size: 20
+                },
+                reject(2, 415, "unsupported_substitution_body")
+            ]
+        );
+    }
+
+    #[test]
+    fn trailers_after_a_body_to_substitute_in_are_refused_415_and_others_pass() {
+        let mut vm = substituting_vm("", &[Surface::Body]);
+        let json: &[(&'static str, &str)] = &[("content-type", "application/json")];
+        vm.request_with(2, to_stripe("POST", "/v1", json));
+        vm.host.current = 2;
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|h| h.on_request_trailers(&mut vm.host));
+        assert_eq!(flow, Some(Flow::Pause), "held while waiting");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.calls();
+        assert_eq!(vm.body(2, b"{}", false), Flow::Continue);
+        vm.calls();
+        vm.host.current = 2;
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|h| h.on_request_trailers(&mut vm.host));
+        assert_eq!(flow, Some(Flow::Pause));
+        assert_eq!(
+            vm.calls(),
+            vec![reject(2, 415, "unsupported_substitution_body")]
+        );
+        let mut vm = Vm::running("");
+        vm.request_with(3, to_stripe("POST", "/v1", json));
+        vm.answer(3, FIRST, credentials("sk_1"));
+        vm.host.current = 3;
+        let flow = vm
+            .requests
+            .get_mut(&3)
+            .map(|h| h.on_request_trailers(&mut vm.host));
+        assert_eq!(flow, Some(Flow::Continue));
+    }
+
+    #[test]
+    fn a_request_waiting_for_its_credential_never_lets_its_body_through() {
+        let mut vm = substituting_vm("", &[Surface::Body]);
+        let json: &[(&'static str, &str)] = &[("content-type", "application/json")];
+        assert_eq!(
+            vm.request_with(2, to_stripe("POST", "/v1", json)),
+            Flow::Pause
+        );
+        vm.calls();
+        // Whatever Envoy hands over while the headers are paused: held, untouched.
+        assert_eq!(
+            vm.body(2, b"{\"k\":\"__STRIPE_KEY__\"}", false),
+            Flow::Pause
+        );
+        assert_eq!(vm.body(2, b"{\"k\":\"__STRIPE_KEY__\"}", true), Flow::Pause);
+        assert_eq!(vm.calls(), vec![]);
+        // Refused (the control plane is down): still held.
+        vm.answer(2, FIRST, envoy_503());
+        vm.calls();
+        assert_eq!(vm.body(2, b"{}", true), Flow::Pause);
+        // A service without a body substitution: held while waiting, then passes.
+        let mut vm = Vm::running("");
+        vm.request_with(3, to_stripe("POST", "/v1", json));
+        assert_eq!(vm.body(3, b"{}", false), Flow::Pause);
+        vm.answer(3, FIRST, credentials("sk_1"));
+        assert_eq!(vm.body(3, b"{}", true), Flow::Continue);
+        // A request the filter refused on arrival holds too.
+        vm.request_with(
+            4,
+            vec![(":method", "POST".to_owned()), (":path", "/".to_owned())],
+        );
+        assert_eq!(vm.body(4, b"x", true), Flow::Pause);
     }
 }

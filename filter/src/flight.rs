@@ -107,6 +107,9 @@ pub struct Completion {
     pub context_id: u32,
     /// Forward (then resume) or refuse.
     pub decision: Decision,
+    /// The waiting request's log state (where its substitution plan is kept, and a
+    /// refusal made while applying the decision is recorded).
+    pub log: Weak<RefCell<RequestLog>>,
 }
 
 /// A flight that got its answer.
@@ -350,6 +353,7 @@ fn finish_each(waiters: Vec<Waiter>, decide: impl Fn(&FetchPlan) -> Decision) ->
         completions.push(Completion {
             context_id: waiter.context_id,
             decision,
+            log: waiter.log,
         });
     }
     completions

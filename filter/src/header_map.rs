@@ -90,6 +90,23 @@ impl HeaderMap {
         self.first(name).is_some()
     }
 
+    /// Every header as (name, value) bytes, in the order Envoy gave them.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.pairs.iter().filter_map(|(name, value)| {
+            Some((
+                self.bytes.get(name.clone())?,
+                self.bytes.get(value.clone())?,
+            ))
+        })
+    }
+
+    /// Every value of `name` (lowercase), in order, as bytes.
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| *n == name.as_bytes())
+            .map(|(_, value)| value)
+    }
+
     /// Number of headers.
     pub fn len(&self) -> usize {
         self.pairs.len()
@@ -152,6 +169,13 @@ mod tests {
         assert!(!map.contains("x-vault"));
         assert_eq!(map.get("x-vault"), None);
         assert!(!map.contains("proxy"), "whole names only");
+        let all: Vec<&[u8]> = map.all("x-two").collect();
+        assert_eq!(all, vec![&b"first"[..], &b"second"[..]]);
+        assert_eq!(map.iter().count(), 7);
+        assert_eq!(
+            map.iter().nth(1),
+            Some((&b":authority"[..], &b"api.example.com:8080"[..]))
+        );
     }
 
     #[test]

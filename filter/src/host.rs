@@ -178,4 +178,18 @@ pub trait Host: SharedStore {
     /// Adds the counts since the last flush to Envoy's counters, and gives up timing
     /// callouts older than `max_callout_ms`.
     fn flush_stats(&mut self, max_callout_ms: u64);
+
+    // Request-side placeholder substitution ([`crate::substitute`]).
+
+    /// Replaces request headers of the current context (before they are forwarded):
+    /// each name gets exactly the values given, in order; none removes it.
+    fn edit_request_headers(&mut self, edits: &[(String, Vec<String>)]);
+
+    /// The request body chunk being delivered to the current context (`size` bytes,
+    /// as the body callback reported); empty if the host cannot give it.
+    fn request_body(&mut self, size: usize) -> Vec<u8>;
+
+    /// Replaces the request body chunk being delivered (`old_size` bytes) with `body`
+    /// (empty: nothing of it passes on).
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]);
 }

@@ -19,6 +19,7 @@
 //! | new hosts per agent through wildcards/passthrough | [`host_budget`] |
 //! | single-flight fetches and their answers         | [`flight`]       |
 //! | request-log records and batches                 | [`request_log`]  |
+//! | placeholder substitution in requests            | [`substitute`]   |
 //! | one worker's state, polling and timers          | [`worker`]       |
 //! | the Envoy stats operators watch                 | [`stats`]        |
 //! | an HTTPS agent's identity, carried into its tunnel | [`tunnel`]     |
@@ -59,6 +60,7 @@ pub mod rate_limit;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;
+pub mod substitute;
 pub mod tunnel;
 pub mod worker;
 

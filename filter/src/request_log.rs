@@ -12,6 +12,7 @@ use agent_vault_rules::{loggable_path, truncated, LogRecord, MAX_LOG_METHOD};
 use serde::Serialize;
 
 use crate::decide::Secrets;
+use crate::substitute::BodyPlan;
 
 /// A batch this large is sent whatever its record count: well under the control
 /// plane's 1 MiB body limit even with one more record of the longest kind.
@@ -42,6 +43,10 @@ pub struct RequestLog {
     /// response. Kept here because this is the state a paused request shares with
     /// the flight that finishes it ([`crate::flight::Waiter`]).
     pub secrets: Option<Rc<Secrets>>,
+    /// Never logged: what the request's body callbacks do (set when its headers are
+    /// forwarded; until then, and after a refusal, the body is held). Shared for the
+    /// same reason as `secrets`.
+    pub body: BodyPlan,
 }
 
 impl RequestLog {

@@ -67,11 +67,17 @@ pub enum ErrorCode {
     /// window (counted per agent token and service, across connections and tunnels);
     /// `Retry-After` says when the window ends. Never forwarded, nothing fetched.
     RateLimited,
+    /// 413: a request to a service with a `body` substitution has a body larger than
+    /// the filter buffers for it (`max_substitution_body_bytes`).
+    RequestBodyTooLarge,
+    /// 415: a request to a service with a `body` substitution holds a placeholder in a
+    /// body that is neither JSON nor form-encoded (or a JSON body that is not UTF-8).
+    UnsupportedSubstitutionBody,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::ConnectNotSupported,
         ErrorCode::MethodNotAllowed,
         ErrorCode::ProxyAuthRequired,
@@ -89,6 +95,8 @@ impl ErrorCode {
         ErrorCode::TunnelHostMismatch,
         ErrorCode::MethodNotAllowedForService,
         ErrorCode::RateLimited,
+        ErrorCode::RequestBodyTooLarge,
+        ErrorCode::UnsupportedSubstitutionBody,
     ];
 
     /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
@@ -112,6 +120,8 @@ impl ErrorCode {
             ErrorCode::TunnelHostMismatch => 14,
             ErrorCode::MethodNotAllowedForService => 15,
             ErrorCode::RateLimited => 16,
+            ErrorCode::RequestBodyTooLarge => 17,
+            ErrorCode::UnsupportedSubstitutionBody => 18,
         }
     }
 
@@ -135,6 +145,8 @@ impl ErrorCode {
             ErrorCode::TunnelHostMismatch => "tunnel_host_mismatch",
             ErrorCode::MethodNotAllowedForService => "method_not_allowed_for_service",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::RequestBodyTooLarge => "request_body_too_large",
+            ErrorCode::UnsupportedSubstitutionBody => "unsupported_substitution_body",
         }
     }
 
@@ -156,6 +168,8 @@ impl ErrorCode {
             // RFC 9110 §15.5.20: this connection cannot answer for that host; a client
             // may retry on a connection (a tunnel) of its own.
             ErrorCode::TunnelHostMismatch => 421,
+            ErrorCode::RequestBodyTooLarge => 413,
+            ErrorCode::UnsupportedSubstitutionBody => 415,
         }
     }
 }
@@ -615,6 +629,79 @@ pub fn invalid_credential_value(vault: &str, key: &str) -> Reject {
     )
 }
 
+/// A request body a `body` substitution must buffer is larger than `limit` bytes →
+/// 413 (`got`: its `content-length`, when it declared one).
+pub fn request_body_too_large(service: &str, limit: u64, got: Option<u64>) -> Reject {
+    let declared = got.map_or_else(String::new, |got| format!(" ({got} bytes declared)"));
+    let mut fields = serde_json::Map::new();
+    fields.insert("limit".to_owned(), Value::from(limit));
+    Reject::with_fields(
+        ErrorCode::RequestBodyTooLarge,
+        format!(
+            "the request body is larger than {limit} bytes{declared}: service {service:?} \
+             substitutes placeholders in bodies, which the proxy must hold whole in memory, \
+             up to that bound (max_substitution_body_bytes)"
+        ),
+        fields,
+    )
+}
+
+/// A placeholder of a `body` substitution in a body whose content type is neither
+/// JSON nor form-encoded → 415: the value's encoding would be a guess.
+pub fn unsupported_substitution_body(service: &str, content_type: &str) -> Reject {
+    let shown = if content_type.is_empty() {
+        "no content-type".to_owned()
+    } else {
+        format!("content-type {}", quote(content_type))
+    };
+    Reject::new(
+        ErrorCode::UnsupportedSubstitutionBody,
+        format!(
+            "service {service:?} substitutes placeholders in request bodies of type \
+             application/json (or application/*+json) or application/x-www-form-urlencoded \
+             only; this body has {shown} and holds a placeholder, so it was not sent"
+        ),
+    )
+}
+
+/// A placeholder of a `body` substitution in a JSON body that is not UTF-8 → 415.
+pub fn substitution_body_not_utf8(service: &str) -> Reject {
+    Reject::new(
+        ErrorCode::UnsupportedSubstitutionBody,
+        format!(
+            "service {service:?} substitutes placeholders in request bodies, and this JSON \
+             body holding a placeholder is not valid UTF-8, so it was not sent"
+        ),
+    )
+}
+
+/// A value a `header` substitution would write holds a control character → 502
+/// `invalid_credential_value`, naming the key (nothing is sent).
+pub fn unsafe_substituted_header(vault: &str, key: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert("key".to_owned(), Value::from(key));
+    Reject::with_fields(
+        ErrorCode::InvalidCredentialValue,
+        format!(
+            "credential {key:?} of vault {vault:?} has a value that cannot be substituted in \
+             a request header (it contains a control character); the request was not sent"
+        ),
+        fields,
+    )
+}
+
+/// Trailers after a body a `body` substitution holds → 415: the substituted body
+/// could not be sent before them.
+pub fn substitution_body_with_trailers(service: &str) -> Reject {
+    Reject::new(
+        ErrorCode::UnsupportedSubstitutionBody,
+        format!(
+            "service {service:?} substitutes placeholders in request bodies, which the \
+             proxy cannot do for a body followed by trailers; send it without trailers"
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,6 +751,31 @@ mod tests {
                 503,
                 "control_plane_unavailable",
             ),
+            (
+                request_body_too_large("s", 10, Some(11)),
+                413,
+                "request_body_too_large",
+            ),
+            (
+                unsupported_substitution_body("s", "text/plain"),
+                415,
+                "unsupported_substitution_body",
+            ),
+            (
+                substitution_body_not_utf8("s"),
+                415,
+                "unsupported_substitution_body",
+            ),
+            (
+                unsafe_substituted_header("v", "K"),
+                502,
+                "invalid_credential_value",
+            ),
+            (
+                substitution_body_with_trailers("s"),
+                415,
+                "unsupported_substitution_body",
+            ),
         ];
         for (reject, status, code) in cases {
             assert_eq!(reject.status(), status, "{code}");
@@ -682,6 +794,31 @@ mod tests {
                 .count();
             assert_eq!(challenges, usize::from(status == 407), "{code}");
         }
+    }
+
+    #[test]
+    fn substitution_refusals_say_the_bound_and_the_content_type() {
+        let too_large = body(&request_body_too_large("tg", 4096, Some(5000)));
+        assert_eq!(too_large["limit"], 4096);
+        let message = too_large["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("larger than 4096 bytes (5000 bytes declared)"),
+            "{message}"
+        );
+        assert!(message.contains("max_substitution_body_bytes"), "{message}");
+        let streamed = body(&request_body_too_large("tg", 4096, None));
+        assert!(!streamed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("declared"));
+        let unsupported = body(&unsupported_substitution_body("tg", "text/plain"));
+        let message = unsupported["message"].as_str().unwrap_or_default();
+        assert!(message.contains("content-type \"text/plain\""), "{message}");
+        let untyped = body(&unsupported_substitution_body("tg", ""));
+        assert!(untyped["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no content-type"));
     }
 
     #[test]

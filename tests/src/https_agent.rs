@@ -152,6 +152,11 @@ impl HttpsTunnel {
         self.conn.request(method, path, headers, body)
     }
 
+    /// A request written exactly as `bytes` on the tunnel's connection.
+    pub fn request_raw(&mut self, bytes: &[u8]) -> std::io::Result<RawResponse> {
+        self.conn.request_raw(bytes)
+    }
+
     /// `GET path`.
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<RawResponse> {
         self.request("GET", path, headers, None)

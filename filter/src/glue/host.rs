@@ -159,6 +159,45 @@ impl Host for ProxyWasmHost {
     fn flush_stats(&mut self, max_callout_ms: u64) {
         stats::flush(max_callout_ms);
     }
+
+    fn edit_request_headers(&mut self, edits: &[(String, Vec<String>)]) {
+        edit_request_headers(edits);
+    }
+
+    fn request_body(&mut self, size: usize) -> Vec<u8> {
+        if size == 0 {
+            return Vec::new();
+        }
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) {
+        let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body);
+    }
+}
+
+/// Replaces request headers (substitution): one value is set; several replace every
+/// value in order; none removes the header.
+fn edit_request_headers(edits: &[(String, Vec<String>)]) {
+    for (name, values) in edits {
+        match values.as_slice() {
+            [] => {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+            }
+            [value] => {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+            }
+            several => {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                for value in several {
+                    let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
+                }
+            }
+        }
+    }
 }
 
 /// The host's status, named as the SDK names it (`BadArgument`, `NotFound`, ...).

@@ -93,6 +93,24 @@ impl HttpContext for Http {
         }
     }
 
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Pause here is StopIterationAndBuffer (only for a request not forwarded).
+        match self
+            .0
+            .on_request_body(&mut ProxyWasmHost, body_size, end_of_stream)
+        {
+            Flow::Continue => Action::Continue,
+            Flow::Pause => Action::Pause,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.0.on_request_trailers(&mut ProxyWasmHost) {
+            Flow::Continue => Action::Continue,
+            Flow::Pause => Action::Pause,
+        }
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // For the request log: one header, in a callback Envoy makes anyway.
         self.0.on_response_headers(&mut ProxyWasmHost);

@@ -110,6 +110,27 @@ pub enum Call {
         /// Callouts older than this are no longer timed.
         max_callout_ms: u64,
     },
+    /// Request headers were replaced (substitution).
+    EditHeaders {
+        /// The current context.
+        context: u32,
+        /// Each name with its new values (none: removed).
+        edits: Vec<(String, Vec<String>)>,
+    },
+    /// The buffered request body was read.
+    ReadBody {
+        /// The current context.
+        context: u32,
+        /// The size asked for.
+        size: usize,
+    },
+    /// The buffered request body was replaced.
+    ReplaceBody {
+        /// The current context.
+        context: u32,
+        /// The new body (lossy UTF-8).
+        body: String,
+    },
 }
 
 /// The fake host. Fields are the test's controls and what was recorded.
@@ -144,6 +165,8 @@ pub struct FakeHost {
     pub fetched_for: Vec<String>,
     /// Envoy's shared data (the rate limits' counters).
     pub shared: MemoryStore,
+    /// Each context's buffered request body.
+    pub bodies: BTreeMap<u32, Vec<u8>>,
     next_token: u32,
 }
 
@@ -178,6 +201,7 @@ impl FakeHost {
             stats: Vec::new(),
             fetched_for: Vec::new(),
             shared: MemoryStore::default(),
+            bodies: BTreeMap::new(),
             next_token: Self::FIRST_TOKEN,
         }
     }
@@ -402,5 +426,29 @@ impl Host for FakeHost {
 
     fn flush_stats(&mut self, max_callout_ms: u64) {
         self.calls.push(Call::FlushStats { max_callout_ms });
+    }
+
+    fn edit_request_headers(&mut self, edits: &[(String, Vec<String>)]) {
+        self.calls.push(Call::EditHeaders {
+            context: self.current,
+            edits: edits.to_vec(),
+        });
+    }
+
+    fn request_body(&mut self, size: usize) -> Vec<u8> {
+        self.calls.push(Call::ReadBody {
+            context: self.current,
+            size,
+        });
+        let body = self.bodies.get(&self.current).cloned().unwrap_or_default();
+        body.into_iter().take(size).collect()
+    }
+
+    fn replace_request_body(&mut self, _old_size: usize, body: &[u8]) {
+        self.calls.push(Call::ReplaceBody {
+            context: self.current,
+            body: String::from_utf8_lossy(body).into_owned(),
+        });
+        self.bodies.insert(self.current, body.to_vec());
     }
 }

@@ -114,6 +114,13 @@ impl<S: Stream> Conn<S> {
         self.read_response(method == "HEAD", connect)
     }
 
+    /// Sends `bytes` exactly as given (a whole request, e.g. with a chunked body the
+    /// caller framed) and reads the answer.
+    pub fn request_raw(&mut self, bytes: &[u8]) -> std::io::Result<RawResponse> {
+        self.reader.get_mut().write_all(bytes)?;
+        self.read_response(bytes.starts_with(b"HEAD "), false)
+    }
+
     fn read_line(&mut self) -> std::io::Result<String> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {

@@ -20,3 +20,4 @@ mod security_api;
 mod security_proxy;
 mod security_ui;
 mod store;
+mod substitution;
