@@ -158,18 +158,21 @@ pub enum SubstitutionError {
     BodyNotUtf8,
 }
 
-/// Percent-encodes every byte of `value` but the unreserved ones (`A-Z a-z 0-9 - . _ ~`):
-/// safe in a path segment and in a query component alike.
+/// Percent-encodes every byte of `value` but the unreserved ones (`A-Z a-z 0-9 - . _ ~`)
+/// and `:` and `@`, which RFC 3986 allows as they are in a path segment and in a query
+/// (a Telegram bot token, `123456:ABC…`, arrives as written): safe in a path segment
+/// and in a query component alike.
 pub fn percent_encode(value: &str) -> String {
     encode_bytes(value, false)
 }
 
-/// `application/x-www-form-urlencoded`: as [`percent_encode`], with a space as `+`.
+/// `application/x-www-form-urlencoded`: every byte but the unreserved ones encoded, a
+/// space as `+`.
 pub fn form_encode(value: &str) -> String {
     encode_bytes(value, true)
 }
 
-fn encode_bytes(value: &str, space_as_plus: bool) -> String {
+fn encode_bytes(value: &str, form: bool) -> String {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
@@ -177,7 +180,8 @@ fn encode_bytes(value: &str, space_as_plus: bool) -> String {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
                 out.push(char::from(byte));
             }
-            b' ' if space_as_plus => out.push('+'),
+            b':' | b'@' if !form => out.push(char::from(byte)),
+            b' ' if form => out.push('+'),
             _ => {
                 out.push('%');
                 out.push(char::from(HEX[usize::from(byte >> 4)]));
@@ -403,7 +407,8 @@ mod tests {
         );
         assert_eq!(form_encode(value), "a%2Fb%3Fc%26d%3De+f%22g%5Ch%0Ai%25");
         assert_eq!(json_escape(value), "a/b?c&d=e f\\\"g\\\\h\\ni%");
-        assert_eq!(percent_encode("bot123:AAH-x_y.z~"), "bot123%3AAAH-x_y.z~");
+        assert_eq!(percent_encode("bot123:AAH-x_y.z~@"), "bot123:AAH-x_y.z~@");
+        assert_eq!(form_encode("bot123:AAH@"), "bot123%3AAAH%40");
     }
 
     #[test]
@@ -417,7 +422,7 @@ mod tests {
         );
         assert_eq!(
             out,
-            "/bot123%3AABC%2Fx/send?api_key=k%26v&echo=__TELEGRAM_TOKEN__"
+            "/bot123:ABC%2Fx/send?api_key=k%26v&echo=__TELEGRAM_TOKEN__"
         );
         assert_eq!(count, 2);
         // A query placeholder in the path passes literally; no query at all is fine.

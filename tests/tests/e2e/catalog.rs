@@ -1,9 +1,13 @@
 //! The service catalog (issue 13): the public listing, `agent-vault catalog`,
 //! `vault service add --from-catalog`, and proposals that name a template.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use agent_vault_testkit::control_plane::Server;
+use agent_vault_testkit::stack::{eventually, Stack};
+use agent_vault_testkit::upstream::Echo;
 
 #[test]
 fn the_catalog_is_public_and_adds_services_from_the_cli_and_from_proposals() {
@@ -324,5 +328,59 @@ fn telegram_from_the_catalog_substitutes_the_bot_token_in_the_path() {
     assert!(
         !discovered.to_string().contains("tg-secret"),
         "{discovered}"
+    );
+}
+
+#[test]
+fn a_telegram_bot_call_through_the_proxy_reaches_the_upstream_with_the_token_in_its_path() {
+    let stack = Stack::start();
+    // The template's host and TLS, pointed at a loopback TLS upstream.
+    let upstream = Echo::tls(&stack.ca);
+    let token_value = "123456:AAH-tg_Secret_Value";
+    stack.set_credential("default", "TELEGRAM_BOT_TOKEN", token_value);
+    let cli = stack.server.cli().with_token(&stack.owner);
+    let added = cli
+        .run(&[
+            "vault",
+            "service",
+            "add",
+            "--from-catalog",
+            "telegram",
+            "--host",
+            &upstream.authority(),
+            "--vault",
+            "default",
+        ])
+        .ok();
+    assert!(
+        added.stdout.contains("Added service telegram"),
+        "{}",
+        added.stdout
+    );
+    let agent = stack.create_agent("bot-agent", &["default"]);
+
+    let url = upstream.url("/bot__TELEGRAM_BOT_TOKEN__/getMe?chat=__TELEGRAM_BOT_TOKEN__");
+    let response = eventually(
+        &stack.envoy,
+        Duration::from_secs(15),
+        || stack.get_as(&agent, "default", &url, &[]),
+        |r| r.status == 200,
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    let received = upstream.received();
+    let seen = received
+        .last()
+        .unwrap_or_else(|| panic!("nothing reached the upstream"));
+    assert_eq!(seen["tls"], true);
+    // The path carries the token as written (":" needs no encoding in a path); the
+    // query was not declared, so its placeholder passes literally; no auth header.
+    assert_eq!(
+        seen["path"],
+        format!("/bot{token_value}/getMe?chat=__TELEGRAM_BOT_TOKEN__")
+    );
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    assert!(
+        seen["headers"].get("proxy-authorization").is_none(),
+        "{seen}"
     );
 }
