@@ -548,6 +548,7 @@ mod tests {
             status: 200,
             latency_ms: 12,
             error: None,
+            redactions: 0,
         }
     }
 
@@ -812,6 +813,7 @@ mod tests {
             service: None,
             status: 403,
             error: Some("forbidden".into()),
+            redactions: 0,
             host: "collector.attacker.example".into(),
             ..record("default", path, NOW_MS)
         }

@@ -42,6 +42,8 @@ pub struct RequestLog {
     /// response. Kept here because this is the state a paused request shares with
     /// the flight that finishes it ([`crate::flight::Waiter`]).
     pub secrets: Option<Rc<Secrets>>,
+    /// Occurrences of a secret replaced in the response ([`crate::redact`]).
+    pub redactions: u64,
 }
 
 impl RequestLog {
@@ -74,6 +76,7 @@ impl RequestLog {
             status,
             latency_ms: now_ms.saturating_sub(started),
             error: self.error.map(ErrorCode::as_str),
+            redactions: self.redactions,
         })
     }
 }
@@ -177,6 +180,7 @@ mod tests {
                 status: 200,
                 latency_ms: 42,
                 error: None,
+                redactions: 0,
             }
         );
         let json = serde_json::to_string(&record).unwrap_or_default();
@@ -229,6 +233,7 @@ mod tests {
             status: 200,
             latency_ms: 0,
             error: None,
+            redactions: 0,
         };
         let mut batch = LogBatch::new(3, 1000);
         assert_eq!(

@@ -522,7 +522,10 @@ pub fn rate_limited(
 pub fn response_not_redactable(vault: &str, service: &str, encoding: &str) -> Reject {
     let mut fields = serde_json::Map::new();
     fields.insert("service".to_owned(), Value::from(service));
-    fields.insert("content_encoding".to_owned(), Value::from(quote_raw(encoding)));
+    fields.insert(
+        "content_encoding".to_owned(),
+        Value::from(quote_raw(encoding)),
+    );
     Reject::with_fields(
         ErrorCode::ResponseNotRedactable,
         format!(

@@ -157,6 +157,14 @@ pub struct LogRecord<S = String> {
     pub latency_ms: u64,
     /// Error code when the filter answered itself (`forbidden`, ...).
     pub error: Option<S>,
+    /// Occurrences of an injected credential the filter replaced in the response
+    /// (its headers and body); omitted when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redactions: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Most records one request-log batch may carry (`POST` [`LOGS_PATH`]).
@@ -431,6 +439,7 @@ mod tests {
             status: 200,
             latency_ms: 3,
             error: None,
+            redactions: 0,
         };
         let json = serde_json::to_string(&borrowed).unwrap_or_default();
         let owned: Option<LogRecord> = serde_json::from_str(&json).ok();
@@ -453,6 +462,7 @@ mod tests {
             status: 403,
             latency_ms: 1,
             error: Some("forbidden".to_owned()),
+            redactions: 0,
         };
         let json = serde_json::to_value(vec![record.clone()]).unwrap_or_default();
         assert_eq!(
@@ -507,6 +517,7 @@ mod tests {
             status: 200,
             latency_ms: 0,
             error: Some("e".repeat(100)),
+            redactions: 0,
         }
         .sanitized();
         assert_eq!(record.agent, "é".repeat(64));

@@ -110,6 +110,46 @@ pub enum Call {
         /// Callouts older than this are no longer timed.
         max_callout_ms: u64,
     },
+    /// A request header was set.
+    SetRequestHeader {
+        /// The current context.
+        context: u32,
+        /// Its name.
+        name: String,
+        /// Its value.
+        value: String,
+    },
+    /// The response headers of `context` were read.
+    ReadResponseHeaders {
+        /// The current context.
+        context: u32,
+    },
+    /// A response header was replaced (no values: removed).
+    SetResponseHeader {
+        /// The current context.
+        context: u32,
+        /// Its name.
+        name: String,
+        /// Its new values.
+        values: Vec<String>,
+    },
+    /// The response body chunk of `context` was read.
+    ReadResponseBody {
+        /// The current context.
+        context: u32,
+    },
+    /// The response body chunk of `context` was replaced.
+    SetResponseBody {
+        /// The current context.
+        context: u32,
+        /// The new chunk.
+        body: String,
+    },
+    /// The response of `context` was reset.
+    ResetResponse {
+        /// The current context.
+        context: u32,
+    },
 }
 
 /// The fake host. Fields are the test's controls and what was recorded.
@@ -144,6 +184,10 @@ pub struct FakeHost {
     pub fetched_for: Vec<String>,
     /// Envoy's shared data (the rate limits' counters).
     pub shared: MemoryStore,
+    /// Each context's response headers.
+    pub response_headers: BTreeMap<u32, Vec<(&'static str, String)>>,
+    /// Each context's current response body chunk (replaced by `set_response_body`).
+    pub response_body: BTreeMap<u32, Vec<u8>>,
     next_token: u32,
 }
 
@@ -178,6 +222,8 @@ impl FakeHost {
             stats: Vec::new(),
             fetched_for: Vec::new(),
             shared: MemoryStore::default(),
+            response_headers: BTreeMap::new(),
+            response_body: BTreeMap::new(),
             next_token: Self::FIRST_TOKEN,
         }
     }
@@ -242,6 +288,7 @@ fn describe(event: Stat<'_>) -> String {
             format!("{token} answered {usable}")
         }
         Stat::SnapshotLoaded { version } => format!("snapshot {version}"),
+        Stat::Redacted(n) => format!("redacted {n}"),
     }
 }
 
@@ -402,5 +449,67 @@ impl Host for FakeHost {
 
     fn flush_stats(&mut self, max_callout_ms: u64) {
         self.calls.push(Call::FlushStats { max_callout_ms });
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        self.calls.push(Call::SetRequestHeader {
+            context: self.current,
+            name: name.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+
+    fn response_headers(&mut self) -> HeaderMap {
+        self.calls.push(Call::ReadResponseHeaders {
+            context: self.current,
+        });
+        let headers = self
+            .response_headers
+            .get(&self.current)
+            .cloned()
+            .unwrap_or_default();
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_bytes()))
+            .collect();
+        HeaderMap::parse(serialize(&pairs))
+    }
+
+    fn set_response_header(&mut self, name: &str, values: &[Vec<u8>]) {
+        self.calls.push(Call::SetResponseHeader {
+            context: self.current,
+            name: name.to_owned(),
+            values: values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect(),
+        });
+    }
+
+    fn response_body(&mut self, size: usize) -> Vec<u8> {
+        self.calls.push(Call::ReadResponseBody {
+            context: self.current,
+        });
+        let mut body = self
+            .response_body
+            .get(&self.current)
+            .cloned()
+            .unwrap_or_default();
+        body.truncate(size);
+        body
+    }
+
+    fn set_response_body(&mut self, _size: usize, body: &[u8]) {
+        self.response_body.insert(self.current, body.to_vec());
+        self.calls.push(Call::SetResponseBody {
+            context: self.current,
+            body: String::from_utf8_lossy(body).into_owned(),
+        });
+    }
+
+    fn reset_response(&mut self) {
+        self.calls.push(Call::ResetResponse {
+            context: self.current,
+        });
     }
 }
