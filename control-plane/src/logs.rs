@@ -561,6 +561,21 @@ mod tests {
     }
 
     #[test]
+    fn a_records_redactions_are_kept_and_shown_only_when_there_were_some() {
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
+        let mut redacted = record("default", "/echo", NOW_MS);
+        redacted.redactions = 3;
+        log.append(vec![redacted, record("default", "/plain", NOW_MS)])
+            .unwrap();
+        let page = all(&store, "default");
+        let json = serde_json::to_value(&page).unwrap();
+        assert_eq!(json["records"][0]["redactions"], 3, "{json}");
+        assert!(json["records"][1].get("redactions").is_none(), "{json}");
+        assert_eq!(page.records[0].record.redactions, 3);
+    }
+
+    #[test]
     fn records_come_back_in_order_and_pages_continue_after_the_last_seq() {
         let (_dir, log) = open(ManualClock::new(NOW_MS));
         let store = log.store().clone();
