@@ -161,7 +161,7 @@ fn an_upstream_echoing_the_credential_in_any_common_form_never_shows_it_to_the_a
     let open = Scripted::start(echo_back);
     stack.set_credential("default", "ECHO_TOKEN", SECRET);
     // Redaction is on unless turned off: no field.
-    stack.add_service(
+    stack.add_service_as_is(
         "default",
         json!({"name": "redacting", "host": redacting.authority(), "upstream_tls": false,
                "auth": {"type": "bearer", "token": "ECHO_TOKEN"}}),
@@ -340,7 +340,7 @@ fn inside_an_https_tunnel_the_echoed_credential_is_redacted_too() {
         options.allow_private_upstreams(&[&allowed])
     });
     stack.set_credential("default", "ECHO_TOKEN", SECRET);
-    stack.add_service(
+    stack.add_service_as_is(
         "default",
         json!({"name": "echo", "host": echo.authority(),
                "auth": {"type": "bearer", "token": "ECHO_TOKEN"}}),
