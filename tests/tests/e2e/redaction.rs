@@ -85,6 +85,18 @@ fn echo_back(request: &HttpRequest) -> Vec<Vec<u8>> {
             tail.extend_from_slice(b"0\r\n\r\n");
             vec![head, tail]
         }
+        // Trailers after the body: Envoy's HTTP/1 codec drops them (the shipped
+        // bootstraps' upstreams are HTTP/1.1, without `enable_trailers`), so the
+        // body's end reaches the filter as its end of stream, and the held-back tail
+        // is given out.
+        "/trailers" => {
+            let mut all = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                            trailer: x-checksum\r\nconnection: close\r\n\r\n"
+                .to_vec();
+            all.extend(chunk(raw.as_bytes()));
+            all.extend_from_slice(b"0\r\nx-checksum: 1\r\n\r\n");
+            vec![all]
+        }
         "/gzip" => vec![response(
             "200 OK",
             &[
@@ -211,6 +223,11 @@ fn an_upstream_echoing_the_credential_in_any_common_form_never_shows_it_to_the_a
             "{\"authorization\":\"[REDACTED]\"}".to_owned(),
         ),
         (
+            "/trailers",
+            "",
+            "{\"authorization\":\"[REDACTED]\"}".to_owned(),
+        ),
+        (
             "/gzip",
             "gzip",
             "{\"authorization\":\"[REDACTED]\"}".to_owned(),
@@ -275,15 +292,15 @@ fn an_upstream_echoing_the_credential_in_any_common_form_never_shows_it_to_the_a
     );
     assert_no_secret("br", &br);
 
-    // Counted: raw 1, base64 1, url 1, json 1, split 1, gzip 1, header 1.
+    // Counted: raw, base64, url, json, split, trailers, gzip, header: 1 each.
     let counted = wait_for(FLUSHED, || {
         let n = filter_stats(&stack)
             .get("agent_vault.responses.redactions")
             .copied()
             .unwrap_or(0);
-        (n >= 7).then_some(n)
+        (n >= 8).then_some(n)
     });
-    assert_eq!(counted, Some(7), "{:?}", filter_stats(&stack));
+    assert_eq!(counted, Some(8), "{:?}", filter_stats(&stack));
     assert!(
         filter_stats(&stack)
             .get("agent_vault.requests.denied.response_not_redactable")
