@@ -282,6 +282,11 @@ impl Http {
     /// redaction (inflated first when the response was compressed); the last bytes are
     /// held back until the next chunk, and given out at `end_of_stream`. Every other
     /// request: nothing, no host call.
+    ///
+    /// A body followed by trailers never gets `end_of_stream`: its held-back tail is
+    /// dropped, never passed on unscanned (nothing is written from the trailers
+    /// callback). The shipped bootstraps' upstream clusters are HTTP/1.1, whose codec
+    /// drops trailers, so there the body always ends with `end_of_stream`.
     pub fn on_response_body(&mut self, host: &mut impl Host, size: usize, end_of_stream: bool) {
         let Some(body) = &mut self.response else {
             return;
