@@ -256,6 +256,14 @@ impl Scripted {
     pub fn start(
         answer: impl Fn(&HttpRequest) -> Vec<Vec<u8>> + Send + Sync + 'static,
     ) -> Scripted {
+        Scripted::start_with_pause(SCRIPTED_PAUSE, answer)
+    }
+
+    /// As [`Scripted::start`], with `pause` between the parts.
+    pub fn start_with_pause(
+        pause: Duration,
+        answer: impl Fn(&HttpRequest) -> Vec<Vec<u8>> + Send + Sync + 'static,
+    ) -> Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted upstream");
         let port = listener.local_addr().expect("scripted addr").port();
         let answer = Arc::new(answer);
@@ -278,7 +286,7 @@ impl Scripted {
                     return;
                 }
                 if i < last {
-                    std::thread::sleep(SCRIPTED_PAUSE);
+                    std::thread::sleep(pause);
                 }
             }
             let _ = stream.shutdown(Shutdown::Both);

@@ -7,10 +7,11 @@
 //! HTTPS tunnel.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -18,7 +19,7 @@ use serde_json::{json, Value};
 
 use agent_vault_rules::substitution::percent_encode;
 use agent_vault_testkit::control_plane::ServerOptions;
-use agent_vault_testkit::http::{HttpRequest, HttpResponse};
+use agent_vault_testkit::http::{proxy_basic, HttpRequest, HttpResponse};
 use agent_vault_testkit::stack::{eventually, wait_for, Stack};
 use agent_vault_testkit::upstream::{chunk, Echo, Scripted, TestCa};
 
@@ -330,6 +331,74 @@ fn an_upstream_echoing_the_credential_in_any_common_form_never_shows_it_to_the_a
     assert_eq!(br["status"], 502, "{br}");
     assert_eq!(br["error"], "response_not_redactable", "{br}");
     assert!(accept.get("redactions").is_none(), "none: omitted {accept}");
+}
+
+#[test]
+fn a_redacted_event_stream_keeps_flowing_chunk_by_chunk() {
+    const PAUSE: Duration = Duration::from_secs(3);
+    let stack = Stack::start();
+    // Two events, the second one only after a long pause.
+    let sse = Scripted::start_with_pause(PAUSE, |request: &HttpRequest| {
+        let auth = request.header("authorization").unwrap_or("none");
+        let mut head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                         transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            .to_vec();
+        head.extend(chunk(
+            format!("data: first event, quoting {auth}, and some padding after it\n\n").as_bytes(),
+        ));
+        let mut tail = chunk(b"data: second event\n\n");
+        tail.extend_from_slice(b"0\r\n\r\n");
+        vec![head, tail]
+    });
+    stack.set_credential("default", "ECHO_TOKEN", SECRET);
+    stack.add_service_as_is(
+        "default",
+        json!({"name": "sse", "host": sse.authority(), "upstream_tls": false,
+               "auth": {"type": "bearer", "token": "ECHO_TOKEN"}}),
+    );
+    let token = stack.create_agent("streamer", &["default"]);
+    eventually(
+        &stack.envoy,
+        FIRST_SNAPSHOT,
+        || stack.get_as(&token, "default", &sse.url("/warm"), &[]),
+        |r| r.status == 200,
+    );
+
+    // Read the stream as it comes.
+    let mut socket = TcpStream::connect(("127.0.0.1", stack.envoy.port)).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+        sse.url("/events"),
+        sse.authority(),
+        proxy_basic(&token, "default")
+    );
+    socket.write_all(request.as_bytes()).expect("send");
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut first_at = None;
+    while started.elapsed() < PAUSE * 3 {
+        let mut buffer = [0u8; 4096];
+        match socket.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => {}
+        }
+        let text = String::from_utf8_lossy(&received);
+        if first_at.is_none() && text.contains("first event, quoting [REDACTED]") {
+            first_at = Some(started.elapsed());
+        }
+    }
+    let text = String::from_utf8_lossy(&received).into_owned();
+    let first_at = first_at.unwrap_or_else(|| panic!("no first event: {text}"));
+    assert!(
+        first_at < PAUSE,
+        "the first event came after {first_at:?}, not before the upstream's pause ended"
+    );
+    assert!(text.contains("data: second event"), "{text}");
+    assert!(!text.contains("0123456789"), "{text}");
 }
 
 /// curl through the proxy with `--proxy` and `--cacert`: (status, body).
