@@ -472,10 +472,14 @@ impl ResponseBody {
             }
             return 0;
         };
+        // What the upstream sent may hold a secret: wiped once used (best effort).
         let chunk = host.response_body(size);
         let plain = match inflater.as_mut().map(|i| i.push(&chunk, end_of_stream)) {
             None => chunk,
-            Some(Ok(plain)) => plain,
+            Some(Ok(plain)) => {
+                crate::cache::wipe(chunk);
+                plain
+            }
             Some(Err(undecodable)) => {
                 host.log(
                     LogLevel::Warn,
@@ -485,6 +489,7 @@ impl ResponseBody {
                         undecodable.0
                     ),
                 );
+                crate::cache::wipe(chunk);
                 host.set_response_body(size, &[]);
                 host.reset_response();
                 *self = ResponseBody::Dropped;
@@ -493,6 +498,7 @@ impl ResponseBody {
         };
         let before = redactor.count();
         let mut out = redactor.push(&plain);
+        crate::cache::wipe(plain);
         if end_of_stream {
             out.extend(redactor.finish());
         }

@@ -15,12 +15,15 @@
 //! is not recognised.
 //!
 //! **Search.** A handful of patterns per request (up to nine per value,
-//! deduplicated), each with a `memchr::memmem` finder, searched leftmost-longest.
-//! Built per redacting request, so construction cost counts: measured on the host
+//! deduplicated), each searched with `memchr::memmem`, leftmost-longest. Built per
+//! redacting request, so construction cost counts: measured on the host
 //! (`building_the_patterns_is_cheap`, release build), an `aho-corasick` automaton
 //! for two values took ~260 µs to build (~100 µs as a plain NFA), more than the
-//! whole request costs the filter, while the finders take ~12 µs; a body is scanned
-//! once per pattern, which for so few patterns costs little.
+//! whole request costs the filter, while prebuilt `memmem` finders took ~12 µs, and
+//! the plain pattern list (searched with `memmem::find`) ~2 µs; a body is
+//! scanned once per pattern, which for so few patterns costs little. The patterns
+//! are encodings of secrets: kept as plain byte vectors so that they are wiped when
+//! dropped (a prebuilt finder keeps its own copy).
 //!
 //! **Streaming.** A body passes chunk by chunk ([`Redactor::push`]): the last
 //! `longest pattern - 1` bytes of a chunk are held back (the *carry*) and searched
@@ -33,7 +36,6 @@
 
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use memchr::memmem::Finder;
 
 use agent_vault_rules::substitution::{form_encode, json_escape, percent_encode};
 
@@ -43,13 +45,29 @@ pub const REPLACEMENT: &[u8] = b"[REDACTED]";
 /// Values shorter than this (in bytes) are not redacted.
 pub const MIN_SECRET_LEN: usize = 8;
 
-/// The patterns of one request's secrets.
-#[derive(Debug, Clone)]
+/// The patterns of one request's secrets (wiped when dropped).
+#[derive(Clone)]
 pub struct Patterns {
-    /// One finder per pattern, longest first (so the first of equal starts wins).
-    finders: Vec<Finder<'static>>,
+    /// Longest first (so the first of equal starts wins).
+    needles: Vec<Vec<u8>>,
     /// The longest pattern's length.
     longest: usize,
+}
+
+impl std::fmt::Debug for Patterns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Patterns")
+            .field("count", &self.needles.len())
+            .finish()
+    }
+}
+
+impl Drop for Patterns {
+    fn drop(&mut self) {
+        for needle in std::mem::take(&mut self.needles) {
+            crate::cache::wipe(needle);
+        }
+    }
 }
 
 impl Patterns {
@@ -68,11 +86,10 @@ impl Patterns {
         }
         patterns.sort_by_key(|p| std::cmp::Reverse(p.len()));
         let longest = patterns.first()?.len();
-        let finders = patterns
-            .iter()
-            .map(|p| Finder::new(p).into_owned())
-            .collect();
-        Some(Patterns { finders, longest })
+        Some(Patterns {
+            needles: patterns,
+            longest,
+        })
     }
 
     /// The leftmost match at or after `from`, the longest of those starting there:
@@ -85,14 +102,14 @@ impl Patterns {
         next: &mut [Option<Option<usize>>],
     ) -> Option<(usize, usize)> {
         let mut best: Option<(usize, usize)> = None;
-        for (finder, cached) in self.finders.iter().zip(next.iter_mut()) {
+        for (needle, cached) in self.needles.iter().zip(next.iter_mut()) {
             let position = match *cached {
                 Some(Some(at)) if at >= from => Some(at),
                 Some(None) => None,
                 _ => {
                     let found = text
                         .get(from..)
-                        .and_then(|rest| finder.find(rest))
+                        .and_then(|rest| memchr::memmem::find(rest, needle))
                         .map(|at| at + from);
                     *cached = Some(found);
                     found
@@ -101,7 +118,7 @@ impl Patterns {
             if let Some(start) = position {
                 // Longest first: a later pattern with the same start is shorter.
                 if best.is_none_or(|(s, _)| start < s) {
-                    best = Some((start, start + finder.needle().len()));
+                    best = Some((start, start + needle.len()));
                 }
             }
         }
@@ -126,7 +143,7 @@ impl Patterns {
     fn replace(&self, text: &[u8], final_before: usize, out: &mut Vec<u8>) -> (usize, usize) {
         let mut cursor = 0;
         let mut count = 0;
-        let mut next = vec![None; self.finders.len()];
+        let mut next = vec![None; self.needles.len()];
         while let Some((start, end)) = self.find(text, cursor, &mut next) {
             if start >= final_before {
                 break;
@@ -187,6 +204,13 @@ pub struct Redactor {
     carry: Vec<u8>,
     /// Occurrences replaced so far.
     count: usize,
+}
+
+impl Drop for Redactor {
+    /// The carry may hold part of a secret.
+    fn drop(&mut self) {
+        crate::cache::wipe(std::mem::take(&mut self.carry));
+    }
 }
 
 impl Redactor {
