@@ -375,8 +375,8 @@ fn restrict_accept_encoding(
 
 /// Redacts a response's headers (one host call per header that changes) and says
 /// how its body will be redacted: refuses the response (502
-/// `response_not_redactable`, `Pause`) when it is compressed in a way the filter
-/// cannot decode, as it could not be scanned. When a body follows, its
+/// `response_not_redactable`, `Pause`) when a body follows, compressed in a way the
+/// filter cannot decode, as it could not be scanned. When a body follows, its
 /// `content-length` goes (the redacted body's length differs), and its
 /// `content-encoding` too when the filter inflates it (the agent gets it plain).
 fn redact_response_headers(
@@ -386,7 +386,9 @@ fn redact_response_headers(
     headers: &crate::header_map::HeaderMap,
     end_of_stream: bool,
 ) -> (Flow, Option<ResponseBody>) {
-    let encoding = headers.get("content-encoding");
+    // Without a body (HEAD, 304, end of stream on the headers) the encoding does not
+    // matter: nothing is decoded.
+    let encoding = headers.get("content-encoding").filter(|_| !end_of_stream);
     let compression = match redact::compression(encoding) {
         Ok(compression) => compression,
         Err(encoding) => {
@@ -2036,6 +2038,33 @@ mod tests {
                 records: strings(&["GET /a 502 response_not_redactable"]),
                 sent: true,
             }]
+        );
+    }
+
+    #[test]
+    fn a_response_without_a_body_is_never_refused_for_its_encoding() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_headers.insert(
+            2,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "br".to_owned()),
+                ("content-length", "12".to_owned()),
+            ],
+        );
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|http| http.on_response_headers(&mut vm.host, true));
+        assert_eq!(flow, Some(Flow::Continue));
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadResponseHeaders { context: 2 }],
+            "headers only (a HEAD's): nothing to decode, content-length kept"
         );
     }
 
