@@ -450,6 +450,28 @@ mod tests {
     }
 
     #[test]
+    fn a_log_records_redactions_are_omitted_when_none_and_read_when_present() {
+        let base = serde_json::json!({
+            "ts": 1, "agent": "a", "vault": "v", "method": "GET", "host": "h", "path": "/",
+            "service": "s", "status": 200, "latency_ms": 1, "error": null
+        });
+        let old: Option<LogRecord> = serde_json::from_value(base.clone()).ok();
+        assert_eq!(
+            old.map(|r| r.redactions),
+            Some(0),
+            "a record without the field"
+        );
+        let mut with = base;
+        with["redactions"] = serde_json::json!(3);
+        let record: Option<LogRecord> = serde_json::from_value(with.clone()).ok();
+        assert_eq!(record.as_ref().map(|r| r.redactions), Some(3));
+        assert_eq!(
+            record.map(|r| serde_json::to_value(r).ok()),
+            Some(Some(with))
+        );
+    }
+
+    #[test]
     fn log_record_round_trip() {
         let record = LogRecord {
             ts: 1_700_000_000_000,
