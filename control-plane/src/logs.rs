@@ -548,6 +548,7 @@ mod tests {
             status: 200,
             latency_ms: 12,
             error: None,
+            redactions: 0,
         }
     }
 
@@ -557,6 +558,21 @@ mod tests {
 
     fn all(store: &Store, vault: &str) -> LogPage {
         store.read_logs(&owner(), vault, Some(0), MAX_PAGE).unwrap()
+    }
+
+    #[test]
+    fn a_records_redactions_are_kept_and_shown_only_when_there_were_some() {
+        let (_dir, log) = open(ManualClock::new(NOW_MS));
+        let store = log.store().clone();
+        let mut redacted = record("default", "/echo", NOW_MS);
+        redacted.redactions = 3;
+        log.append(vec![redacted, record("default", "/plain", NOW_MS)])
+            .unwrap();
+        let page = all(&store, "default");
+        let json = serde_json::to_value(&page).unwrap();
+        assert_eq!(json["records"][0]["redactions"], 3, "{json}");
+        assert!(json["records"][1].get("redactions").is_none(), "{json}");
+        assert_eq!(page.records[0].record.redactions, 3);
     }
 
     #[test]
@@ -812,6 +828,7 @@ mod tests {
             service: None,
             status: 403,
             error: Some("forbidden".into()),
+            redactions: 0,
             host: "collector.attacker.example".into(),
             ..record("default", path, NOW_MS)
         }

@@ -25,6 +25,7 @@ use crate::decide::{Decision, FetchPlan, Forward, Request, Tunnelled};
 use crate::flight::{Answer, Completion, Join, Waiter, GRACE_MS};
 use crate::header_map::HeaderMap;
 use crate::host::{Host, LogLevel, Stat};
+use crate::redact::{self, Inflater, Patterns, Redactor};
 use crate::request_log::RequestLog;
 use crate::stats::Callout;
 use crate::substitute::{self, BodyPlan};
@@ -146,6 +147,7 @@ impl Root {
             log: Rc::new(RefCell::new(RequestLog::default())),
             waiting: false,
             body: Vec::new(),
+            response: None,
         }
     }
 }
@@ -163,6 +165,8 @@ pub struct Http {
     /// Request-side substitution: the body taken so far, for a service that
     /// substitutes in bodies (see [`Http::on_request_body`]).
     body: Vec<u8>,
+    /// The response body's redaction, for a request whose service redacts.
+    response: Option<ResponseBody>,
 }
 
 impl Http {
@@ -235,11 +239,26 @@ impl Http {
     /// address the host resolved to (`envoy/README.md`, "Destinations"): Envoy's
     /// response details tell, and the log and the stats then say
     /// `destination_forbidden`. Only 403s pay for that second host call.
-    pub fn on_response_headers(&mut self, host: &mut impl Host) {
+    ///
+    /// For a request whose service redacts responses ([`crate::redact`]), the headers
+    /// are read in one call instead, redacted, and the body's redaction is set up:
+    /// `Pause` when the response is refused (its compression cannot be decoded).
+    pub fn on_response_headers(&mut self, host: &mut impl Host, end_of_stream: bool) -> Flow {
         let Ok(mut log) = self.log.try_borrow_mut() else {
-            return;
+            return Flow::Continue;
         };
-        log.response_status = host.response_status();
+        let patterns = log
+            .secrets
+            .as_ref()
+            .and_then(|secrets| Patterns::new(secrets.redact.iter().map(|s| s.expose())));
+        let headers = patterns.as_ref().map(|_| host.response_headers());
+        log.response_status = match &headers {
+            Some(headers) => headers
+                .get(":status")
+                .and_then(|s| s.trim().parse::<u16>().ok())
+                .filter(|code| *code > 0),
+            None => host.response_status(),
+        };
         if log.response_status == Some(403)
             && log.error.is_none()
             && host
@@ -248,6 +267,35 @@ impl Http {
         {
             log.error = Some(ErrorCode::DestinationForbidden);
             host.stat(Stat::Denied(ErrorCode::DestinationForbidden));
+        }
+        let (Some(patterns), Some(headers)) = (patterns, headers) else {
+            return Flow::Continue;
+        };
+        let (flow, body) =
+            redact_response_headers(host, &mut log, patterns, &headers, end_of_stream);
+        self.response = body;
+        flow
+    }
+
+    /// `on_http_response_body`: for a redacting request, replaces the chunk with its
+    /// redaction (inflated first when the response was compressed); the last bytes are
+    /// held back until the next chunk, and given out at `end_of_stream`. Every other
+    /// request: nothing, no host call.
+    ///
+    /// A body followed by trailers never gets `end_of_stream`: its held-back tail is
+    /// dropped, never passed on unscanned (nothing is written from the trailers
+    /// callback). The shipped bootstraps' upstream clusters are HTTP/1.1, whose codec
+    /// drops trailers, so there the body always ends with `end_of_stream`.
+    pub fn on_response_body(&mut self, host: &mut impl Host, size: usize, end_of_stream: bool) {
+        let Some(body) = &mut self.response else {
+            return;
+        };
+        let redactions = body.next_chunk(host, size, end_of_stream);
+        if redactions > 0 {
+            host.stat(Stat::Redacted(redactions));
+            if let Ok(mut log) = self.log.try_borrow_mut() {
+                log.redactions = log.redactions.saturating_add(redactions);
+            }
         }
     }
 
@@ -446,7 +494,165 @@ fn forward_request(
     if !edits.headers.is_empty() {
         host.edit_request_headers(&edits.headers);
     }
+    restrict_accept_encoding(host, forward, known);
     true
+/// For a redacting request (its service redacts, and a secret is long enough to):
+/// cuts the agent's `accept-encoding` to what [`crate::redact`] can decode, so that a
+/// well-behaved upstream never answers with an encoding the filter must refuse. One
+/// host call, only when the header has to change; none for other requests.
+fn restrict_accept_encoding(
+    host: &mut impl Host,
+    forward: &Forward,
+    headers: &crate::header_map::HeaderMap,
+) {
+    let redacting = forward.secrets.as_ref().is_some_and(|secrets| {
+        secrets
+            .redact
+            .iter()
+            .any(|s| s.expose().len() >= redact::MIN_SECRET_LEN)
+    });
+    if !redacting {
+        return;
+    }
+    if let Some(value) = redact::decodable_accept_encoding(headers.get("accept-encoding")) {
+        host.set_request_header("accept-encoding", &value);
+    }
+}
+
+/// Redacts a response's headers (one host call per header that changes) and says
+/// how its body will be redacted: refuses the response (502
+/// `response_not_redactable`, `Pause`) when a body follows, compressed in a way the
+/// filter cannot decode, as it could not be scanned. When a body follows, its
+/// `content-length` goes (the redacted body's length differs), and its
+/// `content-encoding` too when the filter inflates it (the agent gets it plain).
+fn redact_response_headers(
+    host: &mut impl Host,
+    log: &mut RequestLog,
+    patterns: Patterns,
+    headers: &crate::header_map::HeaderMap,
+    end_of_stream: bool,
+) -> (Flow, Option<ResponseBody>) {
+    // Without a body (HEAD, 304, end of stream on the headers) the encoding does not
+    // matter: nothing is decoded.
+    let encoding = headers.get("content-encoding").filter(|_| !end_of_stream);
+    let compression = match redact::compression(encoding) {
+        Ok(compression) => compression,
+        Err(encoding) => {
+            let reject = reply::response_not_redactable(
+                log.vault.as_deref().unwrap_or_default(),
+                log.service.as_deref().unwrap_or_default(),
+                &encoding,
+            );
+            log.error = Some(reject.code);
+            log.response_status = Some(reject.status());
+            host.stat(Stat::Denied(reject.code));
+            host.send_reject(&reject);
+            return (Flow::Pause, Some(ResponseBody::Dropped));
+        }
+    };
+    let mut redactions = 0u64;
+    let mut changed: Vec<&[u8]> = Vec::new();
+    for (name, value) in headers.pairs() {
+        if name.starts_with(b":") || changed.contains(&name) {
+            continue;
+        }
+        if patterns.redact(value).is_some() {
+            changed.push(name);
+        }
+    }
+    for name in changed {
+        let values: Vec<Vec<u8>> = headers
+            .pairs()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, value)| match patterns.redact(value) {
+                Some((redacted, count)) => {
+                    redactions += count as u64;
+                    redacted
+                }
+                None => value.to_vec(),
+            })
+            .collect();
+        if let Ok(name) = std::str::from_utf8(name) {
+            host.set_response_header(name, &values);
+        }
+    }
+    if redactions > 0 {
+        host.stat(Stat::Redacted(redactions));
+        log.redactions = log.redactions.saturating_add(redactions);
+    }
+    if end_of_stream {
+        return (Flow::Continue, None);
+    }
+    if headers.contains("content-length") {
+        host.set_response_header("content-length", &[]);
+    }
+    if compression.is_some() {
+        host.set_response_header("content-encoding", &[]);
+    }
+    (
+        Flow::Continue,
+        Some(ResponseBody::Redacting {
+            inflater: compression.map(|c| Box::new(Inflater::new(c))),
+            redactor: Redactor::new(patterns),
+        }),
+    )
+}
+
+/// A redacting request's response body, chunk by chunk.
+#[derive(Debug)]
+enum ResponseBody {
+    /// Redacted as it passes, inflated first when compressed.
+    Redacting {
+        inflater: Option<Box<Inflater>>,
+        redactor: Redactor,
+    },
+    /// Never passed on: the response was refused, or could not be inflated.
+    Dropped,
+}
+
+impl ResponseBody {
+    /// Replaces the current chunk (`size` bytes) with what may be given out; returns
+    /// the redactions made.
+    fn next_chunk(&mut self, host: &mut impl Host, size: usize, end_of_stream: bool) -> u64 {
+        let ResponseBody::Redacting { inflater, redactor } = self else {
+            if size > 0 {
+                host.set_response_body(size, &[]);
+            }
+            return 0;
+        };
+        // What the upstream sent may hold a secret: wiped once used (best effort).
+        let chunk = host.response_body(size);
+        let plain = match inflater.as_mut().map(|i| i.push(&chunk, end_of_stream)) {
+            None => chunk,
+            Some(Ok(plain)) => {
+                crate::cache::wipe(chunk);
+                plain
+            }
+            Some(Err(undecodable)) => {
+                host.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "a redacting response's compressed body cannot be inflated ({}); \
+                         its stream is reset",
+                        undecodable.0
+                    ),
+                );
+                crate::cache::wipe(chunk);
+                host.set_response_body(size, &[]);
+                host.reset_response();
+                *self = ResponseBody::Dropped;
+                return 0;
+            }
+        };
+        let before = redactor.count();
+        let mut out = redactor.push(&plain);
+        crate::cache::wipe(plain);
+        if end_of_stream {
+            out.extend(redactor.finish());
+        }
+        host.set_response_body(size, &out);
+        (redactor.count() - before) as u64
+    }
 }
 
 /// Answers the current request with `reject`.
@@ -810,10 +1016,15 @@ mod tests {
             self.host.current = id;
             if let Some(status) = status {
                 self.host.response_status.insert(id, status);
+                self.host
+                    .response_headers
+                    .entry(id)
+                    .or_default()
+                    .push((":status", status.to_string()));
             }
             if let Some(http) = self.requests.get_mut(&id) {
                 if status.is_some() {
-                    http.on_response_headers(&mut self.host);
+                    http.on_response_headers(&mut self.host, true);
                 }
                 http.on_log(&mut self.host);
             }
@@ -1432,6 +1643,8 @@ mod tests {
 
     #[test]
     fn the_response_status_goes_into_the_request_log() {
+        // Stripe's service redacts responses (the default), so the status comes with
+        // every response header, in one read.
         let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
         vm.request(2, "/a");
         vm.answer(2, FIRST, credentials("sk_1"));
@@ -1440,7 +1653,7 @@ mod tests {
         assert_eq!(
             vm.calls(),
             vec![
-                Call::ReadResponseStatus { context: 2 },
+                Call::ReadResponseHeaders { context: 2 },
                 Call::PostLogs {
                     records: strings(&["GET /a 201"]),
                     sent: true,
@@ -1463,7 +1676,7 @@ mod tests {
         assert_eq!(
             vm.calls(),
             vec![
-                Call::ReadResponseStatus { context: 2 },
+                Call::ReadResponseHeaders { context: 2 },
                 Call::ReadResponseCodeDetails { context: 2 },
                 Call::PostLogs {
                     records: strings(&["GET /a 403 destination_forbidden"]),
@@ -1478,7 +1691,7 @@ mod tests {
         assert_eq!(
             vm.calls(),
             vec![
-                Call::ReadResponseStatus { context: 3 },
+                Call::ReadResponseHeaders { context: 3 },
                 Call::ReadResponseCodeDetails { context: 3 },
                 Call::PostLogs {
                     records: strings(&["GET /b 403"]),
@@ -1828,6 +2041,254 @@ mod tests {
             surfaces: surfaces.to_vec(),
         }];
         let mut vm = Vm::configured(configuration);
+    // Response redaction (crate::redact).
+
+    const SECRET: &str = "sk_live_0123456789";
+
+    /// Request 2 forwarded with `SECRET` (fetched), its response headers `headers`
+    /// arrive (a body follows); the calls so far are forgotten.
+    fn redacting(vm: &mut Vm, headers: Vec<(&'static str, String)>) -> Flow {
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_headers.insert(2, headers);
+        let flow = match vm.requests.get_mut(&2) {
+            Some(http) => http.on_response_headers(&mut vm.host, false),
+            None => Flow::Continue,
+        };
+        flow
+    }
+
+    /// A body chunk of request 2 passes; returns what the agent gets of it.
+    fn chunk(vm: &mut Vm, data: &[u8], end: bool) -> Vec<u8> {
+        vm.host.current = 2;
+        vm.host.response_body.insert(2, data.to_vec());
+        if let Some(http) = vm.requests.get_mut(&2) {
+            http.on_response_body(&mut vm.host, data.len(), end);
+        }
+        vm.host.response_body.remove(&2).unwrap_or_default()
+    }
+
+    fn redactions(vm: &Vm, id: u32) -> u64 {
+        vm.requests
+            .get(&id)
+            .map_or(0, |http| http.log.borrow().redactions)
+    }
+
+    #[test]
+    fn a_redacting_response_has_its_headers_and_its_body_redacted_even_across_chunks() {
+        let mut vm = Vm::running("");
+        let flow = redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-length", "40".to_owned()),
+                ("x-echo", format!("Bearer {SECRET}")),
+                ("x-echo", "plain".to_owned()),
+                ("set-cookie", "s=1".to_owned()),
+            ],
+        );
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 2 },
+                Call::SetResponseHeader {
+                    context: 2,
+                    name: "x-echo".to_owned(),
+                    values: strings(&["[REDACTED]", "plain"]),
+                },
+                Call::SetResponseHeader {
+                    context: 2,
+                    name: "content-length".to_owned(),
+                    values: vec![],
+                },
+            ],
+            "one read; only the changed header and content-length are written"
+        );
+        let body = format!("{{\"auth\":\"Bearer {SECRET}\",\"key\":\"{SECRET}\"}}");
+        let (first, second) = body.as_bytes().split_at(20);
+        let mut out = chunk(&mut vm, first, false);
+        out.extend(chunk(&mut vm, second, true));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "{\"auth\":\"[REDACTED]\",\"key\":\"[REDACTED]\"}"
+        );
+        assert_eq!(redactions(&vm, 2), 3);
+        vm.host.stats.clear();
+        vm.finish(2, None);
+    }
+
+    #[test]
+    fn a_redacting_response_compressed_with_gzip_is_inflated_and_passed_on_plain() {
+        use std::io::Write;
+        let mut vm = Vm::running("");
+        redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "gzip".to_owned()),
+            ],
+        );
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 2 },
+                Call::SetResponseHeader {
+                    context: 2,
+                    name: "content-encoding".to_owned(),
+                    values: vec![],
+                },
+            ]
+        );
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let _ = gzip.write_all(format!("echo: {SECRET}").as_bytes());
+        let compressed = gzip.finish().unwrap_or_default();
+        let out = chunk(&mut vm, &compressed, true);
+        assert_eq!(String::from_utf8_lossy(&out), "echo: [REDACTED]");
+        assert_eq!(vm.host.stats, strings(&["redacted 1"]));
+        // A body that is not gzip at all is never passed on: the stream is reset.
+        let mut vm = Vm::running("");
+        redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "gzip".to_owned()),
+            ],
+        );
+        vm.calls();
+        let out = chunk(&mut vm, format!("not gzip {SECRET}").as_bytes(), false);
+        assert!(out.is_empty());
+        assert!(vm.calls().contains(&Call::ResetResponse { context: 2 }));
+        assert!(chunk(&mut vm, b"more", true).is_empty(), "nothing after");
+    }
+
+    #[test]
+    fn a_redacting_response_in_an_encoding_the_filter_cannot_decode_is_refused_502() {
+        let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
+        let flow = redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "br".to_owned()),
+            ],
+        );
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 2 },
+                reject(2, 502, "response_not_redactable"),
+            ]
+        );
+        assert!(
+            chunk(&mut vm, SECRET.as_bytes(), true).is_empty(),
+            "its body is never passed on"
+        );
+        vm.calls();
+        if let Some(http) = vm.requests.get_mut(&2) {
+            http.on_log(&mut vm.host);
+        }
+        assert_eq!(
+            vm.calls(),
+            vec![Call::PostLogs {
+                records: strings(&["GET /a 502 response_not_redactable"]),
+                sent: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_response_without_a_body_is_never_refused_for_its_encoding() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_headers.insert(
+            2,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "br".to_owned()),
+                ("content-length", "12".to_owned()),
+            ],
+        );
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|http| http.on_response_headers(&mut vm.host, true));
+        assert_eq!(flow, Some(Flow::Continue));
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadResponseHeaders { context: 2 }],
+            "headers only (a HEAD's): nothing to decode, content-length kept"
+        );
+    }
+
+    #[test]
+    fn a_redacting_request_asks_upstream_only_for_encodings_the_filter_decodes() {
+        let mut vm = Vm::running("");
+        let mut headers = vec![
+            (":method", "GET".to_owned()),
+            (":authority", "api.stripe.com".to_owned()),
+            (":path", "/a".to_owned()),
+            ("proxy-authorization", basic(ALICE, "")),
+            ("accept-encoding", "gzip, deflate, br, zstd".to_owned()),
+        ];
+        vm.request_with(2, headers.clone());
+        vm.calls();
+        vm.answer(2, FIRST, credentials(SECRET));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", SECRET),
+                Call::SetRequestHeader {
+                    context: 2,
+                    name: "accept-encoding".to_owned(),
+                    value: "gzip, deflate".to_owned(),
+                },
+                resume(2),
+            ]
+        );
+        // Cached: the same on arrival. An accept-encoding already decodable, or none,
+        // costs no host call.
+        headers[4].1 = "br".to_owned();
+        vm.request_with(3, headers.clone());
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(3),
+                forward(3, "/a", SECRET),
+                Call::SetRequestHeader {
+                    context: 3,
+                    name: "accept-encoding".to_owned(),
+                    value: "identity".to_owned(),
+                },
+            ]
+        );
+        headers[4].1 = "gzip".to_owned();
+        vm.request_with(4, headers.clone());
+        headers.pop();
+        vm.request_with(5, headers);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(4),
+                forward(4, "/a", SECRET),
+                read(5),
+                forward(5, "/a", SECRET)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_that_does_not_redact_costs_its_responses_no_host_call() {
+        let mut snapshot = crate::worker::tests::snapshot("1");
+        snapshot.vaults[0].services[0].redact_responses = Some(false);
+        let mut vm = Vm::configured("");
         vm.answer(
             ROOT,
             FakeHost::FIRST_TOKEN,
@@ -2219,5 +2680,23 @@ mod tests {
             vec![(":method", "POST".to_owned()), (":path", "/".to_owned())],
         );
         assert_eq!(vm.body(4, b"x", true), Flow::Pause);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_status.insert(2, 200);
+        if let Some(http) = vm.requests.get_mut(&2) {
+            assert_eq!(
+                http.on_response_headers(&mut vm.host, false),
+                Flow::Continue
+            );
+        }
+        let echo = format!("echo {SECRET}");
+        assert_eq!(chunk(&mut vm, echo.as_bytes(), true), echo.as_bytes());
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadResponseStatus { context: 2 }],
+            "the status alone, as before redaction existed; no body call"
+        );
     }
 }

@@ -118,6 +118,15 @@ impl HeaderMap {
     }
 }
 
+impl HeaderMap {
+    /// Every header, in order, as (name, value) bytes.
+    pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.pairs
+            .iter()
+            .filter_map(|(n, v)| Some((self.bytes.get(n.clone())?, self.bytes.get(v.clone())?)))
+    }
+}
+
 impl Drop for HeaderMap {
     fn drop(&mut self) {
         crate::cache::wipe(std::mem::take(&mut self.bytes));

@@ -104,6 +104,8 @@ pub enum Stat<'a> {
         /// Its version.
         version: &'a str,
     },
+    /// This many occurrences of a secret were replaced in a response.
+    Redacted(u64),
 }
 
 /// The host calls the filter makes. `config` is passed where the call goes to the
@@ -192,4 +194,25 @@ pub trait Host: SharedStore {
     /// Replaces the request body chunk being delivered (`old_size` bytes) with `body`
     /// (empty: nothing of it passes on).
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]);
+    // Response redaction ([`crate::redact`]): only redacting requests make these.
+
+    /// Sets a request header of the current context (replacing every value it had).
+    fn set_request_header(&mut self, name: &str, value: &str);
+
+    /// Every response header of the current context, in one host call; empty if the
+    /// host cannot give them.
+    fn response_headers(&mut self) -> HeaderMap;
+
+    /// Replaces every value of response header `name` with `values` (none: removes
+    /// it).
+    fn set_response_header(&mut self, name: &str, values: &[Vec<u8>]);
+
+    /// The current context's response body chunk (`size` bytes).
+    fn response_body(&mut self, size: usize) -> Vec<u8>;
+
+    /// Replaces the current response body chunk (`size` bytes) with `body`.
+    fn set_response_body(&mut self, size: usize, body: &[u8]);
+
+    /// Resets the current context's response stream (the agent sees it cut off).
+    fn reset_response(&mut self);
 }

@@ -57,6 +57,7 @@ pub mod header_map;
 pub mod host;
 pub mod host_budget;
 pub mod rate_limit;
+pub mod redact;
 pub mod request_log;
 pub mod snapshot;
 pub mod stats;

@@ -47,6 +47,8 @@ pub struct RequestLog {
     /// forwarded; until then, and after a refusal, the body is held). Shared for the
     /// same reason as `secrets`.
     pub body: BodyPlan,
+    /// Occurrences of a secret replaced in the response ([`crate::redact`]).
+    pub redactions: u64,
 }
 
 impl RequestLog {
@@ -79,6 +81,7 @@ impl RequestLog {
             status,
             latency_ms: now_ms.saturating_sub(started),
             error: self.error.map(ErrorCode::as_str),
+            redactions: self.redactions,
         })
     }
 }
@@ -182,6 +185,7 @@ mod tests {
                 status: 200,
                 latency_ms: 42,
                 error: None,
+                redactions: 0,
             }
         );
         let json = serde_json::to_string(&record).unwrap_or_default();
@@ -234,6 +238,7 @@ mod tests {
             status: 200,
             latency_ms: 0,
             error: None,
+            redactions: 0,
         };
         let mut batch = LogBatch::new(3, 1000);
         assert_eq!(

@@ -17,6 +17,7 @@
 //! | `agent_vault.cache.misses`                    | counter   | requests that had to wait for a credential fetch |
 //! | `agent_vault.control_plane.fetch_failures`    | counter   | credential fetches without a usable answer (not sent, Envoy's 503/504, timeout, bad body) |
 //! | `agent_vault.control_plane.poll_failures`     | counter   | snapshot polls without a usable answer |
+//! | `agent_vault.responses.redactions`            | counter   | occurrences of an injected credential replaced in responses (headers and bodies; [`crate::redact`]) |
 //! | `agent_vault.control_plane.fetch_us`          | histogram | credential fetch latency, microseconds |
 //! | `agent_vault.control_plane.poll_us`           | histogram | snapshot poll latency, microseconds |
 //! | `agent_vault.snapshot.version`                | gauge     | the rules snapshot version in use (every worker converges on the same one) |
@@ -65,10 +66,12 @@ pub enum Counter {
     TunnelIntercepted,
     /// A `CONNECT` tunnelled untouched.
     TunnelOpaque,
+    /// Occurrences of a secret replaced in responses.
+    Redactions,
 }
 
 /// Number of counters.
-pub const COUNTERS: usize = 8 + ERROR_CODES.len();
+pub const COUNTERS: usize = 9 + ERROR_CODES.len();
 
 impl Counter {
     /// Every counter, in slot order.
@@ -83,6 +86,7 @@ impl Counter {
                 Counter::PollFailure,
                 Counter::TunnelIntercepted,
                 Counter::TunnelOpaque,
+                Counter::Redactions,
             ])
     }
 
@@ -98,6 +102,7 @@ impl Counter {
             Counter::PollFailure => 5 + ERROR_CODES.len(),
             Counter::TunnelIntercepted => 6 + ERROR_CODES.len(),
             Counter::TunnelOpaque => 7 + ERROR_CODES.len(),
+            Counter::Redactions => 8 + ERROR_CODES.len(),
         }
     }
 
@@ -113,6 +118,7 @@ impl Counter {
             Counter::PollFailure => format!("{PREFIX}.control_plane.poll_failures"),
             Counter::TunnelIntercepted => format!("{PREFIX}.tunnels.intercepted"),
             Counter::TunnelOpaque => format!("{PREFIX}.tunnels.opaque"),
+            Counter::Redactions => format!("{PREFIX}.responses.redactions"),
         }
     }
 }
@@ -176,6 +182,13 @@ impl Stats {
     pub fn count(&mut self, counter: Counter) {
         if let Some(slot) = self.pending.get_mut(counter.slot()) {
             *slot = slot.saturating_add(1);
+        }
+    }
+
+    /// Counts `n` events at once.
+    pub fn add(&mut self, counter: Counter, n: u64) {
+        if let Some(slot) = self.pending.get_mut(counter.slot()) {
+            *slot = slot.saturating_add(n);
         }
     }
 

@@ -712,6 +712,7 @@ pub(crate) mod tests {
             status: 200,
             latency_ms: 1,
             error: None,
+            redactions: 0,
         };
         assert!(worker.log(&record(1), 10).is_none());
         assert!(worker.logs_due(100).is_none());

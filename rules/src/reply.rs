@@ -73,11 +73,15 @@ pub enum ErrorCode {
     /// 415: a request to a service with a `body` substitution holds a placeholder in a
     /// body that is neither JSON nor form-encoded (or a JSON body that is not UTF-8).
     UnsupportedSubstitutionBody,
+    /// 502: the service redacts responses and the upstream's response is compressed
+    /// with an encoding the filter cannot decode (anything but gzip and deflate), so
+    /// it cannot be scanned for the injected credential; it is never passed on.
+    ResponseNotRedactable,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::ConnectNotSupported,
         ErrorCode::MethodNotAllowed,
         ErrorCode::ProxyAuthRequired,
@@ -97,6 +101,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::RequestBodyTooLarge,
         ErrorCode::UnsupportedSubstitutionBody,
+        ErrorCode::ResponseNotRedactable,
     ];
 
     /// The position of this code in [`ErrorCode::ALL`]. Exhaustive, so a new code
@@ -122,6 +127,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => 16,
             ErrorCode::RequestBodyTooLarge => 17,
             ErrorCode::UnsupportedSubstitutionBody => 18,
+            ErrorCode::ResponseNotRedactable => 19,
         }
     }
 
@@ -147,6 +153,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::RequestBodyTooLarge => "request_body_too_large",
             ErrorCode::UnsupportedSubstitutionBody => "unsupported_substitution_body",
+            ErrorCode::ResponseNotRedactable => "response_not_redactable",
         }
     }
 
@@ -162,7 +169,8 @@ impl ErrorCode {
             | ErrorCode::MethodNotAllowedForService => 403,
             ErrorCode::InvalidService
             | ErrorCode::CredentialNotFound
-            | ErrorCode::InvalidCredentialValue => 502,
+            | ErrorCode::InvalidCredentialValue
+            | ErrorCode::ResponseNotRedactable => 502,
             ErrorCode::ControlPlaneUnavailable => 503,
             ErrorCode::TooManyHosts | ErrorCode::RateLimited => 429,
             // RFC 9110 §15.5.20: this connection cannot answer for that host; a client
@@ -551,6 +559,30 @@ fn over_limit(
     reject
 }
 
+/// The service redacts responses, and the upstream compressed its response with
+/// `encoding`, which the filter cannot decode to scan it → 502 (the response is
+/// dropped, never passed on unscanned), naming the encoding and the ways out.
+pub fn response_not_redactable(vault: &str, service: &str, encoding: &str) -> Reject {
+    let mut fields = serde_json::Map::new();
+    fields.insert("service".to_owned(), Value::from(service));
+    fields.insert(
+        "content_encoding".to_owned(),
+        Value::from(quote_raw(encoding)),
+    );
+    Reject::with_fields(
+        ErrorCode::ResponseNotRedactable,
+        format!(
+            "service {service:?} of vault {vault:?} redacts credentials from responses, \
+             and the upstream answered with content-encoding {}, which the proxy cannot \
+             decode to scan; ask for an uncompressed, gzip or deflate response \
+             (accept-encoding: gzip, deflate, identity), or have the service's \
+             redact_responses turned off",
+            quote(encoding)
+        ),
+        fields,
+    )
+}
+
 /// What an agent sent, cut to 64 characters (no quotes added).
 fn quote_raw(text: &str) -> String {
     let mut short: String = text.chars().take(64).collect();
@@ -739,6 +771,11 @@ mod tests {
                 "method_not_allowed_for_service",
             ),
             (rate_limited("v", "s", 5, "minute", 3), 429, "rate_limited"),
+            (
+                response_not_redactable("v", "s", "br"),
+                502,
+                "response_not_redactable",
+            ),
             (invalid_service("v", "s", "r"), 502, "invalid_service"),
             (credential_not_found("v", "K"), 502, "credential_not_found"),
             (
@@ -872,6 +909,17 @@ mod tests {
         let soon = rate_limited("v", "s", 1, "second", 0);
         assert!(soon.headers().contains(&("retry-after", "1")));
         assert!(soon.body.contains(r#""retry_after":1"#), "{}", soon.body);
+    }
+
+    #[test]
+    fn a_response_not_redactable_names_the_encoding_and_the_ways_out() {
+        let body = body(&response_not_redactable("v", "s", "br"));
+        assert_eq!(body["content_encoding"], "br");
+        assert_eq!(body["service"], "s");
+        let message = body["message"].as_str().unwrap_or_default();
+        for part in ["\"br\"", "gzip", "identity", "redact_responses"] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
     }
 
     #[test]

@@ -162,6 +162,14 @@ pub struct LogRecord<S = String> {
     pub latency_ms: u64,
     /// Error code when the filter answered itself (`forbidden`, ...).
     pub error: Option<S>,
+    /// Occurrences of an injected credential the filter replaced in the response
+    /// (its headers and body); omitted when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redactions: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Most records one request-log batch may carry (`POST` [`LOGS_PATH`]).
@@ -437,12 +445,35 @@ mod tests {
             status: 200,
             latency_ms: 3,
             error: None,
+            redactions: 0,
         };
         let json = serde_json::to_string(&borrowed).unwrap_or_default();
         let owned: Option<LogRecord> = serde_json::from_str(&json).ok();
         assert_eq!(
             owned.map(|r| (r.agent, r.service)),
             Some(("claude".to_owned(), Some("stripe".to_owned())))
+        );
+    }
+
+    #[test]
+    fn a_log_records_redactions_are_omitted_when_none_and_read_when_present() {
+        let base = serde_json::json!({
+            "ts": 1, "agent": "a", "vault": "v", "method": "GET", "host": "h", "path": "/",
+            "service": "s", "status": 200, "latency_ms": 1, "error": null
+        });
+        let old: Option<LogRecord> = serde_json::from_value(base.clone()).ok();
+        assert_eq!(
+            old.map(|r| r.redactions),
+            Some(0),
+            "a record without the field"
+        );
+        let mut with = base;
+        with["redactions"] = serde_json::json!(3);
+        let record: Option<LogRecord> = serde_json::from_value(with.clone()).ok();
+        assert_eq!(record.as_ref().map(|r| r.redactions), Some(3));
+        assert_eq!(
+            record.map(|r| serde_json::to_value(r).ok()),
+            Some(Some(with))
         );
     }
 
@@ -459,6 +490,7 @@ mod tests {
             status: 403,
             latency_ms: 1,
             error: Some("forbidden".to_owned()),
+            redactions: 0,
         };
         let json = serde_json::to_value(vec![record.clone()]).unwrap_or_default();
         assert_eq!(
@@ -513,6 +545,7 @@ mod tests {
             status: 200,
             latency_ms: 0,
             error: Some("e".repeat(100)),
+            redactions: 0,
         }
         .sanitized();
         assert_eq!(record.agent, "é".repeat(64));

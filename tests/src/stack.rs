@@ -84,8 +84,24 @@ impl Stack {
     }
 
     /// Adds a service (the API's JSON shape: name, host, auth, upstream_tls, enabled).
+    ///
+    /// With `redact_responses: false` unless `service` says otherwise: most tests read
+    /// the injected credential back from the echo upstream's answer, which response
+    /// redaction (on by default) replaces. Redaction itself is tested in
+    /// `tests/e2e/redaction.rs`, with [`Stack::add_service_as_is`].
     #[track_caller]
-    pub fn add_service(&self, vault: &str, service: Value) {
+    pub fn add_service(&self, vault: &str, mut service: Value) {
+        if let Some(fields) = service.as_object_mut() {
+            fields
+                .entry("redact_responses")
+                .or_insert(Value::Bool(false));
+        }
+        self.add_service_as_is(vault, service);
+    }
+
+    /// Adds a service exactly as given (the API's defaults apply).
+    #[track_caller]
+    pub fn add_service_as_is(&self, vault: &str, service: Value) {
         let (status, body) = self
             .api()
             .post(&format!("/v1/vaults/{vault}/services"), &service);

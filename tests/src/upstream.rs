@@ -239,3 +239,79 @@ fn serve_http<S: Read + Write>(
     }
     Ok(())
 }
+
+/// A loopback HTTP/1.1 upstream whose answers a test writes: `answer` gets each request
+/// and returns the raw response (status line, headers and body bytes) in parts, written
+/// with a flush and a pause between them, so that they reach Envoy as separate reads
+/// (a secret split across two body chunks). Every connection ends after one answer.
+pub struct Scripted {
+    pub port: u16,
+    _serving: Serving,
+}
+
+/// The pause between the parts of a [`Scripted`] answer.
+pub const SCRIPTED_PAUSE: Duration = Duration::from_millis(150);
+
+impl Scripted {
+    pub fn start(
+        answer: impl Fn(&HttpRequest) -> Vec<Vec<u8>> + Send + Sync + 'static,
+    ) -> Scripted {
+        Scripted::start_with_pause(SCRIPTED_PAUSE, answer)
+    }
+
+    /// As [`Scripted::start`], with `pause` between the parts.
+    pub fn start_with_pause(
+        pause: Duration,
+        answer: impl Fn(&HttpRequest) -> Vec<Vec<u8>> + Send + Sync + 'static,
+    ) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted upstream");
+        let port = listener.local_addr().expect("scripted addr").port();
+        let answer = Arc::new(answer);
+        let serving = serve_loopback(listener, move |stream: TcpStream| {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+            let _ = stream.set_nodelay(true);
+            let mut reader = BufReader::new(&stream);
+            let Ok(Some(request)) = read_request(&mut reader) else {
+                return;
+            };
+            let mut writer = &stream;
+            let parts = answer(&request);
+            let last = parts.len().saturating_sub(1);
+            for (i, part) in parts.iter().enumerate() {
+                if writer
+                    .write_all(part)
+                    .and_then(|()| writer.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                if i < last {
+                    std::thread::sleep(pause);
+                }
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+        });
+        Scripted {
+            port,
+            _serving: serving,
+        }
+    }
+
+    /// `localhost:<port>`: the host a service rule names for this upstream.
+    pub fn authority(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
+    /// `http://localhost:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://localhost:{}{}", self.port, path)
+    }
+}
+
+/// One chunk of a chunked body (`transfer-encoding: chunked`).
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}

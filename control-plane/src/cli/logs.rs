@@ -18,7 +18,7 @@ use super::output::{self, str_field};
 /// The API's largest page, used while following.
 const MAX_PAGE: usize = 1000;
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 10] = [
     "TIME (UTC)",
     "AGENT",
     "METHOD",
@@ -27,6 +27,8 @@ const HEADERS: [&str; 9] = [
     "SERVICE",
     "STATUS",
     "LATENCY MS",
+    // Occurrences of an injected credential replaced in the response ("-": none).
+    "REDACTED",
     "ERROR",
 ];
 
@@ -107,6 +109,7 @@ fn row(record: &Value) -> Vec<String> {
         text("service"),
         number("status"),
         number("latency_ms"),
+        number("redactions"),
         text("error"),
     ]
 }
@@ -196,9 +199,13 @@ mod tests {
         let first = printer.render(&[record(1, "/v1/charges", None)]);
         assert_eq!(
             first,
-            "TIME (UTC)           AGENT   METHOD  HOST            PATH         SERVICE  STATUS  LATENCY MS  ERROR\n\
-             2023-11-14 22:13:20  claude  GET     api.stripe.com  /v1/charges  stripe   200     12          -\n"
+            "TIME (UTC)           AGENT   METHOD  HOST            PATH         SERVICE  STATUS  LATENCY MS  REDACTED  ERROR\n\
+             2023-11-14 22:13:20  claude  GET     api.stripe.com  /v1/charges  stripe   200     12          -         -\n"
         );
+        let mut redacted = record(3, "/echo", None);
+        redacted["redactions"] = json!(4);
+        let row = printer.render(&[redacted]);
+        assert!(row.contains("12          4"), "{row}");
         let mut missing = record(2, "/a\nb", Some("forbidden"));
         missing["service"] = Value::Null;
         let second = printer.render(&[missing]);

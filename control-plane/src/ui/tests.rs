@@ -941,6 +941,7 @@ async fn the_vault_pages_render() {
             status: 200,
             latency_ms: 12,
             error: None,
+            redactions: 0,
         }])
         .unwrap();
     let (id, _) = h.stripe_proposal();

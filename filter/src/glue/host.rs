@@ -9,7 +9,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, Status, StreamType};
 
 use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
 
@@ -153,6 +153,7 @@ impl Host for ProxyWasmHost {
             Stat::CalloutSent { kind, token } => stats::callout_sent(kind, token),
             Stat::CalloutAnswered { token, usable } => stats::callout_answered(token, usable),
             Stat::SnapshotLoaded { version } => stats::snapshot_loaded(version),
+            Stat::Redacted(n) => stats::redacted(n),
         }
     }
 
@@ -165,19 +166,41 @@ impl Host for ProxyWasmHost {
     }
 
     fn request_body(&mut self, size: usize) -> Vec<u8> {
-        if size == 0 {
-            return Vec::new();
-        }
-        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
+        body_bytes(BufferType::HttpRequestBody, size)
     }
 
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) {
-        let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body);
+        set_body_bytes(BufferType::HttpRequestBody, old_size, body);
+    }
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    }
+
+    fn response_headers(&mut self) -> HeaderMap {
+        header_map(MapType::HttpResponseHeaders)
+    }
+
+    fn set_response_header(&mut self, name: &str, values: &[Vec<u8>]) {
+        let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
+        for value in values {
+            let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseHeaders, name, value);
+        }
+    }
+
+    fn response_body(&mut self, size: usize) -> Vec<u8> {
+        body_bytes(BufferType::HttpResponseBody, size)
+    }
+
+    fn set_response_body(&mut self, size: usize, body: &[u8]) {
+        set_body_bytes(BufferType::HttpResponseBody, size, body);
+    }
+
+    fn reset_response(&mut self) {
+        // SAFETY: a plain value.
+        let _ = unsafe { proxy_close_stream(StreamType::HttpResponse as u32) };
     }
 }
+
 
 /// Replaces request headers (substitution): one value is set; several replace every
 /// value in order; none removes the header.
@@ -198,6 +221,58 @@ fn edit_request_headers(edits: &[(String, Vec<String>)]) {
             }
         }
     }
+
+
+// The body calls (substitution's and redaction's), imported directly with a plain
+// `u32` status: the SDK's `get_buffer`, `set_buffer` and `reset_http_response` trap on
+// a status they do not expect, and these run on every chunk of a body.
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
+}
+
+/// Replaces the current body chunk (`size` bytes) of `buffer` with `body`.
+fn set_body_bytes(buffer: BufferType, size: usize, body: &[u8]) {
+    // SAFETY: `body` outlives the call; the host copies it.
+    let _ = unsafe { proxy_set_buffer_bytes(buffer as u32, 0, size, body.as_ptr(), body.len()) };
+}
+
+/// The current body chunk of `buffer` (empty if the host cannot give it).
+fn body_bytes(buffer: BufferType, size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut length: usize = 0;
+    // SAFETY: the host writes a pointer and a size through the two out-parameters.
+    let status = unsafe {
+        proxy_get_buffer_bytes(
+            buffer as u32,
+            0,
+            size,
+            &mut data,
+            &mut length,
+        )
+    };
+    if status != Status::Ok as u32 || data.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: as in `header_map`: allocated by the SDK's exported allocator.
+    unsafe { Vec::from_raw_parts(data, length, length) }
 }
 
 /// The host's status, named as the SDK names it (`BadArgument`, `NotFound`, ...).

@@ -111,9 +111,22 @@ impl HttpContext for Http {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // For the request log: one header, in a callback Envoy makes anyway.
-        self.0.on_response_headers(&mut ProxyWasmHost);
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // For the request log: one header, in a callback Envoy makes anyway; for a
+        // redacting request, every header (crate::redact).
+        match self
+            .0
+            .on_response_headers(&mut ProxyWasmHost, end_of_stream)
+        {
+            Flow::Continue => Action::Continue,
+            Flow::Pause => Action::Pause,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Each chunk goes on at once (redacted): a stream keeps flowing.
+        self.0
+            .on_response_body(&mut ProxyWasmHost, body_size, end_of_stream);
         Action::Continue
     }
 

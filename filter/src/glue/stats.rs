@@ -101,6 +101,11 @@ pub fn forwarded(forward: &Forward, from_cache: bool) {
     with(|r| r.stats.forwarded(forward, from_cache));
 }
 
+/// `n` occurrences of a secret were replaced in a response.
+pub fn redacted(n: u64) {
+    with(|r| r.stats.add(Counter::Redactions, n));
+}
+
 /// A request has to wait for a credential fetch.
 pub fn cache_miss() {
     with(|r| r.stats.count(Counter::CacheMiss));

@@ -131,6 +131,46 @@ pub enum Call {
         /// The new body (lossy UTF-8).
         body: String,
     },
+    /// A request header was set.
+    SetRequestHeader {
+        /// The current context.
+        context: u32,
+        /// Its name.
+        name: String,
+        /// Its value.
+        value: String,
+    },
+    /// The response headers of `context` were read.
+    ReadResponseHeaders {
+        /// The current context.
+        context: u32,
+    },
+    /// A response header was replaced (no values: removed).
+    SetResponseHeader {
+        /// The current context.
+        context: u32,
+        /// Its name.
+        name: String,
+        /// Its new values.
+        values: Vec<String>,
+    },
+    /// The response body chunk of `context` was read.
+    ReadResponseBody {
+        /// The current context.
+        context: u32,
+    },
+    /// The response body chunk of `context` was replaced.
+    SetResponseBody {
+        /// The current context.
+        context: u32,
+        /// The new chunk.
+        body: String,
+    },
+    /// The response of `context` was reset.
+    ResetResponse {
+        /// The current context.
+        context: u32,
+    },
 }
 
 /// The fake host. Fields are the test's controls and what was recorded.
@@ -167,6 +207,10 @@ pub struct FakeHost {
     pub shared: MemoryStore,
     /// Each context's buffered request body.
     pub bodies: BTreeMap<u32, Vec<u8>>,
+    /// Each context's response headers.
+    pub response_headers: BTreeMap<u32, Vec<(&'static str, String)>>,
+    /// Each context's current response body chunk (replaced by `set_response_body`).
+    pub response_body: BTreeMap<u32, Vec<u8>>,
     next_token: u32,
 }
 
@@ -202,6 +246,8 @@ impl FakeHost {
             fetched_for: Vec::new(),
             shared: MemoryStore::default(),
             bodies: BTreeMap::new(),
+            response_headers: BTreeMap::new(),
+            response_body: BTreeMap::new(),
             next_token: Self::FIRST_TOKEN,
         }
     }
@@ -266,6 +312,7 @@ fn describe(event: Stat<'_>) -> String {
             format!("{token} answered {usable}")
         }
         Stat::SnapshotLoaded { version } => format!("snapshot {version}"),
+        Stat::Redacted(n) => format!("redacted {n}"),
     }
 }
 
@@ -450,5 +497,67 @@ impl Host for FakeHost {
             body: String::from_utf8_lossy(body).into_owned(),
         });
         self.bodies.insert(self.current, body.to_vec());
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        self.calls.push(Call::SetRequestHeader {
+            context: self.current,
+            name: name.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+
+    fn response_headers(&mut self) -> HeaderMap {
+        self.calls.push(Call::ReadResponseHeaders {
+            context: self.current,
+        });
+        let headers = self
+            .response_headers
+            .get(&self.current)
+            .cloned()
+            .unwrap_or_default();
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_bytes()))
+            .collect();
+        HeaderMap::parse(serialize(&pairs))
+    }
+
+    fn set_response_header(&mut self, name: &str, values: &[Vec<u8>]) {
+        self.calls.push(Call::SetResponseHeader {
+            context: self.current,
+            name: name.to_owned(),
+            values: values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect(),
+        });
+    }
+
+    fn response_body(&mut self, size: usize) -> Vec<u8> {
+        self.calls.push(Call::ReadResponseBody {
+            context: self.current,
+        });
+        let mut body = self
+            .response_body
+            .get(&self.current)
+            .cloned()
+            .unwrap_or_default();
+        body.truncate(size);
+        body
+    }
+
+    fn set_response_body(&mut self, _size: usize, body: &[u8]) {
+        self.response_body.insert(self.current, body.to_vec());
+        self.calls.push(Call::SetResponseBody {
+            context: self.current,
+            body: String::from_utf8_lossy(body).into_owned(),
+        });
+    }
+
+    fn reset_response(&mut self) {
+        self.calls.push(Call::ResetResponse {
+            context: self.current,
+        });
     }
 }

@@ -758,6 +758,14 @@ fn through_envoy_a_hint_becomes_a_proposal_approved_in_the_browser_and_the_retry
     );
     let seen = response.echoed();
     assert_eq!(seen["path"], "/v1/invoices");
-    assert_eq!(seen["headers"]["authorization"], format!("Bearer {secret}"));
+    // The approved service redacts responses (the default): the agent sees the echo of
+    // the credential redacted, the upstream got it.
+    assert_eq!(seen["headers"]["authorization"], "[REDACTED]");
+    assert_eq!(
+        echo.received()
+            .last()
+            .map(|seen| seen["headers"]["authorization"].clone()),
+        Some(json!(format!("Bearer {secret}")))
+    );
     assert!(!seen["header_list"].to_string().contains(&agent_token));
 }

@@ -15,6 +15,7 @@ mod proposals;
 mod proxy;
 mod proxy_e2e;
 mod rate_limits;
+mod redaction;
 mod request_log;
 mod security_api;
 mod security_proxy;

@@ -169,9 +169,15 @@ fn plain_requests_get_only_the_services_methods_and_a_proposals_methods_take_eff
         |r| r.status == 200,
     );
     assert_eq!(posted.echoed()["method"], "POST");
+    // A service from a proposal redacts responses (the default): the upstream got the
+    // credential, the agent sees its echo redacted.
+    assert_eq!(posted.echoed()["headers"]["authorization"], "[REDACTED]");
     assert_eq!(
-        posted.echoed()["headers"]["authorization"],
-        format!("Bearer {write_secret}")
+        writer_echo
+            .received()
+            .last()
+            .map(|seen| seen["headers"]["authorization"].clone()),
+        Some(json!(format!("Bearer {write_secret}")))
     );
     writer_echo.clear();
     let get: HttpResponse = stack.get_as(&token, "default", &writer_echo.url("/v1/write"), &[]);
