@@ -496,6 +496,8 @@ fn forward_request(
     }
     restrict_accept_encoding(host, forward, known);
     true
+}
+
 /// For a redacting request (its service redacts, and a secret is long enough to):
 /// cuts the agent's `accept-encoding` to what [`crate::redact`] can decode, so that a
 /// well-behaved upstream never answers with an encoding the filter must refuse. One
@@ -2041,254 +2043,6 @@ mod tests {
             surfaces: surfaces.to_vec(),
         }];
         let mut vm = Vm::configured(configuration);
-    // Response redaction (crate::redact).
-
-    const SECRET: &str = "sk_live_0123456789";
-
-    /// Request 2 forwarded with `SECRET` (fetched), its response headers `headers`
-    /// arrive (a body follows); the calls so far are forgotten.
-    fn redacting(vm: &mut Vm, headers: Vec<(&'static str, String)>) -> Flow {
-        vm.request(2, "/a");
-        vm.answer(2, FIRST, credentials(SECRET));
-        vm.calls();
-        vm.host.current = 2;
-        vm.host.response_headers.insert(2, headers);
-        let flow = match vm.requests.get_mut(&2) {
-            Some(http) => http.on_response_headers(&mut vm.host, false),
-            None => Flow::Continue,
-        };
-        flow
-    }
-
-    /// A body chunk of request 2 passes; returns what the agent gets of it.
-    fn chunk(vm: &mut Vm, data: &[u8], end: bool) -> Vec<u8> {
-        vm.host.current = 2;
-        vm.host.response_body.insert(2, data.to_vec());
-        if let Some(http) = vm.requests.get_mut(&2) {
-            http.on_response_body(&mut vm.host, data.len(), end);
-        }
-        vm.host.response_body.remove(&2).unwrap_or_default()
-    }
-
-    fn redactions(vm: &Vm, id: u32) -> u64 {
-        vm.requests
-            .get(&id)
-            .map_or(0, |http| http.log.borrow().redactions)
-    }
-
-    #[test]
-    fn a_redacting_response_has_its_headers_and_its_body_redacted_even_across_chunks() {
-        let mut vm = Vm::running("");
-        let flow = redacting(
-            &mut vm,
-            vec![
-                (":status", "200".to_owned()),
-                ("content-length", "40".to_owned()),
-                ("x-echo", format!("Bearer {SECRET}")),
-                ("x-echo", "plain".to_owned()),
-                ("set-cookie", "s=1".to_owned()),
-            ],
-        );
-        assert_eq!(flow, Flow::Continue);
-        assert_eq!(
-            vm.calls(),
-            vec![
-                Call::ReadResponseHeaders { context: 2 },
-                Call::SetResponseHeader {
-                    context: 2,
-                    name: "x-echo".to_owned(),
-                    values: strings(&["[REDACTED]", "plain"]),
-                },
-                Call::SetResponseHeader {
-                    context: 2,
-                    name: "content-length".to_owned(),
-                    values: vec![],
-                },
-            ],
-            "one read; only the changed header and content-length are written"
-        );
-        let body = format!("{{\"auth\":\"Bearer {SECRET}\",\"key\":\"{SECRET}\"}}");
-        let (first, second) = body.as_bytes().split_at(20);
-        let mut out = chunk(&mut vm, first, false);
-        out.extend(chunk(&mut vm, second, true));
-        assert_eq!(
-            String::from_utf8_lossy(&out),
-            "{\"auth\":\"[REDACTED]\",\"key\":\"[REDACTED]\"}"
-        );
-        assert_eq!(redactions(&vm, 2), 3);
-        vm.host.stats.clear();
-        vm.finish(2, None);
-    }
-
-    #[test]
-    fn a_redacting_response_compressed_with_gzip_is_inflated_and_passed_on_plain() {
-        use std::io::Write;
-        let mut vm = Vm::running("");
-        redacting(
-            &mut vm,
-            vec![
-                (":status", "200".to_owned()),
-                ("content-encoding", "gzip".to_owned()),
-            ],
-        );
-        assert_eq!(
-            vm.calls(),
-            vec![
-                Call::ReadResponseHeaders { context: 2 },
-                Call::SetResponseHeader {
-                    context: 2,
-                    name: "content-encoding".to_owned(),
-                    values: vec![],
-                },
-            ]
-        );
-        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        let _ = gzip.write_all(format!("echo: {SECRET}").as_bytes());
-        let compressed = gzip.finish().unwrap_or_default();
-        let out = chunk(&mut vm, &compressed, true);
-        assert_eq!(String::from_utf8_lossy(&out), "echo: [REDACTED]");
-        assert_eq!(vm.host.stats, strings(&["redacted 1"]));
-        // A body that is not gzip at all is never passed on: the stream is reset.
-        let mut vm = Vm::running("");
-        redacting(
-            &mut vm,
-            vec![
-                (":status", "200".to_owned()),
-                ("content-encoding", "gzip".to_owned()),
-            ],
-        );
-        vm.calls();
-        let out = chunk(&mut vm, format!("not gzip {SECRET}").as_bytes(), false);
-        assert!(out.is_empty());
-        assert!(vm.calls().contains(&Call::ResetResponse { context: 2 }));
-        assert!(chunk(&mut vm, b"more", true).is_empty(), "nothing after");
-    }
-
-    #[test]
-    fn a_redacting_response_in_an_encoding_the_filter_cannot_decode_is_refused_502() {
-        let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
-        let flow = redacting(
-            &mut vm,
-            vec![
-                (":status", "200".to_owned()),
-                ("content-encoding", "br".to_owned()),
-            ],
-        );
-        assert_eq!(flow, Flow::Pause);
-        assert_eq!(
-            vm.calls(),
-            vec![
-                Call::ReadResponseHeaders { context: 2 },
-                reject(2, 502, "response_not_redactable"),
-            ]
-        );
-        assert!(
-            chunk(&mut vm, SECRET.as_bytes(), true).is_empty(),
-            "its body is never passed on"
-        );
-        vm.calls();
-        if let Some(http) = vm.requests.get_mut(&2) {
-            http.on_log(&mut vm.host);
-        }
-        assert_eq!(
-            vm.calls(),
-            vec![Call::PostLogs {
-                records: strings(&["GET /a 502 response_not_redactable"]),
-                sent: true,
-            }]
-        );
-    }
-
-    #[test]
-    fn a_response_without_a_body_is_never_refused_for_its_encoding() {
-        let mut vm = Vm::running("");
-        vm.request(2, "/a");
-        vm.answer(2, FIRST, credentials(SECRET));
-        vm.calls();
-        vm.host.current = 2;
-        vm.host.response_headers.insert(
-            2,
-            vec![
-                (":status", "200".to_owned()),
-                ("content-encoding", "br".to_owned()),
-                ("content-length", "12".to_owned()),
-            ],
-        );
-        let flow = vm
-            .requests
-            .get_mut(&2)
-            .map(|http| http.on_response_headers(&mut vm.host, true));
-        assert_eq!(flow, Some(Flow::Continue));
-        assert_eq!(
-            vm.calls(),
-            vec![Call::ReadResponseHeaders { context: 2 }],
-            "headers only (a HEAD's): nothing to decode, content-length kept"
-        );
-    }
-
-    #[test]
-    fn a_redacting_request_asks_upstream_only_for_encodings_the_filter_decodes() {
-        let mut vm = Vm::running("");
-        let mut headers = vec![
-            (":method", "GET".to_owned()),
-            (":authority", "api.stripe.com".to_owned()),
-            (":path", "/a".to_owned()),
-            ("proxy-authorization", basic(ALICE, "")),
-            ("accept-encoding", "gzip, deflate, br, zstd".to_owned()),
-        ];
-        vm.request_with(2, headers.clone());
-        vm.calls();
-        vm.answer(2, FIRST, credentials(SECRET));
-        assert_eq!(
-            vm.calls(),
-            vec![
-                Call::ReadCallResponse,
-                read(2),
-                forward(2, "/a", SECRET),
-                Call::SetRequestHeader {
-                    context: 2,
-                    name: "accept-encoding".to_owned(),
-                    value: "gzip, deflate".to_owned(),
-                },
-                resume(2),
-            ]
-        );
-        // Cached: the same on arrival. An accept-encoding already decodable, or none,
-        // costs no host call.
-        headers[4].1 = "br".to_owned();
-        vm.request_with(3, headers.clone());
-        assert_eq!(
-            vm.calls(),
-            vec![
-                read(3),
-                forward(3, "/a", SECRET),
-                Call::SetRequestHeader {
-                    context: 3,
-                    name: "accept-encoding".to_owned(),
-                    value: "identity".to_owned(),
-                },
-            ]
-        );
-        headers[4].1 = "gzip".to_owned();
-        vm.request_with(4, headers.clone());
-        headers.pop();
-        vm.request_with(5, headers);
-        assert_eq!(
-            vm.calls(),
-            vec![
-                read(4),
-                forward(4, "/a", SECRET),
-                read(5),
-                forward(5, "/a", SECRET)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_service_that_does_not_redact_costs_its_responses_no_host_call() {
-        let mut snapshot = crate::worker::tests::snapshot("1");
-        snapshot.vaults[0].services[0].redact_responses = Some(false);
-        let mut vm = Vm::configured("");
         vm.answer(
             ROOT,
             FakeHost::FIRST_TOKEN,
@@ -2680,6 +2434,266 @@ mod tests {
             vec![(":method", "POST".to_owned()), (":path", "/".to_owned())],
         );
         assert_eq!(vm.body(4, b"x", true), Flow::Pause);
+    }
+
+    // Response redaction (crate::redact).
+
+    const SECRET: &str = "sk_live_0123456789";
+
+    /// Request 2 forwarded with `SECRET` (fetched), its response headers `headers`
+    /// arrive (a body follows); the calls so far are forgotten.
+    fn redacting(vm: &mut Vm, headers: Vec<(&'static str, String)>) -> Flow {
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_headers.insert(2, headers);
+        let flow = match vm.requests.get_mut(&2) {
+            Some(http) => http.on_response_headers(&mut vm.host, false),
+            None => Flow::Continue,
+        };
+        flow
+    }
+
+    /// A body chunk of request 2 passes; returns what the agent gets of it.
+    fn chunk(vm: &mut Vm, data: &[u8], end: bool) -> Vec<u8> {
+        vm.host.current = 2;
+        vm.host.response_body.insert(2, data.to_vec());
+        if let Some(http) = vm.requests.get_mut(&2) {
+            http.on_response_body(&mut vm.host, data.len(), end);
+        }
+        vm.host.response_body.remove(&2).unwrap_or_default()
+    }
+
+    fn redactions(vm: &Vm, id: u32) -> u64 {
+        vm.requests
+            .get(&id)
+            .map_or(0, |http| http.log.borrow().redactions)
+    }
+
+    #[test]
+    fn a_redacting_response_has_its_headers_and_its_body_redacted_even_across_chunks() {
+        let mut vm = Vm::running("");
+        let flow = redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-length", "40".to_owned()),
+                ("x-echo", format!("Bearer {SECRET}")),
+                ("x-echo", "plain".to_owned()),
+                ("set-cookie", "s=1".to_owned()),
+            ],
+        );
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 2 },
+                Call::SetResponseHeader {
+                    context: 2,
+                    name: "x-echo".to_owned(),
+                    values: strings(&["[REDACTED]", "plain"]),
+                },
+                Call::SetResponseHeader {
+                    context: 2,
+                    name: "content-length".to_owned(),
+                    values: vec![],
+                },
+            ],
+            "one read; only the changed header and content-length are written"
+        );
+        let body = format!("{{\"auth\":\"Bearer {SECRET}\",\"key\":\"{SECRET}\"}}");
+        let (first, second) = body.as_bytes().split_at(20);
+        let mut out = chunk(&mut vm, first, false);
+        out.extend(chunk(&mut vm, second, true));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "{\"auth\":\"[REDACTED]\",\"key\":\"[REDACTED]\"}"
+        );
+        assert_eq!(redactions(&vm, 2), 3);
+        vm.host.stats.clear();
+        vm.finish(2, None);
+    }
+
+    #[test]
+    fn a_redacting_response_compressed_with_gzip_is_inflated_and_passed_on_plain() {
+        use std::io::Write;
+        let mut vm = Vm::running("");
+        redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "gzip".to_owned()),
+            ],
+        );
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 2 },
+                Call::SetResponseHeader {
+                    context: 2,
+                    name: "content-encoding".to_owned(),
+                    values: vec![],
+                },
+            ]
+        );
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let _ = gzip.write_all(format!("echo: {SECRET}").as_bytes());
+        let compressed = gzip.finish().unwrap_or_default();
+        let out = chunk(&mut vm, &compressed, true);
+        assert_eq!(String::from_utf8_lossy(&out), "echo: [REDACTED]");
+        assert_eq!(vm.host.stats, strings(&["redacted 1"]));
+        // A body that is not gzip at all is never passed on: the stream is reset.
+        let mut vm = Vm::running("");
+        redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "gzip".to_owned()),
+            ],
+        );
+        vm.calls();
+        let out = chunk(&mut vm, format!("not gzip {SECRET}").as_bytes(), false);
+        assert!(out.is_empty());
+        assert!(vm.calls().contains(&Call::ResetResponse { context: 2 }));
+        assert!(chunk(&mut vm, b"more", true).is_empty(), "nothing after");
+    }
+
+    #[test]
+    fn a_redacting_response_in_an_encoding_the_filter_cannot_decode_is_refused_502() {
+        let mut vm = Vm::running(r#"{"log_batch_max": 1}"#);
+        let flow = redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "br".to_owned()),
+            ],
+        );
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 2 },
+                reject(2, 502, "response_not_redactable"),
+            ]
+        );
+        assert!(
+            chunk(&mut vm, SECRET.as_bytes(), true).is_empty(),
+            "its body is never passed on"
+        );
+        vm.calls();
+        if let Some(http) = vm.requests.get_mut(&2) {
+            http.on_log(&mut vm.host);
+        }
+        assert_eq!(
+            vm.calls(),
+            vec![Call::PostLogs {
+                records: strings(&["GET /a 502 response_not_redactable"]),
+                sent: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_response_without_a_body_is_never_refused_for_its_encoding() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_headers.insert(
+            2,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-encoding", "br".to_owned()),
+                ("content-length", "12".to_owned()),
+            ],
+        );
+        let flow = vm
+            .requests
+            .get_mut(&2)
+            .map(|http| http.on_response_headers(&mut vm.host, true));
+        assert_eq!(flow, Some(Flow::Continue));
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadResponseHeaders { context: 2 }],
+            "headers only (a HEAD's): nothing to decode, content-length kept"
+        );
+    }
+
+    #[test]
+    fn a_redacting_request_asks_upstream_only_for_encodings_the_filter_decodes() {
+        let mut vm = Vm::running("");
+        let mut headers = vec![
+            (":method", "GET".to_owned()),
+            (":authority", "api.stripe.com".to_owned()),
+            (":path", "/a".to_owned()),
+            ("proxy-authorization", basic(ALICE, "")),
+            ("accept-encoding", "gzip, deflate, br, zstd".to_owned()),
+        ];
+        vm.request_with(2, headers.clone());
+        vm.calls();
+        vm.answer(2, FIRST, credentials(SECRET));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", SECRET),
+                Call::SetRequestHeader {
+                    context: 2,
+                    name: "accept-encoding".to_owned(),
+                    value: "gzip, deflate".to_owned(),
+                },
+                resume(2),
+            ]
+        );
+        // Cached: the same on arrival. An accept-encoding already decodable, or none,
+        // costs no host call.
+        headers[4].1 = "br".to_owned();
+        vm.request_with(3, headers.clone());
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(3),
+                forward(3, "/a", SECRET),
+                Call::SetRequestHeader {
+                    context: 3,
+                    name: "accept-encoding".to_owned(),
+                    value: "identity".to_owned(),
+                },
+            ]
+        );
+        headers[4].1 = "gzip".to_owned();
+        vm.request_with(4, headers.clone());
+        headers.pop();
+        vm.request_with(5, headers);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(4),
+                forward(4, "/a", SECRET),
+                read(5),
+                forward(5, "/a", SECRET)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_that_does_not_redact_costs_its_responses_no_host_call() {
+        let mut snapshot = crate::worker::tests::snapshot("1");
+        snapshot.vaults[0].services[0].redact_responses = Some(false);
+        let mut vm = Vm::configured("");
+        vm.answer(
+            ROOT,
+            FakeHost::FIRST_TOKEN,
+            CallResponse {
+                status: Some(200),
+                from_control_plane: true,
+                body: serde_json::to_vec(&snapshot).unwrap_or_default(),
+            },
+        );
+        vm.host.clear();
         vm.request(2, "/a");
         vm.answer(2, FIRST, credentials(SECRET));
         vm.calls();

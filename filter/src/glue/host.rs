@@ -201,7 +201,6 @@ impl Host for ProxyWasmHost {
     }
 }
 
-
 /// Replaces request headers (substitution): one value is set; several replace every
 /// value in order; none removes the header.
 fn edit_request_headers(edits: &[(String, Vec<String>)]) {
@@ -221,7 +220,7 @@ fn edit_request_headers(edits: &[(String, Vec<String>)]) {
             }
         }
     }
-
+}
 
 // The body calls (substitution's and redaction's), imported directly with a plain
 // `u32` status: the SDK's `get_buffer`, `set_buffer` and `reset_http_response` trap on
@@ -259,15 +258,7 @@ fn body_bytes(buffer: BufferType, size: usize) -> Vec<u8> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut length: usize = 0;
     // SAFETY: the host writes a pointer and a size through the two out-parameters.
-    let status = unsafe {
-        proxy_get_buffer_bytes(
-            buffer as u32,
-            0,
-            size,
-            &mut data,
-            &mut length,
-        )
-    };
+    let status = unsafe { proxy_get_buffer_bytes(buffer as u32, 0, size, &mut data, &mut length) };
     if status != Status::Ok as u32 || data.is_null() {
         return Vec::new();
     }
