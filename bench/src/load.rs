@@ -29,7 +29,20 @@ pub struct Target<'a> {
 
 /// Runs wrk with `connections` connections (one thread) for `duration`.
 pub fn wrk(target: &Target<'_>, connections: usize, duration: Duration) -> Result<Run, String> {
+    wrk_script(target, connections, duration, None)
+}
+
+/// [`wrk`] with a Lua script (`-s`), e.g. one that sets a method and a body.
+pub fn wrk_script(
+    target: &Target<'_>,
+    connections: usize,
+    duration: Duration,
+    script: Option<&Path>,
+) -> Result<Run, String> {
     let mut command = Command::new("wrk");
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
     command
         .args(["-t", "1", "-c", &connections.to_string()])
         .args(["-d", &format!("{}s", duration.as_secs().max(1))])

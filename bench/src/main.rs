@@ -19,6 +19,7 @@
 
 mod controlplane;
 mod envoy;
+mod features;
 mod https;
 mod load;
 mod procs;
@@ -61,6 +62,8 @@ pub struct Args {
     pub keep_workdir: bool,
     /// Adds variant (x): this build of the filter, alternated with the others.
     pub candidate_wasm: Option<PathBuf>,
+    /// Rounds of the body features' pairs ([`features`]; 0: skipped).
+    pub feature_rounds: usize,
 }
 
 const USAGE: &str =
@@ -79,6 +82,7 @@ const USAGE: &str =
     [--skip-cp-alone]
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
+    [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
     [--out FILE|-]          where the Markdown goes (BENCHMARKS.md; -: nowhere)
     [--command TEXT]        the command shown in it
     [--keep-workdir]        keep the generated configs and logs";
@@ -108,6 +112,7 @@ fn parse_args() -> Args {
         skip_cp_alone: false,
         keep_workdir: false,
         candidate_wasm: None,
+        feature_rounds: 6,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -152,6 +157,7 @@ fn parse_args() -> Args {
             "--skip-cp-alone" => args.skip_cp_alone = true,
             "--keep-workdir" => args.keep_workdir = true,
             "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
+            "--feature-rounds" => args.feature_rounds = number(value()),
             _ => usage(),
         }
     }
@@ -232,6 +238,8 @@ pub struct Results {
     pub load_after: String,
     pub envoy_version: String,
     pub checks: Vec<String>,
+    /// The body features' pairs, if run.
+    pub features: Option<features::Results>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -262,7 +270,7 @@ fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
-fn clk_tck() -> f64 {
+pub(crate) fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 {
@@ -367,6 +375,7 @@ fn run_in(
             proxy_ca: &cp.proxy_ca,
             dir: workdir,
             static_credential: &static_credential,
+            buffer_limit: None,
         };
         envoys.push(Envoy::start(&args.envoy, variant, &inputs)?);
     }
@@ -645,7 +654,20 @@ fn run_in(
         })?;
     }
 
+    let features = if args.feature_rounds > 0 {
+        Some(features::run(
+            args,
+            workdir,
+            &secret,
+            args.feature_rounds,
+            &mut checks,
+        )?)
+    } else {
+        None
+    };
+
     let results = Results {
+        features,
         samples,
         cp_small,
         cp_big,

@@ -642,6 +642,27 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             "### First handshake to a new host\n\n{first_handshakes}"
         );
     }
+    if let Some(features) = &results.features {
+        let _ = writeln!(
+            md,
+            "### Body features: placeholder substitution and response redaction\n\n\
+             One more Envoy with the filter (warm cache, as (e)), its own control plane and upstream. \
+             Each pair sends the same request to two services of one vault that differ only in the \
+             feature: a `POST` with a JSON body holding `{placeholder}` once, to a service that \
+             substitutes it in the body (the upstream then sees the value) and to one that does not \
+             (it sees the placeholder); a `GET` whose response holds the injected value once, from a \
+             service that redacts responses (the default) and from one with `redact_responses: false`. \
+             The upstream reads each request body (chunked, as a substituted body arrives) and checks it; \
+             the redaction is checked once before the clock starts. {rounds} rounds × 8 runs × {conns:?} \
+             connections × {secs} s, each round starting at a different run; ×(without) is the median \
+             of per-round ratios of req/s.\n\n{table}",
+            placeholder = crate::features::PLACEHOLDER,
+            rounds = features.rounds,
+            conns = features.connections,
+            secs = args.duration.as_secs(),
+            table = features.markdown(),
+        );
+    }
     let _ = writeln!(md, "## Targets\n\n{target_text}");
     let _ = writeln!(md, "{WHERE_THE_TIME_GOES}");
     if !results.checks.is_empty() {
