@@ -146,9 +146,6 @@ pub struct Inputs<'a> {
     pub dir: &'a Path,
     /// The static credential header value for (c).
     pub static_credential: &'a str,
-    /// The listener's `per_connection_buffer_limit_bytes` (Envoy's default, 1 MiB,
-    /// when `None`): raised for the body features, whose filter buffers whole bodies.
-    pub buffer_limit: Option<u32>,
 }
 
 const ROUTER: &str = r#"
@@ -373,7 +370,7 @@ static_resources:
   listeners:
   - name: bench
     address:
-      socket_address: {{address: 127.0.0.1, port_value: {port}}}{buffer_limit}
+      socket_address: {{address: 127.0.0.1, port_value: {port}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -398,10 +395,6 @@ static_resources:
         letter = variant.letter(),
         describe = variant.describe(),
         routes = routes(filter_routes),
-        buffer_limit = inputs
-            .buffer_limit
-            .map(|bytes| format!("\n    per_connection_buffer_limit_bytes: {bytes}"))
-            .unwrap_or_default(),
         upstream = inputs.upstream_port,
         admin_socket = admin_socket.display(),
     ))
@@ -768,7 +761,6 @@ mod tests {
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
             dir: Path::new("/nonexistent"),
             static_credential: "unused",
-            buffer_limit: None,
         };
         for (variant, ttl_ms) in [
             (Variant::FilterWarm, "60000"),
@@ -885,7 +877,6 @@ mod tests {
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
             dir: Path::new("/nonexistent"),
             static_credential: "unused",
-            buffer_limit: None,
         };
         let admin = Path::new("/run/agent-vault-envoy/admin.sock");
         let j = config(Variant::HttpsFilter, 10000, admin, &inputs).expect("(j)");

@@ -28,9 +28,6 @@ use crate::{log, procs, report, seed, Args};
 pub const PLACEHOLDER: &str = "__BENCH_TOKEN__";
 /// What the filter writes in place of a redacted value (checked, not measured).
 const REDACTED_MARK: &str = "[REDACTED]";
-/// Envoy's per-connection buffer for this Envoy: above the filter's body bound, so
-/// the filter (not Envoy) decides what is too large.
-const BUFFER_LIMIT: u32 = 8 * 1024 * 1024;
 
 /// What a pair measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +211,6 @@ pub fn run(
         proxy_ca: &cp.proxy_ca,
         dir: &dir,
         static_credential: "unused",
-        buffer_limit: Some(BUFFER_LIMIT),
     };
     let envoy = Envoy::start(&args.envoy, Variant::FilterWarm, &inputs)?;
     let headers = vec![

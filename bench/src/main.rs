@@ -375,7 +375,6 @@ fn run_in(
             proxy_ca: &cp.proxy_ca,
             dir: workdir,
             static_credential: &static_credential,
-            buffer_limit: None,
         };
         envoys.push(Envoy::start(&args.envoy, variant, &inputs)?);
     }
