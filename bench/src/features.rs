@@ -315,8 +315,11 @@ pub fn run(
                     } else {
                         (0, seen.requests)
                     };
-                    if seen.body_with_secret != want_secret
-                        || seen.body_with_placeholder != want_placeholder
+                    // A request still in flight when one run ends is counted in the
+                    // next: a few per connection either way.
+                    let slack = 2 * connections as u64;
+                    if seen.body_with_secret.abs_diff(want_secret) > slack
+                        || seen.body_with_placeholder.abs_diff(want_placeholder) > slack
                     {
                         checks.push(format!(
                             "features round {} [{}{}] c={connections}: of {} bodies, {} held the value and {} the placeholder",
