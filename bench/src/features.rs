@@ -310,10 +310,12 @@ pub fn run(
                     run.non_2xx + run.socket_errors,
                 ));
                 if Pair::ALL[pair].feature == Feature::Substitution {
+                    // Of the bodies (a run's window may also see a bodiless request
+                    // of the run before).
                     let (want_secret, want_placeholder) = if with {
-                        (seen.requests, 0)
+                        (seen.bodies, 0)
                     } else {
-                        (0, seen.requests)
+                        (0, seen.bodies)
                     };
                     // A request still in flight when one run ends is counted in the
                     // next: a few per connection either way.
@@ -326,7 +328,7 @@ pub fn run(
                             round + 1,
                             Pair::ALL[pair].describe(),
                             if with { "" } else { ", without" },
-                            seen.requests,
+                            seen.bodies,
                             seen.body_with_secret,
                             seen.body_with_placeholder
                         ));
@@ -444,6 +446,8 @@ fn verify(
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Seen {
     pub requests: u64,
+    /// Requests with a body.
+    pub bodies: u64,
     /// Request bodies holding the credential's value.
     pub body_with_secret: u64,
     /// Request bodies still holding [`PLACEHOLDER`].
@@ -454,6 +458,7 @@ impl Seen {
     fn since(self, before: Seen) -> Seen {
         Seen {
             requests: self.requests - before.requests,
+            bodies: self.bodies - before.bodies,
             body_with_secret: self.body_with_secret - before.body_with_secret,
             body_with_placeholder: self.body_with_placeholder - before.body_with_placeholder,
         }
@@ -463,6 +468,7 @@ impl Seen {
 #[derive(Debug, Default)]
 struct Counters {
     requests: AtomicU64,
+    bodies: AtomicU64,
     body_with_secret: AtomicU64,
     body_with_placeholder: AtomicU64,
 }
@@ -500,6 +506,7 @@ impl BodyUpstream {
     pub fn counts(&self) -> Seen {
         Seen {
             requests: self.counters.requests.load(Ordering::Relaxed),
+            bodies: self.counters.bodies.load(Ordering::Relaxed),
             body_with_secret: self.counters.body_with_secret.load(Ordering::Relaxed),
             body_with_placeholder: self.counters.body_with_placeholder.load(Ordering::Relaxed),
         }
@@ -557,6 +564,7 @@ fn serve(stream: TcpStream, counters: &Counters, secret: &str) {
         };
         counters.requests.fetch_add(1, Ordering::Relaxed);
         if !body.is_empty() {
+            counters.bodies.fetch_add(1, Ordering::Relaxed);
             if contains(&body, secret.as_bytes()) {
                 counters.body_with_secret.fetch_add(1, Ordering::Relaxed);
             }

@@ -585,10 +585,11 @@ fn redact_response_headers(
     if end_of_stream {
         return (Flow::Continue, None);
     }
-    if headers.contains("content-length") {
-        host.set_response_header("content-length", &[]);
-    }
+    // Masks keep the length; an inflated body's differs.
     if compression.is_some() {
+        if headers.contains("content-length") {
+            host.set_response_header("content-length", &[]);
+        }
         host.set_response_header("content-encoding", &[]);
     }
     (
@@ -648,11 +649,15 @@ impl ResponseBody {
         };
         let before = redactor.count();
         let mut out = redactor.push(&plain);
-        crate::cache::wipe(plain);
         if end_of_stream {
             out.extend(redactor.finish());
         }
-        host.set_response_body(size, &out);
+        // The common case, a body that arrives whole and holds no secret: the chunk
+        // goes on as it is, without writing it back.
+        if inflater.is_some() || out != plain {
+            host.set_response_body(size, &out);
+        }
+        crate::cache::wipe(plain);
         (redactor.count() - before) as u64
     }
 }
@@ -2492,22 +2497,21 @@ mod tests {
                 Call::SetResponseHeader {
                     context: 2,
                     name: "x-echo".to_owned(),
-                    values: strings(&["[REDACTED]", "plain"]),
-                },
-                Call::SetResponseHeader {
-                    context: 2,
-                    name: "content-length".to_owned(),
-                    values: vec![],
+                    values: strings(&[
+                        &String::from_utf8_lossy(&redact::mask(7 + SECRET.len())),
+                        "plain"
+                    ]),
                 },
             ],
-            "one read; only the changed header and content-length are written"
+            "one read; only the changed header is written (a mask keeps the length)"
         );
         let body = format!("{{\"auth\":\"Bearer {SECRET}\",\"key\":\"{SECRET}\"}}");
         let (first, second) = body.as_bytes().split_at(20);
         let mut out = chunk(&mut vm, first, false);
         out.extend(chunk(&mut vm, second, true));
+        assert_eq!(out.len(), body.len());
         assert_eq!(
-            String::from_utf8_lossy(&out),
+            redact::unmasked(&String::from_utf8_lossy(&out)),
             "{\"auth\":\"[REDACTED]\",\"key\":\"[REDACTED]\"}"
         );
         assert_eq!(redactions(&vm, 2), 3);
@@ -2541,7 +2545,10 @@ mod tests {
         let _ = gzip.write_all(format!("echo: {SECRET}").as_bytes());
         let compressed = gzip.finish().unwrap_or_default();
         let out = chunk(&mut vm, &compressed, true);
-        assert_eq!(String::from_utf8_lossy(&out), "echo: [REDACTED]");
+        assert_eq!(
+            redact::unmasked(&String::from_utf8_lossy(&out)),
+            "echo: [REDACTED]"
+        );
         assert_eq!(vm.host.stats, strings(&["redacted 1"]));
         // A body that is not gzip at all is never passed on: the stream is reset.
         let mut vm = Vm::running("");

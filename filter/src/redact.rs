@@ -10,7 +10,9 @@
 //! lower-case hex, also with a space as `+`; JSON-escaped, also with `/` as `\/`.
 //! Values shorter than [`MIN_SECRET_LEN`] bytes are skipped: a secret that short is
 //! not worth redacting every occurrence of a common word. Every occurrence is
-//! replaced with [`REPLACEMENT`]. A secret re-encoded any other way (hex, inside a
+//! replaced with a mask of the same length ([`mask`]: `[REDACTED]` then `*`s), so a
+//! body keeps its length and its `content-length` holds: the response is not
+//! re-framed (chunked) for the agent. A secret re-encoded any other way (hex, inside a
 //! longer base64 blob at another alignment, split by the upstream's own formatting)
 //! is not recognised.
 //!
@@ -39,8 +41,47 @@ use base64::Engine;
 
 use agent_vault_rules::substitution::{form_encode, json_escape, percent_encode};
 
-/// What replaces every occurrence of a secret.
+/// What a mask starts with (see [`mask`]).
 pub const REPLACEMENT: &[u8] = b"[REDACTED]";
+
+/// What replaces an occurrence `len` bytes long: as long as it, so that a body's length
+/// does not change: `[REDACTED]` and `*`s up to `len`; for 8 or 9 bytes (the shortest
+/// secrets), `[REDACT]` and `*`s.
+pub fn mask(len: usize) -> Vec<u8> {
+    const SHORT: &[u8] = b"[REDACT]";
+    let head = if len >= REPLACEMENT.len() {
+        REPLACEMENT
+    } else if len >= SHORT.len() {
+        SHORT
+    } else {
+        b""
+    };
+    let mut out = head.to_vec();
+    out.resize(len, b'*');
+    out
+}
+
+/// `text` with each mask ([`mask`]) shortened to `[REDACTED]`: what a test compares.
+#[cfg(test)]
+pub(crate) fn unmasked(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("[REDACT") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        let head = if after.starts_with("[REDACTED]") {
+            "[REDACTED]"
+        } else if after.starts_with("[REDACT]") {
+            "[REDACT]"
+        } else {
+            "[REDACT"
+        };
+        out.push_str("[REDACTED]");
+        rest = after[head.len()..].trim_start_matches('*');
+    }
+    out.push_str(rest);
+    out
+}
 
 /// Values shorter than this (in bytes) are not redacted.
 pub const MIN_SECRET_LEN: usize = 8;
@@ -107,8 +148,12 @@ impl Patterns {
                 Some(Some(at)) if at >= from => Some(at),
                 Some(None) => None,
                 _ => {
+                    // A pattern longer than what is left cannot be in it: skipped
+                    // before `memmem` builds a searcher for it (most header values,
+                    // and small bodies, are shorter than every pattern).
                     let found = text
                         .get(from..)
+                        .filter(|rest| rest.len() >= needle.len())
                         .and_then(|rest| memchr::memmem::find(rest, needle))
                         .map(|at| at + from);
                     *cached = Some(found);
@@ -149,7 +194,7 @@ impl Patterns {
                 break;
             }
             out.extend_from_slice(text.get(cursor..start).unwrap_or_default());
-            out.extend_from_slice(REPLACEMENT);
+            out.extend_from_slice(&mask(end - start));
             cursor = end;
             count += 1;
         }
@@ -413,7 +458,20 @@ mod tests {
     }
 
     fn text(bytes: &[u8]) -> String {
-        String::from_utf8_lossy(bytes).into_owned()
+        unmasked(&String::from_utf8_lossy(bytes))
+    }
+
+    #[test]
+    fn a_mask_is_as_long_as_what_it_replaces() {
+        for len in 8..40 {
+            let mask = mask(len);
+            assert_eq!(mask.len(), len);
+            assert_eq!(unmasked(&String::from_utf8_lossy(&mask)), "[REDACTED]");
+        }
+        let p = patterns(&[SECRET]);
+        let body = format!("{{\"k\":\"{SECRET}\"}}");
+        let (out, _) = whole(&p, body.as_bytes());
+        assert_eq!(out.len(), body.len(), "a redacted body keeps its length");
     }
 
     #[test]

@@ -760,7 +760,14 @@ fn through_envoy_a_hint_becomes_a_proposal_approved_in_the_browser_and_the_retry
     assert_eq!(seen["path"], "/v1/invoices");
     // The approved service redacts responses (the default): the agent sees the echo of
     // the credential redacted, the upstream got it.
-    assert_eq!(seen["headers"]["authorization"], "[REDACTED]");
+    assert_eq!(
+        agent_vault_testkit::http::unmasked(
+            seen["headers"]["authorization"]
+                .as_str()
+                .unwrap_or_default()
+        ),
+        "[REDACTED]"
+    );
     assert_eq!(
         echo.received()
             .last()
