@@ -642,6 +642,38 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             "### First handshake to a new host\n\n{first_handshakes}"
         );
     }
+    if args.variants.contains(&Variant::Candidate) {
+        let mut lines = String::from(
+            "| conns | (e) / (x) req/s | Envoy CPU µs/req (e) / (x) |\n|---:|---:|---:|\n",
+        );
+        for &connections in &args.connections {
+            let (_, ratio) = ratio_measured(
+                results,
+                Variant::FilterWarm,
+                Variant::Candidate,
+                connections,
+                3,
+            );
+            lines.push_str(&format!(
+                "| {connections} | {ratio} | {} / {} |\n",
+                num(
+                    med(results, Variant::FilterWarm, connections, |s| s
+                        .envoy_cpu_us),
+                    1
+                ),
+                num(
+                    med(results, Variant::Candidate, connections, |s| s.envoy_cpu_us),
+                    1
+                ),
+            ));
+        }
+        let _ = writeln!(
+            md,
+            "### This build against the candidate (x)\n\n(e) is this build, (x) the build given by \
+             `--candidate-wasm`, same configuration and seed, alternated in the same rounds; \
+             paired per round, medians.\n\n{lines}"
+        );
+    }
     if let Some(features) = &results.features {
         let _ = writeln!(
             md,
