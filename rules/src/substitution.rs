@@ -53,6 +53,18 @@ pub struct Substitution {
     pub surfaces: Vec<Surface>,
 }
 
+impl Surface {
+    /// As JSON (and the CLI's `--substitute`) names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::Path => "path",
+            Surface::Query => "query",
+            Surface::Header => "header",
+            Surface::Body => "body",
+        }
+    }
+}
+
 impl Substitution {
     /// Whether it applies on `surface`.
     pub fn applies_to(&self, surface: Surface) -> bool {

@@ -212,12 +212,7 @@ fn substitution_text(substitution: &Substitution) -> String {
     let surfaces: Vec<&str> = substitution
         .surfaces
         .iter()
-        .map(|surface| match surface {
-            Surface::Path => "path",
-            Surface::Query => "query",
-            Surface::Header => "header",
-            Surface::Body => "body",
-        })
+        .map(|surface| surface.as_str())
         .collect();
     format!(
         "{}:{}:{}",

@@ -220,12 +220,7 @@ pub(crate) fn substitutions_cell(substitutions: &[Substitution]) -> Markup {
 pub(crate) fn surfaces_text(surfaces: &[Surface]) -> String {
     surfaces
         .iter()
-        .map(|surface| match surface {
-            Surface::Path => "path",
-            Surface::Query => "query",
-            Surface::Header => "header",
-            Surface::Body => "body",
-        })
+        .map(|surface| surface.as_str())
         .collect::<Vec<_>>()
         .join(", ")
 }
