@@ -941,7 +941,7 @@ async fn the_vault_pages_render() {
             status: 200,
             latency_ms: 12,
             error: None,
-            redactions: 0,
+            redactions: 3,
         }])
         .unwrap();
     let (id, _) = h.stripe_proposal();
@@ -961,6 +961,7 @@ async fn the_vault_pages_render() {
     assert_eq!(log.status, StatusCode::OK);
     assert!(log.body.contains("/v1/&lt;charges&gt;"));
     assert!(log.body.contains("2023-11-14 22:13:20 UTC"));
+    assert!(log.body.contains("<th>Redacted</th>") && log.body.contains("<td>3</td>"));
     let member = session_cookie(&h.ui_session(MEMBER));
     let agents = h.get("/ui/vaults/default/agents", Some(&member)).await;
     assert!(agents.body.contains("Only admins"));

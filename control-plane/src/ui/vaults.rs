@@ -446,7 +446,7 @@ pub async fn request_log(
             p.empty { "No requests yet." }
         } @else {
             table.log {
-                thead { tr { th { "Time" } th { "Agent" } th { "Method" } th { "Host" } th { "Path" } th { "Service" } th { "Status" } th { "Latency" } th { "Error" } } }
+                thead { tr { th { "Time" } th { "Agent" } th { "Method" } th { "Host" } th { "Path" } th { "Service" } th { "Status" } th { "Latency" } th { "Redacted" } th { "Error" } } }
                 tbody {
                     @for entry in log.records.iter().rev() {
                         @let r = &entry.record;
@@ -459,6 +459,7 @@ pub async fn request_log(
                             td { (r.service.as_deref().unwrap_or("—")) }
                             td class={ "http-" (r.status / 100) "xx" } { (r.status) }
                             td { (r.latency_ms) " ms" }
+                            td { @if r.redactions > 0 { (r.redactions) } }
                             td { (r.error.as_deref().unwrap_or("")) }
                         }
                     }
