@@ -398,7 +398,7 @@ mod tests {
             "secret-b"
         );
         drop(store);
-        let reopened = open(dir.path());
+        let reopened = crate::testing::reopen(dir.path()).unwrap();
         assert_eq!(
             reopened
                 .get_credential(&owner(), "default", "A")

@@ -586,7 +586,7 @@ mod tests {
             .unwrap();
         store.db.flush().unwrap();
         drop(store);
-        let err = Store::open(dir.path(), None, Arc::new(SystemClock), false)
+        let err = crate::testing::reopen(dir.path())
             .err()
             .expect("newer schema refused");
         assert!(matches!(err, OpenError::NewerSchema { .. }), "{err}");

@@ -39,6 +39,25 @@ pub fn temp_store(clock: SharedClock, allow_private_upstreams: bool) -> (tempfil
 }
 
 /// The bootstrap token `store` wrote into its data dir (while it has no owner).
+/// Opens the store in `dir` again after the test dropped its handle. sled lets go of
+/// its file lock only once its background threads have dropped their references too,
+/// which can be a moment after the last handle is dropped: a lock refusal is retried
+/// for up to 5 s (any other error, or a lock still held then, is returned).
+pub fn reopen(dir: &std::path::Path) -> Result<Store, crate::store::OpenError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(dir, None, Arc::new(crate::clock::SystemClock), false) {
+            Err(error)
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn bootstrap_token(store: &Store) -> String {
     let file = store.data_dir().join(crate::users::BOOTSTRAP_TOKEN_FILE);
     std::fs::read_to_string(file).unwrap().trim().to_string()
