@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::controlplane::ControlPlane;
 use crate::envoy::{Envoy, Inputs, Variant};
 use crate::load::{self, Run};
+use crate::upstream::read_head;
 use crate::{log, procs, report, seed, Args};
 
 /// The placeholder the substituting service declares.
@@ -519,36 +520,21 @@ fn serve(stream: TcpStream, counters: &Counters, secret: &str) {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let mut line = String::new();
+    let (mut line, mut path) = (String::new(), String::new());
     // The response bodies, made once per size.
     let mut responses: Vec<(usize, Vec<u8>)> = Vec::new();
     loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
         let mut content_length = 0usize;
         let mut chunked = false;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let Some((name, value)) = header.split_once(':') else {
-                continue;
-            };
+        let complete = read_head(&mut reader, &mut line, &mut path, |name, value, _| {
             if name.eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().unwrap_or(0);
+                content_length = value.parse().unwrap_or(0);
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.trim().eq_ignore_ascii_case("chunked");
+                chunked = value.eq_ignore_ascii_case("chunked");
             }
+        });
+        if !complete {
+            return;
         }
         let body = if chunked {
             match read_chunked(&mut reader) {

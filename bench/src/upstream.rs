@@ -78,43 +78,63 @@ impl Upstream {
     }
 }
 
+/// Reads one request's head from `reader`, through the reused `line`: the request
+/// line's target into `target`, then each header to `header(name, trimmed value, whole
+/// line)`, up to the empty line. `false` at the end of the stream or on an error.
+pub fn read_head(
+    reader: &mut impl BufRead,
+    line: &mut String,
+    target: &mut String,
+    mut header: impl FnMut(&str, &str, &str),
+) -> bool {
+    line.clear();
+    if !matches!(reader.read_line(line), Ok(n) if n > 0) {
+        return false;
+    }
+    target.clear();
+    target.push_str(line.split(' ').nth(1).unwrap_or("/"));
+    loop {
+        line.clear();
+        if !matches!(reader.read_line(line), Ok(n) if n > 0) {
+            return false;
+        }
+        let text = line.trim_end();
+        if text.is_empty() {
+            return true;
+        }
+        if let Some((name, value)) = text.split_once(':') {
+            header(name, value.trim(), text);
+        }
+    }
+}
+
 fn serve(stream: TcpStream, seen: &Seen, credential: &str) {
     let _ = stream.set_nodelay(true);
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
-    let mut line = String::new();
+    let (mut line, mut target) = (String::new(), String::new());
     loop {
-        // Request line, then headers up to the empty line.
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
         let mut content_length = 0usize;
         let mut has_credential = false;
         let mut has_proxy_auth = false;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let Some((name, value)) = header.split_once(':') else {
-                continue;
-            };
-            if name.eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().unwrap_or(0);
-            } else if name.eq_ignore_ascii_case("authorization") {
-                has_credential = header.eq_ignore_ascii_case(credential);
-            } else if name.eq_ignore_ascii_case("proxy-authorization") {
-                has_proxy_auth = true;
-            }
+        let complete = read_head(
+            &mut reader,
+            &mut line,
+            &mut target,
+            |name, value, header| {
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.parse().unwrap_or(0);
+                } else if name.eq_ignore_ascii_case("authorization") {
+                    has_credential = header.eq_ignore_ascii_case(credential);
+                } else if name.eq_ignore_ascii_case("proxy-authorization") {
+                    has_proxy_auth = true;
+                }
+            },
+        );
+        if !complete {
+            return;
         }
         if content_length > 0 {
             let mut body = vec![0u8; content_length];
