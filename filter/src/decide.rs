@@ -150,7 +150,7 @@ pub struct Secrets {
     pub substitutions: Vec<(Substitution, Secret)>,
     /// What to remove from the response (empty when the service does not redact):
     /// every credential value of the service's keys and every header value injected,
-    /// each once.
+    /// each once, if at least [`crate::redact::MIN_SECRET_LEN`] bytes long.
     pub redact: Vec<Secret>,
 }
 
@@ -188,7 +188,9 @@ impl Secrets {
         if service.redact {
             let keys = service.keys.iter().filter_map(|key| lookup(key));
             for value in keys.chain(inject.iter().map(|(_, value)| value.as_str())) {
-                if !value.is_empty() && !redact.iter().any(|known| known.expose() == value) {
+                if value.len() >= crate::redact::MIN_SECRET_LEN
+                    && !redact.iter().any(|known| known.expose() == value)
+                {
                     redact.push(Secret::new(value.to_owned()));
                 }
             }
@@ -2288,10 +2290,8 @@ pub(crate) mod tests {
         };
         assert_eq!(kept.substitutions.len(), 1);
         assert_eq!(kept.substitutions[0].1.expose(), "123:abc");
-        assert_eq!(
-            values(&kept.redact),
-            ["123:abc", "sk_test_1", "Bearer sk_test_1"]
-        );
+        // The 7-byte bot token is substituted but too short to redact.
+        assert_eq!(values(&kept.redact), ["sk_test_1", "Bearer sk_test_1"]);
         // A bot token the vault lacks is the 502 of any missing credential.
         let Decision::Reject(reject) = plan.finish(|key| (key == "STRIPE_KEY").then_some("v"), &[])
         else {

@@ -507,12 +507,10 @@ fn restrict_accept_encoding(
     forward: &Forward,
     headers: &crate::header_map::HeaderMap,
 ) {
-    let redacting = forward.secrets.as_ref().is_some_and(|secrets| {
-        secrets
-            .redact
-            .iter()
-            .any(|s| s.expose().len() >= redact::MIN_SECRET_LEN)
-    });
+    let redacting = forward
+        .secrets
+        .as_ref()
+        .is_some_and(|secrets| !secrets.redact.is_empty());
     if !redacting {
         return;
     }
