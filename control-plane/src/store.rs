@@ -156,6 +156,9 @@ pub struct Store {
     pub(crate) passwords: PasswordHashing,
     /// The bootstrap and local-login tokens of this process ([`crate::users`]).
     pub(crate) local_tokens: LocalTokens,
+    /// The snapshot version as last known: every published write sends the version
+    /// it committed, so the data plane's long-poll wakes at once.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -229,6 +232,7 @@ impl Store {
             }
         };
         db.flush().map_err(sled_err)?;
+        let version = read_version(trees.meta.get(META_VERSION).map_err(sled_err)?.as_deref());
 
         let all = trees.all();
         Ok(Store {
@@ -242,6 +246,7 @@ impl Store {
             allow_private_upstreams,
             passwords: PasswordHashing::for_this_machine(),
             local_tokens: LocalTokens::default(),
+            version: tokio::sync::watch::Sender::new(version),
         })
     }
 
@@ -298,17 +303,39 @@ impl Store {
     }
 
     fn transact<R>(&self, bump: bool, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
-        let result = self.all[..].transaction(|trees| {
+        let (result, version) = self.all[..].transaction(|trees| {
             let tx = Tx::new(trees);
             let result = f(&tx)?;
+            let mut published = None;
             if bump {
-                let version = read_version(tx.meta.get(META_VERSION)?.as_deref());
-                tx.meta.insert(META_VERSION, &(version + 1).to_be_bytes())?;
+                let version = read_version(tx.meta.get(META_VERSION)?.as_deref()) + 1;
+                tx.meta.insert(META_VERSION, &version.to_be_bytes())?;
+                published = Some(version);
             }
-            Ok(result)
+            Ok((result, published))
         })?;
         self.db.flush()?;
+        if let Some(version) = version {
+            self.announce_version(version);
+        }
         Ok(result)
+    }
+
+    /// Records `version` as committed (never moving back) and wakes its watchers.
+    fn announce_version(&self, version: u64) {
+        self.version.send_if_modified(|known| {
+            let newer = version > *known;
+            if newer {
+                *known = version;
+            }
+            newer
+        });
+    }
+
+    /// The snapshot version as last committed or announced, without reading storage;
+    /// the receiver wakes on every change (the data plane's long-poll waits on it).
+    pub fn watch_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// The snapshot version: changes on every write that affects the data plane.
