@@ -125,7 +125,7 @@ pub(crate) fn put_credentials(
 }
 
 /// Re-encrypts the credentials stored under `db_keys` from `old` to `new`.
-pub(crate) fn reseal(tx: &Tx, db_keys: &[sled::IVec], old: &Key, new: &Key) -> TxResult<usize> {
+pub(crate) fn reseal(tx: &Tx, db_keys: &[crate::store::Bytes], old: &Key, new: &Key) -> TxResult<usize> {
     let mut count = 0;
     for db_key in db_keys {
         let Some(record) = get_json::<CredentialRecord>(tx.credentials, db_key)? else {

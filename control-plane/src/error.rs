@@ -44,6 +44,10 @@ pub enum Error {
     TooMany(&'static str, String),
     #[error(transparent)]
     Rule(#[from] agent_vault_rules::RuleError),
+    /// The store cannot be reached (a PostgreSQL database that is down or refusing):
+    /// 503, and the caller may try again.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// Storage, crypto or I/O failure: logged in full, answered with a generic 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -84,6 +88,7 @@ impl Error {
             Error::RateLimited(_) | Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::HostNotAllowed(_) => StatusCode::MISDIRECTED_REQUEST,
             Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,6 +108,7 @@ impl Error {
             Error::RateLimited(_) => "rate_limited",
             Error::HostNotAllowed(_) => "host_not_allowed",
             Error::RequestTimeout(_) => "request_timeout",
+            Error::StoreUnavailable(_) => "store_unavailable",
             Error::Internal(_) => "internal",
         }
     }

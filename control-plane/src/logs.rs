@@ -31,6 +31,7 @@
 //! deleted vaults.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Bound::{Excluded, Included, Unbounded};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -126,7 +127,7 @@ impl Class {
         }
     }
 
-    fn tree(self, store: &Store) -> &sled::Tree {
+    fn tree(self, store: &Store) -> &crate::store::Tree {
         match self {
             Class::Service => &store.trees.logs,
             Class::Other => &store.trees.other_logs,
@@ -176,7 +177,7 @@ impl Store {
 /// Up to `limit` of a vault's records in one tree: the first after `after`, or
 /// without it the newest; ascending.
 fn page_of(
-    tree: &sled::Tree,
+    tree: &crate::store::Tree,
     vault_id: &str,
     after: Option<u64>,
     limit: usize,
@@ -189,8 +190,12 @@ fn page_of(
             if let Some(first) = after.checked_add(1) {
                 let start = log_key(vault_id, first);
                 // The chunk holding `first` may start before it.
-                let before = tree.range(prefix.as_slice()..start.as_slice()).next_back();
-                let chunks = before.into_iter().chain(tree.range(start..end));
+                let before = tree
+                    .range_rev(Included(prefix.clone()), Excluded(start.clone()))
+                    .next();
+                let chunks = before
+                    .into_iter()
+                    .chain(tree.range(Included(start), Excluded(end)));
                 'chunks: for entry in chunks {
                     let (key, value) = entry?;
                     for (seq, record) in decode_chunk(&key, &value)? {
@@ -205,7 +210,7 @@ fn page_of(
             }
         }
         None => {
-            'newest: for entry in tree.range(prefix..end).rev() {
+            'newest: for entry in tree.range_rev(Included(prefix), Excluded(end)) {
                 let (key, value) = entry?;
                 for (seq, record) in decode_chunk(&key, &value)?.into_iter().rev() {
                     records.push(LogEntry { seq, record });
@@ -248,8 +253,7 @@ impl RequestLog {
         }
         let _writer = lock(&self.writer);
         let mut vault_ids: HashMap<String, Option<String>> = HashMap::new();
-        // One chunk per vault and class, in the order they first appear.
-        let mut chunks: Vec<((String, Class), Chunk)> = Vec::new();
+        let mut known = Vec::with_capacity(records.len());
         for record in records {
             let record = record.sanitized();
             let id = match vault_ids.get(&record.vault) {
@@ -260,27 +264,51 @@ impl RequestLog {
                     id
                 }
             };
-            let Some(id) = id else { continue };
-            // sled's ids start at 0; sequences start at 1, so `after=0` means "from
-            // the start" and `next: 0` means "nothing yet".
-            let seq = self.store.generate_id()?.saturating_add(1);
-            let chunk_key = (id, Class::of(&record));
-            match chunks.iter_mut().find(|(key, _)| *key == chunk_key) {
-                Some((_, chunk)) => chunk.push((seq, record)),
-                None => chunks.push((chunk_key, vec![(seq, record)])),
+            if let Some(id) = id {
+                known.push((id, record));
             }
         }
-        if chunks.is_empty() {
+        if known.is_empty() {
             return Ok(0);
         }
-        let stored = chunks.iter().map(|(_, chunk)| chunk.len()).sum();
-        let state = self;
-        let full_prune = state.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0;
-        // One batch per class tree, applied and flushed together: the new chunks and,
-        // for a vault that goes over a class's limit, the removal of that class's
-        // oldest records.
-        let mut batches: HashMap<Class, sled::Batch> = HashMap::new();
-        let mut counts = lock(&state.counts);
+        let stored = known.len();
+        let full_prune = self.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0;
+        // The sequences are drawn and the chunks written as one step, so sequences
+        // become visible in order, also across control planes sharing a store.
+        self.store.apply_with_ids(stored, |ids| {
+            // One chunk per vault and class, in the order they first appear. The
+            // store's ids may start at 0; sequences start at 1, so `after=0` means
+            // "from the start" and `next: 0` means "nothing yet".
+            let mut chunks: Vec<((String, Class), Chunk)> = Vec::new();
+            for ((id, record), seq) in known.into_iter().zip(ids) {
+                let seq = seq.saturating_add(1);
+                let chunk_key = (id, Class::of(&record));
+                match chunks.iter_mut().find(|(key, _)| *key == chunk_key) {
+                    Some((_, chunk)) => chunk.push((seq, record)),
+                    None => chunks.push((chunk_key, vec![(seq, record)])),
+                }
+            }
+            Ok((self.chunk_batches(chunks, full_prune)?, ()))
+        })?;
+        if full_prune {
+            self.prune_logs_locked()?;
+        }
+        Ok(stored)
+    }
+
+    /// One batch per class tree, applied together: the new chunks and, for a vault
+    /// that goes over a class's limit, the removal of that class's oldest records.
+    /// On a store shared by several control planes, no process knows the counts (the
+    /// others append too, and prune), so retention is left to the full prune every
+    /// [`PRUNE_EVERY`] batches, which counts what is stored.
+    fn chunk_batches(
+        &self,
+        chunks: Vec<((String, Class), Chunk)>,
+        full_prune: bool,
+    ) -> Result<Vec<(&crate::store::Tree, crate::store::Batch)>> {
+        let trim = !full_prune && !self.store.is_shared();
+        let mut batches: HashMap<Class, crate::store::Batch> = HashMap::new();
+        let mut counts = lock(&self.counts);
         for ((id, class), mut chunk) in chunks {
             let Some((first, _)) = chunk.first() else {
                 continue;
@@ -288,36 +316,32 @@ impl RequestLog {
             let key = log_key(&id, *first);
             let tree = class.tree(&self.store);
             let batch = batches.entry(class).or_default();
-            let count = match counts.get(&(class, id.clone())) {
-                Some(count) => *count,
-                None => count_vault_records(tree, &id)?,
-            };
-            let mut excess = (count + chunk.len()).saturating_sub(state.retention.max_records);
-            let mut kept = count + chunk.len();
-            if !full_prune && excess > 0 {
-                let trimmed = trim_oldest(tree, &id, excess, batch)?;
-                excess -= trimmed;
-                kept -= trimmed;
-                // A batch larger than the limit loses its own oldest records too.
-                let cut = excess.min(chunk.len());
-                chunk.drain(..cut);
-                kept -= cut;
+            if trim {
+                let count = match counts.get(&(class, id.clone())) {
+                    Some(count) => *count,
+                    None => count_vault_records(tree, &id)?,
+                };
+                let mut excess = (count + chunk.len()).saturating_sub(self.retention.max_records);
+                let mut kept = count + chunk.len();
+                if excess > 0 {
+                    let trimmed = trim_oldest(tree, &id, excess, batch)?;
+                    excess -= trimmed;
+                    kept -= trimmed;
+                    // A batch larger than the limit loses its own oldest records too.
+                    let cut = excess.min(chunk.len());
+                    chunk.drain(..cut);
+                    kept -= cut;
+                }
+                counts.insert((class, id), kept);
             }
             if !chunk.is_empty() {
                 batch.insert(key, serde_json::to_vec(&chunk)?);
             }
-            counts.insert((class, id), kept);
         }
-        drop(counts);
-        let batches: Vec<(&sled::Tree, sled::Batch)> = batches
+        Ok(batches
             .into_iter()
             .map(|(class, batch)| (class.tree(&self.store), batch))
-            .collect();
-        self.store.apply_flushed_all(batches)?;
-        if full_prune {
-            self.prune_logs_locked()?;
-        }
-        Ok(stored)
+            .collect())
     }
 
     /// Applies retention to every vault's records and drops those of deleted vaults.
@@ -378,7 +402,7 @@ impl RequestLog {
             .map(|(_, c)| c.iter().filter(|(_, r)| r.ts >= cutoff).count())
             .sum();
         let mut excess = total.saturating_sub(self.retention.max_records);
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for key in doomed {
             batch.remove(key);
         }
@@ -401,9 +425,9 @@ impl RequestLog {
         Ok(())
     }
 
-    fn remove_log_keys(&self, tree: &sled::Tree, keys: &[sled::IVec]) -> Result<()> {
+    fn remove_log_keys(&self, tree: &crate::store::Tree, keys: &[crate::store::Bytes]) -> Result<()> {
         for chunk in keys.chunks(PRUNE_CHUNK) {
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             for key in chunk {
                 batch.remove(key);
             }
@@ -414,7 +438,7 @@ impl RequestLog {
 }
 
 /// Records of a vault in a tree (reads every chunk: once per vault, class and process).
-fn count_vault_records(tree: &sled::Tree, vault_id: &str) -> Result<usize> {
+fn count_vault_records(tree: &crate::store::Tree, vault_id: &str) -> Result<usize> {
     let mut count = 0;
     for entry in tree.scan_prefix(vault_prefix(vault_id)) {
         let (key, value) = entry?;
@@ -428,10 +452,10 @@ fn count_vault_records(tree: &sled::Tree, vault_id: &str) -> Result<usize> {
 /// only the chunks it changes (ages are checked by the full prune every
 /// [`PRUNE_EVERY`] batches). Returns how many records go.
 fn trim_oldest(
-    tree: &sled::Tree,
+    tree: &crate::store::Tree,
     vault_id: &str,
     mut excess: usize,
-    batch: &mut sled::Batch,
+    batch: &mut crate::store::Batch,
 ) -> Result<usize> {
     let mut removed = 0;
     for entry in tree.scan_prefix(vault_prefix(vault_id)) {
@@ -458,10 +482,10 @@ fn trim_oldest(
 }
 
 /// The distinct vault ids in a log tree, jumping from one prefix to the next.
-fn log_vault_ids(tree: &sled::Tree) -> Result<Vec<String>> {
+fn log_vault_ids(tree: &crate::store::Tree) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     let mut from: Vec<u8> = Vec::new();
-    while let Some(entry) = tree.range(from.as_slice()..).next() {
+    while let Some(entry) = tree.range(Included(from.clone()), Unbounded).next() {
         let (key, _) = entry?;
         let id = key.split(|b| *b == 0).next().unwrap_or(&[]);
         ids.push(String::from_utf8_lossy(id).into_owned());

@@ -11,7 +11,7 @@ impl Store {
     /// Replaces the data key and re-encrypts every sealed value; returns how many
     /// credential and proposal values (the proxy CA's key is re-sealed too, uncounted).
     pub fn rotate_data_key(&self) -> Result<usize> {
-        let keys = |tree: &sled::Tree| {
+        let keys = |tree: &crate::store::Tree| {
             tree.iter()
                 .keys()
                 .collect::<std::result::Result<Vec<_>, _>>()

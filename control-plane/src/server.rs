@@ -51,6 +51,13 @@ pub struct ServerArgs {
     /// Where the sled store and the key file live (default: ~/.local/share/agent-vault).
     #[arg(long, env = "AGENT_VAULT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the data is kept: `sled` (the embedded store in the data dir, the
+    /// default), `sled:DIR`, or `postgres://USER@HOST/DB` (also
+    /// `postgres://USER@/DB?host=/socket/dir`), a database several control planes can
+    /// share: each serves its own node's Envoys, and a change made through any of
+    /// them reaches all. The key file and local tokens stay in the data dir either way.
+    #[arg(long, default_value = "sled", env = "AGENT_VAULT_STORE", value_name = "STORE")]
+    pub store: crate::store::StoreLocation,
     /// The data-plane Unix socket Envoy connects to (default: <data-dir>/run/dataplane.sock).
     #[arg(long, env = "AGENT_VAULT_SOCKET")]
     pub socket: Option<PathBuf>,
@@ -596,12 +603,14 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
     );
     let password = master_password(&args)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let store = Store::open(
+    let store = Store::open_at(
+        &args.store,
         &data_dir,
         password.as_deref().map(String::as_str),
         clock,
         args.allow_private_upstreams,
     )?;
+    let described_store = args.store.describe(&data_dir);
     let retention = crate::logs::LogRetention {
         max_records: usize::try_from(args.log_max_records).unwrap_or(usize::MAX),
         max_age_days: args.log_retention_days,
@@ -673,7 +682,7 @@ pub fn run_from_args(args: ServerArgs) -> anyhow::Result<()> {
         // One line for humans and for scripts (tests parse the address from it).
         println!(
             "agent-vault listening on {scheme}://{addr} (data-plane socket {}, SDS socket {}, \
-             proxy CA {}, data dir {})",
+             proxy CA {}, data dir {}, store: {described_store})",
             socket.display(),
             sds_socket.display(),
             ca_file.display(),

@@ -26,7 +26,6 @@
 //!   start); it is removed when the owner registers. Another local user cannot read
 //!   it, so a fresh install cannot be claimed by anyone else on the machine.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -113,16 +112,27 @@ pub struct MemberAdded {
     pub invite: Option<String>,
 }
 
-/// Failed logins per email, for the delays between attempts. In memory: a restart
-/// forgets them, which only ever helps a legitimate user. Bounded: looking an email up
-/// never adds it, and at [`LOGIN_MAX_TRACKED`] emails the forgotten ones go first,
-/// then the one with the fewest failures (so flooding it with made-up emails does not
-/// reset the count of an email under attack).
-#[derive(Default)]
-pub struct LoginLimiter(Mutex<HashMap<String, Failures>>);
+/// Failed logins per email, for the delays between attempts. The counts are in the
+/// store (tree `login_failures`), so every control plane on a shared store sees the
+/// same ones and a restart forgets none. Bounded: looking an email up never adds it,
+/// and at [`LOGIN_MAX_TRACKED`] emails the forgotten ones go first, then the one with
+/// the fewest failures (so flooding it with made-up emails does not reset the count of
+/// an email under attack).
+pub struct LoginLimiter {
+    max_tracked: usize,
+    /// Serializes this process's counting (the store's transaction does it across
+    /// processes), so parallel guesses here do not all retry on conflicts.
+    serial: Mutex<()>,
+}
+
+impl Default for LoginLimiter {
+    fn default() -> Self {
+        LoginLimiter::with_capacity(LOGIN_MAX_TRACKED)
+    }
+}
 
 /// Times are unix milliseconds: a wait of seconds must not round to none.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Failures {
     count: u32,
     last: i64,
@@ -145,52 +155,78 @@ impl Failures {
 }
 
 impl LoginLimiter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failures>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    /// A limiter that tracks at most `max_tracked` emails.
+    pub fn with_capacity(max_tracked: usize) -> LoginLimiter {
+        LoginLimiter {
+            max_tracked,
+            serial: Mutex::default(),
+        }
     }
 
     /// Refuses an attempt that comes before its delay is over (`now` in unix ms).
-    fn check(&self, email: &str, now: i64) -> Result<()> {
-        let wait_ms = self.lock().get(email).map_or(0, |f| f.wait_ms(now));
-        too_soon(wait_ms)
+    fn check(&self, store: &Store, email: &str, now: i64) -> Result<()> {
+        let failures: Option<Failures> = read_json(&store.trees.login_failures, email)?;
+        too_soon(failures.map_or(0, |f| f.wait_ms(now)))
     }
 
-    /// Checks again and counts the attempt as failed until it succeeds, under one
-    /// lock: parallel guesses cannot all slip in before the first failure is recorded.
-    fn begin(&self, email: &str, now: i64) -> Result<()> {
-        let mut map = self.lock();
-        too_soon(map.get(email).map_or(0, |f| f.wait_ms(now)))?;
-        if !map.contains_key(email) && map.len() >= LOGIN_MAX_TRACKED {
-            map.retain(|_, f| !f.forgotten(now));
-            if map.len() >= LOGIN_MAX_TRACKED {
-                let weakest = map
+    /// Checks again and counts the attempt as failed until it succeeds, in one
+    /// transaction: parallel guesses cannot all slip in before the first failure is
+    /// recorded, on this control plane or another.
+    fn begin(&self, store: &Store, email: &str, now: i64) -> Result<()> {
+        let _serial = locked(&self.serial);
+        let tree = &store.trees.login_failures;
+        if !tree.contains_key(email)? && tree.len()? >= self.max_tracked {
+            self.make_room(store, now)?;
+        }
+        store.write(|tx| {
+            let mut failures = get_json::<Failures>(tx.login_failures, email)?.unwrap_or(Failures {
+                count: 0,
+                last: now,
+            });
+            too_soon(failures.wait_ms(now))?;
+            if failures.forgotten(now) {
+                failures.count = 0;
+            }
+            failures.count += 1;
+            failures.last = now;
+            put_json(tx.login_failures, email, &failures)
+        })
+    }
+
+    /// Drops the forgotten emails, or if none is, the one with the fewest failures.
+    fn make_room(&self, store: &Store, now: i64) -> Result<()> {
+        let tracked = scan_json::<Failures>(&store.trees.login_failures, b"")?;
+        let mut doomed: Vec<Vec<u8>> = tracked
+            .iter()
+            .filter(|(_, f)| f.forgotten(now))
+            .map(|(email, _)| email.clone())
+            .collect();
+        if doomed.is_empty() {
+            doomed.extend(
+                tracked
                     .iter()
                     .min_by_key(|(_, f)| (f.count, f.last))
-                    .map(|(email, _)| email.clone());
-                if let Some(weakest) = weakest {
-                    map.remove(&weakest);
-                }
+                    .map(|(email, _)| email.clone()),
+            );
+        }
+        store.write(|tx| {
+            for email in &doomed {
+                tx.login_failures.remove(email)?;
             }
+            Ok(())
+        })
+    }
+
+    fn clear(&self, store: &Store, email: &str) -> Result<()> {
+        if store.trees.login_failures.contains_key(email)? {
+            store.write(|tx| tx.login_failures.remove(email).map(drop))?;
         }
-        let failures = map.entry(email.to_string()).or_insert(Failures {
-            count: 0,
-            last: now,
-        });
-        if failures.forgotten(now) {
-            failures.count = 0;
-        }
-        failures.count += 1;
-        failures.last = now;
         Ok(())
     }
 
-    fn clear(&self, email: &str) {
-        self.lock().remove(email);
-    }
-
     #[cfg(test)]
-    fn tracked(&self) -> usize {
-        self.lock().len()
+    fn tracked(&self, store: &Store) -> usize {
+        store.trees.login_failures.len().unwrap()
     }
 }
 
@@ -468,11 +504,11 @@ impl Store {
         let email = email.trim().to_lowercase();
         let now = self.clock.now_ms();
         if !local {
-            limiter.check(&email, now)?;
+            limiter.check(self, &email, now)?;
         }
         let mut slot = self.passwords.slot()?;
         if !local {
-            limiter.begin(&email, now)?;
+            limiter.begin(self, &email, now)?;
         }
         let user: Option<UserRecord> = read_json(&self.trees.users, email.as_bytes())?;
         let ok = match &user {
@@ -489,7 +525,7 @@ impl Store {
             ));
         }
         if !local {
-            limiter.clear(&email);
+            limiter.clear(self, &email)?;
         }
         Ok(email)
     }
@@ -679,7 +715,7 @@ impl Store {
 }
 
 /// Whether any of `member_keys` is still an admin, as seen inside the transaction.
-fn has_admin(tx: &Tx, member_keys: &[sled::IVec]) -> TxResult<bool> {
+fn has_admin(tx: &Tx, member_keys: &[crate::store::Bytes]) -> TxResult<bool> {
     for key in member_keys {
         if tx.members.get(key)?.as_deref().and_then(parse_role) == Some(VaultRole::Admin) {
             return Ok(true);
@@ -901,7 +937,7 @@ mod tests {
         assert!(err.to_string().contains("try again in 900 s"), "{err}");
         clock.advance_secs(LOGIN_WINDOW_SECS);
         assert!(store.login(&limiter, "a@example.com", "password-1").is_ok());
-        assert_eq!(limiter.tracked(), 0, "a success forgets the failures");
+        assert_eq!(limiter.tracked(&store), 0, "a success forgets the failures");
     }
 
     #[test]
@@ -938,23 +974,27 @@ mod tests {
 
     #[test]
     fn the_login_limiter_holds_a_bounded_number_of_emails_and_keeps_the_attacked_one() {
-        let limiter = LoginLimiter::default();
+        let (_dir, store) = crate::testing::system_store();
+        let capacity = 40;
+        let limiter = LoginLimiter::with_capacity(capacity);
         let now = 1_800_000_000_000;
         for _ in 0..LOGIN_MAX_FAILURES {
-            limiter.begin("owner@example.com", now).unwrap();
+            limiter.begin(&store, "owner@example.com", now).unwrap();
         }
         // Looking up an email never adds it.
         for i in 0..100 {
             limiter
-                .check(&format!("lookup{i}@example.com"), now)
+                .check(&store, &format!("lookup{i}@example.com"), now)
                 .unwrap();
         }
-        assert_eq!(limiter.tracked(), 1);
-        for i in 0..LOGIN_MAX_TRACKED + 500 {
-            limiter.begin(&format!("x{i}@example.com"), now).unwrap();
+        assert_eq!(limiter.tracked(&store), 1);
+        for i in 0..capacity + 20 {
+            limiter
+                .begin(&store, &format!("x{i}@example.com"), now)
+                .unwrap();
         }
-        assert_eq!(limiter.tracked(), LOGIN_MAX_TRACKED);
-        let err = limiter.check("owner@example.com", now).unwrap_err();
+        assert_eq!(limiter.tracked(&store), capacity);
+        let err = limiter.check(&store, "owner@example.com", now).unwrap_err();
         assert_eq!(
             err.code(),
             "rate_limited",
@@ -962,9 +1002,9 @@ mod tests {
         );
         // Forgotten entries make room first.
         limiter
-            .begin("late@example.com", now + LOGIN_FORGET_MS)
+            .begin(&store, "late@example.com", now + LOGIN_FORGET_MS)
             .unwrap();
-        assert_eq!(limiter.tracked(), 1);
+        assert_eq!(limiter.tracked(&store), 1);
     }
 
     #[test]

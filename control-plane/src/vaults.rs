@@ -20,7 +20,8 @@ use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 use crate::services::read_services_tx;
 use crate::store::{
-    abort, get_json, put_json, scan_json, vault_prefix, OpenError, Store, Tx, TxResult,
+    abort, get_json, put_json, scan_json, vault_prefix, OpenError, Store, StoreLocation, Tx,
+    TxResult,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,7 +66,20 @@ impl Store {
         clock: SharedClock,
         allow_private_upstreams: bool,
     ) -> std::result::Result<Store, OpenError> {
-        let store = Store::open_storage(data_dir, password, clock, allow_private_upstreams)?;
+        let sled = StoreLocation::Sled(None);
+        Store::open_at(&sled, data_dir, password, clock, allow_private_upstreams)
+    }
+
+    /// [`Store::open`] with the storage at `location` (`--store`).
+    pub fn open_at(
+        location: &StoreLocation,
+        data_dir: &Path,
+        password: Option<&str>,
+        clock: SharedClock,
+        allow_private_upstreams: bool,
+    ) -> std::result::Result<Store, OpenError> {
+        let store =
+            Store::open_storage(location, data_dir, password, clock, allow_private_upstreams)?;
         store
             .ensure_default_vault()
             .map_err(|e| OpenError::Corrupt(e.to_string()))?;
@@ -234,7 +248,7 @@ impl Store {
             ));
         }
         let prefix = vault_prefix(&vault.id);
-        let per_vault_keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>> {
+        let per_vault_keys = |tree: &crate::store::Tree| -> Result<Vec<crate::store::Bytes>> {
             tree.scan_prefix(&prefix)
                 .keys()
                 .collect::<Result<Vec<_>, _>>()
@@ -302,9 +316,9 @@ impl Store {
 struct VaultDeletion {
     name: String,
     vault: VaultRecord,
-    credential_keys: Vec<sled::IVec>,
-    member_keys: Vec<sled::IVec>,
-    proposal_keys: Vec<sled::IVec>,
+    credential_keys: Vec<crate::store::Bytes>,
+    member_keys: Vec<crate::store::Bytes>,
+    proposal_keys: Vec<crate::store::Bytes>,
     link_keys: Vec<Vec<u8>>,
     /// Names of the agents with a grant on the vault.
     agents: Vec<String>,

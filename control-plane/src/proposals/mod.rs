@@ -40,7 +40,7 @@ use agent_vault_rules::substitution::Substitution;
 use agent_vault_rules::{validate_services, Auth, RateLimit, Service};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sled::transaction::ConflictableTransactionError;
+
 
 use crate::access::{ensure_vault_unchanged, Access, Principal};
 use crate::credentials::{put_credentials, seal_record, validate_entry, CredentialRecord, Secret};
@@ -48,7 +48,8 @@ use crate::crypto::{new_token, proposal_value_aad, sha256_hex, Key, APPROVAL_PRE
 use crate::error::{Error, Result};
 use crate::services::{check_keys_exist, read_services_tx};
 use crate::store::{
-    abort, get_json, put_json, read_json, scan_json, vault_key, vault_prefix, Store, Tx, TxResult,
+    abort, get_json, put_json, read_json, scan_json, vault_key, vault_prefix, Store, Tx, TxError,
+    TxResult,
 };
 
 /// A pending proposal expires this long after it was created.
@@ -520,7 +521,7 @@ fn live_pending(tx: &Tx, vault_id: &str, now: i64) -> TxResult<Vec<u64>> {
 }
 
 /// Re-encrypts the agent-supplied values of the proposals under `db_keys`.
-pub(crate) fn reseal(tx: &Tx, db_keys: &[sled::IVec], old: &Key, new: &Key) -> TxResult<usize> {
+pub(crate) fn reseal(tx: &Tx, db_keys: &[crate::store::Bytes], old: &Key, new: &Key) -> TxResult<usize> {
     let mut count = 0;
     for db_key in db_keys {
         let Some(mut record) = get_json::<ProposalRecord>(tx.proposals, db_key)? else {
@@ -553,7 +554,7 @@ pub(crate) fn reseal(tx: &Tx, db_keys: &[sled::IVec], old: &Key, new: &Key) -> T
 /// Runs a transaction step whose abort error should read as an apply failure.
 fn as_apply_failure<T>(id: u64, result: TxResult<T>) -> TxResult<T> {
     match result {
-        Err(ConflictableTransactionError::Abort(e)) => abort(apply_failed(id, e)),
+        Err(TxError::Abort(e)) => abort(apply_failed(id, e)),
         other => other,
     }
 }
