@@ -19,15 +19,20 @@
 //! process's exit (an `atexit` handler: the test harness leaves through `exit`). Each
 //! test makes its own database there ([`Cluster::fresh_database`]). A test that stops,
 //! kills or restarts the server starts a [`Cluster`] of its own instead.
+//!
+//! Nothing outlives the test process: pg_ctl detaches the server from the process
+//! group (a Ctrl-C of the run never reaches it), so each cluster has a watchdog shell
+//! that stops it and removes its dir once the test process is gone, however it ended
+//! (SIGKILL included).
 
 use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Where Debian's packages put each major version's server binaries.
 const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
@@ -58,6 +63,9 @@ pub struct Cluster {
     /// `postgres`).
     server_user: Option<(u32, u32)>,
     databases: AtomicU64,
+    /// Stops the server and removes the dir if this process dies without doing it
+    /// (SIGKILL, a test run's timeout): see [`Cluster::watchdog`].
+    watchdog: Mutex<Option<Child>>,
 }
 
 impl Cluster {
@@ -97,10 +105,52 @@ impl Cluster {
             socket_dir,
             server_user,
             databases: AtomicU64::new(0),
+            watchdog: Mutex::new(None),
         };
+        *cluster.watchdog.lock().unwrap() = Some(cluster.watchdog());
         cluster.initdb();
         cluster.start_again();
         cluster
+    }
+
+    /// A shell, in a process group of its own (a Ctrl-C of the test run does not reach
+    /// it, nor the server: pg_ctl detaches it), that waits for end-of-file on its stdin,
+    /// a pipe whose other end only this process holds (close-on-exec, so no other
+    /// child inherits it). However this process ends, the pipe closes; the shell then
+    /// stops the server at once and removes the temp dir. Dropping the cluster closes
+    /// it too, after stopping the server itself.
+    fn watchdog(&self) -> Child {
+        let script = r#"read -r _ || :
+"$0" stop -D "$1" -m immediate -w >/dev/null 2>&1
+rm -rf "$2""#;
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg(self.bindir.join("pg_ctl"))
+            .arg(&self.data)
+            .arg(self.root.path())
+            .current_dir(self.root.path())
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        if let Some((uid, gid)) = self.server_user {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("start the PostgreSQL watchdog (/bin/sh): {e}"))
+    }
+
+    /// Closes the watchdog's pipe and waits for it: the server is stopped and the dir
+    /// removed when this returns.
+    fn release_watchdog(&self) {
+        let child = self.watchdog.lock().ok().and_then(|mut w| w.take());
+        if let Some(mut child) = child {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
     }
 
     fn initdb(&self) {
@@ -345,17 +395,7 @@ impl Drop for Cluster {
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             eprintln!("--- PostgreSQL log (tail) ---\n{}", tail.join("\n"));
         }
-        if self.server_pid().is_some() {
-            let _ = self
-                .server_command("pg_ctl")
-                .arg("stop")
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.release_watchdog();
     }
 }
 
@@ -379,8 +419,7 @@ pub fn shared() -> &'static Cluster {
 extern "C" fn stop_shared() {
     let _ = std::panic::catch_unwind(|| {
         if let Some(cluster) = SHARED.get() {
-            cluster.kill();
-            let _ = std::fs::remove_dir_all(cluster.root.path());
+            cluster.release_watchdog();
         }
     });
 }
@@ -623,6 +662,67 @@ mod tests {
                 "{bad}: {text}"
             );
         }
+    }
+
+    const HOLD_ENV: &str = "AGENT_VAULT_PGTEST_HOLD";
+
+    /// Not a test of its own: with AGENT_VAULT_PGTEST_HOLD set, the process the next
+    /// test starts, which starts a cluster, prints it and waits to be killed.
+    #[test]
+    fn a_cluster_held_until_killed() {
+        if std::env::var_os(HOLD_ENV).is_none() {
+            return;
+        }
+        let cluster = Cluster::start();
+        println!(
+            "HELD {} {}",
+            cluster.server_pid().unwrap(),
+            cluster.data_dir().display()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_test_process_killed_with_sigkill_leaves_no_server_and_no_dir_behind() {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_cluster_held_until_killed",
+                "--nocapture",
+            ])
+            .env(HOLD_ENV, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let held = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("HELD ").map(str::to_string))
+            .expect("the child started a cluster");
+        let (pid, data) = held.split_once(' ').unwrap();
+        let pid: u32 = pid.parse().unwrap();
+        let data = PathBuf::from(data);
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while (Path::new(&format!("/proc/{pid}")).exists() || data.exists())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the postmaster {pid} outlived the killed test process"
+        );
+        assert!(
+            !data.parent().unwrap().exists(),
+            "{} outlived the killed test process",
+            data.display()
+        );
     }
 
     #[test]
