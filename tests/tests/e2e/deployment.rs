@@ -40,6 +40,9 @@ use agent_vault_testkit::upstream::Echo;
 
 const TEST_PASSWORD: &str = "compose-test-master-password";
 
+/// The `multinode` profile (two nodes over one PostgreSQL).
+mod multinode;
+
 // --- docker-compose config ------------------------------------------------------------
 
 /// `docker-compose`: `$AGENT_VAULT_COMPOSE`, else the one `./dev test` installs. The
