@@ -125,7 +125,12 @@ pub(crate) fn put_credentials(
 }
 
 /// Re-encrypts the credentials stored under `db_keys` from `old` to `new`.
-pub(crate) fn reseal(tx: &Tx, db_keys: &[crate::store::Bytes], old: &Key, new: &Key) -> TxResult<usize> {
+pub(crate) fn reseal(
+    tx: &Tx,
+    db_keys: &[crate::store::Bytes],
+    old: &Key,
+    new: &Key,
+) -> TxResult<usize> {
     let mut count = 0;
     for db_key in db_keys {
         let Some(record) = get_json::<CredentialRecord>(tx.credentials, db_key)? else {
@@ -301,7 +306,7 @@ mod tests {
     use std::sync::Arc;
 
     fn open(dir: &std::path::Path) -> Store {
-        Store::open(dir, None, Arc::new(SystemClock), false).unwrap()
+        crate::testing::open_store(dir, None, Arc::new(SystemClock), false).unwrap()
     }
 
     fn set(store: &Store, key: &str, value: &str) {

@@ -78,9 +78,6 @@ pub struct RequestLog {
     store: Arc<Store>,
     retention: LogRetention,
     batches: AtomicU64,
-    /// Records per class and vault id as far as this process knows: counted on first
-    /// use, then kept up to date by inserts and prunes.
-    counts: Mutex<HashMap<(Class, String), usize>>,
     /// Held while sequences are drawn and chunks written or rewritten, so chunks never
     /// interleave and a reader never sees a sequence before an earlier one is stored.
     writer: Mutex<()>,
@@ -125,6 +122,17 @@ impl Class {
         } else {
             Class::Other
         }
+    }
+
+    /// The key of a vault's record count in this class (tree `log_counts`).
+    fn count_key(self, vault_id: &str) -> Vec<u8> {
+        let tag = match self {
+            Class::Service => b's',
+            Class::Other => b'o',
+        };
+        let mut key = vec![tag, 0];
+        key.extend_from_slice(vault_id.as_bytes());
+        key
     }
 
     fn tree(self, store: &Store) -> &crate::store::Tree {
@@ -232,7 +240,6 @@ impl RequestLog {
             store,
             retention,
             batches: AtomicU64::new(0),
-            counts: Mutex::default(),
             writer: Mutex::default(),
         }
     }
@@ -297,18 +304,18 @@ impl RequestLog {
     }
 
     /// One batch per class tree, applied together: the new chunks and, for a vault
-    /// that goes over a class's limit, the removal of that class's oldest records.
-    /// On a store shared by several control planes, no process knows the counts (the
-    /// others append too, and prune), so retention is left to the full prune every
-    /// [`PRUNE_EVERY`] batches, which counts what is stored.
+    /// that goes over a class's limit, the removal of that class's oldest records,
+    /// with the stored record counts (tree `log_counts`) kept up to date. Counts are
+    /// read from the store, not kept in memory: on a store shared by several control
+    /// planes the others append and prune too (their writes are serialized with these
+    /// by [`Store::apply_with_ids`]).
     fn chunk_batches(
         &self,
         chunks: Vec<((String, Class), Chunk)>,
         full_prune: bool,
     ) -> Result<Vec<(&crate::store::Tree, crate::store::Batch)>> {
-        let trim = !full_prune && !self.store.is_shared();
         let mut batches: HashMap<Class, crate::store::Batch> = HashMap::new();
-        let mut counts = lock(&self.counts);
+        let mut counts = crate::store::Batch::default();
         for ((id, class), mut chunk) in chunks {
             let Some((first, _)) = chunk.first() else {
                 continue;
@@ -316,32 +323,42 @@ impl RequestLog {
             let key = log_key(&id, *first);
             let tree = class.tree(&self.store);
             let batch = batches.entry(class).or_default();
-            if trim {
-                let count = match counts.get(&(class, id.clone())) {
-                    Some(count) => *count,
-                    None => count_vault_records(tree, &id)?,
-                };
-                let mut excess = (count + chunk.len()).saturating_sub(self.retention.max_records);
-                let mut kept = count + chunk.len();
-                if excess > 0 {
-                    let trimmed = trim_oldest(tree, &id, excess, batch)?;
-                    excess -= trimmed;
-                    kept -= trimmed;
-                    // A batch larger than the limit loses its own oldest records too.
-                    let cut = excess.min(chunk.len());
-                    chunk.drain(..cut);
-                    kept -= cut;
-                }
-                counts.insert((class, id), kept);
+            let count = self.stored_count(class, &id)?;
+            let mut excess = (count + chunk.len()).saturating_sub(self.retention.max_records);
+            let mut kept = count + chunk.len();
+            if !full_prune && excess > 0 {
+                let trimmed = trim_oldest(tree, &id, excess, batch)?;
+                excess -= trimmed;
+                kept -= trimmed;
+                // A batch larger than the limit loses its own oldest records too.
+                let cut = excess.min(chunk.len());
+                chunk.drain(..cut);
+                kept -= cut;
             }
             if !chunk.is_empty() {
                 batch.insert(key, serde_json::to_vec(&chunk)?);
             }
+            counts.insert(class.count_key(&id), (kept as u64).to_be_bytes().to_vec());
         }
-        Ok(batches
+        let mut batches: Vec<_> = batches
             .into_iter()
             .map(|(class, batch)| (class.tree(&self.store), batch))
-            .collect())
+            .collect();
+        batches.push((&self.store.trees.log_counts, counts));
+        Ok(batches)
+    }
+
+    /// A vault's records in a class, as counted in `log_counts` (counted from the
+    /// records themselves when the count is missing: stores written before counts).
+    fn stored_count(&self, class: Class, vault_id: &str) -> Result<usize> {
+        match self.store.trees.log_counts.get(class.count_key(vault_id))? {
+            Some(raw) => Ok(raw
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0) as usize),
+            None => count_vault_records(class.tree(&self.store), vault_id),
+        }
     }
 
     /// Applies retention to every vault's records and drops those of deleted vaults.
@@ -367,7 +384,10 @@ impl RequestLog {
                         .keys()
                         .collect::<std::result::Result<Vec<_>, _>>()?;
                     self.remove_log_keys(tree, &keys)?;
-                    lock(&self.counts).remove(&(class, id));
+                    let mut count = crate::store::Batch::default();
+                    count.remove(class.count_key(&id));
+                    self.store
+                        .apply_flushed(&self.store.trees.log_counts, count)?;
                 }
             }
         }
@@ -387,45 +407,55 @@ impl RequestLog {
     /// beyond the limit.
     fn prune_vault_logs(&self, class: Class, vault_id: &str, cutoff: i64) -> Result<()> {
         let tree = class.tree(&self.store);
-        let mut chunks = Vec::new();
-        let mut doomed = Vec::new();
-        for entry in tree.scan_prefix(vault_prefix(vault_id)) {
-            let (key, value) = entry?;
-            match decode_chunk(&key, &value) {
-                Ok(chunk) => chunks.push((key, chunk)),
-                // Unreadable: not worth keeping.
-                Err(_) => doomed.push(key),
+        // Read and rewritten as one step with the appends (see `append`).
+        self.store.apply_with_ids(0, |_| {
+            let mut chunks = Vec::new();
+            let mut doomed = Vec::new();
+            for entry in tree.scan_prefix(vault_prefix(vault_id)) {
+                let (key, value) = entry?;
+                match decode_chunk(&key, &value) {
+                    Ok(chunk) => chunks.push((key, chunk)),
+                    // Unreadable: not worth keeping.
+                    Err(_) => doomed.push(key),
+                }
             }
-        }
-        let total: usize = chunks
-            .iter()
-            .map(|(_, c)| c.iter().filter(|(_, r)| r.ts >= cutoff).count())
-            .sum();
-        let mut excess = total.saturating_sub(self.retention.max_records);
-        let mut batch = crate::store::Batch::default();
-        for key in doomed {
-            batch.remove(key);
-        }
-        for (key, chunk) in chunks {
-            let before = chunk.len();
-            let mut kept: Vec<(u64, LogRecord)> =
-                chunk.into_iter().filter(|(_, r)| r.ts >= cutoff).collect();
-            let cut = excess.min(kept.len());
-            kept.drain(..cut);
-            excess -= cut;
-            if kept.is_empty() {
+            let total: usize = chunks
+                .iter()
+                .map(|(_, c)| c.iter().filter(|(_, r)| r.ts >= cutoff).count())
+                .sum();
+            let mut excess = total.saturating_sub(self.retention.max_records);
+            let mut batch = crate::store::Batch::default();
+            for key in doomed {
                 batch.remove(key);
-            } else if kept.len() != before {
-                batch.insert(key, serde_json::to_vec(&kept)?);
             }
-        }
-        self.store.apply_flushed(tree, batch)?;
-        let kept = total.min(self.retention.max_records);
-        lock(&self.counts).insert((class, vault_id.to_string()), kept);
-        Ok(())
+            for (key, chunk) in chunks {
+                let before = chunk.len();
+                let mut kept: Vec<(u64, LogRecord)> =
+                    chunk.into_iter().filter(|(_, r)| r.ts >= cutoff).collect();
+                let cut = excess.min(kept.len());
+                kept.drain(..cut);
+                excess -= cut;
+                if kept.is_empty() {
+                    batch.remove(key);
+                } else if kept.len() != before {
+                    batch.insert(key, serde_json::to_vec(&kept)?);
+                }
+            }
+            let kept = total.min(self.retention.max_records) as u64;
+            let mut count = crate::store::Batch::default();
+            count.insert(class.count_key(vault_id), kept.to_be_bytes().to_vec());
+            Ok((
+                vec![(tree, batch), (&self.store.trees.log_counts, count)],
+                (),
+            ))
+        })
     }
 
-    fn remove_log_keys(&self, tree: &crate::store::Tree, keys: &[crate::store::Bytes]) -> Result<()> {
+    fn remove_log_keys(
+        &self,
+        tree: &crate::store::Tree,
+        keys: &[crate::store::Bytes],
+    ) -> Result<()> {
         for chunk in keys.chunks(PRUNE_CHUNK) {
             let mut batch = crate::store::Batch::default();
             for key in chunk {
@@ -670,8 +700,7 @@ mod tests {
             .trees
             .logs
             .iter()
-            .values()
-            .flat_map(|v| v.unwrap().to_vec())
+            .flat_map(|entry| entry.unwrap().1)
             .collect();
         assert!(!raw.windows(6).any(|w| w == b"secret"));
     }
@@ -689,7 +718,7 @@ mod tests {
             .unwrap();
         assert_eq!(stored, 1);
         assert_eq!(paths(&all(&store, "default")), ["/kept"]);
-        assert_eq!(store.trees.logs.len(), 1);
+        assert_eq!(store.trees.logs.len().unwrap(), 1);
         assert_eq!(log.append(vec![record("nope", "/x", NOW_MS)]).unwrap(), 0);
     }
 
@@ -781,10 +810,10 @@ mod tests {
             )])
             .unwrap();
         }
-        assert_eq!(store.trees.logs.len(), PRUNE_EVERY as usize + 1);
+        assert_eq!(store.trees.logs.len().unwrap(), PRUNE_EVERY as usize + 1);
         log.append(vec![record("default", "/last", NOW_MS + 8 * DAY_MS)])
             .unwrap(); // batch 100: the old record and the deleted vault's go
-        assert_eq!(store.trees.logs.len(), PRUNE_EVERY as usize);
+        assert_eq!(store.trees.logs.len().unwrap(), PRUNE_EVERY as usize);
         let page = all(&store, "default");
         assert_eq!(
             page.records.first().map(|e| e.record.path.as_str()),
@@ -819,7 +848,7 @@ mod tests {
         let too_many = vec![record("default", "/x", NOW_MS); MAX_LOG_BATCH_RECORDS + 1];
         let err = log.append(too_many).unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(store.trees.logs.len(), 1);
+        assert_eq!(store.trees.logs.len().unwrap(), 1);
     }
 
     #[test]

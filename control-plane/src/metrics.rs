@@ -318,7 +318,7 @@ mod tests {
 
     fn store(dir: &std::path::Path) -> Store {
         let clock: SharedClock = Arc::new(SystemClock);
-        Store::open(dir, None, clock, true).expect("store")
+        crate::testing::open_store(dir, None, clock, true).expect("store")
     }
 
     fn app(dir: &std::path::Path) -> Router {

@@ -56,7 +56,12 @@ pub struct ServerArgs {
     /// `postgres://USER@/DB?host=/socket/dir`), a database several control planes can
     /// share: each serves its own node's Envoys, and a change made through any of
     /// them reaches all. The key file and local tokens stay in the data dir either way.
-    #[arg(long, default_value = "sled", env = "AGENT_VAULT_STORE", value_name = "STORE")]
+    #[arg(
+        long,
+        default_value = "sled",
+        env = "AGENT_VAULT_STORE",
+        value_name = "STORE"
+    )]
     pub store: crate::store::StoreLocation,
     /// The data-plane Unix socket Envoy connects to (default: <data-dir>/run/dataplane.sock).
     #[arg(long, env = "AGENT_VAULT_SOCKET")]

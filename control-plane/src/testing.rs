@@ -15,7 +15,7 @@ use crate::access::{Principal, VaultRole};
 use crate::clock::{ManualClock, SharedClock, SystemClock};
 use crate::credentials::Secret;
 use crate::http::AppState;
-use crate::store::Store;
+use crate::store::{Store, StoreLocation};
 use crate::users::LoginLimiter;
 
 /// The manual clock's start: 2023-11-14 22:13:20 UTC.
@@ -31,10 +31,48 @@ pub fn app_state(store: Arc<Store>, public_url: &str) -> AppState {
     AppState::new(store, leaves, public_url)
 }
 
-/// A store in a fresh temporary directory (removed with the returned guard).
+/// Set to `postgres` to run the unit tests on PostgreSQL (`./dev test` runs them once
+/// on each backend): one server per test process, a database per store.
+pub const TEST_STORE_ENV: &str = "AGENT_VAULT_TEST_STORE";
+/// The file in a test store's data dir that names its database.
+const TEST_DATABASE_FILE: &str = "test-database-url";
+
+/// Where the store of the data dir `dir` is, on the backend under test.
+pub fn test_location(dir: &std::path::Path) -> StoreLocation {
+    match std::env::var(TEST_STORE_ENV).as_deref() {
+        Ok("postgres") => {
+            let file = dir.join(TEST_DATABASE_FILE);
+            let url = match std::fs::read_to_string(&file) {
+                Ok(url) => url,
+                Err(_) => {
+                    let url = agent_vault_pgtest::shared().fresh_database("unit");
+                    std::fs::write(&file, &url).unwrap();
+                    url
+                }
+            };
+            StoreLocation::Postgres(url)
+        }
+        Ok("sled") | Err(_) => StoreLocation::Sled(None),
+        Ok(other) => panic!("{TEST_STORE_ENV}={other}: give sled or postgres"),
+    }
+}
+
+/// Opens the store of `dir` on the backend under test.
+pub fn open_store(
+    dir: &std::path::Path,
+    password: Option<&str>,
+    clock: SharedClock,
+    allow_private_upstreams: bool,
+) -> Result<Store, crate::store::OpenError> {
+    let location = test_location(dir);
+    Store::open_at(&location, dir, password, clock, allow_private_upstreams)
+}
+
+/// A store in a fresh temporary directory (removed with the returned guard), on the
+/// backend under test.
 pub fn temp_store(clock: SharedClock, allow_private_upstreams: bool) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), None, clock, allow_private_upstreams).unwrap();
+    let store = open_store(dir.path(), None, clock, allow_private_upstreams).unwrap();
     (dir, store)
 }
 
@@ -46,7 +84,7 @@ pub fn temp_store(clock: SharedClock, allow_private_upstreams: bool) -> (tempfil
 pub fn reopen(dir: &std::path::Path) -> Result<Store, crate::store::OpenError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match Store::open(dir, None, Arc::new(crate::clock::SystemClock), false) {
+        match open_store(dir, None, Arc::new(crate::clock::SystemClock), false) {
             Err(error)
                 if error.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>

@@ -179,10 +179,11 @@ impl LoginLimiter {
             self.make_room(store, now)?;
         }
         store.write(|tx| {
-            let mut failures = get_json::<Failures>(tx.login_failures, email)?.unwrap_or(Failures {
-                count: 0,
-                last: now,
-            });
+            let mut failures =
+                get_json::<Failures>(tx.login_failures, email)?.unwrap_or(Failures {
+                    count: 0,
+                    last: now,
+                });
             too_soon(failures.wait_ms(now))?;
             if failures.forgotten(now) {
                 failures.count = 0;

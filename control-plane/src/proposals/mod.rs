@@ -41,7 +41,6 @@ use agent_vault_rules::{validate_services, Auth, RateLimit, Service};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-
 use crate::access::{ensure_vault_unchanged, Access, Principal};
 use crate::credentials::{put_credentials, seal_record, validate_entry, CredentialRecord, Secret};
 use crate::crypto::{new_token, proposal_value_aad, sha256_hex, Key, APPROVAL_PREFIX};
@@ -521,7 +520,12 @@ fn live_pending(tx: &Tx, vault_id: &str, now: i64) -> TxResult<Vec<u64>> {
 }
 
 /// Re-encrypts the agent-supplied values of the proposals under `db_keys`.
-pub(crate) fn reseal(tx: &Tx, db_keys: &[crate::store::Bytes], old: &Key, new: &Key) -> TxResult<usize> {
+pub(crate) fn reseal(
+    tx: &Tx,
+    db_keys: &[crate::store::Bytes],
+    old: &Key,
+    new: &Key,
+) -> TxResult<usize> {
     let mut count = 0;
     for db_key in db_keys {
         let Some(mut record) = get_json::<ProposalRecord>(tx.proposals, db_key)? else {

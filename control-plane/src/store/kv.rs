@@ -110,7 +110,11 @@ impl Tree {
     }
 
     /// Writes `value` under `key` unless the key exists; `true` when it was written.
-    pub(crate) fn insert_new(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<bool> {
+    pub(crate) fn insert_new(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<bool> {
         match &self.backend {
             TreeBackend::Sled(tree) => Ok(tree
                 .compare_and_swap(key.as_ref(), None::<&[u8]>, Some(value.as_ref()))?

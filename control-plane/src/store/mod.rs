@@ -112,6 +112,7 @@ trees!(
     proposals,
     proposal_links,
     login_failures,
+    log_counts,
 );
 
 /// Where the store keeps its data, chosen at start (`--store`).
@@ -133,7 +134,9 @@ impl std::str::FromStr for StoreLocation {
         }
         if let Some(dir) = text.strip_prefix("sled:") {
             if dir.is_empty() {
-                return Err("sled: needs a directory (sled:/path/to/dir), or give just `sled`".into());
+                return Err(
+                    "sled: needs a directory (sled:/path/to/dir), or give just `sled`".into(),
+                );
             }
             return Ok(StoreLocation::Sled(Some(PathBuf::from(dir))));
         }
@@ -380,7 +383,13 @@ impl Store {
         if let Backend::Sled(db, _) = &backend {
             db.flush().map_err(|e| OpenError::Sled(path.clone(), e))?;
         }
-        let version = read_version(trees.meta.get(META_VERSION).map_err(storage_err)?.as_deref());
+        let version = read_version(
+            trees
+                .meta
+                .get(META_VERSION)
+                .map_err(storage_err)?
+                .as_deref(),
+        );
 
         let store = Store {
             backend,
@@ -775,7 +784,10 @@ fn writes_of(batches: Vec<(&Tree, Batch)>) -> Vec<(&'static str, Bytes, Option<B
         .into_iter()
         .flat_map(|(tree, batch)| {
             let name = tree.name();
-            batch.0.into_iter().map(move |(key, value)| (name, key, value))
+            batch
+                .0
+                .into_iter()
+                .map(move |(key, value)| (name, key, value))
         })
         .collect()
 }
@@ -798,9 +810,7 @@ fn open_with_kek(raw: &[u8], kek: &Kek) -> Option<Key> {
     let record: WrappedDataKey = serde_json::from_slice(raw).ok()?;
     let (key, wrapped) = match (&record, kek) {
         (WrappedDataKey::File { wrapped }, Kek::File(key)) => (key, wrapped),
-        (WrappedDataKey::Password { kdf, wrapped }, Kek::Password(key, ours))
-            if kdf == ours =>
-        {
+        (WrappedDataKey::Password { kdf, wrapped }, Kek::Password(key, ours)) if kdf == ours => {
             (key, wrapped)
         }
         _ => return None,
@@ -985,9 +995,13 @@ mod tests {
     #[test]
     fn a_store_with_a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None, Arc::new(SystemClock), false).unwrap();
+        let store =
+            crate::testing::open_store(dir.path(), None, Arc::new(SystemClock), false).unwrap();
         store
-            .write(|tx| tx.meta.insert(META_SCHEMA, (SCHEMA_VERSION + 1).to_be_bytes()))
+            .write(|tx| {
+                tx.meta
+                    .insert(META_SCHEMA, (SCHEMA_VERSION + 1).to_be_bytes())
+            })
             .unwrap();
         drop(store);
         let err = crate::testing::reopen(dir.path())
@@ -1000,7 +1014,8 @@ mod tests {
     #[test]
     fn rule_writes_bump_the_snapshot_version_and_others_do_not() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None, Arc::new(SystemClock), false).unwrap();
+        let store =
+            crate::testing::open_store(dir.path(), None, Arc::new(SystemClock), false).unwrap();
         let v0 = store.snapshot_version().unwrap();
         store.write(|_| Ok(())).unwrap();
         assert_eq!(store.snapshot_version().unwrap(), v0);

@@ -110,9 +110,11 @@ impl Postgres {
             .parse()
             .map_err(|e| format!("not a PostgreSQL connection URL: {e}"))?;
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err("sslmode=require is not supported: connect over a Unix socket, \
+            return Err(
+                "sslmode=require is not supported: connect over a Unix socket, \
                         loopback, or a TLS-terminating proxy on the node"
-                .into());
+                    .into(),
+            );
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -347,7 +349,10 @@ impl Postgres {
             let client = self.client()?;
             self.block(client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE"))
                 .map_err(unavailable)?;
-            let tx = PgTx { pg: self, client: &client };
+            let tx = PgTx {
+                pg: self,
+                client: &client,
+            };
             let outcome = match f(&tx) {
                 Ok(result) => match self.block(client.batch_execute("COMMIT")) {
                     Ok(()) => return Ok(result),
@@ -503,43 +508,43 @@ impl PgTx<'_> {
 
     pub(crate) fn get(&self, tree: &str, key: &[u8]) -> TxResult<Option<Bytes>> {
         self.in_tx(async {
-                let sql = format!("SELECT value FROM {TABLE} WHERE tree = $1 AND key = $2");
-                let statement = self.client.prepare_cached(&sql).await?;
-                let row = self.client.query_opt(&statement, &[&tree, &key]).await?;
-                Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
+            let sql = format!("SELECT value FROM {TABLE} WHERE tree = $1 AND key = $2");
+            let statement = self.client.prepare_cached(&sql).await?;
+            let row = self.client.query_opt(&statement, &[&tree, &key]).await?;
+            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
         })
     }
 
     pub(crate) fn insert(&self, tree: &str, key: &[u8], value: &[u8]) -> TxResult<()> {
         self.in_tx(async {
-                let sql = format!(
-                    "INSERT INTO {TABLE} (tree, key, value) VALUES ($1, $2, $3)
+            let sql = format!(
+                "INSERT INTO {TABLE} (tree, key, value) VALUES ($1, $2, $3)
                      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value"
-                );
-                let statement = self.client.prepare_cached(&sql).await?;
-                self.client
-                    .execute(&statement, &[&tree, &key, &value])
-                    .await
-                    .map(drop)
+            );
+            let statement = self.client.prepare_cached(&sql).await?;
+            self.client
+                .execute(&statement, &[&tree, &key, &value])
+                .await
+                .map(drop)
         })
     }
 
     pub(crate) fn remove(&self, tree: &str, key: &[u8]) -> TxResult<Option<Bytes>> {
         self.in_tx(async {
-                let sql = format!("DELETE FROM {TABLE} WHERE tree = $1 AND key = $2 RETURNING value");
-                let statement = self.client.prepare_cached(&sql).await?;
-                let row = self.client.query_opt(&statement, &[&tree, &key]).await?;
-                Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
+            let sql = format!("DELETE FROM {TABLE} WHERE tree = $1 AND key = $2 RETURNING value");
+            let statement = self.client.prepare_cached(&sql).await?;
+            let row = self.client.query_opt(&statement, &[&tree, &key]).await?;
+            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
         })
     }
 
     /// Tells every listening control plane, at commit, that `version` is current.
     pub(crate) fn notify(&self, version: u64) -> TxResult<()> {
         self.pg
-            .block(
-                self.client
-                    .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &version.to_string()]),
-            )
+            .block(self.client.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &version.to_string()],
+            ))
             .map(drop)
             .map_err(tx_error)
     }
