@@ -252,7 +252,6 @@ impl Store {
             tree.scan_prefix(&prefix)
                 .keys()
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(Error::from)
         };
         Ok(VaultDeletion {
             credential_keys: per_vault_keys(&self.trees.credentials)?,

@@ -735,7 +735,7 @@ impl Store {
             let key = proposal_key(vault_id, id);
             put_json(tx.proposals, &key, &record)?;
             tx.proposal_links.insert(link_sha256.as_bytes(), key)?;
-            tx.meta.insert(seq_key, &id.to_be_bytes())?;
+            tx.meta.insert(seq_key, id.to_be_bytes())?;
             pending.push(id);
             write_pending(tx, vault_id, &pending)?;
             Ok(record)

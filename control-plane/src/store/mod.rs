@@ -711,11 +711,7 @@ impl Store {
             tx.meta.insert(META_DATA_KEY, &record)?;
             tx.meta.insert(META_DATA_KEY_ID, &id)?;
             reseal(tx, &listed, &data_key, &new)
-        });
-        let count = match count {
-            Ok(count) => count,
-            Err(error) => return Err(error),
-        };
+        })?;
         *data_key = new;
         *lock(&self.data_key_origin) = DataKeyOrigin { id, record };
         Ok(count)
