@@ -33,10 +33,43 @@ pub const LEAF_NAMES_PER_HOUR: u32 = 100_000;
 /// Requests counted by the control plane (`GET /v1/dataplane/stats`).
 pub type Counts = DataplaneCounts;
 
+/// Where a control plane keeps its data.
+#[derive(Clone, Copy)]
+pub enum Store<'a> {
+    /// sled in its own data dir (the default).
+    Sled,
+    /// A PostgreSQL database (URL). `key_from`: the data dir of a control plane already
+    /// on that database, whose key file this one needs to unwrap the same data key.
+    Postgres { url: &'a str, key_from: Option<&'a Path> },
+}
+
 impl ControlPlane {
     pub fn start(binary: &Path, dir: &Path, name: &str) -> Result<ControlPlane, String> {
+        ControlPlane::start_on(binary, dir, name, Store::Sled)
+    }
+
+    /// The data dir of this control plane (its key file, tokens and proxy CA).
+    pub fn data_dir(&self) -> &Path {
+        self.proxy_ca.parent().unwrap_or(Path::new("."))
+    }
+
+    pub fn start_on(
+        binary: &Path,
+        dir: &Path,
+        name: &str,
+        store: Store,
+    ) -> Result<ControlPlane, String> {
         let dir = dir.join(name);
         let data = dir.join("data");
+        if let Store::Postgres {
+            key_from: Some(from),
+            ..
+        } = store
+        {
+            std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+            std::fs::copy(from.join("master.key"), data.join("master.key"))
+                .map_err(|e| format!("{name}: copying the key file: {e}"))?;
+        }
         let socket = dir.join("run").join("dataplane.sock");
         let home = dir.join("home");
         std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
@@ -53,6 +86,13 @@ impl ControlPlane {
             .env("HOME", &home)
             .env("AGENT_VAULT_LOG", "warn")
             .env_remove("AGENT_VAULT_MASTER_PASSWORD")
+            .env(
+                "AGENT_VAULT_STORE",
+                match store {
+                    Store::Sled => "sled",
+                    Store::Postgres { url, .. } => url,
+                },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
@@ -76,20 +116,23 @@ impl ControlPlane {
             proxy_ca: data.join("ca.pem"),
             token: String::new(),
         };
-        // The first registration needs the token the server wrote into its data dir.
-        let bootstrap = std::fs::read_to_string(data.join("bootstrap-token"))
-            .map_err(|e| format!("{name}: no bootstrap token in {}: {e}", data.display()))?;
-        cp.token = cp.owner_token(bootstrap.trim())?;
+        // The first registration needs the token the server wrote into its data dir; a
+        // second control plane on a database that has its owner writes none.
+        let bootstrap = std::fs::read_to_string(data.join("bootstrap-token")).ok();
+        cp.token = cp.owner_token(bootstrap.as_deref().map(str::trim))?;
         Ok(cp)
     }
 
-    fn owner_token(&self, bootstrap_token: &str) -> Result<String, String> {
+    fn owner_token(&self, bootstrap_token: Option<&str>) -> Result<String, String> {
         let creds = json!({"email": "bench@example.com", "password": "bench-password-1"});
-        let mut register = creds.clone();
-        register["bootstrap_token"] = json!(bootstrap_token);
-        let (status, body) = self.call_as(None, "POST", "/v1/auth/register", Some(&register))?;
-        if status != 201 {
-            return Err(format!("register: {status} {body}"));
+        if let Some(bootstrap_token) = bootstrap_token {
+            let mut register = creds.clone();
+            register["bootstrap_token"] = json!(bootstrap_token);
+            let (status, body) =
+                self.call_as(None, "POST", "/v1/auth/register", Some(&register))?;
+            if status != 201 {
+                return Err(format!("register: {status} {body}"));
+            }
         }
         let (status, body) = self.call_as(None, "POST", "/v1/auth/login", Some(&creds))?;
         body["token"]

@@ -58,6 +58,8 @@ pub struct Args {
     /// optimizing; the committed numbers come from a full run.
     pub variants: Vec<Variant>,
     pub skip_cp_alone: bool,
+    /// Skip the PostgreSQL measurements (the 10k × 1k control plane on a database).
+    pub skip_postgres: bool,
     /// Keep the work directory (configs, Envoy logs) after a successful run.
     pub keep_workdir: bool,
     /// Adds variant (x): this build of the filter, alternated with the others.
@@ -80,6 +82,7 @@ const USAGE: &str =
     [--handshakes N]        first handshakes to new host names, on (j) (200; 0: none)
     [--cp-duration SECS]    each run of the control plane alone (3)
     [--skip-cp-alone]
+    [--skip-postgres]       no PostgreSQL measurements (the 10k x 1k control plane on a database)
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
@@ -110,6 +113,7 @@ fn parse_args() -> Args {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         variants: Variant::ALL.to_vec(),
         skip_cp_alone: false,
+        skip_postgres: false,
         keep_workdir: false,
         candidate_wasm: None,
         feature_rounds: 6,
@@ -155,6 +159,7 @@ fn parse_args() -> Args {
                     .collect();
             }
             "--skip-cp-alone" => args.skip_cp_alone = true,
+            "--skip-postgres" => args.skip_postgres = true,
             "--keep-workdir" => args.keep_workdir = true,
             "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
             "--feature-rounds" => args.feature_rounds = number(value()),
@@ -229,6 +234,8 @@ pub struct Results {
     pub samples: Vec<Sample>,
     pub cp_small: CpAlone,
     pub cp_big: CpAlone,
+    /// The big control plane's store on PostgreSQL instead of sled (same seed).
+    pub cp_big_postgres: Option<CpAlone>,
     pub memory: Memory,
     pub propagation: Vec<propagation::Event>,
     /// First handshakes to new hosts on (j).
@@ -358,6 +365,30 @@ fn run_in(
         )
     };
     cp_big.seed_secs = big_seed_secs;
+
+    // The same big control plane with its store on PostgreSQL (a server of the
+    // bench's own, on a Unix socket), alone: fetches, snapshot builds, the 304 path.
+    let postgres = if args.skip_postgres || args.skip_cp_alone {
+        None
+    } else {
+        log("PostgreSQL: the 10k × 1k control plane on a database of its own, alone");
+        let cluster = agent_vault_pgtest::Cluster::start();
+        let url = cluster.create_database("bench_big");
+        let store = controlplane::Store::Postgres {
+            url: &url,
+            key_from: None,
+        };
+        let cp = ControlPlane::start_on(&args.agent_vault, workdir, "cp-gp", store)?;
+        let start = Instant::now();
+        let seeded_pg = seed::big(&cp, up("g"), &secret, args.big_services, args.big_agents)?;
+        let seed_secs = start.elapsed().as_secs_f64();
+        cp.wait_socket()?;
+        let mut alone = control_plane_alone(&cp, &seeded_pg, args)?;
+        alone.seed_secs = seed_secs;
+        drop(cp);
+        drop(cluster);
+        Some(alone)
+    };
 
     // Envoys.
     log("starting one Envoy per variant");
@@ -670,6 +701,7 @@ fn run_in(
         samples,
         cp_small,
         cp_big,
+        cp_big_postgres: postgres,
         memory,
         propagation,
         handshakes,

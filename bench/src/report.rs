@@ -607,6 +607,14 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
     );
     let _ = writeln!(md, "## Results\n\n{table}");
     let _ = writeln!(md, "### Snapshot and memory\n\n{facts}");
+    if let Some(postgres) = postgres_table(results) {
+        let _ = writeln!(
+            md,
+            "### The 10k × 1k control plane on PostgreSQL\n\nThe same seed and the same \
+             measurements as the sled control plane above, with `--store postgres://…` (a \
+             PostgreSQL server of the bench's own on a Unix socket, fsync on).\n\n{postgres}"
+        );
+    }
     let _ = writeln!(
         md,
         "Envoy RSS after the runs (MiB): {rss_line}. VMs polling the big control plane per Envoy: {} \
@@ -899,6 +907,40 @@ fn handshake_table(h: &crate::https::Handshakes) -> String {
         crate::controlplane::LEAF_NAMES_PER_HOUR,
     );
     out
+}
+
+/// The big control plane on sled and on PostgreSQL, side by side (`None`: not run).
+fn postgres_table(results: &Results) -> Option<String> {
+    let pg = results.cp_big_postgres.as_ref()?;
+    let sled = &results.cp_big;
+    let mut table = String::new();
+    let _ = writeln!(table, "| 10k services × 1k agents | sled | PostgreSQL |");
+    let _ = writeln!(table, "|---|---:|---:|");
+    let runs = |what: &str, table: &mut String, a: &[(usize, Run)], b: &[(usize, Run)]| {
+        for ((clients, a), (_, b)) in a.iter().zip(b) {
+            let _ = writeln!(
+                table,
+                "| {what}, {clients} client(s): req/s, p50 / p99 µs | {} , {} / {} | {} , {} / {} |",
+                num(a.rps, 0),
+                num(a.p50_us, 0),
+                num(a.p99_us, 0),
+                num(b.rps, 0),
+                num(b.p50_us, 0),
+                num(b.p99_us, 0),
+            );
+        }
+    };
+    runs("credential fetch", &mut table, &sled.fetch, &pg.fetch);
+    runs("snapshot poll, 304", &mut table, &sled.not_modified, &pg.not_modified);
+    for (what, a, b) in [
+        ("snapshot build, server-side (median of 7), ms", sled.build_ms, pg.build_ms),
+        ("first GET after a change, ms", sled.cold_get_ms, pg.cold_get_ms),
+        ("GET of the cached snapshot, ms", sled.warm_get_ms, pg.warm_get_ms),
+        ("seeding through the API, s", sled.seed_secs, pg.seed_secs),
+    ] {
+        let _ = writeln!(table, "| {what} | {} | {} |", num(a, 2), num(b, 2));
+    }
+    Some(table)
 }
 
 /// What the numbers mean, for BENCHMARKS.md: facts about the design and the code, not
