@@ -1,7 +1,8 @@
 //! The snapshot long-poll through the real Envoy and the real control plane (DESIGN.md
 //! §4): with the periodic poll ten minutes away, only the long-poll each worker keeps
 //! outstanding can deliver a change, so every change below reaching every worker within
-//! seconds is the long-poll at work.
+//! seconds is the long-poll at work. It also waits out one whole long-poll (25 s): the
+//! held requests must end in a 304 and go out again, not in Envoy's timeout.
 
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,22 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
     assert!(
         stats["long_polls"].as_u64().unwrap_or(0) >= 8,
         "the changes came through long-polls: {stats}"
+    );
+
+    // Nothing changes for a whole wait (the filter's default, 25 s): the held requests
+    // are answered 304 and sent again, and Envoy's callout timeout (the wait plus
+    // callout_timeout_ms) does not cut them short.
+    let not_modified = |stats: &Value| stats["snapshot_not_modified"].as_u64().unwrap_or(0);
+    let before = not_modified(&stats);
+    let after = wait_for(Duration::from_secs(40), || {
+        let now = dataplane_stats(&stack);
+        (not_modified(&now) >= before + 2 && now["long_polls_held"].as_u64() >= Some(2))
+            .then_some(now)
+    });
+    assert!(
+        after.is_some(),
+        "held long-polls were not answered 304 and sent again: {}",
+        dataplane_stats(&stack)
     );
     let log = stack.envoy.logs();
     assert!(
