@@ -67,6 +67,10 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
         "the workers do not hold long-polls: {}",
         dataplane_stats(&stack)
     );
+    println!(
+        "long-polls held: {} (one per filter VM)",
+        dataplane_stats(&stack)["long_polls_held"]
+    );
 
     // Everything below was written after Envoy loaded its first snapshot.
     let echo = Echo::plain();
