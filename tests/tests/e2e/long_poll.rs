@@ -140,3 +140,57 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
         stack.envoy.log_tail(30)
     );
 }
+
+/// Waits until the control plane holds at least `n` long-polls.
+#[track_caller]
+fn until_held(stack: &Stack, n: u64, within: Duration) {
+    let held = wait_for(within, || {
+        let held = dataplane_stats(stack)["long_polls_held"].as_u64()?;
+        (held >= n).then_some(held)
+    });
+    assert!(
+        held.is_some(),
+        "fewer than {n} long-polls held after {within:?}: {}\n--- Envoy log (tail) ---\n{}",
+        dataplane_stats(stack),
+        stack.envoy.log_tail(30)
+    );
+}
+
+#[test]
+fn a_control_plane_holding_long_polls_stops_at_once_and_once_back_the_workers_long_poll_again() {
+    // The production settings: the long-poll on, plain polling every second as the
+    // fallback.
+    let mut stack = Stack::start();
+    until_held(&stack, 2, Duration::from_secs(10));
+
+    // SIGTERM: the held requests are answered, so the graceful shutdown does not wait
+    // out their 25 s (the kit would SIGKILL it after 10 s).
+    let stopping = Instant::now();
+    stack.server.stop();
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the control plane took {took:?} to stop"
+    );
+
+    // Same data dir and socket; Envoy untouched. The workers poll (1 s) until one
+    // answers, then hold long-polls again.
+    stack.server.restart();
+    until_held(&stack, 2, Duration::from_secs(10));
+    let echo = Echo::plain();
+    stack.set_credential("default", "BACK_KEY", "back-secret");
+    stack.add_service(
+        "default",
+        json!({"name": "back", "host": echo.authority(), "upstream_tls": false,
+               "auth": {"type": "bearer", "token": "BACK_KEY"}}),
+    );
+    let token = stack.create_agent("back", &["default"]);
+    let get = || stack.get_as(&token, "default", &echo.url("/back"), &[]);
+    on_every_worker(&stack.envoy, PUSHED, STREAK, get, |r| {
+        injected(r, "back-secret")
+    });
+    stack.revoke_agent("back");
+    on_every_worker(&stack.envoy, PUSHED, STREAK, get, |r| {
+        refused(r, 407, "invalid_token")
+    });
+}
