@@ -49,6 +49,10 @@ pub enum Variant {
     /// (x) another build of our filter (`--candidate-wasm`), warm cache: to compare a
     /// change against the current build within one run.
     Candidate,
+    /// (p) our filter, warm cache, with the snapshot long-poll off
+    /// (`snapshot_wait_ms: 0`, plain polling every second): only for the propagation
+    /// comparison, not in the load rounds.
+    FilterPolling,
 }
 
 impl Variant {
@@ -78,6 +82,7 @@ impl Variant {
             Variant::NoopAddHeader => "i",
             Variant::HttpsFilter => "j",
             Variant::Candidate => "x",
+            Variant::FilterPolling => "p",
         }
     }
 
@@ -91,6 +96,7 @@ impl Variant {
             Variant::FilterNoCache => "Agent Vault filter, cache off (ttl 0)",
             Variant::FilterBig => "Agent Vault filter, warm, 10k svc × 1k agents",
             Variant::Candidate => "candidate filter build, warm cache",
+            Variant::FilterPolling => "Agent Vault filter, warm cache, no long-poll (1 s poll)",
             Variant::NoopAddHeader => "wasm filter that only adds the route header",
             Variant::HttpsPlain => "HTTPS agents: Envoy decrypting the tunnel, no filter",
             Variant::HttpsFilter => "HTTPS agents: Agent Vault filter in the tunnel, warm",
@@ -118,6 +124,7 @@ impl Variant {
                 | Variant::FilterBig
                 | Variant::HttpsFilter
                 | Variant::Candidate
+                | Variant::FilterPolling
         )
     }
 
@@ -190,6 +197,17 @@ fn wasm_filter(name: &str, wasm: &Path, configuration: Option<&str>) -> String {
 /// The no-op module; with `add`, a `name: value` header it adds to every request.
 fn noop_filter(wasm: &Path, add: Option<&str>) -> String {
     wasm_filter("noop", wasm, add)
+}
+
+/// Our filter with the snapshot long-poll off: plain polling every second.
+fn agent_vault_filter_polling(wasm: &Path) -> String {
+    wasm_filter(
+        "agent_vault",
+        wasm,
+        Some(
+            r#"{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000, "snapshot_wait_ms": 0}"#,
+        ),
+    )
 }
 
 fn agent_vault_filter(wasm: &Path, ttl_ms: u64) -> String {
@@ -276,6 +294,7 @@ pub fn config(
             | Variant::FilterNoCache
             | Variant::FilterBig
             | Variant::Candidate
+            | Variant::FilterPolling
     );
     match variant {
         Variant::Plain | Variant::HttpsPlain | Variant::HttpsFilter => {}
@@ -337,6 +356,9 @@ pub fn config(
             60_000,
         )),
         Variant::FilterNoCache => filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0)),
+        Variant::FilterPolling => {
+            filters.push_str(&agent_vault_filter_polling(inputs.filter_wasm))
+        }
     }
     filters.push_str(ROUTER);
     let control_plane_cluster = if matches!(

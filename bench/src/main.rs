@@ -47,6 +47,8 @@ pub struct Args {
     pub duration: Duration,
     pub connections: Vec<usize>,
     pub events: usize,
+    /// Revocations timed on (p), the filter with plain polling (0: none).
+    pub poll_events: usize,
     /// New host names whose first handshake is timed (0: none).
     pub handshakes: usize,
     pub cp_duration: Duration,
@@ -79,6 +81,7 @@ const USAGE: &str =
                             filter warm, (f) cache off, (g) 10k x 1k, (h) HTTPS agents through
                             the forward proxy without the filter, (j) the same with it
     [--events N]            revocations timed for propagation, on (e) (50; 0: none)
+    [--poll-events N]       the same on (p), the filter without its long-poll, for comparison (20; 0: none)
     [--handshakes N]        first handshakes to new host names, on (j) (200; 0: none)
     [--cp-duration SECS]    each run of the control plane alone (3)
     [--skip-cp-alone]
@@ -105,6 +108,7 @@ fn parse_args() -> Args {
         duration: Duration::from_secs(2),
         connections: vec![1, 16],
         events: 50,
+        poll_events: 20,
         handshakes: 200,
         cp_duration: Duration::from_secs(3),
         big_services: 10_000,
@@ -139,6 +143,7 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--events" => args.events = number(value()),
+            "--poll-events" => args.poll_events = number(value()),
             "--handshakes" => args.handshakes = number(value()),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -238,6 +243,8 @@ pub struct Results {
     pub cp_big_postgres: Option<CpAlone>,
     pub memory: Memory,
     pub propagation: Vec<propagation::Event>,
+    /// The same on (p): the filter without its long-poll.
+    pub propagation_polling: Vec<propagation::Event>,
     /// First handshakes to new hosts on (j).
     pub handshakes: Option<https::Handshakes>,
     pub started: Instant,
@@ -618,8 +625,14 @@ fn run_in(
     }
     let polls_before = cps["g"].counts();
     std::thread::sleep(Duration::from_secs(4));
-    let polls = cps["g"].counts().since(polls_before);
-    memory.polling_vms = (polls.snapshot_full + polls.snapshot_not_modified) as f64 / 4.0;
+    let counts = cps["g"].counts();
+    let polls = counts.since(polls_before);
+    // With the long-poll each VM holds one request; without it each polls once a second.
+    memory.polling_vms = if counts.long_polls_held > 0 {
+        counts.long_polls_held as f64
+    } else {
+        (polls.snapshot_full + polls.snapshot_not_modified) as f64 / 4.0
+    };
 
     // First handshakes to new hosts on (j), after the runs: every name makes Envoy ask
     // the control plane for a certificate it mints and pushes.
@@ -671,17 +684,74 @@ fn run_in(
         let headers = headers_for(Variant::FilterWarm);
         let prober = seeded["e"].prober_token.clone().ok_or("no prober")?;
         let budget = Duration::from_secs(args.events as u64 * 6 + 30);
-        propagation = propagation::run(e, &cps["e"], up("e"), &prober, args.events, || {
-            load::wrk_background(
-                &load::Target {
-                    port: e.port,
-                    path: "/bench",
-                    headers: &headers,
-                },
-                4,
-                budget,
-            )
-        })?;
+        propagation =
+            propagation::run(e, &cps["e"], up("e"), &prober, "probe", args.events, || {
+                load::wrk_background(
+                    &load::Target {
+                        port: e.port,
+                        path: "/bench",
+                        headers: &headers,
+                    },
+                    4,
+                    budget,
+                )
+            })?;
+    }
+    // The same with the long-poll off: (p), on (e)'s control plane and upstream,
+    // started now and stopped after.
+    let mut propagation_polling = Vec::new();
+    if args.poll_events > 0 && args.variants.contains(&Variant::FilterWarm) {
+        log(&format!(
+            "propagation without the long-poll: {} revocations under load on (p)",
+            args.poll_events
+        ));
+        let cp = &cps["e"];
+        let inputs = Inputs {
+            upstream_port: up("e"),
+            filter_wasm: &args.filter_wasm,
+            noop_wasm: &args.noop_wasm,
+            candidate_wasm: None,
+            socket: &cp.socket,
+            sds_socket: &cp.sds_socket,
+            proxy_ca: &cp.proxy_ca,
+            dir: workdir,
+            static_credential: &static_credential,
+        };
+        let p = Envoy::start(&args.envoy, Variant::FilterPolling, &inputs)?;
+        let headers = headers_for(Variant::FilterWarm);
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http::tcp_once(p.port, "GET", "/bench", &pairs, None).is_ok_and(|r| r.status == 200)
+        {
+            if Instant::now() > deadline {
+                return Err("variant (p) never answered 200".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let prober = seeded["e"].prober_token.clone().ok_or("no prober")?;
+        let budget = Duration::from_secs(args.poll_events as u64 * 6 + 30);
+        propagation_polling = propagation::run(
+            &p,
+            cp,
+            up("e"),
+            &prober,
+            "probe-polling",
+            args.poll_events,
+            || {
+                load::wrk_background(
+                    &load::Target {
+                        port: p.port,
+                        path: "/bench",
+                        headers: &headers,
+                    },
+                    4,
+                    budget,
+                )
+            },
+        )?;
     }
 
     let features = if args.feature_rounds > 0 {
@@ -704,6 +774,7 @@ fn run_in(
         cp_big_postgres: postgres,
         memory,
         propagation,
+        propagation_polling,
         handshakes,
         started,
         load_before,

@@ -9,7 +9,9 @@
 //!   worker, then deleted; the change is seen when a request gets 502.
 //!
 //! Times are from the API's acknowledgement (its response read by the benchmark) to
-//! the first refused response on any worker, and on every worker.
+//! the first refused response on any worker, and on every worker. The filter's
+//! snapshot long-poll (on by default) delivers the change; (p) measures the same with it
+//! off, on plain 1 s polling.
 
 use std::time::{Duration, Instant};
 
@@ -162,12 +164,15 @@ impl Probe {
 }
 
 /// Runs `events` revocations against `envoy` (our filter, warm cache) and `cp` while
-/// `start_load` keeps the proxy busy; `stop_load` ends it.
+/// `start_load` keeps the proxy busy; `stop_load` ends it. The agents it creates are
+/// named `{name}-{i}` (one control plane can serve several runs).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     envoy: &Envoy,
     cp: &ControlPlane,
     upstream_port: u16,
     prober_token: &str,
+    name: &str,
     events: usize,
     start_load: impl FnOnce() -> Result<crate::procs::Proc, String>,
 ) -> Result<Vec<Event>, String> {
@@ -184,7 +189,7 @@ pub fn run(
             return Err("the background load stopped early".into());
         }
         let event = if i % 2 == 0 {
-            let name = format!("probe-{i}");
+            let name = format!("{name}-{i}");
             let token = cp.create_agent(&name)?;
             let auth = proxy_basic(&token, "default");
             probe.wait_all_ok(&load_host, &auth, timeout)?;

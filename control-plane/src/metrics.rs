@@ -6,6 +6,8 @@
 //! | `agent_vault_http_requests_total{route,method,status}` | counter | management API and UI requests, by route *template* (`/v1/vaults/{vault}/credentials`), never the concrete path |
 //! | `agent_vault_dataplane_requests_total{request}` | counter | data-plane socket requests ([`crate::dataplane::DataplaneStats`]) |
 //! | `agent_vault_dataplane_log_records_total` | counter | request-log records received from the filters |
+//! | `agent_vault_dataplane_long_polls_total` | counter | snapshot requests that asked to wait (long-polls; their answers also count as `snapshot_full` / `snapshot_not_modified`) |
+//! | `agent_vault_dataplane_long_polls_held` | gauge | long-polls held right now (normally one per filter worker) |
 //! | `agent_vault_store_size_bytes` | gauge | what sled reports on disk |
 //! | `agent_vault_proposals_pending` | gauge | proposals waiting for a human, all vaults |
 //! | `agent_vault_snapshot_version` | gauge | the rules snapshot version (the filters' `agent_vault.snapshot.version` converges on it) |
@@ -228,6 +230,18 @@ pub fn render(
     );
 
     let gauges = [
+        (
+            "agent_vault_dataplane_long_polls_total",
+            "counter",
+            "Snapshot requests that asked to wait for a change (long-polls).",
+            dataplane.long_polls.to_string(),
+        ),
+        (
+            "agent_vault_dataplane_long_polls_held",
+            "gauge",
+            "Snapshot long-polls held right now, waiting for a change.",
+            dataplane.long_polls_held.to_string(),
+        ),
         (
             "agent_vault_store_size_bytes",
             "gauge",

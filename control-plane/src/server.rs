@@ -465,6 +465,7 @@ where
 {
     let stats = dataplane.stats.clone();
     let leaves = state.leaves.clone();
+    let held = dataplane.clone();
     let dataplane = crate::dataplane::router(dataplane);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -476,6 +477,9 @@ where
     let dataplane = axum::serve(sockets.dataplane, dataplane).with_graceful_shutdown(wait(stop_rx));
     tokio::spawn(async move {
         shutdown.await;
+        // Held snapshot long-polls answer now, or the graceful shutdown would wait
+        // for them.
+        held.close();
         let _ = stop_tx.send(true);
     });
     let (api, dataplane, sds) = tokio::join!(api, dataplane.into_future(), sds);
@@ -741,6 +745,8 @@ mod tests {
         addr: std::net::SocketAddr,
         _stop: tokio::sync::oneshot::Sender<()>,
         _dir: tempfile::TempDir,
+        /// The serving task (ends once the server stopped).
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
     }
 
     async fn start(limits: ListenerLimits, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
@@ -766,23 +772,22 @@ mod tests {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        match tls {
+        let task = match tls {
             Some(config) => {
                 let tcp = crate::tls::TlsListener::new(tcp, config).unwrap();
                 tokio::spawn(serve_with_limits(
                     limits, state, dataplane, tcp, socket, shutdown,
-                ));
+                ))
             }
-            None => {
-                tokio::spawn(serve_with_limits(
-                    limits, state, dataplane, tcp, socket, shutdown,
-                ));
-            }
-        }
+            None => tokio::spawn(serve_with_limits(
+                limits, state, dataplane, tcp, socket, shutdown,
+            )),
+        };
         Running {
             addr,
             _stop: stop,
             _dir: dir,
+            task,
         }
     }
 
@@ -1009,5 +1014,69 @@ mod tests {
             read.is_ok(),
             "the half-sent request's TLS connection stayed open"
         );
+    }
+
+    /// One HTTP/1.1 request on the data-plane socket of `dir`; the whole answer.
+    fn socket_get(dir: &Path, path_and_headers: &str) -> String {
+        let mut stream = std::os::unix::net::UnixStream::connect(dir.join("run/dp.sock")).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path_and_headers}\r\nHost: agent-vault\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_the_server_answers_held_long_polls_and_does_not_wait_for_them() {
+        let Running {
+            _stop: stop,
+            _dir: dir,
+            task,
+            ..
+        } = start(ListenerLimits::default(), None).await;
+        let path = dir.path().to_path_buf();
+        let first = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                socket_get(&path, "/v1/dataplane/snapshot HTTP/1.1")
+            })
+            .await
+            .unwrap()
+        };
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let etag = first
+            .lines()
+            .find_map(|l| l.strip_prefix("etag: "))
+            .expect("an etag")
+            .trim()
+            .to_string();
+        let held = tokio::task::spawn_blocking(move || {
+            socket_get(
+                &path,
+                &format!("/v1/dataplane/snapshot?wait_ms=60000 HTTP/1.1\r\nIf-None-Match: {etag}"),
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!held.is_finished(), "the long-poll was not held");
+        let stopping = std::time::Instant::now();
+        drop(stop);
+        let stopped = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(
+            matches!(stopped, Ok(Ok(Ok(())))),
+            "the server did not stop: {stopped:?}"
+        );
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "stopping took {:?}",
+            stopping.elapsed()
+        );
+        let answer = held.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 304"), "{answer}");
     }
 }

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use agent_vault_rules::MAX_LOG_BATCH_RECORDS;
+use agent_vault_rules::{MAX_LOG_BATCH_RECORDS, MAX_SNAPSHOT_WAIT_MS};
 use serde::Deserialize;
 
 /// Settings of one filter instance.
@@ -39,7 +39,17 @@ pub struct Config {
     /// `request_body_too_large`. The body is held in the worker's VM, not in Envoy's
     /// buffer, so Envoy's buffer limit does not bound it.
     pub max_substitution_body_bytes: u64,
+    /// How long each worker's snapshot long-poll asks the control plane to hold it
+    /// (DESIGN.md §4): a change then arrives at once instead of on the next poll. 0
+    /// turns the long-poll off (plain polling every `snapshot_poll_ms`). The callout's
+    /// timeout is this plus `callout_timeout_ms`.
+    pub snapshot_wait_ms: u64,
 }
+
+/// The default of [`Config::snapshot_wait_ms`]: 25 s.
+pub const DEFAULT_SNAPSHOT_WAIT_MS: u64 = 25_000;
+/// The shortest long-poll wait [`Config::snapshot_wait_ms`] may set (0 aside).
+pub const MIN_SNAPSHOT_WAIT_MS: u64 = 1000;
 
 /// The default of [`Config::max_substitution_body_bytes`]: 4 MiB.
 pub const DEFAULT_MAX_SUBSTITUTION_BODY_BYTES: u64 = 4 * 1024 * 1024;
@@ -73,6 +83,7 @@ impl Default for Config {
             tls_header: "x-agent-vault-upstream".to_owned(),
             mode: Mode::Proxy,
             max_substitution_body_bytes: DEFAULT_MAX_SUBSTITUTION_BODY_BYTES,
+            snapshot_wait_ms: DEFAULT_SNAPSHOT_WAIT_MS,
         }
     }
 }
@@ -164,6 +175,17 @@ impl Config {
                 ));
             }
         }
+        // The control plane refuses a longer wait; a very short one is plain polling
+        // with extra steps.
+        if self.snapshot_wait_ms != 0
+            && !(MIN_SNAPSHOT_WAIT_MS..=MAX_SNAPSHOT_WAIT_MS).contains(&self.snapshot_wait_ms)
+        {
+            return err(format!(
+                "\"snapshot_wait_ms\" must be 0 (no long-poll: plain polling) or between \
+                 {MIN_SNAPSHOT_WAIT_MS} and {MAX_SNAPSHOT_WAIT_MS}, not {}",
+                self.snapshot_wait_ms
+            ));
+        }
         let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
         if self.tls_header.is_empty() || !self.tls_header.bytes().all(is_tchar) {
             return err(format!(
@@ -207,6 +229,7 @@ mod tests {
         assert_eq!(defaults.tls_header, "x-agent-vault-upstream");
         assert_eq!(defaults.mode, Mode::Proxy);
         assert_eq!(defaults.max_substitution_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(defaults.snapshot_wait_ms, 25_000);
     }
 
     #[test]
@@ -214,7 +237,7 @@ mod tests {
         let json = r#"{"cluster":"cp","authority":"vault.internal","snapshot_poll_ms":500,
             "credential_cache_ttl_ms":0,"callout_timeout_ms":300,"log_flush_ms":2000,
             "log_batch_max":10,"tls_header":"X-Upstream-TLS","mode":"tunnel",
-            "max_substitution_body_bytes":2048}"#;
+            "max_substitution_body_bytes":2048,"snapshot_wait_ms":30000}"#;
         let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             config,
@@ -229,8 +252,18 @@ mod tests {
                 tls_header: "x-upstream-tls".into(),
                 mode: Mode::Tunnel,
                 max_substitution_body_bytes: 2048,
+                snapshot_wait_ms: 30_000,
             }
         );
+    }
+
+    #[test]
+    fn the_long_poll_wait_can_be_off_or_within_the_control_planes_bound() {
+        for wait in [0, 1000, 25_000, 60_000] {
+            let json = format!(r#"{{"snapshot_wait_ms":{wait}}}"#);
+            let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{wait}: {e}"));
+            assert_eq!(config.snapshot_wait_ms, wait);
+        }
     }
 
     #[test]
@@ -257,6 +290,9 @@ mod tests {
             ("unknown mode", r#"{"mode":"sidecar"}"#, "unknown variant `sidecar`"),
             ("body bound too small", r#"{"max_substitution_body_bytes":10}"#, "\"max_substitution_body_bytes\" must be between 1024 and 67108864"),
             ("body bound too large", r#"{"max_substitution_body_bytes":1000000000}"#, "\"max_substitution_body_bytes\""),
+            ("wait too short", r#"{"snapshot_wait_ms":999}"#, "\"snapshot_wait_ms\" must be 0 (no long-poll: plain polling) or between 1000 and 60000, not 999"),
+            ("wait over the control plane's bound", r#"{"snapshot_wait_ms":60001}"#, "not 60001"),
+            ("wait in seconds", r#"{"snapshot_wait_ms":"25s"}"#, "invalid type"),
         ];
         for (behaviour, json, needle) in cases {
             let message = match Config::parse(json.as_bytes()) {

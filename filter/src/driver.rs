@@ -134,6 +134,10 @@ impl Root {
             return;
         };
         on_call_response(host, self.id, &mut worker, token, num_headers, body_size);
+        // A poll answered: the next long-poll goes out at once (the answer's own
+        // callback, so one is always outstanding).
+        let now = host.now_ms();
+        long_poll(host, &mut worker, now);
         update_tick(host, &mut self.tick_ms, &worker);
     }
 
@@ -733,6 +737,37 @@ fn redispatch_orphans(host: &mut impl Host, root_id: u32, worker: &mut Worker, n
     }
 }
 
+/// What a failed long-poll's log line says after the reason.
+fn long_poll_failed(config: &Config, reason: &str) -> String {
+    format!(
+        "{reason} (to the long-poll; polling every {} ms until a poll succeeds)",
+        config.snapshot_poll_ms
+    )
+}
+
+/// Dispatches the snapshot long-poll if one may go out now (right after a usable
+/// answer: see [`Worker::long_poll_due`]). A refusal is logged like a refused poll,
+/// and the periodic poll takes over.
+fn long_poll(host: &mut impl Host, worker: &mut Worker, now: u64) {
+    let Some(headers) = worker.long_poll_due() else {
+        return;
+    };
+    let sent = host.dispatch_long_poll(worker.config(), &headers, worker.long_poll_timeout_ms());
+    host.stat(Stat::LongPollSent { sent: sent.is_ok() });
+    if let Err(refused) = &sent {
+        host.log(
+            LogLevel::Debug,
+            &format!(
+                "cannot send the snapshot long-poll through cluster {:?} ({refused}); \
+                 polling every {} ms",
+                worker.config().cluster,
+                worker.config().snapshot_poll_ms
+            ),
+        );
+    }
+    worker.long_poll_dispatched(sent.ok(), now);
+}
+
 /// Dispatches a snapshot poll if one is due.
 fn poll(host: &mut impl Host, worker: &mut Worker, now: u64) {
     let Some(headers) = worker.poll_due(now) else {
@@ -795,20 +830,35 @@ fn on_call_response(
     let response = host.call_response(num_headers, body_size);
     let now = host.now_ms();
     if is_poll {
+        let long = worker.is_long_poll(token);
         let outcome = worker.on_poll_answer(
             token,
             response.status,
             response.from_control_plane,
             response.body,
+            now,
         );
         let usable = matches!(
             outcome,
             PollOutcome::Loaded { .. } | PollOutcome::NotModified
         );
-        host.stat(Stat::CalloutAnswered { token, usable });
+        if long {
+            host.stat(Stat::LongPollAnswered { usable });
+        } else {
+            host.stat(Stat::CalloutAnswered { token, usable });
+        }
         if let PollOutcome::Loaded { version, .. } = &outcome {
             host.stat(Stat::SnapshotLoaded { version });
         }
+        let outcome = match outcome {
+            PollOutcome::Invalid(reason) if long => {
+                PollOutcome::Invalid(long_poll_failed(worker.config(), &reason))
+            }
+            PollOutcome::Unavailable(reason) if long => {
+                PollOutcome::Unavailable(long_poll_failed(worker.config(), &reason))
+            }
+            outcome => outcome,
+        };
         log_poll(host, outcome, failures_before);
         return;
     }
@@ -951,8 +1001,21 @@ mod tests {
     }
 
     impl Vm {
-        /// Configured with `configuration`; its first poll not answered yet.
+        /// Configured with `configuration`; its first poll not answered yet. Plain
+        /// polling (`snapshot_wait_ms` 0) unless `configuration` sets the wait: the
+        /// long-poll has tests of its own, the others count callouts without it.
         fn configured(configuration: &str) -> Vm {
+            let mut fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(if configuration.trim().is_empty() {
+                    "{}"
+                } else {
+                    configuration
+                })
+                .unwrap_or_else(|e| panic!("{configuration}: {e}"));
+            fields
+                .entry("snapshot_wait_ms")
+                .or_insert(serde_json::Value::from(0));
+            let configuration = serde_json::Value::Object(fields).to_string();
             let mut host = FakeHost::new(NOW_MS, ROOT);
             let mut root = Root::new(ROOT);
             assert!(root.configure(&mut host, configuration.as_bytes()));
@@ -1040,6 +1103,15 @@ mod tests {
         fn delete(&mut self, id: u32) {
             self.host.gone.insert(id);
             self.requests.remove(&id);
+        }
+
+        /// The snapshot version the worker uses.
+        fn root_version(&self) -> String {
+            self.root
+                .worker
+                .as_ref()
+                .map(|w| w.borrow().version().to_owned())
+                .unwrap_or_default()
         }
 
         /// Takes what the host saw since the last call.
@@ -1788,6 +1860,247 @@ mod tests {
             vm.host.calls.first(),
             Some(Call::DispatchPoll { token: Some(_), .. })
         ));
+    }
+
+    // --- The snapshot long-poll -------------------------------------------------------
+
+    const LONG_POLL: &str = r#"{"snapshot_wait_ms": 25000}"#;
+
+    fn long_poll(if_none_match: &str, token: Option<u32>) -> Call {
+        Call::DispatchLongPoll {
+            path: "/v1/dataplane/snapshot?wait_ms=25000".to_owned(),
+            if_none_match: Some(format!("\"{if_none_match}\"")),
+            // The wait plus the callout timeout.
+            timeout_ms: 27_000,
+            token,
+        }
+    }
+
+    /// The polls among the calls since the last look (plain and long).
+    fn polls(vm: &mut Vm) -> Vec<Call> {
+        vm.calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::DispatchPoll { .. } | Call::DispatchLongPoll { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn the_long_poll_goes_out_with_the_first_snapshot_and_again_from_each_answer_and_no_tick_adds_a_poll(
+    ) {
+        let mut vm = Vm::configured(LONG_POLL);
+        vm.calls();
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        assert_eq!(polls(&mut vm), vec![long_poll("1", Some(FIRST))]);
+        // Ticks go on (logs, stats) but send no poll while the long-poll is held, even
+        // long past the callout timeout.
+        for now in [NOW_MS + 1000, NOW_MS + 5000, NOW_MS + 26_000] {
+            vm.tick(now);
+            assert_eq!(polls(&mut vm), vec![], "at {now}");
+        }
+        // A change: the answer comes early, with the new version, and the next
+        // long-poll (waiting on that version) goes out from the same callback.
+        vm.host.now_ms = NOW_MS + 26_500;
+        vm.answer(ROOT, FIRST, snapshot("2"));
+        assert_eq!(polls(&mut vm), vec![long_poll("2", Some(FIRST + 1))]);
+        assert_eq!(vm.root_version(), "2");
+        // Nothing changed for the whole wait: 304, and the next one at once.
+        vm.host.now_ms = NOW_MS + 51_500;
+        vm.answer(ROOT, FIRST + 1, control_plane(304, ""));
+        assert_eq!(polls(&mut vm), vec![long_poll("2", Some(FIRST + 2))]);
+        assert!(vm.host.logs.is_empty(), "{:?}", vm.host.logs);
+    }
+
+    #[test]
+    fn a_new_version_from_the_long_poll_drops_the_cached_credentials_at_once() {
+        let mut vm = Vm::configured(LONG_POLL);
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        vm.calls();
+        // A fetch (token FIRST + 1) fills the cache.
+        assert_eq!(vm.request(2, "/a"), Flow::Pause);
+        vm.answer(2, FIRST + 1, credentials("sk_1"));
+        vm.finish(2, Some(200));
+        assert_eq!(vm.request(3, "/b"), Flow::Continue, "served from the cache");
+        vm.finish(3, Some(200));
+        vm.calls();
+        vm.answer(ROOT, FIRST, snapshot("2"));
+        assert_eq!(vm.request(4, "/c"), Flow::Pause, "the cache was dropped");
+        assert!(vm
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::DispatchCredentials { from: 4, .. })));
+    }
+
+    #[test]
+    fn a_failed_long_poll_falls_back_to_the_periodic_poll_whose_success_brings_it_back() {
+        // (behaviour, answer to the long-poll, log line)
+        let cases = [
+            (
+                "Envoy's 503 (socket down)",
+                envoy_503(),
+                "no answer from the control plane (Envoy replied 503)",
+            ),
+            (
+                "Envoy's timeout: no headers",
+                CallResponse::default(),
+                "no status in the answer",
+            ),
+            (
+                "the control plane's 500",
+                control_plane(500, ""),
+                "the control plane answered 500",
+            ),
+            (
+                "a 400 (a wait it refuses)",
+                control_plane(400, "{}"),
+                "the control plane answered 400",
+            ),
+        ];
+        for (behaviour, answer, reason) in cases {
+            let mut vm = Vm::configured(r#"{"snapshot_wait_ms": 25000, "snapshot_poll_ms": 1000}"#);
+            vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+            vm.calls();
+            vm.host.now_ms = NOW_MS + 300;
+            vm.answer(ROOT, FIRST, answer);
+            assert!(
+                vm.host
+                    .logs
+                    .iter()
+                    .any(|(_, line)| line.contains(reason) && line.contains("long-poll")),
+                "{behaviour}: {:?}",
+                vm.host.logs
+            );
+            assert_eq!(polls(&mut vm), vec![], "{behaviour}: no long-poll at once");
+            vm.answer(ROOT, FIRST, snapshot("1"));
+            assert_eq!(
+                polls(&mut vm),
+                vec![],
+                "{behaviour}: a late answer is stale"
+            );
+            vm.tick(NOW_MS + 1000);
+            assert_eq!(
+                polls(&mut vm),
+                vec![Call::DispatchPoll {
+                    if_none_match: Some("\"1\"".to_owned()),
+                    token: Some(FIRST + 1)
+                }],
+                "{behaviour}: the periodic poll"
+            );
+            vm.tick(NOW_MS + 1500);
+            assert_eq!(polls(&mut vm), vec![], "{behaviour}: one poll at a time");
+            vm.host.now_ms = NOW_MS + 1600;
+            vm.answer(ROOT, FIRST + 1, control_plane(304, ""));
+            assert_eq!(
+                polls(&mut vm),
+                vec![long_poll("1", Some(FIRST + 2))],
+                "{behaviour}: back to the long-poll"
+            );
+        }
+        // The failure is logged once, loudly, saying what happens next.
+        let mut vm = Vm::configured(LONG_POLL);
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        vm.calls();
+        vm.answer(ROOT, FIRST, envoy_503());
+        assert_eq!(
+            vm.host.logs,
+            vec![(
+                LogLevel::Warn,
+                "snapshot poll failed: no answer from the control plane (Envoy replied 503) \
+                 (to the long-poll; polling every 1000 ms until a poll succeeds); keeping \
+                 the last good rules"
+                    .to_owned()
+            )]
+        );
+        assert_eq!(vm.host.stats, strings(&["long-poll answered unusable"]));
+    }
+
+    #[test]
+    fn an_early_answer_without_news_does_not_send_the_next_long_poll_at_once() {
+        // A control plane that does not hold long-polls (or is stopping) answers 304
+        // at once: sending the next one from that answer would spin.
+        for early in [control_plane(304, ""), snapshot("1")] {
+            let mut vm = Vm::configured(LONG_POLL);
+            vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+            vm.calls();
+            vm.host.now_ms = NOW_MS + 5;
+            vm.answer(ROOT, FIRST, early);
+            assert_eq!(polls(&mut vm), vec![]);
+            assert!(vm.host.logs.is_empty(), "not a failure: {:?}", vm.host.logs);
+            vm.tick(NOW_MS + 1000);
+            assert!(matches!(
+                polls(&mut vm).as_slice(),
+                [Call::DispatchPoll { token: Some(_), .. }]
+            ));
+        }
+    }
+
+    #[test]
+    fn a_long_poll_the_host_refuses_falls_back_to_the_periodic_poll() {
+        let mut vm = Vm::configured(LONG_POLL);
+        vm.calls();
+        vm.host.refuse_callouts = Some("BadArgument");
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        assert!(vm.host.stats.contains(&"long-poll not sent".to_owned()));
+        assert_eq!(
+            vm.host.logs.last(),
+            Some(&(
+                LogLevel::Debug,
+                "cannot send the snapshot long-poll through cluster \"agent_vault_control_plane\" \
+                 (BadArgument); polling every 1000 ms"
+                    .to_owned()
+            ))
+        );
+        assert_eq!(polls(&mut vm), vec![long_poll("1", None)]);
+        vm.host.refuse_callouts = None;
+        vm.tick(NOW_MS + 1000);
+        assert!(matches!(
+            polls(&mut vm).as_slice(),
+            [Call::DispatchPoll { token: Some(_), .. }]
+        ));
+    }
+
+    #[test]
+    fn an_unanswered_long_poll_frees_its_slot_after_the_wait_and_the_callout_timeout() {
+        let mut vm = Vm::configured(LONG_POLL);
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        vm.calls();
+        vm.tick(NOW_MS + 27_000 + GRACE_MS);
+        assert_eq!(polls(&mut vm), vec![]);
+        vm.tick(NOW_MS + 27_000 + GRACE_MS + 1);
+        assert!(matches!(
+            polls(&mut vm).as_slice(),
+            [Call::DispatchPoll { token: Some(_), .. }]
+        ));
+    }
+
+    #[test]
+    fn a_wait_of_0_is_plain_polling() {
+        let mut vm = Vm::configured(r#"{"snapshot_wait_ms": 0}"#);
+        vm.calls();
+        vm.answer(ROOT, FakeHost::FIRST_TOKEN, snapshot("1"));
+        assert_eq!(polls(&mut vm), vec![]);
+        vm.tick(NOW_MS + 1000);
+        assert_eq!(
+            polls(&mut vm),
+            vec![Call::DispatchPoll {
+                if_none_match: Some("\"1\"".to_owned()),
+                token: Some(FIRST)
+            }]
+        );
+        vm.answer(ROOT, FIRST, control_plane(304, ""));
+        assert_eq!(polls(&mut vm), vec![]);
+    }
+
+    #[test]
+    fn the_default_configuration_long_polls() {
+        let mut host = FakeHost::new(NOW_MS, ROOT);
+        let mut root = Root::new(ROOT);
+        assert!(root.configure(&mut host, b""));
+        host.response = Some(snapshot("1"));
+        root.on_call_response(&mut host, FakeHost::FIRST_TOKEN, 1, 1);
+        assert!(host
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::DispatchLongPoll { token: Some(_), .. })));
     }
 
     fn connect_as(token: &str, authority: &str) -> Vec<(&'static str, String)> {

@@ -106,6 +106,17 @@ pub enum Stat<'a> {
     },
     /// This many occurrences of a secret were replaced in a response.
     Redacted(u64),
+    /// A snapshot long-poll was dispatched (`sent`) or refused. Long-polls are not
+    /// timed: they are held on purpose.
+    LongPollSent {
+        /// The host took it.
+        sent: bool,
+    },
+    /// A snapshot long-poll's answer arrived.
+    LongPollAnswered {
+        /// The control plane itself answered 200 or 304.
+        usable: bool,
+    },
 }
 
 /// The host calls the filter makes. `config` is passed where the call goes to the
@@ -160,6 +171,15 @@ pub trait Host: SharedStore {
         &mut self,
         config: &Config,
         headers: &[(&'static str, String)],
+    ) -> Result<u32, Refused>;
+
+    /// `GET`s the snapshot as a long-poll, with the poller's headers (its `:path`
+    /// carries the wait) and a callout timeout of `timeout_ms`.
+    fn dispatch_long_poll(
+        &mut self,
+        config: &Config,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
     ) -> Result<u32, Refused>;
 
     /// `POST`s a request-log batch, fire and forget.

@@ -16,7 +16,8 @@
 //! | `agent_vault.cache.hits`                      | counter   | requests injected from the worker's cache, no callout |
 //! | `agent_vault.cache.misses`                    | counter   | requests that had to wait for a credential fetch |
 //! | `agent_vault.control_plane.fetch_failures`    | counter   | credential fetches without a usable answer (not sent, Envoy's 503/504, timeout, bad body) |
-//! | `agent_vault.control_plane.poll_failures`     | counter   | snapshot polls without a usable answer |
+//! | `agent_vault.control_plane.poll_failures`     | counter   | snapshot polls and long-polls without a usable answer |
+//! | `agent_vault.control_plane.long_polls`        | counter   | snapshot long-polls answered 200 or 304 (not timed: they are held on purpose) |
 //! | `agent_vault.responses.redactions`            | counter   | occurrences of an injected credential replaced in responses (headers and bodies; [`crate::redact`]) |
 //! | `agent_vault.control_plane.fetch_us`          | histogram | credential fetch latency, microseconds |
 //! | `agent_vault.control_plane.poll_us`           | histogram | snapshot poll latency, microseconds |
@@ -68,10 +69,12 @@ pub enum Counter {
     TunnelOpaque,
     /// Occurrences of a secret replaced in responses.
     Redactions,
+    /// A snapshot long-poll answered 200 or 304.
+    LongPoll,
 }
 
 /// Number of counters.
-pub const COUNTERS: usize = 9 + ERROR_CODES.len();
+pub const COUNTERS: usize = 10 + ERROR_CODES.len();
 
 impl Counter {
     /// Every counter, in slot order.
@@ -87,6 +90,7 @@ impl Counter {
                 Counter::TunnelIntercepted,
                 Counter::TunnelOpaque,
                 Counter::Redactions,
+                Counter::LongPoll,
             ])
     }
 
@@ -103,6 +107,7 @@ impl Counter {
             Counter::TunnelIntercepted => 6 + ERROR_CODES.len(),
             Counter::TunnelOpaque => 7 + ERROR_CODES.len(),
             Counter::Redactions => 8 + ERROR_CODES.len(),
+            Counter::LongPoll => 9 + ERROR_CODES.len(),
         }
     }
 
@@ -119,6 +124,7 @@ impl Counter {
             Counter::TunnelIntercepted => format!("{PREFIX}.tunnels.intercepted"),
             Counter::TunnelOpaque => format!("{PREFIX}.tunnels.opaque"),
             Counter::Redactions => format!("{PREFIX}.responses.redactions"),
+            Counter::LongPoll => format!("{PREFIX}.control_plane.long_polls"),
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::rc::Rc;
 
 use agent_vault_rules::reply;
-use agent_vault_rules::{Snapshot, SNAPSHOT_PATH};
+use agent_vault_rules::{Snapshot, SNAPSHOT_PATH, SNAPSHOT_WAIT_PARAM};
 
 use crate::cache::{CredentialCache, Secret};
 use crate::config::Config;
@@ -53,6 +53,12 @@ pub enum PollOutcome {
 struct Poller {
     /// Token and start of the poll in flight.
     in_flight: Option<(u32, u64)>,
+    /// Whether the poll in flight is a long-poll (see [`Worker::long_poll_due`]).
+    long: bool,
+    /// Whether the last answer lets a long-poll go out at once: it was usable, and
+    /// not a long-poll answered early without news (a control plane that does not
+    /// hold them, or one that is stopping), which would make the next one a busy loop.
+    push: bool,
     /// When the last poll was dispatched.
     last_started_ms: Option<u64>,
     /// Consecutive polls without a usable answer (to log the first failure and the
@@ -175,13 +181,13 @@ impl Worker {
     pub fn poll_due(&mut self, now_ms: u64) -> Option<Vec<(&'static str, String)>> {
         if let Some((_, started)) = self.poller.in_flight {
             let limit = self
-                .config
-                .callout_timeout_ms
+                .in_flight_timeout_ms()
                 .saturating_add(crate::flight::GRACE_MS);
             if now_ms.saturating_sub(started) <= limit {
                 return None;
             }
             self.poller.in_flight = None;
+            self.poller.push = false;
         }
         let due = match (self.snapshot.is_some(), self.poller.last_started_ms) {
             (false, _) | (true, None) => true,
@@ -210,6 +216,64 @@ impl Worker {
     pub fn poll_dispatched(&mut self, token: Option<u32>, now_ms: u64) {
         self.poller.last_started_ms = Some(now_ms);
         self.poller.in_flight = token.map(|t| (t, now_ms));
+        self.poller.long = false;
+        self.poller.push = false;
+    }
+
+    /// The headers of a snapshot long-poll if one may go out now: `snapshot_wait_ms`
+    /// is not 0, a snapshot is loaded (its version is what the control plane waits to
+    /// change), nothing is in flight, and the last answer was usable and not an early
+    /// one without news. The driver asks right after each answer, so one long-poll is
+    /// always outstanding while the control plane answers them; after a failure the
+    /// periodic poll ([`Worker::poll_due`]) takes over until one succeeds.
+    pub fn long_poll_due(&self) -> Option<Vec<(&'static str, String)>> {
+        let wait_ms = self.config.snapshot_wait_ms;
+        if wait_ms == 0 || self.poller.in_flight.is_some() || !self.poller.push {
+            return None;
+        }
+        let snapshot = self.snapshot.as_ref()?;
+        Some(vec![
+            (":method", "GET".to_owned()),
+            (
+                ":path",
+                format!("{SNAPSHOT_PATH}?{SNAPSHOT_WAIT_PARAM}={wait_ms}"),
+            ),
+            (":authority", self.config.authority.clone()),
+            ("accept", "application/json".to_owned()),
+            ("if-none-match", format!("\"{}\"", snapshot.version)),
+        ])
+    }
+
+    /// The long-poll was dispatched with `token`; `None`: the host refused it, and the
+    /// periodic poll takes over.
+    pub fn long_poll_dispatched(&mut self, token: Option<u32>, now_ms: u64) {
+        self.poller.push = false;
+        self.poller.in_flight = token.map(|t| (t, now_ms));
+        self.poller.long = token.is_some();
+        if token.is_none() {
+            self.poller.failures = self.poller.failures.saturating_add(1);
+        }
+    }
+
+    /// Whether `token` is a long-poll in flight.
+    pub fn is_long_poll(&self, token: u32) -> bool {
+        self.poller.long && self.is_poll(token)
+    }
+
+    /// The timeout of a long-poll callout: the wait plus `callout_timeout_ms` for the
+    /// answer (a snapshot build) to arrive.
+    pub fn long_poll_timeout_ms(&self) -> u64 {
+        self.config
+            .snapshot_wait_ms
+            .saturating_add(self.config.callout_timeout_ms)
+    }
+
+    fn in_flight_timeout_ms(&self) -> u64 {
+        if self.poller.long {
+            self.long_poll_timeout_ms()
+        } else {
+            self.config.callout_timeout_ms
+        }
     }
 
     /// Whether `token` is the snapshot poll in flight.
@@ -222,18 +286,20 @@ impl Worker {
         self.poller.failures
     }
 
-    /// Handles the answer to the poll `token`.
+    /// Handles the answer to the poll `token`, arrived at `now_ms`.
     pub fn on_poll_answer(
         &mut self,
         token: u32,
         status: Option<u16>,
         from_control_plane: bool,
         body: Vec<u8>,
+        now_ms: u64,
     ) -> PollOutcome {
         if !self.is_poll(token) {
             return PollOutcome::Stale;
         }
-        self.poller.in_flight = None;
+        let started = self.poller.in_flight.take().map_or(now_ms, |(_, at)| at);
+        let long = std::mem::take(&mut self.poller.long);
         let outcome = match (from_control_plane, status) {
             (true, Some(304)) => PollOutcome::NotModified,
             (true, Some(200)) => match serde_json::from_slice::<Snapshot>(&body) {
@@ -260,6 +326,14 @@ impl Worker {
             PollOutcome::Loaded { .. } | PollOutcome::NotModified => self.poller.failures = 0,
             _ => self.poller.failures = self.poller.failures.saturating_add(1),
         }
+        let news = matches!(outcome, PollOutcome::Loaded { changed: true, .. });
+        let usable = matches!(
+            outcome,
+            PollOutcome::Loaded { .. } | PollOutcome::NotModified
+        );
+        // A held long-poll answers without news only once its wait is (nearly) over.
+        let early = now_ms.saturating_sub(started) < self.config.snapshot_wait_ms / 2;
+        self.poller.push = usable && !(long && early && !news);
         outcome
     }
 
@@ -442,7 +516,7 @@ pub(crate) mod tests {
             panic!("poll due at {now}");
         };
         worker.poll_dispatched(Some(token), now);
-        worker.on_poll_answer(token, Some(status), cp, body)
+        worker.on_poll_answer(token, Some(status), cp, body, now)
     }
 
     #[test]
@@ -466,11 +540,11 @@ pub(crate) mod tests {
         assert!(freed.is_some(), "an unanswered poll frees its slot");
         worker.poll_dispatched(Some(2), 3001);
         assert_eq!(
-            worker.on_poll_answer(1, Some(200), true, body("1")),
+            worker.on_poll_answer(1, Some(200), true, body("1"), 3001),
             PollOutcome::Stale
         );
         assert!(matches!(
-            worker.on_poll_answer(2, Some(200), true, body("1")),
+            worker.on_poll_answer(2, Some(200), true, body("1"), 3001),
             PollOutcome::Loaded {
                 first: true,
                 changed: true,
@@ -484,6 +558,54 @@ pub(crate) mod tests {
         );
         let next = worker.poll_due(4001).unwrap_or_default();
         assert_eq!(header(&next, "if-none-match"), Some("\"1\""));
+    }
+
+    #[test]
+    fn the_long_poll_is_due_only_after_a_usable_answer_with_nothing_in_flight() {
+        let long = || Config {
+            snapshot_wait_ms: 25_000,
+            ..config()
+        };
+        let mut worker = Worker::new(long(), 0);
+        assert!(
+            worker.long_poll_due().is_none(),
+            "no snapshot, no version to wait on"
+        );
+        poll(&mut worker, 0, 1, 200, true, &body("1"));
+        let headers = worker.long_poll_due().unwrap_or_default();
+        assert_eq!(
+            header(&headers, ":path"),
+            Some("/v1/dataplane/snapshot?wait_ms=25000")
+        );
+        assert_eq!(header(&headers, "if-none-match"), Some("\"1\""));
+        assert_eq!(worker.long_poll_timeout_ms(), 27_000);
+        worker.long_poll_dispatched(Some(2), 10);
+        assert!(worker.is_long_poll(2));
+        assert!(worker.long_poll_due().is_none(), "one in flight at a time");
+        assert!(worker.poll_due(20_000).is_none(), "no plain poll beside it");
+        // Held for the whole wait, then 304: the next one may go.
+        assert_eq!(
+            worker.on_poll_answer(2, Some(304), true, vec![], 25_010),
+            PollOutcome::NotModified
+        );
+        assert!(worker.long_poll_due().is_some());
+        // A failure: not until a poll succeeds again.
+        worker.long_poll_dispatched(Some(3), 25_010);
+        worker.on_poll_answer(3, Some(503), false, vec![], 25_020);
+        assert!(worker.long_poll_due().is_none());
+        assert_eq!(worker.poll_failures(), 1);
+        assert!(poll(&mut worker, 25_020, 4, 304, true, &[]) == PollOutcome::NotModified);
+        assert!(worker.long_poll_due().is_some());
+        // Off: never.
+        let mut off = Worker::new(
+            Config {
+                snapshot_wait_ms: 0,
+                ..config()
+            },
+            0,
+        );
+        poll(&mut off, 0, 1, 200, true, &body("1"));
+        assert!(off.long_poll_due().is_none());
     }
 
     #[test]

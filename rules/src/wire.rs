@@ -26,6 +26,13 @@ pub const CONTROL_PLANE_HEADER: &str = "x-agent-vault-control-plane";
 /// The `type` values of [`crate::Auth`], for the 403 `proposal_hint`.
 pub const SUPPORTED_AUTH_TYPES: [&str; 5] = ["bearer", "basic", "api-key", "custom", "passthrough"];
 
+/// The query parameter of a snapshot long-poll: `GET /v1/dataplane/snapshot?wait_ms=N`
+/// with `If-None-Match` equal to the current version is held until the version changes
+/// (200) or `N` ms pass (304). Without it (or with 0) the answer is immediate.
+pub const SNAPSHOT_WAIT_PARAM: &str = "wait_ms";
+/// The longest wait a snapshot long-poll may ask for; a longer one is refused (400).
+pub const MAX_SNAPSHOT_WAIT_MS: u64 = 60_000;
+
 /// Everything the filter needs to authenticate agents and match services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -255,6 +262,13 @@ pub struct DataplaneCounts {
     pub last_build_us: u64,
     /// Size of the last snapshot built, in bytes.
     pub last_snapshot_bytes: u64,
+    /// Snapshot requests that asked to wait ([`SNAPSHOT_WAIT_PARAM`]); their answers
+    /// count in `snapshot_full` / `snapshot_not_modified` too.
+    #[serde(default)]
+    pub long_polls: u64,
+    /// Long-polls held right now (a gauge: one per filter worker, normally).
+    #[serde(default)]
+    pub long_polls_held: u64,
 }
 
 impl DataplaneCounts {
@@ -273,6 +287,8 @@ impl DataplaneCounts {
             snapshot_builds: self.snapshot_builds.saturating_sub(before.snapshot_builds),
             last_build_us: self.last_build_us,
             last_snapshot_bytes: self.last_snapshot_bytes,
+            long_polls: self.long_polls.saturating_sub(before.long_polls),
+            long_polls_held: self.long_polls_held,
         }
     }
 

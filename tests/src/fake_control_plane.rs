@@ -97,6 +97,9 @@ fn serve_fake(stream: UnixStream, state: &Mutex<FakeState>) -> std::io::Result<(
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader)? {
         let (method, path) = (request.method.as_str(), request.path.as_str());
+        // The filter's long-poll (`?wait_ms=N`) is answered at once, as a control
+        // plane that does not hold them would: the filter then polls periodically.
+        let path = path.split_once('?').map_or(path, |(path, _)| path);
         let (status, etag, payload) = match (method, path) {
             ("GET", "/v1/dataplane/snapshot") => {
                 let mut state = state.lock().unwrap();

@@ -6,6 +6,15 @@
 //! and public URL are not even in reach here (DESIGN.md §4: the management API is
 //! never on the socket).
 //!
+//! The snapshot route is also a long-poll (DESIGN.md §4): with `?wait_ms=N`
+//! ([`agent_vault_rules::SNAPSHOT_WAIT_PARAM`], at most
+//! [`agent_vault_rules::MAX_SNAPSHOT_WAIT_MS`]) and an `If-None-Match` equal to the
+//! current version, the request waits, asynchronously and without touching storage, on
+//! the store's version watch ([`Store::watch_version`]) until a published write changes
+//! the version (200 with the new snapshot) or the wait passes (304). Stopping the
+//! server answers every held request 304 at once ([`DataplaneState::close`]), so a
+//! shutdown never waits for them.
+//!
 //! Two more routes serve operators and the benchmark (`./dev bench`), still only on
 //! the socket:
 //! - `GET /v1/dataplane/stats`: [`DataplaneStats`], requests counted by route and the
@@ -19,11 +28,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use agent_vault_rules::{
-    CredentialsRequest, LogRecord, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH, SNAPSHOT_PATH,
+    CredentialsRequest, LogRecord, CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH,
+    MAX_SNAPSHOT_WAIT_MS, SNAPSHOT_PATH, SNAPSHOT_WAIT_PARAM,
 };
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -48,6 +60,8 @@ pub struct DataplaneState {
     pub request_log: Arc<RequestLog>,
     /// Also read by `/metrics` on the TCP listener.
     pub stats: Arc<DataplaneStats>,
+    /// Set once the server stops: held long-polls answer at once.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl DataplaneState {
@@ -58,7 +72,14 @@ impl DataplaneState {
             store,
             snapshots: Arc::default(),
             stats: Arc::default(),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// The server is stopping: every held long-poll answers now (304 unless the
+    /// version changed), and new ones do not wait.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 }
 
@@ -75,6 +96,8 @@ pub struct DataplaneStats {
     snapshot_builds: AtomicU64,
     last_build_us: AtomicU64,
     last_snapshot_bytes: AtomicU64,
+    long_polls: AtomicU64,
+    long_polls_held: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -95,6 +118,8 @@ impl DataplaneStats {
             snapshot_builds: read(&self.snapshot_builds),
             last_build_us: read(&self.last_build_us),
             last_snapshot_bytes: read(&self.last_snapshot_bytes),
+            long_polls: read(&self.long_polls),
+            long_polls_held: read(&self.long_polls_held),
         }
     }
 
@@ -134,18 +159,100 @@ fn etag(version: u64) -> String {
     format!("\"{version}\"")
 }
 
-async fn snapshot(State(state): State<DataplaneState>, headers: HeaderMap) -> Result<Response> {
-    let store = state.store.clone();
-    let current = store.snapshot_version()?;
+/// How long a snapshot request may wait: `wait_ms=N` in the query, 0 when absent.
+fn requested_wait(query: Option<&str>) -> Result<Duration> {
+    let mut wait = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name != SNAPSHOT_WAIT_PARAM {
+            return Err(Error::bad_request(
+                "invalid_request",
+                format!(
+                    "unknown query parameter {name:?} on the snapshot route (only \"{SNAPSHOT_WAIT_PARAM}\")"
+                ),
+            ));
+        }
+        if wait.is_some() {
+            return Err(Error::bad_request(
+                "invalid_request",
+                format!("\"{SNAPSHOT_WAIT_PARAM}\" is given more than once"),
+            ));
+        }
+        let ms = Some(value)
+            .filter(|v| !v.is_empty() && v.len() <= 6 && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms <= MAX_SNAPSHOT_WAIT_MS)
+            .ok_or_else(|| {
+                Error::bad_request(
+                    "invalid_request",
+                    format!(
+                        "\"{SNAPSHOT_WAIT_PARAM}\" must be a whole number of milliseconds from 0 to {MAX_SNAPSHOT_WAIT_MS}, not {value:?}"
+                    ),
+                )
+            })?;
+        wait = Some(ms);
+    }
+    Ok(Duration::from_millis(wait.unwrap_or(0)))
+}
+
+/// Counts a held long-poll while it lives (a request whose client went away is
+/// dropped, and so is this).
+struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a AtomicU64) -> Held<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Held(gauge)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn snapshot(
+    State(state): State<DataplaneState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let wait = requested_wait(query.as_deref())?;
+    // The version as last committed, from memory: a 304 costs no storage read.
+    let mut versions = state.store.watch_version();
+    let mut current = *versions.borrow_and_update();
     let known = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    if known == Some(etag(current).as_str()) {
+        .map(str::trim)
+        .map(str::to_owned);
+    let unchanged = |version: u64| known.as_deref() == Some(etag(version).as_str());
+    if !wait.is_zero() {
+        bump(&state.stats.long_polls, 1);
+        if unchanged(current) {
+            let _held = Held::new(&state.stats.long_polls_held);
+            let mut closing = state.closing.subscribe();
+            tokio::select! {
+                changed = versions.wait_for(|v| *v != current) => {
+                    if let Ok(version) = changed {
+                        current = *version;
+                    }
+                }
+                () = tokio::time::sleep(wait) => {}
+                _ = closing.wait_for(|closing| *closing) => {}
+            }
+        }
+    }
+    if unchanged(current) {
         bump(&state.stats.snapshot_not_modified, 1);
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(current))]).into_response());
     }
     bump(&state.stats.snapshot_full, 1);
+    let store = state.store.clone();
     let (version, bytes) = blocking(move || {
         state
             .snapshots
@@ -316,5 +423,188 @@ pub(crate) mod tests {
             (1, 1, 1, 1)
         );
         assert_eq!(counts.last_snapshot_bytes, body.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod long_poll_tests {
+    use super::tests::{seeded, send};
+    use super::*;
+    use crate::testing::owner;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::time::Instant;
+
+    fn poll(query: &str, etag: Option<&str>) -> Request<Body> {
+        let mut request = Request::get(format!("{SNAPSHOT_PATH}{query}"));
+        if let Some(etag) = etag {
+            request = request.header(header::IF_NONE_MATCH, etag);
+        }
+        request.body(Body::empty()).unwrap()
+    }
+
+    /// The snapshot's current ETag, from a plain request.
+    async fn current_etag(state: &DataplaneState) -> String {
+        let (status, headers, _) = send(state, poll("", None)).await;
+        assert_eq!(status, StatusCode::OK);
+        headers[header::ETAG].to_str().unwrap().to_string()
+    }
+
+    /// Spawns `request`; its answer and how long it took.
+    fn spawn(
+        state: &DataplaneState,
+        request: Request<Body>,
+    ) -> tokio::task::JoinHandle<(StatusCode, HeaderMap, Bytes, Duration)> {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (status, headers, body) = send(&state, request).await;
+            (status, headers, body, started.elapsed())
+        })
+    }
+
+    /// Waits until `n` long-polls are held (the spawned request got as far as waiting).
+    async fn until_held(state: &DataplaneState, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state.stats.counts().long_polls_held != n {
+            assert!(Instant::now() < deadline, "never {n} held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_poll_is_held_until_a_published_write_then_answers_the_new_snapshot() {
+        let (_dir, state, _) = seeded();
+        let etag = current_etag(&state).await;
+        let held = spawn(&state, poll("?wait_ms=20000", Some(&etag)));
+        until_held(&state, 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!held.is_finished(), "answered before anything changed");
+        state
+            .store
+            .set_credentials(
+                &owner(),
+                "default",
+                &crate::testing::secrets(&[("OTHER", "v2")]),
+            )
+            .unwrap();
+        let written = Instant::now();
+        let (status, headers, body, took) = held.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "the write did not wake the long-poll at once"
+        );
+        let new_etag = headers[header::ETAG].to_str().unwrap();
+        assert_ne!(new_etag, etag);
+        let snapshot: agent_vault_rules::Snapshot = serde_json::from_slice(&body).unwrap();
+        assert_eq!(format!("\"{}\"", snapshot.version), new_etag);
+        let counts = state.stats.counts();
+        assert_eq!((counts.long_polls, counts.long_polls_held), (1, 0));
+        assert_eq!(counts.snapshot_full, 2);
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_answers_304_once_the_wait_passes() {
+        let (_dir, state, _) = seeded();
+        let etag = current_etag(&state).await;
+        let (status, headers, body, took) = spawn(&state, poll("?wait_ms=300", Some(&etag)))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        assert_eq!(headers[header::ETAG].to_str().unwrap(), etag);
+        assert!(body.is_empty());
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let counts = state.stats.counts();
+        assert_eq!(
+            (
+                counts.long_polls,
+                counts.long_polls_held,
+                counts.snapshot_not_modified
+            ),
+            (1, 0, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_with_an_old_or_no_etag_answers_at_once() {
+        let (_dir, state, _) = seeded();
+        let etag = current_etag(&state).await;
+        for old in [Some("\"0\""), Some("garbage"), None] {
+            let (status, headers, _, took) =
+                spawn(&state, poll("?wait_ms=60000", old)).await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{old:?}");
+            assert_eq!(headers[header::ETAG].to_str().unwrap(), etag);
+            assert!(took < Duration::from_secs(5), "{old:?} waited {took:?}");
+        }
+        // wait_ms=0 is a plain poll: 304 at once.
+        let (status, _, _, took) = spawn(&state, poll("?wait_ms=0", Some(&etag)))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert_eq!(state.stats.counts().long_polls, 3, "0 is not a long-poll");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_wait_is_refused_400_with_the_reason() {
+        let (_dir, state, _) = seeded();
+        // (behaviour, query, text the message must contain)
+        #[rustfmt::skip]
+        let cases = [
+            ("not a number", "?wait_ms=abc", "\"wait_ms\" must be a whole number of milliseconds from 0 to 60000, not \"abc\""),
+            ("negative", "?wait_ms=-1", "not \"-1\""),
+            ("over the bound", "?wait_ms=60001", "not \"60001\""),
+            ("huge", "?wait_ms=99999999999999999999", "from 0 to 60000"),
+            ("empty", "?wait_ms=", "not \"\""),
+            ("no value", "?wait_ms", "not \"\""),
+            ("seconds", "?wait_ms=25s", "not \"25s\""),
+            ("twice", "?wait_ms=1&wait_ms=2", "\"wait_ms\" is given more than once"),
+            ("unknown parameter", "?wait=25", "unknown query parameter \"wait\""),
+        ];
+        for (behaviour, query, needle) in cases {
+            let (status, headers, body) = send(&state, poll(query, Some("\"1\""))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{behaviour}");
+            assert!(headers.contains_key(CONTROL_PLANE_HEADER), "{behaviour}");
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"], "invalid_request", "{behaviour}: {body}");
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(message.contains(needle), "{behaviour}: {message}");
+        }
+        assert_eq!(state.stats.counts().long_polls, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closing_answers_held_long_polls_at_once_and_new_ones_do_not_wait() {
+        let (_dir, state, _) = seeded();
+        let etag = current_etag(&state).await;
+        let held: Vec<_> = (0..3)
+            .map(|_| spawn(&state, poll("?wait_ms=60000", Some(&etag))))
+            .collect();
+        until_held(&state, 3).await;
+        state.close();
+        for request in held {
+            let (status, _, _, took) = request.await.unwrap();
+            assert_eq!(status, StatusCode::NOT_MODIFIED);
+            assert!(took < Duration::from_secs(10), "{took:?}");
+        }
+        assert_eq!(state.stats.counts().long_polls_held, 0);
+        let (status, _, _, took) = spawn(&state, poll("?wait_ms=60000", Some(&etag)))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_poll_whose_client_goes_away_is_no_longer_counted_as_held() {
+        let (_dir, state, _) = seeded();
+        let etag = current_etag(&state).await;
+        let held = spawn(&state, poll("?wait_ms=60000", Some(&etag)));
+        until_held(&state, 1).await;
+        held.abort();
+        until_held(&state, 0).await;
     }
 }

@@ -118,6 +118,23 @@ impl Host for ProxyWasmHost {
         .map_err(refused)
     }
 
+    fn dispatch_long_poll(
+        &mut self,
+        config: &Config,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u32, Refused> {
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        hostcalls::dispatch_http_call(
+            &config.cluster,
+            pairs,
+            None,
+            vec![],
+            Duration::from_millis(timeout_ms),
+        )
+        .map_err(refused)
+    }
+
     fn post_logs(&mut self, config: &Config, body: &[u8]) -> Result<(), Refused> {
         dispatch(config, "POST", LOGS_PATH, Some(body))
             .map(|_| ())
@@ -154,6 +171,8 @@ impl Host for ProxyWasmHost {
             Stat::CalloutAnswered { token, usable } => stats::callout_answered(token, usable),
             Stat::SnapshotLoaded { version } => stats::snapshot_loaded(version),
             Stat::Redacted(n) => stats::redacted(n),
+            Stat::LongPollSent { sent } => stats::long_poll_sent(sent),
+            Stat::LongPollAnswered { usable } => stats::long_poll_answered(usable),
         }
     }
 

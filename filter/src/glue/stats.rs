@@ -136,6 +136,24 @@ pub fn callout_answered(token: u32, usable: bool) {
     });
 }
 
+/// A snapshot long-poll was dispatched, or refused (a poll failure).
+pub fn long_poll_sent(sent: bool) {
+    if !sent {
+        with(|r| r.stats.count(Counter::PollFailure));
+    }
+}
+
+/// A snapshot long-poll's answer arrived: counted, or a poll failure.
+pub fn long_poll_answered(usable: bool) {
+    with(|r| {
+        r.stats.count(if usable {
+            Counter::LongPoll
+        } else {
+            Counter::PollFailure
+        })
+    });
+}
+
 /// A snapshot was installed.
 pub fn snapshot_loaded(version: &str) {
     with(|r| {

@@ -94,6 +94,17 @@ pub enum Call {
         /// The token given.
         token: Option<u32>,
     },
+    /// A snapshot long-poll (`token: None`: refused).
+    DispatchLongPoll {
+        /// Its `:path` (with the wait).
+        path: String,
+        /// The `if-none-match` header.
+        if_none_match: Option<String>,
+        /// The callout timeout asked for.
+        timeout_ms: u64,
+        /// The token given.
+        token: Option<u32>,
+    },
     /// A request-log batch was posted (or refused: `sent` false).
     PostLogs {
         /// Its records, each as `method path status [error]`.
@@ -313,6 +324,12 @@ fn describe(event: Stat<'_>) -> String {
         }
         Stat::SnapshotLoaded { version } => format!("snapshot {version}"),
         Stat::Redacted(n) => format!("redacted {n}"),
+        Stat::LongPollSent { sent: true } => "long-poll sent".to_owned(),
+        Stat::LongPollSent { sent: false } => "long-poll not sent".to_owned(),
+        Stat::LongPollAnswered { usable } => {
+            let usable = if usable { "usable" } else { "unusable" };
+            format!("long-poll answered {usable}")
+        }
     }
 }
 
@@ -426,6 +443,28 @@ impl Host for FakeHost {
                 .iter()
                 .find(|(name, _)| *name == "if-none-match")
                 .map(|(_, value)| value.clone()),
+            token: result.as_ref().ok().copied(),
+        });
+        result
+    }
+
+    fn dispatch_long_poll(
+        &mut self,
+        _config: &Config,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u32, Refused> {
+        let result = self.dispatch();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, value)| value.clone())
+        };
+        self.calls.push(Call::DispatchLongPoll {
+            path: header(":path").unwrap_or_default(),
+            if_none_match: header("if-none-match"),
+            timeout_ms,
             token: result.as_ref().ok().copied(),
         });
         result

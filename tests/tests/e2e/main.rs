@@ -10,6 +10,7 @@ mod deployment;
 mod envoy_configs;
 mod https_ca;
 mod https_proxy;
+mod long_poll;
 mod methods;
 mod proposals;
 mod proxy;

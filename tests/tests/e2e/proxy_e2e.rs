@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use agent_vault_testkit::control_plane::ServerOptions;
 use agent_vault_testkit::envoy::EnvoyOptions;
 use agent_vault_testkit::http::{proxy_basic, raw_request};
-use agent_vault_testkit::stack::{eventually, Stack};
+use agent_vault_testkit::stack::{eventually, on_every_worker, Stack};
 use agent_vault_testkit::upstream::{Echo, TestCa};
 
 /// Long enough for the filter's first snapshot poll (on start, then every 1 s).
@@ -168,9 +168,11 @@ fn a_connect_the_filter_refuses_gets_a_clear_json_error_and_reaches_no_upstream(
                "auth": {"type": "bearer", "token": "KEY"}}),
     );
     let token = stack.create_agent("connect-agent", &["default"]);
-    eventually(
+    // Every worker, not just one: the CONNECTs below may land on either.
+    on_every_worker(
         &stack.envoy,
         FIRST_SNAPSHOT,
+        4,
         || stack.get_as(&token, "default", &echo.url("/ready"), &[]),
         |r| r.status == 200,
     );
