@@ -40,7 +40,10 @@ pub enum Store<'a> {
     Sled,
     /// A PostgreSQL database (URL). `key_from`: the data dir of a control plane already
     /// on that database, whose key file this one needs to unwrap the same data key.
-    Postgres { url: &'a str, key_from: Option<&'a Path> },
+    Postgres {
+        url: &'a str,
+        key_from: Option<&'a Path>,
+    },
 }
 
 impl ControlPlane {

@@ -943,11 +943,28 @@ fn postgres_table(results: &Results) -> Option<String> {
         }
     };
     runs("credential fetch", &mut table, &sled.fetch, &pg.fetch);
-    runs("snapshot poll, 304", &mut table, &sled.not_modified, &pg.not_modified);
+    runs(
+        "snapshot poll, 304",
+        &mut table,
+        &sled.not_modified,
+        &pg.not_modified,
+    );
     for (what, a, b) in [
-        ("snapshot build, server-side (median of 7), ms", sled.build_ms, pg.build_ms),
-        ("first GET after a change, ms", sled.cold_get_ms, pg.cold_get_ms),
-        ("GET of the cached snapshot, ms", sled.warm_get_ms, pg.warm_get_ms),
+        (
+            "snapshot build, server-side (median of 7), ms",
+            sled.build_ms,
+            pg.build_ms,
+        ),
+        (
+            "first GET after a change, ms",
+            sled.cold_get_ms,
+            pg.cold_get_ms,
+        ),
+        (
+            "GET of the cached snapshot, ms",
+            sled.warm_get_ms,
+            pg.warm_get_ms,
+        ),
         ("seeding through the API, s", sled.seed_secs, pg.seed_secs),
     ] {
         let _ = writeln!(table, "| {what} | {} | {} |", num(a, 2), num(b, 2));

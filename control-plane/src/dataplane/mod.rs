@@ -274,10 +274,17 @@ async fn credentials(
     JsonBody(request): JsonBody<CredentialsRequest>,
 ) -> Result<Response> {
     bump(&state.stats.credentials, 1);
-    // Inline on the async worker, not on the blocking pool: a handful of in-memory
-    // sled reads and one AES-GCM open take microseconds, while a hop to a blocking
-    // thread and back adds tens of them to every fetch (`./dev bench`, variant f).
-    let bytes = credentials_body(&state.store, &request)?;
+    // On sled, inline on the async worker, not on the blocking pool: a handful of
+    // in-memory sled reads and one AES-GCM open take microseconds, while a hop to a
+    // blocking thread and back adds tens of them to every fetch (`./dev bench`,
+    // variant f). On PostgreSQL each read is a round trip to the database: those wait
+    // on the blocking pool, never on an async worker.
+    let bytes = if state.store.is_shared() {
+        let store = state.store.clone();
+        blocking(move || credentials_body(&store, &request)).await?
+    } else {
+        credentials_body(&state.store, &request)?
+    };
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
