@@ -983,39 +983,4 @@ pub(crate) fn vault_prefix(vault_id: &str) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::SystemClock;
-    use std::sync::Arc;
-
-    #[test]
-    fn a_store_with_a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::testing::open_store(dir.path(), None, Arc::new(SystemClock), false).unwrap();
-        store
-            .write(|tx| {
-                tx.meta
-                    .insert(META_SCHEMA, (SCHEMA_VERSION + 1).to_be_bytes())
-            })
-            .unwrap();
-        drop(store);
-        let err = crate::testing::reopen(dir.path())
-            .err()
-            .expect("newer schema refused");
-        assert!(matches!(err, OpenError::NewerSchema { .. }), "{err}");
-        assert!(err.to_string().contains("upgrade agent-vault"));
-    }
-
-    #[test]
-    fn rule_writes_bump_the_snapshot_version_and_others_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::testing::open_store(dir.path(), None, Arc::new(SystemClock), false).unwrap();
-        let v0 = store.snapshot_version().unwrap();
-        store.write(|_| Ok(())).unwrap();
-        assert_eq!(store.snapshot_version().unwrap(), v0);
-        store.write_published(|_| Ok(())).unwrap();
-        assert_eq!(store.snapshot_version().unwrap(), v0 + 1);
-    }
-}
+mod tests;
