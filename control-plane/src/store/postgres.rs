@@ -23,12 +23,14 @@
 
 use std::future::Future;
 use std::ops::Bound;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::kv::{Bytes, TxError, TxResult};
 
@@ -37,6 +39,9 @@ use crate::error::{Error, Result};
 
 /// The key-value table: one row per key of every tree.
 const TABLE: &str = "agent_vault_kv";
+/// A PEM file of the roots that check the database's certificate (`sslmode=require`)
+/// instead of the system's.
+pub(crate) const STORE_CA_ENV: &str = "AGENT_VAULT_STORE_CA";
 /// The notification channel of snapshot version changes.
 pub(crate) const CHANNEL: &str = "agent_vault_snapshot";
 /// How often the version row is read besides the notifications.
@@ -68,6 +73,10 @@ const MIGRATIONS: &[&str] = &["
 pub(crate) struct Postgres {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// With `sslmode=require`: TLS, the server's certificate checked. Otherwise none
+    /// (a Unix socket, or a network the operator trusts: libpq's `prefer` would take
+    /// any certificate, which is no protection).
+    tls: Option<MakeRustlsConnect>,
     /// The runtime the pool's connections (and the listener) run on; shut down in the
     /// background on drop, so a store may be dropped anywhere, async code included.
     runtime: Option<tokio::runtime::Runtime>,
@@ -82,9 +91,17 @@ impl Drop for Postgres {
     }
 }
 
-/// A database error as the caller sees it: the database is unreachable or refused.
-fn unavailable(error: impl std::fmt::Display) -> Error {
-    Error::StoreUnavailable(format!("the PostgreSQL store is unavailable: {error}"))
+/// A database error as the caller sees it: the database is unreachable or refused
+/// (with the causes, e.g. why a TLS handshake failed).
+fn unavailable(error: impl std::error::Error) -> Error {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Error::StoreUnavailable(format!("the PostgreSQL store is unavailable: {message}"))
 }
 
 fn is_conflict(error: &tokio_postgres::Error) -> bool {
@@ -109,13 +126,10 @@ impl Postgres {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("not a PostgreSQL connection URL: {e}"))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(
-                "sslmode=require is not supported: connect over a Unix socket, \
-                        loopback, or a TLS-terminating proxy on the node"
-                    .into(),
-            );
-        }
+        let tls = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Require => Some(tls_connector()?),
+            _ => None,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("agent-vault-postgres")
@@ -123,13 +137,13 @@ impl Postgres {
             .build()
             .map_err(|e| format!("cannot start the PostgreSQL runtime: {e}"))?;
         let handle = runtime.handle().clone();
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), manager_config),
+            None => Manager::from_config(config.clone(), NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -140,6 +154,7 @@ impl Postgres {
         let pg = Postgres {
             pool,
             config,
+            tls,
             runtime: Some(runtime),
             handle,
         };
@@ -370,8 +385,9 @@ impl Postgres {
                     std::thread::sleep(Duration::from_millis(jitter));
                 }
                 TxError::Conflict => {
-                    return Err(unavailable(
-                        "too many concurrent writes conflicted; try again",
+                    return Err(Error::StoreUnavailable(
+                        "too many concurrent writes conflicted in the PostgreSQL store; try again"
+                            .into(),
                     ))
                 }
                 TxError::Abort(e) | TxError::Storage(e) => return Err(e),
@@ -388,11 +404,13 @@ impl Postgres {
     ) {
         let weak = Arc::downgrade(self);
         let config = self.config.clone();
+        let tls = self.tls.clone();
         self.handle.spawn(async move {
             let changed = Arc::new(changed);
             let mut backoff = Duration::from_millis(50);
             loop {
-                match listen_once(&config, &weak, version_key, changed.clone()).await {
+                match listen_once(&config, tls.as_ref(), &weak, version_key, changed.clone()).await
+                {
                     Ok(()) => return,
                     Err(error) => {
                         // The next connection reads the version row first, so nothing
@@ -414,23 +432,31 @@ impl Postgres {
 /// connection failed.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
     backend: &std::sync::Weak<Postgres>,
     version_key: &'static [u8],
     changed: Arc<impl Fn(u64) + Send + Sync + 'static>,
 ) -> std::result::Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (notes, mut notified) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
-                    let _ = notes.send(note.payload().to_string());
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
+    let (client, driver) = match tls {
+        Some(tls) => {
+            let (client, connection) = config
+                .connect(tls.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            (
+                client,
+                tokio::spawn(forward_notifications(connection, notes)),
+            )
         }
-    });
+        None => {
+            let (client, connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+            (
+                client,
+                tokio::spawn(forward_notifications(connection, notes)),
+            )
+        }
+    };
     let result = async {
         client
             .batch_execute(&format!("LISTEN {CHANNEL}"))
@@ -473,6 +499,65 @@ async fn listen_once(
     .await;
     driver.abort();
     result
+}
+
+/// Drives a listening connection, sending each notification's payload on; ends when
+/// the connection does.
+async fn forward_notifications<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notes: tokio::sync::mpsc::UnboundedSender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
+                let _ = notes.send(note.payload().to_string());
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// The TLS of `sslmode=require`: the server's certificate must chain to a root of the
+/// system's store, or to one in the PEM file `AGENT_VAULT_STORE_CA` (a managed
+/// database's own CA), and name the host.
+fn tls_connector() -> std::result::Result<MakeRustlsConnect, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match std::env::var_os(STORE_CA_ENV) {
+        Some(path) => {
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(&path)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| format!("{STORE_CA_ENV}={}: {e}", Path::new(&path).display()))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{STORE_CA_ENV}={}: {e}", Path::new(&path).display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "sslmode=require, and no root certificate to check the server with: install the \
+             system's CA certificates or set {STORE_CA_ENV} to a PEM file"
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 async fn write_all(

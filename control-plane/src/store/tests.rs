@@ -256,14 +256,104 @@ mod shared {
         assert!(shown.contains("av:***@db.internal/av"), "{shown}");
     }
 
+    /// `sslmode=require` over TCP to a real server with TLS: the certificate is checked
+    /// against `AGENT_VAULT_STORE_CA` (connects), a server the roots do not vouch for is
+    /// refused, and roots that cannot be read are a clear error. One test, because the
+    /// roots are in the process's environment.
     #[test]
-    fn a_connection_url_that_needs_tls_is_refused_with_a_reason() {
+    fn sslmode_require_checks_the_servers_certificate() {
+        use std::io::Write;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let cluster = agent_vault_pgtest::Cluster::start();
+        cluster.create_database("tls");
+        // A CA and a leaf for localhost, the server's key readable by its user only.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let data = cluster.data_dir();
+        let server_user = std::fs::metadata(data).unwrap();
+        for (name, pem) in [
+            ("server.crt", leaf.pem()),
+            ("server.key", leaf_key.serialize_pem()),
+        ] {
+            let path = data.join(name);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap();
+            file.write_all(pem.as_bytes()).unwrap();
+            std::os::unix::fs::chown(&path, Some(server_user.uid()), Some(server_user.gid()))
+                .unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             listen_addresses = '127.0.0.1'\nport = {port}"
+        )
+        .unwrap();
+        drop(conf);
+        cluster.restart();
+
         let dir = tempfile::tempdir().unwrap();
-        let location =
-            StoreLocation::Postgres("postgres://u@127.0.0.1:1/db?sslmode=require".into());
-        let err = Store::open_at(&location, dir.path(), None, Arc::new(SystemClock), false)
-            .err()
-            .expect("refused");
-        assert!(err.to_string().contains("sslmode=require"), "{err}");
+        let open = |url: &str| {
+            Store::open_at(
+                &StoreLocation::Postgres(url.to_string()),
+                dir.path(),
+                None,
+                Arc::new(SystemClock),
+                false,
+            )
+        };
+        let url = format!("postgres://postgres@localhost:{port}/tls?sslmode=require");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::env::set_var(postgres::STORE_CA_ENV, &ca_file);
+        let store = open(&url).expect("TLS with the certificate checked");
+        store
+            .set_credentials(&owner(), "default", &secrets(&[("K", "over tls")]))
+            .unwrap();
+        assert_eq!(value(&store, "K").as_deref(), Some("over tls"));
+        drop(store);
+
+        // Roots that do not vouch for the server: refused, not connected anyway.
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&other_key)
+            .unwrap();
+        std::fs::write(&ca_file, other.pem()).unwrap();
+        let err = open(&url).err().expect("an unknown issuer is refused");
+        assert!(
+            err.to_string().to_lowercase().contains("certificate"),
+            "{err}"
+        );
+
+        std::env::set_var(postgres::STORE_CA_ENV, dir.path().join("missing.pem"));
+        let err = open(&url).err().expect("unreadable roots are refused");
+        std::env::remove_var(postgres::STORE_CA_ENV);
+        let message = err.to_string();
+        assert!(
+            message.contains("AGENT_VAULT_STORE_CA=") && message.contains("missing.pem"),
+            "{message}"
+        );
     }
 }
