@@ -3,7 +3,7 @@
 //!
 //! Records arrive in batches over the data-plane socket ([`crate::dataplane`]) and are
 //! read through the management API (`GET /v1/vaults/{vault}/logs`). Every record gets
-//! a sequence from sled's id generator (from 1, increasing across restarts), so a
+//! a sequence from the store's id generator (from 1, increasing across restarts), so a
 //! vault's records are in arrival order and a reader continues `after` the last
 //! sequence it saw. A batch's records of one vault are stored together, as one chunk
 //! in the `logs` tree: key `<vault id>\0<8-byte big-endian sequence of its first
@@ -23,12 +23,18 @@
 //! cheap refused requests. A page merges the two by sequence.
 //!
 //! Retention: at most `max_records` per vault and class, and nothing older than
-//! `max_age_days` (by the record's `ts`). Pruning happens on insert and stays cheap: a
-//! vault whose record count in a class (counted once, then tracked in memory) passes
-//! the limit loses that class's oldest records in the same write, whole chunks first
-//! (key order); and both trees are pruned every [`PRUNE_EVERY`] batches (the first
-//! batch after a start included), by age and count, which also drops the records of
-//! deleted vaults.
+//! `max_age_days` (by the record's `ts`). Pruning happens on insert and stays cheap: each
+//! vault's record count per class is stored beside the records (tree `log_counts`,
+//! counted from the records once for a store written before counts) and written with
+//! them; a vault that passes the limit loses that class's oldest records in the same
+//! write, whole chunks first (key order); and both trees are pruned every
+//! [`PRUNE_EVERY`] batches (the first batch after a start included), by age and count,
+//! which also drops the records of deleted vaults.
+//!
+//! Several control planes on one PostgreSQL store append to the same log: sequences
+//! are drawn and the chunks (and counts) written as one step under a lock of the
+//! database ([`Store::apply_with_ids`]), so chunks never interleave, counts stay exact,
+//! and a reader continuing `after` the last sequence it saw misses none committed later.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound::{Excluded, Included, Unbounded};
