@@ -670,7 +670,10 @@ impl Store {
                 Kek::File(key)
             }
         };
-        let record = serde_json::to_vec(&wrap_data_key(&self.data_key(), &new_kek))?;
+        // Not `data_key()`: its reload takes `kek`, which this holds.
+        let current_key = self.data_key.read().unwrap_or_else(|p| p.into_inner());
+        let record = serde_json::to_vec(&wrap_data_key(&current_key, &new_kek))?;
+        drop(current_key);
         let known = lock(&self.data_key_origin).record.clone();
         self.write(|tx| {
             refuse_if_changed_elsewhere(tx, &known)?;
