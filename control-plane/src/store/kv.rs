@@ -60,8 +60,12 @@ enum TreeBackend {
     Postgres(Arc<Postgres>),
 }
 
-/// Rows read per query while a PostgreSQL scan is iterated.
-const PAGE: i64 = 512;
+/// Rows read by a PostgreSQL scan's first query; each further query reads twice as
+/// many, up to [`MAX_PAGE`]. Most scans stop early (the oldest chunk of a vault's log,
+/// the newest page of it) and a row can be large (a chunk of the request log), so a
+/// scan must not fetch hundreds of rows to use one.
+const FIRST_PAGE: i64 = 4;
+const MAX_PAGE: i64 = 512;
 
 impl Tree {
     pub(crate) fn sled(name: &'static str, tree: sled::Tree) -> Tree {
@@ -170,6 +174,7 @@ impl Tree {
                 to,
                 reverse,
                 page: Vec::new().into_iter(),
+                size: FIRST_PAGE,
                 done: false,
             })),
         }
@@ -228,6 +233,8 @@ struct PgScan {
     to: Bound<Bytes>,
     reverse: bool,
     page: std::vec::IntoIter<(Bytes, Bytes)>,
+    /// Rows the next query reads.
+    size: i64,
     done: bool,
 }
 
@@ -241,9 +248,11 @@ impl Iterator for PgScan {
         if self.done {
             return None;
         }
+        let size = self.size;
+        self.size = (size * 2).min(MAX_PAGE);
         let rows = match self
             .pg
-            .page(self.tree, &self.from, &self.to, self.reverse, PAGE)
+            .page(self.tree, &self.from, &self.to, self.reverse, size)
         {
             Ok(rows) => rows,
             Err(e) => {
@@ -251,7 +260,7 @@ impl Iterator for PgScan {
                 return Some(Err(e));
             }
         };
-        if (rows.len() as i64) < PAGE {
+        if (rows.len() as i64) < size {
             self.done = true;
         }
         // The next page continues after the last key read.
