@@ -246,6 +246,20 @@ pub struct Memory {
     pub polling_vms: f64,
 }
 
+/// Propagation across two control planes on one PostgreSQL database.
+pub struct PgPropagation {
+    /// With nothing else going on.
+    pub idle: Vec<propagation::Event>,
+    /// Under load on both Envoys.
+    pub loaded: Vec<propagation::Event>,
+    /// Callouts of both Envoys to their control planes that timed out under load
+    /// (Envoy's `upstream_rq_timeout` of the control-plane cluster).
+    pub callout_timeouts: u64,
+    /// Request-log records and batches both control planes took in under load.
+    pub log_records: u64,
+    pub log_posts: u64,
+}
+
 pub struct Results {
     pub samples: Vec<Sample>,
     pub cp_small: CpAlone,
@@ -257,8 +271,8 @@ pub struct Results {
     /// The same on (p): the filter without its long-poll.
     pub propagation_polling: Vec<propagation::Event>,
     /// Two control planes on one PostgreSQL database, one Envoy each (the (e)
-    /// config); the changes go through the first.
-    pub propagation_postgres: Vec<propagation::Event>,
+    /// config); the changes go through the first (`None`: not run).
+    pub propagation_postgres: Option<PgPropagation>,
     /// First handshakes to new hosts on (j).
     pub handshakes: Option<https::Handshakes>,
     pub started: Instant,
@@ -763,7 +777,7 @@ fn run_in(
     let propagation_postgres = if args.pg_events > 0 && !args.skip_postgres {
         propagation_across_postgres(args, workdir, &secret, &static_credential)?
     } else {
-        Vec::new()
+        None
     };
 
     let features = if args.feature_rounds > 0 {
@@ -806,17 +820,18 @@ fn run_in(
 
 /// Propagation across two control planes P1 and P2 on one PostgreSQL database (a
 /// server of the bench's own), each with an Envoy of the (e) config: revocations
-/// through P1's API, timed until every worker of both Envoys refuses, under load on
-/// both (`wrk -c2` each: the one-node measurement's four connections, shared).
+/// through P1's API, timed until every worker of both Envoys refuses; first with
+/// nothing else going on, then under load on both (`wrk -c2` each: the one-node
+/// measurement's four connections, shared).
 fn propagation_across_postgres(
     args: &Args,
     workdir: &Path,
     secret: &str,
     static_credential: &str,
-) -> Result<Vec<propagation::Event>, String> {
+) -> Result<Option<PgPropagation>, String> {
     log(&format!(
-        "propagation across two control planes on PostgreSQL: {} revocations under load",
-        args.pg_events
+        "propagation across two control planes on PostgreSQL: {} revocations idle, {} under load",
+        args.pg_events, args.pg_events
     ));
     let upstream =
         Upstream::start(&format!("authorization: Bearer {secret}")).map_err(|e| e.to_string())?;
@@ -903,9 +918,27 @@ fn propagation_across_postgres(
         }
     }
     let prober = seeded.prober_token.clone().ok_or("no prober")?;
-    let budget = Duration::from_secs(args.pg_events as u64 * 6 + 30);
     let refs: Vec<&Envoy> = envoys.iter().collect();
-    let events = propagation::run(
+    // First with nothing else going on: what the path itself takes.
+    let idle = propagation::run(
+        &refs,
+        &p1,
+        upstream.port,
+        &prober,
+        "probe-pg-idle",
+        args.pg_events,
+        || Ok(Vec::new()),
+    )?;
+    // Then under load on both Envoys, counting what the load costs the control planes.
+    let budget = Duration::from_secs(args.pg_events as u64 * 6 + 30);
+    let timeouts = |envoys: &[Envoy]| -> u64 {
+        envoys
+            .iter()
+            .filter_map(|e| e.counter_sum("agent_vault_control_plane.upstream_rq_timeout"))
+            .sum()
+    };
+    let (timeouts_before, p1_before, p2_before) = (timeouts(&envoys), p1.counts(), p2.counts());
+    let loaded = propagation::run(
         &refs,
         &p1,
         upstream.port,
@@ -929,11 +962,19 @@ fn propagation_across_postgres(
                 .collect()
         },
     )?;
+    let (p1_took, p2_took) = (p1.counts().since(p1_before), p2.counts().since(p2_before));
+    let result = PgPropagation {
+        idle,
+        loaded,
+        callout_timeouts: timeouts(&envoys).saturating_sub(timeouts_before),
+        log_records: p1_took.log_records + p2_took.log_records,
+        log_posts: p1_took.logs + p2_took.logs,
+    };
     drop(envoys);
     drop(p2);
     drop(p1);
     drop(cluster);
-    Ok(events)
+    Ok(Some(result))
 }
 
 /// Credential fetches, the 304 path and snapshot builds against one control plane.
