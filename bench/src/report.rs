@@ -1110,33 +1110,59 @@ fn long_poll_cost(args: &Args, results: &Results) -> String {
     out
 }
 
+/// Rounds that must all fall on one side before the summary calls a difference real:
+/// by chance, all of 6 paired rounds agree 2 × 0.5⁶ ≈ 3 % of the time (a sign test).
+const ROUNDS_FOR_A_SIDE: usize = 6;
+
 /// What the (p)/(e) ratios say, in words computed from them: per connection count, the
-/// median ratio and whether every round agrees on a side.
+/// median ratio and whether every round falls on one side, and what that is worth.
 fn long_poll_summary(verdicts: &[(usize, f64, Vec<f64>)]) -> String {
+    let side_of = |ratios: &[f64]| -> Option<&'static str> {
+        if ratios.is_empty() {
+            None
+        } else if ratios.iter().all(|r| *r > 1.0) {
+            Some("(p)")
+        } else if ratios.iter().all(|r| *r < 1.0) {
+            Some("(e)")
+        } else {
+            None
+        }
+    };
     let parts: Vec<String> = verdicts
         .iter()
         .map(|(c, ratio, ratios)| {
-            let side = if ratios.is_empty() {
-                "not measured".to_string()
-            } else if ratios.iter().all(|r| *r > 1.0) {
-                "(p) faster in every round".to_string()
-            } else if ratios.iter().all(|r| *r < 1.0) {
-                "(e) faster in every round".to_string()
-            } else {
-                "the rounds disagree on which is faster".to_string()
+            let n = ratios.len();
+            let side = match side_of(ratios) {
+                _ if n == 0 => "not measured".to_string(),
+                Some(faster) => format!("{faster} faster in all {n} rounds"),
+                None => format!("the {n} rounds disagree on which is faster"),
             };
             format!("{}× at {c} conn ({side})", num(*ratio, 3))
         })
         .collect();
-    let consistent = verdicts.iter().any(|(_, _, r)| {
-        !r.is_empty() && (r.iter().all(|x| *x > 1.0) || r.iter().all(|x| *x < 1.0))
-    });
-    let reading = if consistent {
-        "where every round agrees, the difference is larger than this machine's round-to-round \
-         drift at that connection count; the CPU columns say where it goes"
+    let real: Vec<String> = verdicts
+        .iter()
+        .filter(|(_, _, r)| r.len() >= ROUNDS_FOR_A_SIDE && side_of(r).is_some())
+        .map(|(c, _, r)| format!("{} at {c} conn", side_of(r).unwrap_or_default()))
+        .collect();
+    let few = verdicts
+        .iter()
+        .any(|(_, _, r)| !r.is_empty() && r.len() < ROUNDS_FOR_A_SIDE);
+    let reading = if !real.is_empty() {
+        format!(
+            "a difference this run can tell from the drift between rounds ({} faster in every one \
+             of at least {ROUNDS_FOR_A_SIDE} rounds); the CPU columns say where it goes",
+            real.join(", ")
+        )
+    } else if few {
+        format!(
+            "fewer than {ROUNDS_FOR_A_SIDE} rounds cannot tell a difference of this size from the \
+             drift between rounds (rounds that all fall on one side may be chance)"
+        )
     } else {
         "no difference this run can tell from the drift between rounds: the long-poll costs \
          the hit path nothing measurable"
+            .to_string()
     };
     format!(
         "In this run (p)/(e) was {}: {reading}. The hit path runs the same code in both; what \
@@ -1355,26 +1381,29 @@ mod tests {
     }
 
     #[test]
-    fn the_long_poll_summary_says_which_side_every_round_agrees_on() {
-        let agree = long_poll_summary(&[(1, 1.05, vec![1.02, 1.08]), (16, 0.99, vec![0.98, 1.01])]);
+    fn the_long_poll_summary_calls_a_side_only_when_enough_rounds_agree() {
+        let six_up = vec![1.02, 1.08, 1.01, 1.03, 1.05, 1.04];
+        let mixed = vec![0.98, 1.01, 0.97, 1.02, 0.99, 1.0];
+        let agree = long_poll_summary(&[(1, 1.035, six_up), (16, 0.99, mixed.clone())]);
         assert!(
-            agree.contains("1.050× at 1 conn ((p) faster in every round)"),
+            agree.contains("1.035× at 1 conn ((p) faster in all 6 rounds)"),
             "{agree}"
         );
         assert!(
-            agree.contains("0.990× at 16 conn (the rounds disagree"),
+            agree.contains("0.990× at 16 conn (the 6 rounds disagree"),
             "{agree}"
         );
-        assert!(
-            agree.contains("larger than this machine's round-to-round drift"),
-            "{agree}"
-        );
-        let noise = long_poll_summary(&[(1, 1.0, vec![0.97, 1.03])]);
+        assert!(agree.contains("a difference this run can tell"), "{agree}");
+        assert!(agree.contains("((p) at 1 conn faster"), "{agree}");
+        let noise = long_poll_summary(&[(1, 1.0, mixed)]);
         assert!(
             noise.contains("costs the hit path nothing measurable"),
             "{noise}"
         );
-        let slower = long_poll_summary(&[(16, 0.9, vec![0.9, 0.91])]);
-        assert!(slower.contains("(e) faster in every round"), "{slower}");
+        // Two rounds on one side are not enough to call it.
+        let few = long_poll_summary(&[(16, 0.9, vec![0.9, 0.91])]);
+        assert!(few.contains("(e) faster in all 2 rounds"), "{few}");
+        assert!(few.contains("fewer than 6 rounds cannot tell"), "{few}");
+        assert!(!few.contains("a difference this run can tell"), "{few}");
     }
 }
