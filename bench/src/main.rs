@@ -87,9 +87,11 @@ const USAGE: &str =
                             off, (g) 10k x 1k, (h) HTTPS agents through the forward proxy
                             without the filter, (j) the same with it
     [--events N]            revocations timed for propagation, on (e) (50; 0: none)
-    [--poll-events N]       the same on (p), the filter without its long-poll, for comparison (20; 0: none)
+    [--poll-events N]       the same on (p), the filter without its long-poll, for comparison, when
+                            (p) is among the variants (20; 0: none)
     [--pg-events N]         the same across two control planes on one PostgreSQL database, one
-                            Envoy each, changes through the first (50; 0: none)
+                            Envoy each, changes through the first: N idle, then N under load
+                            (50; 0: none)
     [--handshakes N]        first handshakes to new host names, on (j) (200; 0: none)
     [--cp-duration SECS]    each run of the control plane alone (3)
     [--skip-cp-alone]
