@@ -50,19 +50,21 @@ pub enum Variant {
     /// change against the current build within one run.
     Candidate,
     /// (p) our filter, warm cache, with the snapshot long-poll off
-    /// (`snapshot_wait_ms: 0`, plain polling every second): only for the propagation
-    /// comparison, not in the load rounds.
+    /// (`snapshot_wait_ms: 0`, plain polling every second): in the load rounds beside
+    /// (e), for what the long-poll costs the hit path and memory, and for the
+    /// propagation comparison.
     FilterPolling,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 10] = [
+    pub const ALL: [Variant; 11] = [
         Variant::Plain,
         Variant::NoopWasm,
         Variant::NoopAddHeader,
         Variant::CredentialInjector,
         Variant::ExtAuthz,
         Variant::FilterWarm,
+        Variant::FilterPolling,
         Variant::FilterNoCache,
         Variant::FilterBig,
         Variant::HttpsPlain,

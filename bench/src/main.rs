@@ -8,13 +8,15 @@
 //! (`https`: CONNECT, then TLS inside the tunnel), at 1 and 16 connections, all
 //! alternating over rounds (each round starts at a different variant); medians are
 //! reported. Then the control plane alone, the 10k × 1k snapshot, Envoy's memory, the
-//! first handshakes to new hosts, and propagation of revocations under load. Prints
-//! one table and writes `BENCHMARKS.md`.
+//! first handshakes to new hosts, and propagation of revocations under load: on one
+//! node with and without the snapshot long-poll, and across two control planes on one
+//! PostgreSQL database (a server of the bench's own), one Envoy each. Prints one table
+//! and writes `BENCHMARKS.md`.
 //!
 //! ```text
 //! agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH
-//!     [--rounds 12] [--duration 2] [--events 50] [--handshakes 200] [--out BENCHMARKS.md]
-//!     [--command TEXT]
+//!     [--rounds 12] [--duration 2] [--events 50] [--pg-events 50] [--handshakes 200]
+//!     [--out BENCHMARKS.md] [--command TEXT]
 //! ```
 
 mod controlplane;
@@ -49,6 +51,8 @@ pub struct Args {
     pub events: usize,
     /// Revocations timed on (p), the filter with plain polling (0: none).
     pub poll_events: usize,
+    /// Revocations timed across two control planes on PostgreSQL (0: none).
+    pub pg_events: usize,
     /// New host names whose first handshake is timed (0: none).
     pub handshakes: usize,
     pub cp_duration: Duration,
@@ -60,7 +64,8 @@ pub struct Args {
     /// optimizing; the committed numbers come from a full run.
     pub variants: Vec<Variant>,
     pub skip_cp_alone: bool,
-    /// Skip the PostgreSQL measurements (the 10k × 1k control plane on a database).
+    /// Skip the PostgreSQL measurements (the 10k × 1k control plane on a database, and
+    /// propagation across two control planes on one).
     pub skip_postgres: bool,
     /// Keep the work directory (configs, Envoy logs) after a successful run.
     pub keep_workdir: bool,
@@ -75,17 +80,23 @@ const USAGE: &str =
     [--rounds N]            rounds of every variant at every connection count (12)
     [--duration SECS]       each measured run (2)
     [--connections 1,16]    connection counts
-    [--variants abcdefghij] only these variants (all by default); the committed numbers come
+    [--variants abcdefghijp] only these variants (all by default); the committed numbers come
                             from a full run: (a) no filter, (b) no-op wasm, (i) no-op wasm adding
                             the route header, (c) credential_injector, (d) ext_authz, (e) our
-                            filter warm, (f) cache off, (g) 10k x 1k, (h) HTTPS agents through
-                            the forward proxy without the filter, (j) the same with it
+                            filter warm, (p) the same without the snapshot long-poll, (f) cache
+                            off, (g) 10k x 1k, (h) HTTPS agents through the forward proxy
+                            without the filter, (j) the same with it
     [--events N]            revocations timed for propagation, on (e) (50; 0: none)
-    [--poll-events N]       the same on (p), the filter without its long-poll, for comparison (20; 0: none)
+    [--poll-events N]       the same on (p), the filter without its long-poll, for comparison, when
+                            (p) is among the variants (20; 0: none)
+    [--pg-events N]         the same across two control planes on one PostgreSQL database, one
+                            Envoy each, changes through the first: N idle, then N under load
+                            (50; 0: none)
     [--handshakes N]        first handshakes to new host names, on (j) (200; 0: none)
     [--cp-duration SECS]    each run of the control plane alone (3)
     [--skip-cp-alone]
-    [--skip-postgres]       no PostgreSQL measurements (the 10k x 1k control plane on a database)
+    [--skip-postgres]       no PostgreSQL measurements (the 10k x 1k control plane on a database,
+                            propagation across two control planes)
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
@@ -109,6 +120,7 @@ fn parse_args() -> Args {
         connections: vec![1, 16],
         events: 50,
         poll_events: 20,
+        pg_events: 50,
         handshakes: 200,
         cp_duration: Duration::from_secs(3),
         big_services: 10_000,
@@ -144,6 +156,7 @@ fn parse_args() -> Args {
             }
             "--events" => args.events = number(value()),
             "--poll-events" => args.poll_events = number(value()),
+            "--pg-events" => args.pg_events = number(value()),
             "--handshakes" => args.handshakes = number(value()),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -235,6 +248,20 @@ pub struct Memory {
     pub polling_vms: f64,
 }
 
+/// Propagation across two control planes on one PostgreSQL database.
+pub struct PgPropagation {
+    /// With nothing else going on.
+    pub idle: Vec<propagation::Event>,
+    /// Under load on both Envoys.
+    pub loaded: Vec<propagation::Event>,
+    /// Callouts of both Envoys to their control planes that timed out under load
+    /// (Envoy's `upstream_rq_timeout` of the control-plane cluster).
+    pub callout_timeouts: u64,
+    /// Request-log records and batches both control planes took in under load.
+    pub log_records: u64,
+    pub log_posts: u64,
+}
+
 pub struct Results {
     pub samples: Vec<Sample>,
     pub cp_small: CpAlone,
@@ -245,6 +272,9 @@ pub struct Results {
     pub propagation: Vec<propagation::Event>,
     /// The same on (p): the filter without its long-poll.
     pub propagation_polling: Vec<propagation::Event>,
+    /// Two control planes on one PostgreSQL database, one Envoy each (the (e)
+    /// config); the changes go through the first (`None`: not run).
+    pub propagation_postgres: Option<PgPropagation>,
     /// First handshakes to new hosts on (j).
     pub handshakes: Option<https::Handshakes>,
     pub started: Instant,
@@ -326,13 +356,17 @@ fn run_in(
     let up = |letter: &str| upstreams[letter].port;
     let mut checks = Vec::new();
 
-    // Control planes: one per variant that has one (d, e, f, x small; h, j small with
-    // the wildcard of the first handshakes; g big).
+    // Control planes: one per variant that has one (d, e, f, p, x small; h, j small
+    // with the wildcard of the first handshakes; g big).
     log("starting control planes and seeding (10 services × 10 agents; 10k × 1k)");
     let mut cps: BTreeMap<&'static str, ControlPlane> = BTreeMap::new();
     let mut seeded: BTreeMap<&'static str, seed::Seeded> = BTreeMap::new();
     let candidate = args.candidate_wasm.is_some().then_some("x");
-    for letter in ["d", "e", "f"].into_iter().chain(candidate) {
+    let polling = args
+        .variants
+        .contains(&Variant::FilterPolling)
+        .then_some("p");
+    for letter in ["d", "e", "f"].into_iter().chain(candidate).chain(polling) {
         let cp = ControlPlane::start(&args.agent_vault, workdir, &format!("cp-{letter}"))?;
         seeded.insert(letter, seed::small(&cp, up(letter), &secret)?);
         cps.insert(letter, cp);
@@ -684,9 +718,15 @@ fn run_in(
         let headers = headers_for(Variant::FilterWarm);
         let prober = seeded["e"].prober_token.clone().ok_or("no prober")?;
         let budget = Duration::from_secs(args.events as u64 * 6 + 30);
-        propagation =
-            propagation::run(e, &cps["e"], up("e"), &prober, "probe", args.events, || {
-                load::wrk_background(
+        propagation = propagation::run(
+            &[e],
+            &cps["e"],
+            up("e"),
+            &prober,
+            "probe",
+            args.events,
+            || {
+                let load = load::wrk_background(
                     &load::Target {
                         port: e.port,
                         path: "/bench",
@@ -694,54 +734,33 @@ fn run_in(
                     },
                     4,
                     budget,
-                )
-            })?;
+                )?;
+                Ok(vec![load])
+            },
+        )?;
     }
-    // The same with the long-poll off: (p), on (e)'s control plane and upstream,
-    // started now and stopped after.
+    // The same with the long-poll off: (p), on its own control plane and upstream.
     let mut propagation_polling = Vec::new();
-    if args.poll_events > 0 && args.variants.contains(&Variant::FilterWarm) {
+    if let (true, Some(p)) = (
+        args.poll_events > 0,
+        envoys.iter().find(|e| e.variant == Variant::FilterPolling),
+    ) {
         log(&format!(
             "propagation without the long-poll: {} revocations under load on (p)",
             args.poll_events
         ));
-        let cp = &cps["e"];
-        let inputs = Inputs {
-            upstream_port: up("e"),
-            filter_wasm: &args.filter_wasm,
-            noop_wasm: &args.noop_wasm,
-            candidate_wasm: None,
-            socket: &cp.socket,
-            sds_socket: &cp.sds_socket,
-            proxy_ca: &cp.proxy_ca,
-            dir: workdir,
-            static_credential: &static_credential,
-        };
-        let p = Envoy::start(&args.envoy, Variant::FilterPolling, &inputs)?;
-        let headers = headers_for(Variant::FilterWarm);
-        let pairs: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !http::tcp_once(p.port, "GET", "/bench", &pairs, None).is_ok_and(|r| r.status == 200)
-        {
-            if Instant::now() > deadline {
-                return Err("variant (p) never answered 200".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let prober = seeded["e"].prober_token.clone().ok_or("no prober")?;
+        let headers = headers_for(Variant::FilterPolling);
+        let prober = seeded["p"].prober_token.clone().ok_or("no prober")?;
         let budget = Duration::from_secs(args.poll_events as u64 * 6 + 30);
         propagation_polling = propagation::run(
-            &p,
-            cp,
-            up("e"),
+            &[p],
+            &cps["p"],
+            up("p"),
             &prober,
             "probe-polling",
             args.poll_events,
             || {
-                load::wrk_background(
+                let load = load::wrk_background(
                     &load::Target {
                         port: p.port,
                         path: "/bench",
@@ -749,10 +768,19 @@ fn run_in(
                     },
                     4,
                     budget,
-                )
+                )?;
+                Ok(vec![load])
             },
         )?;
     }
+
+    // Two control planes on one PostgreSQL database, one Envoy each (the (e) config,
+    // with the long-poll); the changes go through the first.
+    let propagation_postgres = if args.pg_events > 0 && !args.skip_postgres {
+        propagation_across_postgres(args, workdir, &secret, &static_credential)?
+    } else {
+        None
+    };
 
     let features = if args.feature_rounds > 0 {
         Some(features::run(
@@ -775,6 +803,7 @@ fn run_in(
         memory,
         propagation,
         propagation_polling,
+        propagation_postgres,
         handshakes,
         started,
         load_before,
@@ -789,6 +818,165 @@ fn run_in(
         log(&format!("wrote {}", out.display()));
     }
     Ok(())
+}
+
+/// Propagation across two control planes P1 and P2 on one PostgreSQL database (a
+/// server of the bench's own), each with an Envoy of the (e) config: revocations
+/// through P1's API, timed until every worker of both Envoys refuses; first with
+/// nothing else going on, then under load on both (`wrk -c2` each: the one-node
+/// measurement's four connections, shared).
+fn propagation_across_postgres(
+    args: &Args,
+    workdir: &Path,
+    secret: &str,
+    static_credential: &str,
+) -> Result<Option<PgPropagation>, String> {
+    log(&format!(
+        "propagation across two control planes on PostgreSQL: {} revocations idle, {} under load",
+        args.pg_events, args.pg_events
+    ));
+    let upstream =
+        Upstream::start(&format!("authorization: Bearer {secret}")).map_err(|e| e.to_string())?;
+    let cluster = agent_vault_pgtest::Cluster::start();
+    let url = cluster.create_database("bench_prop");
+    let p1 = ControlPlane::start_on(
+        &args.agent_vault,
+        workdir,
+        "cp-pg1",
+        controlplane::Store::Postgres {
+            url: &url,
+            key_from: None,
+        },
+    )?;
+    let seeded = seed::small(&p1, upstream.port, secret)?;
+    let p2 = ControlPlane::start_on(
+        &args.agent_vault,
+        workdir,
+        "cp-pg2",
+        controlplane::Store::Postgres {
+            url: &url,
+            key_from: Some(p1.data_dir()),
+        },
+    )?;
+    let mut envoys = Vec::new();
+    for (name, cp) in [("pg1", &p1), ("pg2", &p2)] {
+        cp.wait_socket()?;
+        // A directory each: the two Envoys share a variant, hence their file names.
+        let dir = workdir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let inputs = Inputs {
+            upstream_port: upstream.port,
+            filter_wasm: &args.filter_wasm,
+            noop_wasm: &args.noop_wasm,
+            candidate_wasm: None,
+            socket: &cp.socket,
+            sds_socket: &cp.sds_socket,
+            proxy_ca: &cp.proxy_ca,
+            dir: &dir,
+            static_credential,
+        };
+        envoys.push(Envoy::start(&args.envoy, Variant::FilterWarm, &inputs)?);
+    }
+    let host = format!("localhost:{}", upstream.port);
+    let auth = http::proxy_basic(&seeded.agent_token, "default");
+    let headers = vec![
+        ("Host".to_string(), host.clone()),
+        ("Proxy-Authorization".to_string(), auth.clone()),
+    ];
+    for (i, envoy) in envoys.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let before = upstream.counts();
+            let response = http::tcp_once(
+                envoy.port,
+                "GET",
+                "/bench",
+                &[("Host", &host), ("Proxy-Authorization", &auth)],
+                None,
+            );
+            match response {
+                Ok(r) if r.status == 200 => {
+                    if upstream.counts().since(before).with_credential != 1 {
+                        return Err(format!(
+                            "the Envoy of P{} did not inject the credential",
+                            i + 1
+                        ));
+                    }
+                    break;
+                }
+                Ok(r) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "the Envoy of P{} answers {} {}",
+                        i + 1,
+                        r.status,
+                        r.text()
+                    ));
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("the Envoy of P{}: {e}", i + 1));
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+    let prober = seeded.prober_token.clone().ok_or("no prober")?;
+    let refs: Vec<&Envoy> = envoys.iter().collect();
+    // First with nothing else going on: what the path itself takes.
+    let idle = propagation::run(
+        &refs,
+        &p1,
+        upstream.port,
+        &prober,
+        "probe-pg-idle",
+        args.pg_events,
+        || Ok(Vec::new()),
+    )?;
+    // Then under load on both Envoys, counting what the load costs the control planes.
+    let budget = Duration::from_secs(args.pg_events as u64 * 6 + 30);
+    let timeouts = |envoys: &[Envoy]| -> u64 {
+        envoys
+            .iter()
+            .filter_map(|e| e.counter_sum("agent_vault_control_plane.upstream_rq_timeout"))
+            .sum()
+    };
+    let (timeouts_before, p1_before, p2_before) = (timeouts(&envoys), p1.counts(), p2.counts());
+    let loaded = propagation::run(
+        &refs,
+        &p1,
+        upstream.port,
+        &prober,
+        "probe-pg",
+        args.pg_events,
+        || {
+            envoys
+                .iter()
+                .map(|envoy| {
+                    load::wrk_background(
+                        &load::Target {
+                            port: envoy.port,
+                            path: "/bench",
+                            headers: &headers,
+                        },
+                        2,
+                        budget,
+                    )
+                })
+                .collect()
+        },
+    )?;
+    let (p1_took, p2_took) = (p1.counts().since(p1_before), p2.counts().since(p2_before));
+    let result = PgPropagation {
+        idle,
+        loaded,
+        callout_timeouts: timeouts(&envoys).saturating_sub(timeouts_before),
+        log_records: p1_took.log_records + p2_took.log_records,
+        log_posts: p1_took.logs + p2_took.logs,
+    };
+    drop(envoys);
+    drop(p2);
+    drop(p1);
+    drop(cluster);
+    Ok(Some(result))
 }
 
 /// Credential fetches, the 304 path and snapshot builds against one control plane.

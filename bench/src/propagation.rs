@@ -1,7 +1,7 @@
 //! Propagation: how long a revocation takes to reach the data path, under load.
 //!
-//! The probe holds one keep-alive connection to each Envoy worker (found from the
-//! listener's per-worker connection counters, before the load starts), so "every
+//! The probe holds one keep-alive connection to each worker of each Envoy (found from
+//! the listener's per-worker connection counters, before the load starts), so "every
 //! worker refuses" is observed, not assumed. Events alternate:
 //! - agent revoke: a fresh agent is created and seen working on every worker, then
 //!   `DELETE /v1/agents/{name}`; the change is seen when a request gets 407;
@@ -9,9 +9,12 @@
 //!   worker, then deleted; the change is seen when a request gets 502.
 //!
 //! Times are from the API's acknowledgement (its response read by the benchmark) to
-//! the first refused response on any worker, and on every worker. The filter's
-//! snapshot long-poll (on by default) delivers the change; (p) measures the same with it
-//! off, on plain 1 s polling.
+//! the first refused response on any worker, and on every worker (of every Envoy, and
+//! of each Envoy on its own). The filter's snapshot long-poll (on by default) delivers
+//! the change; (p) measures the same with it off, on plain 1 s polling. With two
+//! control planes on one PostgreSQL database, each Envoy talks to its own control
+//! plane and the changes go through the first: the second learns of them from the
+//! database's NOTIFY.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,8 @@ pub struct Event {
     pub all_ms: Option<f64>,
     /// A refusal with another status than expected (407 / 502).
     pub unexpected: Option<u16>,
+    /// Until every worker of each Envoy refused, in the order the Envoys were given.
+    pub all_ms_by_envoy: Vec<Option<f64>>,
 }
 
 /// When the probe saw a change (ms after the acknowledgement).
@@ -43,6 +48,7 @@ struct Seen {
     first_ms: Option<f64>,
     all_ms: Option<f64>,
     unexpected: Option<u16>,
+    all_ms_by_envoy: Vec<Option<f64>>,
 }
 
 impl Seen {
@@ -52,12 +58,24 @@ impl Seen {
             first_ms: self.first_ms,
             all_ms: self.all_ms,
             unexpected: self.unexpected,
+            all_ms_by_envoy: self.all_ms_by_envoy,
         }
     }
 }
 
 struct Probe {
     conns: Vec<TcpConn>,
+    /// For each connection, the index of its Envoy.
+    envoy_of: Vec<usize>,
+    envoys: usize,
+}
+
+/// The latest of `times`, if every one is there.
+fn latest(times: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    times
+        .into_iter()
+        .try_fold(f64::NEG_INFINITY, |max, t| t.map(|t| max.max(t)))
+        .filter(|t| t.is_finite())
 }
 
 impl Probe {
@@ -93,7 +111,27 @@ impl Probe {
                 "could not get a connection on each of the {WORKERS} workers"
             ));
         }
-        Ok(Probe { conns })
+        Ok(Probe {
+            envoy_of: vec![0; conns.len()],
+            conns,
+            envoys: 1,
+        })
+    }
+
+    /// One connection per worker of each Envoy.
+    fn pin_all(envoys: &[&Envoy], host: &str, auth: &str) -> Result<Probe, String> {
+        let mut all = Probe {
+            conns: Vec::new(),
+            envoy_of: Vec::new(),
+            envoys: envoys.len(),
+        };
+        for (i, envoy) in envoys.iter().enumerate() {
+            let probe = Probe::pin(envoy, host, auth)
+                .map_err(|e| format!("Envoy {} of {}: {e}", i + 1, envoys.len()))?;
+            all.envoy_of.extend(probe.conns.iter().map(|_| i));
+            all.conns.extend(probe.conns);
+        }
+        Ok(all)
     }
 
     /// Status on each worker's connection.
@@ -150,42 +188,49 @@ impl Probe {
             std::thread::sleep(Duration::from_millis(1));
         }
         let first = seen.iter().flatten().copied().reduce(f64::min);
-        let all = if seen.iter().all(Option::is_some) {
-            seen.iter().flatten().copied().reduce(f64::max)
-        } else {
-            None
-        };
+        let all_ms_by_envoy = (0..self.envoys)
+            .map(|e| {
+                latest(
+                    seen.iter()
+                        .zip(&self.envoy_of)
+                        .filter(|(_, of)| **of == e)
+                        .map(|(t, _)| *t),
+                )
+            })
+            .collect();
         Ok(Seen {
             first_ms: first,
-            all_ms: all,
+            all_ms: latest(seen.iter().copied()),
             unexpected,
+            all_ms_by_envoy,
         })
     }
 }
 
-/// Runs `events` revocations against `envoy` (our filter, warm cache) and `cp` while
-/// `start_load` keeps the proxy busy; `stop_load` ends it. The agents it creates are
-/// named `{name}-{i}` (one control plane can serve several runs).
+/// Runs `events` revocations through `cp`'s API against `envoys` (our filter, warm
+/// cache; each may talk to another control plane on the same database) while the loads
+/// `start_load` starts keep the proxies busy; they are stopped at the end. The agents
+/// it creates are named `{name}-{i}` (one control plane can serve several runs).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    envoy: &Envoy,
+    envoys: &[&Envoy],
     cp: &ControlPlane,
     upstream_port: u16,
     prober_token: &str,
     name: &str,
     events: usize,
-    start_load: impl FnOnce() -> Result<crate::procs::Proc, String>,
+    start_load: impl FnOnce() -> Result<Vec<crate::procs::Proc>, String>,
 ) -> Result<Vec<Event>, String> {
     let load_host = format!("localhost:{upstream_port}");
     let probe_host = format!("127.0.0.1:{upstream_port}");
     let prober = proxy_basic(prober_token, "default");
-    let mut probe = Probe::pin(envoy, &probe_host, &prober)?;
-    let mut load = start_load()?;
+    let mut probe = Probe::pin_all(envoys, &probe_host, &prober)?;
+    let mut loads = start_load()?;
     std::thread::sleep(Duration::from_millis(500));
     let timeout = Duration::from_secs(5);
     let mut out = Vec::with_capacity(events);
     for i in 0..events {
-        if load.exited() {
+        if loads.iter_mut().any(|load| load.exited()) {
             return Err("the background load stopped early".into());
         }
         let event = if i % 2 == 0 {
@@ -209,6 +254,20 @@ pub fn run(
         };
         out.push(event);
     }
-    load.stop(Duration::from_secs(2));
+    for load in &mut loads {
+        load.stop(Duration::from_secs(2));
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::latest;
+
+    #[test]
+    fn latest_is_the_maximum_only_when_every_time_is_there() {
+        assert_eq!(latest([Some(3.0), Some(7.5), Some(1.0)]), Some(7.5));
+        assert_eq!(latest([Some(3.0), None, Some(9.0)]), None);
+        assert_eq!(latest(std::iter::empty()), None);
+    }
 }

@@ -310,60 +310,26 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         .collect::<Vec<_>>()
         .join(", ");
 
-    // Propagation: with the long-poll (e), and without it (p) if measured.
-    let mut prop = String::new();
+    // Propagation: with the long-poll (e), without it (p), and across two control
+    // planes on PostgreSQL, as measured.
     let events = &results.propagation;
-    if !events.is_empty() {
-        let _ = writeln!(prop, "| events | until the first refused request: p50 / p90 / p99 / max | until every worker refuses: p50 / p90 / p99 / max | not seen in 5 s | unexpected status |");
-        let _ = writeln!(prop, "|---|---|---|---:|---:|");
-        let runs = [
-            ("long-poll (e)", events),
-            ("plain 1 s poll (p)", &results.propagation_polling),
-        ];
-        for (mode, events) in runs {
-            for (label, filter) in [
-                ("all", None),
-                ("agent revoke", Some(Kind::AgentRevoke)),
-                ("credential delete", Some(Kind::CredentialDelete)),
-            ] {
-                let chosen: Vec<&Event> = events
-                    .iter()
-                    .filter(|e| filter.is_none_or(|k| e.kind == k))
-                    .collect();
-                if chosen.is_empty() {
-                    continue;
-                }
-                let first: Vec<f64> = chosen
-                    .iter()
-                    .map(|e| e.first_ms.unwrap_or(f64::INFINITY))
-                    .collect();
-                let all: Vec<f64> = chosen
-                    .iter()
-                    .map(|e| e.all_ms.unwrap_or(f64::INFINITY))
-                    .collect();
-                let missing = chosen.iter().filter(|e| e.all_ms.is_none()).count();
-                let unexpected = chosen.iter().filter(|e| e.unexpected.is_some()).count();
-                let dist = |v: &[f64]| {
-                    format!(
-                        "{} / {} / {} / {} ms",
-                        num(quantile(v, 0.5), 0),
-                        num(quantile(v, 0.9), 0),
-                        num(quantile(v, 0.99), 0),
-                        num(quantile(v, 1.0), 0)
-                    )
-                };
-                let _ = writeln!(
-                    prop,
-                    "| {mode}: {label} ({}) | {} | {} | {missing} | {unexpected} |",
-                    chosen.len(),
-                    dist(&first),
-                    dist(&all)
-                );
-            }
-        }
-    }
+    let prop = propagation_table(&[
+        ("long-poll (e)", events),
+        ("plain 1 s poll (p)", &results.propagation_polling),
+    ]);
+    let no_events = Vec::new();
+    let (pg_idle, pg_loaded) = results
+        .propagation_postgres
+        .as_ref()
+        .map_or((&no_events, &no_events), |pg| (&pg.idle, &pg.loaded));
+    let prop_pg = propagation_table(&[
+        ("two control planes on PostgreSQL, idle", pg_idle),
+        ("two control planes on PostgreSQL, under load", pg_loaded),
+    ]);
+    let prop_pg_by_envoy = propagation_by_envoy(&[("idle", pg_idle), ("under load", pg_loaded)]);
 
     let interception = interception(args, results);
+    let long_poll_cost = long_poll_cost(args, results);
     let first_handshakes = results
         .handshakes
         .as_ref()
@@ -518,16 +484,27 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         });
     }
     if !events.is_empty() {
-        let all: Vec<f64> = events
-            .iter()
-            .map(|e| e.all_ms.unwrap_or(f64::INFINITY))
-            .collect();
-        let p99 = quantile(&all, 0.99);
+        let p99 = quantile(&all_ms(events), 0.99);
         targets.push(Target {
             what: "propagation with the long-poll p99 ≤ 100 ms (every worker, one node)".into(),
             measured: format!("{} ms", num(p99, 0)),
             pass: Some(p99 <= 100.0),
             why: String::new(),
+        });
+    }
+    if let Some(pg) = results.propagation_postgres.as_ref() {
+        let p99 = quantile(&all_ms(&pg.loaded), 0.99);
+        let idle_p99 = quantile(&all_ms(&pg.idle), 0.99);
+        targets.push(Target {
+            what: "propagation across two control planes on PostgreSQL p99 ≤ 250 ms under load (every \
+                   worker of both Envoys, change through the first)"
+                .into(),
+            measured: format!("{} ms (idle: {} ms)", num(p99, 0), num(idle_p99, 0)),
+            pass: (!pg.loaded.is_empty()).then_some(p99 <= 250.0),
+            why: format!(
+                "{}; see “Propagation across two control planes on PostgreSQL”",
+                pg_load_note(pg)
+            ),
         });
     }
     let non_2xx: u64 = results
@@ -554,7 +531,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
 
     let elapsed = results.started.elapsed().as_secs_f64();
     let mut printed = String::new();
-    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{interception}\n{first_handshakes}\n{target_text}", results.memory.polling_vms);
+    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{prop_pg}\n{prop_pg_by_envoy}\n{long_poll_cost}\n{interception}\n{first_handshakes}\n{target_text}", results.memory.polling_vms);
     let _ = writeln!(
         printed,
         "finished in {elapsed:.0} s; load average before {} / after {}",
@@ -605,7 +582,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
          the clock starts, then keep-alive `GET /bench` in a closed loop, each request timed by the client \
          (nearest-rank percentiles). The upstream is a minimal HTTP/1.1 server in the benchmark process answering \
          `200 ok`, one per variant; it counts the requests carrying the injected credential and any carrying \
-         `Proxy-Authorization`. Each variant has its own Envoy and (d–h, j) its own control plane, so the \
+         `Proxy-Authorization`. Each variant has its own Envoy and (d–h, j, p) its own control plane, so the \
          control plane's counters (`GET /v1/dataplane/stats` on its socket) count only that variant's calls. \
          CPU columns are from `/proc/<pid>/stat` over each run.\n",
         args.rounds,
@@ -640,6 +617,40 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
              `snapshot_wait_ms: 0` (plain polling every second), for comparison.\n\n{prop}",
             events.len(),
             results.propagation_polling.len()
+        );
+    }
+    if !prop_pg.is_empty() {
+        let _ = writeln!(
+            md,
+            "### Propagation across two control planes on PostgreSQL\n\n\
+             Two control planes, P1 and P2, on one PostgreSQL database (a server of the bench's own on a \
+             Unix socket, fsync on), each with its own Envoy of the (e) config (the long-poll on), \
+             seeded like (e) through P1. {} revocations through P1's API, first with nothing else \
+             going on (idle), then as many under load on both Envoys (`wrk -c2` each, as another \
+             agent), alternating agent revoke (expect 407) and credential \
+             delete (expect 502); one probe connection pinned to each worker of each Envoy; time from \
+             P1's acknowledgement until every worker of both Envoys refused. P1 wakes its held \
+             long-polls when it commits; P2 when PostgreSQL delivers the NOTIFY the write sent \
+             (LISTEN; a poll of the version row every second is the fallback), then its Envoy's \
+             workers fetch the new snapshot, and credentials, from P2.\n\n{prop_pg}\n{prop_pg_by_envoy}\n\
+             In this run {}.\n",
+            pg_loaded.len(),
+            results
+                .propagation_postgres
+                .as_ref()
+                .map(pg_load_note)
+                .unwrap_or_default()
+        );
+    }
+    if !long_poll_cost.is_empty() {
+        let _ = writeln!(
+            md,
+            "### What the long-poll costs: (e) against (p)\n\n\
+             (e) and (p) run the same filter build with the same configuration, except that (p) has \
+             `snapshot_wait_ms: 0`: each filter VM polls its control plane once a second instead of \
+             holding one snapshot request open. Each has its own control plane and upstream, seeded \
+             alike, and they alternate in the same rounds as every other variant; ratios are medians \
+             of per-round ratios (paired).\n\n{long_poll_cost}"
         );
     }
     if !interception.is_empty() {
@@ -921,6 +932,247 @@ fn handshake_table(h: &crate::https::Handshakes) -> String {
     out
 }
 
+/// Until every worker refused, per event (∞ when not seen).
+fn all_ms(events: &[Event]) -> Vec<f64> {
+    events
+        .iter()
+        .map(|e| e.all_ms.unwrap_or(f64::INFINITY))
+        .collect()
+}
+
+/// p50 / p90 / p99 / max, in ms.
+fn distribution(v: &[f64]) -> String {
+    format!(
+        "{} / {} / {} / {} ms",
+        num(quantile(v, 0.5), 0),
+        num(quantile(v, 0.9), 0),
+        num(quantile(v, 0.99), 0),
+        num(quantile(v, 1.0), 0)
+    )
+}
+
+/// Propagation rows for each run (mode, events), all events and by kind; empty when no
+/// run has events.
+fn propagation_table(runs: &[(&str, &Vec<Event>)]) -> String {
+    let mut prop = String::new();
+    if runs.iter().all(|(_, events)| events.is_empty()) {
+        return prop;
+    }
+    let _ = writeln!(prop, "| events | until the first refused request: p50 / p90 / p99 / max | until every worker refuses: p50 / p90 / p99 / max | not seen in 5 s | unexpected status |");
+    let _ = writeln!(prop, "|---|---|---|---:|---:|");
+    for (mode, events) in runs {
+        for (label, filter) in [
+            ("all", None),
+            ("agent revoke", Some(Kind::AgentRevoke)),
+            ("credential delete", Some(Kind::CredentialDelete)),
+        ] {
+            let chosen: Vec<Event> = events
+                .iter()
+                .filter(|e| filter.is_none_or(|k| e.kind == k))
+                .cloned()
+                .collect();
+            if chosen.is_empty() {
+                continue;
+            }
+            let first: Vec<f64> = chosen
+                .iter()
+                .map(|e| e.first_ms.unwrap_or(f64::INFINITY))
+                .collect();
+            let missing = chosen.iter().filter(|e| e.all_ms.is_none()).count();
+            let unexpected = chosen.iter().filter(|e| e.unexpected.is_some()).count();
+            let _ = writeln!(
+                prop,
+                "| {mode}: {label} ({}) | {} | {} | {missing} | {unexpected} |",
+                chosen.len(),
+                distribution(&first),
+                distribution(&all_ms(&chosen))
+            );
+        }
+    }
+    prop
+}
+
+/// Until every worker of each Envoy refused, for the two-node propagation: P1's Envoy
+/// (same control plane as the write) and P2's (through PostgreSQL's NOTIFY), per run.
+fn propagation_by_envoy(runs: &[(&str, &Vec<Event>)]) -> String {
+    let mut out = String::new();
+    let envoys = runs
+        .iter()
+        .flat_map(|(_, events)| events.iter())
+        .map(|e| e.all_ms_by_envoy.len())
+        .max()
+        .unwrap_or(0);
+    if envoys < 2 {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "| until every worker of one Envoy refuses | p50 / p90 / p99 / max | not seen in 5 s |"
+    );
+    let _ = writeln!(out, "|---|---|---:|");
+    for (run, events) in runs {
+        if events.is_empty() {
+            continue;
+        }
+        for i in 0..envoys {
+            let times: Vec<Option<f64>> = events
+                .iter()
+                .map(|e| e.all_ms_by_envoy.get(i).copied().flatten())
+                .collect();
+            let values: Vec<f64> = times.iter().map(|t| t.unwrap_or(f64::INFINITY)).collect();
+            let missing = times.iter().filter(|t| t.is_none()).count();
+            let which = if i == 0 {
+                "the Envoy of P1 (the control plane written to)".to_string()
+            } else {
+                format!("the Envoy of P{} (another control plane)", i + 1)
+            };
+            let _ = writeln!(
+                out,
+                "| {run}: {which} | {} | {missing} |",
+                distribution(&values)
+            );
+        }
+    }
+    out
+}
+
+/// What the load did to the two control planes on PostgreSQL, in words.
+fn pg_load_note(pg: &crate::PgPropagation) -> String {
+    format!(
+        "under load both control planes took in {} request-log records in {} batches, each batch \
+         a transaction on the shared database, and {} callouts of the Envoys to their control \
+         planes timed out (Envoy's `upstream_rq_timeout` on the control-plane cluster; a request-log \
+         post or credential fetch waits at most 2 s); idle, p99 {} ms until every worker of both \
+         Envoys refused",
+        pg.log_records,
+        pg.log_posts,
+        pg.callout_timeouts,
+        num(quantile(&all_ms(&pg.idle), 0.99), 0),
+    )
+}
+
+/// (e) against (p), from the same rounds: what holding the long-poll costs the hit path
+/// and memory. Empty unless both ran.
+fn long_poll_cost(args: &Args, results: &Results) -> String {
+    let (e, p) = (Variant::FilterWarm, Variant::FilterPolling);
+    if !args.variants.contains(&e) || !args.variants.contains(&p) {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| conns | (e) req/s | (p) req/s | (p)/(e) req/s | p50 (e) / (p) µs | Envoy CPU µs/req (e) / (p) | control plane CPU µs/req (e) / (p) | control plane calls / run (e) / (p) |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut verdicts = Vec::new();
+    for &c in &args.connections {
+        let (ratio, measured) = ratio_measured(results, p, e, c, 3);
+        let both = |f: &dyn Fn(&Sample) -> f64, digits: usize| {
+            format!(
+                "{} / {}",
+                num(med(results, e, c, f), digits),
+                num(med(results, p, c, f), digits)
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {c} | {} | {} | {measured} | {} | {} | {} | {} |",
+            num(med(results, e, c, |s| s.run.rps), 0),
+            num(med(results, p, c, |s| s.run.rps), 0),
+            both(&|s| s.run.p50_us, 0),
+            both(&|s| s.envoy_cpu_us, 1),
+            both(&|s| s.cp_cpu_us, 1),
+            both(&|s| s.cp.calls() as f64, 0),
+        );
+        let ratios: Vec<f64> = samples(results, p, c)
+            .iter()
+            .filter_map(|a| {
+                samples(results, e, c)
+                    .iter()
+                    .find(|b| b.round == a.round)
+                    .map(|b| a.run.rps / b.run.rps)
+            })
+            .collect();
+        verdicts.push((c, ratio, ratios));
+    }
+    let rss = |v: Variant| results.memory.rss_kib.get(v.letter()).copied();
+    let memory = match (rss(e), rss(p)) {
+        (Some(re), Some(rp)) => format!(
+            "Envoy RSS after the runs: (e) {:.1} MiB, (p) {:.1} MiB ({:+.1} MiB with the long-poll)",
+            mib(re),
+            mib(rp),
+            mib(re) - mib(rp)
+        ),
+        _ => "Envoy RSS: not measured".into(),
+    };
+    let _ = writeln!(out, "\n{memory}.\n");
+    let _ = writeln!(out, "{}", long_poll_summary(&verdicts));
+    out
+}
+
+/// Rounds that must all fall on one side before the summary calls a difference real:
+/// by chance, all of 6 paired rounds agree 2 × 0.5⁶ ≈ 3 % of the time (a sign test).
+const ROUNDS_FOR_A_SIDE: usize = 6;
+
+/// What the (p)/(e) ratios say, in words computed from them: per connection count, the
+/// median ratio and whether every round falls on one side, and what that is worth.
+fn long_poll_summary(verdicts: &[(usize, f64, Vec<f64>)]) -> String {
+    let side_of = |ratios: &[f64]| -> Option<&'static str> {
+        if ratios.is_empty() {
+            None
+        } else if ratios.iter().all(|r| *r > 1.0) {
+            Some("(p)")
+        } else if ratios.iter().all(|r| *r < 1.0) {
+            Some("(e)")
+        } else {
+            None
+        }
+    };
+    let parts: Vec<String> = verdicts
+        .iter()
+        .map(|(c, ratio, ratios)| {
+            let n = ratios.len();
+            let side = match side_of(ratios) {
+                _ if n == 0 => "not measured".to_string(),
+                Some(faster) => format!("{faster} faster in all {n} rounds"),
+                None => format!("the {n} rounds disagree on which is faster"),
+            };
+            format!("{}× at {c} conn ({side})", num(*ratio, 3))
+        })
+        .collect();
+    let real: Vec<String> = verdicts
+        .iter()
+        .filter(|(_, _, r)| r.len() >= ROUNDS_FOR_A_SIDE && side_of(r).is_some())
+        .map(|(c, _, r)| format!("{} at {c} conn", side_of(r).unwrap_or_default()))
+        .collect();
+    let few = verdicts
+        .iter()
+        .any(|(_, _, r)| !r.is_empty() && r.len() < ROUNDS_FOR_A_SIDE);
+    let reading = if !real.is_empty() {
+        format!(
+            "a difference this run can tell from the drift between rounds ({} faster in every one \
+             of at least {ROUNDS_FOR_A_SIDE} rounds); the CPU columns say where it goes",
+            real.join(", ")
+        )
+    } else if few {
+        format!(
+            "fewer than {ROUNDS_FOR_A_SIDE} rounds cannot tell a difference of this size from the \
+             drift between rounds (rounds that all fall on one side may be chance)"
+        )
+    } else {
+        "no difference this run can tell from the drift between rounds: the long-poll costs \
+         the hit path nothing measurable"
+            .to_string()
+    };
+    format!(
+        "In this run (p)/(e) was {}: {reading}. The hit path runs the same code in both; what \
+         differs is the snapshot traffic, one held request per filter VM answered when the \
+         version changes or the wait ends (e) against one poll per VM a second (p), which is \
+         what the control plane's calls and CPU per request show.",
+        parts.join(", ")
+    )
+}
+
 /// The big control plane on sled and on PostgreSQL, side by side (`None`: not run).
 fn postgres_table(results: &Results) -> Option<String> {
     let pg = results.cp_big_postgres.as_ref()?;
@@ -1029,7 +1281,20 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   the control plane answers every worker's held long-poll at once with the new snapshot,
   and the worker drops its credential cache as it installs it. Without the long-poll
   (p), the next poll (every 1 s per worker) does the same, so propagation is bounded by
-  the poll period.
+  the poll period. With several control planes on one PostgreSQL database, the write
+  commits through one of them and sends a NOTIFY in the same transaction; every control
+  plane LISTENs, and the notification feeds the same version watch the held long-polls
+  wait on, so a second control plane's Envoys learn of a change one NOTIFY later than the
+  first one's (a poll of the version row every second is the fallback if the
+  notification connection is down). Their workers then fetch the snapshot, and any
+  credential, from their own control plane, which reads the database.
+- **The long-poll's cost** is per filter VM, not per request: the hit path runs the
+  same code in (e) and (p). A VM holds one request to its control plane (one upstream
+  connection of the `cp` cluster, and in the control plane one task waiting on the
+  version watch, no thread), answered at once when the version changes, or with a 304
+  when the wait (25 s) ends, then sent again; (p) instead sends one request a second
+  per VM. Any difference in req/s between them is that snapshot traffic on the shared
+  cores, or noise.
 - **HTTPS interception (h, j)** runs the shipped forward proxy, and (h) differs from (j)
   by the filter alone (a unit test checks it): the same CONNECT route into the internal
   listener, the same TLS termination with an on-demand certificate from the control
@@ -1066,3 +1331,79 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   on this machine differ by ±15 %; only paired ratios within one run are comparable.
   `--keep-workdir` keeps the generated Envoy configs and logs.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: Kind, all: Option<f64>, by_envoy: Vec<Option<f64>>) -> Event {
+        Event {
+            kind,
+            first_ms: all.map(|a| a / 2.0),
+            all_ms: all,
+            unexpected: None,
+            all_ms_by_envoy: by_envoy,
+        }
+    }
+
+    #[test]
+    fn propagation_tables_count_what_was_not_seen_and_split_by_envoy() {
+        let events = vec![
+            event(Kind::AgentRevoke, Some(10.0), vec![Some(4.0), Some(10.0)]),
+            event(Kind::CredentialDelete, None, vec![Some(6.0), None]),
+        ];
+        let table = propagation_table(&[("two", &events)]);
+        assert!(table.contains("| two: all (2) |"), "{table}");
+        assert!(
+            table.contains(
+                "| two: credential delete (1) | — / — / — / — ms | — / — / — / — ms | 1 | 0 |"
+            ),
+            "{table}"
+        );
+        let by_envoy = propagation_by_envoy(&[("load", &events), ("idle", &Vec::new())]);
+        assert!(
+            by_envoy.contains(
+                "| load: the Envoy of P1 (the control plane written to) | 4 / 6 / 6 / 6 ms | 0 |"
+            ),
+            "{by_envoy}"
+        );
+        assert!(
+            by_envoy.contains(
+                "| load: the Envoy of P2 (another control plane) | 10 / — / — / — ms | 1 |"
+            ),
+            "{by_envoy}"
+        );
+        assert!(!by_envoy.contains("idle"), "{by_envoy}");
+        // One Envoy: no split; no events: no table.
+        let one = vec![event(Kind::AgentRevoke, Some(1.0), vec![Some(1.0)])];
+        assert!(propagation_by_envoy(&[("one", &one)]).is_empty());
+        assert!(propagation_table(&[("none", &Vec::new())]).is_empty());
+    }
+
+    #[test]
+    fn the_long_poll_summary_calls_a_side_only_when_enough_rounds_agree() {
+        let six_up = vec![1.02, 1.08, 1.01, 1.03, 1.05, 1.04];
+        let mixed = vec![0.98, 1.01, 0.97, 1.02, 0.99, 1.0];
+        let agree = long_poll_summary(&[(1, 1.035, six_up), (16, 0.99, mixed.clone())]);
+        assert!(
+            agree.contains("1.035× at 1 conn ((p) faster in all 6 rounds)"),
+            "{agree}"
+        );
+        assert!(
+            agree.contains("0.990× at 16 conn (the 6 rounds disagree"),
+            "{agree}"
+        );
+        assert!(agree.contains("a difference this run can tell"), "{agree}");
+        assert!(agree.contains("((p) at 1 conn faster"), "{agree}");
+        let noise = long_poll_summary(&[(1, 1.0, mixed)]);
+        assert!(
+            noise.contains("costs the hit path nothing measurable"),
+            "{noise}"
+        );
+        // Two rounds on one side are not enough to call it.
+        let few = long_poll_summary(&[(16, 0.9, vec![0.9, 0.91])]);
+        assert!(few.contains("(e) faster in all 2 rounds"), "{few}");
+        assert!(few.contains("fewer than 6 rounds cannot tell"), "{few}");
+        assert!(!few.contains("a difference this run can tell"), "{few}");
+    }
+}
