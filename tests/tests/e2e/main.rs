@@ -11,6 +11,7 @@ mod envoy_configs;
 mod https_ca;
 mod https_proxy;
 mod methods;
+mod multinode;
 mod proposals;
 mod proxy;
 mod proxy_e2e;
