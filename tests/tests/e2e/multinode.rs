@@ -17,9 +17,10 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use agent_vault_pgtest::Cluster;
-use agent_vault_testkit::control_plane::{Api, Backend, Server, ServerOptions};
+use agent_vault_testkit::control_plane::{socket_request, Api, Backend, Server, ServerOptions};
 use agent_vault_testkit::envoy::EnvoyOptions;
 use agent_vault_testkit::http::HttpResponse;
 use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
@@ -342,6 +343,29 @@ fn postgresql_stopped_under_load_fails_closed_and_the_control_planes_recover_wit
         ("A", api(&a.server, &a.owner)),
         ("B", api(&b.server, &b.owner)),
     ];
+    // The filter's own credential fetch, straight on each control plane's socket.
+    let fetch = |stack: &Stack| {
+        let body = json!({"token_sha256": format!("{:x}", Sha256::digest(token.as_bytes())),
+                          "vault": "default", "keys": ["KEY"]})
+        .to_string();
+        socket_request(
+            &stack.server.socket(),
+            format!(
+                "POST /v1/dataplane/credentials HTTP/1.1\r\nHost: cp\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .expect("an answer on the socket")
+    };
+    for stack in [&a, &b] {
+        let answer = fetch(stack);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("load-secret"),
+            "{answer}"
+        );
+    }
 
     let stop = AtomicBool::new(false);
     let samples = Mutex::new(Vec::<Sample>::new());
@@ -383,6 +407,18 @@ fn postgresql_stopped_under_load_fails_closed_and_the_control_planes_recover_wit
                 assert!(!message.is_empty(), "{name}");
             }
             let confirmed = Instant::now();
+            for stack in [&a, &b] {
+                let answer = fetch(stack);
+                assert!(
+                    answer.starts_with("HTTP/1.1 503") && answer.contains("store_unavailable"),
+                    "{answer}"
+                );
+                assert!(!answer.contains("load-secret"), "{answer}");
+                // The rules Envoy last loaded still hold: an unknown host is refused
+                // by them, not with 503.
+                let unmatched = stack.get_as(&token, "default", "http://nomatch.invalid/x", &[]);
+                assert!(is_refusal(&unmatched, 403, "forbidden"), "{unmatched:?}");
+            }
             std::thread::sleep(Duration::from_secs(3));
             let down_until = Instant::now();
             for (_, api) in &apis {
