@@ -766,3 +766,117 @@ fn the_owner_registers_once_through_either_node() {
     );
     assert_eq!(status, 200, "{body}");
 }
+
+// --- the data key and the master password changed through one node -----------------
+
+/// The values of `default` as `server` reveals them: (status, key → value).
+fn revealed(api: &Api) -> (u16, BTreeMap<String, String>) {
+    let (status, listed) = api.get("/v1/vaults/default/credentials?reveal=true");
+    let values = listed
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|c| {
+                    (
+                        c["key"].as_str().unwrap_or_default().to_string(),
+                        c["value"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, values)
+}
+
+#[test]
+fn a_data_key_rotated_through_one_node_is_taken_by_the_other_while_it_reads() {
+    let a = Server::start_with(Backend::Postgres.options("rotation_across"));
+    let owner = a.owner_token();
+    let b = a.join();
+    let expected: BTreeMap<String, String> = (0..5)
+        .map(|i| (format!("KEY_{i}"), format!("value-{i}")))
+        .collect();
+    let (status, body) = api(&a, &owner).post(
+        "/v1/vaults/default/credentials",
+        &json!({"credentials": expected}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, created) = api(&a, &owner).post(
+        "/v1/agents",
+        &json!({"name": "bot", "vaults": [{"vault": "default"}]}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let agent_hash = format!(
+        "{:x}",
+        Sha256::digest(created["token"].as_str().expect("token").as_bytes())
+    );
+    // What the filter asks B's socket for.
+    let fetch = || {
+        let body = json!({"token_sha256": agent_hash, "vault": "default",
+                          "keys": expected.keys().collect::<Vec<_>>()})
+        .to_string();
+        let answer = socket_request(
+            &b.socket(),
+            format!(
+                "POST /v1/dataplane/credentials HTTP/1.1\r\nHost: cp\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .unwrap_or_default();
+        let ok = answer.starts_with("HTTP/1.1 200")
+            && expected
+                .values()
+                .all(|value| answer.contains(value.as_str()));
+        (ok, answer)
+    };
+    assert!(fetch().0, "{}", fetch().1);
+
+    // B reads every value in a loop, through its API and as the data plane does,
+    // while A rotates the data key again and again.
+    let stop = AtomicBool::new(false);
+    let (reads, failures) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let api = api(&b, &owner);
+            let (mut reads, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let (status, values) = revealed(&api);
+                if status != 200 || values != expected {
+                    failures.push(format!("API: {status} {values:?}"));
+                }
+                let (ok, answer) = fetch();
+                if !ok {
+                    failures.push(format!("data plane: {answer}"));
+                }
+                reads += 2;
+            }
+            (reads, failures)
+        });
+        for _ in 0..8 {
+            let (status, body) = api(&a, &owner).post("/v1/master-key/rotate", &json!({}));
+            assert_eq!(
+                (status, body["reencrypted"].as_u64()),
+                (200, Some(5)),
+                "{body}"
+            );
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        stop.store(true, Ordering::SeqCst);
+        reader.join().unwrap()
+    });
+    println!("{reads} reads through B during 8 rotations through A; failed: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "reads through B during rotations through A: {failures:?}"
+    );
+
+    // B writes with the new key, and A reads it.
+    let (status, body) = api(&b, &owner).post(
+        "/v1/vaults/default/credentials",
+        &json!({"credentials": {"FROM_B": "b-value"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, got) = api(&a, &owner).get("/v1/vaults/default/credentials/FROM_B");
+    assert_eq!((status, &got["value"]), (200, &json!("b-value")), "{got}");
+}
