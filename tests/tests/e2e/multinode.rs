@@ -3,7 +3,8 @@
 //! DaemonSet: a change made through any control plane reaches every Envoy; approval,
 //! the request log and the login limiter hold across nodes; the database stopped under
 //! load fails closed and the control planes recover when it is back, without a restart;
-//! and a node that does not hold the store's master password or key file is refused.
+//! a node that does not hold the store's master password or key file is refused; and a
+//! data key rotated or a master password changed through one node holds on the others.
 //!
 //! The database is a real PostgreSQL ([`agent_vault_pgtest`]): the test process's
 //! shared server with a database per test, or a server of the test's own when the test
@@ -879,4 +880,59 @@ fn a_data_key_rotated_through_one_node_is_taken_by_the_other_while_it_reads() {
     assert_eq!(status, 200, "{body}");
     let (status, got) = api(&a, &owner).get("/v1/vaults/default/credentials/FROM_B");
     assert_eq!((status, &got["value"]), (200, &json!("b-value")), "{got}");
+}
+
+#[test]
+fn a_master_password_changed_through_one_node_is_needed_by_the_others_from_then_on() {
+    let a = Server::start_with(ServerOptions {
+        password: Some("first-master-pass".into()),
+        ..Backend::Postgres.options("password_across")
+    });
+    let owner = a.owner_token();
+    let mut b = a.join();
+    let values: BTreeMap<String, String> = [("A".to_string(), "value-a".to_string())].into();
+    let (status, body) = api(&a, &owner).post(
+        "/v1/vaults/default/credentials",
+        &json!({"credentials": values}),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = api(&a, &owner).post(
+        "/v1/master-password",
+        &json!({"current": "first-master-pass", "new": "second-master-pass"}),
+    );
+    assert_eq!(status, 204, "{body}");
+    // B still holds the data key: it keeps serving.
+    assert_eq!(revealed(&api(&b, &owner)), (200, values.clone()));
+    // But B must not wrap the key with the old password again, nor replace it.
+    let message = api_error(
+        api(&b, &owner).post(
+            "/v1/master-password",
+            &json!({"current": "first-master-pass", "new": "third-master-pass"}),
+        ),
+        409,
+        "master_key_changed",
+    );
+    assert!(message.contains("restart"), "{message}");
+    api_error(
+        api(&b, &owner).post("/v1/master-key/rotate", &json!({})),
+        409,
+        "master_key_changed",
+    );
+
+    // Restarted, B needs the new password.
+    b.set_password(Some("first-master-pass"));
+    let err = b.try_restart().expect_err("the old password is refused");
+    assert!(err.contains("wrong master password"), "{err}");
+    b.set_password(Some("second-master-pass"));
+    b.restart();
+    assert_eq!(revealed(&api(&b, &owner)), (200, values.clone()));
+    // And now B can rotate the key, and A takes the new one.
+    let (status, body) = api(&b, &owner).post("/v1/master-key/rotate", &json!({}));
+    assert_eq!(
+        (status, body["reencrypted"].as_u64()),
+        (200, Some(1)),
+        "{body}"
+    );
+    assert_eq!(revealed(&api(&a, &owner)), (200, values));
 }
