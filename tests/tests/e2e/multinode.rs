@@ -301,7 +301,14 @@ fn a_proposal_approved_through_two_control_planes_at_once_is_applied_exactly_onc
             assert_eq!(shown["status"], "applied", "{shown}");
         }
     }
-    println!("approval races won per node: {winners:?}");
+    let serialization_failures = agent_vault_pgtest::shared()
+        .log_text()
+        .matches("could not serialize access")
+        .count();
+    println!(
+        "approval races won per node: {winners:?}; serialization failures PostgreSQL \
+         logged in this process so far (retried by the store): {serialization_failures}"
+    );
 }
 
 // --- d. PostgreSQL stopped and started under load -----------------------------------
