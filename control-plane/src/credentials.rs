@@ -192,11 +192,12 @@ impl Store {
     pub fn get_credential(&self, principal: &Principal, vault: &str, key: &str) -> Result<Secret> {
         let (record, access) = self.access(principal, vault)?;
         access.require_member()?;
-        let data_key = self.data_key();
-        let stored: CredentialRecord =
-            crate::store::read_json(&self.trees.credentials, vault_key(&record.id, key))?
-                .ok_or_else(|| credential_not_found(key, vault))?;
-        open_record(&data_key, &record.id, key, &stored)
+        self.open_with_data_key(|data_key| {
+            let stored: CredentialRecord =
+                crate::store::read_json(&self.trees.credentials, vault_key(&record.id, key))?
+                    .ok_or_else(|| credential_not_found(key, vault))?;
+            open_record(data_key, &record.id, key, &stored)
+        })
     }
 
     /// Keys (and, with `reveal`, values) of a vault. Agents may list keys only.
@@ -210,27 +211,29 @@ impl Store {
         if reveal {
             access.require_member()?;
         }
-        let data_key = self.data_key();
-        let prefix = vault_prefix(&record.id);
-        let mut views = Vec::new();
-        for (db_key, stored) in scan_json::<CredentialRecord>(&self.trees.credentials, &prefix)? {
-            let key = String::from_utf8_lossy(&db_key[prefix.len()..]).into_owned();
-            let value = if reveal {
-                Some(
-                    open_record(&data_key, &record.id, &key, &stored)?
-                        .expose()
-                        .to_string(),
-                )
-            } else {
-                None
-            };
-            views.push(CredentialView {
-                key,
-                updated_at: stored.updated_at,
-                value,
-            });
-        }
-        Ok(views)
+        self.open_with_data_key(|data_key| {
+            let prefix = vault_prefix(&record.id);
+            let mut views = Vec::new();
+            for (db_key, stored) in scan_json::<CredentialRecord>(&self.trees.credentials, &prefix)?
+            {
+                let key = String::from_utf8_lossy(&db_key[prefix.len()..]).into_owned();
+                let value = if reveal {
+                    Some(
+                        open_record(data_key, &record.id, &key, &stored)?
+                            .expose()
+                            .to_string(),
+                    )
+                } else {
+                    None
+                };
+                views.push(CredentialView {
+                    key,
+                    updated_at: stored.updated_at,
+                    value,
+                });
+            }
+            Ok(views)
+        })
     }
 
     /// The keys present in a vault (for discovery and service validation).
@@ -280,21 +283,22 @@ impl Store {
         vault_id: &str,
         keys: &[String],
     ) -> Result<(BTreeMap<String, Secret>, Vec<String>)> {
-        let data_key = self.data_key();
-        let mut values = BTreeMap::new();
-        let mut missing = Vec::new();
-        for key in keys {
-            match crate::store::read_json::<CredentialRecord>(
-                &self.trees.credentials,
-                vault_key(vault_id, key),
-            )? {
-                Some(stored) => {
-                    values.insert(key.clone(), open_record(&data_key, vault_id, key, &stored)?);
+        self.open_with_data_key(|data_key| {
+            let mut values = BTreeMap::new();
+            let mut missing = Vec::new();
+            for key in keys {
+                match crate::store::read_json::<CredentialRecord>(
+                    &self.trees.credentials,
+                    vault_key(vault_id, key),
+                )? {
+                    Some(stored) => {
+                        values.insert(key.clone(), open_record(data_key, vault_id, key, &stored)?);
+                    }
+                    None => missing.push(key.clone()),
                 }
-                None => missing.push(key.clone()),
             }
-        }
-        Ok((values, missing))
+            Ok((values, missing))
+        })
     }
 }
 

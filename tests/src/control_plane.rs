@@ -3,6 +3,7 @@
 //! own, as on separate machines.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -25,9 +26,17 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+#[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub password: Option<String>,
     pub extra_args: Vec<String>,
+    /// `--store`: `None` is the default (sled in the data dir), else a PostgreSQL URL
+    /// ([`Backend::options`]).
+    pub store: Option<String>,
+    /// A `master.key` copied into the data dir before the first start: the key file of
+    /// another control plane on the same store, which a passwordless store needs on
+    /// every node ([`Server::join`]).
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -35,6 +44,37 @@ impl Default for ServerOptions {
         ServerOptions {
             password: None,
             extra_args: vec!["--allow-private-upstreams".into()],
+            store: None,
+            key_file: None,
+        }
+    }
+}
+
+/// Where a server keeps its data: the tests that hold for every store run once per
+/// backend, with the same body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// sled in the server's data dir (the default).
+    Sled,
+    /// A new database on the test process's PostgreSQL ([`agent_vault_pgtest::shared`]).
+    Postgres,
+}
+
+impl Backend {
+    /// The default options on this backend; `name` names the PostgreSQL database
+    /// (made unique).
+    pub fn options(self, name: &str) -> ServerOptions {
+        ServerOptions {
+            store: self.store(name),
+            ..ServerOptions::default()
+        }
+    }
+
+    /// The `--store` value: `None` for sled, else a fresh database's URL.
+    pub fn store(self, name: &str) -> Option<String> {
+        match self {
+            Backend::Sled => None,
+            Backend::Postgres => Some(agent_vault_pgtest::shared().fresh_database(name)),
         }
     }
 }
@@ -54,7 +94,24 @@ impl Server {
     }
 
     pub fn start_with(options: ServerOptions) -> Server {
+        Server::try_start_with(options).unwrap_or_else(|log| panic!("server starts: {log}"))
+    }
+
+    /// [`Server::start_with`], or what the server wrote before it exited without
+    /// listening (e.g. a refused master password).
+    pub fn try_start_with(options: ServerOptions) -> Result<Server, String> {
         let dir = tempfile::tempdir().expect("tempdir");
+        if let Some(key_file) = &options.key_file {
+            let data = dir.path().join("data");
+            std::fs::create_dir_all(&data).expect("data dir");
+            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+                .expect("data dir mode");
+            let copy = data.join("master.key");
+            std::fs::copy(key_file, &copy)
+                .unwrap_or_else(|e| panic!("copy the key file {}: {e}", key_file.display()));
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))
+                .expect("key file mode");
+        }
         let mut server = Server {
             dir,
             addr: String::new(),
@@ -62,12 +119,37 @@ impl Server {
             options,
             log_index: 0,
         };
-        server.spawn().expect("server starts");
-        server
+        server.spawn()?;
+        Ok(server)
     }
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The options it was started with.
+    pub fn options(&self) -> &ServerOptions {
+        &self.options
+    }
+
+    /// Another control plane on this one's store (a node of its own: data dir, sockets
+    /// and port), opened the same way: the same master password, or a copy of this
+    /// one's key file when passwordless. Panics unless the store is shared (`--store`).
+    pub fn join(&self) -> Server {
+        Server::start_with(self.join_options())
+    }
+
+    /// The options [`Server::join`] starts the other node with.
+    pub fn join_options(&self) -> ServerOptions {
+        assert!(
+            self.options.store.is_some(),
+            "only a shared store (--store postgres://…) can have another control plane"
+        );
+        let key_file = self.data_dir().join("master.key");
+        ServerOptions {
+            key_file: (self.options.password.is_none() && key_file.exists()).then_some(key_file),
+            ..self.options.clone()
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -125,7 +207,9 @@ impl Server {
             .arg("--socket")
             .arg(self.socket())
             .args(&self.options.extra_args)
+            .args(self.options.store.iter().flat_map(|url| ["--store", url]))
             .env_remove("AGENT_VAULT_MASTER_PASSWORD")
+            .env_remove("AGENT_VAULT_STORE")
             .env("HOME", self.home())
             .stdout(Stdio::piped())
             .stderr(log);

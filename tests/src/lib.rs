@@ -6,9 +6,9 @@
 //! | child processes: tied to the test, stopped by PID, their announced address | [`process`] |
 //! | HTTP/1.1 on raw sockets: one-shot requests, keep-alive connections, reading a request | [`http`] |
 //! | loopback: free ports, an accept loop for in-process servers | [`net`] |
-//! | the `agent-vault` binary as server and CLI, the management API | `control_plane` |
+//! | the `agent-vault` binary as server and CLI, the management API, its store (sled, or a PostgreSQL database shared by several nodes) | `control_plane` |
 //! | Envoy with the built filter, its templates rendered and validated | `envoy` |
-//! | the whole system at once, and waiting for a change to reach every worker | `stack` |
+//! | the whole system at once (one node, or several on one database), and waiting for a change to reach every worker | `stack` |
 //! | echo upstreams (plain and TLS) and a test CA | `upstream` |
 //! | an HTTPS agent's tunnel, byte by byte: CONNECT, TLS with any SNI, any `Host` | `https_agent` |
 //! | a control plane that misbehaves on purpose | `fake_control_plane` |

@@ -57,6 +57,31 @@ impl Stack {
         let server = Server::start_with(server_options);
         let owner = server.owner_token();
         let ca_bundle = ca.write_pem(&server.dir.path().join("upstream-ca.pem"));
+        Stack::on_server(server, owner, ca, ca_bundle, configure)
+    }
+
+    /// Another node on this stack's store: a control plane of its own
+    /// ([`Server::join`]: the same master password or key file) and an Envoy on its
+    /// socket, `configure`d like [`Stack::start_with`]. Its Envoy trusts both stacks'
+    /// CAs; the owner is this stack's.
+    pub fn join(&self, configure: impl FnOnce(EnvoyOptions) -> EnvoyOptions) -> Stack {
+        let server = self.server.join();
+        let owner = server.owner_token();
+        let ca = TestCa::new("agent-vault test CA (joined node)");
+        let ca_bundle = server.dir.path().join("upstream-ca.pem");
+        std::fs::write(&ca_bundle, format!("{}{}", ca.cert_pem, self.ca.cert_pem))
+            .expect("write the CA bundle");
+        Stack::on_server(server, owner, ca, ca_bundle, configure)
+    }
+
+    /// Envoy on `server`'s socket, trusting `ca_bundle`.
+    fn on_server(
+        server: Server,
+        owner: String,
+        ca: TestCa,
+        ca_bundle: PathBuf,
+        configure: impl FnOnce(EnvoyOptions) -> EnvoyOptions,
+    ) -> Stack {
         let mut options = EnvoyOptions::forward_proxy(&server.socket(), &ca_bundle);
         options.sds_socket = server.sds_socket();
         let envoy = Envoy::start(configure(options));

@@ -777,15 +777,25 @@ impl Store {
             .read_proposal(&vault_record.id, id)?
             .ok_or_else(|| proposal_not_found(id, vault))?;
         let record = self.expire_if_due(record)?;
-        let data_key = self.data_key();
-        let mut values = BTreeMap::new();
-        for slot in &record.credentials {
-            if let Some(sealed) = &slot.sealed {
-                let value = open_value(&data_key, &record.vault_id, id, &slot.key, sealed)?;
-                values.insert(slot.key.clone(), value);
+        let first = std::cell::Cell::new(Some(record));
+        self.open_with_data_key(|data_key| {
+            // A second try reads again: the rotation elsewhere that made the first
+            // fail re-sealed the agent's values.
+            let record = match first.take() {
+                Some(record) => record,
+                None => self
+                    .read_proposal(&vault_record.id, id)?
+                    .ok_or_else(|| proposal_not_found(id, vault))?,
+            };
+            let mut values = BTreeMap::new();
+            for slot in &record.credentials {
+                if let Some(sealed) = &slot.sealed {
+                    let value = open_value(data_key, &record.vault_id, id, &slot.key, sealed)?;
+                    values.insert(slot.key.clone(), value);
+                }
             }
-        }
-        Ok(values)
+            Ok(values)
+        })
     }
 
     /// The vault's proposals by id (agents: their own), optionally of one status.

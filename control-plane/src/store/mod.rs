@@ -721,6 +721,34 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Opens sealed values with the data key: runs `f` with it and, on a shared
+    /// store, when `f` fails because another control plane rotated the key after this
+    /// one last took it (the rotation committed, its notification not here yet, so
+    /// the values read are sealed with a key this process does not hold yet), takes
+    /// the new key and runs `f` once more. Any other failure is `f`'s own.
+    pub(crate) fn open_with_data_key<R>(&self, f: impl Fn(&Key) -> Result<R>) -> Result<R> {
+        let first = f(&self.data_key());
+        if first.is_ok() || !matches!(self.backend, Backend::Postgres(_)) {
+            return first;
+        }
+        let before = lock(&self.data_key_origin).id.clone();
+        // A few tries: the new key is taken only while no other thread holds the
+        // current one (`reload_data_key`), which they do for one request at most.
+        for _ in 0..50 {
+            self.reload_data_key();
+            if lock(&self.data_key_origin).id != before {
+                return f(&self.data_key());
+            }
+            if !self.data_key_stale.load(Ordering::Acquire) {
+                break; // not rotated (or not unwrappable, logged): the failure stands
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        first
+    }
+}
+
 /// Refuses to re-wrap or replace the data key when another control plane changed
 /// `meta/data_key` since this one read it (a new master password there would
 /// otherwise be overwritten by a record wrapped with the old one).

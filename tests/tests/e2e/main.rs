@@ -12,6 +12,7 @@ mod https_ca;
 mod https_proxy;
 mod long_poll;
 mod methods;
+mod multinode;
 mod proposals;
 mod proxy;
 mod proxy_e2e;

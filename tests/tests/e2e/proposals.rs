@@ -241,6 +241,7 @@ fn the_seeds_json_is_accepted_and_no_get_ever_returns_a_value() {
             "--public-url".into(),
             "https://vault.example.com/".into(),
         ],
+        ..ServerOptions::default()
     });
     let agent = agent_api(&s);
     let mut tokens = Vec::new();
