@@ -20,7 +20,7 @@ use agent_vault_testkit::http;
 use serde_json::json;
 
 use crate::controlplane::ControlPlane;
-use crate::envoy::{Envoy, Inputs, Variant};
+use crate::envoy::{Envoy, Variant};
 use crate::load::{self, Run};
 use crate::upstream::read_head;
 use crate::{log, procs, report, seed, Args};
@@ -202,17 +202,7 @@ pub fn run(
     ])?;
     let token = cp.create_agent("features")?;
     cp.wait_socket()?;
-    let inputs = Inputs {
-        upstream_port: upstream.port,
-        filter_wasm: &args.filter_wasm,
-        noop_wasm: &args.noop_wasm,
-        candidate_wasm: None,
-        socket: &cp.socket,
-        sds_socket: &cp.sds_socket,
-        proxy_ca: &cp.proxy_ca,
-        dir: &dir,
-        static_credential: "unused",
-    };
+    let inputs = crate::envoy_inputs(args, &cp, upstream.port, &dir, "unused");
     let envoy = Envoy::start(&args.envoy, Variant::FilterWarm, &inputs)?;
     let headers = vec![
         ("Host".to_string(), format!("localhost:{}", upstream.port)),

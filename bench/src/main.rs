@@ -437,17 +437,7 @@ fn run_in(
     let mut envoys: Vec<Envoy> = Vec::new();
     for &variant in &args.variants {
         let cp = cps.get(variant.letter()).unwrap_or(&cps["e"]);
-        let inputs = Inputs {
-            upstream_port: up(variant.letter()),
-            filter_wasm: &args.filter_wasm,
-            noop_wasm: &args.noop_wasm,
-            candidate_wasm: args.candidate_wasm.as_deref(),
-            socket: &cp.socket,
-            sds_socket: &cp.sds_socket,
-            proxy_ca: &cp.proxy_ca,
-            dir: workdir,
-            static_credential: &static_credential,
-        };
+        let inputs = envoy_inputs(args, cp, up(variant.letter()), workdir, &static_credential);
         envoys.push(Envoy::start(&args.envoy, variant, &inputs)?);
     }
     // The HTTPS agents of (h) and (j): the load's agent, trusting the variant's proxy CA.
@@ -704,74 +694,50 @@ fn run_in(
         handshakes = Some(result);
     }
 
-    // Propagation on (e).
+    // Propagation on one node, under load (`wrk -c4` as another agent): on (e), and
+    // the same with the long-poll off on (p), each on its own control plane and
+    // upstream.
+    let one_node = |variant: Variant, probe: &str, events: usize| {
+        let letter = variant.letter();
+        let envoy = envoys
+            .iter()
+            .find(|e| e.variant == variant)
+            .ok_or(format!("no ({letter})"))?;
+        let headers = headers_for(variant);
+        let prober = seeded[letter].prober_token.clone().ok_or("no prober")?;
+        let budget = Duration::from_secs(events as u64 * 6 + 30);
+        propagation::run(
+            &[envoy],
+            &cps[letter],
+            up(letter),
+            &prober,
+            probe,
+            events,
+            || {
+                let target = load::Target {
+                    port: envoy.port,
+                    path: "/bench",
+                    headers: &headers,
+                };
+                Ok(vec![load::wrk_background(&target, 4, budget)?])
+            },
+        )
+    };
     let mut propagation = Vec::new();
     if args.events > 0 && args.variants.contains(&Variant::FilterWarm) {
         log(&format!(
             "propagation: {} revocations under load on (e)",
             args.events
         ));
-        let e = envoys
-            .iter()
-            .find(|e| e.variant == Variant::FilterWarm)
-            .ok_or("no (e)")?;
-        let headers = headers_for(Variant::FilterWarm);
-        let prober = seeded["e"].prober_token.clone().ok_or("no prober")?;
-        let budget = Duration::from_secs(args.events as u64 * 6 + 30);
-        propagation = propagation::run(
-            &[e],
-            &cps["e"],
-            up("e"),
-            &prober,
-            "probe",
-            args.events,
-            || {
-                let load = load::wrk_background(
-                    &load::Target {
-                        port: e.port,
-                        path: "/bench",
-                        headers: &headers,
-                    },
-                    4,
-                    budget,
-                )?;
-                Ok(vec![load])
-            },
-        )?;
+        propagation = one_node(Variant::FilterWarm, "probe", args.events)?;
     }
-    // The same with the long-poll off: (p), on its own control plane and upstream.
     let mut propagation_polling = Vec::new();
-    if let (true, Some(p)) = (
-        args.poll_events > 0,
-        envoys.iter().find(|e| e.variant == Variant::FilterPolling),
-    ) {
+    if args.poll_events > 0 && args.variants.contains(&Variant::FilterPolling) {
         log(&format!(
             "propagation without the long-poll: {} revocations under load on (p)",
             args.poll_events
         ));
-        let headers = headers_for(Variant::FilterPolling);
-        let prober = seeded["p"].prober_token.clone().ok_or("no prober")?;
-        let budget = Duration::from_secs(args.poll_events as u64 * 6 + 30);
-        propagation_polling = propagation::run(
-            &[p],
-            &cps["p"],
-            up("p"),
-            &prober,
-            "probe-polling",
-            args.poll_events,
-            || {
-                let load = load::wrk_background(
-                    &load::Target {
-                        port: p.port,
-                        path: "/bench",
-                        headers: &headers,
-                    },
-                    4,
-                    budget,
-                )?;
-                Ok(vec![load])
-            },
-        )?;
+        propagation_polling = one_node(Variant::FilterPolling, "probe-polling", args.poll_events)?;
     }
 
     // Two control planes on one PostgreSQL database, one Envoy each (the (e) config,
@@ -864,17 +830,7 @@ fn propagation_across_postgres(
         // A directory each: the two Envoys share a variant, hence their file names.
         let dir = workdir.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let inputs = Inputs {
-            upstream_port: upstream.port,
-            filter_wasm: &args.filter_wasm,
-            noop_wasm: &args.noop_wasm,
-            candidate_wasm: None,
-            socket: &cp.socket,
-            sds_socket: &cp.sds_socket,
-            proxy_ca: &cp.proxy_ca,
-            dir: &dir,
-            static_credential,
-        };
+        let inputs = envoy_inputs(args, cp, upstream.port, &dir, static_credential);
         envoys.push(Envoy::start(&args.envoy, Variant::FilterWarm, &inputs)?);
     }
     let host = format!("localhost:{}", upstream.port);
@@ -980,6 +936,28 @@ fn propagation_across_postgres(
 }
 
 /// Credential fetches, the 304 path and snapshot builds against one control plane.
+/// What an Envoy of the bench points at: the filters of `args`, the sockets and proxy
+/// CA of `cp`, an upstream port, and where its files go.
+pub(crate) fn envoy_inputs<'a>(
+    args: &'a Args,
+    cp: &'a ControlPlane,
+    upstream_port: u16,
+    dir: &'a Path,
+    static_credential: &'a str,
+) -> Inputs<'a> {
+    Inputs {
+        upstream_port,
+        filter_wasm: &args.filter_wasm,
+        noop_wasm: &args.noop_wasm,
+        candidate_wasm: args.candidate_wasm.as_deref(),
+        socket: &cp.socket,
+        sds_socket: &cp.sds_socket,
+        proxy_ca: &cp.proxy_ca,
+        dir,
+        static_credential,
+    }
+}
+
 fn control_plane_alone(
     cp: &ControlPlane,
     seeded: &seed::Seeded,

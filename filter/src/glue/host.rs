@@ -107,15 +107,7 @@ impl Host for ProxyWasmHost {
         config: &Config,
         headers: &[(&'static str, String)],
     ) -> Result<u32, Refused> {
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        hostcalls::dispatch_http_call(
-            &config.cluster,
-            pairs,
-            None,
-            vec![],
-            Duration::from_millis(config.callout_timeout_ms),
-        )
-        .map_err(refused)
+        self.dispatch_long_poll(config, headers, config.callout_timeout_ms)
     }
 
     fn dispatch_long_poll(

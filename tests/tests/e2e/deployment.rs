@@ -70,7 +70,16 @@ fn compose_binary() -> PathBuf {
 
 /// `docker-compose config --format json` in `dir`: the model, or compose's complaint.
 fn run_compose_config(dir: &Path) -> Result<Value, String> {
-    let out = Command::new(compose_binary())
+    run_compose_config_profile(dir, None)
+}
+
+/// [`run_compose_config`] with the services of `profile` too.
+fn run_compose_config_profile(dir: &Path, profile: Option<&str>) -> Result<Value, String> {
+    let mut command = Command::new(compose_binary());
+    if let Some(profile) = profile {
+        command.args(["--profile", profile]);
+    }
+    let out = command
         .args(["config", "--format", "json"])
         .current_dir(dir)
         .env_remove("COMPOSE_FILE")

@@ -23,9 +23,11 @@ use sha2::{Digest, Sha256};
 use agent_vault_pgtest::Cluster;
 use agent_vault_testkit::control_plane::{socket_request, Api, Backend, Server, ServerOptions};
 use agent_vault_testkit::envoy::EnvoyOptions;
-use agent_vault_testkit::http::HttpResponse;
 use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
 use agent_vault_testkit::upstream::Echo;
+
+use crate::proposals::api_error;
+use crate::proxy::{injected, is_refusal};
 
 /// Long enough for the filter's first snapshot on both workers.
 const FIRST_SNAPSHOT: Duration = Duration::from_secs(10);
@@ -42,38 +44,6 @@ const OWNER_PASSWORD: &str = "owner-password";
 fn bearer_service(name: &str, host: &str, key: &str) -> Value {
     json!({"name": name, "host": host, "upstream_tls": false,
            "auth": {"type": "bearer", "token": key}})
-}
-
-/// Whether `response` is the echo's answer with `header: value` received.
-fn injected(response: &HttpResponse, header: &str, value: &str) -> bool {
-    response.status == 200
-        && response.header("x-agent-vault-error").is_none()
-        && serde_json::from_str::<Value>(&response.body)
-            .map(|seen| seen["headers"][header] == value)
-            .unwrap_or(false)
-}
-
-/// Whether `response` is the filter's own refusal `status`/`code`.
-fn is_refusal(response: &HttpResponse, status: u16, code: &str) -> bool {
-    response.status == status
-        && response.header("x-agent-vault-error") == Some("true")
-        && serde_json::from_str::<Value>(&response.body)
-            .map(|body| body["error"] == code)
-            .unwrap_or(false)
-}
-
-/// Asserts an API answer is the JSON error `status`/`code` with a one-line message.
-#[track_caller]
-fn api_error(got: (u16, Value), status: u16, code: &str) -> String {
-    let (got_status, body) = got;
-    assert_eq!(got_status, status, "status; body: {body}");
-    assert_eq!(body["error"], code, "error code; body: {body}");
-    let message = body["message"].as_str().expect("message").to_string();
-    assert!(
-        !message.trim().is_empty() && !message.contains('\n'),
-        "{message:?}"
-    );
-    message
 }
 
 /// A client with a timeout, so a hung server fails the test instead of blocking it.

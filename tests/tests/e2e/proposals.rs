@@ -137,8 +137,9 @@ fn agent_api(s: &Setup) -> AgentApi {
     }
 }
 
+/// Asserts an API answer is the JSON error `status`/`code` with a one-line message.
 #[track_caller]
-fn api_error(got: (u16, Value), status: u16, code: &str) -> String {
+pub(crate) fn api_error(got: (u16, Value), status: u16, code: &str) -> String {
     let (got_status, body) = got;
     assert_eq!(got_status, status, "status; body: {body}");
     assert_eq!(body["error"], code, "error code; body: {body}");

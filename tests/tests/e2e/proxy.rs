@@ -115,7 +115,7 @@ fn assert_refused(response: &HttpResponse, status: u16, code: &str) -> Value {
 }
 
 /// Whether `response` is the echo's answer with `header: value` received once.
-fn injected(response: &HttpResponse, header: &str, value: &str) -> bool {
+pub(crate) fn injected(response: &HttpResponse, header: &str, value: &str) -> bool {
     response.status == 200
         && response.header("x-agent-vault-error").is_none()
         && serde_json::from_str::<Value>(&response.body)
@@ -123,7 +123,8 @@ fn injected(response: &HttpResponse, header: &str, value: &str) -> bool {
             .unwrap_or(false)
 }
 
-fn is_refusal(response: &HttpResponse, status: u16, code: &str) -> bool {
+/// Whether `response` is the filter's own refusal `status`/`code`.
+pub(crate) fn is_refusal(response: &HttpResponse, status: u16, code: &str) -> bool {
     response.status == status
         && response.header("x-agent-vault-error") == Some("true")
         && serde_json::from_str::<Value>(&response.body)

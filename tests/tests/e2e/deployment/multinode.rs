@@ -10,7 +10,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use super::{compose_binary, compose_config, ComposeConfig, TEST_PASSWORD};
+use super::{compose_config, ComposeConfig, TEST_PASSWORD};
 
 const PROFILE: &str = "multinode";
 const NODES: [(&str, &str); 2] = [
@@ -18,30 +18,14 @@ const NODES: [(&str, &str); 2] = [
     ("control-plane-b", "envoy-b"),
 ];
 
-/// `docker-compose --profile PROFILE config --format json` in `dir`.
-fn run_compose_config_profile(dir: &Path, profile: &str) -> Result<Value, String> {
-    let out = Command::new(compose_binary())
-        .args(["--profile", profile, "config", "--format", "json"])
-        .current_dir(dir)
-        .env_remove("COMPOSE_FILE")
-        .env_remove("COMPOSE_PROJECT_NAME")
-        .env_remove("COMPOSE_PROFILES")
-        .output()
-        .expect("run docker-compose config");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() {
-        return Err(stderr);
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {stderr}"))
-}
-
 /// The compose model with the profile on, and the default one, of the same copy.
 fn configs() -> (ComposeConfig, Value) {
     let mut compose = compose_config();
     let default = compose.json.clone();
-    compose.json = run_compose_config_profile(compose.dir.path(), PROFILE).unwrap_or_else(|e| {
-        panic!("docker-compose --profile {PROFILE} config refused docker-compose.yml:\n{e}")
-    });
+    compose.json = super::run_compose_config_profile(compose.dir.path(), Some(PROFILE))
+        .unwrap_or_else(|e| {
+            panic!("docker-compose --profile {PROFILE} config refused docker-compose.yml:\n{e}")
+        });
     (compose, default)
 }
 
