@@ -9,7 +9,7 @@
 //! | base | AES-256-GCM sealing, Argon2id, tokens and their prefixes | [`crypto`] |
 //! | | errors → HTTP status and code | [`error`] |
 //! | | time, and how it is shown | [`clock`] |
-//! | storage | sled trees, transactions, durability, the wrapped data key | [`store`] |
+//! | storage | the storage boundary (ordered trees, transactions) on sled or PostgreSQL, durability, change notifications, the wrapped data key | [`store`] |
 //! | access | vaults, principals, roles: who may act on which vault | [`access`] |
 //! | concepts | agents and their tokens | [`agents`] |
 //! | | credential values | [`credentials`] |

@@ -1,11 +1,23 @@
-//! The sled store: trees, schema version, transactions, durability and the data key.
+//! The store: trees, schema version, transactions, durability and the data key, on
+//! one of two backends chosen at start ([`StoreLocation`], `--store`): the embedded
+//! sled database (the default), or PostgreSQL, which several control planes share
+//! ([`postgres`]). The domain code sees one interface ([`kv`]): named trees of
+//! ordered keys, read directly or inside a transaction over all of them.
 //!
-//! Every write goes through [`Store::write`] or [`Store::write_published`]: one sled
+//! Every write goes through [`Store::write`] or [`Store::write_published`]: one
 //! transaction over all trees (so a change that touches several keys is all or
-//! nothing), then a flush, and only then does the caller get an answer — an
+//! nothing; serializable on PostgreSQL, retried on conflict on both), made durable
+//! (sled's flush, PostgreSQL's commit) before the caller gets an answer — an
 //! acknowledged write survives `kill -9`. Writes that change what the data plane sees
 //! (vaults, services, agents, credentials) also bump the snapshot version inside the
-//! same transaction, so the filter can never see new rules with an old version.
+//! same transaction, so the filter can never see new rules with an old version; the
+//! new version is then announced on [`Store::watch_version`] (on PostgreSQL also to
+//! every other control plane, by NOTIFY), which the data plane's long-poll waits on.
+//!
+//! With several control planes on one database, one of them may rotate the data key:
+//! the others take the new key when the change reaches them ([`Store::data_key`]), and
+//! refuse a write made with the old one meanwhile (it would seal with a key that is
+//! gone); reads retry with the new key ([`Store::open_with_data_key`]).
 //!
 //! Concept modules (`access`, `users`, `vaults`, `credentials`, `services`, `agents`,
 //! `proposals`, `logs`) add their operations as `impl Store` blocks; this module only
