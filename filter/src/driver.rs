@@ -752,7 +752,7 @@ fn long_poll(host: &mut impl Host, worker: &mut Worker, now: u64) {
     let Some(headers) = worker.long_poll_due() else {
         return;
     };
-    let sent = host.dispatch_long_poll(worker.config(), &headers, worker.long_poll_timeout_ms());
+    let sent = host.dispatch_poll(worker.config(), &headers, worker.long_poll_timeout_ms());
     host.stat(Stat::LongPollSent { sent: sent.is_ok() });
     if let Err(refused) = &sent {
         host.log(
@@ -773,7 +773,11 @@ fn poll(host: &mut impl Host, worker: &mut Worker, now: u64) {
     let Some(headers) = worker.poll_due(now) else {
         return;
     };
-    let sent = host.dispatch_poll(worker.config(), &headers);
+    let sent = host.dispatch_poll(
+        worker.config(),
+        &headers,
+        worker.config().callout_timeout_ms,
+    );
     host.stat(Stat::CalloutSent {
         kind: Callout::Poll,
         token: sent.as_ref().ok().copied(),

@@ -166,16 +166,9 @@ pub trait Host: SharedStore {
     /// the current context with the returned token.
     fn dispatch_credentials(&mut self, config: &Config, body: &[u8]) -> Result<u32, Refused>;
 
-    /// `GET`s the snapshot with the poller's headers.
+    /// `GET`s the snapshot with the poller's headers (a long-poll's `:path` carries
+    /// the wait), with a callout timeout of `timeout_ms`.
     fn dispatch_poll(
-        &mut self,
-        config: &Config,
-        headers: &[(&'static str, String)],
-    ) -> Result<u32, Refused>;
-
-    /// `GET`s the snapshot as a long-poll, with the poller's headers (its `:path`
-    /// carries the wait) and a callout timeout of `timeout_ms`.
-    fn dispatch_long_poll(
         &mut self,
         config: &Config,
         headers: &[(&'static str, String)],

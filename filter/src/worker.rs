@@ -199,16 +199,22 @@ impl Worker {
         if !due {
             return None;
         }
+        Some(self.snapshot_request(SNAPSHOT_PATH.to_owned()))
+    }
+
+    /// The headers of a snapshot request to `path`, with the loaded version (if any)
+    /// as `if-none-match`.
+    fn snapshot_request(&self, path: String) -> Vec<(&'static str, String)> {
         let mut headers = vec![
             (":method", "GET".to_owned()),
-            (":path", SNAPSHOT_PATH.to_owned()),
+            (":path", path),
             (":authority", self.config.authority.clone()),
             ("accept", "application/json".to_owned()),
         ];
         if let Some(snapshot) = &self.snapshot {
             headers.push(("if-none-match", format!("\"{}\"", snapshot.version)));
         }
-        Some(headers)
+        headers
     }
 
     /// The poll was dispatched with `token` (or failed to dispatch: `None`, then the
@@ -231,17 +237,8 @@ impl Worker {
         if wait_ms == 0 || self.poller.in_flight.is_some() || !self.poller.push {
             return None;
         }
-        let snapshot = self.snapshot.as_ref()?;
-        Some(vec![
-            (":method", "GET".to_owned()),
-            (
-                ":path",
-                format!("{SNAPSHOT_PATH}?{SNAPSHOT_WAIT_PARAM}={wait_ms}"),
-            ),
-            (":authority", self.config.authority.clone()),
-            ("accept", "application/json".to_owned()),
-            ("if-none-match", format!("\"{}\"", snapshot.version)),
-        ])
+        self.snapshot.as_ref()?;
+        Some(self.snapshot_request(format!("{SNAPSHOT_PATH}?{SNAPSHOT_WAIT_PARAM}={wait_ms}")))
     }
 
     /// The long-poll was dispatched with `token`; `None`: the host refused it, and the

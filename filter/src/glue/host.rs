@@ -106,14 +106,6 @@ impl Host for ProxyWasmHost {
         &mut self,
         config: &Config,
         headers: &[(&'static str, String)],
-    ) -> Result<u32, Refused> {
-        self.dispatch_long_poll(config, headers, config.callout_timeout_ms)
-    }
-
-    fn dispatch_long_poll(
-        &mut self,
-        config: &Config,
-        headers: &[(&'static str, String)],
         timeout_ms: u64,
     ) -> Result<u32, Refused> {
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();

@@ -432,23 +432,9 @@ impl Host for FakeHost {
         result
     }
 
+    /// Recorded as [`Call::DispatchLongPoll`] when the `:path` asks the control plane
+    /// to wait, else as [`Call::DispatchPoll`].
     fn dispatch_poll(
-        &mut self,
-        _config: &Config,
-        headers: &[(&'static str, String)],
-    ) -> Result<u32, Refused> {
-        let result = self.dispatch();
-        self.calls.push(Call::DispatchPoll {
-            if_none_match: headers
-                .iter()
-                .find(|(name, _)| *name == "if-none-match")
-                .map(|(_, value)| value.clone()),
-            token: result.as_ref().ok().copied(),
-        });
-        result
-    }
-
-    fn dispatch_long_poll(
         &mut self,
         _config: &Config,
         headers: &[(&'static str, String)],
@@ -461,11 +447,21 @@ impl Host for FakeHost {
                 .find(|(n, _)| *n == name)
                 .map(|(_, value)| value.clone())
         };
-        self.calls.push(Call::DispatchLongPoll {
-            path: header(":path").unwrap_or_default(),
-            if_none_match: header("if-none-match"),
-            timeout_ms,
-            token: result.as_ref().ok().copied(),
+        let path = header(":path").unwrap_or_default();
+        let if_none_match = header("if-none-match");
+        let token = result.as_ref().ok().copied();
+        self.calls.push(if path.contains(agent_vault_rules::SNAPSHOT_WAIT_PARAM) {
+            Call::DispatchLongPoll {
+                path,
+                if_none_match,
+                timeout_ms,
+                token,
+            }
+        } else {
+            Call::DispatchPoll {
+                if_none_match,
+                token,
+            }
         });
         result
     }
