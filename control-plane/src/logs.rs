@@ -46,7 +46,7 @@ use serde::Serialize;
 
 use crate::access::{Access, Principal, VaultRecord};
 use crate::error::{Error, Result};
-use crate::store::{scan_json, vault_prefix, Store};
+use crate::store::{prefix_end, scan_json, vault_prefix, Store};
 
 /// Records per page when the reader does not say.
 pub const DEFAULT_PAGE: usize = 100;
@@ -197,7 +197,7 @@ fn page_of(
     limit: usize,
 ) -> Result<Vec<LogEntry>> {
     let prefix = vault_prefix(vault_id);
-    let end = prefix_end(&prefix);
+    let end = prefix_end(&prefix).map_or(Unbounded, Excluded);
     let mut records = Vec::new();
     match after {
         Some(after) => {
@@ -207,9 +207,7 @@ fn page_of(
                 let before = tree
                     .range_rev(Included(prefix.clone()), Excluded(start.clone()))
                     .next();
-                let chunks = before
-                    .into_iter()
-                    .chain(tree.range(Included(start), Excluded(end)));
+                let chunks = before.into_iter().chain(tree.range(Included(start), end));
                 'chunks: for entry in chunks {
                     let (key, value) = entry?;
                     for (seq, record) in decode_chunk(&key, &value)? {
@@ -224,7 +222,7 @@ fn page_of(
             }
         }
         None => {
-            'newest: for entry in tree.range_rev(Included(prefix), Excluded(end)) {
+            'newest: for entry in tree.range_rev(Included(prefix), end) {
                 let (key, value) = entry?;
                 for (seq, record) in decode_chunk(&key, &value)?.into_iter().rev() {
                     records.push(LogEntry { seq, record });
@@ -556,16 +554,6 @@ fn decode_chunk(key: &[u8], value: &[u8]) -> Result<Vec<(u64, LogRecord)>> {
     } else {
         Ok(vec![(seq_of(key), serde_json::from_slice(value)?)])
     }
-}
-
-/// The first key after every key starting with `prefix` (which ends in `\0`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    match end.last_mut() {
-        Some(last) if *last < u8::MAX => *last += 1,
-        _ => end.push(u8::MAX),
-    }
-    end
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -984,6 +972,6 @@ mod tests {
         let key = log_key("v_abc", 0x0102);
         assert_eq!(key, b"v_abc\0\0\0\0\0\0\0\x01\x02");
         assert_eq!(seq_of(&key), 0x0102);
-        assert_eq!(prefix_end(b"v_abc\0"), b"v_abc\x01");
+        assert_eq!(prefix_end(b"v_abc\0"), Some(b"v_abc\x01".to_vec()));
     }
 }

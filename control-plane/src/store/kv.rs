@@ -86,6 +86,14 @@ impl Tree {
         self.name
     }
 
+    /// The sled tree underneath, on a sled store.
+    pub(crate) fn as_sled(&self) -> Option<&sled::Tree> {
+        match &self.backend {
+            TreeBackend::Sled(tree) => Some(tree),
+            TreeBackend::Postgres(_) => None,
+        }
+    }
+
     pub(crate) fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
         match &self.backend {
             TreeBackend::Sled(tree) => Ok(tree.get(key)?.map(|v| v.to_vec())),

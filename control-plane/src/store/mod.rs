@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 mod kv;
 mod postgres;
 
-pub(crate) use kv::{Batch, Bytes, Tree, TxError, TxResult, TxTree};
+pub(crate) use kv::{prefix_end, Batch, Bytes, Tree, TxError, TxResult, TxTree};
 use postgres::{PgTx, Postgres};
 
 /// Bumped when the layout of the records changes; a newer store is refused.
@@ -529,7 +529,9 @@ impl Store {
         match &self.backend {
             Backend::Sled(db, _) => {
                 for (tree, batch) in batches {
-                    self.sled_tree(tree).apply_batch(sled_batch(batch))?;
+                    tree.as_sled()
+                        .expect("a tree of this sled store")
+                        .apply_batch(sled_batch(batch))?;
                 }
                 db.flush()?;
                 Ok(())
@@ -561,16 +563,6 @@ impl Store {
                 let (batches, result) = f(ids)?;
                 Ok((writes_of(batches), result))
             }),
-        }
-    }
-
-    fn sled_tree(&self, tree: &Tree) -> &sled::Tree {
-        match &self.backend {
-            Backend::Sled(_, all) => all
-                .iter()
-                .find(|t| t.name() == tree.name().as_bytes())
-                .expect("a tree of this store"),
-            Backend::Postgres(_) => unreachable!("sled trees of a PostgreSQL store"),
         }
     }
 

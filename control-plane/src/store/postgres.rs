@@ -37,8 +37,16 @@ use super::kv::{Bytes, TxError, TxResult};
 type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 use crate::error::{Error, Result};
 
-/// The key-value table: one row per key of every tree.
+/// The key-value table: one row per key of every tree (created by [`MIGRATIONS`]).
 const TABLE: &str = "agent_vault_kv";
+/// The statements on it, each written once.
+const SELECT_VALUE: &str = "SELECT value FROM agent_vault_kv WHERE tree = $1 AND key = $2";
+const INSERT_NEW: &str =
+    "INSERT INTO agent_vault_kv (tree, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+const UPSERT: &str = "INSERT INTO agent_vault_kv (tree, key, value) VALUES ($1, $2, $3) \
+                      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value";
+const DELETE: &str = "DELETE FROM agent_vault_kv WHERE tree = $1 AND key = $2 RETURNING value";
+const COUNT: &str = "SELECT count(*) FROM agent_vault_kv WHERE tree = $1";
 /// A PEM file of the roots that check the database's certificate (`sslmode=require`)
 /// instead of the system's.
 pub(crate) const STORE_CA_ENV: &str = "AGENT_VAULT_STORE_CA";
@@ -221,21 +229,13 @@ impl Postgres {
 
     pub(crate) fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Bytes>> {
         let client = self.client()?;
-        self.run(async {
-            let sql = format!("SELECT value FROM {TABLE} WHERE tree = $1 AND key = $2");
-            let statement = client.prepare_cached(&sql).await?;
-            let row = client.query_opt(&statement, &[&tree, &key]).await?;
-            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
-        })
+        self.run(value_of(&client, SELECT_VALUE, tree, key))
     }
 
     pub(crate) fn insert_new(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<bool> {
         let client = self.client()?;
         self.run(async {
-            let sql = format!(
-                "INSERT INTO {TABLE} (tree, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
-            );
-            let statement = client.prepare_cached(&sql).await?;
+            let statement = client.prepare_cached(INSERT_NEW).await?;
             Ok(client.execute(&statement, &[&tree, &key, &value]).await? == 1)
         })
     }
@@ -243,8 +243,7 @@ impl Postgres {
     pub(crate) fn count(&self, tree: &str) -> Result<usize> {
         let client = self.client()?;
         self.run(async {
-            let sql = format!("SELECT count(*) FROM {TABLE} WHERE tree = $1");
-            let row = client.query_one(&sql, &[&tree]).await?;
+            let row = client.query_one(COUNT, &[&tree]).await?;
             Ok(row.get::<_, i64>(0) as usize)
         })
     }
@@ -464,10 +463,7 @@ async fn listen_once(
             .map_err(|e| e.to_string())?;
         let read_version = || async {
             let row = client
-                .query_opt(
-                    &format!("SELECT value FROM {TABLE} WHERE tree = 'meta' AND key = $1"),
-                    &[&version_key],
-                )
+                .query_opt(SELECT_VALUE, &[&"meta", &version_key])
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<u64, String>(
@@ -564,13 +560,8 @@ async fn write_all(
     tx: &tokio_postgres::Transaction<'_>,
     writes: &[(&'static str, Bytes, Option<Bytes>)],
 ) -> std::result::Result<(), tokio_postgres::Error> {
-    let upsert = format!(
-        "INSERT INTO {TABLE} (tree, key, value) VALUES ($1, $2, $3)
-         ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value"
-    );
-    let delete = format!("DELETE FROM {TABLE} WHERE tree = $1 AND key = $2");
-    let upsert = tx.prepare(&upsert).await?;
-    let delete = tx.prepare(&delete).await?;
+    let upsert = tx.prepare(UPSERT).await?;
+    let delete = tx.prepare(DELETE).await?;
     for (tree, key, value) in writes {
         match value {
             Some(value) => tx.execute(&upsert, &[tree, key, value]).await?,
@@ -578,6 +569,14 @@ async fn write_all(
         };
     }
     Ok(())
+}
+
+/// The `value` `sql` returns for `(tree, key)` (a select, or a delete's `RETURNING`),
+/// with the connection's cached statement.
+async fn value_of(client: &Object, sql: &str, tree: &str, key: &[u8]) -> PgResult<Option<Bytes>> {
+    let statement = client.prepare_cached(sql).await?;
+    let row = client.query_opt(&statement, &[&tree, &key]).await?;
+    Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
 }
 
 /// An open serializable transaction ([`Postgres::transact`]).
@@ -592,21 +591,12 @@ impl PgTx<'_> {
     }
 
     pub(crate) fn get(&self, tree: &str, key: &[u8]) -> TxResult<Option<Bytes>> {
-        self.in_tx(async {
-            let sql = format!("SELECT value FROM {TABLE} WHERE tree = $1 AND key = $2");
-            let statement = self.client.prepare_cached(&sql).await?;
-            let row = self.client.query_opt(&statement, &[&tree, &key]).await?;
-            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
-        })
+        self.in_tx(value_of(self.client, SELECT_VALUE, tree, key))
     }
 
     pub(crate) fn insert(&self, tree: &str, key: &[u8], value: &[u8]) -> TxResult<()> {
         self.in_tx(async {
-            let sql = format!(
-                "INSERT INTO {TABLE} (tree, key, value) VALUES ($1, $2, $3)
-                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value"
-            );
-            let statement = self.client.prepare_cached(&sql).await?;
+            let statement = self.client.prepare_cached(UPSERT).await?;
             self.client
                 .execute(&statement, &[&tree, &key, &value])
                 .await
@@ -615,12 +605,7 @@ impl PgTx<'_> {
     }
 
     pub(crate) fn remove(&self, tree: &str, key: &[u8]) -> TxResult<Option<Bytes>> {
-        self.in_tx(async {
-            let sql = format!("DELETE FROM {TABLE} WHERE tree = $1 AND key = $2 RETURNING value");
-            let statement = self.client.prepare_cached(&sql).await?;
-            let row = self.client.query_opt(&statement, &[&tree, &key]).await?;
-            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
-        })
+        self.in_tx(value_of(self.client, DELETE, tree, key))
     }
 
     /// Tells every listening control plane, at commit, that `version` is current.

@@ -450,19 +450,20 @@ impl Host for FakeHost {
         let path = header(":path").unwrap_or_default();
         let if_none_match = header("if-none-match");
         let token = result.as_ref().ok().copied();
-        self.calls.push(if path.contains(agent_vault_rules::SNAPSHOT_WAIT_PARAM) {
-            Call::DispatchLongPoll {
-                path,
-                if_none_match,
-                timeout_ms,
-                token,
-            }
-        } else {
-            Call::DispatchPoll {
-                if_none_match,
-                token,
-            }
-        });
+        self.calls
+            .push(if path.contains(agent_vault_rules::SNAPSHOT_WAIT_PARAM) {
+                Call::DispatchLongPoll {
+                    path,
+                    if_none_match,
+                    timeout_ms,
+                    token,
+                }
+            } else {
+                Call::DispatchPoll {
+                    if_none_match,
+                    token,
+                }
+            });
         result
     }
 
