@@ -8,7 +8,7 @@
 //! | `agent_vault_dataplane_log_records_total` | counter | request-log records received from the filters |
 //! | `agent_vault_dataplane_long_polls_total` | counter | snapshot requests that asked to wait (long-polls; their answers also count as `snapshot_full` / `snapshot_not_modified`) |
 //! | `agent_vault_dataplane_long_polls_held` | gauge | long-polls held right now (normally one per filter worker) |
-//! | `agent_vault_store_size_bytes` | gauge | what sled reports on disk |
+//! | `agent_vault_store_size_bytes` | gauge | what the store takes on disk: sled's files, or PostgreSQL's table with its index |
 //! | `agent_vault_proposals_pending` | gauge | proposals waiting for a human, all vaults |
 //! | `agent_vault_snapshot_version` | gauge | the rules snapshot version (the filters' `agent_vault.snapshot.version` converges on it) |
 //! | `agent_vault_snapshot_builds_total` | counter | snapshots built |
@@ -245,7 +245,7 @@ pub fn render(
         (
             "agent_vault_store_size_bytes",
             "gauge",
-            "Bytes the store takes on disk, as sled reports it.",
+            "Bytes the store takes on disk (sled's files, or the PostgreSQL table with its index).",
             store.size_bytes.to_string(),
         ),
         (
