@@ -7,8 +7,12 @@
 //! control plane reported missing are cached too, so a service whose credential was
 //! deleted costs one callout per TTL, not one per request.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::rc::Rc;
+
+use crate::decide::Rendered;
 
 /// A credential value: not printable, wiped (best effort) when dropped.
 pub struct Secret(String);
@@ -64,6 +68,11 @@ struct Entry {
 pub struct CredentialCache {
     ttl_ms: u64,
     vaults: HashMap<String, HashMap<String, Entry>>,
+    /// What services' values rendered to, by vault and service index in the current
+    /// snapshot: kept only as long as every value it was made from is unchanged, so
+    /// dropped whenever a value is stored, expired or cleared (and with it the copies
+    /// of secrets it holds).
+    renders: RefCell<HashMap<(Rc<str>, usize), Rc<Rendered>>>,
 }
 
 impl fmt::Debug for CredentialCache {
@@ -81,6 +90,7 @@ impl CredentialCache {
         CredentialCache {
             ttl_ms,
             vaults: HashMap::new(),
+            renders: RefCell::default(),
         }
     }
 
@@ -103,6 +113,7 @@ impl CredentialCache {
         if self.ttl_ms == 0 {
             return;
         }
+        self.renders.get_mut().clear();
         let entry = Entry {
             value,
             fetched_at_ms: now_ms,
@@ -121,15 +132,38 @@ impl CredentialCache {
     /// Drops everything (the snapshot version changed).
     pub fn clear(&mut self) {
         self.vaults.clear();
+        self.renders.get_mut().clear();
     }
 
     /// Drops stale entries, so values do not linger in memory past their TTL.
     pub fn purge(&mut self, now_ms: u64) {
         let ttl_ms = self.ttl_ms;
+        let before = self.len();
         for keys in self.vaults.values_mut() {
             keys.retain(|_, entry| is_fresh(ttl_ms, entry, now_ms));
         }
         self.vaults.retain(|_, keys| !keys.is_empty());
+        if self.len() != before {
+            self.renders.get_mut().clear();
+        }
+    }
+
+    /// What service `service` of `vault` rendered to, if its values have not changed
+    /// since (the caller checks that they are all still fresh).
+    pub fn rendered(&self, vault: &Rc<str>, service: usize) -> Option<Rc<Rendered>> {
+        self.renders
+            .borrow()
+            .get(&(Rc::clone(vault), service))
+            .map(Rc::clone)
+    }
+
+    /// Keeps what service `service` of `vault` rendered to, and returns it.
+    pub fn remember(&self, vault: &Rc<str>, service: usize, rendered: Rendered) -> Rc<Rendered> {
+        let rendered = Rc::new(rendered);
+        self.renders
+            .borrow_mut()
+            .insert((Rc::clone(vault), service), Rc::clone(&rendered));
+        rendered
     }
 
     /// Number of cached keys.

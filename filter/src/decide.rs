@@ -47,6 +47,7 @@ use agent_vault_rules::substitution::Substitution;
 
 use crate::cache::{Cached, CredentialCache, Secret};
 use crate::rate_limit::{self, Admission, SharedStore};
+use crate::redact::Patterns;
 use crate::request_log::RequestLog;
 use crate::snapshot::{Agent, CompiledSnapshot, CompiledVault, ServiceInfo, TokenHash};
 use crate::tunnel::{sni_names, TunnelIdentity};
@@ -152,6 +153,9 @@ pub struct Secrets {
     /// every credential value of the service's keys and every header value injected,
     /// each once, if at least [`crate::redact::MIN_SECRET_LEN`] bytes long.
     pub redact: Vec<Secret>,
+    /// The search patterns of `redact`, built with it (once per set of cached
+    /// values, see [`CredentialCache::rendered`]), `None` when nothing is redacted.
+    pub patterns: Option<Patterns>,
 }
 
 impl PartialEq for Secrets {
@@ -196,9 +200,11 @@ impl Secrets {
             }
         }
         (!substitutions.is_empty() || !redact.is_empty()).then(|| {
+            let patterns = Patterns::new(redact.iter().map(Secret::expose));
             Rc::new(Secrets {
                 substitutions,
                 redact,
+                patterns,
             })
         })
     }
@@ -320,22 +326,45 @@ fn render<'v>(
     (upstream_tls, open_host): (bool, bool),
     authority: Option<String>,
 ) -> Decision {
-    match auth.render(&lookup) {
-        Ok(inject) => {
-            let secrets = Secrets::of(service, &lookup, &inject);
-            Decision::Forward(Forward {
-                inject,
-                route: if upstream_tls {
-                    Route::Tls
-                } else {
-                    Route::Plain
-                },
-                authority,
-                open_host,
-                secrets,
-            })
-        }
+    match Rendered::of(auth, &lookup, service) {
+        Ok(rendered) => rendered.forward(upstream_tls, open_host, authority),
         Err(error) => Decision::Reject(reply::render_failed(vault, &service.name, &error)),
+    }
+}
+
+/// What a service's credential values render to: the headers injected and the
+/// secrets its requests keep (with their redaction patterns). The same for every
+/// request those values serve, so a worker keeps it with the values
+/// ([`CredentialCache::rendered`]) until one of them changes.
+#[derive(Debug)]
+pub struct Rendered {
+    inject: Vec<(String, String)>,
+    secrets: Option<Rc<Secrets>>,
+}
+
+impl Rendered {
+    fn of<'v>(
+        auth: &CompiledAuth,
+        lookup: &impl Fn(&str) -> Option<&'v str>,
+        service: &ServiceInfo,
+    ) -> Result<Rendered, agent_vault_rules::RenderError> {
+        let inject = auth.render(lookup)?;
+        let secrets = Secrets::of(service, lookup, &inject);
+        Ok(Rendered { inject, secrets })
+    }
+
+    fn forward(&self, upstream_tls: bool, open_host: bool, authority: Option<String>) -> Decision {
+        Decision::Forward(Forward {
+            inject: self.inject.clone(),
+            route: if upstream_tls {
+                Route::Tls
+            } else {
+                Route::Plain
+            },
+            authority,
+            open_host,
+            secrets: self.secrets.clone(),
+        })
     }
 }
 
@@ -736,17 +765,22 @@ fn decide_service(
             open_host,
         });
     }
+    // Rendered once per set of values, then reused: a hit renders nothing.
+    if let Some(rendered) = cache.rendered(&vault.name, index) {
+        return rendered.forward(service.upstream_tls, open_host, authority);
+    }
     let lookup = |key: &str| match cache.get(&vault.name, key, now_ms) {
         Cached::Value(value) => Some(value),
         Cached::Missing | Cached::Unknown => None,
     };
-    render(
-        auth,
-        lookup,
-        (&vault.name, service),
-        (service.upstream_tls, open_host),
-        authority,
-    )
+    match Rendered::of(auth, &lookup, service) {
+        Ok(rendered) => cache.remember(&vault.name, index, rendered).forward(
+            service.upstream_tls,
+            open_host,
+            authority,
+        ),
+        Err(error) => R(reply::render_failed(&vault.name, &service.name, &error)),
+    }
 }
 
 #[cfg(test)]

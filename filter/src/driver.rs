@@ -254,7 +254,7 @@ impl Http {
         let patterns = log
             .secrets
             .as_ref()
-            .and_then(|secrets| Patterns::new(secrets.redact.iter().map(|s| s.expose())));
+            .and_then(|secrets| secrets.patterns.clone());
         let headers = patterns.as_ref().map(|_| host.response_headers());
         log.response_status = match &headers {
             Some(headers) => headers

@@ -17,15 +17,16 @@
 //! is not recognised.
 //!
 //! **Search.** A handful of patterns per request (up to nine per value,
-//! deduplicated), each searched with `memchr::memmem`, leftmost-longest. Built per
-//! redacting request, so construction cost counts: measured on the host
+//! deduplicated), each searched with `memchr::memmem`, leftmost-longest. Built once
+//! per set of cached values (with [`crate::decide::Secrets`], which the worker
+//! reuses for every request those values serve until one of them changes), not per
+//! request; construction cost still counts on every refresh: measured on the host
 //! (`building_the_patterns_is_cheap`, release build), an `aho-corasick` automaton
-//! for two values took ~260 µs to build (~100 µs as a plain NFA), more than the
-//! whole request costs the filter, while prebuilt `memmem` finders took ~12 µs, and
-//! the plain pattern list (searched with `memmem::find`) ~2 µs; a body is
-//! scanned once per pattern, which for so few patterns costs little. The patterns
-//! are encodings of secrets: kept as plain byte vectors so that they are wiped when
-//! dropped (a prebuilt finder keeps its own copy).
+//! for two values took ~260 µs to build (~100 µs as a plain NFA), while prebuilt
+//! `memmem` finders took ~12 µs, and the plain pattern list (searched with
+//! `memmem::find`) ~2 µs; a body is scanned once per pattern, which for so few
+//! patterns costs little. The patterns are encodings of secrets: kept as plain byte
+//! vectors so that they are wiped when dropped (a prebuilt finder keeps its own copy).
 //!
 //! **Streaming.** A body passes chunk by chunk ([`Redactor::push`]): the last
 //! `longest pattern - 1` bytes of a chunk are held back (the *carry*) and searched
@@ -86,11 +87,13 @@ pub(crate) fn unmasked(text: &str) -> String {
 /// Values shorter than this (in bytes) are not redacted.
 pub const MIN_SECRET_LEN: usize = 8;
 
-/// The patterns of one request's secrets (wiped when dropped).
+/// The patterns of one set of secrets (wiped when the last clone is dropped). Built
+/// once per set of cached values ([`crate::decide::Secrets`]) and shared by every
+/// request those values serve: a clone shares the patterns, it does not copy them.
 #[derive(Clone)]
 pub struct Patterns {
     /// Longest first (so the first of equal starts wins).
-    needles: Vec<Vec<u8>>,
+    needles: std::rc::Rc<[Vec<u8>]>,
     /// The longest pattern's length.
     longest: usize,
 }
@@ -105,8 +108,11 @@ impl std::fmt::Debug for Patterns {
 
 impl Drop for Patterns {
     fn drop(&mut self) {
-        for needle in std::mem::take(&mut self.needles) {
-            crate::cache::wipe(needle);
+        // Only the last clone holds the patterns alone.
+        if let Some(needles) = std::rc::Rc::get_mut(&mut self.needles) {
+            for needle in needles.iter_mut() {
+                crate::cache::wipe(std::mem::take(needle));
+            }
         }
     }
 }
@@ -128,7 +134,7 @@ impl Patterns {
         patterns.sort_by_key(|p| std::cmp::Reverse(p.len()));
         let longest = patterns.first()?.len();
         Some(Patterns {
-            needles: patterns,
+            needles: patterns.into(),
             longest,
         })
     }

@@ -263,6 +263,7 @@ mod tests {
                     })
                     .collect(),
                 redact: Vec::new(),
+                patterns: None,
             })),
         }
     }

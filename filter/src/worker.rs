@@ -754,6 +754,65 @@ pub(crate) mod tests {
         assert_eq!(cached_decision(&mut worker, NOW_MS + 10), "fetch");
     }
 
+    fn cached_forward(worker: &mut Worker, now: u64) -> Option<crate::decide::Forward> {
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "GET",
+            authority: Some("api.stripe.com"),
+            path: "/",
+            proxy_authorization: Some(&auth),
+            x_vault: None,
+            tunnel: None,
+        };
+        match worker.decide(
+            &request,
+            now,
+            &mut RequestLog::default(),
+            &mut MemoryStore::default(),
+        ) {
+            Decision::Forward(forward) => Some(forward),
+            Decision::Fetch(_) | Decision::Reject(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_render_is_reused_until_one_of_its_values_changes() {
+        let secrets_of = |forward: Option<crate::decide::Forward>| {
+            forward
+                .and_then(|f| f.secrets)
+                .unwrap_or_else(|| panic!("a redacting forward"))
+        };
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_live_first", NOW_MS);
+        let first = secrets_of(cached_forward(&mut worker, NOW_MS + 10));
+        let again = secrets_of(cached_forward(&mut worker, NOW_MS + 20));
+        assert!(
+            Rc::ptr_eq(&first, &again),
+            "the second hit renders nothing: it shares the first one's secrets"
+        );
+        assert!(first.patterns.is_some(), "built once, with the secrets");
+
+        // A new value (an answer stored) is rendered anew.
+        fetch_and_answer(&mut worker, 2, 51, "sk_live_second", NOW_MS + 60_000);
+        let second = secrets_of(cached_forward(&mut worker, NOW_MS + 60_010));
+        assert!(!Rc::ptr_eq(&first, &second));
+        assert_eq!(
+            cached_decision(&mut worker, NOW_MS + 60_020),
+            r#"[("authorization", "Bearer sk_live_second")]"#
+        );
+
+        // Expired: fetched again, never served from the old render.
+        assert_eq!(cached_decision(&mut worker, NOW_MS + 120_010), "fetch");
+        // A new version drops it with the values.
+        fetch_and_answer(&mut worker, 3, 52, "sk_live_third", NOW_MS + 120_020);
+        secrets_of(cached_forward(&mut worker, NOW_MS + 120_025));
+        assert!(worker.cache.rendered(&Rc::from("default"), 0).is_some());
+        worker.install(snapshot("2"));
+        assert_eq!(cached_decision(&mut worker, NOW_MS + 120_030), "fetch");
+        assert!(worker.cache.rendered(&Rc::from("default"), 0).is_none());
+    }
+
     #[test]
     fn an_answer_from_before_a_version_change_is_not_cached() {
         let mut worker = Worker::new(config(), NOW_MS);
