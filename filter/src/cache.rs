@@ -64,6 +64,9 @@ struct Entry {
     fetched_at_ms: u64,
 }
 
+/// A service of the current snapshot: its vault's name and its index there.
+type ServiceRef = (Rc<str>, usize);
+
 /// Credential values of one worker.
 pub struct CredentialCache {
     ttl_ms: u64,
@@ -72,7 +75,7 @@ pub struct CredentialCache {
     /// snapshot: kept only as long as every value it was made from is unchanged, so
     /// dropped whenever a value is stored, expired or cleared (and with it the copies
     /// of secrets it holds).
-    renders: RefCell<HashMap<(Rc<str>, usize), Rc<Rendered>>>,
+    renders: RefCell<HashMap<ServiceRef, Rc<Rendered>>>,
 }
 
 impl fmt::Debug for CredentialCache {
