@@ -2835,6 +2835,27 @@ mod tests {
     }
 
     #[test]
+    fn a_redacting_response_chunk_that_cannot_begin_a_secret_is_read_once_and_not_written_back() {
+        let mut vm = Vm::running("");
+        redacting(&mut vm, vec![(":status", "200".to_owned())]);
+        vm.calls();
+        // Not the end of the body, but no tail of it can begin a secret: nothing held.
+        assert_eq!(chunk(&mut vm, b"ok", false), b"ok");
+        assert_eq!(vm.calls(), vec![Call::ReadResponseBody { context: 2 }]);
+        assert_eq!(chunk(&mut vm, b"", true), b"");
+        // A tail that may begin one waits for the next chunk.
+        let held = format!("ok {}", &SECRET[..4]);
+        assert_eq!(chunk(&mut vm, held.as_bytes(), false), b"ok ");
+        assert_eq!(
+            chunk(&mut vm, &SECRET.as_bytes()[4..], true).len(),
+            SECRET.len()
+        );
+        assert_eq!(redactions(&vm, 2), 1);
+        vm.host.stats.clear();
+        vm.finish(2, None);
+    }
+
+    #[test]
     fn a_redacting_response_compressed_with_gzip_is_inflated_and_passed_on_plain() {
         use std::io::Write;
         let mut vm = Vm::running("");

@@ -96,6 +96,9 @@ pub struct Patterns {
     needles: std::rc::Rc<[Vec<u8>]>,
     /// The longest pattern's length.
     longest: usize,
+    /// By byte value: whether some pattern starts with it, i.e. where a chunk's tail
+    /// could begin a secret (see [`Patterns::held_from`]).
+    starts: std::rc::Rc<[bool; 256]>,
 }
 
 impl std::fmt::Debug for Patterns {
@@ -133,10 +136,38 @@ impl Patterns {
         }
         patterns.sort_by_key(|p| std::cmp::Reverse(p.len()));
         let longest = patterns.first()?.len();
+        let mut starts = [false; 256];
+        for first in patterns.iter().filter_map(|p| p.first()) {
+            if let Some(starts) = starts.get_mut(usize::from(*first)) {
+                *starts = true;
+            }
+        }
         Some(Patterns {
             needles: patterns.into(),
             longest,
+            starts: std::rc::Rc::new(starts),
         })
+    }
+
+    /// Where the part of `text` that may be the beginning of a secret starts: the
+    /// first position whose rest is shorter than some pattern and begins it (`len` if
+    /// none). Only those bytes need to wait for the next chunk. Every match starting
+    /// before it is final: a longer one from the same start would run past the end,
+    /// so its start would be such a position. Most chunks end in no pattern's first
+    /// bytes and are given out whole, without being written back.
+    fn held_from(&self, text: &[u8]) -> usize {
+        let tail = text.len().saturating_sub(self.longest.saturating_sub(1));
+        (tail..text.len())
+            .find(|&at| {
+                let rest = text.get(at..).unwrap_or_default();
+                rest.first()
+                    .is_some_and(|&b| self.starts.get(usize::from(b)) == Some(&true))
+                    && self
+                        .needles
+                        .iter()
+                        .any(|needle| needle.len() > rest.len() && needle.starts_with(rest))
+            })
+            .unwrap_or(text.len())
     }
 
     /// The leftmost match at or after `from`, the longest of those starting there:
@@ -280,11 +311,11 @@ impl Redactor {
     }
 
     /// Takes the next chunk; returns what can be given out now (holding back at most
-    /// `longest - 1` bytes).
+    /// `longest - 1` bytes: only a tail that may begin a secret).
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut buffer = std::mem::take(&mut self.carry);
         buffer.extend_from_slice(chunk);
-        let keep_from = buffer.len().saturating_sub(self.patterns.longest - 1);
+        let keep_from = self.patterns.held_from(&buffer);
         let mut out = Vec::with_capacity(buffer.len());
         let (cursor, count) = self.patterns.replace(&buffer, keep_from, &mut out);
         self.count += count;
@@ -552,11 +583,26 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_holds_back_no_more_than_the_longest_pattern_less_one() {
+    fn a_chunk_holds_back_only_a_tail_that_may_begin_a_secret() {
         let p = patterns(&[SECRET]);
         let mut redactor = Redactor::new(p.clone());
-        let out = redactor.push(&[b'x'; 1000]);
-        assert_eq!(out.len(), 1000 - (p.longest - 1));
+        assert_eq!(redactor.push(&[b'x'; 1000]).len(), 1000, "nothing to hold");
+        let begun = [&[b'x'; 1000][..], &SECRET.as_bytes()[..5]].concat();
+        assert_eq!(
+            redactor.push(&begun).len(),
+            1000,
+            "the secret's first bytes wait"
+        );
+        // At most `longest - 1` bytes: a tail full of first bytes is held from there.
+        let mut redactor = Redactor::new(p.clone());
+        let first = SECRET.as_bytes()[0];
+        let out = redactor.push(&vec![first; 1000]);
+        assert!(out.len() >= 1000 - (p.longest - 1), "{}", out.len());
+        assert_eq!(
+            [out, redactor.finish()].concat(),
+            vec![first; 1000],
+            "all given out at the end"
+        );
     }
 
     /// A quick benchmark: building the automaton happens per redacting request.
