@@ -98,6 +98,9 @@ pub struct Refresh {
 /// Credential values of one worker.
 pub struct CredentialCache {
     ttl_ms: u64,
+    /// The age from which a used entry is due for a refresh: the TTL less its last
+    /// [`REFRESH_AHEAD_PERCENT`] %.
+    refresh_from_ms: u64,
     vaults: HashMap<String, HashMap<String, Entry>>,
     /// Refreshes asked for by the decision being made (the decision only borrows the
     /// cache); drained by the worker after it.
@@ -118,6 +121,8 @@ impl CredentialCache {
     pub fn new(ttl_ms: u64) -> CredentialCache {
         CredentialCache {
             ttl_ms,
+            refresh_from_ms: ttl_ms
+                .saturating_sub(ttl_ms.saturating_mul(REFRESH_AHEAD_PERCENT) / 100),
             vaults: HashMap::new(),
             wanted: RefCell::new(Vec::new()),
         }
@@ -161,8 +166,7 @@ impl CredentialCache {
 
     /// Whether a fresh entry is in the last [`REFRESH_AHEAD_PERCENT`] % of its TTL.
     fn refresh_window(&self, entry: &Entry, now_ms: u64) -> bool {
-        let margin = self.ttl_ms.saturating_mul(REFRESH_AHEAD_PERCENT) / 100;
-        now_ms.saturating_sub(entry.fetched_at_ms) >= self.ttl_ms.saturating_sub(margin)
+        now_ms.saturating_sub(entry.fetched_at_ms) >= self.refresh_from_ms
     }
 
     /// Records that a request served from the cache found its keys due for a
