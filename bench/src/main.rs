@@ -28,6 +28,7 @@ mod procs;
 mod propagation;
 mod report;
 mod seed;
+mod steady;
 mod upstream;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,8 @@ pub struct Args {
     pub candidate_wasm: Option<PathBuf>,
     /// Rounds of the body features' pairs ([`features`]; 0: skipped).
     pub feature_rounds: usize,
+    /// Seconds of steady load on (e) with the default TTL ([`steady`]; 0: skipped).
+    pub steady_secs: u64,
 }
 
 const USAGE: &str =
@@ -100,6 +103,8 @@ const USAGE: &str =
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
+    [--steady-secs N]       steady load on (e) with the default TTL, counting the requests that
+                            wait on a credential fetch (300; 0: none)
     [--out FILE|-]          where the Markdown goes (BENCHMARKS.md; -: nowhere)
     [--command TEXT]        the command shown in it
     [--keep-workdir]        keep the generated configs and logs";
@@ -133,6 +138,7 @@ fn parse_args() -> Args {
         keep_workdir: false,
         candidate_wasm: None,
         feature_rounds: 6,
+        steady_secs: 300,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -181,6 +187,7 @@ fn parse_args() -> Args {
             "--keep-workdir" => args.keep_workdir = true,
             "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
             "--feature-rounds" => args.feature_rounds = number(value()),
+            "--steady-secs" => args.steady_secs = number(value()) as u64,
             _ => usage(),
         }
     }
@@ -284,6 +291,8 @@ pub struct Results {
     pub checks: Vec<String>,
     /// The body features' pairs, if run.
     pub features: Option<features::Results>,
+    /// Steady load on (e) with the default TTL, if run.
+    pub steady: Option<steady::Steady>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -658,6 +667,33 @@ fn run_in(
         (polls.snapshot_full + polls.snapshot_not_modified) as f64 / 4.0
     };
 
+    // Steady load on (e) with the default TTL, before propagation (whose changes drop
+    // the caches): how many requests wait on a credential fetch.
+    let mut steady = None;
+    if let (true, Some(envoy)) = (
+        args.steady_secs > 0,
+        envoys.iter().find(|e| e.variant == Variant::FilterWarm),
+    ) {
+        log(&format!(
+            "steady load on (e): wrk -c{} for {} s with the default TTL ({} s)",
+            steady::CONNECTIONS,
+            args.steady_secs,
+            steady::TTL_MS / 1000
+        ));
+        let headers = headers_for(Variant::FilterWarm);
+        let target = load::Target {
+            port: envoy.port,
+            path: "/bench",
+            headers: &headers,
+        };
+        let result = steady::run(envoy, &cps["e"], &target, args.steady_secs)?;
+        log(&format!(
+            "steady load: {} requests, {:?} waited on a fetch, {:?} background refreshes, {} credential fetches at the control plane",
+            result.requests, result.waited, result.refreshes, result.cp_fetches
+        ));
+        steady = Some(result);
+    }
+
     // First handshakes to new hosts on (j), after the runs: every name makes Envoy ask
     // the control plane for a certificate it mints and pushes.
     let mut handshakes = None;
@@ -762,6 +798,7 @@ fn run_in(
 
     let results = Results {
         features,
+        steady,
         samples,
         cp_small,
         cp_big,

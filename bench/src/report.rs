@@ -364,6 +364,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             ),
         });
     }
+    targets.extend(issue15_targets(results, conns));
     for &c in conns {
         let (r, measured) = ratio_measured(results, Variant::FilterWarm, Variant::ExtAuthz, c, 2);
         targets.push(Target {
@@ -507,6 +508,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             ),
         });
     }
+    targets.extend(results.steady.as_ref().map(steady_target));
     let non_2xx: u64 = results
         .samples
         .iter()
@@ -518,6 +520,11 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
         pass: Some(non_2xx == 0),
         why: String::new(),
     });
+    let steady = results
+        .steady
+        .as_ref()
+        .map(steady_section)
+        .unwrap_or_default();
     let mut target_text = String::new();
     for t in &targets {
         let line = match t.pass {
@@ -531,7 +538,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
 
     let elapsed = results.started.elapsed().as_secs_f64();
     let mut printed = String::new();
-    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{prop_pg}\n{prop_pg_by_envoy}\n{long_poll_cost}\n{interception}\n{first_handshakes}\n{target_text}", results.memory.polling_vms);
+    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{prop_pg}\n{prop_pg_by_envoy}\n{long_poll_cost}\n{interception}\n{first_handshakes}\n{steady}\n{target_text}", results.memory.polling_vms);
     let _ = writeln!(
         printed,
         "finished in {elapsed:.0} s; load average before {} / after {}",
@@ -672,6 +679,9 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             md,
             "### First handshake to a new host\n\n{first_handshakes}"
         );
+    }
+    if !steady.is_empty() {
+        let _ = writeln!(md, "### Steady load with the default TTL\n\n{steady}");
     }
     if args.variants.contains(&Variant::Candidate) {
         let mut lines = String::from(
@@ -1332,6 +1342,92 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   `--keep-workdir` keeps the generated Envoy configs and logs.
 ";
 
+/// Issue 15's throughput targets: (e) ≥ 0.93 × (b) and (e) ≥ 0.90 × (i) in req/s at
+/// each connection count (medians of per-round ratios), each MISS explained by the
+/// Envoy CPU per request of both variants.
+fn issue15_targets(results: &Results, conns: &[usize]) -> Vec<Target> {
+    let cpu = |v: Variant, c: usize| med(results, v, c, |s| s.envoy_cpu_us);
+    let mut targets = Vec::new();
+    for (base, min) in [(Variant::NoopWasm, 0.93), (Variant::NoopAddHeader, 0.90)] {
+        for &c in conns {
+            let (r, measured) = ratio_measured(results, Variant::FilterWarm, base, c, 3);
+            let (cpu_base, cpu_e) = (cpu(base, c), cpu(Variant::FilterWarm, c));
+            targets.push(Target {
+                what: format!(
+                    "(e) ≥ {min:.2} × ({}) in req/s, {c} conn (issue 15)",
+                    base.letter()
+                ),
+                measured,
+                pass: verdict(r, |r| r >= min),
+                why: format!(
+                    "Envoy CPU per request: (e) {} µs, ({}) {} µs (+{} µs); every process shares \
+                     the same cores, so CPU per request is throughput; see “Where the time goes”",
+                    num(cpu_e, 1),
+                    base.letter(),
+                    num(cpu_base, 1),
+                    num(cpu_e - cpu_base, 1),
+                ),
+            });
+        }
+    }
+    targets
+}
+
+/// Issue 15's steady-load target: no request of (e) waits on a credential fetch.
+fn steady_target(steady: &crate::steady::Steady) -> Target {
+    let refreshes = steady.refreshes.map_or("—".to_string(), |r| r.to_string());
+    Target {
+        what: format!(
+            "under steady load with the default TTL ({} s), zero requests of (e) wait on a credential \
+             fetch (wrk -c{}, {} s)",
+            crate::steady::TTL_MS / 1000,
+            steady.connections,
+            steady.secs
+        ),
+        measured: format!(
+            "{} of {} requests waited; {refreshes} background refreshes, {} credential fetches at \
+             the control plane",
+            steady.waited.map_or("—".to_string(), |w| w.to_string()),
+            steady.requests,
+            steady.cp_fetches
+        ),
+        pass: steady.waited.map(|w| w == 0),
+        why: format!(
+            "`{}` counts the requests the filter paused for a fetch: an entry expired before a \
+             background refresh replaced it (a refresh is asked for by a request in the last 20 % \
+             of the TTL and sent on the worker's next tick); {refreshes} refreshes and {} fetches \
+             in the window",
+            crate::steady::WAITED_STAT,
+            steady.cp_fetches
+        ),
+    }
+}
+
+/// The steady-load measurement, as a table.
+fn steady_section(steady: &crate::steady::Steady) -> String {
+    let opt = |v: Option<u64>| v.map_or("—".to_string(), |v| v.to_string());
+    format!(
+        "(e) under `wrk -c{c}` for {secs} s with the default credential TTL ({ttl} s), after a \
+         warm-up outside the window; the filter's Envoy counters (`{waited_stat}`, `{refresh_stat}`, \
+         summed over the workers) and the control plane's `credentials` count read before and \
+         after.\n\n\
+         | requests sent | req/s | waited on a fetch | background refreshes | credential fetches at the control plane | non-2xx |\n\
+         |---:|---:|---:|---:|---:|---:|\n\
+         | {requests} | {rps} | {waited} | {refreshes} | {fetches} | {non_2xx} |\n",
+        c = steady.connections,
+        secs = steady.secs,
+        ttl = crate::steady::TTL_MS / 1000,
+        waited_stat = crate::steady::WAITED_STAT,
+        refresh_stat = crate::steady::REFRESHES_STAT,
+        requests = steady.requests,
+        rps = num(steady.rps, 0),
+        waited = opt(steady.waited),
+        refreshes = opt(steady.refreshes),
+        fetches = steady.cp_fetches,
+        non_2xx = steady.non_2xx,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1405,5 +1501,183 @@ mod tests {
         assert!(few.contains("(e) faster in all 2 rounds"), "{few}");
         assert!(few.contains("fewer than 6 rounds cannot tell"), "{few}");
         assert!(!few.contains("a difference this run can tell"), "{few}");
+    }
+
+    // --- Issue 15's targets -------------------------------------------------------
+
+    fn results(samples: Vec<Sample>, steady: Option<crate::steady::Steady>) -> Results {
+        Results {
+            samples,
+            cp_small: crate::CpAlone::default(),
+            cp_big: crate::CpAlone::default(),
+            cp_big_postgres: None,
+            memory: crate::Memory::default(),
+            propagation: Vec::new(),
+            propagation_polling: Vec::new(),
+            propagation_postgres: None,
+            handshakes: None,
+            started: std::time::Instant::now(),
+            load_before: String::new(),
+            load_after: String::new(),
+            envoy_version: String::new(),
+            checks: Vec::new(),
+            features: None,
+            steady,
+        }
+    }
+
+    /// A run of `variant` at `connections` in `round` with this rate and Envoy CPU.
+    fn sample(variant: Variant, connections: usize, round: usize, rps: f64, cpu: f64) -> Sample {
+        Sample {
+            variant,
+            connections,
+            round,
+            run: Run {
+                rps,
+                ..Run::default()
+            },
+            cp: crate::controlplane::Counts::default(),
+            upstream: crate::upstream::SeenCounts::default(),
+            envoy_cpu_us: cpu,
+            cp_cpu_us: 0.0,
+        }
+    }
+
+    fn line(t: &Target) -> String {
+        let verdict = match t.pass {
+            None => "NOT MEASURED",
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+        };
+        format!("{verdict} {}: {} — {}", t.what, t.measured, t.why)
+    }
+
+    #[test]
+    fn issue_15_ratio_targets_use_paired_medians_and_explain_a_miss_by_cpu() {
+        let mut samples = Vec::new();
+        // Three rounds: (e)/(b) = 0.95, 0.94, 0.92 at 1 conn (median 0.94: PASS);
+        // 0.90 at 16 (MISS); (e)/(i) = 0.95 / 0.92 / 0.91 at 1, 0.89 at 16.
+        for (round, e1, b1, i1) in [
+            (0, 950.0, 1000.0, 1000.0),
+            (1, 940.0, 1000.0, 1022.0),
+            (2, 920.0, 1000.0, 1011.0),
+        ] {
+            samples.push(sample(Variant::FilterWarm, 1, round, e1, 60.0));
+            samples.push(sample(Variant::NoopWasm, 1, round, b1, 50.0));
+            samples.push(sample(Variant::NoopAddHeader, 1, round, i1, 52.0));
+            samples.push(sample(Variant::FilterWarm, 16, round, 900.0, 70.0));
+            samples.push(sample(Variant::NoopWasm, 16, round, 1000.0, 50.0));
+            samples.push(sample(Variant::NoopAddHeader, 16, round, 1011.0, 55.0));
+        }
+        let targets: Vec<String> = issue15_targets(&results(samples, None), &[1, 16])
+            .iter()
+            .map(line)
+            .collect();
+        assert_eq!(targets.len(), 4, "{targets:#?}");
+        assert!(
+            targets[0].starts_with(
+                "PASS (e) ≥ 0.93 × (b) in req/s, 1 conn (issue 15): 0.940× (rounds 0.92–0.95)"
+            ),
+            "{}",
+            targets[0]
+        );
+        assert!(
+            targets[1].starts_with("MISS (e) ≥ 0.93 × (b) in req/s, 16 conn (issue 15): 0.900×"),
+            "{}",
+            targets[1]
+        );
+        assert!(
+            targets[1].contains("(e) 70.0 µs, (b) 50.0 µs (+20.0 µs)"),
+            "{}",
+            targets[1]
+        );
+        assert!(
+            targets[2].starts_with("PASS (e) ≥ 0.90 × (i) in req/s, 1 conn (issue 15): 0.920×"),
+            "{}",
+            targets[2]
+        );
+        assert!(
+            targets[3].starts_with("MISS (e) ≥ 0.90 × (i) in req/s, 16 conn (issue 15): 0.890×"),
+            "{}",
+            targets[3]
+        );
+        assert!(targets[3].contains("(i) 55.0 µs"), "{}", targets[3]);
+        // A variant left out of the run: not measured, not a MISS.
+        let partial = vec![sample(Variant::FilterWarm, 1, 0, 900.0, 60.0)];
+        let targets = issue15_targets(&results(partial, None), &[1]);
+        assert!(targets.iter().all(|t| t.pass.is_none()));
+    }
+
+    #[test]
+    fn the_steady_load_target_passes_only_when_no_request_waited() {
+        let steady = |waited| crate::steady::Steady {
+            secs: 300,
+            connections: 16,
+            requests: 1_500_000,
+            rps: 5000.0,
+            non_2xx: 0,
+            waited,
+            refreshes: Some(12),
+            cp_fetches: 12,
+        };
+        let pass = line(&steady_target(&steady(Some(0))));
+        assert!(
+            pass.starts_with(
+                "PASS under steady load with the default TTL (60 s), zero requests of (e) wait on a \
+                 credential fetch (wrk -c16, 300 s): 0 of 1500000 requests waited; 12 background \
+                 refreshes, 12 credential fetches at the control plane"
+            ),
+            "{pass}"
+        );
+        let miss = line(&steady_target(&steady(Some(3))));
+        assert!(miss.starts_with("MISS "), "{miss}");
+        assert!(miss.contains("3 of 1500000 requests waited"), "{miss}");
+        assert!(miss.contains("agent_vault.cache.misses"), "{miss}");
+        let unread = steady_target(&steady(None));
+        assert_eq!(unread.pass, None, "an unreadable counter is not a PASS");
+        let section = steady_section(&steady(Some(0)));
+        assert!(
+            section.contains("| 1500000 | 5000 | 0 | 12 | 12 | 0 |"),
+            "{section}"
+        );
+        // In the report: the target line and the section.
+        let args = crate::Args {
+            connections: vec![1],
+            variants: vec![Variant::FilterWarm],
+            ..test_args()
+        };
+        let (table, md) = render(&args, &results(Vec::new(), Some(steady(Some(0)))));
+        assert!(table.contains("**PASS** under steady load"), "{table}");
+        assert!(md.contains("### Steady load with the default TTL"), "{md}");
+        let (_, without) = render(&args, &results(Vec::new(), None));
+        assert!(!without.contains("steady load"), "{without}");
+    }
+
+    fn test_args() -> crate::Args {
+        crate::Args {
+            envoy: "envoy".into(),
+            agent_vault: "agent-vault".into(),
+            filter_wasm: "f.wasm".into(),
+            noop_wasm: "n.wasm".into(),
+            rounds: 1,
+            duration: std::time::Duration::from_secs(1),
+            connections: vec![1, 16],
+            events: 0,
+            poll_events: 0,
+            pg_events: 0,
+            handshakes: 0,
+            cp_duration: std::time::Duration::from_secs(1),
+            big_services: 1,
+            big_agents: 1,
+            out: None,
+            command: String::new(),
+            variants: Vec::new(),
+            skip_cp_alone: true,
+            skip_postgres: true,
+            keep_workdir: false,
+            candidate_wasm: None,
+            feature_rounds: 0,
+            steady_secs: 0,
+        }
     }
 }

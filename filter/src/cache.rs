@@ -6,8 +6,17 @@
 //! changed or deleted credential takes effect within one poll interval. Keys the
 //! control plane reported missing are cached too, so a service whose credential was
 //! deleted costs one callout per TTL, not one per request.
+//!
+//! **Refresh-ahead.** An entry that is *used* in the last [`REFRESH_AHEAD_PERCENT`] % of
+//! its TTL is due for a background refresh ([`CredentialCache::lookup`] says so to the
+//! first lookup that finds it there, and only to that one): the request is served
+//! from the cache at once, the worker re-fetches the keys, and the answer replaces the
+//! entry with a fresh `fetched_at` (see [`crate::worker`]). So a credential in steady
+//! use never makes a request wait; an entry nobody uses is not refreshed and expires.
+//! A refresh is asked for once per fetched entry: if it fails, the entry stays as it
+//! was and expires at its TTL, and the next request waits on a normal fetch.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
@@ -59,9 +68,33 @@ pub enum Cached<'a> {
     Unknown,
 }
 
+/// The last part of an entry's TTL, in percent, in which using it asks for a
+/// background refresh. 20 % of the default 60 s TTL is 12 s: room for the root
+/// context's next tick, which dispatches the refresh (at most `snapshot_poll_ms` /
+/// `log_flush_ms` away, 1 s by default), plus the callout (`callout_timeout_ms`, 2 s by
+/// default) before the entry expires; and a key in steady use is fetched at most once
+/// per 80 % of the TTL per worker, 1.25 × the fetches of a plain TTL. With a TTL below
+/// about five ticks the refresh may land after the entry expired: then the request
+/// after the TTL waits, as without refresh-ahead.
+pub const REFRESH_AHEAD_PERCENT: u64 = 20;
+
 struct Entry {
     value: Option<Secret>,
     fetched_at_ms: u64,
+    /// A background refresh was asked for (once per fetched entry).
+    refresh_asked: Cell<bool>,
+}
+
+/// A background refresh a cache hit asked for: the keys of the service it used, with
+/// the agent whose request it was (the control plane re-checks that agent's grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refresh {
+    /// Agent token hash.
+    pub token_sha256: String,
+    /// Vault name.
+    pub vault: Rc<str>,
+    /// The service's keys, sorted and deduplicated.
+    pub keys: Vec<String>,
 }
 
 /// A service of the current snapshot: its vault's name and its index there.
@@ -70,12 +103,18 @@ type ServiceRef = (Rc<str>, usize);
 /// Credential values of one worker.
 pub struct CredentialCache {
     ttl_ms: u64,
+    /// The age from which a used entry is due for a refresh: the TTL less its last
+    /// [`REFRESH_AHEAD_PERCENT`] %.
+    refresh_from_ms: u64,
     vaults: HashMap<String, HashMap<String, Entry>>,
     /// What services' values rendered to, by vault and service index in the current
     /// snapshot: kept only as long as every value it was made from is unchanged, so
     /// dropped whenever a value is stored, expired or cleared (and with it the copies
     /// of secrets it holds).
     renders: RefCell<HashMap<ServiceRef, Rc<Rendered>>>,
+    /// Refreshes asked for by the decision being made (the decision only borrows the
+    /// cache); drained by the worker after it.
+    wanted: RefCell<Vec<Refresh>>,
 }
 
 impl fmt::Debug for CredentialCache {
@@ -92,23 +131,70 @@ impl CredentialCache {
     pub fn new(ttl_ms: u64) -> CredentialCache {
         CredentialCache {
             ttl_ms,
+            refresh_from_ms: ttl_ms
+                .saturating_sub(ttl_ms.saturating_mul(REFRESH_AHEAD_PERCENT) / 100),
             vaults: HashMap::new(),
             renders: RefCell::default(),
+            wanted: RefCell::new(Vec::new()),
         }
     }
 
     /// Looks a key up at time `now_ms`. Lookups borrow; nothing is allocated.
     pub fn get(&self, vault: &str, key: &str, now_ms: u64) -> Cached<'_> {
-        let Some(entry) = self.vaults.get(vault).and_then(|keys| keys.get(key)) else {
-            return Cached::Unknown;
-        };
-        if !self.fresh(entry, now_ms) {
-            return Cached::Unknown;
+        match self.entry(vault, key, now_ms) {
+            Some(Entry {
+                value: Some(secret),
+                ..
+            }) => Cached::Value(secret.expose()),
+            Some(Entry { value: None, .. }) => Cached::Missing,
+            None => Cached::Unknown,
         }
-        match &entry.value {
+    }
+
+    /// The fresh entry for a key.
+    fn entry(&self, vault: &str, key: &str, now_ms: u64) -> Option<&Entry> {
+        self.vaults
+            .get(vault)
+            .and_then(|keys| keys.get(key))
+            .filter(|entry| self.fresh(entry, now_ms))
+    }
+
+    /// Looks a key up at time `now_ms` like [`CredentialCache::get`], and says whether
+    /// the entry is due for a background refresh: it is fresh and in the last
+    /// [`REFRESH_AHEAD_PERCENT`] % of its TTL, and no refresh was asked for it yet.
+    /// `true` is said once per fetched entry: this lookup takes the refresh on.
+    pub fn lookup(&self, vault: &str, key: &str, now_ms: u64) -> (Cached<'_>, bool) {
+        let Some(entry) = self.entry(vault, key, now_ms) else {
+            return (Cached::Unknown, false);
+        };
+        let refresh = self.refresh_window(entry, now_ms) && !entry.refresh_asked.replace(true);
+        let cached = match &entry.value {
             Some(secret) => Cached::Value(secret.expose()),
             None => Cached::Missing,
+        };
+        (cached, refresh)
+    }
+
+    /// Whether a fresh entry is in the last [`REFRESH_AHEAD_PERCENT`] % of its TTL.
+    fn refresh_window(&self, entry: &Entry, now_ms: u64) -> bool {
+        now_ms.saturating_sub(entry.fetched_at_ms) >= self.refresh_from_ms
+    }
+
+    /// Records that a request served from the cache found its keys due for a
+    /// refresh (see [`CredentialCache::lookup`]); the worker takes it with
+    /// [`CredentialCache::take_refreshes`] right after the decision.
+    pub fn want_refresh(&self, refresh: Refresh) {
+        if let Ok(mut wanted) = self.wanted.try_borrow_mut() {
+            wanted.push(refresh);
         }
+    }
+
+    /// The refreshes asked for since the last call (nothing is allocated when none).
+    pub fn take_refreshes(&self) -> Vec<Refresh> {
+        self.wanted
+            .try_borrow_mut()
+            .map(|mut wanted| std::mem::take(&mut *wanted))
+            .unwrap_or_default()
     }
 
     /// Stores a value (`None`: known missing) fetched at `now_ms`.
@@ -120,6 +206,7 @@ impl CredentialCache {
         let entry = Entry {
             value,
             fetched_at_ms: now_ms,
+            refresh_asked: Cell::new(false),
         };
         match self.vaults.get_mut(vault) {
             Some(keys) => {
@@ -242,6 +329,62 @@ mod tests {
         cache.clear();
         assert!(cache.is_empty());
         assert_eq!(cache.get("v1", "NEW", 2_200), Cached::Unknown);
+    }
+
+    #[test]
+    fn a_refresh_is_due_once_per_fetched_entry_in_the_last_fifth_of_its_ttl() {
+        assert_eq!(REFRESH_AHEAD_PERCENT, 20);
+        let mut cache = CredentialCache::new(1000);
+        cache.insert("v1", "KEY", secret("s1"), 10_000);
+        cache.insert("v1", "GONE", None, 10_000);
+        // (behaviour, key, now, expected lookup), in this order: a lookup that says
+        // "due" takes the refresh on.
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, u64, (Cached<'_>, bool))] = &[
+            ("fresh, early", "KEY", 10_000, (Cached::Value("s1"), false)),
+            ("just before the window", "KEY", 10_799, (Cached::Value("s1"), false)),
+            ("in the window: due", "KEY", 10_800, (Cached::Value("s1"), true)),
+            ("asked once only", "KEY", 10_900, (Cached::Value("s1"), false)),
+            ("stale: a normal miss, no refresh", "KEY", 11_000, (Cached::Unknown, false)),
+            ("unknown key", "OTHER", 10_900, (Cached::Unknown, false)),
+            ("known missing in the window", "GONE", 10_999, (Cached::Missing, true)),
+        ];
+        for (behaviour, key, now, expected) in cases {
+            assert_eq!(cache.lookup("v1", key, *now), *expected, "{behaviour}");
+        }
+        // A new value (the refresh's answer) starts a new TTL, and may be refreshed.
+        cache.insert("v1", "KEY", secret("s2"), 10_950);
+        assert_eq!(
+            cache.lookup("v1", "KEY", 11_500),
+            (Cached::Value("s2"), false)
+        );
+        assert_eq!(
+            cache.lookup("v1", "KEY", 11_750),
+            (Cached::Value("s2"), true)
+        );
+        // `get` never takes a refresh on.
+        cache.insert("v1", "KEY", secret("s3"), 20_000);
+        assert_eq!(cache.get("v1", "KEY", 20_900), Cached::Value("s3"));
+        assert_eq!(
+            cache.lookup("v1", "KEY", 20_900),
+            (Cached::Value("s3"), true)
+        );
+    }
+
+    #[test]
+    fn ttl_zero_never_refreshes_and_wanted_refreshes_are_taken_once() {
+        let mut cache = CredentialCache::new(0);
+        cache.insert("v1", "KEY", secret("s1"), 10_000);
+        assert_eq!(cache.lookup("v1", "KEY", 10_000), (Cached::Unknown, false));
+        assert!(cache.take_refreshes().is_empty());
+        let refresh = Refresh {
+            token_sha256: "t".into(),
+            vault: Rc::from("v1"),
+            keys: vec!["KEY".into()],
+        };
+        cache.want_refresh(refresh.clone());
+        assert_eq!(cache.take_refreshes(), vec![refresh]);
+        assert!(cache.take_refreshes().is_empty());
     }
 
     #[test]

@@ -26,7 +26,9 @@
 //!    neither new connections nor tunnels reset it; nothing fetched); auth rule broken
 //!    → 502 `invalid_service`.
 //! 9. Keys all fresh in the cache → render and forward; a key known missing → 502
-//!    `credential_not_found`; else fetch.
+//!    `credential_not_found`; else fetch. Forwarded from the cache with a key in the
+//!    last part of its TTL: the cache is also asked for a background refresh of the
+//!    service's keys ([`crate::cache`], "Refresh-ahead"); the request does not wait.
 //!
 //! Inside a decrypted tunnel ([`crate::config::Mode::Tunnel`]) steps 2 to 5 are
 //! replaced: the agent and vault are the ones proven on the tunnel's `CONNECT`
@@ -35,7 +37,8 @@
 //! `:authority` must name the `CONNECT`'s host and port (421 `tunnel_host_mismatch`);
 //! `CONNECT` is refused (405). Steps 7 to 9 are the same, with 443 as the default port.
 //!
-//! The cached path allocates only the normalized host and the rendered headers.
+//! The cached path allocates only the normalized host and the rendered headers (and,
+//! once per fetched entry, the refresh it asks for).
 
 use std::rc::Rc;
 
@@ -45,7 +48,7 @@ use agent_vault_rules::{normalize_authority, CompiledAuth, UnmatchedHostPolicy};
 
 use agent_vault_rules::substitution::Substitution;
 
-use crate::cache::{Cached, CredentialCache, Secret};
+use crate::cache::{Cached, CredentialCache, Refresh, Secret};
 use crate::rate_limit::{self, Admission, SharedStore};
 use crate::redact::Patterns;
 use crate::request_log::RequestLog;
@@ -747,12 +750,24 @@ fn decide_service(
     let authority = (service.upstream_tls && !explicit_port).then(|| format!("{host}:{TLS_PORT}"));
     log.host = host;
     let mut complete = true;
+    let mut refresh = false;
     for key in &*service.keys {
-        match cache.get(&vault.name, key, now_ms) {
+        let (cached, due) = cache.lookup(&vault.name, key, now_ms);
+        refresh |= due;
+        match cached {
             Cached::Value(_) => {}
             Cached::Missing => return R(reply::credential_not_found(&vault.name, key)),
             Cached::Unknown => complete = false,
         }
+    }
+    // Served from the cache, some key near the end of its TTL: re-fetch in the
+    // background (crate::cache, "Refresh-ahead").
+    if complete && refresh {
+        cache.want_refresh(Refresh {
+            token_sha256: token_sha256.to_owned(),
+            vault: Rc::clone(&vault.name),
+            keys: service.keys.to_vec(),
+        });
     }
     if !complete {
         return Decision::Fetch(FetchPlan {

@@ -716,7 +716,7 @@ fn fetch(
 }
 
 /// Dispatches every orphaned flight again from the root, whose answers are never
-/// dropped (see [`crate::flight`]).
+/// dropped (see [`crate::flight`]), and every background refresh not sent yet.
 fn redispatch_orphans(host: &mut impl Host, root_id: u32, worker: &mut Worker, now: u64) {
     for (key, body) in worker.orphans() {
         let sent = host.dispatch_credentials(worker.config(), &body);
@@ -724,6 +724,10 @@ fn redispatch_orphans(host: &mut impl Host, root_id: u32, worker: &mut Worker, n
             kind: Callout::Fetch,
             token: sent.as_ref().ok().copied(),
         });
+        // A background refresh (refresh-ahead, crate::cache) rather than an orphan.
+        if sent.is_ok() && worker.is_refresh(&key) {
+            host.stat(Stat::CacheRefresh);
+        }
         match sent {
             Ok(token) => worker.fetch_dispatched(&key, token, root_id, now),
             Err(refused) => {
@@ -870,10 +874,15 @@ fn on_call_response(
     let usable = !matches!(answer, Answer::Unavailable(_));
     host.stat(Stat::CalloutAnswered { token, usable });
     if let Answer::Unavailable(reason) = &answer {
-        host.log(
-            LogLevel::Warn,
-            &format!("credential fetch failed: {reason}; answering 503"),
-        );
+        let message = if worker.is_refresh_token(token) {
+            format!(
+                "credential refresh failed: {reason}; the cached values stay until their \
+                 ttl, then requests wait on a fetch"
+            )
+        } else {
+            format!("credential fetch failed: {reason}; answering 503")
+        };
+        host.log(LogLevel::Warn, &message);
     }
     let completions = worker
         .on_fetch_answer(token, answer, now)
@@ -3054,6 +3063,135 @@ mod tests {
             vm.calls(),
             vec![Call::ReadResponseStatus { context: 2 }],
             "the status alone, as before redaction existed; no body call"
+        );
+    }
+
+    // --- Refresh-ahead (crate::cache) -------------------------------------------
+
+    /// The credential fetches among `calls`: (from, token).
+    fn fetches(calls: &[Call]) -> Vec<(u32, u32)> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::DispatchCredentials { from, token, .. } => Some((*from, (*token)?)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hit_near_the_ttl_is_served_at_once_and_the_root_refreshes_the_entry_in_the_background() {
+        let mut vm = Vm::running(r#"{"credential_cache_ttl_ms":1000}"#);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.finish(2, Some(200));
+        vm.calls();
+        // Before the last 20 % of the TTL: a plain hit.
+        vm.host.now_ms = NOW_MS + 700;
+        assert_eq!(vm.request(3, "/b"), Flow::Continue);
+        vm.tick(NOW_MS + 750);
+        assert_eq!(fetches(&vm.calls()), vec![], "no refresh before the window");
+        // In the window: served from the cache at once, no callout from the request.
+        vm.host.now_ms = NOW_MS + 850;
+        assert_eq!(vm.request(4, "/c"), Flow::Continue);
+        assert_eq!(vm.request(5, "/d"), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(4),
+                forward(4, "/c", "sk_1"),
+                read(5),
+                forward(5, "/d", "sk_1")
+            ]
+        );
+        vm.finish(4, Some(200));
+        vm.finish(5, Some(200));
+        // The root sends one refresh on its tick.
+        vm.tick(NOW_MS + 900);
+        assert!(vm.host.stats.contains(&"cache refresh".to_owned()));
+        let sent = fetches(&vm.calls());
+        let [refresh] = sent[..] else {
+            panic!("one refresh: {sent:?}");
+        };
+        assert_eq!(
+            refresh.0, ROOT,
+            "from the root, whose answers are never dropped"
+        );
+        let refresh = refresh.1;
+        vm.tick(NOW_MS + 950);
+        assert_eq!(fetches(&vm.calls()), vec![], "one refresh at a time");
+        // Its answer finishes nobody and replaces the entry, with a fresh fetched_at.
+        vm.host.now_ms = NOW_MS + 960;
+        vm.answer(ROOT, refresh, credentials("sk_2"));
+        assert_eq!(vm.calls(), vec![Call::ReadCallResponse]);
+        vm.host.now_ms = NOW_MS + 1500;
+        assert_eq!(vm.request(6, "/e"), Flow::Continue, "past the first TTL");
+        assert_eq!(vm.calls(), vec![read(6), forward(6, "/e", "sk_2")]);
+    }
+
+    #[test]
+    fn a_failed_refresh_says_so_answers_nobody_and_keeps_the_entry() {
+        let mut vm = Vm::running(r#"{"credential_cache_ttl_ms":1000}"#);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_live_1"));
+        vm.finish(2, Some(200));
+        vm.host.now_ms = NOW_MS + 850;
+        vm.request(3, "/b");
+        vm.finish(3, Some(200));
+        vm.calls();
+        vm.tick(NOW_MS + 900);
+        let [(ROOT, refresh)] = fetches(&vm.calls())[..] else {
+            panic!("a refresh from the root");
+        };
+        vm.answer(ROOT, refresh, envoy_503());
+        assert_eq!(
+            vm.host.calls,
+            vec![Call::ReadCallResponse],
+            "nobody is answered"
+        );
+        let logs = format!("{:?}", vm.host.logs);
+        assert!(logs.contains("credential refresh failed"), "{logs}");
+        assert!(!logs.contains("sk_live_1"), "{logs}");
+        vm.calls();
+        vm.host.now_ms = NOW_MS + 990;
+        assert_eq!(vm.request(4, "/c"), Flow::Continue, "the entry as it was");
+        vm.host.now_ms = NOW_MS + 1000;
+        assert_eq!(vm.request(5, "/d"), Flow::Pause, "until its ttl");
+    }
+
+    #[test]
+    fn a_refresh_answered_after_a_version_change_is_not_cached() {
+        let mut vm = Vm::running(r#"{"credential_cache_ttl_ms":1000}"#);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.finish(2, Some(200));
+        vm.host.now_ms = NOW_MS + 850;
+        vm.request(3, "/b");
+        vm.finish(3, Some(200));
+        vm.calls();
+        vm.tick(NOW_MS + 900);
+        let calls = vm.calls();
+        let sent = fetches(&calls);
+        let [(ROOT, refresh)] = sent[..] else {
+            panic!("a refresh from the root: {calls:?}");
+        };
+        let poll = calls
+            .iter()
+            .find_map(|c| match c {
+                Call::DispatchPoll { token, .. } => *token,
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("the tick polled: {calls:?}"));
+        // A credential changed: version 2 arrives before the refresh's answer.
+        vm.answer(ROOT, poll, snapshot("2"));
+        assert_eq!(vm.root_version(), "2");
+        vm.answer(ROOT, refresh, credentials("old"));
+        vm.calls();
+        vm.host.now_ms = NOW_MS + 910;
+        assert_eq!(
+            vm.request(4, "/c"),
+            Flow::Pause,
+            "the old answer was not cached"
         );
     }
 }

@@ -17,6 +17,15 @@
 //! timeout plus a grace period fails its waiters with 503 (Envoy always answers, with
 //! its own 504 when the socket is slow: this is a backstop).
 //!
+//! **Background refreshes.** A cache hit near the end of an entry's TTL asks for a
+//! refresh ([`crate::cache`], "Refresh-ahead"): a flight with no waiters, marked
+//! `refresh`, that the root context dispatches on its next tick (like an orphan: an
+//! answer delivered to the root is never dropped, while the request that asked is
+//! usually gone before the control plane answers). One per `(agent, vault, keys)` at
+//! a time, as for any flight. A refresh flight stays when no request waits on it; a
+//! miss for the same keys joins it (and dispatches it itself if the root has not yet).
+//! Its answer is cached like any other, under the same version rule.
+//!
 //! **Waiters that are gone.** A waiter holds a `Weak` reference to its request's log
 //! state; when the request context is deleted, the upgrade fails and the waiter is
 //! skipped (the driver also skips waiters whose context Envoy no longer knows).
@@ -88,6 +97,8 @@ struct Flight {
     version: String,
     started_ms: u64,
     waiters: Vec<Waiter>,
+    /// A background refresh: kept (and dispatched by the root) with no waiters.
+    refresh: bool,
 }
 
 /// What [`Flights::join`] wants the caller to do.
@@ -121,6 +132,8 @@ pub struct Answered {
     pub version: String,
     /// Its waiters, finished.
     pub completions: Vec<Completion>,
+    /// It was a background refresh (it may have had waiters too).
+    pub refresh: bool,
 }
 
 /// The control plane's answer to a credential fetch, classified.
@@ -191,6 +204,12 @@ impl Flights {
         let key = FlightKey::of(&waiter.plan);
         if let Some(flight) = self.by_key.get_mut(&key) {
             flight.waiters.push(waiter);
+            if flight.refresh && flight.token.is_none() {
+                // A refresh the root has not dispatched yet: this request does not
+                // wait for the root's tick.
+                let body = key.request_body();
+                return Join::Dispatch(key, body);
+            }
             return Join::Joined;
         }
         let body = key.request_body();
@@ -203,9 +222,47 @@ impl Flights {
                 version: version.to_owned(),
                 started_ms: now_ms,
                 waiters: vec![waiter],
+                refresh: false,
             },
         );
         Join::Dispatch(key, body)
+    }
+
+    /// A cache hit asks for a background refresh of `key` under snapshot `version`:
+    /// `true` if a refresh flight was added (the root dispatches it, see
+    /// [`Flights::orphans`]); `false` if a fetch of the same keys is already in flight.
+    pub fn refresh(&mut self, key: FlightKey, version: &str, now_ms: u64) -> bool {
+        if self.by_key.contains_key(&key) {
+            return false;
+        }
+        self.by_key.insert(
+            key,
+            Flight {
+                token: None,
+                owner: 0,
+                version: version.to_owned(),
+                started_ms: now_ms,
+                waiters: Vec::new(),
+                refresh: true,
+            },
+        );
+        true
+    }
+
+    /// The snapshot version changed: refreshes nobody waits on are dropped (their
+    /// answers, made under the old version, would not be cached anyway); an answer
+    /// already on its way is then not this worker's any more and is ignored.
+    pub fn drop_refreshes(&mut self) {
+        let by_token = &mut self.by_token;
+        self.by_key.retain(|_, flight| {
+            let keep = !flight.refresh || !flight.waiters.is_empty();
+            if !keep {
+                if let Some(token) = flight.token {
+                    by_token.remove(&token);
+                }
+            }
+            keep
+        });
     }
 
     /// The callout for `key` was dispatched from context `owner` with `token`.
@@ -233,6 +290,19 @@ impl Flights {
         }
     }
 
+    /// Whether the flight for `key` is a background refresh.
+    pub fn is_refresh(&self, key: &FlightKey) -> bool {
+        self.by_key.get(key).is_some_and(|flight| flight.refresh)
+    }
+
+    /// Whether `token` is a background refresh no request waits on.
+    pub fn is_unwaited_refresh(&self, token: u32) -> bool {
+        self.by_token
+            .get(&token)
+            .and_then(|key| self.by_key.get(key))
+            .is_some_and(|flight| flight.refresh && flight.waiters.is_empty())
+    }
+
     /// Whether `token` is a credential fetch of this worker.
     pub fn owns(&self, token: u32) -> bool {
         self.by_token.contains_key(&token)
@@ -257,6 +327,7 @@ impl Flights {
             key,
             version: flight.version,
             completions,
+            refresh: flight.refresh,
         })
     }
 
@@ -271,7 +342,7 @@ impl Flights {
                     self.by_token.remove(&token);
                 }
             }
-            if flight.waiters.is_empty() {
+            if flight.waiters.is_empty() && !flight.refresh {
                 emptied.push(key.clone());
             }
         }
@@ -284,12 +355,14 @@ impl Flights {
         }
     }
 
-    /// Flights whose owner went away: the root dispatches each again and reports it
-    /// with [`Flights::dispatched`].
+    /// Flights whose owner went away, and background refreshes not dispatched yet: the
+    /// root dispatches each and reports it with [`Flights::dispatched`].
     pub fn orphans(&self) -> Vec<(FlightKey, Vec<u8>)> {
         self.by_key
             .iter()
-            .filter(|(_, flight)| flight.token.is_none() && !flight.waiters.is_empty())
+            .filter(|(_, flight)| {
+                flight.token.is_none() && (flight.refresh || !flight.waiters.is_empty())
+            })
             .map(|(key, _)| (key.clone(), key.request_body()))
             .collect()
     }
@@ -461,10 +534,12 @@ mod tests {
             version,
             completions,
             key,
+            refresh,
         } = flights
             .answer(100, &values(&[("STRIPE_KEY", "sk_1")], &[]))
             .unwrap_or_else(|| panic!("known token"));
         assert_eq!(version, "1");
+        assert!(!refresh);
         assert_eq!(&*key.vault, "default");
         let forward = "forward [(\"authorization\", \"Bearer sk_1\")]".to_owned();
         assert_eq!(
@@ -551,6 +626,60 @@ mod tests {
         assert!(flights.is_empty());
         assert!(flights.orphans().is_empty());
         assert!(!flights.owns(7));
+    }
+
+    #[test]
+    fn a_refresh_flight_has_no_waiters_is_sent_by_the_root_and_outlives_requests() {
+        let mut flights = Flights::default();
+        let (_log1, w1) = miss(1, ALICE, "", "api.stripe.com");
+        let key = FlightKey::of(&w1.plan);
+        assert!(flights.refresh(key.clone(), "1", NOW_MS));
+        assert!(!flights.refresh(key.clone(), "1", NOW_MS), "one at a time");
+        assert!(flights.is_refresh(&key));
+        // Requests ending do not drop it.
+        flights.context_gone(1);
+        flights.context_gone(2);
+        assert_eq!(flights.len(), 1);
+        assert_eq!(flights.orphans().len(), 1, "for the root to send");
+        // A miss for the same keys before the root sent it: it sends it itself.
+        let Join::Dispatch(joined, _) = flights.join(w1, "1", NOW_MS) else {
+            panic!("the waiter dispatches the refresh");
+        };
+        assert_eq!(joined, key);
+        flights.dispatched(&key, 7, 1, NOW_MS);
+        assert!(flights.orphans().is_empty());
+        // Its request goes away: the root sends it again, and it stays a refresh.
+        flights.context_gone(1);
+        assert_eq!(flights.orphans().len(), 1);
+        flights.dispatched(&key, 8, 0, NOW_MS);
+        let answered = flights.answer(8, &values(&[("STRIPE_KEY", "v")], &[]));
+        let answered = answered.unwrap_or_else(|| panic!("answered"));
+        assert!(answered.refresh && answered.completions.is_empty());
+        assert!(flights.is_empty());
+        // No refresh while a normal fetch of the same keys is in flight.
+        let (_log2, w2) = miss(2, ALICE, "", "api.stripe.com");
+        flights.join(w2, "1", NOW_MS);
+        assert!(!flights.refresh(key.clone(), "1", NOW_MS));
+        assert!(!flights.is_refresh(&key));
+    }
+
+    #[test]
+    fn a_version_change_drops_the_refreshes_nobody_waits_on() {
+        let mut flights = Flights::default();
+        let (_log1, stripe) = miss(1, ALICE, "", "api.stripe.com");
+        let (_log2, github) = miss(2, ALICE, "", "api.github.com");
+        let (_log3, joiner) = miss(3, ALICE, "", "api.github.com");
+        let sent = FlightKey::of(&stripe.plan);
+        let joined = FlightKey::of(&github.plan);
+        flights.refresh(sent.clone(), "1", NOW_MS);
+        flights.dispatched(&sent, 7, 0, NOW_MS);
+        flights.refresh(joined.clone(), "1", NOW_MS);
+        flights.join(joiner, "1", NOW_MS);
+        flights.drop_refreshes();
+        assert!(!flights.owns(7), "its answer is ignored");
+        assert_eq!(flights.len(), 1, "the one a request waits on stays");
+        assert!(flights.is_refresh(&joined));
+        drop(github);
     }
 
     #[test]

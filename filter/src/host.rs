@@ -117,6 +117,8 @@ pub enum Stat<'a> {
         /// The control plane itself answered 200 or 304.
         usable: bool,
     },
+    /// A background refresh of cached credentials was sent (refresh-ahead).
+    CacheRefresh,
 }
 
 /// The host calls the filter makes. `config` is passed where the call goes to the

@@ -15,6 +15,7 @@
 //! | `agent_vault.tunnels.opaque`                  | counter   | `CONNECT`s tunnelled untouched (the `passthrough` policy) |
 //! | `agent_vault.cache.hits`                      | counter   | requests injected from the worker's cache, no callout |
 //! | `agent_vault.cache.misses`                    | counter   | requests that had to wait for a credential fetch |
+//! | `agent_vault.cache.refreshes`                 | counter   | background refreshes of cached credentials sent (refresh-ahead: an entry used in the last part of its TTL, [`crate::cache`]); no request waits on them |
 //! | `agent_vault.control_plane.fetch_failures`    | counter   | credential fetches without a usable answer (not sent, Envoy's 503/504, timeout, bad body) |
 //! | `agent_vault.control_plane.poll_failures`     | counter   | snapshot polls and long-polls without a usable answer |
 //! | `agent_vault.control_plane.long_polls`        | counter   | snapshot long-polls answered 200 or 304 (not timed: they are held on purpose) |
@@ -71,10 +72,12 @@ pub enum Counter {
     Redactions,
     /// A snapshot long-poll answered 200 or 304.
     LongPoll,
+    /// A background refresh of cached credentials was sent.
+    CacheRefresh,
 }
 
 /// Number of counters.
-pub const COUNTERS: usize = 10 + ERROR_CODES.len();
+pub const COUNTERS: usize = 11 + ERROR_CODES.len();
 
 impl Counter {
     /// Every counter, in slot order.
@@ -91,6 +94,7 @@ impl Counter {
                 Counter::TunnelOpaque,
                 Counter::Redactions,
                 Counter::LongPoll,
+                Counter::CacheRefresh,
             ])
     }
 
@@ -108,6 +112,7 @@ impl Counter {
             Counter::TunnelOpaque => 7 + ERROR_CODES.len(),
             Counter::Redactions => 8 + ERROR_CODES.len(),
             Counter::LongPoll => 9 + ERROR_CODES.len(),
+            Counter::CacheRefresh => 10 + ERROR_CODES.len(),
         }
     }
 
@@ -125,6 +130,7 @@ impl Counter {
             Counter::TunnelOpaque => format!("{PREFIX}.tunnels.opaque"),
             Counter::Redactions => format!("{PREFIX}.responses.redactions"),
             Counter::LongPoll => format!("{PREFIX}.control_plane.long_polls"),
+            Counter::CacheRefresh => format!("{PREFIX}.cache.refreshes"),
         }
     }
 }

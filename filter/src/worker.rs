@@ -119,6 +119,7 @@ impl Worker {
             log,
             store,
         );
+        self.take_refreshes(now_ms);
         if !decision.open_host() {
             return decision;
         }
@@ -134,6 +135,36 @@ impl Worker {
     }
 
     // --- Credential fetches (see [`crate::flight`]) -------------------------------
+
+    /// Turns the refreshes the decision asked the cache for into refresh flights,
+    /// tagged with the snapshot version in use; the root dispatches them on its next
+    /// tick ([`Worker::orphans`]).
+    fn take_refreshes(&mut self, now_ms: u64) {
+        let refreshes = self.cache.take_refreshes();
+        if refreshes.is_empty() {
+            return;
+        }
+        let version = self.version().to_owned();
+        for refresh in refreshes {
+            let key = FlightKey {
+                token_sha256: refresh.token_sha256,
+                vault: refresh.vault,
+                keys: refresh.keys,
+            };
+            self.flights.refresh(key, &version, now_ms);
+        }
+    }
+
+    /// Whether callout `token` is a background refresh no request waits on (for the
+    /// log line of a failure).
+    pub fn is_refresh_token(&self, token: u32) -> bool {
+        self.flights.is_unwaited_refresh(token)
+    }
+
+    /// Whether the flight for `key` is a background refresh (for the stats).
+    pub fn is_refresh(&self, key: &FlightKey) -> bool {
+        self.flights.is_refresh(key)
+    }
 
     /// A request waits for a fetch, tagged with the snapshot version in use: join the
     /// flight for its keys, or dispatch a new one.
@@ -344,6 +375,7 @@ impl Worker {
         let changed = old_version.is_none_or(|old| old != compiled.version);
         if changed {
             self.cache.clear();
+            self.flights.drop_refreshes();
         }
         let outcome = PollOutcome::Loaded {
             version: compiled.version.clone(),
@@ -874,6 +906,195 @@ pub(crate) mod tests {
         worker.install(snapshot("1"));
         fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
         assert_eq!(cached_decision(&mut worker, NOW_MS), "fetch");
+        assert!(worker.orphans().is_empty(), "and never refreshes");
+    }
+
+    // --- Refresh-ahead ------------------------------------------------------------
+
+    /// The window of the default 60 s TTL starts at 48 s.
+    const IN_WINDOW: u64 = NOW_MS + 48_000;
+
+    /// A hit in the refresh window at `now`, which must be served from the cache; the
+    /// refresh it asks for, dispatched by the root with `token`.
+    fn hit_and_refresh(worker: &mut Worker, now: u64, token: u32) {
+        assert_eq!(
+            cached_decision(worker, now),
+            r#"[("authorization", "Bearer sk_1")]"#,
+            "served from the cache at once"
+        );
+        let orphans = worker.orphans();
+        let [(key, _)] = &orphans[..] else {
+            panic!("one refresh to send: {orphans:?}");
+        };
+        assert!(worker.is_refresh(key));
+        worker.fetch_dispatched(key, token, 1, now);
+        assert!(worker.orphans().is_empty());
+    }
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer::classify(Some(status), true, body.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_used_entry_is_refreshed_once_and_the_answer_replaces_it() {
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        cached_decision(&mut worker, NOW_MS + 47_999);
+        assert!(worker.orphans().is_empty(), "not before the last 20 %");
+        hit_and_refresh(&mut worker, IN_WINDOW, 51);
+        cached_decision(&mut worker, IN_WINDOW + 1);
+        assert!(worker.orphans().is_empty(), "one refresh at a time");
+        let done = worker.on_fetch_answer(
+            51,
+            answer(200, r#"{"values":{"STRIPE_KEY":"sk_2"},"missing":[]}"#),
+            IN_WINDOW + 5,
+        );
+        assert_eq!(done.map(|c| c.len()), Some(0), "nobody waited on it");
+        assert_eq!(
+            cached_decision(&mut worker, NOW_MS + 90_000),
+            r#"[("authorization", "Bearer sk_2")]"#,
+            "fresh fetched_at: alive past the first TTL"
+        );
+        assert!(
+            worker.orphans().is_empty(),
+            "not yet in the new window (from 48 s after the refresh)"
+        );
+        cached_decision(&mut worker, IN_WINDOW + 5 + 48_000);
+        assert_eq!(worker.orphans().len(), 1, "then refreshed again");
+    }
+
+    #[test]
+    fn a_refresh_answered_missing_replaces_the_value() {
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        hit_and_refresh(&mut worker, IN_WINDOW, 51);
+        worker.on_fetch_answer(
+            51,
+            answer(200, r#"{"values":{},"missing":["STRIPE_KEY"]}"#),
+            IN_WINDOW,
+        );
+        assert_eq!(
+            cached_decision(&mut worker, IN_WINDOW + 1),
+            "credential_not_found",
+            "the credential was deleted"
+        );
+    }
+
+    #[test]
+    fn a_failed_or_refused_refresh_leaves_the_entry_until_its_ttl() {
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Answer)> = vec![
+            ("Envoy's 503", Answer::classify(Some(503), false, b"upstream connect error".to_vec())),
+            ("control plane 500", answer(500, "{}")),
+            ("control plane 403 (grant revoked)", answer(403, r#"{"error":"forbidden"}"#)),
+            ("a body that does not parse", answer(200, "<html>")),
+        ];
+        for (behaviour, failed) in cases {
+            let mut worker = Worker::new(config(), NOW_MS);
+            worker.install(snapshot("1"));
+            fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+            hit_and_refresh(&mut worker, IN_WINDOW, 51);
+            worker.on_fetch_answer(51, failed, IN_WINDOW + 1);
+            assert_eq!(
+                cached_decision(&mut worker, NOW_MS + 59_999),
+                r#"[("authorization", "Bearer sk_1")]"#,
+                "{behaviour}: the entry as it was"
+            );
+            assert!(
+                worker.orphans().is_empty(),
+                "{behaviour}: no second refresh"
+            );
+            assert_eq!(
+                cached_decision(&mut worker, NOW_MS + 60_000),
+                "fetch",
+                "{behaviour}: it still expires at its TTL"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refresh_cannot_outlive_a_version_change() {
+        // Asked for, not sent yet: dropped with the cache.
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        cached_decision(&mut worker, IN_WINDOW);
+        assert_eq!(worker.orphans().len(), 1);
+        worker.install(snapshot("2"));
+        assert!(worker.orphans().is_empty(), "the refresh is dropped");
+        assert!(worker.flights.is_empty());
+        assert_eq!(
+            cached_decision(&mut worker, IN_WINDOW),
+            "fetch",
+            "so is the cache"
+        );
+
+        // Sent under version 1, answered after version 2 arrived: not installed.
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        hit_and_refresh(&mut worker, IN_WINDOW, 51);
+        worker.install(snapshot("2"));
+        let old = answer(200, r#"{"values":{"STRIPE_KEY":"old"},"missing":[]}"#);
+        assert!(
+            worker.on_fetch_answer(51, old, IN_WINDOW + 1).is_none(),
+            "no longer a fetch of this worker"
+        );
+        assert_eq!(cached_decision(&mut worker, IN_WINDOW + 2), "fetch");
+    }
+
+    #[test]
+    fn a_refresh_made_under_an_older_version_is_not_cached_even_if_still_tracked() {
+        // The version guard itself, without drop_refreshes: a refresh a request also
+        // waits on survives the version change, and its answer must not be cached.
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        hit_and_refresh(&mut worker, IN_WINDOW, 51);
+        // The entry expires and a request joins the refresh in flight.
+        let log = Rc::new(RefCell::new(RequestLog::default()));
+        let auth = basic(ALICE, "");
+        let request = Request {
+            method: "GET",
+            authority: Some("api.stripe.com"),
+            path: "/",
+            proxy_authorization: Some(&auth),
+            x_vault: None,
+            tunnel: None,
+        };
+        let Decision::Fetch(plan) = worker.decide(
+            &request,
+            NOW_MS + 60_000,
+            &mut log.borrow_mut(),
+            &mut MemoryStore::default(),
+        ) else {
+            panic!("expired: fetch");
+        };
+        let waiter = Waiter {
+            context_id: 7,
+            plan,
+            log: Rc::downgrade(&log),
+        };
+        assert_eq!(worker.join_fetch(waiter, NOW_MS + 60_000), Join::Joined);
+        worker.install(snapshot("2"));
+        let old = answer(200, r#"{"values":{"STRIPE_KEY":"old"},"missing":[]}"#);
+        let done = worker.on_fetch_answer(51, old, NOW_MS + 60_001);
+        assert_eq!(done.map(|c| c.len()), Some(1), "the waiter is served");
+        assert_eq!(cached_decision(&mut worker, NOW_MS + 60_002), "fetch");
+    }
+
+    #[test]
+    fn entries_nobody_uses_are_not_refreshed() {
+        let mut worker = Worker::new(config(), NOW_MS);
+        worker.install(snapshot("1"));
+        fetch_and_answer(&mut worker, 1, 50, "sk_1", NOW_MS);
+        for now in (NOW_MS..NOW_MS + 70_000).step_by(1000) {
+            assert!(worker.housekeeping(now).is_empty());
+            assert!(worker.orphans().is_empty(), "at {now}");
+        }
+        assert!(worker.cache.is_empty(), "it expired");
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl Host for ProxyWasmHost {
             Stat::Redacted(n) => stats::redacted(n),
             Stat::LongPollSent { sent } => stats::long_poll_sent(sent),
             Stat::LongPollAnswered { usable } => stats::long_poll_answered(usable),
+            Stat::CacheRefresh => stats::cache_refresh(),
         }
     }
 

@@ -111,6 +111,11 @@ pub fn cache_miss() {
     with(|r| r.stats.count(Counter::CacheMiss));
 }
 
+/// A background refresh of cached credentials was sent.
+pub fn cache_refresh() {
+    with(|r| r.stats.count(Counter::CacheRefresh));
+}
+
 /// A callout was dispatched (`Some(token)`) or could not be (`None`).
 pub fn callout_sent(kind: Callout, token: Option<u32>) {
     with(|r| match token {

@@ -330,6 +330,7 @@ fn describe(event: Stat<'_>) -> String {
             let usable = if usable { "usable" } else { "unusable" };
             format!("long-poll answered {usable}")
         }
+        Stat::CacheRefresh => "cache refresh".to_owned(),
     }
 }
 

@@ -18,6 +18,7 @@ mod proxy;
 mod proxy_e2e;
 mod rate_limits;
 mod redaction;
+mod refresh_ahead;
 mod request_log;
 mod security_api;
 mod security_proxy;
