@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use agent_vault_rules::reply::{self, ErrorCode, Reject};
+use agent_vault_rules::MAX_LOG_METHOD;
 
 use crate::config::{Config, Mode, RequestLogMode};
 use crate::decide::{Decision, FetchPlan, Forward, Request, Tunnelled};
@@ -227,8 +228,11 @@ impl Http {
         };
         if let Ok(mut log) = self.log.try_borrow_mut() {
             if self.access_log {
-                // Envoy logs the method and path itself.
+                // Envoy logs the path, and the method unless it is not one it names.
                 log.started_ms = Some(now);
+                if !agent_vault_rules::envoy_names_method(method) {
+                    log.method = agent_vault_rules::truncated(method, MAX_LOG_METHOD).to_owned();
+                }
             } else {
                 log.start(now, method.to_owned(), path.to_owned());
             }
@@ -3100,7 +3104,7 @@ mod tests {
         }
     }
 
-    const STRIPE_STATE: &str = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t";
+    const STRIPE_STATE: &str = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t\t";
 
     #[test]
     fn in_access_log_mode_a_cached_hit_sets_the_log_state_once_and_on_log_does_nothing() {
@@ -3130,11 +3134,17 @@ mod tests {
         for now in [NOW_MS + 1000, NOW_MS + 5000] {
             vm.tick(now);
             assert!(
-                !vm.calls().iter().any(|c| matches!(c, Call::PostLogs { .. })),
+                !vm.calls()
+                    .iter()
+                    .any(|c| matches!(c, Call::PostLogs { .. })),
                 "nothing batched"
             );
         }
-        let worker = vm.root.worker.as_ref().map(|w| w.borrow_mut().logs_due(u64::MAX));
+        let worker = vm
+            .root
+            .worker
+            .as_ref()
+            .map(|w| w.borrow_mut().logs_due(u64::MAX));
         assert_eq!(worker, Some(None), "the batch stays empty");
     }
 
@@ -3154,12 +3164,24 @@ mod tests {
             vec![
                 read(2),
                 // As the posted record: no host before the agent is known.
-                log_state(2, "1\t\t\t\t\tproxy_auth_required\t"),
+                log_state(2, "1\t\t\t\t\tproxy_auth_required\t\t"),
                 reject(2, 407, "proxy_auth_required"),
             ]
         );
         vm.finish(2, None);
         assert_eq!(vm.calls(), vec![]);
+        // A method Envoy's access log cannot name is in the state.
+        vm.request_with(
+            3,
+            vec![
+                (":method", "PROPFIND".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", "/a".to_owned()),
+            ],
+        );
+        assert!(vm
+            .calls()
+            .contains(&log_state(3, "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND")));
     }
 
     #[test]
@@ -3199,7 +3221,8 @@ mod tests {
         vm.request(5, "/d");
         vm.calls();
         vm.answer(4, FIRST + 1, envoy_503());
-        let unavailable = "1\talice\tdefault\tstripe\tapi.stripe.com\tcontrol_plane_unavailable\t";
+        let unavailable =
+            "1\talice\tdefault\tstripe\tapi.stripe.com\tcontrol_plane_unavailable\t\t";
         assert_eq!(
             vm.calls(),
             vec![
@@ -3234,20 +3257,21 @@ mod tests {
         assert!(
             calls.contains(&log_state(
                 2,
-                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t1"
+                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t1\t"
             )),
             "{calls:?}"
         );
-        vm.host
-            .response_body
-            .insert(2, b"key sk_live_abcdef123456 and sk_live_abcdef123456".to_vec());
+        vm.host.response_body.insert(
+            2,
+            b"key sk_live_abcdef123456 and sk_live_abcdef123456".to_vec(),
+        );
         let http = vm.requests.get_mut(&2).unwrap();
         http.on_response_body(&mut vm.host, 50, true);
         let calls = vm.calls();
         assert!(
             calls.contains(&log_state(
                 2,
-                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t3"
+                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t3\t"
             )),
             "{calls:?}"
         );
@@ -3266,7 +3290,7 @@ mod tests {
                 Call::ReadResponseCodeDetails { context: 3 },
                 log_state(
                     3,
-                    "1\talice\tdefault\tstripe\tapi.stripe.com\tdestination_forbidden\t"
+                    "1\talice\tdefault\tstripe\tapi.stripe.com\tdestination_forbidden\t\t"
                 ),
             ]
         );

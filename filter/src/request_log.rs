@@ -76,6 +76,7 @@ impl RequestLog {
             host: &self.host,
             error: self.error.map(ErrorCode::as_str),
             redactions: self.redactions,
+            method: (!self.method.is_empty()).then_some(self.method.as_str()),
         }
     }
 

@@ -45,7 +45,8 @@ pub use host::{
     ValidationOptions, MAX_PASSTHROUGH_HOSTS,
 };
 pub use log_state::{
-    LogState, LogStateError, LOG_STATE_FILTER_STATE, LOG_STATE_PROPERTY, LOG_STATE_VERSION,
+    envoy_names_method, LogState, LogStateError, LOG_STATE_FILTER_STATE, LOG_STATE_PROPERTY,
+    LOG_STATE_VERSION,
 };
 pub use names::{
     validate_agent_name, validate_credential_key, validate_service_name, validate_vault_name,

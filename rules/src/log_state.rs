@@ -8,12 +8,13 @@
 //! The format is one line of tab-separated fields, versioned by its first field:
 //!
 //! ```text
-//! 1 \t agent \t vault \t service \t host \t error \t redactions
+//! 1 \t agent \t vault \t service \t host \t error \t redactions \t method
 //! ```
 //!
 //! Agent, vault and service are validated names and the host a normalized host name
 //! (none holds a tab or a control character); the error is an error code; an empty
-//! field is "none". [`LogState::encode`] drops any control character anyway, so a
+//! field is "none". The method is there only when Envoy's access log cannot name it
+//! (its `RequestMethod` has nine; `PROPFIND` is `METHOD_UNSPECIFIED`). [`LogState::encode`] drops any control character anyway, so a
 //! field can never shift the others.
 
 use std::fmt;
@@ -27,7 +28,7 @@ pub const LOG_STATE_FILTER_STATE: &str = "wasm.agent_vault_log";
 /// The version this build writes (the first field).
 pub const LOG_STATE_VERSION: &str = "1";
 /// Fields of a version-1 value, the version included.
-const FIELDS: usize = 7;
+const FIELDS: usize = 8;
 
 /// What the filter sets on a request for its log record. `S` is `&str` in the filter
 /// (borrowing its state), `String` once decoded.
@@ -45,6 +46,16 @@ pub struct LogState<S = String> {
     pub error: Option<S>,
     /// Occurrences of a secret replaced in the response.
     pub redactions: u64,
+    /// The method, when not one Envoy's access log names ([`envoy_names_method`]).
+    pub method: Option<S>,
+}
+
+/// Whether Envoy's access-log entry names `method` itself (its `RequestMethod` enum).
+pub fn envoy_names_method(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH"
+    )
 }
 
 /// Why a filter-state value is not a [`LogState`].
@@ -107,6 +118,7 @@ impl<S: AsRef<str>> LogState<S> {
         if self.redactions > 0 {
             out.push_str(&self.redactions.to_string());
         }
+        push_field(&mut out, self.method.as_ref().map_or("", AsRef::as_ref));
         out
     }
 }
@@ -117,18 +129,20 @@ impl LogState {
         let fields: Vec<&str> = value.split('\t').collect();
         let version = fields.first().copied().unwrap_or_default();
         if version != LOG_STATE_VERSION {
-            return Err(LogStateError::Version(crate::truncated(version, 16).to_owned()));
+            return Err(LogStateError::Version(
+                crate::truncated(version, 16).to_owned(),
+            ));
         }
-        let [_, agent, vault, service, host, error, redactions] = fields.as_slice() else {
+        let [_, agent, vault, service, host, error, redactions, method] = fields.as_slice() else {
             return Err(LogStateError::Fields(fields.len()));
         };
         let optional = |field: &str| (!field.is_empty()).then(|| field.to_owned());
         let redactions = if redactions.is_empty() {
             0
         } else {
-            redactions
-                .parse::<u64>()
-                .map_err(|_| LogStateError::Redactions(crate::truncated(redactions, 24).to_owned()))?
+            redactions.parse::<u64>().map_err(|_| {
+                LogStateError::Redactions(crate::truncated(redactions, 24).to_owned())
+            })?
         };
         Ok(LogState {
             agent: (*agent).to_owned(),
@@ -137,6 +151,7 @@ impl LogState {
             host: (*host).to_owned(),
             error: optional(error),
             redactions,
+            method: optional(method),
         })
     }
 }
@@ -156,10 +171,11 @@ mod tests {
             host: "api.stripe.com",
             error: None,
             redactions: 2,
+            method: None,
         };
         assert_eq!(
             forwarded.encode(),
-            "1\tclaude\tdefault\tstripe\tapi.stripe.com\t\t2"
+            "1\tclaude\tdefault\tstripe\tapi.stripe.com\t\t2\t"
         );
         let refused = LogState {
             agent: "",
@@ -168,12 +184,17 @@ mod tests {
             host: "",
             error: Some("proxy_auth_required"),
             redactions: 0,
+            method: Some("PROPFIND"),
         };
-        assert_eq!(refused.encode(), "1\t\t\t\t\tproxy_auth_required\t");
+        assert_eq!(
+            refused.encode(),
+            "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND"
+        );
         assert_eq!(
             LogState::decode(&refused.encode()),
             Ok(LogState {
                 error: Some("proxy_auth_required".to_owned()),
+                method: Some("PROPFIND".to_owned()),
                 ..LogState::default()
             })
         );
@@ -188,6 +209,7 @@ mod tests {
             host: "h",
             error: None,
             redactions: 0,
+            method: None,
         };
         let decoded = LogState::decode(&state.encode()).unwrap();
         assert_eq!(decoded.agent, "abc");
@@ -204,22 +226,22 @@ mod tests {
                 "request-log state of version \"\"; this control plane reads version 1",
             ),
             (
-                "2\ta\tv\ts\th\t\t0",
+                "2\ta\tv\ts\th\t\t0\t",
                 LogStateError::Version("2".into()),
                 "request-log state of version \"2\"; this control plane reads version 1",
             ),
             (
-                "1\ta\tv\ts\th\t",
-                LogStateError::Fields(6),
-                "request-log state with 6 fields; version 1 has 7",
+                "1\ta\tv\ts\th\t\t",
+                LogStateError::Fields(7),
+                "request-log state with 7 fields; version 1 has 8",
             ),
             (
-                "1\ta\tv\ts\th\t\t0\textra",
-                LogStateError::Fields(8),
-                "request-log state with 8 fields; version 1 has 7",
+                "1\ta\tv\ts\th\t\t0\tGET\textra",
+                LogStateError::Fields(9),
+                "request-log state with 9 fields; version 1 has 8",
             ),
             (
-                "1\ta\tv\ts\th\t\t-1",
+                "1\ta\tv\ts\th\t\t-1\t",
                 LogStateError::Redactions("-1".into()),
                 "request-log state with redactions \"-1\", not a count",
             ),
@@ -247,8 +269,9 @@ mod tests {
             host in "[a-z0-9.-]{0,40}",
             error in proptest::option::of("[a-z_]{1,30}"),
             redactions in any::<u64>(),
+            method in proptest::option::of("[A-Z-]{1,20}"),
         ) {
-            let state = LogState { agent, vault, service, host, error, redactions };
+            let state = LogState { agent, vault, service, host, error, redactions, method };
             prop_assert_eq!(LogState::decode(&state.encode()), Ok(state));
         }
 
