@@ -71,6 +71,9 @@ pub struct Args {
     pub keep_workdir: bool,
     /// Adds variant (x): this build of the filter, alternated with the others.
     pub candidate_wasm: Option<PathBuf>,
+    /// (x)'s request log: through Envoy's access log (`true`, as shipped) or posted
+    /// by the filter with the previous configuration (`--candidate-request-log post`).
+    pub candidate_access_log: bool,
     /// Rounds of the body features' pairs ([`features`]; 0: skipped).
     pub feature_rounds: usize,
 }
@@ -99,6 +102,9 @@ const USAGE: &str =
                             propagation across two control planes)
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
+    [--candidate-request-log access_log|post]  (x)'s request log: Envoy's gRPC access log as
+                            shipped (access_log, the default), or post: the previous configuration
+                            (no access log, no request_log field), for a build from before it
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
     [--out FILE|-]          where the Markdown goes (BENCHMARKS.md; -: nowhere)
     [--command TEXT]        the command shown in it
@@ -132,6 +138,7 @@ fn parse_args() -> Args {
         skip_postgres: false,
         keep_workdir: false,
         candidate_wasm: None,
+        candidate_access_log: true,
         feature_rounds: 6,
     };
     let mut it = std::env::args().skip(1);
@@ -180,6 +187,18 @@ fn parse_args() -> Args {
             "--skip-postgres" => args.skip_postgres = true,
             "--keep-workdir" => args.keep_workdir = true,
             "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
+            "--candidate-request-log" => {
+                args.candidate_access_log = match value().as_str() {
+                    "access_log" => true,
+                    "post" => false,
+                    other => {
+                        eprintln!(
+                            "agent-vault-bench: --candidate-request-log is access_log or post, not {other:?}"
+                        );
+                        usage()
+                    }
+                }
+            }
             "--feature-rounds" => args.feature_rounds = number(value()),
             _ => usage(),
         }
@@ -246,6 +265,10 @@ pub struct Memory {
     pub rss_kib: BTreeMap<&'static str, u64>,
     /// Snapshot polls per second seen by the big control plane (= VMs that poll).
     pub polling_vms: f64,
+    /// (e)'s request log through Envoy's gRPC access log, after the runs: entries
+    /// Envoy wrote and dropped (`access_logs.grpc_access_log.logs_written` /
+    /// `logs_dropped`), and records its control plane received (`als_records`).
+    pub request_log: Option<(u64, u64, u64)>,
 }
 
 /// Propagation across two control planes on one PostgreSQL database.
@@ -649,6 +672,31 @@ fn run_in(
     }
     let polls_before = cps["g"].counts();
     std::thread::sleep(Duration::from_secs(4));
+    // Longer than the access log's flush interval since the last run: every entry
+    // of (e) has been sent.
+    if let (Some(envoy), Some(cp)) = (
+        envoys.iter().find(|e| e.variant == Variant::FilterWarm),
+        cps.get("e"),
+    ) {
+        let written = envoy
+            .counter_sum("access_logs.grpc_access_log.logs_written")
+            .unwrap_or(0);
+        let dropped = envoy
+            .counter_sum("access_logs.grpc_access_log.logs_dropped")
+            .unwrap_or(0);
+        let received = cp.counts().als_records;
+        log(&format!(
+            "(e) request log through Envoy's access log: {written} entries written, {dropped} dropped; \
+             the control plane received {received} records"
+        ));
+        if dropped > 0 || received < written {
+            checks.push(format!(
+                "(e) request log: Envoy wrote {written} access-log entries and dropped {dropped}; \
+                 the control plane received {received}"
+            ));
+        }
+        memory.request_log = Some((written, dropped, received));
+    }
     let counts = cps["g"].counts();
     let polls = counts.since(polls_before);
     // With the long-poll each VM holds one request; without it each polls once a second.
@@ -950,6 +998,7 @@ pub(crate) fn envoy_inputs<'a>(
         filter_wasm: &args.filter_wasm,
         noop_wasm: &args.noop_wasm,
         candidate_wasm: args.candidate_wasm.as_deref(),
+        candidate_access_log: args.candidate_access_log,
         socket: &cp.socket,
         sds_socket: &cp.sds_socket,
         proxy_ca: &cp.proxy_ca,

@@ -523,6 +523,12 @@ fn forward_request(
     if let Ok(mut entry) = log.try_borrow_mut() {
         entry.secrets.clone_from(&forward.secrets);
         entry.body = edits.body;
+        // Envoy would log the rewritten path, placeholder values in it: the state
+        // carries the agent's.
+        if entry.access_log && edits.headers.iter().any(|(name, _)| name == ":path") {
+            let path = agent_vault_rules::loggable_path(known.get(":path").unwrap_or_default());
+            entry.path = path.to_owned();
+        }
     }
     host.apply_forward(config, forward, known);
     if !edits.headers.is_empty() {
@@ -3104,7 +3110,7 @@ mod tests {
         }
     }
 
-    const STRIPE_STATE: &str = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t\t";
+    const STRIPE_STATE: &str = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t\t\t";
 
     #[test]
     fn in_access_log_mode_a_cached_hit_sets_the_log_state_once_and_on_log_does_nothing() {
@@ -3164,7 +3170,7 @@ mod tests {
             vec![
                 read(2),
                 // As the posted record: no host before the agent is known.
-                log_state(2, "1\t\t\t\t\tproxy_auth_required\t\t"),
+                log_state(2, "1\t\t\t\t\tproxy_auth_required\t\t\t"),
                 reject(2, 407, "proxy_auth_required"),
             ]
         );
@@ -3179,9 +3185,10 @@ mod tests {
                 (":path", "/a".to_owned()),
             ],
         );
-        assert!(vm
-            .calls()
-            .contains(&log_state(3, "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND")));
+        assert!(vm.calls().contains(&log_state(
+            3,
+            "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND\t"
+        )));
     }
 
     #[test]
@@ -3222,7 +3229,7 @@ mod tests {
         vm.calls();
         vm.answer(4, FIRST + 1, envoy_503());
         let unavailable =
-            "1\talice\tdefault\tstripe\tapi.stripe.com\tcontrol_plane_unavailable\t\t";
+            "1\talice\tdefault\tstripe\tapi.stripe.com\tcontrol_plane_unavailable\t\t\t";
         assert_eq!(
             vm.calls(),
             vec![
@@ -3257,7 +3264,7 @@ mod tests {
         assert!(
             calls.contains(&log_state(
                 2,
-                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t1\t"
+                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t1\t\t"
             )),
             "{calls:?}"
         );
@@ -3271,7 +3278,7 @@ mod tests {
         assert!(
             calls.contains(&log_state(
                 2,
-                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t3\t"
+                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t3\t\t"
             )),
             "{calls:?}"
         );
@@ -3290,7 +3297,7 @@ mod tests {
                 Call::ReadResponseCodeDetails { context: 3 },
                 log_state(
                     3,
-                    "1\talice\tdefault\tstripe\tapi.stripe.com\tdestination_forbidden\t\t"
+                    "1\talice\tdefault\tstripe\tapi.stripe.com\tdestination_forbidden\t\t\t"
                 ),
             ]
         );

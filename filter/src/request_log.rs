@@ -51,7 +51,8 @@ pub struct RequestLog {
     pub redactions: u64,
     /// `request_log: "access_log"`: what only the filter knows goes to Envoy as filter
     /// state ([`RequestLog::state`]) instead of a record built here; `method` and
-    /// `path` stay empty (Envoy logs its own).
+    /// `path` stay empty (Envoy logs its own) unless Envoy would log them wrong: a
+    /// method its access log cannot name, a path the filter rewrote.
     pub access_log: bool,
 }
 
@@ -77,6 +78,7 @@ impl RequestLog {
             error: self.error.map(ErrorCode::as_str),
             redactions: self.redactions,
             method: (!self.method.is_empty()).then_some(self.method.as_str()),
+            path: (!self.path.is_empty()).then_some(self.path.as_str()),
         }
     }
 

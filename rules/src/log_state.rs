@@ -8,14 +8,19 @@
 //! The format is one line of tab-separated fields, versioned by its first field:
 //!
 //! ```text
-//! 1 \t agent \t vault \t service \t host \t error \t redactions \t method
+//! 1 \t agent \t vault \t service \t host \t error \t redactions \t method \t path
 //! ```
 //!
 //! Agent, vault and service are validated names and the host a normalized host name
 //! (none holds a tab or a control character); the error is an error code; an empty
-//! field is "none". The method is there only when Envoy's access log cannot name it
-//! (its `RequestMethod` has nine; `PROPFIND` is `METHOD_UNSPECIFIED`). [`LogState::encode`] drops any control character anyway, so a
+//! field is "none". [`LogState::encode`] drops any control character anyway, so a
 //! field can never shift the others.
+//!
+//! The method is there only when Envoy's access log cannot name it (its
+//! `RequestMethod` has nine; `PROPFIND` is `METHOD_UNSPECIFIED`). The path is there
+//! only when the filter rewrote the request's (a placeholder substituted in it):
+//! Envoy would log the rewritten path, with the credential in it; this one is the
+//! agent's, already cut by [`crate::loggable_path`].
 
 use std::fmt;
 
@@ -28,7 +33,7 @@ pub const LOG_STATE_FILTER_STATE: &str = "wasm.agent_vault_log";
 /// The version this build writes (the first field).
 pub const LOG_STATE_VERSION: &str = "1";
 /// Fields of a version-1 value, the version included.
-const FIELDS: usize = 8;
+const FIELDS: usize = 9;
 
 /// What the filter sets on a request for its log record. `S` is `&str` in the filter
 /// (borrowing its state), `String` once decoded.
@@ -48,6 +53,8 @@ pub struct LogState<S = String> {
     pub redactions: u64,
     /// The method, when not one Envoy's access log names ([`envoy_names_method`]).
     pub method: Option<S>,
+    /// The agent's path (no query string), when the filter rewrote the request's.
+    pub path: Option<S>,
 }
 
 /// Whether Envoy's access-log entry names `method` itself (its `RequestMethod` enum).
@@ -119,6 +126,7 @@ impl<S: AsRef<str>> LogState<S> {
             out.push_str(&self.redactions.to_string());
         }
         push_field(&mut out, self.method.as_ref().map_or("", AsRef::as_ref));
+        push_field(&mut out, self.path.as_ref().map_or("", AsRef::as_ref));
         out
     }
 }
@@ -133,7 +141,8 @@ impl LogState {
                 crate::truncated(version, 16).to_owned(),
             ));
         }
-        let [_, agent, vault, service, host, error, redactions, method] = fields.as_slice() else {
+        let [_, agent, vault, service, host, error, redactions, method, path] = fields.as_slice()
+        else {
             return Err(LogStateError::Fields(fields.len()));
         };
         let optional = |field: &str| (!field.is_empty()).then(|| field.to_owned());
@@ -152,6 +161,7 @@ impl LogState {
             error: optional(error),
             redactions,
             method: optional(method),
+            path: optional(path),
         })
     }
 }
@@ -172,10 +182,11 @@ mod tests {
             error: None,
             redactions: 2,
             method: None,
+            path: Some("/bot__TOKEN__/send"),
         };
         assert_eq!(
             forwarded.encode(),
-            "1\tclaude\tdefault\tstripe\tapi.stripe.com\t\t2\t"
+            "1\tclaude\tdefault\tstripe\tapi.stripe.com\t\t2\t\t/bot__TOKEN__/send"
         );
         let refused = LogState {
             agent: "",
@@ -185,10 +196,11 @@ mod tests {
             error: Some("proxy_auth_required"),
             redactions: 0,
             method: Some("PROPFIND"),
+            path: None,
         };
         assert_eq!(
             refused.encode(),
-            "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND"
+            "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND\t"
         );
         assert_eq!(
             LogState::decode(&refused.encode()),
@@ -210,6 +222,7 @@ mod tests {
             error: None,
             redactions: 0,
             method: None,
+            path: None,
         };
         let decoded = LogState::decode(&state.encode()).unwrap();
         assert_eq!(decoded.agent, "abc");
@@ -226,22 +239,22 @@ mod tests {
                 "request-log state of version \"\"; this control plane reads version 1",
             ),
             (
-                "2\ta\tv\ts\th\t\t0\t",
+                "2\ta\tv\ts\th\t\t0\t\t",
                 LogStateError::Version("2".into()),
                 "request-log state of version \"2\"; this control plane reads version 1",
             ),
             (
-                "1\ta\tv\ts\th\t\t",
-                LogStateError::Fields(7),
-                "request-log state with 7 fields; version 1 has 8",
+                "1\ta\tv\ts\th\t\t\t",
+                LogStateError::Fields(8),
+                "request-log state with 8 fields; version 1 has 9",
             ),
             (
-                "1\ta\tv\ts\th\t\t0\tGET\textra",
-                LogStateError::Fields(9),
-                "request-log state with 9 fields; version 1 has 8",
+                "1\ta\tv\ts",
+                LogStateError::Fields(4),
+                "request-log state with 4 fields; version 1 has 9",
             ),
             (
-                "1\ta\tv\ts\th\t\t-1\t",
+                "1\ta\tv\ts\th\t\t-1\t\t",
                 LogStateError::Redactions("-1".into()),
                 "request-log state with redactions \"-1\", not a count",
             ),
@@ -270,8 +283,9 @@ mod tests {
             error in proptest::option::of("[a-z_]{1,30}"),
             redactions in any::<u64>(),
             method in proptest::option::of("[A-Z-]{1,20}"),
+            path in proptest::option::of("/[^\\p{Cc}]{0,60}"),
         ) {
-            let state = LogState { agent, vault, service, host, error, redactions, method };
+            let state = LogState { agent, vault, service, host, error, redactions, method, path };
             prop_assert_eq!(LogState::decode(&state.encode()), Ok(state));
         }
 

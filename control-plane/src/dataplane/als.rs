@@ -82,7 +82,8 @@ fn millis(duration: &Duration) -> u64 {
 /// The record of one entry, as the filter would have posted it (before
 /// [`LogRecord::sanitized`], which the append applies to every record): the time the
 /// request started, Envoy's method (unless the state names one Envoy cannot), the
-/// host and names from the state, the path without query string, the status Envoy
+/// host and names from the state, the path without query string (the state's when
+/// the filter rewrote the request's), the status Envoy
 /// sent, and the latency from the start to the last byte sent to the agent (the
 /// filter measured from its headers callback to its log callback, which Envoy calls
 /// right after that byte; without it, the stream's duration).
@@ -123,7 +124,12 @@ pub fn record(entry: &HttpAccessLogEntry) -> Result<LogRecord, Skipped> {
         vault: state.vault,
         method,
         host: state.host,
-        path: loggable_path(&request.path).to_owned(),
+        // The agent's path when the filter rewrote it (Envoy's holds the values
+        // substituted into it).
+        path: match state.path {
+            Some(path) => loggable_path(&path).to_owned(),
+            None => loggable_path(&request.path).to_owned(),
+        },
         service: state.service,
         status,
         latency_ms,

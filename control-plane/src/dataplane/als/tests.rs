@@ -8,7 +8,7 @@ use envoy_types::pb::google::protobuf::{Timestamp, UInt32Value};
 
 use super::*;
 
-const STATE: &str = "1\tclaude\tdefault\tstripe\tapi.stripe.com\t\t2\t";
+const STATE: &str = "1\tclaude\tdefault\tstripe\tapi.stripe.com\t\t2\t\t";
 
 fn bytes_any(text: &str) -> Any {
     Any {
@@ -82,6 +82,19 @@ fn an_entry_with_the_filters_state_is_the_record_the_filter_would_post() {
 }
 
 #[test]
+fn a_path_the_filter_rewrote_is_the_agents_from_the_state_never_envoys() {
+    let state = STATE.replace("\t2\t\t", "\t2\t\t/bot__TOKEN__/send");
+    let record = record(&entry(
+        Some(bytes_any(&state)),
+        RequestMethod::Get,
+        "/bot123456:SECRET/send?q=1",
+        200,
+    ))
+    .unwrap();
+    assert_eq!(record.path, "/bot__TOKEN__/send");
+}
+
+#[test]
 fn the_method_is_envoys_unless_the_state_names_one_envoy_cannot() {
     let cases = [
         (RequestMethod::Get, STATE.to_owned(), "GET"),
@@ -90,7 +103,7 @@ fn the_method_is_envoys_unless_the_state_names_one_envoy_cannot() {
         (RequestMethod::MethodUnspecified, STATE.to_owned(), ""),
         (
             RequestMethod::MethodUnspecified,
-            format!("{STATE}PROPFIND"),
+            STATE.replace("\t2\t\t", "\t2\tPROPFIND\t"),
             "PROPFIND",
         ),
     ];
@@ -193,7 +206,7 @@ async fn a_message_is_stored_through_the_request_log_and_counted() {
                 entry(Some(bytes_any(STATE)), RequestMethod::Get, "/a?q=1", 200),
                 entry(None, RequestMethod::Get, "/b", 403),
                 entry(
-                    Some(bytes_any("1\tclaude\tno-such-vault\t\th\t\t\t")),
+                    Some(bytes_any("1\tclaude\tno-such-vault\t\th\t\t\t\t")),
                     RequestMethod::Get,
                     "/c",
                     200,
