@@ -244,7 +244,6 @@ impl Http {
             Decision::Reject(reject) => refuse(host, &self.log, &reject),
             Decision::Forward(forward) => {
                 if forward_request(host, worker.config(), &self.log, &forward, &headers, true) {
-                    publish_log(host, &self.log);
                     Flow::Continue
                 } else {
                     Flow::Pause
@@ -525,9 +524,15 @@ fn forward_request(
         entry.body = edits.body;
         // Envoy would log the rewritten path, placeholder values in it: the state
         // carries the agent's.
-        if entry.access_log && edits.headers.iter().any(|(name, _)| name == ":path") {
+        let rewrites_path = edits.headers.iter().any(|(name, _)| name == ":path");
+        if entry.access_log && rewrites_path {
             let path = agent_vault_rules::loggable_path(known.get(":path").unwrap_or_default());
             entry.path = path.to_owned();
+        }
+        // A hit sets the state here, once; a paused request set it when it paused,
+        // and again now only if the path must be added.
+        if from_cache || rewrites_path {
+            publish(host, &entry);
         }
     }
     host.apply_forward(config, forward, known);
@@ -3124,10 +3129,10 @@ mod tests {
             vm.calls(),
             vec![
                 read(3),
-                forward(3, "/b?key=secret", "sk_1"),
                 log_state(3, STRIPE_STATE),
+                forward(3, "/b?key=secret", "sk_1"),
             ],
-            "one set_property, after the forward"
+            "one set_property"
         );
         let reads = vm.host.clock_reads;
         vm.finish(3, Some(200));
@@ -3301,5 +3306,35 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn in_access_log_mode_a_path_with_a_substituted_placeholder_is_logged_as_the_agent_wrote_it() {
+        let mut vm = substituting_vm(ACCESS_LOG, &[Surface::Path]);
+        let agents = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t\t\t/bot__STRIPE_KEY__/send";
+        // Paused: set without the path, then again with it once the fetch answers.
+        vm.request_with(
+            2,
+            to_stripe("GET", "/bot__STRIPE_KEY__/send?q=__STRIPE_KEY__", &[]),
+        );
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk_1"));
+        let calls = vm.calls();
+        let states: Vec<&Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::SetProperty { .. }))
+            .collect();
+        assert_eq!(states, vec![&log_state(2, agents)], "{calls:?}");
+        // A hit: once, with the path.
+        vm.finish(2, Some(200));
+        vm.calls();
+        vm.request_with(3, to_stripe("GET", "/bot__STRIPE_KEY__/send", &[]));
+        let calls = vm.calls();
+        let states: Vec<&Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::SetProperty { .. }))
+            .collect();
+        assert_eq!(states, vec![&log_state(3, agents)], "{calls:?}");
+        assert!(!format!("{calls:?}").contains("\\tsk_1"), "{calls:?}");
     }
 }
