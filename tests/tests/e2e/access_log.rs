@@ -87,7 +87,7 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
                 for i in (thread..REQUESTS).step_by(THREADS) {
                     // Every tenth is refused (no service for the host): logged with
                     // its error.
-                    let url = if i % 10 == 0 {
+                    let url = if i.is_multiple_of(10) {
                         format!("http://nowhere.example/n/{i}?api_key=SECRETQ")
                     } else {
                         echo.url(&format!("/n/{i}?api_key=SECRETQ"))
@@ -98,7 +98,7 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
                         &[("Proxy-Authorization", auth.as_str())],
                         None,
                     );
-                    let expected = if i % 10 == 0 { 403 } else { 200 };
+                    let expected = if i.is_multiple_of(10) { 403 } else { 200 };
                     assert_eq!(response.status, expected, "{i}: {}", response.body);
                 }
             });
@@ -132,7 +132,7 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
         seen[i] = true;
         assert_eq!(record["agent"], "als-agent", "{record}");
         assert_eq!(record["method"], "GET", "{record}");
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             assert_eq!(record["status"], 403, "{record}");
             assert_eq!(record["error"], "forbidden", "{record}");
             assert_eq!(record["host"], "nowhere.example", "{record}");
