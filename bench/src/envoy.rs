@@ -918,6 +918,17 @@ mod tests {
             for key in ["early_header_mutation_extensions", "normalize_path"] {
                 assert_eq!(bench[key], shipped[key], "({letter}) {key}");
             }
+            // The request log as shipped, to the bench's gRPC cluster.
+            let mut access_log = bench["access_log"].clone();
+            assert_eq!(
+                access_log[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]
+                    ["cluster_name"],
+                "agent_vault_grpc",
+                "({letter})"
+            );
+            access_log[0]["typed_config"]["common_config"]["grpc_service"] =
+                shipped["access_log"][0]["typed_config"]["common_config"]["grpc_service"].clone();
+            assert_eq!(access_log, shipped["access_log"], "({letter}) access log");
             assert_eq!(
                 bench["route_config"]["request_headers_to_remove"],
                 shipped["route_config"]["request_headers_to_remove"],
@@ -1039,8 +1050,12 @@ mod tests {
         for (i, jh) in j_hcms.iter().enumerate() {
             let hcm = &mut h["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]
                 ["typed_config"];
+            // (h) has no request log: the filter is what sets its state.
+            assert!(hcm.get("access_log").is_none(), "(h) logs nothing");
+            assert!(jh["access_log"].is_array(), "(j) logs as shipped");
             hcm["http_filters"] = jh["http_filters"].clone();
             hcm["route_config"] = jh["route_config"].clone();
+            hcm["access_log"] = jh["access_log"].clone();
         }
         h["admin"] = j["admin"].clone();
         assert_eq!(h, j);
