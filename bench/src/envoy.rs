@@ -151,6 +151,10 @@ pub struct Inputs<'a> {
     /// the previous configuration (no access log, no `request_log` field), which a
     /// build from before the field accepts.
     pub candidate_access_log: bool,
+    /// (x) with `request_log: "access_log"` but no access log in its Envoy
+    /// (`--candidate-request-log state_only`): what setting the filter state costs
+    /// alone, for the analysis; nothing is logged.
+    pub candidate_state_only: bool,
     /// The control plane's socket for this variant (d, e, f, h, j: small; g: big).
     pub socket: &'a Path,
     /// Its SDS socket, and the PEM file of its proxy CA (h, j).
@@ -248,7 +252,7 @@ const ACCESS_LOG: &str = r#"
                   envoy_grpc: {cluster_name: agent_vault_grpc}
                 filter_state_objects_to_log: [wasm.agent_vault_log]
                 buffer_flush_interval: 1s
-                buffer_size_bytes: 65536"#;
+                buffer_size_bytes: 262144"#;
 
 /// The cluster of [`ACCESS_LOG`], on `socket`.
 fn grpc_cluster(socket: &Path) -> String {
@@ -422,7 +426,7 @@ pub fn config(
         | Variant::FilterBig
         | Variant::FilterNoCache
         | Variant::FilterPolling => true,
-        Variant::Candidate => inputs.candidate_access_log,
+        Variant::Candidate => inputs.candidate_access_log && !inputs.candidate_state_only,
         _ => false,
     };
     let (access_log, grpc_cluster) = if access_log {
@@ -852,6 +856,7 @@ mod tests {
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
             candidate_access_log: true,
+            candidate_state_only: false,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
             sds_socket: Path::new("/run/agent-vault/sds.sock"),
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
@@ -980,6 +985,7 @@ mod tests {
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
             candidate_access_log: true,
+            candidate_state_only: false,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
             sds_socket: Path::new("/run/agent-vault/sds.sock"),
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),

@@ -74,6 +74,8 @@ pub struct Args {
     /// (x)'s request log: through Envoy's access log (`true`, as shipped) or posted
     /// by the filter with the previous configuration (`--candidate-request-log post`).
     pub candidate_access_log: bool,
+    /// `--candidate-request-log state_only`: (x) sets the state, Envoy logs nothing.
+    pub candidate_state_only: bool,
     /// Rounds of the body features' pairs ([`features`]; 0: skipped).
     pub feature_rounds: usize,
 }
@@ -104,7 +106,9 @@ const USAGE: &str =
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
     [--candidate-request-log access_log|post]  (x)'s request log: Envoy's gRPC access log as
                             shipped (access_log, the default), or post: the previous configuration
-                            (no access log, no request_log field), for a build from before it
+                            (no access log, no request_log field), for a build from before it;
+                            or state_only: request_log access_log without Envoy's access log (what
+                            setting the filter state costs alone; nothing is logged)
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
     [--out FILE|-]          where the Markdown goes (BENCHMARKS.md; -: nowhere)
     [--command TEXT]        the command shown in it
@@ -139,6 +143,7 @@ fn parse_args() -> Args {
         keep_workdir: false,
         candidate_wasm: None,
         candidate_access_log: true,
+        candidate_state_only: false,
         feature_rounds: 6,
     };
     let mut it = std::env::args().skip(1);
@@ -191,9 +196,13 @@ fn parse_args() -> Args {
                 args.candidate_access_log = match value().as_str() {
                     "access_log" => true,
                     "post" => false,
+                    "state_only" => {
+                        args.candidate_state_only = true;
+                        true
+                    }
                     other => {
                         eprintln!(
-                            "agent-vault-bench: --candidate-request-log is access_log or post, not {other:?}"
+                            "agent-vault-bench: --candidate-request-log is access_log, post or state_only, not {other:?}"
                         );
                         usage()
                     }
@@ -999,6 +1008,7 @@ pub(crate) fn envoy_inputs<'a>(
         noop_wasm: &args.noop_wasm,
         candidate_wasm: args.candidate_wasm.as_deref(),
         candidate_access_log: args.candidate_access_log,
+        candidate_state_only: args.candidate_state_only,
         socket: &cp.socket,
         sds_socket: &cp.sds_socket,
         proxy_ca: &cp.proxy_ca,

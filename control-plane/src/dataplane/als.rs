@@ -105,10 +105,11 @@ pub fn record(entry: &HttpAccessLogEntry) -> Result<LogRecord, Skipped> {
         .as_ref()
         .or(common.duration.as_ref())
         .map_or(0, millis);
-    let request = entry.request.clone().unwrap_or_default();
+    let request = entry.request.as_ref();
+    let envoy_path = request.map_or("", |r| r.path.as_str());
     let method = match state.method {
         Some(method) => method,
-        None => match RequestMethod::try_from(request.request_method) {
+        None => match RequestMethod::try_from(request.map_or(0, |r| r.request_method)) {
             Ok(RequestMethod::MethodUnspecified) | Err(_) => String::new(),
             Ok(method) => method.as_str_name().to_owned(),
         },
@@ -128,7 +129,7 @@ pub fn record(entry: &HttpAccessLogEntry) -> Result<LogRecord, Skipped> {
         // substituted into it).
         path: match state.path {
             Some(path) => loggable_path(&path).to_owned(),
-            None => loggable_path(&request.path).to_owned(),
+            None => loggable_path(envoy_path).to_owned(),
         },
         service: state.service,
         status,
