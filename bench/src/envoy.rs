@@ -146,6 +146,15 @@ pub struct Inputs<'a> {
     pub noop_wasm: &'a Path,
     /// Variant (x)'s filter.
     pub candidate_wasm: Option<&'a Path>,
+    /// Whether (x) runs the request log as shipped (Envoy's gRPC access log,
+    /// `request_log: "access_log"`); `false` (`--candidate-request-log post`) gives it
+    /// the previous configuration (no access log, no `request_log` field), which a
+    /// build from before the field accepts.
+    pub candidate_access_log: bool,
+    /// (x) with `request_log: "access_log"` but no access log in its Envoy
+    /// (`--candidate-request-log state_only`): what setting the filter state costs
+    /// alone, for the analysis; nothing is logged.
+    pub candidate_state_only: bool,
     /// The control plane's socket for this variant (d, e, f, h, j: small; g: big).
     pub socket: &'a Path,
     /// Its SDS socket, and the PEM file of its proxy CA (h, j).
@@ -207,18 +216,64 @@ fn agent_vault_filter_polling(wasm: &Path) -> String {
         "agent_vault",
         wasm,
         Some(
-            r#"{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000, "snapshot_wait_ms": 0}"#,
+            r#"{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000, "snapshot_wait_ms": 0, "request_log": "access_log"}"#,
         ),
     )
 }
 
-fn agent_vault_filter(wasm: &Path, ttl_ms: u64) -> String {
+/// Our filter; with `access_log`, its request log goes through Envoy's access log as
+/// shipped, else it posts it (the previous configuration: no `request_log` field).
+fn agent_vault_filter(wasm: &Path, ttl_ms: u64, access_log: bool) -> String {
+    let request_log = if access_log {
+        r#", "request_log": "access_log""#
+    } else {
+        ""
+    };
     wasm_filter(
         "agent_vault",
         wasm,
         Some(&format!(
-            r#"{{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": {ttl_ms}, "callout_timeout_ms": 2000}}"#
+            r#"{{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": {ttl_ms}, "callout_timeout_ms": 2000{request_log}}}"#
         )),
+    )
+}
+
+/// The request log as `envoy/forward-proxy.yaml` ships it: Envoy's gRPC access log
+/// to the control plane's gRPC socket (cluster [`GRPC_CLUSTER`]).
+const ACCESS_LOG: &str = r#"
+          access_log:
+          - name: envoy.access_loggers.http_grpc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
+              common_config:
+                log_name: agent_vault
+                transport_api_version: V3
+                grpc_service:
+                  envoy_grpc: {cluster_name: agent_vault_grpc}
+                filter_state_objects_to_log: [wasm.agent_vault_log]
+                buffer_flush_interval: 1s
+                buffer_size_bytes: 262144"#;
+
+/// The cluster of [`ACCESS_LOG`], on `socket`.
+fn grpc_cluster(socket: &Path) -> String {
+    format!(
+        r#"
+  - name: agent_vault_grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: agent_vault_grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              pipe: {{path: {}}}"#,
+        socket.display()
     )
 }
 
@@ -351,18 +406,34 @@ pub fn config(
                     patterns: [{exact: authorization}]"#,
         ),
         Variant::FilterWarm | Variant::FilterBig => {
-            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000))
+            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000, true))
         }
         Variant::Candidate => filters.push_str(&agent_vault_filter(
             inputs.candidate_wasm.unwrap_or(inputs.filter_wasm),
             60_000,
+            inputs.candidate_access_log,
         )),
-        Variant::FilterNoCache => filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0)),
+        Variant::FilterNoCache => {
+            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0, true))
+        }
         Variant::FilterPolling => {
             filters.push_str(&agent_vault_filter_polling(inputs.filter_wasm))
         }
     }
     filters.push_str(ROUTER);
+    let access_log = match variant {
+        Variant::FilterWarm
+        | Variant::FilterBig
+        | Variant::FilterNoCache
+        | Variant::FilterPolling => true,
+        Variant::Candidate => inputs.candidate_access_log && !inputs.candidate_state_only,
+        _ => false,
+    };
+    let (access_log, grpc_cluster) = if access_log {
+        (ACCESS_LOG, grpc_cluster(inputs.sds_socket))
+    } else {
+        ("", String::new())
+    };
     let control_plane_cluster = if matches!(
         variant,
         Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader | Variant::CredentialInjector
@@ -402,7 +473,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: bench
           codec_type: AUTO
-          normalize_path: true{routes}
+          normalize_path: true{access_log}{routes}
           http_filters:{filters}
   clusters:
   - name: upstream
@@ -414,7 +485,7 @@ static_resources:
       - lb_endpoints:
         - endpoint:
             address:
-              socket_address: {{address: 127.0.0.1, port_value: {upstream}}}{control_plane_cluster}
+              socket_address: {{address: 127.0.0.1, port_value: {upstream}}}{control_plane_cluster}{grpc_cluster}
 "#,
         letter = variant.letter(),
         describe = variant.describe(),
@@ -514,6 +585,10 @@ pub fn without_filter(rendered: &str) -> Result<String, String> {
                     let before = http_filters.len();
                     http_filters.retain(|f| f["name"] != "envoy.filters.http.wasm");
                     filters_removed += before - http_filters.len();
+                }
+                // The request log is the filter's: without it, nothing to log.
+                if let Some(hcm) = hcm.as_object_mut() {
+                    hcm.remove("access_log");
                 }
                 let Some(hosts) = hcm["route_config"]["virtual_hosts"].as_array_mut() else {
                     continue;
@@ -780,6 +855,8 @@ mod tests {
             filter_wasm: wasm,
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
+            candidate_access_log: true,
+            candidate_state_only: false,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
             sds_socket: Path::new("/run/agent-vault/sds.sock"),
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
@@ -846,6 +923,17 @@ mod tests {
             for key in ["early_header_mutation_extensions", "normalize_path"] {
                 assert_eq!(bench[key], shipped[key], "({letter}) {key}");
             }
+            // The request log as shipped, to the bench's gRPC cluster.
+            let mut access_log = bench["access_log"].clone();
+            assert_eq!(
+                access_log[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]
+                    ["cluster_name"],
+                "agent_vault_grpc",
+                "({letter})"
+            );
+            access_log[0]["typed_config"]["common_config"]["grpc_service"] =
+                shipped["access_log"][0]["typed_config"]["common_config"]["grpc_service"].clone();
+            assert_eq!(access_log, shipped["access_log"], "({letter}) access log");
             assert_eq!(
                 bench["route_config"]["request_headers_to_remove"],
                 shipped["route_config"]["request_headers_to_remove"],
@@ -896,6 +984,8 @@ mod tests {
             filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
+            candidate_access_log: true,
+            candidate_state_only: false,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
             sds_socket: Path::new("/run/agent-vault/sds.sock"),
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
@@ -966,8 +1056,12 @@ mod tests {
         for (i, jh) in j_hcms.iter().enumerate() {
             let hcm = &mut h["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]
                 ["typed_config"];
+            // (h) has no request log: the filter is what sets its state.
+            assert!(hcm.get("access_log").is_none(), "(h) logs nothing");
+            assert!(jh["access_log"].is_array(), "(j) logs as shipped");
             hcm["http_filters"] = jh["http_filters"].clone();
             hcm["route_config"] = jh["route_config"].clone();
+            hcm["access_log"] = jh["access_log"].clone();
         }
         h["admin"] = j["admin"].clone();
         assert_eq!(h, j);

@@ -72,6 +72,11 @@ pub struct Args {
     pub keep_workdir: bool,
     /// Adds variant (x): this build of the filter, alternated with the others.
     pub candidate_wasm: Option<PathBuf>,
+    /// (x)'s request log: through Envoy's access log (`true`, as shipped) or posted
+    /// by the filter with the previous configuration (`--candidate-request-log post`).
+    pub candidate_access_log: bool,
+    /// `--candidate-request-log state_only`: (x) sets the state, Envoy logs nothing.
+    pub candidate_state_only: bool,
     /// Rounds of the body features' pairs ([`features`]; 0: skipped).
     pub feature_rounds: usize,
     /// Seconds of steady load on (e) with the default TTL ([`steady`]; 0: skipped).
@@ -102,6 +107,11 @@ const USAGE: &str =
                             propagation across two control planes)
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
+    [--candidate-request-log access_log|post]  (x)'s request log: Envoy's gRPC access log as
+                            shipped (access_log, the default), or post: the previous configuration
+                            (no access log, no request_log field), for a build from before it;
+                            or state_only: request_log access_log without Envoy's access log (what
+                            setting the filter state costs alone; nothing is logged)
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
     [--steady-secs N]       steady load on (e) with the default TTL, counting the requests that
                             wait on a credential fetch (300; 0: none)
@@ -137,6 +147,8 @@ fn parse_args() -> Args {
         skip_postgres: false,
         keep_workdir: false,
         candidate_wasm: None,
+        candidate_access_log: true,
+        candidate_state_only: false,
         feature_rounds: 6,
         steady_secs: 300,
     };
@@ -186,6 +198,22 @@ fn parse_args() -> Args {
             "--skip-postgres" => args.skip_postgres = true,
             "--keep-workdir" => args.keep_workdir = true,
             "--candidate-wasm" => args.candidate_wasm = Some(value().into()),
+            "--candidate-request-log" => {
+                args.candidate_access_log = match value().as_str() {
+                    "access_log" => true,
+                    "post" => false,
+                    "state_only" => {
+                        args.candidate_state_only = true;
+                        true
+                    }
+                    other => {
+                        eprintln!(
+                            "agent-vault-bench: --candidate-request-log is access_log, post or state_only, not {other:?}"
+                        );
+                        usage()
+                    }
+                }
+            }
             "--feature-rounds" => args.feature_rounds = number(value()),
             "--steady-secs" => args.steady_secs = number(value()) as u64,
             _ => usage(),
@@ -253,6 +281,10 @@ pub struct Memory {
     pub rss_kib: BTreeMap<&'static str, u64>,
     /// Snapshot polls per second seen by the big control plane (= VMs that poll).
     pub polling_vms: f64,
+    /// (e)'s request log through Envoy's gRPC access log, after the runs: entries
+    /// Envoy wrote and dropped (`access_logs.grpc_access_log.logs_written` /
+    /// `logs_dropped`), and records its control plane received (`als_records`).
+    pub request_log: Option<(u64, u64, u64)>,
 }
 
 /// Propagation across two control planes on one PostgreSQL database.
@@ -658,6 +690,31 @@ fn run_in(
     }
     let polls_before = cps["g"].counts();
     std::thread::sleep(Duration::from_secs(4));
+    // Longer than the access log's flush interval since the last run: every entry
+    // of (e) has been sent.
+    if let (Some(envoy), Some(cp)) = (
+        envoys.iter().find(|e| e.variant == Variant::FilterWarm),
+        cps.get("e"),
+    ) {
+        let written = envoy
+            .counter_sum("access_logs.grpc_access_log.logs_written")
+            .unwrap_or(0);
+        let dropped = envoy
+            .counter_sum("access_logs.grpc_access_log.logs_dropped")
+            .unwrap_or(0);
+        let received = cp.counts().als_records;
+        log(&format!(
+            "(e) request log through Envoy's access log: {written} entries written, {dropped} dropped; \
+             the control plane received {received} records"
+        ));
+        if dropped > 0 || received < written {
+            checks.push(format!(
+                "(e) request log: Envoy wrote {written} access-log entries and dropped {dropped}; \
+                 the control plane received {received}"
+            ));
+        }
+        memory.request_log = Some((written, dropped, received));
+    }
     let counts = cps["g"].counts();
     let polls = counts.since(polls_before);
     // With the long-poll each VM holds one request; without it each polls once a second.
@@ -987,6 +1044,8 @@ pub(crate) fn envoy_inputs<'a>(
         filter_wasm: &args.filter_wasm,
         noop_wasm: &args.noop_wasm,
         candidate_wasm: args.candidate_wasm.as_deref(),
+        candidate_access_log: args.candidate_access_log,
+        candidate_state_only: args.candidate_state_only,
         socket: &cp.socket,
         sds_socket: &cp.sds_socket,
         proxy_ca: &cp.proxy_ca,

@@ -614,6 +614,13 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
          (each VM holds one snapshot long-poll; without it, each polls once a second).\n",
         results.memory.polling_vms
     );
+    if let Some((written, dropped, received)) = results.memory.request_log {
+        let _ = writeln!(
+            md,
+            "Request log of (e) through Envoy's gRPC access log over all its runs: {written} entries \
+             written by Envoy, {dropped} dropped; {received} records received by the control plane.\n"
+        );
+    }
     if !prop.is_empty() {
         let _ = writeln!(
             md,

@@ -6,6 +6,8 @@
 //! | `agent_vault_http_requests_total{route,method,status}` | counter | management API and UI requests, by route *template* (`/v1/vaults/{vault}/credentials`), never the concrete path |
 //! | `agent_vault_dataplane_requests_total{request}` | counter | data-plane socket requests ([`crate::dataplane::DataplaneStats`]) |
 //! | `agent_vault_dataplane_log_records_total` | counter | request-log records received from the filters |
+//! | `agent_vault_dataplane_access_log_records_total` | counter | request-log records received through Envoy's gRPC access log ([`crate::dataplane::als`]) |
+//! | `agent_vault_dataplane_access_log_skipped_total` | counter | access-log entries without the filter's state, not stored |
 //! | `agent_vault_dataplane_long_polls_total` | counter | snapshot requests that asked to wait (long-polls; their answers also count as `snapshot_full` / `snapshot_not_modified`) |
 //! | `agent_vault_dataplane_long_polls_held` | gauge | long-polls held right now (normally one per filter worker) |
 //! | `agent_vault_store_size_bytes` | gauge | what the store takes on disk: sled's files, or PostgreSQL's table with its index |
@@ -231,6 +233,18 @@ pub fn render(
 
     let gauges = [
         (
+            "agent_vault_dataplane_access_log_records_total",
+            "counter",
+            "Request-log records received through Envoy's gRPC access log.",
+            dataplane.als_records.to_string(),
+        ),
+        (
+            "agent_vault_dataplane_access_log_skipped_total",
+            "counter",
+            "Access-log entries without the filter's state (not stored).",
+            dataplane.als_skipped.to_string(),
+        ),
+        (
             "agent_vault_dataplane_long_polls_total",
             "counter",
             "Snapshot requests that asked to wait for a change (long-polls).",
@@ -429,6 +443,7 @@ mod tests {
             },
             &crate::dataplane::DataplaneCounts {
                 last_build_us: 1_500_250,
+                als_records: 42,
                 ..Default::default()
             },
             &LeafStats {
@@ -458,6 +473,10 @@ mod tests {
             Some(1.50025)
         );
         assert_eq!(value(&text, "agent_vault_proposals_pending"), Some(2.0));
+        assert_eq!(
+            value(&text, "agent_vault_dataplane_access_log_records_total"),
+            Some(42.0)
+        );
         assert_eq!(value(&text, "agent_vault_snapshot_version"), Some(7.0));
         assert_eq!(
             value(&text, "agent_vault_leaf_certificates_held"),

@@ -472,7 +472,12 @@ where
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let maintenance = tokio::spawn(leaves.clone().run_maintenance(wait(stop_rx.clone())));
-    let sds = crate::sds::serve(leaves, sockets.sds.into_incoming(), wait(stop_rx.clone()));
+    let sds = crate::sds::serve(
+        leaves,
+        held.clone(),
+        sockets.sds.into_incoming(),
+        wait(stop_rx.clone()),
+    );
     let api = serve_tcp(tcp, app(state, stats), limits, stop_rx.clone());
     let dataplane = axum::serve(sockets.dataplane, dataplane).with_graceful_shutdown(wait(stop_rx));
     tokio::spawn(async move {

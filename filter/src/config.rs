@@ -44,6 +44,22 @@ pub struct Config {
     /// turns the long-poll off (plain polling every `snapshot_poll_ms`). The callout's
     /// timeout is this plus `callout_timeout_ms`.
     pub snapshot_wait_ms: u64,
+    /// How the request log reaches the control plane (see [`RequestLogMode`]).
+    pub request_log: RequestLogMode,
+}
+
+/// How the request log reaches the control plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestLogMode {
+    /// Each worker builds the records and posts them in batches to
+    /// `POST /v1/dataplane/logs` (`log_flush_ms`, `log_batch_max`).
+    #[default]
+    Post,
+    /// The filter sets what only it knows as one filter-state value per request
+    /// ([`agent_vault_rules::LogState`]); Envoy's gRPC access log sends it with the
+    /// rest of the record to the control plane. Nothing is built or posted in the VM.
+    AccessLog,
 }
 
 /// The default of [`Config::snapshot_wait_ms`]: 25 s.
@@ -84,6 +100,7 @@ impl Default for Config {
             mode: Mode::Proxy,
             max_substitution_body_bytes: DEFAULT_MAX_SUBSTITUTION_BODY_BYTES,
             snapshot_wait_ms: DEFAULT_SNAPSHOT_WAIT_MS,
+            request_log: RequestLogMode::Post,
         }
     }
 }
@@ -230,6 +247,7 @@ mod tests {
         assert_eq!(defaults.mode, Mode::Proxy);
         assert_eq!(defaults.max_substitution_body_bytes, 4 * 1024 * 1024);
         assert_eq!(defaults.snapshot_wait_ms, 25_000);
+        assert_eq!(defaults.request_log, RequestLogMode::Post);
     }
 
     #[test]
@@ -237,7 +255,8 @@ mod tests {
         let json = r#"{"cluster":"cp","authority":"vault.internal","snapshot_poll_ms":500,
             "credential_cache_ttl_ms":0,"callout_timeout_ms":300,"log_flush_ms":2000,
             "log_batch_max":10,"tls_header":"X-Upstream-TLS","mode":"tunnel",
-            "max_substitution_body_bytes":2048,"snapshot_wait_ms":30000}"#;
+            "max_substitution_body_bytes":2048,"snapshot_wait_ms":30000,
+            "request_log":"access_log"}"#;
         let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             config,
@@ -253,6 +272,7 @@ mod tests {
                 mode: Mode::Tunnel,
                 max_substitution_body_bytes: 2048,
                 snapshot_wait_ms: 30_000,
+                request_log: RequestLogMode::AccessLog,
             }
         );
     }
@@ -293,6 +313,8 @@ mod tests {
             ("wait too short", r#"{"snapshot_wait_ms":999}"#, "\"snapshot_wait_ms\" must be 0 (no long-poll: plain polling) or between 1000 and 60000, not 999"),
             ("wait over the control plane's bound", r#"{"snapshot_wait_ms":60001}"#, "not 60001"),
             ("wait in seconds", r#"{"snapshot_wait_ms":"25s"}"#, "invalid type"),
+            ("unknown request log", r#"{"request_log":"file"}"#, "unknown variant `file`, expected `post` or `access_log`"),
+            ("request log spelled as Envoy's field", r#"{"request_log":"accessLog"}"#, "unknown variant `accessLog`"),
         ];
         for (behaviour, json, needle) in cases {
             let message = match Config::parse(json.as_bytes()) {

@@ -19,8 +19,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use agent_vault_rules::reply::{self, ErrorCode, Reject};
+use agent_vault_rules::MAX_LOG_METHOD;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, RequestLogMode};
 use crate::decide::{Decision, FetchPlan, Forward, Request, Tunnelled};
 use crate::flight::{Answer, Completion, Join, Waiter, GRACE_MS};
 use crate::header_map::HeaderMap;
@@ -55,6 +56,8 @@ pub struct Root {
     mode: Mode,
     /// The tick period last set on the host (0: none yet).
     tick_ms: u64,
+    /// From the configuration: how the request log leaves the VM.
+    request_log: RequestLogMode,
 }
 
 impl Root {
@@ -65,6 +68,7 @@ impl Root {
             worker: None,
             mode: Mode::Proxy,
             tick_ms: 0,
+            request_log: RequestLogMode::Post,
         }
     }
 
@@ -80,6 +84,7 @@ impl Root {
         };
         host.define_stats();
         self.mode = config.mode;
+        self.request_log = config.request_log;
         let now = host.now_ms();
         let mut worker = Worker::new(config, now);
         poll(host, &mut worker, now);
@@ -148,7 +153,11 @@ impl Root {
             id: context_id,
             worker: self.worker.clone(),
             mode: self.mode,
-            log: Rc::new(RefCell::new(RequestLog::default())),
+            log: Rc::new(RefCell::new(RequestLog {
+                access_log: self.request_log == RequestLogMode::AccessLog,
+                ..RequestLog::default()
+            })),
+            access_log: self.request_log == RequestLogMode::AccessLog,
             waiting: false,
             body: Vec::new(),
             response: None,
@@ -171,6 +180,9 @@ pub struct Http {
     body: Vec<u8>,
     /// The response body's redaction, for a request whose service redacts.
     response: Option<ResponseBody>,
+    /// `request_log: "access_log"`: the log is filter state set along the way
+    /// ([`publish_log`]); `on_log` does nothing.
+    access_log: bool,
 }
 
 impl Http {
@@ -215,7 +227,15 @@ impl Http {
             }
         };
         if let Ok(mut log) = self.log.try_borrow_mut() {
-            log.start(now, method.to_owned(), path.to_owned());
+            if self.access_log {
+                // Envoy logs the path, and the method unless it is not one it names.
+                log.started_ms = Some(now);
+                if !agent_vault_rules::envoy_names_method(method) {
+                    log.method = agent_vault_rules::truncated(method, MAX_LOG_METHOD).to_owned();
+                }
+            } else {
+                log.start(now, method.to_owned(), path.to_owned());
+            }
         }
         let (Some(decision), Ok(mut worker)) = (decision, worker) else {
             return refuse(host, &self.log, &reply::control_plane_unavailable("busy"));
@@ -232,6 +252,9 @@ impl Http {
             Decision::Fetch(plan) => {
                 host.stat(Stat::CacheMiss);
                 self.waiting = true;
+                // Set now, so a request whose client leaves before the answer is
+                // logged too; the answer sets it again only if it refuses.
+                publish_log(host, &self.log);
                 fetch(host, self.id, &self.log, &mut worker, plan, now);
                 Flow::Pause
             }
@@ -271,6 +294,7 @@ impl Http {
         {
             log.error = Some(ErrorCode::DestinationForbidden);
             host.stat(Stat::Denied(ErrorCode::DestinationForbidden));
+            publish(host, &log);
         }
         let (Some(patterns), Some(headers)) = (patterns, headers) else {
             return Flow::Continue;
@@ -299,12 +323,17 @@ impl Http {
             host.stat(Stat::Redacted(redactions));
             if let Ok(mut log) = self.log.try_borrow_mut() {
                 log.redactions = log.redactions.saturating_add(redactions);
+                publish(host, &log);
             }
         }
     }
 
     /// `on_log`: adds the request's record to the batch, and posts the batch if full.
+    /// With `request_log: "access_log"`: nothing (Envoy's access log has it all).
     pub fn on_log(&mut self, host: &mut impl Host) {
+        if self.access_log {
+            return;
+        }
         let Some(shared) = &self.worker else {
             return;
         };
@@ -493,6 +522,18 @@ fn forward_request(
     if let Ok(mut entry) = log.try_borrow_mut() {
         entry.secrets.clone_from(&forward.secrets);
         entry.body = edits.body;
+        // Envoy would log the rewritten path, placeholder values in it: the state
+        // carries the agent's.
+        let rewrites_path = edits.headers.iter().any(|(name, _)| name == ":path");
+        if entry.access_log && rewrites_path {
+            let path = agent_vault_rules::loggable_path(known.get(":path").unwrap_or_default());
+            entry.path = path.to_owned();
+        }
+        // A hit sets the state here, once; a paused request set it when it paused,
+        // and again now only if the path must be added.
+        if from_cache || rewrites_path {
+            publish(host, &entry);
+        }
     }
     host.apply_forward(config, forward, known);
     if !edits.headers.is_empty() {
@@ -550,6 +591,7 @@ fn redact_response_headers(
             log.error = Some(reject.code);
             log.response_status = Some(reject.status());
             host.stat(Stat::Denied(reject.code));
+            publish(host, log);
             host.send_reject(&reject);
             return (Flow::Pause, Some(ResponseBody::Dropped));
         }
@@ -583,6 +625,7 @@ fn redact_response_headers(
     if redactions > 0 {
         host.stat(Stat::Redacted(redactions));
         log.redactions = log.redactions.saturating_add(redactions);
+        publish(host, log);
     }
     if end_of_stream {
         return (Flow::Continue, None);
@@ -669,9 +712,29 @@ fn refuse(host: &mut impl Host, log: &RefCell<RequestLog>, reject: &Reject) -> F
     host.stat(Stat::Denied(reject.code));
     if let Ok(mut log) = log.try_borrow_mut() {
         log.error = Some(reject.code);
+        publish(host, &log);
     }
     host.send_reject(reject);
     Flow::Pause
+}
+
+/// `request_log: "access_log"`: sets the request's log state (one host call), for
+/// Envoy's access log. A request not started (never decided) is not logged, as in
+/// `post` mode.
+fn publish(host: &mut impl Host, log: &RequestLog) {
+    if log.access_log && log.started_ms.is_some() {
+        host.set_property(
+            agent_vault_rules::LOG_STATE_PROPERTY,
+            log.state().encode().as_bytes(),
+        );
+    }
+}
+
+/// [`publish`] for a shared log.
+fn publish_log(host: &mut impl Host, log: &RefCell<RequestLog>) {
+    if let Ok(log) = log.try_borrow() {
+        publish(host, &log);
+    }
 }
 
 /// Request `id` waits for `plan`'s credentials: it joins the flight for them, or
@@ -928,6 +991,10 @@ fn apply_completions(
             }
             Decision::Reject(reject) => {
                 host.stat(Stat::Denied(reject.code));
+                // The flight wrote the error into the waiter's log.
+                if let Some(log) = completion.log.upgrade() {
+                    publish_log(host, &log);
+                }
                 host.send_reject(&reject);
             }
             Decision::Fetch(_) => {
@@ -3193,5 +3260,240 @@ mod tests {
             Flow::Pause,
             "the old answer was not cached"
         );
+    }
+
+    // The request log through Envoy's access log (`request_log: "access_log"`).
+
+    const ACCESS_LOG: &str = r#"{"request_log": "access_log"}"#;
+
+    fn log_state(context: u32, value: &str) -> Call {
+        Call::SetProperty {
+            context,
+            path: "agent_vault_log".to_owned(),
+            value: value.to_owned(),
+        }
+    }
+
+    const STRIPE_STATE: &str = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t\t\t";
+
+    #[test]
+    fn in_access_log_mode_a_cached_hit_sets_the_log_state_once_and_on_log_does_nothing() {
+        let mut vm = Vm::running(ACCESS_LOG);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_1"));
+        vm.finish(2, Some(200));
+        vm.calls();
+        assert_eq!(vm.request(3, "/b?key=secret"), Flow::Continue);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(3),
+                log_state(3, STRIPE_STATE),
+                forward(3, "/b?key=secret", "sk_1"),
+            ],
+            "one set_property"
+        );
+        let reads = vm.host.clock_reads;
+        vm.finish(3, Some(200));
+        assert_eq!(
+            vm.calls(),
+            vec![Call::ReadResponseHeaders { context: 3 }],
+            "no record, no post"
+        );
+        assert_eq!(vm.host.clock_reads, reads, "on_log reads no clock");
+        for now in [NOW_MS + 1000, NOW_MS + 5000] {
+            vm.tick(now);
+            assert!(
+                !vm.calls()
+                    .iter()
+                    .any(|c| matches!(c, Call::PostLogs { .. })),
+                "nothing batched"
+            );
+        }
+        let worker = vm
+            .root
+            .worker
+            .as_ref()
+            .map(|w| w.borrow_mut().logs_due(u64::MAX));
+        assert_eq!(worker, Some(None), "the batch stays empty");
+    }
+
+    #[test]
+    fn in_access_log_mode_a_refusal_sets_the_state_with_its_error_before_the_reply() {
+        let mut vm = Vm::running(ACCESS_LOG);
+        vm.request_with(
+            2,
+            vec![
+                (":method", "GET".to_owned()),
+                (":authority", "api.stripe.com:443".to_owned()),
+                (":path", "/a".to_owned()),
+            ],
+        );
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(2),
+                // As the posted record: no host before the agent is known.
+                log_state(2, "1\t\t\t\t\tproxy_auth_required\t\t\t"),
+                reject(2, 407, "proxy_auth_required"),
+            ]
+        );
+        vm.finish(2, None);
+        assert_eq!(vm.calls(), vec![]);
+        // A method Envoy's access log cannot name is in the state.
+        vm.request_with(
+            3,
+            vec![
+                (":method", "PROPFIND".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", "/a".to_owned()),
+            ],
+        );
+        assert!(vm.calls().contains(&log_state(
+            3,
+            "1\t\t\t\t\tproxy_auth_required\t\tPROPFIND\t"
+        )));
+    }
+
+    #[test]
+    fn in_access_log_mode_a_paused_request_sets_the_state_when_paused_and_again_only_if_refused() {
+        let mut vm = Vm::running(ACCESS_LOG);
+        assert_eq!(vm.request(2, "/a"), Flow::Pause);
+        assert_eq!(
+            vm.calls(),
+            vec![
+                read(2),
+                log_state(2, STRIPE_STATE),
+                fetch_from(2, Some(FIRST)),
+            ],
+            "set before the fetch: a client that leaves meanwhile is logged too"
+        );
+        vm.request(3, "/b");
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk_1"));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                read(2),
+                forward(2, "/a", "sk_1"),
+                resume(2),
+                switch(3),
+                read(3),
+                forward(3, "/b", "sk_1"),
+                resume(3),
+                switch(2),
+            ],
+            "a forward changes nothing of the state"
+        );
+        // A failed fetch refuses its waiters: their state gets the error.
+        vm.host.now_ms += 120_000;
+        vm.request(4, "/c");
+        vm.request(5, "/d");
+        vm.calls();
+        vm.answer(4, FIRST + 1, envoy_503());
+        let unavailable =
+            "1\talice\tdefault\tstripe\tapi.stripe.com\tcontrol_plane_unavailable\t\t\t";
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadCallResponse,
+                log_state(4, unavailable),
+                reject(4, 503, "control_plane_unavailable"),
+                switch(5),
+                log_state(5, unavailable),
+                reject(5, 503, "control_plane_unavailable"),
+                switch(4),
+            ]
+        );
+    }
+
+    #[test]
+    fn in_access_log_mode_redactions_and_a_destination_refusal_set_the_state_again() {
+        let mut vm = Vm::running(ACCESS_LOG);
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials("sk_live_abcdef123456"));
+        vm.calls();
+        vm.host.current = 2;
+        vm.host.response_headers.insert(
+            2,
+            vec![
+                (":status", "200".to_owned()),
+                ("x-echo", "sk_live_abcdef123456".to_owned()),
+            ],
+        );
+        let http = vm.requests.get_mut(&2).unwrap();
+        http.on_response_headers(&mut vm.host, false);
+        let calls = vm.calls();
+        assert!(
+            calls.contains(&log_state(
+                2,
+                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t1\t\t"
+            )),
+            "{calls:?}"
+        );
+        vm.host.response_body.insert(
+            2,
+            b"key sk_live_abcdef123456 and sk_live_abcdef123456".to_vec(),
+        );
+        let http = vm.requests.get_mut(&2).unwrap();
+        http.on_response_body(&mut vm.host, 50, true);
+        let calls = vm.calls();
+        assert!(
+            calls.contains(&log_state(
+                2,
+                "1\talice\tdefault\tstripe\tapi.stripe.com\t\t3\t\t"
+            )),
+            "{calls:?}"
+        );
+        vm.finish(2, None);
+
+        vm.request(3, "/b");
+        vm.calls();
+        vm.host
+            .response_code_details
+            .insert(3, "rbac_access_denied_matched_policy[none]".into());
+        vm.finish(3, Some(403));
+        assert_eq!(
+            vm.calls(),
+            vec![
+                Call::ReadResponseHeaders { context: 3 },
+                Call::ReadResponseCodeDetails { context: 3 },
+                log_state(
+                    3,
+                    "1\talice\tdefault\tstripe\tapi.stripe.com\tdestination_forbidden\t\t\t"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn in_access_log_mode_a_path_with_a_substituted_placeholder_is_logged_as_the_agent_wrote_it() {
+        let mut vm = substituting_vm(ACCESS_LOG, &[Surface::Path]);
+        let agents = "1\talice\tdefault\tstripe\tapi.stripe.com\t\t\t\t/bot__STRIPE_KEY__/send";
+        // Paused: set without the path, then again with it once the fetch answers.
+        vm.request_with(
+            2,
+            to_stripe("GET", "/bot__STRIPE_KEY__/send?q=__STRIPE_KEY__", &[]),
+        );
+        vm.calls();
+        vm.answer(2, FIRST, credentials("sk_1"));
+        let calls = vm.calls();
+        let states: Vec<&Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::SetProperty { .. }))
+            .collect();
+        assert_eq!(states, vec![&log_state(2, agents)], "{calls:?}");
+        // A hit: once, with the path.
+        vm.finish(2, Some(200));
+        vm.calls();
+        vm.request_with(3, to_stripe("GET", "/bot__STRIPE_KEY__/send", &[]));
+        let calls = vm.calls();
+        let states: Vec<&Call> = calls
+            .iter()
+            .filter(|c| matches!(c, Call::SetProperty { .. }))
+            .collect();
+        assert_eq!(states, vec![&log_state(3, agents)], "{calls:?}");
+        assert!(!format!("{calls:?}").contains("\\tsk_1"), "{calls:?}");
     }
 }

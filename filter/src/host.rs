@@ -230,4 +230,11 @@ pub trait Host: SharedStore {
 
     /// Resets the current context's response stream (the agent sees it cut off).
     fn reset_response(&mut self);
+
+    // The request log through Envoy's access log (`request_log: "access_log"`).
+
+    /// Sets property `path` of the current context to `value` (one
+    /// `proxy_set_property`; Envoy keeps it as filter state `wasm.<path>`, which its
+    /// access log reads).
+    fn set_property(&mut self, path: &str, value: &[u8]);
 }

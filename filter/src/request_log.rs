@@ -8,7 +8,7 @@
 use std::rc::Rc;
 
 use agent_vault_rules::reply::ErrorCode;
-use agent_vault_rules::{loggable_path, truncated, LogRecord, MAX_LOG_METHOD};
+use agent_vault_rules::{loggable_path, truncated, LogRecord, LogState, MAX_LOG_METHOD};
 use serde::Serialize;
 
 use crate::decide::Secrets;
@@ -49,6 +49,11 @@ pub struct RequestLog {
     pub body: BodyPlan,
     /// Occurrences of a secret replaced in the response ([`crate::redact`]).
     pub redactions: u64,
+    /// `request_log: "access_log"`: what only the filter knows goes to Envoy as filter
+    /// state ([`RequestLog::state`]) instead of a record built here; `method` and
+    /// `path` stay empty (Envoy logs its own) unless Envoy would log them wrong: a
+    /// method its access log cannot name, a path the filter rewrote.
+    pub access_log: bool,
 }
 
 impl RequestLog {
@@ -60,6 +65,21 @@ impl RequestLog {
         self.started_ms = Some(now_ms);
         self.method = method;
         self.path = path;
+    }
+
+    /// What the filter sets as filter state in `access_log` mode: the fields of the
+    /// record Envoy does not know.
+    pub fn state(&self) -> LogState<&str> {
+        LogState {
+            agent: self.agent.as_deref().unwrap_or_default(),
+            vault: self.vault.as_deref().unwrap_or_default(),
+            service: self.service.as_deref(),
+            host: &self.host,
+            error: self.error.map(ErrorCode::as_str),
+            redactions: self.redactions,
+            method: (!self.method.is_empty()).then_some(self.method.as_str()),
+            path: (!self.path.is_empty()).then_some(self.path.as_str()),
+        }
     }
 
     /// The record, at `now_ms`, borrowing this state. The status is the response's

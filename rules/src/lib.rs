@@ -11,6 +11,7 @@
 //! | services and the unmatched-host policy                   | [`service`]    |
 //! | placeholders replaced by a credential in path, query, header, body | [`substitution`] |
 //! | data-plane protocol (snapshot, credentials, logs)        | [`wire`]       |
+//! | the request log's filter state (Envoy's access log)      | [`log_state`]  |
 //! | the agent's proxy credential (`Proxy-Authorization`)     | [`proxy_auth`] |
 //! | what an agent sees when refused: codes, statuses, bodies | [`reply`]      |
 //! | validation errors and their stable codes                 | [`error`]      |
@@ -29,6 +30,7 @@
 pub mod auth;
 pub mod error;
 pub mod host;
+pub mod log_state;
 pub mod names;
 pub mod proxy_auth;
 pub mod reply;
@@ -41,6 +43,10 @@ pub use error::RuleError;
 pub use host::{
     normalize_authority, parse_passthrough_host, HostPattern, PathPattern, ServiceMatcher,
     ValidationOptions, MAX_PASSTHROUGH_HOSTS,
+};
+pub use log_state::{
+    envoy_names_method, LogState, LogStateError, LOG_STATE_FILTER_STATE, LOG_STATE_PROPERTY,
+    LOG_STATE_VERSION,
 };
 pub use names::{
     validate_agent_name, validate_credential_key, validate_service_name, validate_vault_name,

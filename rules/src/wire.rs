@@ -269,6 +269,15 @@ pub struct DataplaneCounts {
     /// Long-polls held right now (a gauge: one per filter worker, normally).
     #[serde(default)]
     pub long_polls_held: u64,
+    /// Request-log records received through Envoy's gRPC access log (`access_log`
+    /// mode), stored like posted ones.
+    #[serde(default)]
+    pub als_records: u64,
+    /// Access-log entries without the filter's state (requests the filter never saw,
+    /// e.g. Envoy's own early refusals), or with a state that does not decode: not
+    /// stored.
+    #[serde(default)]
+    pub als_skipped: u64,
 }
 
 impl DataplaneCounts {
@@ -289,6 +298,8 @@ impl DataplaneCounts {
             last_snapshot_bytes: self.last_snapshot_bytes,
             long_polls: self.long_polls.saturating_sub(before.long_polls),
             long_polls_held: self.long_polls_held,
+            als_records: self.als_records.saturating_sub(before.als_records),
+            als_skipped: self.als_skipped.saturating_sub(before.als_skipped),
         }
     }
 

@@ -22,6 +22,7 @@
 //! - `/v1/dataplane/ext_authz/...` (any method): [`ext_authz`], a check endpoint for
 //!   Envoy's `ext_authz` HTTP service.
 
+pub mod als;
 pub mod ext_authz;
 
 use std::collections::BTreeMap;
@@ -98,6 +99,8 @@ pub struct DataplaneStats {
     last_snapshot_bytes: AtomicU64,
     long_polls: AtomicU64,
     long_polls_held: AtomicU64,
+    als_records: AtomicU64,
+    als_skipped: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -120,6 +123,8 @@ impl DataplaneStats {
             last_snapshot_bytes: read(&self.last_snapshot_bytes),
             long_polls: read(&self.long_polls),
             long_polls_held: read(&self.long_polls_held),
+            als_records: read(&self.als_records),
+            als_skipped: read(&self.als_skipped),
         }
     }
 

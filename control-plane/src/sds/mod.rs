@@ -420,9 +420,12 @@ async fn run_stream(
 }
 
 /// Serves SDS for `leaves` on `incoming` (the peer-checked Unix socket's connections)
-/// until `shutdown`; open streams are ended then.
+/// until `shutdown`; open streams are ended then. The same server answers Envoy's
+/// gRPC access log ([`crate::dataplane::als`]), which stores into `dataplane`'s
+/// request log.
 pub async fn serve<I>(
     leaves: Arc<Leaves>,
+    dataplane: crate::dataplane::DataplaneState,
     incoming: I,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error>
@@ -436,7 +439,9 @@ where
         let _ = stop_tx.send(true);
     };
     tonic::transport::Server::builder()
-        .serve_with_incoming_shutdown(service, incoming, shutdown)
+        .add_service(service)
+        .add_service(crate::dataplane::als::service(dataplane))
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

@@ -66,9 +66,16 @@ async fn start(limits: LeafLimits) -> Running {
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve(leaves.clone(), listener.into_incoming(), async {
-        let _ = stopped.await;
-    }));
+    let dataplane =
+        crate::dataplane::DataplaneState::new(store.clone(), crate::logs::LogRetention::default());
+    let served = tokio::spawn(serve(
+        leaves.clone(),
+        dataplane,
+        listener.into_incoming(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Running {
         _dir: dir,
         store,

@@ -203,6 +203,10 @@ impl Host for ProxyWasmHost {
         // SAFETY: a plain value.
         let _ = unsafe { proxy_close_stream(StreamType::HttpResponse as u32) };
     }
+
+    fn set_property(&mut self, path: &str, value: &[u8]) {
+        let _ = hostcalls::set_property(vec![path], Some(value));
+    }
 }
 
 /// Replaces request headers (substitution): one value is set; several replace every

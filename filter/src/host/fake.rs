@@ -182,6 +182,15 @@ pub enum Call {
         /// The current context.
         context: u32,
     },
+    /// A property of `context` was set (the request log's filter state).
+    SetProperty {
+        /// The current context.
+        context: u32,
+        /// The property path.
+        path: String,
+        /// The value (lossy UTF-8).
+        value: String,
+    },
 }
 
 /// The fake host. Fields are the test's controls and what was recorded.
@@ -222,6 +231,8 @@ pub struct FakeHost {
     pub response_headers: BTreeMap<u32, Vec<(&'static str, String)>>,
     /// Each context's current response body chunk (replaced by `set_response_body`).
     pub response_body: BTreeMap<u32, Vec<u8>>,
+    /// How many times the clock was read.
+    pub clock_reads: u64,
     next_token: u32,
 }
 
@@ -259,6 +270,7 @@ impl FakeHost {
             bodies: BTreeMap::new(),
             response_headers: BTreeMap::new(),
             response_body: BTreeMap::new(),
+            clock_reads: 0,
             next_token: Self::FIRST_TOKEN,
         }
     }
@@ -336,6 +348,7 @@ fn describe(event: Stat<'_>) -> String {
 
 impl Host for FakeHost {
     fn now_ms(&mut self) -> u64 {
+        self.clock_reads += 1;
         self.now_ms
     }
 
@@ -595,6 +608,14 @@ impl Host for FakeHost {
     fn reset_response(&mut self) {
         self.calls.push(Call::ResetResponse {
             context: self.current,
+        });
+    }
+
+    fn set_property(&mut self, path: &str, value: &[u8]) {
+        self.calls.push(Call::SetProperty {
+            context: self.current,
+            path: path.to_owned(),
+            value: String::from_utf8_lossy(value).into_owned(),
         });
     }
 }

@@ -1084,3 +1084,43 @@ fn a_thousand_server_names_from_one_agent_leave_envoy_and_the_control_plane_boun
          {cp_grew} KiB: {rounds:?}"
     );
 }
+
+#[test]
+fn a_request_inside_a_tunnel_is_in_the_request_log_with_its_names_and_no_query_string() {
+    let https = Https::start();
+    https.add_echo_service("default", "sk_test_tunnel_log_0123");
+    let token = https.stack.create_agent("tunnel-logger", &["default"]);
+    let proxy = https.proxy_url(&token, "default");
+    let url = https.url("/v1/tunnelled?api_key=SECRETQ");
+    let ok = wait_for(FIRST_SNAPSHOT, || {
+        (curl(&proxy, &https.proxy_ca, &["--http1.1", &url]).status == 200).then_some(())
+    });
+    assert!(ok.is_some(), "{}", https.stack.envoy.log_tail(30));
+    let record = wait_for(PROPAGATION, || {
+        https
+            .stack
+            .request_log("default")
+            .into_iter()
+            .find(|r| r["path"] == "/v1/tunnelled" && r["status"] == 200)
+    })
+    .unwrap_or_else(|| panic!("not logged: {:#?}", https.stack.request_log("default")));
+    assert_eq!(record["agent"], "tunnel-logger", "{record}");
+    assert_eq!(record["vault"], "default", "{record}");
+    assert_eq!(record["service"], "echo", "{record}");
+    assert_eq!(record["method"], "GET", "{record}");
+    assert_eq!(record["host"], "localhost", "{record}");
+    assert!(record["error"].is_null(), "{record}");
+    // The tunnel's CONNECT is logged too, when the tunnel closes.
+    let connect = wait_for(PROPAGATION, || {
+        https
+            .stack
+            .request_log("default")
+            .into_iter()
+            .find(|r| r["method"] == "CONNECT")
+    })
+    .unwrap_or_else(|| panic!("no CONNECT: {:#?}", https.stack.request_log("default")));
+    assert_eq!(connect["agent"], "tunnel-logger", "{connect}");
+    assert_eq!(connect["host"], "localhost", "{connect}");
+    let text = Value::from(https.stack.request_log("default")).to_string();
+    assert!(!text.contains("SECRETQ"), "{text}");
+}

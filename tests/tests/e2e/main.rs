@@ -3,6 +3,7 @@
 //! started with the kit in `src/`. `./dev test` builds what they need; one area alone:
 //! `cargo test -p agent-vault-testkit --test e2e proxy::`.
 
+mod access_log;
 mod browser;
 mod catalog;
 mod cli;

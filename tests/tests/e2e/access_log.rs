@@ -1,0 +1,166 @@
+//! The request log through Envoy's gRPC access log (the shipped bootstraps'
+//! `request_log: "access_log"`): nothing lost at concurrency, never a query string,
+//! refusals with their error, and the requests inside a decrypted tunnel. The other
+//! request-log tests (`proxy::request_log_*`, `methods`, `redaction`, ...) run on the
+//! same path unchanged: the records are the ones the filter posted before.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use agent_vault_testkit::control_plane::socket_request;
+use agent_vault_testkit::http::proxy_basic;
+use agent_vault_testkit::stack::{on_every_worker, Stack};
+use agent_vault_testkit::upstream::Echo;
+
+/// Requests of the concurrency test, and the threads sending them.
+const REQUESTS: usize = 3000;
+const THREADS: usize = 16;
+
+/// Every record of `vault`'s log, oldest first (paged with `after`).
+fn all_records(stack: &Stack, vault: &str) -> Vec<Value> {
+    let mut records = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let (status, body) = stack
+            .api()
+            .get(&format!("/v1/vaults/{vault}/logs?after={after}&limit=1000"));
+        assert_eq!(status, 200, "{body}");
+        let page = body["records"].as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            return records;
+        }
+        after = body["next"].as_u64().unwrap_or(u64::MAX);
+        records.extend(page);
+    }
+}
+
+/// The control plane's data-plane counters.
+fn dataplane_stats(stack: &Stack) -> Value {
+    let answer = socket_request(
+        &stack.server.socket(),
+        "GET /v1/dataplane/stats HTTP/1.1\r\nHost: agent-vault\r\nConnection: close\r\n\r\n",
+    )
+    .expect("the stats route answers");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("stats: {e}: {answer}"))
+}
+
+/// Envoy's counter `name` (0 when absent).
+fn envoy_counter(stack: &Stack, name: &str) -> u64 {
+    let stats = stack.envoy.admin_get("/stats?usedonly");
+    stats
+        .body
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .filter(|(n, _)| *n == name)
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_query_strings() {
+    let stack = Stack::start();
+    let echo = Echo::plain();
+    stack.set_credential("default", "ALS_KEY", "sk_als_secret_1234");
+    stack.add_service(
+        "default",
+        json!({"name": "billing", "host": echo.authority(), "upstream_tls": false,
+               "auth": {"type": "bearer", "token": "ALS_KEY"}}),
+    );
+    let token = stack.create_agent("als-agent", &["default"]);
+    on_every_worker(
+        &stack.envoy,
+        Duration::from_secs(8),
+        6,
+        || stack.get_as(&token, "default", &echo.url("/warmup"), &[]),
+        |r| r.status == 200,
+    );
+    let auth = proxy_basic(&token, "default");
+    let before = dataplane_stats(&stack);
+
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (stack, echo, auth) = (&stack, &echo, &auth);
+            scope.spawn(move || {
+                for i in (thread..REQUESTS).step_by(THREADS) {
+                    // Every tenth is refused (no service for the host): logged with
+                    // its error.
+                    let url = if i.is_multiple_of(10) {
+                        format!("http://nowhere.example/n/{i}?api_key=SECRETQ")
+                    } else {
+                        echo.url(&format!("/n/{i}?api_key=SECRETQ"))
+                    };
+                    let response = stack.envoy.request(
+                        "GET",
+                        &url,
+                        &[("Proxy-Authorization", auth.as_str())],
+                        None,
+                    );
+                    let expected = if i.is_multiple_of(10) { 403 } else { 200 };
+                    assert_eq!(response.status, expected, "{i}: {}", response.body);
+                }
+            });
+        }
+    });
+    let sent = started.elapsed();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ours = loop {
+        let ours: Vec<Value> = all_records(&stack, "default")
+            .into_iter()
+            .filter(|r| r["path"].as_str().unwrap_or_default().starts_with("/n/"))
+            .collect();
+        if ours.len() >= REQUESTS || Instant::now() > deadline {
+            break ours;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!(
+        "{REQUESTS} requests sent in {sent:?}; {} records stored {:?} after the last",
+        ours.len(),
+        started.elapsed() - sent
+    );
+    assert_eq!(ours.len(), REQUESTS, "every request logged, once");
+    let mut seen = vec![false; REQUESTS];
+    for record in &ours {
+        let path = record["path"].as_str().unwrap_or_default();
+        assert!(!path.contains('?'), "{record}");
+        let i: usize = path.trim_start_matches("/n/").parse().unwrap();
+        assert!(!seen[i], "logged twice: {record}");
+        seen[i] = true;
+        assert_eq!(record["agent"], "als-agent", "{record}");
+        assert_eq!(record["method"], "GET", "{record}");
+        if i.is_multiple_of(10) {
+            assert_eq!(record["status"], 403, "{record}");
+            assert_eq!(record["error"], "forbidden", "{record}");
+            assert_eq!(record["host"], "nowhere.example", "{record}");
+            assert!(record["service"].is_null(), "{record}");
+        } else {
+            assert_eq!(record["status"], 200, "{record}");
+            assert!(record["error"].is_null(), "{record}");
+            assert_eq!(record["service"], "billing", "{record}");
+            assert_eq!(record["host"], "localhost", "{record}");
+        }
+    }
+    let text = Value::from(ours).to_string();
+    assert!(!text.contains("SECRETQ") && !text.contains("api_key"));
+
+    let after = dataplane_stats(&stack);
+    let received =
+        after["als_records"].as_u64().unwrap_or(0) - before["als_records"].as_u64().unwrap_or(0);
+    assert!(
+        received >= REQUESTS as u64,
+        "the control plane counted {received} records through the access log"
+    );
+    assert_eq!(
+        after["log_records"], before["log_records"],
+        "nothing posted the old way"
+    );
+    let written = envoy_counter(&stack, "access_logs.grpc_access_log.logs_written");
+    let dropped = envoy_counter(&stack, "access_logs.grpc_access_log.logs_dropped");
+    println!("Envoy: access log entries written {written}, dropped {dropped}");
+    assert!(written >= REQUESTS as u64, "written {written}");
+    assert_eq!(dropped, 0, "Envoy dropped access-log entries");
+}
