@@ -216,7 +216,7 @@ fn agent_vault_filter_polling(wasm: &Path) -> String {
         "agent_vault",
         wasm,
         Some(
-            r#"{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000, "snapshot_wait_ms": 0, "request_log": "access_log"}"#,
+            r#"{"cluster": "agent_vault_control_plane", "authority": "agent-vault", "snapshot_poll_ms": 1000, "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000, "snapshot_wait_ms": 0}"#,
         ),
     )
 }
@@ -406,7 +406,7 @@ pub fn config(
                     patterns: [{exact: authorization}]"#,
         ),
         Variant::FilterWarm | Variant::FilterBig => {
-            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000, true))
+            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000, false))
         }
         Variant::Candidate => filters.push_str(&agent_vault_filter(
             inputs.candidate_wasm.unwrap_or(inputs.filter_wasm),
@@ -414,21 +414,17 @@ pub fn config(
             inputs.candidate_access_log,
         )),
         Variant::FilterNoCache => {
-            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0, true))
+            filters.push_str(&agent_vault_filter(inputs.filter_wasm, 0, false))
         }
         Variant::FilterPolling => {
             filters.push_str(&agent_vault_filter_polling(inputs.filter_wasm))
         }
     }
     filters.push_str(ROUTER);
-    let access_log = match variant {
-        Variant::FilterWarm
-        | Variant::FilterBig
-        | Variant::FilterNoCache
-        | Variant::FilterPolling => true,
-        Variant::Candidate => inputs.candidate_access_log && !inputs.candidate_state_only,
-        _ => false,
-    };
+    // Our variants post their request log, as shipped; only (x) may use Envoy's.
+    let access_log = variant == Variant::Candidate
+        && inputs.candidate_access_log
+        && !inputs.candidate_state_only;
     let (access_log, grpc_cluster) = if access_log {
         (ACCESS_LOG, grpc_cluster(inputs.sds_socket))
     } else {
@@ -855,7 +851,7 @@ mod tests {
             filter_wasm: wasm,
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
-            candidate_access_log: true,
+            candidate_access_log: false,
             candidate_state_only: false,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
             sds_socket: Path::new("/run/agent-vault/sds.sock"),
@@ -923,17 +919,9 @@ mod tests {
             for key in ["early_header_mutation_extensions", "normalize_path"] {
                 assert_eq!(bench[key], shipped[key], "({letter}) {key}");
             }
-            // The request log as shipped, to the bench's gRPC cluster.
-            let mut access_log = bench["access_log"].clone();
-            assert_eq!(
-                access_log[0]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]
-                    ["cluster_name"],
-                "agent_vault_grpc",
-                "({letter})"
-            );
-            access_log[0]["typed_config"]["common_config"]["grpc_service"] =
-                shipped["access_log"][0]["typed_config"]["common_config"]["grpc_service"].clone();
-            assert_eq!(access_log, shipped["access_log"], "({letter}) access log");
+            // The request log posted by the filter, as shipped: no access log.
+            assert!(bench.get("access_log").is_none(), "({letter}) access log");
+            assert!(shipped.get("access_log").is_none(), "shipped access log");
             assert_eq!(
                 bench["route_config"]["request_headers_to_remove"],
                 shipped["route_config"]["request_headers_to_remove"],
@@ -984,7 +972,7 @@ mod tests {
             filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
-            candidate_access_log: true,
+            candidate_access_log: false,
             candidate_state_only: false,
             socket: Path::new("/run/agent-vault/dataplane.sock"),
             sds_socket: Path::new("/run/agent-vault/sds.sock"),
@@ -1056,12 +1044,9 @@ mod tests {
         for (i, jh) in j_hcms.iter().enumerate() {
             let hcm = &mut h["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]
                 ["typed_config"];
-            // (h) has no request log: the filter is what sets its state.
             assert!(hcm.get("access_log").is_none(), "(h) logs nothing");
-            assert!(jh["access_log"].is_array(), "(j) logs as shipped");
             hcm["http_filters"] = jh["http_filters"].clone();
             hcm["route_config"] = jh["route_config"].clone();
-            hcm["access_log"] = jh["access_log"].clone();
         }
         h["admin"] = j["admin"].clone();
         assert_eq!(h, j);

@@ -107,11 +107,11 @@ const USAGE: &str =
                             propagation across two control planes)
     [--big-services N] [--big-agents N]   the big control plane (10000, 1000)
     [--candidate-wasm PATH] adds variant (x): this build of the filter, alternated with the others
-    [--candidate-request-log access_log|post]  (x)'s request log: Envoy's gRPC access log as
-                            shipped (access_log, the default), or post: the previous configuration
-                            (no access log, no request_log field), for a build from before it;
-                            or state_only: request_log access_log without Envoy's access log (what
-                            setting the filter state costs alone; nothing is logged)
+    [--candidate-request-log post|access_log|state_only]  (x)'s request log: post (the default,
+                            as shipped: no access log, no request_log field, so a build from before
+                            the field runs too), access_log: through Envoy's gRPC access log
+                            (request_log access_log), or state_only: request_log access_log without
+                            Envoy's access log (what setting the filter state costs alone)
     [--feature-rounds N]    rounds of the body features (substitution, redaction; 6; 0: none)
     [--steady-secs N]       steady load on (e) with the default TTL, counting the requests that
                             wait on a credential fetch (300; 0: none)
@@ -147,7 +147,7 @@ fn parse_args() -> Args {
         skip_postgres: false,
         keep_workdir: false,
         candidate_wasm: None,
-        candidate_access_log: true,
+        candidate_access_log: false,
         candidate_state_only: false,
         feature_rounds: 6,
         steady_secs: 300,
@@ -281,7 +281,7 @@ pub struct Memory {
     pub rss_kib: BTreeMap<&'static str, u64>,
     /// Snapshot polls per second seen by the big control plane (= VMs that poll).
     pub polling_vms: f64,
-    /// (e)'s request log through Envoy's gRPC access log, after the runs: entries
+    /// (x)'s request log through Envoy's gRPC access log, after the runs: entries
     /// Envoy wrote and dropped (`access_logs.grpc_access_log.logs_written` /
     /// `logs_dropped`), and records its control plane received (`als_records`).
     pub request_log: Option<(u64, u64, u64)>,
@@ -692,9 +692,12 @@ fn run_in(
     std::thread::sleep(Duration::from_secs(4));
     // Longer than the access log's flush interval since the last run: every entry
     // of (e) has been sent.
-    if let (Some(envoy), Some(cp)) = (
-        envoys.iter().find(|e| e.variant == Variant::FilterWarm),
-        cps.get("e"),
+    // (x) with its request log through Envoy's access log: nothing may be lost.
+    let logging = args.candidate_access_log && !args.candidate_state_only;
+    if let (true, Some(envoy), Some(cp)) = (
+        logging,
+        envoys.iter().find(|e| e.variant == Variant::Candidate),
+        cps.get("x"),
     ) {
         let written = envoy
             .counter_sum("access_logs.grpc_access_log.logs_written")
@@ -704,12 +707,12 @@ fn run_in(
             .unwrap_or(0);
         let received = cp.counts().als_records;
         log(&format!(
-            "(e) request log through Envoy's access log: {written} entries written, {dropped} dropped; \
+            "(x) request log through Envoy's access log: {written} entries written, {dropped} dropped; \
              the control plane received {received} records"
         ));
         if dropped > 0 || received < written {
             checks.push(format!(
-                "(e) request log: Envoy wrote {written} access-log entries and dropped {dropped}; \
+                "(x) request log: Envoy wrote {written} access-log entries and dropped {dropped}; \
                  the control plane received {received}"
             ));
         }

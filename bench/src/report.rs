@@ -617,7 +617,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
     if let Some((written, dropped, received)) = results.memory.request_log {
         let _ = writeln!(
             md,
-            "Request log of (e) through Envoy's gRPC access log over all its runs: {written} entries \
+            "Request log of (x) through Envoy's gRPC access log over all its runs: {written} entries \
              written by Envoy, {dropped} dropped; {received} records received by the control plane.\n"
         );
     }
@@ -1683,6 +1683,8 @@ mod tests {
             skip_postgres: true,
             keep_workdir: false,
             candidate_wasm: None,
+            candidate_access_log: false,
+            candidate_state_only: false,
             feature_rounds: 0,
             steady_secs: 0,
         }

@@ -117,6 +117,83 @@ pub fn render(template: &str, vars: &[(String, String)]) -> String {
     xtask::render(template, value).unwrap_or_else(|missing| panic!("{missing}"))
 }
 
+/// The access log envoy/README.md ("The request log through Envoy's access log")
+/// tells operators to add to each connection manager that runs the filter: the
+/// filter's state `wasm.agent_vault_log`, streamed by Envoy's gRPC access log to the
+/// control plane's gRPC (SDS) socket, at most 256 KiB or 1 s held in Envoy.
+pub const ACCESS_LOG_YAML: &str = r#"
+- name: envoy.access_loggers.http_grpc
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
+    common_config:
+      log_name: agent_vault
+      transport_api_version: V3
+      grpc_service:
+        envoy_grpc: {cluster_name: agent_vault_sds}
+      filter_state_objects_to_log: [wasm.agent_vault_log]
+      buffer_flush_interval: 1s
+      buffer_size_bytes: 262144
+"#;
+
+/// A rendered bootstrap with its request log moved to Envoy's access log, as
+/// envoy/README.md tells operators to: [`ACCESS_LOG_YAML`] on every HTTP connection
+/// manager that runs the filter, and `"request_log": "access_log"` in the filter's
+/// configuration. The bootstrap must have the `agent_vault_sds` cluster (the forward
+/// proxy's).
+pub fn with_access_log(config: &str) -> String {
+    fn visit(node: &mut serde_yaml::Value, access_log: &serde_yaml::Value, edited: &mut usize) {
+        match node {
+            serde_yaml::Value::Mapping(map) => {
+                let runs_filter = map
+                    .get("http_filters")
+                    .and_then(|f| f.as_sequence())
+                    .is_some_and(|filters| {
+                        filters
+                            .iter()
+                            .any(|f| f["name"].as_str() == Some("envoy.filters.http.wasm"))
+                    });
+                if runs_filter {
+                    map.insert("access_log".into(), access_log.clone());
+                    *edited += 1;
+                }
+                if let Some(config) = map
+                    .get_mut("configuration")
+                    .and_then(|c| c.get_mut("value"))
+                    .filter(|v| {
+                        v.as_str()
+                            .is_some_and(|v| v.contains("agent_vault_control_plane"))
+                    })
+                {
+                    let mut plugin: serde_json::Value =
+                        serde_json::from_str(config.as_str().unwrap_or_default())
+                            .expect("the filter's configuration is JSON");
+                    plugin["request_log"] = "access_log".into();
+                    *config = plugin.to_string().into();
+                }
+                for (_, value) in map.iter_mut() {
+                    visit(value, access_log, edited);
+                }
+            }
+            serde_yaml::Value::Sequence(items) => {
+                for item in items {
+                    visit(item, access_log, edited);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        config.contains("name: agent_vault_sds"),
+        "the access log goes to the agent_vault_sds cluster"
+    );
+    let mut root: serde_yaml::Value = serde_yaml::from_str(config).expect("the bootstrap is YAML");
+    let access_log: serde_yaml::Value = serde_yaml::from_str(ACCESS_LOG_YAML).expect("YAML");
+    let mut edited = 0;
+    visit(&mut root, &access_log, &mut edited);
+    assert!(edited > 0, "no connection manager runs the filter");
+    serde_yaml::to_string(&root).expect("YAML")
+}
+
 /// `envoy --mode validate -c <config>`: (success, everything it printed).
 pub fn validate(config: &Path) -> (bool, String) {
     let out = Command::new(envoy_binary())
@@ -165,6 +242,10 @@ pub struct EnvoyOptions {
     /// started after Envoy on ports nobody knows beforehand, be reached;
     /// `security_proxy` sets exactly its upstreams' address and port instead.
     pub allowed_private_upstreams: Vec<String>,
+    /// The request log through Envoy's gRPC access log (`request_log: "access_log"`,
+    /// envoy/README.md "The request log through Envoy's access log") instead of the
+    /// filter's posts: see [`with_access_log`].
+    pub access_log: bool,
 }
 
 impl EnvoyOptions {
@@ -185,7 +266,14 @@ impl EnvoyOptions {
                 .unwrap_or_else(|_| "info".into()),
             run_as: None,
             allowed_private_upstreams: vec!["127.0.0.1/32:*".into()],
+            access_log: false,
         }
+    }
+
+    /// The request log through Envoy's gRPC access log (see [`with_access_log`]).
+    pub fn access_log(mut self) -> EnvoyOptions {
+        self.access_log = true;
+        self
     }
 
     /// `envoy/sidecar.yaml`: one fixed TLS upstream `upstream_host:upstream_port`.
@@ -275,7 +363,10 @@ impl Envoy {
             let port = free_port();
             let admin_socket = dir.path().join("admin.sock");
             let config_path = dir.path().join("envoy.yaml");
-            let config = render(&template, &options.template_vars(port, &admin_socket));
+            let mut config = render(&template, &options.template_vars(port, &admin_socket));
+            if options.access_log {
+                config = with_access_log(&config);
+            }
             std::fs::write(&config_path, config).expect("write envoy config");
             let log_path = dir.path().join(format!("envoy-{attempt}.log"));
             let stdio = std::fs::File::create(dir.path().join(format!("envoy-{attempt}.out")))

@@ -1,14 +1,15 @@
-//! The request log through Envoy's gRPC access log (the shipped bootstraps'
-//! `request_log: "access_log"`): nothing lost at concurrency, never a query string,
-//! refusals with their error, and the requests inside a decrypted tunnel. The other
-//! request-log tests (`proxy::request_log_*`, `methods`, `redaction`, ...) run on the
-//! same path unchanged: the records are the ones the filter posted before.
+//! The request log through Envoy's gRPC access log (`request_log: "access_log"` and
+//! the access log envoy/README.md tells operators to add, as the test kit's
+//! `with_access_log` adds them to the shipped forward proxy): nothing lost at
+//! concurrency, never a query string, refusals with their error, and the same records
+//! the filter posts (the shipped default, which the other request-log tests use).
 
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::socket_request;
+use agent_vault_testkit::control_plane::{socket_request, ServerOptions};
+use agent_vault_testkit::envoy::EnvoyOptions;
 use agent_vault_testkit::http::proxy_basic;
 use agent_vault_testkit::stack::{on_every_worker, Stack};
 use agent_vault_testkit::upstream::Echo;
@@ -60,7 +61,7 @@ fn envoy_counter(stack: &Stack, name: &str) -> u64 {
 
 #[test]
 fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_query_strings() {
-    let stack = Stack::start();
+    let stack = Stack::start_with(ServerOptions::default(), EnvoyOptions::access_log);
     let echo = Echo::plain();
     stack.set_credential("default", "ALS_KEY", "sk_als_secret_1234");
     stack.add_service(
@@ -163,4 +164,68 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
     println!("Envoy: access log entries written {written}, dropped {dropped}");
     assert!(written >= REQUESTS as u64, "written {written}");
     assert_eq!(dropped, 0, "Envoy dropped access-log entries");
+}
+
+/// The same requests through the shipped bootstrap (the filter posts) and through the
+/// access log give the same records, apart from their times.
+#[test]
+fn the_access_log_gives_the_records_the_filter_posts() {
+    let records = |configure: fn(EnvoyOptions) -> EnvoyOptions| {
+        let stack = Stack::start_with(ServerOptions::default(), configure);
+        let echo = Echo::plain();
+        stack.set_credential("default", "SAME_KEY", "sk_same_secret_123456");
+        stack.add_service(
+            "default",
+            json!({"name": "same", "host": echo.authority(), "upstream_tls": false,
+                   "auth": {"type": "bearer", "token": "SAME_KEY"}}),
+        );
+        let token = stack.create_agent("same-agent", &["default"]);
+        let ok = agent_vault_testkit::stack::wait_for(Duration::from_secs(10), || {
+            (stack
+                .get_as(&token, "default", &echo.url("/first"), &[])
+                .status
+                == 200)
+                .then_some(())
+        });
+        assert!(ok.is_some(), "the first request is forwarded");
+        let auth = proxy_basic(&token, "default");
+        for (method, url, headers) in [
+            (
+                "POST",
+                echo.url("/v1/charges?key=SECRETQ"),
+                vec![("Proxy-Authorization", auth.as_str())],
+            ),
+            (
+                "PROPFIND",
+                echo.url("/dav"),
+                vec![("Proxy-Authorization", auth.as_str())],
+            ),
+            ("GET", echo.url("/no-token"), vec![]),
+            (
+                "GET",
+                "http://nowhere.example/x".to_owned(),
+                vec![("Proxy-Authorization", auth.as_str())],
+            ),
+        ] {
+            stack.envoy.request(method, &url, &headers, None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut got = all_records(&stack, "default");
+            for record in &mut got {
+                let record = record.as_object_mut().expect("a record is an object");
+                for volatile in ["ts", "latency_ms", "seq"] {
+                    record.remove(volatile);
+                }
+            }
+            if got.len() >= 4 || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let posted = records(|options| options);
+    let through_envoy = records(EnvoyOptions::access_log);
+    assert!(posted.len() >= 4, "{posted:#?}");
+    assert_eq!(through_envoy, posted);
 }

@@ -304,8 +304,7 @@ fn every_bootstrap_routes_only_what_the_filter_let_through() {
             let decrypting = hcm["stat_prefix"] == "agent_vault_tunnel";
             let mut expected = json!({"cluster": "agent_vault_control_plane",
                 "authority": "agent-vault", "snapshot_poll_ms": 1000,
-                "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000,
-                "request_log": "access_log"});
+                "credential_cache_ttl_ms": 60000, "callout_timeout_ms": 2000});
             if decrypting {
                 expected["mode"] = json!("tunnel");
             }
@@ -313,31 +312,9 @@ fn every_bootstrap_routes_only_what_the_filter_let_through() {
                 plugin, expected,
                 "{name}: exactly the documented keys, no secrets"
             );
-            // The request log goes through Envoy's gRPC access log to the control
-            // plane's gRPC socket, with the filter's state.
-            let logs = hcm["access_log"].as_array().cloned().unwrap_or_default();
-            assert_eq!(logs.len(), 1, "{name}: one access log: {logs:?}");
-            assert_eq!(logs[0]["name"], "envoy.access_loggers.http_grpc", "{name}");
-            let common = &logs[0]["typed_config"]["common_config"];
-            assert_eq!(common["transport_api_version"], "V3", "{name}");
-            assert_eq!(
-                common["filter_state_objects_to_log"],
-                json!(["wasm.agent_vault_log"]),
-                "{name}"
-            );
-            assert_eq!(common["buffer_flush_interval"], "1s", "{name}");
-            let grpc_cluster = common["grpc_service"]["envoy_grpc"]["cluster_name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let grpc = cluster(&bootstrap, &grpc_cluster);
-            let sds_socket = dummy.vars.iter().find(|(n, _)| n == "SDS_SOCKET").unwrap();
-            assert_eq!(
-                grpc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                    ["pipe"]["path"],
-                sds_socket.1.as_str(),
-                "{name}: the access log goes to the control plane's gRPC socket"
-            );
+            // The filter posts its request log (the default): Envoy's access log,
+            // which measured dearer (BENCHMARKS.md), is the operator's choice.
+            assert!(hcm.get("access_log").is_none(), "{name}: no access log");
             assert!(
                 early.contains("\"remove\":\"x-agent-vault-tunnel\"")
                     || !text.contains("x-agent-vault-tunnel"),
