@@ -137,61 +137,35 @@ pub const ACCESS_LOG_YAML: &str = r#"
 
 /// A rendered bootstrap with its request log moved to Envoy's access log, as
 /// envoy/README.md tells operators to: [`ACCESS_LOG_YAML`] on every HTTP connection
-/// manager that runs the filter, and `"request_log": "access_log"` in the filter's
-/// configuration. The bootstrap must have the `agent_vault_sds` cluster (the forward
-/// proxy's).
+/// manager (each of the forward proxy's runs the filter), and
+/// `"request_log": "access_log"` in the filter's configuration. The bootstrap must
+/// have the `agent_vault_sds` cluster (the forward proxy's). Edited as text, not
+/// re-serialized: a YAML round trip would turn Envoy's octal `mode: 0600` into 600.
 pub fn with_access_log(config: &str) -> String {
-    fn visit(node: &mut serde_yaml::Value, access_log: &serde_yaml::Value, edited: &mut usize) {
-        match node {
-            serde_yaml::Value::Mapping(map) => {
-                let runs_filter = map
-                    .get("http_filters")
-                    .and_then(|f| f.as_sequence())
-                    .is_some_and(|filters| {
-                        filters
-                            .iter()
-                            .any(|f| f["name"].as_str() == Some("envoy.filters.http.wasm"))
-                    });
-                if runs_filter {
-                    map.insert("access_log".into(), access_log.clone());
-                    *edited += 1;
-                }
-                if let Some(config) = map
-                    .get_mut("configuration")
-                    .and_then(|c| c.get_mut("value"))
-                    .filter(|v| {
-                        v.as_str()
-                            .is_some_and(|v| v.contains("agent_vault_control_plane"))
-                    })
-                {
-                    let mut plugin: serde_json::Value =
-                        serde_json::from_str(config.as_str().unwrap_or_default())
-                            .expect("the filter's configuration is JSON");
-                    plugin["request_log"] = "access_log".into();
-                    *config = plugin.to_string().into();
-                }
-                for (_, value) in map.iter_mut() {
-                    visit(value, access_log, edited);
-                }
-            }
-            serde_yaml::Value::Sequence(items) => {
-                for item in items {
-                    visit(item, access_log, edited);
-                }
-            }
-            _ => {}
-        }
-    }
     assert!(
         config.contains("name: agent_vault_sds"),
         "the access log goes to the agent_vault_sds cluster"
     );
-    let mut root: serde_yaml::Value = serde_yaml::from_str(config).expect("the bootstrap is YAML");
-    let access_log: serde_yaml::Value = serde_yaml::from_str(ACCESS_LOG_YAML).expect("YAML");
-    let mut edited = 0;
-    visit(&mut root, &access_log, &mut edited);
-    assert!(edited > 0, "no connection manager runs the filter");
-    serde_yaml::to_string(&root).expect("YAML")
+    let access_log: serde_json::Value =
+        serde_yaml::from_str(ACCESS_LOG_YAML).expect("the access log is YAML");
+    let mut out = String::with_capacity(config.len() + 1024);
+    let mut managers = 0;
+    for line in config.lines() {
+        if line.trim_start() == "http_filters:" {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!("{indent}access_log: {access_log}\n"));
+            managers += 1;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(managers > 0, "no HTTP connection manager");
+    let plugin = "'{\"cluster\": \"agent_vault_control_plane\",";
+    assert!(out.contains(plugin), "the filter's configuration");
+    out.replace(
+        plugin,
+        "'{\"request_log\": \"access_log\", \"cluster\": \"agent_vault_control_plane\",",
+    )
 }
 
 /// `envoy --mode validate -c <config>`: (success, everything it printed).

@@ -167,7 +167,9 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
 }
 
 /// The same requests through the shipped bootstrap (the filter posts) and through the
-/// access log give the same records, apart from their times.
+/// access log give the same records, apart from their times and order: a forward with
+/// a query string, a method Envoy's enum cannot name, a refusal (no service); a
+/// request without a token (407) belongs to no vault and is in neither log.
 #[test]
 fn the_access_log_gives_the_records_the_filter_posts() {
     let records = |configure: fn(EnvoyOptions) -> EnvoyOptions| {
@@ -219,6 +221,8 @@ fn the_access_log_gives_the_records_the_filter_posts() {
                 }
             }
             if got.len() >= 4 || Instant::now() > deadline {
+                // Each worker sends its own batches: the order across them varies.
+                got.sort_by_key(|record| record["path"].to_string());
                 return got;
             }
             std::thread::sleep(Duration::from_millis(200));
