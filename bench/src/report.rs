@@ -1255,33 +1255,62 @@ const WHERE_THE_TIME_GOES: &str = "## Where the time goes
   (the route marker) behind the fail-closed route config our filter needs, nothing else.
   Every change a filter makes to request headers also makes Envoy drop its cached route
   and match again.
-- **Our hit path (e): where the rest goes.** Per request the filter makes seven host
-  calls, six more than (i): one read of *all* request headers
-  (`proxy_get_header_map_pairs`, instead of five single lookups), the removal of
-  `Proxy-Authorization` (headers that are not present are not removed), the credential
-  and the route marker, two clock reads, and the response's `:status` for the request log
-  (read in the response-headers callback, which runs anyway). Builds of the filter
-  changed for one measurement each and run as the candidate variant (then lettered (h),
-  now (x)) against (e) in one run (`--candidate-wasm`, 2026-11-26) put numbers on the parts, as
-  Envoy CPU per request at 1 / 16 connections: a host call that returns no data costs
+- **Our hit path (e): where the rest goes.** On a cache hit for a service that redacts
+  responses (the default, and (e)'s), the filter makes these host calls: a clock read
+  and one read of *all* request headers (`proxy_get_header_map_pairs`, instead of five
+  single lookups); the removal of `Proxy-Authorization` (headers that are not present
+  are not removed), the credential and the route marker; one read of all response
+  headers and one of each response-body chunk (the redaction's scan; a chunk with no
+  secret is not written back, and only a tail that may begin one is held for the next
+  chunk); and at the end a clock read and the record. (i) makes one. Builds of the
+  filter changed for one measurement each and run as the candidate variant (x) against
+  (e) in one run (`--candidate-wasm`) put numbers on the parts, as Envoy CPU per
+  request at 1 / 16 connections. 2026-11-26: a host call that returns no data costs
   0.9 / 0.3 µs (the no-op module with ten extra clock reads); the whole decision (token
   hash, agent, vault and service lookups, cache, header rendering) 3.8 / 2.2 µs (a build
   deciding every request eleven times); the request log (status, record, batch, post)
-  10 / 38 µs in one run (a build without it reached 0.88 / 0.89 × (b) where (e) reached
-  0.82 / 0.80), though builds leaving out only the status read, or only the record, each
-  gained 0–6 %, within the noise; one that builds the records but never posts them was
-  no faster than (e), so the cost is the per-request work, not the batch posts. What remains is spread over
-  reading and changing headers inside Envoy and cannot be seen from the VM; paired runs
-  still differ by ±5 %, so these parts are estimates, not a sum. `perf record -a` during (e) at 16 connections: Envoy's
-  worker threads use 83 % of all CPU; of that, 7 % is JIT-compiled wasm (our filter and
-  the SDK), 3 % libc, 69 % Envoy's own code (host-call implementations, V8 entry and
-  exit, header maps, HTTP; the binary has no symbols) and 20 % the kernel.
+  10 / 38 µs in one run, though builds leaving out only the status read, or only the
+  record, each gained 0–6 %, within the noise. 2026-12-02 (issue 15): response
+  redaction, on by default, cost 4 / 18 µs (a build that never redacts: 233 / 120 µs
+  against 237 / 138 µs), most of it rebuilding the search patterns (every encoding of
+  every value) per request; they are now built once per set of cached values, with the
+  rendered headers, and shared by every request those values serve until one of them
+  changes (that build against the previous one: 1.23× / 1.10× the requests/s, 213 /
+  137 µs against 266 / 145 µs). Holding back only a tail that may begin a secret, and
+  `codegen-units = 1` for the filter, made no difference within the noise (the latter
+  was not kept). What remains is spread over reading and changing headers inside Envoy
+  and cannot be seen from the VM; paired runs still differ by ±5 %, so these parts are
+  estimates, not a sum. `perf record -a` during (e) at 16 connections (2026-11-26):
+  Envoy's worker threads use 83 % of all CPU; of that, 7 % is JIT-compiled wasm (our
+  filter and the SDK), 3 % libc, 69 % Envoy's own code (host-call implementations, V8
+  entry and exit, header maps, HTTP; the binary has no symbols) and 20 % the kernel.
+- **What stands between (e) and 0.97 × (b)**: (i), which does nothing but add the route
+  header, already sits at 0.95–1.0 × (b); the rest is the host calls above that the
+  contract needs (the token must be removed and the credential set, the response
+  scanned for the secret), each a crossing between V8 and Envoy with a copy into the
+  VM's memory for the reads, and the per-request record.
 - **The request log** is one record per request. Each worker writes it straight into the
   JSON of its pending batch (no per-record allocation) and posts a batch at 1000 records,
   512 KiB or 1 s. The control plane stores a batch as one chunk per vault in one flushed
   sled write and trims a vault at its limit by whole chunks; per-record keys (one sled
   insert and, at the retention limit, one removal per record) were most of its CPU under
-  load. What remains is the control plane CPU column of (e).
+  load. What remains is the control plane CPU column of (e). **Through Envoy's access
+  log instead** (`request_log: \"access_log\"`, envoy/README.md; measured 2026-12-02 with
+  `--candidate-request-log`): the filter only sets the filter state (one
+  `proxy_set_property`) and Envoy's gRPC access log streams the entries to the control
+  plane. It lost nothing (entries written = records received, 0 dropped) but cost more:
+  setting the filter state alone (`state_only`, no access log) cost about what the
+  whole in-VM record does (141 against 135 µs at 16 connections), and Envoy's gRPC
+  logger then builds and serializes a full `HTTPAccessLogEntry` per request: in a
+  paired run on a quiet machine, the same build with the access log reached 0.93× /
+  0.86× the requests/s of the posted batches (Envoy 296 / 178 µs against 274 / 150 µs),
+  with twice the control plane's CPU per request (decoding the entries). So the filter's
+  batches stay the default and the shipped configuration.
+- **Refresh-ahead**: a cached credential used in the last 20 % of its TTL is fetched
+  again in the background (the root sends it on its next tick; the request that found
+  it is served from the cache at once), so with constant traffic no request waits on a
+  fetch after the first; a new snapshot version still drops every value at once, and
+  an answer to a refresh sent under an older version is not kept.
 - **Cache off (f)** turns every request into two HTTP exchanges on the same worker: the
   proxied one and the fetch over the Unix socket (the control plane answers it inline on
   its async workers, without a hop to a blocking thread). Envoy's own `ext_authz` (d)
