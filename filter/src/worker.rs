@@ -728,7 +728,8 @@ pub(crate) mod tests {
             .unwrap_or_default()
     }
 
-    fn cached_decision(worker: &mut Worker, now: u64) -> String {
+    /// Alice's `GET https://api.stripe.com/`, decided by `worker` at `now`.
+    fn alice_decision(worker: &mut Worker, now: u64) -> Decision {
         let auth = basic(ALICE, "");
         let request = Request {
             method: "GET",
@@ -738,12 +739,16 @@ pub(crate) mod tests {
             x_vault: None,
             tunnel: None,
         };
-        match worker.decide(
+        worker.decide(
             &request,
             now,
             &mut RequestLog::default(),
             &mut MemoryStore::default(),
-        ) {
+        )
+    }
+
+    fn cached_decision(worker: &mut Worker, now: u64) -> String {
+        match alice_decision(worker, now) {
             Decision::Forward(f) => format!("{:?}", f.inject),
             Decision::Fetch(_) => "fetch".to_owned(),
             Decision::Reject(r) => r.code.as_str().to_owned(),
@@ -787,21 +792,7 @@ pub(crate) mod tests {
     }
 
     fn cached_forward(worker: &mut Worker, now: u64) -> Option<crate::decide::Forward> {
-        let auth = basic(ALICE, "");
-        let request = Request {
-            method: "GET",
-            authority: Some("api.stripe.com"),
-            path: "/",
-            proxy_authorization: Some(&auth),
-            x_vault: None,
-            tunnel: None,
-        };
-        match worker.decide(
-            &request,
-            now,
-            &mut RequestLog::default(),
-            &mut MemoryStore::default(),
-        ) {
+        match alice_decision(worker, now) {
             Decision::Forward(forward) => Some(forward),
             Decision::Fetch(_) | Decision::Reject(_) => None,
         }

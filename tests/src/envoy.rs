@@ -468,6 +468,30 @@ impl Envoy {
         std::fs::read_to_string(&self.config_path).unwrap_or_default()
     }
 
+    /// The filter's numeric stats (`wasmcustom.agent_vault.*`), named without the
+    /// `wasmcustom.` namespace, e.g. `agent_vault.cache.misses`.
+    pub fn filter_stats(&self) -> std::collections::BTreeMap<String, u64> {
+        self.admin_get("/stats?filter=wasmcustom.agent_vault")
+            .body
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(": ")?;
+                let name = name.strip_prefix("wasmcustom.")?;
+                Some((name.to_string(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Envoy's counter `name` from `/stats` (0 when absent).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\.")))
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `GET` on the admin API (its Unix socket); status 0 when nothing answered.
     pub fn admin_get(&self, path: &str) -> HttpResponse {
         match unix_once(

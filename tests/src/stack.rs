@@ -30,6 +30,18 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// The control plane's data-plane counters (`GET /v1/dataplane/stats` on its
+    /// socket).
+    pub fn dataplane_stats(&self) -> Value {
+        let answer = crate::control_plane::socket_request(
+            &self.server.socket(),
+            "GET /v1/dataplane/stats HTTP/1.1\r\nHost: agent-vault\r\nConnection: close\r\n\r\n",
+        )
+        .expect("the stats route answers");
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("stats: {e}: {answer}"))
+    }
+
     /// Control plane + forward-proxy Envoy with the production filter settings.
     pub fn start() -> Stack {
         Stack::start_with(ServerOptions::default(), |options| options)

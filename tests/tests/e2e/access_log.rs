@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::{socket_request, ServerOptions};
+use agent_vault_testkit::control_plane::ServerOptions;
 use agent_vault_testkit::envoy::EnvoyOptions;
 use agent_vault_testkit::http::proxy_basic;
 use agent_vault_testkit::stack::{on_every_worker, Stack};
@@ -36,29 +36,6 @@ fn all_records(stack: &Stack, vault: &str) -> Vec<Value> {
     }
 }
 
-/// The control plane's data-plane counters.
-fn dataplane_stats(stack: &Stack) -> Value {
-    let answer = socket_request(
-        &stack.server.socket(),
-        "GET /v1/dataplane/stats HTTP/1.1\r\nHost: agent-vault\r\nConnection: close\r\n\r\n",
-    )
-    .expect("the stats route answers");
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("stats: {e}: {answer}"))
-}
-
-/// Envoy's counter `name` (0 when absent).
-fn envoy_counter(stack: &Stack, name: &str) -> u64 {
-    let stats = stack.envoy.admin_get("/stats?usedonly");
-    stats
-        .body
-        .lines()
-        .filter_map(|line| line.split_once(": "))
-        .filter(|(n, _)| *n == name)
-        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_query_strings() {
     let stack = Stack::start_with(ServerOptions::default(), EnvoyOptions::access_log);
@@ -78,7 +55,7 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
         |r| r.status == 200,
     );
     let auth = proxy_basic(&token, "default");
-    let before = dataplane_stats(&stack);
+    let before = stack.dataplane_stats();
 
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -148,7 +125,7 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
     let text = Value::from(ours).to_string();
     assert!(!text.contains("SECRETQ") && !text.contains("api_key"));
 
-    let after = dataplane_stats(&stack);
+    let after = stack.dataplane_stats();
     let received =
         after["als_records"].as_u64().unwrap_or(0) - before["als_records"].as_u64().unwrap_or(0);
     assert!(
@@ -159,8 +136,12 @@ fn thousands_of_requests_at_concurrency_give_exactly_as_many_records_without_que
         after["log_records"], before["log_records"],
         "nothing posted the old way"
     );
-    let written = envoy_counter(&stack, "access_logs.grpc_access_log.logs_written");
-    let dropped = envoy_counter(&stack, "access_logs.grpc_access_log.logs_dropped");
+    let written = stack
+        .envoy
+        .counter("access_logs.grpc_access_log.logs_written");
+    let dropped = stack
+        .envoy
+        .counter("access_logs.grpc_access_log.logs_dropped");
     println!("Envoy: access log entries written {written}, dropped {dropped}");
     assert!(written >= REQUESTS as u64, "written {written}");
     assert_eq!(dropped, 0, "Envoy dropped access-log entries");

@@ -811,20 +811,6 @@ fn run_healthcheck(test: &Value, user: Option<(u32, u32)>, env: &[(&str, &str)])
     cmd.status().map(|s| s.success()).unwrap_or(false)
 }
 
-/// Envoy's numeric stats under `wasmcustom.agent_vault` (`/stats`).
-fn filter_stats(envoy: &Envoy) -> BTreeMap<String, u64> {
-    envoy
-        .admin_get("/stats?filter=wasmcustom.agent_vault")
-        .body
-        .lines()
-        .filter_map(|line| {
-            let (name, value) = line.split_once(": ")?;
-            let name = name.strip_prefix("wasmcustom.")?;
-            Some((name.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
     *stats
         .get(name)
@@ -834,10 +820,10 @@ fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
 /// The filter's stats once they stop changing (the workers add their counts on their
 /// tick, every second).
 fn settled_stats(envoy: &Envoy) -> BTreeMap<String, u64> {
-    let mut last = filter_stats(envoy);
+    let mut last = envoy.filter_stats();
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(1200));
-        let now = filter_stats(envoy);
+        let now = envoy.filter_stats();
         if now == last {
             return now;
         }
@@ -1084,7 +1070,7 @@ fn the_stack_runs_as_compose_runs_it_injects_and_reports_stats_and_metrics() {
     }
     let delta = |stats: &BTreeMap<String, u64>, name: &str| stat(stats, name) - stat(&before, name);
     let after = wait_for(Duration::from_secs(10), || {
-        let now = filter_stats(&envoy);
+        let now = envoy.filter_stats();
         (delta(&now, "agent_vault.requests.injected") == 10
             && delta(&now, "agent_vault.requests.denied.forbidden") == 1)
             .then_some(now)
@@ -1092,7 +1078,7 @@ fn the_stack_runs_as_compose_runs_it_injects_and_reports_stats_and_metrics() {
     .unwrap_or_else(|| {
         panic!(
             "stats did not count the requests: {:?}",
-            filter_stats(&envoy)
+            envoy.filter_stats()
         )
     });
     let expected = [

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::{socket_request, ServerOptions};
+use agent_vault_testkit::control_plane::ServerOptions;
 use agent_vault_testkit::envoy::EnvoyOptions;
 use agent_vault_testkit::http::HttpResponse;
 use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
@@ -38,17 +38,6 @@ fn refused(response: &HttpResponse, status: u16, code: &str) -> bool {
             .unwrap_or(false)
 }
 
-/// The control plane's data-plane counters (`GET /v1/dataplane/stats` on its socket).
-fn dataplane_stats(stack: &Stack) -> Value {
-    let answer = socket_request(
-        &stack.server.socket(),
-        "GET /v1/dataplane/stats HTTP/1.1\r\nHost: agent-vault\r\nConnection: close\r\n\r\n",
-    )
-    .expect("the stats route answers");
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("stats: {e}: {answer}"))
-}
-
 #[test]
 fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through_the_long_poll() {
     let stack = Stack::start_with(ServerOptions::default(), |options| EnvoyOptions {
@@ -59,17 +48,17 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
     // Every worker holds a long-poll (two filter instances per worker in this
     // bootstrap: the agents' listener and the decrypted tunnels').
     let held = wait_for(Duration::from_secs(10), || {
-        let held = dataplane_stats(&stack)["long_polls_held"].as_u64()?;
+        let held = stack.dataplane_stats()["long_polls_held"].as_u64()?;
         (held >= 2).then_some(held)
     });
     assert!(
         held.is_some(),
         "the workers do not hold long-polls: {}",
-        dataplane_stats(&stack)
+        stack.dataplane_stats()
     );
     println!(
         "long-polls held: {} (one per filter VM)",
-        dataplane_stats(&stack)["long_polls_held"]
+        stack.dataplane_stats()["long_polls_held"]
     );
 
     // Everything below was written after Envoy loaded its first snapshot.
@@ -112,7 +101,7 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
         injected(r, "lp-secret-2")
     });
 
-    let stats = dataplane_stats(&stack);
+    let stats = stack.dataplane_stats();
     assert!(
         stats["long_polls"].as_u64().unwrap_or(0) >= 8,
         "the changes came through long-polls: {stats}"
@@ -124,14 +113,14 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
     let not_modified = |stats: &Value| stats["snapshot_not_modified"].as_u64().unwrap_or(0);
     let before = not_modified(&stats);
     let after = wait_for(Duration::from_secs(40), || {
-        let now = dataplane_stats(&stack);
+        let now = stack.dataplane_stats();
         (not_modified(&now) >= before + 2 && now["long_polls_held"].as_u64() >= Some(2))
             .then_some(now)
     });
     assert!(
         after.is_some(),
         "held long-polls were not answered 304 and sent again: {}",
-        dataplane_stats(&stack)
+        stack.dataplane_stats()
     );
     let log = stack.envoy.logs();
     assert!(
@@ -145,13 +134,13 @@ fn with_the_periodic_poll_ten_minutes_away_a_revoke_reaches_every_worker_through
 #[track_caller]
 fn until_held(stack: &Stack, n: u64, within: Duration) {
     let held = wait_for(within, || {
-        let held = dataplane_stats(stack)["long_polls_held"].as_u64()?;
+        let held = stack.dataplane_stats()["long_polls_held"].as_u64()?;
         (held >= n).then_some(held)
     });
     assert!(
         held.is_some(),
         "fewer than {n} long-polls held after {within:?}: {}\n--- Envoy log (tail) ---\n{}",
-        dataplane_stats(stack),
+        stack.dataplane_stats(),
         stack.envoy.log_tail(30)
     );
 }

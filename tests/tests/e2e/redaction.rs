@@ -6,7 +6,6 @@
 //! redactions are counted in Envoy's stats and the request log. Once more inside an
 //! HTTPS tunnel.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -152,21 +151,6 @@ fn assert_no_secret(what: &str, response: &HttpResponse) {
     }
 }
 
-/// Envoy's numeric stats under `wasmcustom.agent_vault`.
-fn filter_stats(stack: &Stack) -> BTreeMap<String, u64> {
-    stack
-        .envoy
-        .admin_get("/stats?filter=wasmcustom.agent_vault")
-        .body
-        .lines()
-        .filter_map(|line| {
-            let (name, value) = line.split_once(": ")?;
-            let name = name.strip_prefix("wasmcustom.")?;
-            Some((name.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 #[test]
 fn an_upstream_echoing_the_credential_in_any_common_form_never_shows_it_to_the_agent() {
     let stack = Stack::start();
@@ -303,19 +287,23 @@ fn an_upstream_echoing_the_credential_in_any_common_form_never_shows_it_to_the_a
 
     // Counted: raw, base64, url, json, split, trailers, gzip, header: 1 each.
     let counted = wait_for(FLUSHED, || {
-        let n = filter_stats(&stack)
+        let n = stack
+            .envoy
+            .filter_stats()
             .get("agent_vault.responses.redactions")
             .copied()
             .unwrap_or(0);
         (n >= 8).then_some(n)
     });
-    assert_eq!(counted, Some(8), "{:?}", filter_stats(&stack));
+    assert_eq!(counted, Some(8), "{:?}", stack.envoy.filter_stats());
     assert!(
-        filter_stats(&stack)
+        stack
+            .envoy
+            .filter_stats()
             .get("agent_vault.requests.denied.response_not_redactable")
             .is_some_and(|n| *n >= 1),
         "{:?}",
-        filter_stats(&stack)
+        stack.envoy.filter_stats()
     );
 
     // The request log says how many, and the 502.

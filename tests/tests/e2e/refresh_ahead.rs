@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use agent_vault_testkit::control_plane::{socket_request, ServerOptions};
-use agent_vault_testkit::envoy::{Envoy, EnvoyOptions};
+use agent_vault_testkit::control_plane::ServerOptions;
+use agent_vault_testkit::envoy::EnvoyOptions;
 use agent_vault_testkit::http::{proxy_basic, Conn, HttpResponse, TcpConn};
 use agent_vault_testkit::stack::{on_every_worker, Stack};
 use agent_vault_testkit::upstream::Echo;
@@ -32,34 +32,13 @@ fn injected(response: &HttpResponse, value: &str) -> bool {
             .unwrap_or(false)
 }
 
-/// The filter's counters (`wasmcustom.agent_vault.*`), by name without the namespace.
-fn filter_stats(envoy: &Envoy) -> BTreeMap<String, u64> {
-    envoy
-        .admin_get("/stats?filter=wasmcustom.agent_vault")
-        .body
-        .lines()
-        .filter_map(|line| {
-            let (name, value) = line.split_once(": ")?;
-            let name = name.strip_prefix("wasmcustom.")?;
-            Some((name.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
     stats.get(name).copied().unwrap_or(0)
 }
 
 /// Credential fetches the control plane answered (`GET /v1/dataplane/stats`).
 fn control_plane_fetches(stack: &Stack) -> u64 {
-    let answer = socket_request(
-        &stack.server.socket(),
-        "GET /v1/dataplane/stats HTTP/1.1\r\nHost: agent-vault\r\nConnection: close\r\n\r\n",
-    )
-    .expect("the stats route answers");
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    let stats: Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("stats: {e}: {answer}"));
+    let stats = stack.dataplane_stats();
     stats["credentials"]
         .as_u64()
         .unwrap_or_else(|| panic!("no credentials count in {stats}"))
@@ -117,7 +96,7 @@ fn under_steady_traffic_no_request_waits_on_a_fetch_and_a_changed_credential_is_
         }
     }
     settle();
-    let before = filter_stats(&stack.envoy);
+    let before = stack.envoy.filter_stats();
     let fetches_before = control_plane_fetches(&stack);
 
     // Steady traffic for more than three TTLs: a request every 50 ms, taking turns on
@@ -141,7 +120,7 @@ fn under_steady_traffic_no_request_waits_on_a_fetch_and_a_changed_credential_is_
         std::thread::sleep(EVERY);
     }
     settle();
-    let after = filter_stats(&stack.envoy);
+    let after = stack.envoy.filter_stats();
     let fetches = control_plane_fetches(&stack) - fetches_before;
     let delta = |name: &str| stat(&after, name) - stat(&before, name);
     let (waited, refreshes, hits) = (

@@ -84,18 +84,6 @@ fn api_port(server: &Server) -> u16 {
         .expect("the API's port")
 }
 
-/// A counter from Envoy's `/stats` (0 when absent).
-fn envoy_counter(stack: &Stack, name: &str) -> u64 {
-    stack
-        .envoy
-        .admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\.")))
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 const DENIED_STAT: &str = "http.agent_vault.rbac.destination.denied";
 
 // ---------------------------------------------------------------- H4 + M3: SSRF
@@ -120,7 +108,7 @@ fn a_passthrough_vault_reaches_no_other_loopback_port_and_not_the_control_plane(
         format!("http://127.0.0.1:{api}/health"),
         format!("http://localhost:{api}/v1/vaults"),
     ];
-    let before = envoy_counter(&stack, DENIED_STAT);
+    let before = stack.envoy.counter(DENIED_STAT);
     for url in &attempts {
         let response = stack.get_as(&token, "open", url, &[]);
         assert_refused(&response, 403, "destination_forbidden", url);
@@ -150,7 +138,7 @@ fn a_passthrough_vault_reaches_no_other_loopback_port_and_not_the_control_plane(
         attacker.received()
     );
     // Operators see the refusals (Envoy flushes counters to the admin API at once).
-    let denied = envoy_counter(&stack, DENIED_STAT) - before;
+    let denied = stack.envoy.counter(DENIED_STAT) - before;
     assert!(
         denied >= attempts.len() as u64,
         "{DENIED_STAT} counted {denied} of {}",
@@ -785,7 +773,7 @@ fn an_http2_request_with_authority_and_a_different_host_reaches_only_the_matched
 
 /// A gauge or counter from Envoy's `/stats` (0 when absent), by exact name.
 fn envoy_stat(stack: &Stack, name: &str) -> u64 {
-    envoy_counter(stack, name)
+    stack.envoy.counter(name)
 }
 
 #[test]
