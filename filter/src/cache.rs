@@ -22,6 +22,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::decide::Rendered;
+use crate::flight::FlightKey;
 
 /// A credential value: not printable, wiped (best effort) when dropped.
 pub struct Secret(String);
@@ -85,18 +86,6 @@ struct Entry {
     refresh_asked: Cell<bool>,
 }
 
-/// A background refresh a cache hit asked for: the keys of the service it used, with
-/// the agent whose request it was (the control plane re-checks that agent's grant).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refresh {
-    /// Agent token hash.
-    pub token_sha256: String,
-    /// Vault name.
-    pub vault: Rc<str>,
-    /// The service's keys, sorted and deduplicated.
-    pub keys: Vec<String>,
-}
-
 /// A service of the current snapshot: its vault's name and its index there.
 type ServiceRef = (Rc<str>, usize);
 
@@ -113,8 +102,8 @@ pub struct CredentialCache {
     /// of secrets it holds).
     renders: RefCell<HashMap<ServiceRef, Rc<Rendered>>>,
     /// Refreshes asked for by the decision being made (the decision only borrows the
-    /// cache); drained by the worker after it.
-    wanted: RefCell<Vec<Refresh>>,
+    /// cache): the fetches to send, drained by the worker after it.
+    wanted: RefCell<Vec<FlightKey>>,
 }
 
 impl fmt::Debug for CredentialCache {
@@ -183,14 +172,14 @@ impl CredentialCache {
     /// Records that a request served from the cache found its keys due for a
     /// refresh (see [`CredentialCache::lookup`]); the worker takes it with
     /// [`CredentialCache::take_refreshes`] right after the decision.
-    pub fn want_refresh(&self, refresh: Refresh) {
+    pub fn want_refresh(&self, refresh: FlightKey) {
         if let Ok(mut wanted) = self.wanted.try_borrow_mut() {
             wanted.push(refresh);
         }
     }
 
     /// The refreshes asked for since the last call (nothing is allocated when none).
-    pub fn take_refreshes(&self) -> Vec<Refresh> {
+    pub fn take_refreshes(&self) -> Vec<FlightKey> {
         self.wanted
             .try_borrow_mut()
             .map(|mut wanted| std::mem::take(&mut *wanted))
@@ -377,7 +366,7 @@ mod tests {
         cache.insert("v1", "KEY", secret("s1"), 10_000);
         assert_eq!(cache.lookup("v1", "KEY", 10_000), (Cached::Unknown, false));
         assert!(cache.take_refreshes().is_empty());
-        let refresh = Refresh {
+        let refresh = FlightKey {
             token_sha256: "t".into(),
             vault: Rc::from("v1"),
             keys: vec!["KEY".into()],

@@ -48,7 +48,8 @@ use agent_vault_rules::{normalize_authority, CompiledAuth, UnmatchedHostPolicy};
 
 use agent_vault_rules::substitution::Substitution;
 
-use crate::cache::{Cached, CredentialCache, Refresh, Secret};
+use crate::cache::{Cached, CredentialCache, Secret};
+use crate::flight::FlightKey;
 use crate::rate_limit::{self, Admission, SharedStore};
 use crate::redact::Patterns;
 use crate::request_log::RequestLog;
@@ -763,7 +764,7 @@ fn decide_service(
     // Served from the cache, some key near the end of its TTL: re-fetch in the
     // background (crate::cache, "Refresh-ahead").
     if complete && refresh {
-        cache.want_refresh(Refresh {
+        cache.want_refresh(FlightKey {
             token_sha256: token_sha256.to_owned(),
             vault: Rc::clone(&vault.name),
             keys: service.keys.to_vec(),

@@ -19,7 +19,6 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use agent_vault_rules::reply::{self, ErrorCode, Reject};
-use agent_vault_rules::MAX_LOG_METHOD;
 
 use crate::config::{Config, Mode, RequestLogMode};
 use crate::decide::{Decision, FetchPlan, Forward, Request, Tunnelled};
@@ -157,7 +156,6 @@ impl Root {
                 access_log: self.request_log == RequestLogMode::AccessLog,
                 ..RequestLog::default()
             })),
-            access_log: self.request_log == RequestLogMode::AccessLog,
             waiting: false,
             body: Vec::new(),
             response: None,
@@ -180,9 +178,6 @@ pub struct Http {
     body: Vec<u8>,
     /// The response body's redaction, for a request whose service redacts.
     response: Option<ResponseBody>,
-    /// `request_log: "access_log"`: the log is filter state set along the way
-    /// ([`publish_log`]); `on_log` does nothing.
-    access_log: bool,
 }
 
 impl Http {
@@ -227,15 +222,7 @@ impl Http {
             }
         };
         if let Ok(mut log) = self.log.try_borrow_mut() {
-            if self.access_log {
-                // Envoy logs the path, and the method unless it is not one it names.
-                log.started_ms = Some(now);
-                if !agent_vault_rules::envoy_names_method(method) {
-                    log.method = agent_vault_rules::truncated(method, MAX_LOG_METHOD).to_owned();
-                }
-            } else {
-                log.start(now, method.to_owned(), path.to_owned());
-            }
+            log.start(now, method, path);
         }
         let (Some(decision), Ok(mut worker)) = (decision, worker) else {
             return refuse(host, &self.log, &reply::control_plane_unavailable("busy"));
@@ -331,16 +318,16 @@ impl Http {
     /// `on_log`: adds the request's record to the batch, and posts the batch if full.
     /// With `request_log: "access_log"`: nothing (Envoy's access log has it all).
     pub fn on_log(&mut self, host: &mut impl Host) {
-        if self.access_log {
-            return;
-        }
         let Some(shared) = &self.worker else {
             return;
         };
-        let now = host.now_ms();
         let Ok(log) = self.log.try_borrow() else {
             return;
         };
+        if log.access_log {
+            return;
+        }
+        let now = host.now_ms();
         let Some(record) = log.record(now) else {
             return;
         };

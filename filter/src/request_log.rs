@@ -57,14 +57,19 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    /// Starts a record: `method` and `path` are moved in (they were read from the
-    /// request anyway) and cut to what may be logged.
-    pub fn start(&mut self, now_ms: u64, mut method: String, mut path: String) {
-        path.truncate(loggable_path(&path).len());
-        method.truncate(truncated(&method, MAX_LOG_METHOD).len());
+    /// Starts a record: `method` and `path` cut to what may be logged. In
+    /// `access_log` mode Envoy logs the path, and the method unless it is one its
+    /// access log cannot name: only such a method is kept.
+    pub fn start(&mut self, now_ms: u64, method: &str, path: &str) {
         self.started_ms = Some(now_ms);
-        self.method = method;
-        self.path = path;
+        if self.access_log {
+            if !agent_vault_rules::envoy_names_method(method) {
+                self.method = truncated(method, MAX_LOG_METHOD).to_owned();
+            }
+            return;
+        }
+        self.method = truncated(method, MAX_LOG_METHOD).to_owned();
+        self.path = loggable_path(path).to_owned();
     }
 
     /// What the filter sets as filter state in `access_log` mode: the fields of the
@@ -181,8 +186,8 @@ mod tests {
         let mut log = RequestLog::default();
         log.start(
             1_700_000_000_000,
-            "GET".into(),
-            "/v1/charges?api_key=sk_live_secret#frag".into(),
+            "GET",
+            "/v1/charges?api_key=sk_live_secret#frag",
         );
         log.host = "api.stripe.com".into();
         log.agent = Some("claude".into());
@@ -218,7 +223,7 @@ mod tests {
     #[test]
     fn a_refused_request_logs_the_filter_status_and_error() {
         let mut log = RequestLog::default();
-        log.start(10, "CONNECT".into(), String::new());
+        log.start(10, "CONNECT", "");
         log.error = Some(ErrorCode::ConnectNotSupported);
         let record = log.record(12).unwrap_or_else(|| panic!("logged"));
         assert_eq!(record.status, 405);
@@ -239,7 +244,7 @@ mod tests {
     #[test]
     fn long_paths_and_methods_are_cut() {
         let mut log = RequestLog::default();
-        log.start(0, "M".repeat(100), format!("/{}", "é".repeat(3000)));
+        log.start(0, &"M".repeat(100), &format!("/{}", "é".repeat(3000)));
         assert!(log.path.len() <= agent_vault_rules::MAX_LOG_PATH);
         assert!(log.path.starts_with("/é"));
         assert_eq!(log.method.len(), MAX_LOG_METHOD);
@@ -284,7 +289,7 @@ mod tests {
     #[test]
     fn a_batch_of_long_paths_is_full_by_size_well_under_the_control_plane_limit() {
         let mut log = RequestLog::default();
-        log.start(0, "GET".into(), format!("/{}", "p".repeat(5000)));
+        log.start(0, "GET", &format!("/{}", "p".repeat(5000)));
         log.host = "h".repeat(253);
         let mut batch = LogBatch::new(1000, 0);
         let mut records = 0;

@@ -145,12 +145,7 @@ impl Worker {
             return;
         }
         let version = self.version().to_owned();
-        for refresh in refreshes {
-            let key = FlightKey {
-                token_sha256: refresh.token_sha256,
-                vault: refresh.vault,
-                keys: refresh.keys,
-            };
+        for key in refreshes {
             self.flights.refresh(key, &version, now_ms);
         }
     }
