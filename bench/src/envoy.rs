@@ -238,27 +238,14 @@ fn agent_vault_filter(wasm: &Path, ttl_ms: u64, access_log: bool) -> String {
     )
 }
 
-/// The request log as `envoy/forward-proxy.yaml` ships it: Envoy's gRPC access log
-/// to the control plane's gRPC socket (cluster [`GRPC_CLUSTER`]).
-const ACCESS_LOG: &str = r#"
-          access_log:
-          - name: envoy.access_loggers.http_grpc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
-              common_config:
-                log_name: agent_vault
-                transport_api_version: V3
-                grpc_service:
-                  envoy_grpc: {cluster_name: agent_vault_grpc}
-                filter_state_objects_to_log: [wasm.agent_vault_log]
-                buffer_flush_interval: 1s
-                buffer_size_bytes: 262144"#;
+/// The cluster (x)'s access log sends to.
+const GRPC_CLUSTER: &str = "agent_vault_grpc";
 
-/// The cluster of [`ACCESS_LOG`], on `socket`.
+/// The cluster of (x)'s access log ([`xtask::request_access_log`]), on `socket`.
 fn grpc_cluster(socket: &Path) -> String {
     format!(
         r#"
-  - name: agent_vault_grpc
+  - name: {GRPC_CLUSTER}
     type: STATIC
     connect_timeout: 1s
     typed_extension_protocol_options:
@@ -267,13 +254,13 @@ fn grpc_cluster(socket: &Path) -> String {
         explicit_http_config:
           http2_protocol_options: {{}}
     load_assignment:
-      cluster_name: agent_vault_grpc
+      cluster_name: {GRPC_CLUSTER}
       endpoints:
       - lb_endpoints:
         - endpoint:
             address:
-              pipe: {{path: {}}}"#,
-        socket.display()
+              pipe: {{path: {socket}}}"#,
+        socket = socket.display()
     )
 }
 
@@ -426,9 +413,15 @@ pub fn config(
         && inputs.candidate_access_log
         && !inputs.candidate_state_only;
     let (access_log, grpc_cluster) = if access_log {
-        (ACCESS_LOG, grpc_cluster(inputs.sds_socket))
+        (
+            format!(
+                "\n          access_log: {}",
+                xtask::request_access_log(GRPC_CLUSTER)
+            ),
+            grpc_cluster(inputs.sds_socket),
+        )
     } else {
-        ("", String::new())
+        (String::new(), String::new())
     };
     let control_plane_cluster = if matches!(
         variant,

@@ -117,27 +117,9 @@ pub fn render(template: &str, vars: &[(String, String)]) -> String {
     xtask::render(template, value).unwrap_or_else(|missing| panic!("{missing}"))
 }
 
-/// The access log envoy/README.md ("The request log through Envoy's access log")
-/// tells operators to add to each connection manager that runs the filter: the
-/// filter's state `wasm.agent_vault_log`, streamed by Envoy's gRPC access log to the
-/// control plane's gRPC (SDS) socket, at most 256 KiB or 1 s held in Envoy.
-pub const ACCESS_LOG_YAML: &str = r#"
-- name: envoy.access_loggers.http_grpc
-  typed_config:
-    "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
-    common_config:
-      log_name: agent_vault
-      transport_api_version: V3
-      grpc_service:
-        envoy_grpc: {cluster_name: agent_vault_sds}
-      filter_state_objects_to_log: [wasm.agent_vault_log]
-      buffer_flush_interval: 1s
-      buffer_size_bytes: 262144
-"#;
-
 /// A rendered bootstrap with its request log moved to Envoy's access log, as
-/// envoy/README.md tells operators to: [`ACCESS_LOG_YAML`] on every HTTP connection
-/// manager (each of the forward proxy's runs the filter), and
+/// envoy/README.md tells operators to: [`xtask::request_access_log`] on every HTTP
+/// connection manager (each of the forward proxy's runs the filter), and
 /// `"request_log": "access_log"` in the filter's configuration. The bootstrap must
 /// have the `agent_vault_sds` cluster (the forward proxy's). Edited as text, not
 /// re-serialized: a YAML round trip would turn Envoy's octal `mode: 0600` into 600.
@@ -146,8 +128,7 @@ pub fn with_access_log(config: &str) -> String {
         config.contains("name: agent_vault_sds"),
         "the access log goes to the agent_vault_sds cluster"
     );
-    let access_log: serde_json::Value =
-        serde_yaml::from_str(ACCESS_LOG_YAML).expect("the access log is YAML");
+    let access_log = xtask::request_access_log("agent_vault_sds");
     let mut out = String::with_capacity(config.len() + 1024);
     let mut managers = 0;
     for line in config.lines() {

@@ -59,6 +59,22 @@ pub fn render(template: &str, value: impl Fn(&str) -> Option<String>) -> Result<
     Ok(out)
 }
 
+/// The value of an HTTP connection manager's `access_log` that sends the filter's
+/// request log through Envoy's gRPC access log (the filter's
+/// `"request_log": "access_log"`, envoy/README.md) to `cluster`, the control plane's
+/// gRPC socket: one line of YAML flow style, so it can follow `access_log: ` at any
+/// indentation. At most 256 KiB or 1 s of entries is held in Envoy.
+pub fn request_access_log(cluster: &str) -> String {
+    format!(
+        "[{{name: envoy.access_loggers.http_grpc, typed_config: {{\"@type\": \
+         type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig, \
+         common_config: {{log_name: agent_vault, transport_api_version: V3, \
+         grpc_service: {{envoy_grpc: {{cluster_name: {cluster}}}}}, \
+         filter_state_objects_to_log: [wasm.agent_vault_log], buffer_flush_interval: 1s, \
+         buffer_size_bytes: 262144}}}}}}]"
+    )
+}
+
 /// The value of the forward-proxy template's `ALLOWED_PRIVATE_UPSTREAMS`: the private
 /// destinations Envoy may still connect to, each `ADDRESS[/PREFIX]:PORT` or
 /// `ADDRESS[/PREFIX]:*` (any port), IPv6 in brackets (`[fd00::/8]:443`). Empty for no
