@@ -127,10 +127,7 @@ pub fn record(entry: &HttpAccessLogEntry) -> Result<LogRecord, Skipped> {
         host: state.host,
         // The agent's path when the filter rewrote it (Envoy's holds the values
         // substituted into it).
-        path: match state.path {
-            Some(path) => loggable_path(&path).to_owned(),
-            None => loggable_path(envoy_path).to_owned(),
-        },
+        path: loggable_path(state.path.as_deref().unwrap_or(envoy_path)).to_owned(),
         service: state.service,
         status,
         latency_ms,
