@@ -828,6 +828,7 @@ pub(crate) mod tests {
             rate_limit: None,
             substitutions: Vec::new(),
             redact_responses: None,
+            upstream_h2c: false,
         }
     }
 

@@ -238,6 +238,7 @@ mod tests {
                     rate_limit: None,
                     substitutions: Vec::new(),
                     redact_responses: None,
+                    upstream_h2c: false,
                 }],
                 passthrough_hosts: vec![],
                 rate_limit: None,

@@ -93,6 +93,13 @@ pub enum RuleError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A service's upstream protocol settings contradict each other (`upstream_h2c`
+    /// on a TLS upstream).
+    #[error("invalid upstream: {reason}")]
+    InvalidUpstream {
+        /// The rule it breaks.
+        reason: String,
+    },
     /// Two services of one vault share a name.
     #[error(
         "duplicate service name {}: service names must be unique within a vault",
@@ -119,6 +126,7 @@ impl RuleError {
             RuleError::InvalidMethod { .. } => "invalid_method",
             RuleError::InvalidSubstitution { .. } => "invalid_substitution",
             RuleError::InvalidRateLimit { .. } => "invalid_rate_limit",
+            RuleError::InvalidUpstream { .. } => "invalid_upstream",
         }
     }
 
@@ -208,6 +216,10 @@ mod tests {
             (
                 RuleError::InvalidRateLimit { reason: "r".into() },
                 "invalid_rate_limit",
+            ),
+            (
+                RuleError::InvalidUpstream { reason: "r".into() },
+                "invalid_upstream",
             ),
             (
                 RuleError::InvalidSubstitution {

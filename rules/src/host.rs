@@ -1270,6 +1270,7 @@ mod tests {
             rate_limit: None,
             substitutions: Vec::new(),
             redact_responses: None,
+            upstream_h2c: false,
         }
     }
 

@@ -180,6 +180,77 @@ impl ErrorCode {
             ErrorCode::UnsupportedSubstitutionBody => 415,
         }
     }
+
+    /// The gRPC status a gRPC client gets for this refusal
+    /// (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>): what a caller can
+    /// do about it, where Envoy's own HTTP-to-gRPC mapping would say `UNKNOWN` for a
+    /// 407 or `INTERNAL` for a 400.
+    pub fn grpc_status(self) -> GrpcStatus {
+        match self {
+            ErrorCode::ProxyAuthRequired | ErrorCode::InvalidToken => GrpcStatus::Unauthenticated,
+            ErrorCode::Forbidden
+            | ErrorCode::ServiceDisabled
+            | ErrorCode::DestinationForbidden
+            | ErrorCode::MethodNotAllowedForService => GrpcStatus::PermissionDenied,
+            ErrorCode::ControlPlaneUnavailable => GrpcStatus::Unavailable,
+            ErrorCode::TooManyHosts | ErrorCode::RateLimited | ErrorCode::RequestBodyTooLarge => {
+                GrpcStatus::ResourceExhausted
+            }
+            ErrorCode::VaultRequired
+            | ErrorCode::InvalidRequest
+            | ErrorCode::TunnelHostMismatch
+            | ErrorCode::UnsupportedSubstitutionBody => GrpcStatus::InvalidArgument,
+            ErrorCode::InvalidService
+            | ErrorCode::CredentialNotFound
+            | ErrorCode::InvalidCredentialValue => GrpcStatus::FailedPrecondition,
+            ErrorCode::ConnectNotSupported | ErrorCode::MethodNotAllowed => {
+                GrpcStatus::Unimplemented
+            }
+            ErrorCode::ResponseNotRedactable => GrpcStatus::Internal,
+        }
+    }
+}
+
+/// The gRPC status codes a refusal maps to ([`ErrorCode::grpc_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GrpcStatus {
+    /// 3
+    InvalidArgument = 3,
+    /// 7
+    PermissionDenied = 7,
+    /// 8
+    ResourceExhausted = 8,
+    /// 9
+    FailedPrecondition = 9,
+    /// 12
+    Unimplemented = 12,
+    /// 13
+    Internal = 13,
+    /// 14
+    Unavailable = 14,
+    /// 16
+    Unauthenticated = 16,
+}
+
+impl GrpcStatus {
+    /// The number on the wire (`grpc-status`).
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Whether a request is a gRPC call: its `content-type` is `application/grpc`, alone or
+/// with a `+format` or `;parameters` (gRPC over HTTP/2, "Requests").
+pub fn is_grpc(content_type: Option<&str>) -> bool {
+    let Some(value) = content_type else {
+        return false;
+    };
+    let value = value.trim_start().as_bytes();
+    const GRPC: &[u8] = b"application/grpc";
+    value.len() >= GRPC.len()
+        && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(value.get(GRPC.len()), None | Some(b'+' | b';' | b' '))
 }
 
 /// A response the filter sends instead of forwarding the request.
@@ -187,6 +258,8 @@ impl ErrorCode {
 pub struct Reject {
     /// Error code (also the log record's `error`).
     pub code: ErrorCode,
+    /// The body's `message`: also a gRPC caller's `grpc-message`.
+    pub message: String,
     /// JSON body.
     pub body: String,
     /// Headers besides `content-type` and [`ERROR_HEADER`].
@@ -205,9 +278,10 @@ impl Reject {
         message: impl Into<String>,
         fields: serde_json::Map<String, Value>,
     ) -> Reject {
+        let message = message.into();
         let mut body = serde_json::Map::with_capacity(2 + fields.len());
         body.insert("error".to_owned(), Value::from(code.as_str()));
-        body.insert("message".to_owned(), Value::from(message.into()));
+        body.insert("message".to_owned(), Value::from(message.as_str()));
         body.extend(fields);
         let extra_headers = match code {
             // RFC 9110 §15.5.8: a 407 carries a challenge, so clients know to send
@@ -222,6 +296,7 @@ impl Reject {
         };
         Reject {
             code,
+            message,
             body: Value::Object(body).to_string(),
             extra_headers,
         }
@@ -246,7 +321,37 @@ impl Reject {
         );
         headers
     }
+
+    /// The headers of the refusal of a gRPC call, besides what Envoy sets for it.
+    ///
+    /// Envoy answers a gRPC call's local reply "trailers-only", as gRPC clients expect:
+    /// `:status` 200, `content-type: application/grpc`, `grpc-status` (here
+    /// [`ErrorCode::grpc_status`]) and `grpc-message` (here [`Reject::message`]), and
+    /// no body. What the JSON body would have said goes in headers the client reads
+    /// with the trailing metadata: [`ERROR_HEADER`], [`ERROR_CODE_HEADER`] (the body's
+    /// `error`) and [`STATUS_HEADER`] (the HTTP status of DESIGN.md §6), plus the
+    /// refusal's own headers (`retry-after`, ...).
+    pub fn grpc_headers(&self) -> Vec<(&'static str, Cow<'_, str>)> {
+        let mut headers = vec![
+            (ERROR_HEADER, Cow::Borrowed("true")),
+            (ERROR_CODE_HEADER, Cow::Borrowed(self.code.as_str())),
+            (STATUS_HEADER, Cow::Owned(self.status().to_string())),
+        ];
+        headers.extend(
+            self.extra_headers
+                .iter()
+                .map(|(name, value)| (*name, Cow::Borrowed(value.as_ref()))),
+        );
+        headers
+    }
 }
+
+/// On a refused gRPC call: the `error` code its JSON body would have had.
+pub const ERROR_CODE_HEADER: &str = "x-agent-vault-error-code";
+
+/// On a refused gRPC call: the HTTP status of DESIGN.md §6 that Envoy's trailers-only
+/// reply (`:status` 200) cannot carry.
+pub const STATUS_HEADER: &str = "x-agent-vault-status";
 
 /// Shortens what an agent sent before quoting it back: one line, at most 64 chars.
 pub fn quote(text: &str) -> String {
@@ -740,6 +845,75 @@ mod tests {
 
     fn body(reject: &Reject) -> Value {
         serde_json::from_str(&reject.body).unwrap_or_else(|e| panic!("{e}: {}", reject.body))
+    }
+
+    #[test]
+    fn a_grpc_call_is_told_by_its_content_type() {
+        for yes in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC+json",
+            "application/grpc;charset=utf-8",
+        ] {
+            assert!(is_grpc(Some(yes)), "{yes}");
+        }
+        for no in [
+            "application/grpc-web",
+            "application/grpcx",
+            "application/json",
+            "",
+        ] {
+            assert!(!is_grpc(Some(no)), "{no}");
+        }
+        assert!(!is_grpc(None));
+    }
+
+    #[test]
+    fn a_refused_grpc_call_gets_the_status_a_caller_can_act_on_and_the_http_status_in_a_header() {
+        let cases = [
+            (proxy_auth_required("x"), GrpcStatus::Unauthenticated, 16),
+            (invalid_token(), GrpcStatus::Unauthenticated, 16),
+            (no_service("v", "h", 80), GrpcStatus::PermissionDenied, 7),
+            (service_disabled("v", "s"), GrpcStatus::PermissionDenied, 7),
+            (destination_forbidden(), GrpcStatus::PermissionDenied, 7),
+            (
+                control_plane_unavailable("down"),
+                GrpcStatus::Unavailable,
+                14,
+            ),
+            (
+                credential_not_found("v", "K"),
+                GrpcStatus::FailedPrecondition,
+                9,
+            ),
+            (
+                vault_required::<&str>("a", &[]),
+                GrpcStatus::InvalidArgument,
+                3,
+            ),
+        ];
+        for (reject, status, code) in cases {
+            assert_eq!(reject.code.grpc_status(), status, "{reject:?}");
+            assert_eq!(status.code(), code);
+            let headers = reject.grpc_headers();
+            let get = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            };
+            assert_eq!(get(ERROR_HEADER).as_deref(), Some("true"));
+            assert_eq!(
+                get(ERROR_CODE_HEADER).as_deref(),
+                Some(reject.code.as_str())
+            );
+            assert_eq!(get(STATUS_HEADER), Some(reject.status().to_string()));
+            assert_eq!(body(&reject)["message"], reject.message.as_str());
+        }
+        // Every code maps to a status other than OK.
+        for code in ErrorCode::ALL {
+            assert_ne!(code.grpc_status().code(), 0, "{code:?}");
+        }
     }
 
     #[test]

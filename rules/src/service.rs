@@ -26,6 +26,12 @@ pub struct Service {
     /// Envoy connects to the upstream over TLS (port 443 unless the host names one).
     #[serde(default = "default_true")]
     pub upstream_tls: bool,
+    /// A plain-HTTP upstream (`upstream_tls: false`) that speaks HTTP/2 without TLS
+    /// (h2c with prior knowledge: gRPC inside a cluster): Envoy forwards every request
+    /// to it as HTTP/2. `false` (absent in JSON): HTTP/1.1. A TLS upstream needs no
+    /// setting: Envoy offers `h2` and `http/1.1` by ALPN and speaks what it picks.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub upstream_h2c: bool,
     /// The HTTP methods the service forwards, as given (see [`validate_methods`]).
     /// `None` (absent in JSON): every method but `TRACE`/`TRACK`, which the proxy
     /// refuses whatever the service. A request with another method is refused with
@@ -143,6 +149,10 @@ fn default_true() -> bool {
     true
 }
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 impl Service {
     /// Checks the name, the host pattern and the auth block.
     pub fn validate(&self, options: &ValidationOptions) -> Result<(), RuleError> {
@@ -156,6 +166,13 @@ impl Service {
             limit.validate()?;
         }
         validate_substitutions(&self.substitutions)?;
+        if self.upstream_h2c && self.upstream_tls {
+            return Err(RuleError::InvalidUpstream {
+                reason: "upstream_h2c is for plain-HTTP upstreams (upstream_tls: false); \
+                         a TLS upstream gets HTTP/2 by ALPN when it offers it"
+                    .to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -290,6 +307,9 @@ mod tests {
     const STRICT: ValidationOptions = ValidationOptions {
         allow_private_upstreams: false,
     };
+    const LOOSE: ValidationOptions = ValidationOptions {
+        allow_private_upstreams: true,
+    };
 
     fn service(name: &str, host: &str) -> Service {
         Service {
@@ -300,6 +320,7 @@ mod tests {
                 token: "STRIPE_KEY".to_owned(),
             },
             upstream_tls: true,
+            upstream_h2c: false,
             methods: None,
             rate_limit: None,
             substitutions: Vec::new(),
@@ -319,6 +340,32 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(!off.enabled && !off.upstream_tls);
+    }
+
+    #[test]
+    fn h2c_is_a_plain_upstreams_setting_shown_only_when_on() {
+        let plain: Service = serde_json::from_str(
+            r#"{"name":"g","host":"grpc.internal:50051","upstream_tls":false,"upstream_h2c":true,"auth":{"type":"passthrough"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(plain.upstream_h2c);
+        assert_eq!(plain.validate(&LOOSE).map_err(|e| e.to_string()), Ok(()));
+        let json = serde_json::to_string(&plain).unwrap_or_default();
+        assert!(json.contains(r#""upstream_h2c":true"#), "{json}");
+        let off = serde_json::to_string(&service("s", "a.com")).unwrap_or_default();
+        assert!(!off.contains("upstream_h2c"), "{off}");
+
+        let tls = Service {
+            upstream_h2c: true,
+            ..service("s", "a.com")
+        };
+        let error = tls.validate(&STRICT).err();
+        assert_eq!(
+            error.as_ref().map(RuleError::code),
+            Some("invalid_upstream")
+        );
+        let message = error.map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("upstream_tls: false"), "{message}");
     }
 
     #[test]

@@ -306,6 +306,7 @@ mod tests {
                     rate_limit: None,
                     substitutions: Vec::new(),
                     redact_responses: None,
+                    upstream_h2c: false,
                 },
             )
             .unwrap_or_else(|e| panic!("add: {e}"));
