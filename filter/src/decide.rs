@@ -105,8 +105,10 @@ pub enum Decision {
 pub enum Route {
     /// To the upstream over TLS Envoy originates (`tls`).
     Tls,
-    /// To the upstream over plain HTTP (`plain`).
+    /// To the upstream over plain HTTP/1.1 (`plain`).
     Plain,
+    /// To the upstream over plain HTTP/2, prior knowledge (`h2c`).
+    H2c,
     /// A `CONNECT` into Envoy's TLS-terminating internal listener (`tunnel`), with the
     /// identity the requests inside will carry ([`crate::tunnel::TUNNEL_HEADER`]).
     Tunnel(TunnelIdentity),
@@ -121,8 +123,40 @@ impl Route {
         match self {
             Route::Tls => "tls",
             Route::Plain => "plain",
+            Route::H2c => "h2c",
             Route::Tunnel(_) => "tunnel",
             Route::Opaque => "opaque",
+        }
+    }
+}
+
+/// How Envoy speaks to a service's upstream: its route for the requests it forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// TLS Envoy originates; HTTP/2 or HTTP/1.1 as the upstream picks by ALPN.
+    Tls,
+    /// Plain HTTP/1.1.
+    Plain,
+    /// Plain HTTP/2 (`upstream_h2c`).
+    H2c,
+}
+
+impl Upstream {
+    /// A service rule's upstream.
+    pub fn of(service: &agent_vault_rules::Service) -> Upstream {
+        match (service.upstream_tls, service.upstream_h2c) {
+            (true, _) => Upstream::Tls,
+            (false, false) => Upstream::Plain,
+            (false, true) => Upstream::H2c,
+        }
+    }
+
+    /// The route of the requests forwarded to it.
+    pub fn route(self) -> Route {
+        match self {
+            Upstream::Tls => Route::Tls,
+            Upstream::Plain => Route::Plain,
+            Upstream::H2c => Route::H2c,
         }
     }
 }
@@ -258,8 +292,8 @@ pub struct FetchPlan {
     pub service: usize,
     /// The agent's token hash, for the control plane's re-check.
     pub token_sha256: String,
-    /// Route to the TLS-originating cluster.
-    pub upstream_tls: bool,
+    /// How Envoy speaks to the upstream.
+    pub upstream: Upstream,
     /// New `:authority`, if any.
     pub authority: Option<String>,
     /// Matched through a wildcard (see [`Forward::open_host`]).
@@ -315,7 +349,7 @@ impl FetchPlan {
             auth,
             lookup,
             (&self.vault, service),
-            (self.upstream_tls, self.open_host),
+            (self.upstream, self.open_host),
             self.authority.clone(),
         )
     }
@@ -327,11 +361,11 @@ fn render<'v>(
     auth: &CompiledAuth,
     lookup: impl Fn(&str) -> Option<&'v str>,
     (vault, service): (&str, &ServiceInfo),
-    (upstream_tls, open_host): (bool, bool),
+    (upstream, open_host): (Upstream, bool),
     authority: Option<String>,
 ) -> Decision {
     match Rendered::of(auth, &lookup, service) {
-        Ok(rendered) => rendered.forward(upstream_tls, open_host, authority),
+        Ok(rendered) => rendered.forward(upstream, open_host, authority),
         Err(error) => Decision::Reject(reply::render_failed(vault, &service.name, &error)),
     }
 }
@@ -357,14 +391,10 @@ impl Rendered {
         Ok(Rendered { inject, secrets })
     }
 
-    fn forward(&self, upstream_tls: bool, open_host: bool, authority: Option<String>) -> Decision {
+    fn forward(&self, upstream: Upstream, open_host: bool, authority: Option<String>) -> Decision {
         Decision::Forward(Forward {
             inject: self.inject.clone(),
-            route: if upstream_tls {
-                Route::Tls
-            } else {
-                Route::Plain
-            },
+            route: upstream.route(),
             authority,
             open_host,
             secrets: self.secrets.clone(),
@@ -440,6 +470,7 @@ fn decide_inner(
         return R(reply::invalid_token());
     }
     log.agent = Some(Rc::clone(&agent.name));
+    log.token_sha256 = Some(Rc::clone(&agent.token_sha256));
 
     // 5. Vault.
     let vault: &CompiledVault = match reply::choose_vault(&agent.name, &agent.vaults, named_vault) {
@@ -589,6 +620,7 @@ fn decide_in_tunnel(
         return R(reply::invalid_token());
     }
     log.agent = Some(Rc::clone(&agent.name));
+    log.token_sha256 = Some(Rc::clone(&agent.token_sha256));
     let Some(vault) = granted_vault(snapshot, agent, &identity.vault) else {
         return R(reply::vault_forbidden(&agent.name, Some(&identity.vault)));
     };
@@ -748,7 +780,8 @@ fn decide_service(
     let pattern = vault.matcher.pattern(index);
     let explicit_port = pattern.and_then(|p| p.port).is_some();
     let open_host = pattern.is_some_and(|p| p.wildcard);
-    let authority = (service.upstream_tls && !explicit_port).then(|| format!("{host}:{TLS_PORT}"));
+    let authority =
+        (service.upstream == Upstream::Tls && !explicit_port).then(|| format!("{host}:{TLS_PORT}"));
     log.host = host;
     let mut complete = true;
     let mut refresh = false;
@@ -776,14 +809,14 @@ fn decide_service(
             vault: Rc::clone(&vault.name),
             service: index,
             token_sha256: token_sha256.to_owned(),
-            upstream_tls: service.upstream_tls,
+            upstream: service.upstream,
             authority,
             open_host,
         });
     }
     // Rendered once per set of values, then reused: a hit renders nothing.
     if let Some(rendered) = cache.rendered(&vault.name, index) {
-        return rendered.forward(service.upstream_tls, open_host, authority);
+        return rendered.forward(service.upstream, open_host, authority);
     }
     let lookup = |key: &str| match cache.get(&vault.name, key, now_ms) {
         Cached::Value(value) => Some(value),
@@ -791,7 +824,7 @@ fn decide_service(
     };
     match Rendered::of(auth, &lookup, service) {
         Ok(rendered) => cache.remember(&vault.name, index, rendered).forward(
-            service.upstream_tls,
+            service.upstream,
             open_host,
             authority,
         ),

@@ -25,10 +25,11 @@ use crate::decide::{Decision, FetchPlan, Forward, Request, Tunnelled};
 use crate::flight::{Answer, Completion, Join, Waiter, GRACE_MS};
 use crate::header_map::HeaderMap;
 use crate::host::{Host, LogLevel, Stat};
-use crate::redact::{self, Inflater, Patterns, Redactor};
+use crate::redact::{self, GrpcFraming, Inflater, Patterns, Redactor};
 use crate::request_log::RequestLog;
 use crate::stats::Callout;
 use crate::substitute::{self, BodyPlan};
+use crate::upgrades::OpenUpgrade;
 use crate::worker::{PollOutcome, Worker};
 
 /// How Envoy's response details start when its RBAC filter (the destination check of
@@ -120,6 +121,9 @@ impl Root {
         }
         host.flush_stats(worker.config().callout_timeout_ms.saturating_add(GRACE_MS));
         update_tick(host, &mut self.tick_ms, &worker);
+        let revoked = worker.revoked_upgrades(now);
+        drop(worker);
+        reset_upgrades(host, self.id, &revoked);
     }
 
     /// `on_http_call_response` of the root: a poll answer, or the answer to a fetch
@@ -143,6 +147,10 @@ impl Root {
         let now = host.now_ms();
         long_poll(host, &mut worker, now);
         update_tick(host, &mut self.tick_ms, &worker);
+        // A new snapshot: open WebSockets whose agent lost access end now.
+        let revoked = worker.revoked_upgrades(now);
+        drop(worker);
+        reset_upgrades(host, self.id, &revoked);
     }
 
     /// The state of a new request in HTTP context `context_id`. Without a worker (not
@@ -157,10 +165,59 @@ impl Root {
                 ..RequestLog::default()
             })),
             waiting: false,
+            upgraded: false,
             body: Vec::new(),
             response: None,
         }
     }
+}
+
+/// Stream `id` was upgraded: the worker keeps it, to reset it if its agent loses
+/// access ([`crate::upgrades`]); `true` when kept. A stream the filter did not
+/// authenticate (none gets that far) is not.
+fn keep_upgrade(
+    host: &mut impl Host,
+    id: u32,
+    worker: Option<&SharedWorker>,
+    log: &RequestLog,
+) -> bool {
+    let (Some(shared), Some(token_sha256), Some(vault)) = (worker, &log.token_sha256, &log.vault)
+    else {
+        return false;
+    };
+    let Ok(mut worker) = shared.try_borrow_mut() else {
+        return false;
+    };
+    worker.upgrade_opened(OpenUpgrade {
+        context_id: id,
+        token_sha256: Rc::clone(token_sha256),
+        vault: Rc::clone(vault),
+        service: log.service.clone(),
+    });
+    host.stat(Stat::UpgradeOpened);
+    true
+}
+
+/// Resets the upgraded streams `revoked` (their agent lost access), from the root's
+/// callback `root_id`, with the worker not borrowed: the reset may end the stream's
+/// context at once. A stream Envoy no longer knows is skipped.
+fn reset_upgrades(host: &mut impl Host, root_id: u32, revoked: &[u32]) {
+    if revoked.is_empty() {
+        return;
+    }
+    let mut reset = 0usize;
+    for &context_id in revoked {
+        if host.switch_to(context_id) {
+            host.reset_stream();
+            host.stat(Stat::UpgradeRevoked);
+            reset += 1;
+        }
+    }
+    let _ = host.switch_to(root_id);
+    host.log(
+        LogLevel::Info,
+        &format!("{reset} upgraded stream(s) (WebSocket) reset: their agent lost access to them"),
+    );
 }
 
 /// An HTTP context: one request through the filter.
@@ -173,6 +230,9 @@ pub struct Http {
     log: Rc<RefCell<RequestLog>>,
     /// Joined a fetch at some point: tell the worker when this request goes away.
     waiting: bool,
+    /// Upgraded (WebSocket): the worker re-checks it on every snapshot
+    /// ([`crate::upgrades`]) until it goes away.
+    upgraded: bool,
     /// Request-side substitution: the body taken so far, for a service that
     /// substitutes in bodies (see [`Http::on_request_body`]).
     body: Vec<u8>,
@@ -273,6 +333,11 @@ impl Http {
                 .filter(|code| *code > 0),
             None => host.response_status(),
         };
+        if log.response_status == Some(101) {
+            // Frames follow, not a body: they pass untouched, never held for a scan.
+            self.upgraded = keep_upgrade(host, self.id, self.worker.as_ref(), &log);
+            return Flow::Continue;
+        }
         if log.response_status == Some(403)
             && log.error.is_none()
             && host
@@ -299,8 +364,10 @@ impl Http {
     ///
     /// A body followed by trailers never gets `end_of_stream`: its held-back tail is
     /// dropped, never passed on unscanned (nothing is written from the trailers
-    /// callback). The shipped bootstraps' upstream clusters are HTTP/1.1, whose codec
-    /// drops trailers, so there the body always ends with `end_of_stream`.
+    /// callback). Trailers come with HTTP/2 upstreams, and there mostly with gRPC,
+    /// whose responses are given out whole at each message's end ([`GrpcFraming`]), so
+    /// nothing is held when the trailers come. An upgraded stream's frames are never
+    /// redacted (see [`Http::on_response_headers`]).
     pub fn on_response_body(&mut self, host: &mut impl Host, size: usize, end_of_stream: bool) {
         let Some(body) = &mut self.response else {
             return;
@@ -464,9 +531,15 @@ impl Http {
 impl Drop for Http {
     /// Envoy deleted the context (the request finished or its client went away).
     fn drop(&mut self) {
-        if self.waiting {
-            if let Some(Ok(mut worker)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+        if !self.waiting && !self.upgraded {
+            return;
+        }
+        if let Some(Ok(mut worker)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            if self.waiting {
                 worker.context_gone(self.id);
+            }
+            if self.upgraded {
+                worker.upgrade_gone(self.id);
             }
         }
     }
@@ -629,6 +702,7 @@ fn redact_response_headers(
         Some(ResponseBody::Redacting {
             inflater: compression.map(|c| Box::new(Inflater::new(c))),
             redactor: Redactor::new(patterns),
+            grpc: reply::is_grpc(headers.get("content-type")).then(GrpcFraming::default),
         }),
     )
 }
@@ -640,6 +714,8 @@ enum ResponseBody {
     Redacting {
         inflater: Option<Box<Inflater>>,
         redactor: Redactor,
+        /// A gRPC response: everything is given out at each message's end.
+        grpc: Option<GrpcFraming>,
     },
     /// Never passed on: the response was refused, or could not be inflated.
     Dropped,
@@ -649,7 +725,12 @@ impl ResponseBody {
     /// Replaces the current chunk (`size` bytes) with what may be given out; returns
     /// the redactions made.
     fn next_chunk(&mut self, host: &mut impl Host, size: usize, end_of_stream: bool) -> u64 {
-        let ResponseBody::Redacting { inflater, redactor } = self else {
+        let ResponseBody::Redacting {
+            inflater,
+            redactor,
+            grpc,
+        } = self
+        else {
             if size > 0 {
                 host.set_response_body(size, &[]);
             }
@@ -674,14 +755,17 @@ impl ResponseBody {
                 );
                 crate::cache::wipe(chunk);
                 host.set_response_body(size, &[]);
-                host.reset_response();
+                host.reset_stream();
                 *self = ResponseBody::Dropped;
                 return 0;
             }
         };
         let before = redactor.count();
         let mut out = redactor.push(&plain);
-        if end_of_stream {
+        let message_end = grpc
+            .as_mut()
+            .is_some_and(|framing| framing.at_message_end_after(&plain));
+        if end_of_stream || message_end {
             out.extend(redactor.finish());
         }
         // The common case, a body that arrives whole and holds no secret: the chunk
@@ -2961,7 +3045,7 @@ mod tests {
         vm.calls();
         let out = chunk(&mut vm, format!("not gzip {SECRET}").as_bytes(), false);
         assert!(out.is_empty());
-        assert!(vm.calls().contains(&Call::ResetResponse { context: 2 }));
+        assert!(vm.calls().contains(&Call::ResetStream { context: 2 }));
         assert!(chunk(&mut vm, b"more", true).is_empty(), "nothing after");
     }
 
@@ -3482,5 +3566,250 @@ mod tests {
             .collect();
         assert_eq!(states, vec![&log_state(3, agents)], "{calls:?}");
         assert!(!format!("{calls:?}").contains("\\tsk_1"), "{calls:?}");
+    }
+
+    // --- gRPC, h2c upstreams, upgraded streams -------------------------------------
+
+    /// A gRPC call from `token` (none: no proxy credential) to api.stripe.com.
+    fn grpc_call(token: Option<&str>) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            (":method", "POST".to_owned()),
+            (":authority", "api.stripe.com".to_owned()),
+            (":path", "/echo.Echo/Unary".to_owned()),
+            ("content-type", "application/grpc".to_owned()),
+            ("te", "trailers".to_owned()),
+        ];
+        if let Some(token) = token {
+            headers.push(("proxy-authorization", basic(token, "")));
+        }
+        headers
+    }
+
+    /// The worker polls at `now` and gets `snapshot` (through the root).
+    fn install(vm: &mut Vm, now: u64, snapshot: agent_vault_rules::Snapshot) {
+        vm.tick(now);
+        let poll = vm
+            .host
+            .calls
+            .iter()
+            .find_map(|call| match call {
+                Call::DispatchPoll { token, .. } => *token,
+                _ => None,
+            })
+            .unwrap_or_default();
+        let body = serde_json::to_string(&snapshot).unwrap_or_default();
+        vm.answer(ROOT, poll, control_plane(200, &body));
+    }
+
+    #[test]
+    fn a_refused_grpc_call_gets_its_grpc_status_at_once_or_after_a_fetch() {
+        let mut vm = Vm::running("");
+        assert_eq!(vm.request_with(2, grpc_call(None)), Flow::Pause);
+        let grpc_reject = |context, grpc_status, code| Call::GrpcReject {
+            context,
+            grpc_status,
+            code,
+        };
+        let calls = vm.calls();
+        assert!(
+            calls.contains(&grpc_reject(2, 16, "proxy_auth_required")),
+            "{calls:?}"
+        );
+        assert!(!calls.iter().any(|c| matches!(c, Call::Reject { .. })));
+        vm.request_with(3, grpc_call(Some(ALICE)));
+        vm.answer(
+            3,
+            FIRST,
+            control_plane(200, r#"{"values":{},"missing":["STRIPE_KEY"]}"#),
+        );
+        let calls = vm.calls();
+        assert!(
+            calls.contains(&grpc_reject(3, 9, "credential_not_found")),
+            "{calls:?}"
+        );
+        // The same refusal of a plain request stays JSON.
+        vm.request(4, "/a");
+        assert!(vm.calls().contains(&reject(4, 502, "credential_not_found")));
+    }
+
+    #[test]
+    fn a_plain_h2c_service_is_routed_to_h2c_and_a_tls_one_to_tls() {
+        let mut vm = Vm::running("");
+        let mut h2c = crate::worker::tests::snapshot("2");
+        h2c.vaults[0].services[0].upstream_tls = false;
+        h2c.vaults[0].services[0].upstream_h2c = true;
+        install(&mut vm, NOW_MS + 1000, h2c);
+        vm.calls();
+        vm.request_with(2, grpc_call(Some(ALICE)));
+        // The poll took FIRST.
+        vm.answer(2, FIRST + 1, credentials("sk_1"));
+        let routes: Vec<&str> = vm
+            .calls()
+            .iter()
+            .filter_map(|call| match call {
+                Call::Forward { route, .. } => Some(*route),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(routes, vec!["h2c"]);
+        install(&mut vm, NOW_MS + 2000, crate::worker::tests::snapshot("3"));
+        vm.calls();
+        vm.request(3, "/a");
+        vm.answer(3, FIRST + 3, credentials("sk_1"));
+        let calls = vm.calls();
+        assert!(
+            calls
+                .iter()
+                .any(|call| matches!(call, Call::Forward { route: "tls", .. })),
+            "{calls:?}"
+        );
+    }
+
+    /// Request `id` gets its `101 Switching Protocols`.
+    fn upgrade(vm: &mut Vm, id: u32) {
+        vm.host.current = id;
+        vm.host.response_status.insert(id, 101);
+        vm.host
+            .response_headers
+            .insert(id, vec![(":status", "101".to_owned())]);
+        if let Some(http) = vm.requests.get_mut(&id) {
+            assert_eq!(
+                http.on_response_headers(&mut vm.host, false),
+                Flow::Continue
+            );
+        }
+    }
+
+    fn resets(calls: &[Call]) -> Vec<u32> {
+        calls
+            .iter()
+            .filter_map(|call| match call {
+                Call::ResetStream { context } => Some(*context),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_open_websocket_is_reset_by_the_snapshot_that_revokes_its_agent_and_not_before() {
+        let mut vm = Vm::running("");
+        let websocket = |path: &str| {
+            vec![
+                (":method", "GET".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", path.to_owned()),
+                ("upgrade", "websocket".to_owned()),
+                ("connection", "upgrade".to_owned()),
+                ("proxy-authorization", basic(ALICE, "")),
+            ]
+        };
+        vm.request_with(2, websocket("/a"));
+        vm.answer(2, FIRST, credentials("sk_1"));
+        upgrade(&mut vm, 2);
+        assert_eq!(vm.request_with(3, websocket("/b")), Flow::Continue);
+        upgrade(&mut vm, 3);
+        assert_eq!(
+            vm.host
+                .stats
+                .iter()
+                .filter(|s| *s == "upgrade opened")
+                .count(),
+            2
+        );
+        // 3 closes by itself: forgotten.
+        vm.delete(3);
+        // A snapshot that still lets alice in: nothing is reset.
+        install(&mut vm, NOW_MS + 1000, crate::worker::tests::snapshot("2"));
+        assert_eq!(resets(&vm.calls()), Vec::<u32>::new());
+        // The service disabled: 2 is reset, from the root, which is current again after.
+        let mut disabled = crate::worker::tests::snapshot("3");
+        disabled.vaults[0].services[0].enabled = false;
+        install(&mut vm, NOW_MS + 2000, disabled);
+        assert!(vm.host.stats.contains(&"upgrade revoked".to_owned()));
+        let calls = vm.calls();
+        assert_eq!(resets(&calls), vec![2], "{calls:?}");
+        assert_eq!(vm.host.current, ROOT);
+        let reset_at = calls
+            .iter()
+            .position(|c| *c == Call::ResetStream { context: 2 })
+            .unwrap_or_default();
+        assert_eq!(calls.get(reset_at - 1), Some(&switch(2)), "{calls:?}");
+        assert_eq!(calls.get(reset_at + 1), Some(&switch(ROOT)), "{calls:?}");
+        // Reset once: the next snapshot finds nothing more to do.
+        let mut revoked = crate::worker::tests::snapshot("4");
+        revoked.agents.clear();
+        install(&mut vm, NOW_MS + 3000, revoked);
+        assert_eq!(resets(&vm.calls()), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn an_open_websocket_of_an_agent_whose_token_expires_is_reset_on_the_tick() {
+        let mut vm = Vm::running("");
+        let mut expiring = crate::worker::tests::snapshot("2");
+        let expires_s = i64::try_from((NOW_MS + 5000) / 1000).unwrap_or_default();
+        expiring.agents[0].expires_at = Some(expires_s);
+        install(&mut vm, NOW_MS + 1000, expiring);
+        vm.request_with(
+            2,
+            vec![
+                (":method", "GET".to_owned()),
+                (":authority", "api.stripe.com".to_owned()),
+                (":path", "/ws".to_owned()),
+                ("upgrade", "websocket".to_owned()),
+                ("proxy-authorization", basic(ALICE, "")),
+            ],
+        );
+        vm.answer(2, FIRST + 1, credentials("sk_1"));
+        upgrade(&mut vm, 2);
+        vm.calls();
+        vm.tick(NOW_MS + 2000);
+        assert_eq!(resets(&vm.calls()), Vec::<u32>::new());
+        vm.tick(NOW_MS + 6000);
+        assert_eq!(resets(&vm.calls()), vec![2]);
+    }
+
+    #[test]
+    fn a_redacting_grpc_response_is_given_out_whole_at_each_message_end() {
+        let mut vm = Vm::running("");
+        redacting(
+            &mut vm,
+            vec![
+                (":status", "200".to_owned()),
+                ("content-type", "application/grpc".to_owned()),
+            ],
+        );
+        let message = |payload: &[u8]| {
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(0).to_be_bytes());
+            framed.extend_from_slice(payload);
+            framed
+        };
+        // A message that ends with the start of the secret's prefix: nothing held.
+        let first = message(b"ends with sk_");
+        assert_eq!(chunk(&mut vm, &first, false), first);
+        // A secret split across two chunks of one message: held, then masked.
+        let second = message(format!("key {SECRET} end").as_bytes());
+        let (a, b) = second.split_at(12);
+        let mut out = chunk(&mut vm, a, false);
+        out.extend(chunk(&mut vm, b, false));
+        assert_eq!(out.len(), second.len());
+        assert!(!String::from_utf8_lossy(&out).contains(SECRET));
+        assert_eq!(out[..5], second[..5], "the framing is kept");
+        assert_eq!(redactions(&vm, 2), 1);
+    }
+
+    #[test]
+    fn a_websocket_response_is_neither_redacted_nor_held() {
+        let mut vm = Vm::running("");
+        vm.request(2, "/a");
+        vm.answer(2, FIRST, credentials(SECRET));
+        upgrade(&mut vm, 2);
+        vm.calls();
+        let frame = format!("\u{81}\u{10}sk_live_01234567");
+        assert_eq!(chunk(&mut vm, frame.as_bytes(), false), frame.as_bytes());
+        assert!(!vm.calls().iter().any(|c| matches!(
+            c,
+            Call::SetResponseBody { .. } | Call::ReadResponseBody { .. }
+        )),);
     }
 }

@@ -119,6 +119,10 @@ pub enum Stat<'a> {
     },
     /// A background refresh of cached credentials was sent (refresh-ahead).
     CacheRefresh,
+    /// A stream was upgraded (a WebSocket's `101`).
+    UpgradeOpened,
+    /// An upgraded stream was reset: its agent lost access ([`crate::upgrades`]).
+    UpgradeRevoked,
 }
 
 /// The host calls the filter makes. `config` is passed where the call goes to the
@@ -228,8 +232,9 @@ pub trait Host: SharedStore {
     /// Replaces the current response body chunk (`size` bytes) with `body`.
     fn set_response_body(&mut self, size: usize, body: &[u8]);
 
-    /// Resets the current context's response stream (the agent sees it cut off).
-    fn reset_response(&mut self);
+    /// Resets the current context's stream: the agent sees its response cut off (or
+    /// its upgraded connection closed), and the upstream's is closed too.
+    fn reset_stream(&mut self);
 
     // The request log through Envoy's access log (`request_log: "access_log"`).
 

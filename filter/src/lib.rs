@@ -63,6 +63,7 @@ pub mod snapshot;
 pub mod stats;
 pub mod substitute;
 pub mod tunnel;
+pub mod upgrades;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]

@@ -337,6 +337,50 @@ impl Redactor {
     }
 }
 
+/// Where a gRPC response's messages end (gRPC over HTTP/2, "Length-Prefixed-Message":
+/// a compressed flag byte, a 4-byte big-endian length, the message).
+///
+/// A gRPC response ends with trailers, so its body never gets `end_of_stream`, and a
+/// tail held back for a scan could never be given out after the last chunk; a
+/// server-streaming call would also see each message late. So a gRPC response's
+/// redaction gives out everything whenever the bytes so far end exactly at a
+/// message's end (where upstreams end their DATA frames): a secret is looked for within
+/// each message, across chunks, and never held past its message. Masks keep the
+/// length, so the framing stays right. A message the upstream compressed
+/// (`grpc-encoding`) is scanned as it is: a secret inside it is not seen.
+#[derive(Debug, Default)]
+pub struct GrpcFraming {
+    /// The prefix of the next message read so far (fewer than 5 bytes).
+    prefix: Vec<u8>,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+}
+
+impl GrpcFraming {
+    /// Reads `chunk`; whether the bytes so far end at a message's end.
+    pub fn at_message_end_after(&mut self, chunk: &[u8]) -> bool {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            if self.remaining > 0 {
+                let take = usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(rest.len());
+                self.remaining -= take as u64;
+                rest = &rest[take..];
+                continue;
+            }
+            let take = (5 - self.prefix.len()).min(rest.len());
+            self.prefix.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if let [_, a, b, c, d] = self.prefix[..] {
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.prefix.clear();
+            }
+        }
+        self.remaining == 0 && self.prefix.is_empty()
+    }
+}
+
 /// The most a response may inflate to from one chunk: a bound on the memory a
 /// compressed response can take (a "zip bomb"), far above what a legitimate chunk of
 /// an upstream's response inflates to (Envoy reads upstreams in chunks of tens of KB).
@@ -777,5 +821,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn grpc_framing_finds_each_message_end_across_and_within_chunks() {
+        let framed = |payload: &[u8]| {
+            let mut out = vec![0u8];
+            out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(payload);
+            out
+        };
+        let mut stream = framed(b"hello");
+        stream.extend(framed(b""));
+        stream.extend(framed(&[7u8; 300]));
+        // Whole: ends at a message end.
+        assert!(GrpcFraming::default().at_message_end_after(&stream));
+        // Byte by byte: true exactly after each message's last byte.
+        let mut framing = GrpcFraming::default();
+        let ends: Vec<usize> = stream
+            .iter()
+            .enumerate()
+            .filter(|(_, byte)| framing.at_message_end_after(&[**byte]))
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert_eq!(ends, vec![10, 15, 320]);
+        // Inside a prefix or a message: not an end.
+        let mut framing = GrpcFraming::default();
+        assert!(!framing.at_message_end_after(&stream[..3]));
+        assert!(!framing.at_message_end_after(&stream[3..7]));
+        assert!(framing.at_message_end_after(&stream[7..15]));
     }
 }

@@ -31,6 +31,9 @@ pub struct RequestLog {
     pub path: String,
     /// Authenticated agent.
     pub agent: Option<Rc<str>>,
+    /// Never logged: the authenticated agent's token hash (an upgraded stream is
+    /// re-checked against it, [`crate::upgrades`]).
+    pub token_sha256: Option<Rc<str>>,
     /// Resolved vault (only a vault the agent may use).
     pub vault: Option<Rc<str>>,
     /// Matched service.

@@ -16,11 +16,15 @@ use agent_vault_rules::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::decide::Upstream;
+
 /// An agent that may use the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
     /// Agent name.
     pub name: Rc<str>,
+    /// Its token's hash (lowercase hex), the key it is found by.
+    pub token_sha256: Rc<str>,
     /// Vaults the agent was granted, in grant order.
     pub vaults: Vec<Rc<str>>,
     /// Unix seconds from which the token is refused.
@@ -43,8 +47,8 @@ pub struct ServiceInfo {
     pub name: Rc<str>,
     /// A disabled service matches and is refused.
     pub enabled: bool,
-    /// Envoy originates TLS to the upstream.
-    pub upstream_tls: bool,
+    /// How Envoy speaks to the upstream.
+    pub upstream: Upstream,
     /// The methods the service forwards; `None`: all but TRACE/TRACK.
     pub methods: Option<Box<[Box<str>]>>,
     /// Requests per agent token and window; `None`: no limit.
@@ -101,7 +105,7 @@ impl CompiledSnapshot {
                 services.push(ServiceInfo {
                     name: Rc::from(service.name.as_str()),
                     enabled: service.enabled,
-                    upstream_tls: service.upstream_tls,
+                    upstream: Upstream::of(&service),
                     methods: service
                         .methods
                         .map(|list| list.into_iter().map(String::into_boxed_str).collect()),
@@ -142,13 +146,13 @@ impl CompiledSnapshot {
                         .map_or_else(|| Rc::from(g.vault.as_str()), |v| Rc::clone(&v.name))
                 })
                 .collect();
-            agents
-                .entry(agent.token_sha256.to_ascii_lowercase())
-                .or_insert(Agent {
-                    name: Rc::from(agent.name.as_str()),
-                    vaults: grants,
-                    expires_at: agent.expires_at,
-                });
+            let token_sha256 = agent.token_sha256.to_ascii_lowercase();
+            agents.entry(token_sha256.clone()).or_insert(Agent {
+                name: Rc::from(agent.name.as_str()),
+                token_sha256: Rc::from(token_sha256),
+                vaults: grants,
+                expires_at: agent.expires_at,
+            });
         }
         CompiledSnapshot {
             version: snapshot.version,

@@ -19,6 +19,8 @@
 //! | `agent_vault.control_plane.fetch_failures`    | counter   | credential fetches without a usable answer (not sent, Envoy's 503/504, timeout, bad body) |
 //! | `agent_vault.control_plane.poll_failures`     | counter   | snapshot polls and long-polls without a usable answer |
 //! | `agent_vault.control_plane.long_polls`        | counter   | snapshot long-polls answered 200 or 304 (not timed: they are held on purpose) |
+//! | `agent_vault.upgrades.opened`                 | counter   | streams upgraded (WebSocket `101`) after their upgrade request was let through |
+//! | `agent_vault.upgrades.revoked`                | counter   | upgraded streams the filter reset because their agent lost access ([`crate::upgrades`]) |
 //! | `agent_vault.responses.redactions`            | counter   | occurrences of an injected credential replaced in responses (headers and bodies; [`crate::redact`]) |
 //! | `agent_vault.control_plane.fetch_us`          | histogram | credential fetch latency, microseconds |
 //! | `agent_vault.control_plane.poll_us`           | histogram | snapshot poll latency, microseconds |
@@ -74,10 +76,14 @@ pub enum Counter {
     LongPoll,
     /// A background refresh of cached credentials was sent.
     CacheRefresh,
+    /// A stream was upgraded (WebSocket).
+    UpgradeOpened,
+    /// An upgraded stream was reset: its agent lost access.
+    UpgradeRevoked,
 }
 
 /// Number of counters.
-pub const COUNTERS: usize = 11 + ERROR_CODES.len();
+pub const COUNTERS: usize = 13 + ERROR_CODES.len();
 
 impl Counter {
     /// Every counter, in slot order.
@@ -95,6 +101,8 @@ impl Counter {
                 Counter::Redactions,
                 Counter::LongPoll,
                 Counter::CacheRefresh,
+                Counter::UpgradeOpened,
+                Counter::UpgradeRevoked,
             ])
     }
 
@@ -113,6 +121,8 @@ impl Counter {
             Counter::Redactions => 8 + ERROR_CODES.len(),
             Counter::LongPoll => 9 + ERROR_CODES.len(),
             Counter::CacheRefresh => 10 + ERROR_CODES.len(),
+            Counter::UpgradeOpened => 11 + ERROR_CODES.len(),
+            Counter::UpgradeRevoked => 12 + ERROR_CODES.len(),
         }
     }
 
@@ -131,6 +141,8 @@ impl Counter {
             Counter::Redactions => format!("{PREFIX}.responses.redactions"),
             Counter::LongPoll => format!("{PREFIX}.control_plane.long_polls"),
             Counter::CacheRefresh => format!("{PREFIX}.cache.refreshes"),
+            Counter::UpgradeOpened => format!("{PREFIX}.upgrades.opened"),
+            Counter::UpgradeRevoked => format!("{PREFIX}.upgrades.revoked"),
         }
     }
 }
@@ -210,7 +222,7 @@ impl Stats {
         match forward.route {
             Route::Tunnel(_) => return self.count(Counter::TunnelIntercepted),
             Route::Opaque => return self.count(Counter::TunnelOpaque),
-            Route::Tls | Route::Plain => {}
+            Route::Tls | Route::Plain | Route::H2c => {}
         }
         if forward.inject.is_empty() {
             self.count(Counter::Passthrough);

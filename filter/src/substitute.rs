@@ -128,7 +128,7 @@ pub fn plan(
     if declares(Surface::Header) {
         header_edits(config, forward, known, &filled, names, &mut edits.headers)?;
     }
-    if declares(Surface::Body) {
+    if declares(Surface::Body) && !carries_messages(known) {
         let limit = config.max_substitution_body_bytes;
         let declared = known
             .get("content-length")
@@ -155,6 +155,15 @@ pub fn plan(
         };
     }
     Ok(edits)
+}
+
+/// Whether what follows the request's headers is a stream of messages rather than a
+/// body to substitute in: a WebSocket's frames (an upgrade) or a gRPC call's
+/// length-prefixed messages (binary, and streamed: buffering them to the end would stall
+/// a streaming call). They pass untouched, placeholders included, as on an undeclared
+/// surface.
+fn carries_messages(known: &HeaderMap) -> bool {
+    known.contains("upgrade") || agent_vault_rules::reply::is_grpc(known.get("content-type"))
 }
 
 /// The header edits: every value of each header (not managed by the filter) that
@@ -386,6 +395,23 @@ mod tests {
             let planned = plan(&config, &forward, &known, NAMES).unwrap();
             assert!(planned.headers.is_empty());
             assert!(matches!(planned.body, BodyPlan::Substitute { .. }));
+        }
+    }
+
+    #[test]
+    fn websocket_frames_and_grpc_messages_are_not_a_body_to_substitute_in() {
+        let forward = forward(&[("__IN_BODY__", &[Surface::Body], "v")]);
+        for known in [
+            headers(&[(":path", "/ws"), ("upgrade", "websocket")]),
+            headers(&[
+                (":path", "/echo.Echo/Stream"),
+                ("content-type", "application/grpc+proto"),
+                ("content-length", "99999999"),
+            ]),
+        ] {
+            let planned = plan(&Config::default(), &forward, &known, NAMES).unwrap();
+            assert!(planned.headers.is_empty());
+            assert_eq!(planned.body, BodyPlan::Pass);
         }
     }
 

@@ -20,6 +20,7 @@ use crate::host_budget::{HostBudget, MAX_OPEN_HOSTS, WINDOW_MS};
 use crate::rate_limit::SharedStore;
 use crate::request_log::{LogBatch, RequestLog};
 use crate::snapshot::CompiledSnapshot;
+use crate::upgrades::{OpenUpgrade, OpenUpgrades};
 
 /// Tick period while no snapshot is loaded: requests get 503 until one is.
 pub const STARTUP_TICK_MS: u64 = 100;
@@ -76,6 +77,7 @@ pub struct Worker {
     logs: LogBatch,
     poller: Poller,
     hosts: HostBudget,
+    upgrades: OpenUpgrades,
 }
 
 impl Worker {
@@ -89,6 +91,7 @@ impl Worker {
             flights: Flights::default(),
             poller: Poller::default(),
             hosts: HostBudget::default(),
+            upgrades: OpenUpgrades::default(),
         }
     }
 
@@ -437,6 +440,23 @@ impl Worker {
     }
 
     // --- Housekeeping on tick -----------------------------------------------------
+
+    // --- Upgraded streams (see [`crate::upgrades`]) ----------------------------------
+
+    /// A stream was upgraded (a WebSocket's `101`).
+    pub fn upgrade_opened(&mut self, upgrade: OpenUpgrade) {
+        self.upgrades.opened(upgrade);
+    }
+
+    /// An upgraded stream ended.
+    pub fn upgrade_gone(&mut self, context_id: u32) {
+        self.upgrades.gone(context_id);
+    }
+
+    /// The upgraded streams the snapshot in use no longer allows at `now_ms`: to reset.
+    pub fn revoked_upgrades(&mut self, now_ms: u64) -> Vec<u32> {
+        self.upgrades.revoked(self.snapshot.as_deref(), now_ms)
+    }
 
     /// Expired flights to fail, and stale cache entries dropped.
     pub fn housekeeping(&mut self, now_ms: u64) -> Vec<Completion> {

@@ -9,7 +9,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status, StreamType};
+use proxy_wasm::types::{BufferType, GrpcStatusCode, MapType, Status, StreamType};
 
 use agent_vault_rules::{CONTROL_PLANE_HEADER, CREDENTIALS_PATH, LOGS_PATH};
 
@@ -19,8 +19,9 @@ use crate::decide::{Forward, Route};
 use crate::header_map::HeaderMap;
 use crate::host::{CallResponse, Host, LogLevel, Refused, Stat, TunnelInfo};
 use crate::rate_limit::{SetError, SharedStore};
+use crate::stats::Counter;
 use crate::tunnel::{TUNNEL_HEADER, TUNNEL_STATE};
-use agent_vault_rules::reply::Reject;
+use agent_vault_rules::reply::{self, GrpcStatus, Reject};
 
 /// Envoy, as the host of the current callback. No state: the host keeps it.
 pub struct ProxyWasmHost;
@@ -83,6 +84,20 @@ impl Host for ProxyWasmHost {
     }
 
     fn send_reject(&mut self, reject: &Reject) {
+        // Read only here: a refusal is rare, and its request's headers are still there
+        // (request and response phases alike).
+        let content_type =
+            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type")
+                .ok()
+                .flatten();
+        let grpc = content_type
+            .as_deref()
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .is_some_and(|value| reply::is_grpc(Some(value)));
+        if grpc {
+            send_grpc_reject(reject);
+            return;
+        }
         let _ = hostcalls::send_http_response(
             u32::from(reject.status()),
             reject.headers(),
@@ -157,7 +172,9 @@ impl Host for ProxyWasmHost {
             Stat::Redacted(n) => stats::redacted(n),
             Stat::LongPollSent { sent } => stats::long_poll_sent(sent),
             Stat::LongPollAnswered { usable } => stats::long_poll_answered(usable),
-            Stat::CacheRefresh => stats::cache_refresh(),
+            Stat::CacheRefresh => stats::count(Counter::CacheRefresh),
+            Stat::UpgradeOpened => stats::count(Counter::UpgradeOpened),
+            Stat::UpgradeRevoked => stats::count(Counter::UpgradeRevoked),
         }
     }
 
@@ -199,7 +216,7 @@ impl Host for ProxyWasmHost {
         set_body_bytes(BufferType::HttpResponseBody, size, body);
     }
 
-    fn reset_response(&mut self) {
+    fn reset_stream(&mut self) {
         // SAFETY: a plain value.
         let _ = unsafe { proxy_close_stream(StreamType::HttpResponse as u32) };
     }
@@ -207,6 +224,28 @@ impl Host for ProxyWasmHost {
     fn set_property(&mut self, path: &str, value: &[u8]) {
         let _ = hostcalls::set_property(vec![path], Some(value));
     }
+}
+
+/// Refuses a gRPC call the way its client can read: Envoy turns the local reply into
+/// a trailers-only response (`:status` 200, `grpc-status`, `grpc-message`), and the
+/// rest of what the JSON body would say rides in headers ([`Reject::grpc_headers`]).
+fn send_grpc_reject(reject: &Reject) {
+    let status = match reject.code.grpc_status() {
+        GrpcStatus::InvalidArgument => GrpcStatusCode::InvalidArgument,
+        GrpcStatus::PermissionDenied => GrpcStatusCode::PermissionDenied,
+        GrpcStatus::ResourceExhausted => GrpcStatusCode::ResourceExhausted,
+        GrpcStatus::FailedPrecondition => GrpcStatusCode::FailedPrecondition,
+        GrpcStatus::Unimplemented => GrpcStatusCode::Unimplemented,
+        GrpcStatus::Internal => GrpcStatusCode::Internal,
+        GrpcStatus::Unavailable => GrpcStatusCode::Unavailable,
+        GrpcStatus::Unauthenticated => GrpcStatusCode::Unauthenticated,
+    };
+    let headers = reject.grpc_headers();
+    let metadata: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_bytes()))
+        .collect();
+    let _ = hostcalls::send_grpc_response(status, Some(&reject.message), metadata);
 }
 
 /// Replaces request headers (substitution): one value is set; several replace every

@@ -111,9 +111,9 @@ pub fn cache_miss() {
     with(|r| r.stats.count(Counter::CacheMiss));
 }
 
-/// A background refresh of cached credentials was sent.
-pub fn cache_refresh() {
-    with(|r| r.stats.count(Counter::CacheRefresh));
+/// One more of `counter` (an event with nothing else to record).
+pub fn count(counter: Counter) {
+    with(|r| r.stats.count(counter));
 }
 
 /// A callout was dispatched (`Some(token)`) or could not be (`None`).

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent_vault_rules::reply::Reject;
+use agent_vault_rules::reply::{self, Reject};
 use agent_vault_rules::CredentialsRequest;
 
 use super::{CallResponse, Host, LogLevel, Refused, Stat, TunnelInfo};
@@ -63,6 +63,15 @@ pub enum Call {
         context: u32,
         /// HTTP status.
         status: u16,
+        /// The error code.
+        code: &'static str,
+    },
+    /// The filter refused a gRPC call (trailers-only, `grpc-status`).
+    GrpcReject {
+        /// The current context.
+        context: u32,
+        /// The `grpc-status`.
+        grpc_status: u8,
         /// The error code.
         code: &'static str,
     },
@@ -177,8 +186,8 @@ pub enum Call {
         /// The new chunk.
         body: String,
     },
-    /// The response of `context` was reset.
-    ResetResponse {
+    /// The stream of `context` was reset.
+    ResetStream {
         /// The current context.
         context: u32,
     },
@@ -343,6 +352,8 @@ fn describe(event: Stat<'_>) -> String {
             format!("long-poll answered {usable}")
         }
         Stat::CacheRefresh => "cache refresh".to_owned(),
+        Stat::UpgradeOpened => "upgrade opened".to_owned(),
+        Stat::UpgradeRevoked => "upgrade revoked".to_owned(),
     }
 }
 
@@ -407,6 +418,19 @@ impl Host for FakeHost {
     }
 
     fn send_reject(&mut self, reject: &Reject) {
+        let grpc = self.headers.get(&self.current).is_some_and(|headers| {
+            headers
+                .iter()
+                .any(|(name, value)| *name == "content-type" && reply::is_grpc(Some(value)))
+        });
+        if grpc {
+            self.calls.push(Call::GrpcReject {
+                context: self.current,
+                grpc_status: reject.code.grpc_status().code(),
+                code: reject.code.as_str(),
+            });
+            return;
+        }
         self.calls.push(Call::Reject {
             context: self.current,
             status: reject.status(),
@@ -605,8 +629,8 @@ impl Host for FakeHost {
         });
     }
 
-    fn reset_response(&mut self) {
-        self.calls.push(Call::ResetResponse {
+    fn reset_stream(&mut self) {
+        self.calls.push(Call::ResetStream {
             context: self.current,
         });
     }
