@@ -136,6 +136,11 @@ impl HttpsTunnel {
         })
     }
 
+    /// The decrypted stream itself, for a protocol of the test's own (WebSocket).
+    pub fn into_stream(self) -> TlsInTunnel {
+        self.conn.into_parts().0
+    }
+
     /// The leaf certificate the proxy showed for the tunnel (DER).
     pub fn certificate(&self) -> &[u8] {
         &self.certificate

@@ -94,15 +94,15 @@ impl Https {
 }
 
 /// What curl printed: its exit code, the body, the status (`-w`) and its stderr.
-struct CurlOutput {
-    code: i32,
-    status: u16,
-    body: String,
-    stderr: String,
+pub(crate) struct CurlOutput {
+    pub(crate) code: i32,
+    pub(crate) status: u16,
+    pub(crate) body: String,
+    pub(crate) stderr: String,
 }
 
 impl CurlOutput {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| {
             panic!(
                 "curl's body is not JSON ({e}): {} {}",
@@ -115,7 +115,7 @@ impl CurlOutput {
 /// curl through the proxy, as an agent runs it: `--proxy http://TOKEN:vault@proxy`,
 /// `--cacert <the proxy's CA>`, plus `args`. No proxy variable from the test's
 /// environment applies (`NO_PROXY=localhost` would bypass the proxy).
-fn curl(proxy_url: &str, ca: &Path, args: &[&str]) -> CurlOutput {
+pub(crate) fn curl(proxy_url: &str, ca: &Path, args: &[&str]) -> CurlOutput {
     const STATUS_MARK: &str = "\n--status--";
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "20", "--proxy", proxy_url, "--cacert"])

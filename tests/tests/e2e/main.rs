@@ -15,6 +15,7 @@ mod long_poll;
 mod methods;
 mod multinode;
 mod proposals;
+mod protocols;
 mod proxy;
 mod proxy_e2e;
 mod rate_limits;
