@@ -190,26 +190,43 @@ fn tls_upstreams_get_http2_or_http1_as_they_offer_by_alpn_from_the_same_kind_of_
             .get(&to_h2, &[("Proxy-Authorization", &auth)]);
         (response.status == 200).then_some(response)
     })
-    .unwrap_or_else(|| panic!("the h2-only upstream answers\n{}", system.stack.envoy.log_tail(30)));
+    .unwrap_or_else(|| {
+        panic!(
+            "the h2-only upstream answers\n{}",
+            system.stack.envoy.log_tail(30)
+        )
+    });
     let seen: Value = serde_json::from_str(&response.body).expect("json");
     assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
     assert_eq!(seen["headers"]["authorization"], bearer.as_str());
-    assert!(seen["headers"].get("proxy-authorization").is_none(), "{seen}");
+    assert!(
+        seen["headers"].get("proxy-authorization").is_none(),
+        "{seen}"
+    );
 
     let response = system
         .stack
         .envoy
         .get(&h1.url("/v1/ping"), &[("Proxy-Authorization", &auth)]);
     assert_eq!(response.status, 200, "{}", response.body);
-    let seen = h1.received().pop().expect("the http/1.1 upstream got the request");
+    let seen = h1
+        .received()
+        .pop()
+        .expect("the http/1.1 upstream got the request");
     assert_eq!(seen["headers"]["authorization"], bearer.as_str());
     assert_eq!(seen["tls"], true);
 
     // An HTTPS agent (CONNECT), HTTP/2 inside the tunnel: the same to both.
     let ca_file = system.proxy_ca();
     for (url, expect_h2) in [
-        (format!("https://localhost:{}/v2/over-tunnel", h2.port), true),
-        (format!("https://localhost:{}/v2/over-tunnel", h1.port), false),
+        (
+            format!("https://localhost:{}/v2/over-tunnel", h2.port),
+            true,
+        ),
+        (
+            format!("https://localhost:{}/v2/over-tunnel", h1.port),
+            false,
+        ),
     ] {
         let out = curl(&system.proxy_url(), &ca_file, &["--http2", &url]);
         assert_eq!((out.code, out.status), (0, 200), "{url}: {}", out.stderr);
@@ -254,13 +271,24 @@ impl GrpcServer {
             let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
             std::fs::write(&cert_path, cert).expect("write cert");
             std::fs::write(&key_path, key).expect("write key");
-            command.arg("--cert").arg(cert_path).arg("--key").arg(key_path);
+            command
+                .arg("--cert")
+                .arg(cert_path)
+                .arg("--key")
+                .arg(key_path);
         }
-        let mut child = die_with_parent(&mut command).spawn().expect("start grpc_echo.py");
+        let mut child = die_with_parent(&mut command)
+            .spawn()
+            .expect("start grpc_echo.py");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout).read_line(&mut line).expect("the port");
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("a port, not {line:?}"));
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the port");
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("a port, not {line:?}"));
         GrpcServer {
             port,
             child,
@@ -329,13 +357,22 @@ fn grpc_over_h2c_reaches_an_h2c_upstream_with_the_credential_and_refusals_are_gr
         let out = call(&["--unary"], Some(&auth));
         (out["ok"] == true).then_some(out)
     })
-    .unwrap_or_else(|| panic!("{}\n{}", call(&["--unary"], Some(&auth)), system.stack.envoy.log_tail(30)));
+    .unwrap_or_else(|| {
+        panic!(
+            "{}\n{}",
+            call(&["--unary"], Some(&auth)),
+            system.stack.envoy.log_tail(30)
+        )
+    });
     // The server checked the credential (it fails the call otherwise); what it echoed
     // reached the agent masked, at the same length.
     let metadata = &unary["responses"][0]["metadata"];
     let echoed = metadata["authorization"].as_str().unwrap_or_default();
     assert_eq!(echoed.len(), format!("Bearer {SECRET}").len(), "{metadata}");
-    assert!(echoed.starts_with("[REDACTED]") && !echoed.contains(SECRET), "{metadata}");
+    assert!(
+        echoed.starts_with("[REDACTED]") && !echoed.contains(SECRET),
+        "{metadata}"
+    );
     assert!(metadata.get("proxy-authorization").is_none(), "{metadata}");
     assert_eq!(unary["responses"][0]["request"], "hello");
 
@@ -366,7 +403,10 @@ fn grpc_over_h2c_reaches_an_h2c_upstream_with_the_credential_and_refusals_are_gr
     assert_eq!(refused["trailing"]["x-agent-vault-error"], "true");
 
     // A bad token: UNAUTHENTICATED (invalid_token); the service disabled: PERMISSION_DENIED.
-    let bad = call(&["--unary"], Some(&proxy_basic("av_not_a_token", "default")));
+    let bad = call(
+        &["--unary"],
+        Some(&proxy_basic("av_not_a_token", "default")),
+    );
     assert_eq!(bad["code"], "UNAUTHENTICATED", "{bad}");
     assert_eq!(bad["trailing"]["x-agent-vault-error-code"], "invalid_token");
     system.stack.set_service_enabled("default", "grpc", false);
@@ -404,7 +444,13 @@ fn grpc_over_tls_through_https_proxy_is_decrypted_checked_and_reaches_an_h2_upst
         let out = call(&["--unary"], &proxy_url);
         (out["ok"] == true).then_some(out)
     })
-    .unwrap_or_else(|| panic!("{}\n{}", call(&["--unary"], &proxy_url), system.stack.envoy.log_tail(30)));
+    .unwrap_or_else(|| {
+        panic!(
+            "{}\n{}",
+            call(&["--unary"], &proxy_url),
+            system.stack.envoy.log_tail(30)
+        )
+    });
     assert_eq!(
         unary["responses"][0]["metadata"]["authorization"],
         format!("Bearer {SECRET}")
@@ -435,10 +481,12 @@ fn grpc_over_tls_through_https_proxy_is_decrypted_checked_and_reaches_an_h2_upst
 // --- WebSocket ----------------------------------------------------------------------------
 
 /// A WebSocket echo upstream (`tungstenite`), plain or TLS: records each upgrade
-/// request's headers and sends every text or binary message back.
+/// request's headers and sends every text or binary message back, and when each
+/// connection ended.
 struct WsEcho {
     port: u16,
     upgrades: Arc<Mutex<Vec<Map<String, Value>>>>,
+    ended: Arc<Mutex<Vec<Instant>>>,
     _serving: Serving,
 }
 
@@ -459,9 +507,9 @@ impl WsEcho {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let upgrades = Arc::new(Mutex::new(Vec::new()));
-        let seen = upgrades.clone();
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let (seen, ends) = (upgrades.clone(), ended.clone());
         let serving = serve_loopback(listener, move |stream: TcpStream| {
-            let seen = seen.clone();
             match &config {
                 None => echo_frames(stream, &seen),
                 Some(config) => {
@@ -471,10 +519,12 @@ impl WsEcho {
                     echo_frames(rustls::StreamOwned::new(conn, stream), &seen);
                 }
             }
+            ends.lock().expect("ended").push(Instant::now());
         });
         WsEcho {
             port,
             upgrades,
+            ended,
             _serving: serving,
         }
     }
@@ -582,9 +632,17 @@ fn a_websocket_through_the_proxy_is_authenticated_injected_and_its_frames_pass_u
     let mut socket = wait_for(FIRST_SNAPSHOT, || {
         open_websocket(proxy_stream(&system), &echo.authority(), Some(&auth)).ok()
     })
-    .unwrap_or_else(|| panic!("the upgrade goes through\n{}", system.stack.envoy.log_tail(30)));
+    .unwrap_or_else(|| {
+        panic!(
+            "the upgrade goes through\n{}",
+            system.stack.envoy.log_tail(30)
+        )
+    });
     let upgrade = echo.upgrades().pop().expect("the upstream saw the upgrade");
-    assert_eq!(upgrade["authorization"], format!("Bearer {SECRET}").as_str());
+    assert_eq!(
+        upgrade["authorization"],
+        format!("Bearer {SECRET}").as_str()
+    );
     assert!(upgrade.get("proxy-authorization").is_none(), "{upgrade:?}");
     assert_eq!(upgrade["(path)"], "/chat");
     // Frames, the secret's own text included, pass as they are: never redacted, never
@@ -618,7 +676,10 @@ fn a_websocket_inside_an_https_tunnel_is_checked_like_a_plain_one() {
     let mut socket = open_websocket(tunnel.into_stream(), &echo.authority(), None)
         .unwrap_or_else(|status| panic!("the upgrade in the tunnel got {status}"));
     let upgrade = echo.upgrades().pop().expect("the upstream saw the upgrade");
-    assert_eq!(upgrade["authorization"], format!("Bearer {SECRET}").as_str());
+    assert_eq!(
+        upgrade["authorization"],
+        format!("Bearer {SECRET}").as_str()
+    );
     assert_eq!(round_trip(&mut socket, "over wss"), "over wss");
 }
 
@@ -643,7 +704,15 @@ fn a_revoked_agents_open_websocket_is_closed_within_the_propagation_target() {
 
     let revoked_at = Instant::now();
     system.stack.revoke_agent("agent");
-    // Idle, the socket learns of it only from the proxy closing it.
+    // The filter resets the stream on the snapshot that drops the agent: the upstream's
+    // connection ends then, and no frame passes after it. Idle, the agent's socket
+    // learns of it from Envoy closing the connection, which Envoy delays by up to its
+    // delayed_close_timeout (1 s) to let the peer close first.
+    let upstream_closed = wait_for(PROPAGATION, || {
+        echo.ended.lock().expect("ended").first().copied()
+    })
+    .map(|at| at.duration_since(revoked_at))
+    .expect("the upstream's connection ends");
     let closed = loop {
         match socket.read() {
             Ok(Message::Close(_) | Message::Ping(_) | Message::Pong(_)) => continue,
@@ -651,7 +720,11 @@ fn a_revoked_agents_open_websocket_is_closed_within_the_propagation_target() {
             Err(_) => break revoked_at.elapsed(),
         }
     };
-    eprintln!("the revoked agent's WebSocket closed {closed:?} after the revoke");
+    eprintln!(
+        "the revoked agent's WebSocket: upstream closed {upstream_closed:?} and the agent's \
+         connection {closed:?} after the revoke"
+    );
+    assert!(upstream_closed < PROPAGATION, "after {upstream_closed:?}");
     assert!(closed < PROPAGATION, "closed after {closed:?}");
     assert_eq!(round_trip(&mut kept, "still here"), "still here");
     // The counters trail by one tick of the filter.
