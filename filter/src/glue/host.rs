@@ -84,17 +84,11 @@ impl Host for ProxyWasmHost {
     }
 
     fn send_reject(&mut self, reject: &Reject) {
-        // Read only here: a refusal is rare, and its request's headers are still there
-        // (request and response phases alike).
-        let content_type =
-            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type")
-                .ok()
-                .flatten();
-        let grpc = content_type
-            .as_deref()
-            .and_then(|value| std::str::from_utf8(value).ok())
-            .is_some_and(|value| reply::is_grpc(Some(value)));
-        if grpc {
+        // Read only here (a refusal is rare), through the reader that cannot trap:
+        // where Envoy has no request headers to give (it answers with a status the
+        // SDK's single-value reader panics on), the reply is JSON.
+        let request = header_map(MapType::HttpRequestHeaders);
+        if reply::is_grpc(request.get("content-type")) {
             send_grpc_reject(reject);
             return;
         }

@@ -421,6 +421,26 @@ fn grpc_over_h2c_reaches_an_h2c_upstream_with_the_credential_and_refusals_are_gr
         disabled["trailing"]["x-agent-vault-error-code"],
         "service_disabled"
     );
+
+    // Refused after the credential fetch (the call waited for the control plane):
+    // the credential is gone, FAILED_PRECONDITION.
+    system.stack.set_service_enabled("default", "grpc", true);
+    system.stack.delete_credentials("default", &["TOKEN"]);
+    let missing = wait_for(PROPAGATION, || {
+        let out = call(&["--unary"], Some(&auth));
+        (out["code"] == "FAILED_PRECONDITION").then_some(out)
+    })
+    .unwrap_or_else(|| panic!("{}", call(&["--unary"], Some(&auth))));
+    assert_eq!(
+        missing["trailing"]["x-agent-vault-error-code"],
+        "credential_not_found"
+    );
+    assert!(
+        missing["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("TOKEN")),
+        "{missing}"
+    );
 }
 
 #[test]
