@@ -606,6 +606,9 @@ struct DiscoveredService {
     substitutions: Vec<agent_vault_rules::substitution::Substitution>,
     /// Whether the filter removes the injected values from responses.
     redact_responses: bool,
+    /// The upstream speaks HTTP/2 without TLS (h2c, e.g. gRPC); absent: it does not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    upstream_h2c: bool,
 }
 
 async fn discover(
@@ -622,6 +625,7 @@ async fn discover(
             .map(|s| DiscoveredService {
                 auth_type: s.auth.type_name(),
                 redact_responses: s.redacts_responses(),
+                upstream_h2c: s.upstream_h2c,
                 name: s.name,
                 host: s.host,
                 enabled: s.enabled,

@@ -1085,3 +1085,180 @@ async fn a_services_substitutions_are_validated_stored_listed_and_discovered_wit
         assert!(message.contains(reason), "{message}");
     }
 }
+
+#[tokio::test]
+async fn an_h2c_upstream_is_plain_http_only_stored_listed_and_discovered() {
+    let h = Harness::new();
+    let token = h.session(OWNER);
+    let service = |tls: Option<bool>, h2c: Value| {
+        let mut service = json!({"name": "grpc", "host": "grpc.example.com:50051",
+                                 "auth": {"type": "passthrough"}, "upstream_h2c": h2c});
+        if let Some(tls) = tls {
+            service["upstream_tls"] = json!(tls);
+        }
+        service
+    };
+    let add = |body: Value| {
+        h.call(
+            Method::POST,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(body),
+        )
+    };
+    for (behaviour, refused) in [
+        ("with upstream_tls true", service(Some(true), json!(true))),
+        (
+            "with upstream_tls left out (true)",
+            service(None, json!(true)),
+        ),
+    ] {
+        let reply = add(refused).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{behaviour}: {}",
+            reply.body
+        );
+        assert_eq!(reply.error(), "invalid_upstream", "{behaviour}");
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(
+            message,
+            "invalid upstream: upstream_h2c is for plain-HTTP upstreams (upstream_tls: false); \
+             a TLS upstream gets HTTP/2 by ALPN when it offers it",
+            "{behaviour}"
+        );
+    }
+    let not_a_bool = add(service(Some(false), json!("yes"))).await;
+    assert_eq!(not_a_bool.error(), "invalid_request", "{}", not_a_bool.body);
+    // Replacing every service at once holds to the same rule.
+    let replaced = h
+        .call(
+            Method::PUT,
+            "/v1/vaults/default/services",
+            Some(&token),
+            Some(json!({"services": [service(Some(true), json!(true))]})),
+        )
+        .await;
+    assert_eq!(replaced.error(), "invalid_upstream", "{}", replaced.body);
+    let listed = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/services",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(
+        !listed.body.contains("\"grpc\""),
+        "nothing stored: {}",
+        listed.body
+    );
+
+    let added = add(service(Some(false), json!(true))).await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    assert_eq!(added.json()["upstream_h2c"], true, "{}", added.body);
+    let mut plain = service(Some(false), json!(false));
+    plain["name"] = json!("plain");
+    plain["host"] = json!("plain.example.com");
+    let added = add(plain).await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    // Off is the default and is left out, as in the rules.
+    assert!(added.json().get("upstream_h2c").is_none(), "{}", added.body);
+
+    let listed = h
+        .call(
+            Method::GET,
+            "/v1/vaults/default/services",
+            Some(&token),
+            None,
+        )
+        .await;
+    let named = |all: &Value, name: &str| {
+        all.as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_default()
+    };
+    let shown = listed.json();
+    assert_eq!(named(&shown, "grpc")["upstream_h2c"], true, "{shown}");
+    assert!(
+        named(&shown, "plain").get("upstream_h2c").is_none(),
+        "{shown}"
+    );
+    let discover = h
+        .call(Method::GET, "/discover", Some(&h.agent_token), None)
+        .await;
+    assert_eq!(discover.status, StatusCode::OK, "{}", discover.body);
+    let services = discover.json()["services"].clone();
+    assert_eq!(named(&services, "grpc")["upstream_h2c"], true, "{services}");
+    assert!(
+        named(&services, "plain").get("upstream_h2c").is_none(),
+        "{services}"
+    );
+
+    // A proposal: refused on a TLS upstream, naming the rule; kept on a plain one.
+    let mut proposed = service(None, json!(true));
+    proposed["name"] = json!("proposed");
+    let refused = h
+        .call(
+            Method::POST,
+            "/v1/proposals",
+            Some(&h.agent_token),
+            Some(json!({"services": [proposed.clone()]})),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(refused.error(), "invalid_proposal", "{}", refused.body);
+    let message = refused.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with(
+            "service \"proposed\": invalid upstream: upstream_h2c is for plain-HTTP upstreams"
+        ),
+        "{message}"
+    );
+    proposed["upstream_tls"] = json!(false);
+    let created = h
+        .call(
+            Method::POST,
+            "/v1/proposals",
+            Some(&h.agent_token),
+            Some(json!({"services": [proposed]})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let id = created.json()["id"].as_u64().unwrap_or_default();
+    let shown = h
+        .call(
+            Method::GET,
+            &format!("/v1/proposals/{id}"),
+            Some(&h.agent_token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        shown.json()["services"][0]["upstream_h2c"],
+        true,
+        "{}",
+        shown.body
+    );
+    let reviewed = h
+        .call(
+            Method::GET,
+            &format!("/v1/vaults/default/proposals/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        reviewed.json()["diff"]["services"][0]["after"]["upstream_h2c"],
+        true,
+        "{}",
+        reviewed.body
+    );
+}

@@ -34,8 +34,8 @@ use super::credentials::{check_key, read_pairs};
 use super::output::{self, str_field};
 use super::prompt;
 use super::services::{
-    build_service, methods_text, rate_limit_text, redact_text, substitutions_text, AddService,
-    AuthType, ServiceFlags,
+    build_service, is_h2c, methods_text, rate_limit_text, redact_text, substitutions_text,
+    AddService, AuthType, ServiceFlags,
 };
 
 #[derive(Debug, Subcommand)]
@@ -532,7 +532,11 @@ pub fn describe(p: &Value) -> String {
                 flags.push("disabled".to_owned());
             }
             if s.get("upstream_tls").and_then(Value::as_bool) == Some(false) {
-                flags.push("plain HTTP upstream".to_owned());
+                flags.push(if is_h2c(s) {
+                    "plain HTTP/2 (h2c) upstream".to_owned()
+                } else {
+                    "plain HTTP upstream".to_owned()
+                });
             }
             if s.get("methods").is_some() {
                 flags.push(format!("methods {}", methods_text(s)));
@@ -619,6 +623,7 @@ fn summary_line(s: &Value, with_methods: bool) -> String {
         .map(output::cell)
         .collect();
     let tls = match s.get("upstream_tls").and_then(Value::as_bool) {
+        Some(false) if is_h2c(s) => "TLS OFF, HTTP/2 (h2c)",
         Some(false) => "TLS OFF",
         _ => "TLS on",
     };
@@ -1281,6 +1286,51 @@ mod tests {
         assert!(
             shown.contains(
                 "new service bot: api.telegram.org, passthrough BOT_TOKEN, TLS on, substitutes BOT_TOKEN:__BOT_TOKEN__:path, responses NOT redacted"
+            ),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_proposed_h2c_upstream_is_sent_and_shown_with_the_diff() {
+        let base = [
+            "--service-name",
+            "grpc",
+            "--host",
+            "grpc.example.com:50051",
+            "--auth-type",
+            "passthrough",
+        ];
+        let built = proposal(&[&base[..], &["--no-upstream-tls", "--h2c"]].concat()).unwrap();
+        assert_eq!(built["services"][0]["upstream_h2c"], json!(true));
+        assert_eq!(built["services"][0]["upstream_tls"], json!(false));
+        let plain = proposal(&[&base[..], &["--no-upstream-tls"]].concat()).unwrap();
+        assert!(plain["services"][0].get("upstream_h2c").is_none());
+        let refused = proposal(&[&base[..], &["--h2c"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            refused,
+            "--h2c is for a plain-HTTP upstream: add --no-upstream-tls \
+             (a TLS upstream gets HTTP/2 by ALPN when it offers it)"
+        );
+        // Alone, the flag still needs a service name.
+        let lone = proposal(&["--h2c"]).unwrap_err().to_string();
+        assert!(lone.contains("--service-name"), "{lone}");
+        let shown = describe(&json!({
+            "id": 1, "vault": "default", "status": "pending",
+            "services": [{"action": "set", "name": "grpc", "host": "grpc.example.com:50051",
+                          "auth": {"type": "passthrough"}, "upstream_tls": false, "upstream_h2c": true}],
+            "diff": {"services": [{"change": "add", "name": "grpc",
+                "after": {"host": "grpc.example.com:50051", "auth_type": "passthrough", "keys": [],
+                          "upstream_tls": false, "upstream_h2c": true, "enabled": true,
+                          "redact_responses": true}}],
+                "credentials": [], "warnings": []},
+        }));
+        assert!(shown.contains("[plain HTTP/2 (h2c) upstream]"), "{shown}");
+        assert!(
+            shown.contains(
+                "new service grpc: grpc.example.com:50051, passthrough , TLS OFF, HTTP/2 (h2c)\n"
             ),
             "{shown}"
         );

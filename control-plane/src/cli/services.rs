@@ -79,7 +79,7 @@ impl AuthType {
 #[derive(Debug, Clone, Args)]
 pub struct AddCommand {
     /// Start from a built-in template (`agent-vault catalog` lists them): its host and
-    /// auth; --name, --host, --method, --disabled and --no-upstream-tls adjust it
+    /// auth; --name, --host, --method, --disabled, --no-upstream-tls and --h2c adjust it
     #[arg(long, value_name = "NAME", conflicts_with = "auth_type")]
     pub from_catalog: Option<String>,
     /// Service name, unique in the vault [default with --from-catalog: the template's]
@@ -141,6 +141,10 @@ pub struct ServiceFlags {
     /// Talk plain HTTP to the upstream (internal services only)
     #[arg(long)]
     pub no_upstream_tls: bool,
+    /// Talk HTTP/2 without TLS to the upstream (h2c, e.g. gRPC in a cluster); needs
+    /// --no-upstream-tls [default: HTTP/1.1]
+    #[arg(long)]
+    pub h2c: bool,
     /// Add the service disabled
     #[arg(long)]
     pub disabled: bool,
@@ -249,9 +253,42 @@ pub fn redact_text(service: &Value) -> &'static str {
     }
 }
 
-/// `, substitutes KEY:__P__:path, responses not redacted` for a confirmation line.
+/// Whether a service (or a diff summary) is a plain-HTTP upstream spoken to as HTTP/2.
+pub fn is_h2c(service: &Value) -> bool {
+    service.get("upstream_h2c").and_then(Value::as_bool) == Some(true)
+}
+
+/// A service's `TLS` column: `yes`, `no`, or `no (h2c)` for an HTTP/2 plain upstream.
+fn tls_text(service: &Value) -> &'static str {
+    match yes_no(service.get("upstream_tls")) {
+        "no" if is_h2c(service) => "no (h2c)",
+        shown => shown,
+    }
+}
+
+/// `--h2c`: the service's upstream speaks HTTP/2 without TLS. Refused on a TLS
+/// upstream, as the server would, but naming the flag that is missing.
+fn apply_h2c(service: &mut Value, flags: &ServiceFlags) -> anyhow::Result<()> {
+    if !flags.h2c {
+        return Ok(());
+    }
+    if service.get("upstream_tls").and_then(Value::as_bool) != Some(false) {
+        bail!(
+            "--h2c is for a plain-HTTP upstream: add --no-upstream-tls \
+             (a TLS upstream gets HTTP/2 by ALPN when it offers it)"
+        );
+    }
+    service["upstream_h2c"] = json!(true);
+    Ok(())
+}
+
+/// `, HTTP/2 without TLS (h2c), substitutes KEY:__P__:path, responses not redacted`
+/// for a confirmation line.
 fn policy_suffix(service: &Value) -> String {
     let mut out = String::new();
+    if is_h2c(service) {
+        out.push_str(", HTTP/2 without TLS (h2c)");
+    }
     if service.get("substitutions").is_some() {
         out.push_str(&format!(", substitutes {}", substitutions_text(service)));
     }
@@ -279,6 +316,7 @@ impl ServiceFlags {
     pub fn any(&self) -> bool {
         self.any_auth()
             || self.no_upstream_tls
+            || self.h2c
             || self.disabled
             || !self.methods.is_empty()
             || self.rate_limit.is_some()
@@ -448,6 +486,7 @@ pub fn build_service(args: &AddService) -> anyhow::Result<Value> {
         "auth": build_auth(args)?,
         "upstream_tls": !args.flags.no_upstream_tls,
     });
+    apply_h2c(&mut service, &args.flags)?;
     let methods: Vec<&str> = args.flags.methods.iter().map(|m| m.trim()).collect();
     if !methods.is_empty() {
         if let Some(object) = service.as_object_mut() {
@@ -548,6 +587,7 @@ fn add_from_catalog(
     if flags.no_upstream_tls {
         service["upstream_tls"] = Value::from(false);
     }
+    apply_h2c(&mut service, flags)?;
     let methods: Vec<&str> = flags.methods.iter().map(|m| m.trim()).collect();
     if !methods.is_empty() {
         service["methods"] = json!(methods);
@@ -613,7 +653,7 @@ fn list(ctx: &Context, vault: &str) -> anyhow::Result<()> {
                 str_field(auth, "type").to_owned(),
                 service_keys(s).join(","),
                 yes_no(s.get("enabled")).to_owned(),
-                yes_no(s.get("upstream_tls")).to_owned(),
+                tls_text(s).to_owned(),
                 rate_limit_text(s),
                 redact_text(s).to_owned(),
                 substitutions_text(s),
@@ -884,6 +924,49 @@ mod tests {
         assert_eq!(service["redact_responses"], json!(false));
         assert_eq!(redact_text(&service), "no");
         assert_eq!(policy_suffix(&service), ", responses not redacted");
+    }
+
+    #[test]
+    fn h2c_flag_sends_upstream_h2c_for_a_plain_upstream_only() {
+        let base = [
+            "--name",
+            "grpc",
+            "--host",
+            "grpc.example.com:50051",
+            "--auth-type",
+            "passthrough",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            build_service(&add_args(&all))
+        };
+        let plain = with(&["--no-upstream-tls"]).unwrap();
+        assert!(plain.get("upstream_h2c").is_none());
+        assert!(!is_h2c(&plain));
+        assert_eq!(tls_text(&plain), "no");
+        let h2c = with(&["--no-upstream-tls", "--h2c"]).unwrap();
+        assert_eq!(h2c["upstream_h2c"], json!(true));
+        assert_eq!(h2c["upstream_tls"], json!(false));
+        assert_eq!(tls_text(&h2c), "no (h2c)");
+        assert_eq!(policy_suffix(&h2c), ", HTTP/2 without TLS (h2c)");
+        let refused = "--h2c is for a plain-HTTP upstream: add --no-upstream-tls \
+                       (a TLS upstream gets HTTP/2 by ALPN when it offers it)";
+        let alone = with(&["--h2c"]).err().map(|e| e.to_string());
+        assert_eq!(alone.as_deref(), Some(refused));
+
+        // A catalog template's TLS upstream too, unless --no-upstream-tls turns it off.
+        let flags = |extra: &[&str]| add_args(&[&base[..], extra].concat()).flags;
+        let mut template = json!({"name": "stripe", "upstream_tls": true});
+        let over_tls = apply_h2c(&mut template, &flags(&["--h2c"]));
+        assert_eq!(
+            over_tls.err().map(|e| e.to_string()).as_deref(),
+            Some(refused)
+        );
+        assert!(template.get("upstream_h2c").is_none());
+        template["upstream_tls"] = json!(false);
+        apply_h2c(&mut template, &flags(&["--h2c"])).unwrap();
+        assert_eq!(template["upstream_h2c"], json!(true));
     }
 
     #[test]

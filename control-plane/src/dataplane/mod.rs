@@ -437,6 +437,30 @@ pub(crate) mod tests {
         );
         assert_eq!(counts.last_snapshot_bytes, body.len() as u64);
     }
+
+    #[tokio::test]
+    async fn the_snapshot_carries_an_h2c_upstream_and_leaves_it_out_when_off() {
+        let (_dir, state, _) = seeded();
+        let grpc: Service = serde_json::from_value(serde_json::json!({
+            "name": "grpc", "host": "grpc.example.com:50051", "upstream_tls": false,
+            "upstream_h2c": true, "auth": {"type": "passthrough"}
+        }))
+        .unwrap();
+        state.store.add_service(&owner(), "default", grpc).unwrap();
+        let request = Request::get(SNAPSHOT_PATH).body(Body::empty()).unwrap();
+        let (status, _, body) = send(&state, request).await;
+        assert_eq!(status, StatusCode::OK);
+        let snapshot: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let services = snapshot["vaults"][0]["services"].clone();
+        let named = |name: &str| {
+            services
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["name"] == name).cloned())
+                .unwrap_or_default()
+        };
+        assert_eq!(named("grpc")["upstream_h2c"], true, "{services}");
+        assert!(named("api").get("upstream_h2c").is_none(), "{services}");
+    }
 }
 
 #[cfg(test)]

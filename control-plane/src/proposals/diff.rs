@@ -39,6 +39,9 @@ pub struct ServiceSummary {
     pub auth_type: &'static str,
     pub keys: Vec<String>,
     pub upstream_tls: bool,
+    /// A plain-HTTP upstream spoken to as HTTP/2 (h2c); absent: HTTP/1.1 (or TLS).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub upstream_h2c: bool,
     pub enabled: bool,
     /// The methods the service forwards; absent: all but TRACE/TRACK.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -61,6 +64,7 @@ impl ServiceSummary {
             auth_type: service.auth.type_name(),
             keys: service.credential_keys(),
             upstream_tls: service.upstream_tls,
+            upstream_h2c: service.upstream_h2c,
             enabled: service.enabled,
             methods: service.methods.clone(),
             rate_limit: service.rate_limit,
@@ -493,6 +497,7 @@ mod tests {
             auth: Some(Auth::Bearer { token: key.into() }),
             enabled: None,
             upstream_tls: Some(tls),
+            upstream_h2c: None,
             catalog: None,
             methods: None,
             rate_limit: None,
@@ -689,6 +694,23 @@ mod tests {
         assert_eq!(json["after"]["redact_responses"], false);
         assert!(json["before"].get("substitutions").is_none(), "{json}");
         assert_eq!(json["before"]["redact_responses"], true);
+    }
+
+    #[test]
+    fn an_h2c_change_shows_in_the_after_and_is_left_out_when_off() {
+        let mut h2c = set("grpc", "grpc.example.com:50051", "GRPC_KEY", false);
+        h2c.upstream_h2c = Some(true);
+        let before_service = service("grpc", "grpc.example.com:50051", "GRPC_KEY", false);
+        let diff = diff(&[h2c], &[], &[before_service], held);
+        let ServiceDiff::Replace { before, after, .. } = &diff.services[0] else {
+            panic!("{:?}", diff.services)
+        };
+        assert!(!before.upstream_h2c && after.upstream_h2c);
+        let json = serde_json::to_value(&diff.services[0]).unwrap_or_default();
+        assert_eq!(json["after"]["upstream_h2c"], true, "{json}");
+        assert!(json["before"].get("upstream_h2c").is_none(), "{json}");
+        // The protocol is shown, not warned about: TLS was already off.
+        assert!(diff.warnings.is_empty(), "{:?}", diff.warnings);
     }
 
     #[test]

@@ -135,6 +135,10 @@ pub struct ServiceChange {
     pub enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<bool>,
+    /// `true`: a plain-HTTP upstream (`upstream_tls: false`) spoken to as HTTP/2 (h2c);
+    /// absent: HTTP/1.1 (or a catalog template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_h2c: Option<bool>,
     /// A `set` from a service catalog template ([`crate::catalog`]): its host, auth and
     /// transport fill what the entry leaves out. Expanded when the proposal is created,
     /// so a stored proposal never carries it.
@@ -167,6 +171,7 @@ impl ServiceChange {
                 enabled: self.enabled.unwrap_or(true),
                 auth: auth.clone(),
                 upstream_tls: self.upstream_tls.unwrap_or(true),
+                upstream_h2c: self.upstream_h2c.unwrap_or(false),
                 methods: self.methods.clone(),
                 rate_limit: self.rate_limit,
                 substitutions: self.substitutions.clone().unwrap_or_default(),
@@ -426,6 +431,9 @@ fn expand_catalog(mut input: ProposalInput, existing: &BTreeSet<String>) -> Resu
         change.host.get_or_insert_with(|| template.host.clone());
         change.auth.get_or_insert_with(|| template.auth.clone());
         change.upstream_tls.get_or_insert(template.upstream_tls);
+        if change.upstream_h2c.is_none() && template.upstream_h2c {
+            change.upstream_h2c = Some(true);
+        }
         if change.substitutions.is_none() && !template.substitutions.is_empty() {
             change.substitutions = Some(template.substitutions.clone());
         }

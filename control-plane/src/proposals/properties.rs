@@ -41,6 +41,7 @@ const FIELDS: &[&str] = &[
     "auth",
     "enabled",
     "upstream_tls",
+    "upstream_h2c",
     "key",
     "description",
     "obtain",
@@ -230,11 +231,13 @@ fn service() -> impl Strategy<Value = Value> {
         auth(),
         prop::option::of(any::<bool>()),
         prop::option::of(any::<bool>()),
+        prop::option::weighted(0.2, any::<bool>()),
     )
-        .prop_map(|(name, host, auth, enabled, tls)| {
+        .prop_map(|(name, host, auth, enabled, tls, h2c)| {
             let mut service = json!({"name": name, "host": host, "auth": auth});
             put(&mut service, "enabled", enabled.map(Value::Bool));
             put(&mut service, "upstream_tls", tls.map(Value::Bool));
+            put(&mut service, "upstream_h2c", h2c.map(Value::Bool));
             service
         })
 }
@@ -248,8 +251,9 @@ fn service_change() -> impl Strategy<Value = Value> {
         prop::option::weighted(0.8, auth()),
         prop::option::weighted(0.2, any::<bool>()),
         prop::option::weighted(0.2, any::<bool>()),
+        prop::option::weighted(0.1, any::<bool>()),
     )
-        .prop_map(|(action, name, host, auth, enabled, tls)| {
+        .prop_map(|(action, name, host, auth, enabled, tls, h2c)| {
             let deleting = action.as_ref().and_then(Value::as_str) == Some("delete");
             let mut change = json!({"name": name});
             put(&mut change, "action", action);
@@ -260,6 +264,7 @@ fn service_change() -> impl Strategy<Value = Value> {
             }
             put(&mut change, "enabled", enabled.map(Value::Bool));
             put(&mut change, "upstream_tls", tls.map(Value::Bool));
+            put(&mut change, "upstream_h2c", h2c.map(Value::Bool));
             change
         })
 }
@@ -343,7 +348,7 @@ fn proposal_examples() -> Vec<Value> {
             "services": [
                 {"name": "basic", "host": "*.example.com:8443/v1/*", "enabled": false,
                  "auth": {"type": "basic", "username": "USER", "password": "PASS"}},
-                {"name": "key", "host": "api.example.org/v1/charges", "upstream_tls": false,
+                {"name": "key", "host": "api.example.org/v1/charges", "upstream_tls": false, "upstream_h2c": true,
                  "auth": {"type": "api-key", "key": "API_KEY", "header": "x-api-key", "prefix": "k "}},
                 {"name": "custom", "host": "api.example.net",
                  "auth": {"type": "custom", "headers": {"X-Token": "tok {{ API_KEY }}"}}},
@@ -369,7 +374,7 @@ fn service_list_examples() -> Vec<Value> {
         json!([
             {"name": "basic", "host": "*.example.com:8443/v1/*", "enabled": false,
              "auth": {"type": "basic", "username": "USER", "password": "PASS"}},
-            {"name": "key", "host": "api.example.org/v1/charges", "upstream_tls": false,
+            {"name": "key", "host": "api.example.org/v1/charges", "upstream_tls": false, "upstream_h2c": true,
              "auth": {"type": "api-key", "key": "API_KEY"}},
             {"name": "custom", "host": "api.example.net",
              "auth": {"type": "custom", "headers": {"X-Token": "tok {{ API_KEY }}", "X-B": "{{B}}"}}},

@@ -1433,10 +1433,85 @@ fn a_proposals_bad_substitution_is_refused_naming_it() {
             "substitutions": [{"key": "K", "placeholder": "__KKKKKK__", "in": ["path"]}]}]}), "carries only its name"),
         ("a delete carrying redact_responses", json!({"services": [{"action": "delete", "name": "s",
             "redact_responses": false}]}), "carries only its name"),
+        ("a delete carrying upstream_h2c", json!({"services": [{"action": "delete", "name": "s",
+            "upstream_h2c": true}]}), "carries only its name"),
     ];
     for (behaviour, proposal, reason) in cases {
         let error = propose(&f, proposal).unwrap_err();
         assert_eq!(error.code(), "invalid_proposal", "{behaviour}: {error}");
         assert!(error.to_string().contains(reason), "{behaviour}: {error}");
     }
+}
+
+#[test]
+fn a_proposal_carries_an_h2c_upstream_and_refuses_it_over_tls() {
+    let f = fixture();
+    let refused =
+        "invalid upstream: upstream_h2c is for plain-HTTP upstreams (upstream_tls: false)";
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Value)> = vec![
+        ("h2c on a TLS upstream", json!({"services": [{"name": "g", "host": "grpc.example.com",
+            "upstream_tls": true, "upstream_h2c": true, "auth": {"type": "passthrough"}}]})),
+        ("h2c with upstream_tls left out (true)", json!({"services": [{"name": "g",
+            "host": "grpc.example.com", "upstream_h2c": true, "auth": {"type": "passthrough"}}]})),
+        ("h2c on a catalog template's TLS upstream", json!({"services": [{"name": "g",
+            "catalog": "telegram", "upstream_h2c": true}]})),
+    ];
+    for (behaviour, proposal) in cases {
+        let error = propose(&f, proposal).unwrap_err();
+        assert_eq!(error.code(), "invalid_proposal", "{behaviour}: {error}");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "service \"g\": {refused}; a TLS upstream gets HTTP/2 by ALPN when it offers it"
+            ),
+            "{behaviour}"
+        );
+    }
+    assert!(f
+        .store
+        .list_proposals(&owner(), "default", None)
+        .unwrap()
+        .is_empty());
+
+    // Left out, it stays left out: the stored proposal's JSON is as before.
+    let (view, _) = propose(
+        &f,
+        json!({"services": [{"name": "gh", "host": "api.github.com", "auth": {"type": "passthrough"}}]}),
+    )
+    .unwrap();
+    assert_eq!(view.services[0].upstream_h2c, None);
+    let json = serde_json::to_value(&view).unwrap();
+    assert!(json["services"][0].get("upstream_h2c").is_none(), "{json}");
+
+    let (view, _) = propose(
+        &f,
+        json!({"services": [{"name": "grpc", "host": "grpc.example.com:50051",
+            "upstream_tls": false, "upstream_h2c": true, "auth": {"type": "passthrough"}}]}),
+    )
+    .unwrap();
+    assert_eq!(view.services[0].upstream_h2c, Some(true));
+    let diff = f.store.proposal_diff(&owner(), "default", view.id).unwrap();
+    let json = serde_json::to_value(&diff).unwrap();
+    assert_eq!(json["services"][0]["after"]["upstream_h2c"], true, "{json}");
+    assert_eq!(
+        json["services"][0]["after"]["upstream_tls"], false,
+        "{json}"
+    );
+    f.store
+        .approve_proposal(
+            &admin(),
+            "default",
+            view.id,
+            all_acknowledged(&f, view.id, BTreeMap::new(), false),
+        )
+        .unwrap();
+    let applied = f
+        .store
+        .list_services(&owner(), "default")
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "grpc")
+        .unwrap_or_else(|| panic!("grpc not applied"));
+    assert!(applied.upstream_h2c && !applied.upstream_tls);
 }

@@ -94,6 +94,7 @@ pub fn validate_proposal(input: &ProposalInput, options: &ValidationOptions) -> 
                     || change.auth.is_some()
                     || change.enabled.is_some()
                     || change.upstream_tls.is_some()
+                    || change.upstream_h2c.is_some()
                     || change.methods.is_some()
                     || change.rate_limit.is_some()
                     || change.substitutions.is_some()

@@ -169,7 +169,7 @@ fn services_table(view: &ProposalView) -> Markup {
                                             code.key { (key) } " "
                                         }
                                     }
-                                    td { @if change.upstream_tls.unwrap_or(true) { "yes" } @else { "no (plain HTTP)" } }
+                                    td { (upstream_cell(change.upstream_tls.unwrap_or(true), change.upstream_h2c.unwrap_or(false))) }
                                     td { (methods_cell(change.methods.as_deref())) }
                                     td { (rate_limit_cell(change.rate_limit)) }
                                     td { (substitutions_cell(change.substitutions.as_deref().unwrap_or_default())) }
@@ -194,6 +194,7 @@ fn summary_cells(summary: &ServiceSummary) -> Markup {
         code { (summary.host) } " · " (summary.auth_type)
         @for key in &summary.keys { " " code.key { (key) } }
         " · TLS " @if summary.upstream_tls { "on" } @else { strong { "off" } }
+        @if summary.upstream_h2c { " · HTTP/2 (h2c)" }
         " · methods " (methods_cell(summary.methods.as_deref()))
         " · rate limit " (rate_limit_cell(summary.rate_limit))
         " · substitutions " (substitutions_cell(&summary.substitutions))
@@ -223,6 +224,14 @@ pub(crate) fn surfaces_text(surfaces: &[Surface]) -> String {
         .map(|surface| surface.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// How Envoy reaches the upstream: `yes` (TLS), `no (plain HTTP)`, or, for an h2c
+/// upstream, `no (plain HTTP/2, h2c)`.
+pub(crate) fn upstream_cell(tls: bool, h2c: bool) -> Markup {
+    html! {
+        @if tls { "yes" } @else if h2c { "no (plain HTTP/2, h2c)" } @else { "no (plain HTTP)" }
+    }
 }
 
 /// Whether the filter removes injected values from responses.

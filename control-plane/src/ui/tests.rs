@@ -1302,3 +1302,57 @@ async fn the_approval_and_services_pages_show_substitutions_and_redaction_never_
     );
     assert!(!services.body.contains("bot-secret"));
 }
+
+#[tokio::test]
+async fn the_approval_and_services_pages_show_an_h2c_upstreams_protocol() {
+    let h = harness();
+    let (id, link) = h.propose(json!({
+        "services": [{"name": "grpc", "host": "grpc.example.com:50051", "upstream_tls": false,
+                      "upstream_h2c": true, "auth": {"type": "passthrough"}}]
+    }));
+    // Before login, the proposal's services table.
+    let path = format!("/approve/{id}?token={link}");
+    let page = h.get(&path, None).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.body.contains("<td>no (plain HTTP/2, h2c)</td>"),
+        "{}",
+        page.body
+    );
+    // A reviewer's diff names the protocol next to TLS.
+    let token = h.ui_session(OWNER);
+    let cookie = session_cookie(&token);
+    let page = h.get(&path, Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.body
+            .contains(" · TLS <strong>off</strong> · HTTP/2 (h2c)"),
+        "{}",
+        page.body
+    );
+
+    for service in [
+        json!({"name": "plain", "host": "plain.example.com", "upstream_tls": false,
+               "auth": {"type": "passthrough"}}),
+        json!({"name": "grpc", "host": "grpc.example.com:50051", "upstream_tls": false,
+               "upstream_h2c": true, "auth": {"type": "passthrough"}}),
+    ] {
+        let service: agent_vault_rules::Service =
+            serde_json::from_value(service).unwrap_or_else(|e| panic!("{e}"));
+        h.store()
+            .add_service(&crate::testing::owner(), "default", service)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let services = h.get("/ui/vaults/default/services", Some(&cookie)).await;
+    assert_eq!(services.status, StatusCode::OK, "{}", services.body);
+    assert!(
+        services.body.contains("<td>no (plain HTTP/2, h2c)</td>"),
+        "{}",
+        services.body
+    );
+    assert!(
+        services.body.contains("<td>no (plain HTTP)</td>"),
+        "{}",
+        services.body
+    );
+}

@@ -246,7 +246,7 @@ pub async fn services(
                                 }
                             }
                             td { @if service.enabled { "yes" } @else { span.off { "disabled" } } }
-                            td { @if service.upstream_tls { "yes" } @else { "no (plain HTTP)" } }
+                            td { (super::approve::upstream_cell(service.upstream_tls, service.upstream_h2c)) }
                             td { (super::approve::methods_cell(service.methods.as_deref())) }
                             td { (super::approve::rate_limit_cell(service.rate_limit)) }
                             td { (super::approve::substitutions_cell(&service.substitutions)) }
