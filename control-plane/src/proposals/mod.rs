@@ -176,8 +176,6 @@ impl ServiceChange {
                 rate_limit: self.rate_limit,
                 substitutions: self.substitutions.clone().unwrap_or_default(),
                 redact_responses: self.redact_responses,
-                // Proposals carry it from the control plane's ServiceChange (i16-cp).
-                upstream_h2c: false,
             }),
             _ => None,
         }
