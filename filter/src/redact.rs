@@ -366,12 +366,13 @@ impl GrpcFraming {
                     .unwrap_or(usize::MAX)
                     .min(rest.len());
                 self.remaining -= take as u64;
-                rest = &rest[take..];
+                rest = rest.get(take..).unwrap_or_default();
                 continue;
             }
             let take = (5 - self.prefix.len()).min(rest.len());
-            self.prefix.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
+            let (head, tail) = rest.split_at(take);
+            self.prefix.extend_from_slice(head);
+            rest = tail;
             if let [_, a, b, c, d] = self.prefix[..] {
                 self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
                 self.prefix.clear();

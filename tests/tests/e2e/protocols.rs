@@ -560,6 +560,8 @@ impl WsEcho {
 
 /// Accepts the WebSocket handshake on `stream` (recording its headers), then echoes
 /// messages until the peer goes.
+// The handshake callback's `Result` is tungstenite's, large error variant included.
+#[allow(clippy::result_large_err)]
 fn echo_frames<S: std::io::Read + std::io::Write>(
     stream: S,
     seen: &Mutex<Vec<Map<String, Value>>>,
