@@ -2375,23 +2375,9 @@ mod tests {
         );
         vm.finish(3, Some(200));
         // The next snapshot has no alice: revoked.
-        vm.tick(NOW_MS + 1000);
-        let poll = vm
-            .calls()
-            .into_iter()
-            .find_map(|call| match call {
-                Call::DispatchPoll { token, .. } => token,
-                _ => None,
-            })
-            .unwrap_or_default();
         let mut revoked = crate::worker::tests::snapshot("2");
         revoked.agents.clear();
-        let body = serde_json::to_vec(&revoked).unwrap_or_default();
-        vm.answer(
-            ROOT,
-            poll,
-            control_plane(200, std::str::from_utf8(&body).unwrap_or("")),
-        );
+        install(&mut vm, NOW_MS + 1000, revoked);
         vm.calls();
         assert_eq!(vm.request_with(4, inside("/c", None)), Flow::Pause);
         assert_eq!(
@@ -3665,6 +3651,18 @@ mod tests {
         );
     }
 
+    /// Alice's WebSocket upgrade request to api.stripe.com.
+    fn websocket(path: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (":method", "GET".to_owned()),
+            (":authority", "api.stripe.com".to_owned()),
+            (":path", path.to_owned()),
+            ("upgrade", "websocket".to_owned()),
+            ("connection", "upgrade".to_owned()),
+            ("proxy-authorization", basic(ALICE, "")),
+        ]
+    }
+
     /// Request `id` gets its `101 Switching Protocols`.
     fn upgrade(vm: &mut Vm, id: u32) {
         vm.host.current = id;
@@ -3693,16 +3691,6 @@ mod tests {
     #[test]
     fn an_open_websocket_is_reset_by_the_snapshot_that_revokes_its_agent_and_not_before() {
         let mut vm = Vm::running("");
-        let websocket = |path: &str| {
-            vec![
-                (":method", "GET".to_owned()),
-                (":authority", "api.stripe.com".to_owned()),
-                (":path", path.to_owned()),
-                ("upgrade", "websocket".to_owned()),
-                ("connection", "upgrade".to_owned()),
-                ("proxy-authorization", basic(ALICE, "")),
-            ]
-        };
         vm.request_with(2, websocket("/a"));
         vm.answer(2, FIRST, credentials("sk_1"));
         upgrade(&mut vm, 2);
@@ -3749,16 +3737,7 @@ mod tests {
         let expires_s = i64::try_from((NOW_MS + 5000) / 1000).unwrap_or_default();
         expiring.agents[0].expires_at = Some(expires_s);
         install(&mut vm, NOW_MS + 1000, expiring);
-        vm.request_with(
-            2,
-            vec![
-                (":method", "GET".to_owned()),
-                (":authority", "api.stripe.com".to_owned()),
-                (":path", "/ws".to_owned()),
-                ("upgrade", "websocket".to_owned()),
-                ("proxy-authorization", basic(ALICE, "")),
-            ],
-        );
+        vm.request_with(2, websocket("/ws"));
         vm.answer(2, FIRST + 1, credentials("sk_1"));
         upgrade(&mut vm, 2);
         vm.calls();

@@ -8,8 +8,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -397,22 +395,6 @@ fn a_redacted_event_stream_keeps_flowing_chunk_by_chunk() {
     assert!(!text.contains("0123456789"), "{text}");
 }
 
-/// curl through the proxy with `--proxy` and `--cacert`: (status, body).
-fn curl(proxy_url: &str, ca: &Path, url: &str) -> (u16, String) {
-    const STATUS_MARK: &str = "\n--status--";
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "--proxy", proxy_url, "--cacert"])
-        .arg(ca)
-        .args(["-w", &format!("{STATUS_MARK}%{{http_code}}"), url])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .output()
-        .expect("run curl");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = stdout.rsplit_once(STATUS_MARK).unwrap_or((&stdout, "0"));
-    (status.trim().parse().unwrap_or(0), body.to_owned())
-}
-
 #[test]
 fn inside_an_https_tunnel_the_echoed_credential_is_redacted_too() {
     let upstream_ca = TestCa::new("upstream test CA");
@@ -431,7 +413,8 @@ fn inside_an_https_tunnel_the_echoed_credential_is_redacted_too() {
     let proxy = format!("http://{token}:default@127.0.0.1:{}", stack.envoy.port);
     let url = format!("https://{}/v1/x", echo.authority());
     let answer = wait_for(FIRST_SNAPSHOT, || {
-        let (status, body) = curl(&proxy, &stack.server.proxy_ca(), &url);
+        let out = crate::https_proxy::curl(&proxy, &stack.server.proxy_ca(), &[&url]);
+        let (status, body) = (out.status, out.body);
         (status == 200).then_some(body)
     });
     let body = answer.unwrap_or_else(|| panic!("{}", stack.envoy.log_tail(30)));
