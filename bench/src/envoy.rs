@@ -1,6 +1,8 @@
 //! One Envoy per variant, all from the same binary with `--concurrency 2`. The plain
 //! request variants (a–g, i, x) share one listener, HTTP connection manager, router and
-//! static upstream cluster; only the HTTP filters (and what they need) differ. The
+//! static upstream cluster; only the HTTP filters (and what they need) differ. The gRPC
+//! pair (k, l) has the same listener, and its upstream cluster speaks HTTP/2 (h2c, prior
+//! knowledge): (k) as (a), (l) as (e) with the filter's `h2c` route. The
 //! HTTPS interception pair (h, j) runs the shipped `envoy/forward-proxy.yaml` itself
 //! (CONNECT, the internal listener that terminates the tunnel's TLS with certificates
 //! from the control plane's SDS, the dynamic forward proxy and the destination check):
@@ -54,10 +56,16 @@ pub enum Variant {
     /// (e), for what the long-poll costs the hit path and memory, and for the
     /// propagation comparison.
     FilterPolling,
+    /// (k) gRPC unary calls over h2c through Envoy, no filter: (a) for gRPC, with an
+    /// HTTP/2 upstream cluster.
+    GrpcPlain,
+    /// (l) gRPC unary calls over h2c through our filter, warm cache: (e) for gRPC, its
+    /// service an h2c upstream (`upstream_h2c`), routed on the filter's `h2c` marker.
+    GrpcFilter,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 11] = [
+    pub const ALL: [Variant; 13] = [
         Variant::Plain,
         Variant::NoopWasm,
         Variant::NoopAddHeader,
@@ -69,6 +77,8 @@ impl Variant {
         Variant::FilterBig,
         Variant::HttpsPlain,
         Variant::HttpsFilter,
+        Variant::GrpcPlain,
+        Variant::GrpcFilter,
     ];
 
     pub fn letter(self) -> &'static str {
@@ -85,6 +95,8 @@ impl Variant {
             Variant::HttpsFilter => "j",
             Variant::Candidate => "x",
             Variant::FilterPolling => "p",
+            Variant::GrpcPlain => "k",
+            Variant::GrpcFilter => "l",
         }
     }
 
@@ -102,6 +114,8 @@ impl Variant {
             Variant::NoopAddHeader => "wasm filter that only adds the route header",
             Variant::HttpsPlain => "HTTPS agents: Envoy decrypting the tunnel, no filter",
             Variant::HttpsFilter => "HTTPS agents: Agent Vault filter in the tunnel, warm",
+            Variant::GrpcPlain => "gRPC unary (h2c): Envoy, no filter",
+            Variant::GrpcFilter => "gRPC unary (h2c): Agent Vault filter, warm",
         }
     }
 
@@ -109,6 +123,12 @@ impl Variant {
     /// than wrk's plain requests.
     pub fn https(self) -> bool {
         matches!(self, Variant::HttpsPlain | Variant::HttpsFilter)
+    }
+
+    /// Whether its load is gRPC unary calls over h2c ([`crate::grpc`]) rather than
+    /// wrk's plain requests.
+    pub fn grpc(self) -> bool {
+        matches!(self, Variant::GrpcPlain | Variant::GrpcFilter)
     }
 
     /// Whether it has a control plane of its own: (h) for its certificates only.
@@ -127,6 +147,7 @@ impl Variant {
                 | Variant::HttpsFilter
                 | Variant::Candidate
                 | Variant::FilterPolling
+                | Variant::GrpcFilter
         )
     }
 
@@ -134,7 +155,11 @@ impl Variant {
     pub fn injects(self) -> bool {
         !matches!(
             self,
-            Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader | Variant::HttpsPlain
+            Variant::Plain
+                | Variant::NoopWasm
+                | Variant::NoopAddHeader
+                | Variant::HttpsPlain
+                | Variant::GrpcPlain
         )
     }
 }
@@ -264,11 +289,12 @@ fn grpc_cluster(socket: &Path) -> String {
     )
 }
 
-/// The route config: everything to the upstream; for our filter, the production
-/// fail-closed shape of `envoy/forward-proxy.yaml` (route only what the filter marked,
-/// drop the marker before routing and before the request leaves).
-fn routes(filter: bool) -> String {
-    if !filter {
+/// The route config: everything to the upstream; for our filter (`marker`: the
+/// routing header's value it sets for the bench's service, `plain` or `h2c`), the
+/// production fail-closed shape of `envoy/forward-proxy.yaml` (route only what the
+/// filter marked, drop the marker before routing and before the request leaves).
+fn routes(marker: Option<&str>) -> String {
+    let Some(marker) = marker else {
         return r#"
           route_config:
             name: bench
@@ -279,7 +305,7 @@ fn routes(filter: bool) -> String {
               - match: {prefix: /}
                 route: {cluster: upstream, timeout: 30s}"#
             .to_string();
-    }
+    };
     format!(
         r#"
           early_header_mutation_extensions:
@@ -310,7 +336,7 @@ fn routes(filter: bool) -> String {
                   prefix: /
                   headers:
                   - name: {ROUTE_HEADER}
-                    string_match: {{exact: plain}}
+                    string_match: {{exact: {marker}}}
                 route: {{cluster: upstream, timeout: 30s}}
               - match: {{prefix: /}}
                 direct_response:
@@ -331,17 +357,18 @@ pub fn config(
         return forward_proxy(variant, port, admin_socket, inputs);
     }
     let mut filters = String::new();
-    let filter_routes = matches!(
-        variant,
+    let marker = match variant {
         Variant::NoopAddHeader
-            | Variant::FilterWarm
-            | Variant::FilterNoCache
-            | Variant::FilterBig
-            | Variant::Candidate
-            | Variant::FilterPolling
-    );
+        | Variant::FilterWarm
+        | Variant::FilterNoCache
+        | Variant::FilterBig
+        | Variant::Candidate
+        | Variant::FilterPolling => Some("plain"),
+        Variant::GrpcFilter => Some("h2c"),
+        _ => None,
+    };
     match variant {
-        Variant::Plain | Variant::HttpsPlain | Variant::HttpsFilter => {}
+        Variant::Plain | Variant::HttpsPlain | Variant::HttpsFilter | Variant::GrpcPlain => {}
         Variant::NoopWasm => filters.push_str(&noop_filter(inputs.noop_wasm, None)),
         Variant::NoopAddHeader => filters.push_str(&noop_filter(
             inputs.noop_wasm,
@@ -392,7 +419,7 @@ pub fn config(
                   allowed_upstream_headers:
                     patterns: [{exact: authorization}]"#,
         ),
-        Variant::FilterWarm | Variant::FilterBig => {
+        Variant::FilterWarm | Variant::FilterBig | Variant::GrpcFilter => {
             filters.push_str(&agent_vault_filter(inputs.filter_wasm, 60_000, false))
         }
         Variant::Candidate => filters.push_str(&agent_vault_filter(
@@ -425,7 +452,11 @@ pub fn config(
     };
     let control_plane_cluster = if matches!(
         variant,
-        Variant::Plain | Variant::NoopWasm | Variant::NoopAddHeader | Variant::CredentialInjector
+        Variant::Plain
+            | Variant::NoopWasm
+            | Variant::NoopAddHeader
+            | Variant::CredentialInjector
+            | Variant::GrpcPlain
     ) {
         String::new()
     } else {
@@ -443,6 +474,18 @@ pub fn config(
               pipe: {{path: {}}}"#,
             inputs.socket.display()
         )
+    };
+    // The gRPC pair's upstream speaks HTTP/2 only (h2c, prior knowledge), as the
+    // shipped `dfp_h2c` cluster is set up.
+    let upstream_protocol = if variant.grpc() {
+        r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}"#
+    } else {
+        ""
     };
     Ok(format!(
         r#"# Generated by agent-vault-bench: variant ({letter}) {describe}.
@@ -467,7 +510,7 @@ static_resources:
   clusters:
   - name: upstream
     type: STATIC
-    connect_timeout: 1s
+    connect_timeout: 1s{upstream_protocol}
     load_assignment:
       cluster_name: upstream
       endpoints:
@@ -478,7 +521,7 @@ static_resources:
 "#,
         letter = variant.letter(),
         describe = variant.describe(),
-        routes = routes(filter_routes),
+        routes = routes(marker),
         upstream = inputs.upstream_port,
         admin_socket = admin_socket.display(),
     ))
@@ -940,6 +983,58 @@ mod tests {
                     "({letter}) fail closed"
                 );
             }
+        }
+    }
+
+    /// The gRPC pair measures our filter on gRPC calls and nothing else: (k) is (a) and
+    /// (l) is (e), each with its upstream cluster speaking HTTP/2 (prior knowledge), and
+    /// (l) forwards only what the filter marked `h2c` (the bench's service is an h2c
+    /// upstream), with everything else refused as in (e).
+    #[test]
+    fn the_grpc_pair_is_a_and_e_with_an_h2c_upstream_and_l_forwards_only_the_h2c_marker() {
+        let inputs = Inputs {
+            upstream_port: 18080,
+            filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
+            noop_wasm: Path::new("/opt/noop.wasm"),
+            candidate_wasm: None,
+            candidate_access_log: false,
+            candidate_state_only: false,
+            socket: Path::new("/run/agent-vault/dataplane.sock"),
+            sds_socket: Path::new("/run/agent-vault/sds.sock"),
+            proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
+            dir: Path::new("/nonexistent"),
+            static_credential: "unused",
+        };
+        let admin = Path::new("/run/agent-vault-envoy/admin.sock");
+        let bootstrap =
+            |variant: Variant| yaml(&config(variant, 10000, admin, &inputs).expect("config"));
+        for (grpc, base) in [
+            (Variant::GrpcPlain, Variant::Plain),
+            (Variant::GrpcFilter, Variant::FilterWarm),
+        ] {
+            let (mut g, b) = (bootstrap(grpc), bootstrap(base));
+            let letter = grpc.letter();
+            let cluster = &mut g["static_resources"]["clusters"][0];
+            assert_eq!(cluster["name"], "upstream", "({letter})");
+            let options = cluster
+                .as_object_mut()
+                .and_then(|c| c.remove("typed_extension_protocol_options"))
+                .unwrap_or_default();
+            assert_eq!(
+                options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                    ["explicit_http_config"],
+                serde_json::json!({"http2_protocol_options": {}}),
+                "({letter}) HTTP/2 only to the upstream"
+            );
+            if grpc == Variant::GrpcFilter {
+                let marker = &mut g["static_resources"]["listeners"][0]["filter_chains"][0]
+                    ["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+                    ["match"]["headers"][0]["string_match"]["exact"];
+                assert_eq!(*marker, "h2c", "({letter}) forwarded on the h2c marker");
+                *marker = "plain".into();
+            }
+            g["node"] = b["node"].clone();
+            assert_eq!(g, b, "({letter}) is ({}) otherwise", base.letter());
         }
     }
 

@@ -5,23 +5,25 @@
 //! variant's calls), and one Envoy per variant from the same binary with
 //! `--concurrency 2`. The plain-request variants are driven by `wrk` with the same
 //! requests, the HTTPS interception pair (h, j) by this program's own HTTPS agents
-//! (`https`: CONNECT, then TLS inside the tunnel), at 1 and 16 connections, all
-//! alternating over rounds (each round starts at a different variant); medians are
-//! reported. Then the control plane alone, the 10k × 1k snapshot, Envoy's memory, the
-//! first handshakes to new hosts, and propagation of revocations under load: on one
-//! node with and without the snapshot long-poll, and across two control planes on one
-//! PostgreSQL database (a server of the bench's own), one Envoy each. Prints one table
-//! and writes `BENCHMARKS.md`.
+//! (`https`: CONNECT, then TLS inside the tunnel), the gRPC pair (k, l) by its own
+//! unary calls over h2c (`grpc`), at 1 and 16 connections, all alternating over rounds
+//! (each round starts at a different variant); medians are reported. Then the control
+//! plane alone, the 10k × 1k snapshot, Envoy's memory, the first handshakes to new
+//! hosts, and propagation of revocations under load: on one node with and without the
+//! snapshot long-poll, and across two control planes on one PostgreSQL database (a
+//! server of the bench's own), one Envoy each. Prints one table and writes
+//! `BENCHMARKS.md`.
 //!
 //! ```text
 //! agent-vault-bench --envoy PATH --agent-vault PATH --filter-wasm PATH --noop-wasm PATH
 //!     [--rounds 12] [--duration 2] [--events 50] [--pg-events 50] [--handshakes 200]
-//!     [--out BENCHMARKS.md] [--command TEXT]
+//!     [--grpc-streams 1] [--out BENCHMARKS.md] [--command TEXT]
 //! ```
 
 mod controlplane;
 mod envoy;
 mod features;
+mod grpc;
 mod https;
 mod load;
 mod procs;
@@ -81,6 +83,8 @@ pub struct Args {
     pub feature_rounds: usize,
     /// Seconds of steady load on (e) with the default TTL ([`steady`]; 0: skipped).
     pub steady_secs: u64,
+    /// Concurrent gRPC calls on each connection of (k) and (l).
+    pub grpc_streams: usize,
 }
 
 const USAGE: &str =
@@ -88,12 +92,15 @@ const USAGE: &str =
     [--rounds N]            rounds of every variant at every connection count (12)
     [--duration SECS]       each measured run (2)
     [--connections 1,16]    connection counts
-    [--variants abcdefghijp] only these variants (all by default); the committed numbers come
+    [--variants abcdefghijklp] only these variants (all by default); the committed numbers come
                             from a full run: (a) no filter, (b) no-op wasm, (i) no-op wasm adding
                             the route header, (c) credential_injector, (d) ext_authz, (e) our
                             filter warm, (p) the same without the snapshot long-poll, (f) cache
                             off, (g) 10k x 1k, (h) HTTPS agents through the forward proxy
-                            without the filter, (j) the same with it
+                            without the filter, (j) the same with it, (k) gRPC unary calls over
+                            h2c without the filter, (l) the same with it, warm
+    [--grpc-streams N]      concurrent gRPC calls on each of (k)'s and (l)'s connections (1: as
+                            many calls in flight as wrk has requests)
     [--events N]            revocations timed for propagation, on (e) (50; 0: none)
     [--poll-events N]       the same on (p), the filter without its long-poll, for comparison, when
                             (p) is among the variants (20; 0: none)
@@ -151,6 +158,7 @@ fn parse_args() -> Args {
         candidate_state_only: false,
         feature_rounds: 6,
         steady_secs: 300,
+        grpc_streams: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -216,6 +224,7 @@ fn parse_args() -> Args {
             }
             "--feature-rounds" => args.feature_rounds = number(value()),
             "--steady-secs" => args.steady_secs = number(value()) as u64,
+            "--grpc-streams" => args.grpc_streams = number(value()).max(1),
             _ => usage(),
         }
     }
@@ -238,6 +247,8 @@ fn parse_args() -> Args {
 
 /// Requests each HTTPS connection sends before a measured window.
 pub const HTTPS_WARMUP_REQUESTS: usize = 20;
+/// Calls each gRPC connection makes before a measured window.
+pub const GRPC_WARMUP_CALLS: usize = 20;
 
 fn log(message: &str) {
     eprintln!("bench: {message}");
@@ -390,15 +401,21 @@ fn run_in(
     // counted in another variant's run.
     let mut upstreams: BTreeMap<&'static str, Upstream> = BTreeMap::new();
     for variant in Variant::ALL.into_iter().chain([Variant::Candidate]) {
-        let upstream = Upstream::start(&format!("authorization: Bearer {secret}"))
-            .map_err(|e| e.to_string())?;
+        let credential = format!("authorization: Bearer {secret}");
+        let upstream = if variant.grpc() {
+            grpc::upstream(&credential)
+        } else {
+            Upstream::start(&credential)
+        }
+        .map_err(|e| e.to_string())?;
         upstreams.insert(variant.letter(), upstream);
     }
     let up = |letter: &str| upstreams[letter].port;
     let mut checks = Vec::new();
 
     // Control planes: one per variant that has one (d, e, f, p, x small; h, j small
-    // with the wildcard of the first handshakes; g big).
+    // with the wildcard of the first handshakes; l small with the load's service h2c;
+    // g big).
     log("starting control planes and seeding (10 services × 10 agents; 10k × 1k)");
     let mut cps: BTreeMap<&'static str, ControlPlane> = BTreeMap::new();
     let mut seeded: BTreeMap<&'static str, seed::Seeded> = BTreeMap::new();
@@ -419,6 +436,12 @@ fn run_in(
             seeded.insert(letter, seed::https(&cp, up(letter), &secret)?);
             cps.insert(letter, cp);
         }
+    }
+    if args.variants.contains(&Variant::GrpcFilter) {
+        let letter = Variant::GrpcFilter.letter();
+        let cp = ControlPlane::start(&args.agent_vault, workdir, &format!("cp-{letter}"))?;
+        seeded.insert(letter, seed::grpc(&cp, up(letter), &secret)?);
+        cps.insert(letter, cp);
     }
     let big = ControlPlane::start(&args.agent_vault, workdir, "cp-g")?;
     let seed_start = Instant::now();
@@ -496,11 +519,14 @@ fn run_in(
         )?;
         agents.insert(letter, agent);
     }
-    let headers_for = |variant: Variant| -> Vec<(String, String)> {
-        let token = &seeded
+    let token_for = |variant: Variant| {
+        &seeded
             .get(variant.letter())
             .unwrap_or(&seeded["e"])
-            .agent_token;
+            .agent_token
+    };
+    let headers_for = |variant: Variant| -> Vec<(String, String)> {
+        let token = token_for(variant);
         vec![
             ("Host".into(), format!("localhost:{}", up(variant.letter()))),
             (
@@ -510,9 +536,21 @@ fn run_in(
         ]
     };
 
+    // The gRPC pair's calls: the same agent and `:authority` as the other variants'
+    // requests.
+    let call_for = |envoy: &Envoy| grpc::Call {
+        proxy_port: envoy.port,
+        authority: format!("localhost:{}", up(envoy.variant.letter())),
+        proxy_authorization: http::proxy_basic(token_for(envoy.variant), "default"),
+    };
+
     // Ready: every variant answers 200 (the filters have their snapshot), and the
     // upstream sees what it should.
     for envoy in &envoys {
+        if envoy.variant.grpc() {
+            grpc_ready(envoy, &call_for(envoy), &upstreams[envoy.variant.letter()])?;
+            continue;
+        }
         let headers = headers_for(envoy.variant);
         let pairs: Vec<(&str, &str)> = headers
             .iter()
@@ -568,6 +606,10 @@ fn run_in(
                 https::Load::open(agent, 16, "/bench", HTTPS_WARMUP_REQUESTS)?
                     .run(Duration::from_secs(1))?;
             }
+            None if envoy.variant.grpc() => {
+                grpc::Load::open(&call_for(envoy), 16, args.grpc_streams, GRPC_WARMUP_CALLS)?
+                    .run(Duration::from_secs(1))?;
+            }
             None => {
                 let headers = headers_for(envoy.variant);
                 let target = load::Target {
@@ -615,14 +657,26 @@ fn run_in(
                     )?),
                     None => None,
                 };
+                // So do the gRPC agents their connections.
+                let calls = if envoy.variant.grpc() {
+                    Some(grpc::Load::open(
+                        &call_for(envoy),
+                        connections,
+                        args.grpc_streams,
+                        GRPC_WARMUP_CALLS,
+                    )?)
+                } else {
+                    None
+                };
                 let cp_before = cp.map(ControlPlane::counts).unwrap_or_default();
                 let upstream = &upstreams[envoy.variant.letter()];
                 let up_before = upstream.counts();
                 let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0);
                 let cp_cpu = cp.and_then(|c| procs::cpu_ticks(c.proc.pid())).unwrap_or(0);
-                let run = match tunnels {
-                    Some(tunnels) => tunnels.run(args.duration)?,
-                    None => load::wrk(&target, connections, args.duration)?,
+                let run = match (tunnels, calls) {
+                    (Some(tunnels), _) => tunnels.run(args.duration)?,
+                    (None, Some(calls)) => calls.run(args.duration)?,
+                    (None, None) => load::wrk(&target, connections, args.duration)?,
                 };
                 let envoy_cpu = procs::cpu_ticks(envoy.proc.pid()).unwrap_or(0) - envoy_cpu;
                 let cp_cpu = cp
@@ -881,6 +935,37 @@ fn run_in(
         log(&format!("wrote {}", out.display()));
     }
     Ok(())
+}
+
+/// Waits until `envoy`, a gRPC variant, answers a call OK, and checks that the upstream
+/// saw the credential on it when the variant injects one.
+fn grpc_ready(envoy: &Envoy, call: &grpc::Call, upstream: &Upstream) -> Result<(), String> {
+    let letter = envoy.variant.letter();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = upstream.counts();
+        let outcome = grpc::call_once(call);
+        let seen = upstream.counts().since(before);
+        match outcome {
+            Ok(outcome) if outcome.ok() => {
+                if envoy.variant.injects() && seen.with_credential != 1 {
+                    return Err(format!("variant ({letter}) did not inject the credential"));
+                }
+                return Ok(());
+            }
+            Ok(outcome) if Instant::now() > deadline => {
+                return Err(format!(
+                    "variant ({letter}) answers {} grpc-status {}",
+                    outcome.status,
+                    outcome.grpc_status.as_deref().unwrap_or("none")
+                ));
+            }
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("variant ({letter}): {e}"));
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Propagation across two control planes P1 and P2 on one PostgreSQL database (a

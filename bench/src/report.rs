@@ -208,9 +208,10 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
             let cp_cpu = med(results, variant, c, |s| s.cp_cpu_us);
             let has_cp = variant.has_control_plane();
             // HTTPS agents are another load (tunnels, TLS, another client): their ratios
-            // are to each other, in the HTTPS interception table.
+            // are to each other, in the HTTPS interception table; so are gRPC calls
+            // (HTTP/2 both ways, another client), in the gRPC table.
             let versus = |base: Variant| {
-                if variant.https() {
+                if variant.https() || variant.grpc() {
                     "—".to_string()
                 } else {
                     num(rps_ratio(results, variant, base, c), 2)
@@ -329,6 +330,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
     let prop_pg_by_envoy = propagation_by_envoy(&[("idle", pg_idle), ("under load", pg_loaded)]);
 
     let interception = interception(args, results);
+    let grpc = grpc_pair(args, results);
     let long_poll_cost = long_poll_cost(args, results);
     let first_handshakes = results
         .handshakes
@@ -538,7 +540,7 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
 
     let elapsed = results.started.elapsed().as_secs_f64();
     let mut printed = String::new();
-    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{prop_pg}\n{prop_pg_by_envoy}\n{long_poll_cost}\n{interception}\n{first_handshakes}\n{steady}\n{target_text}", results.memory.polling_vms);
+    let _ = writeln!(printed, "\n{table}\n{facts}\nEnvoy RSS after the runs (MiB): {rss_line}; VMs polling per Envoy: {}\n\n{prop}\n{prop_pg}\n{prop_pg_by_envoy}\n{long_poll_cost}\n{interception}\n{grpc}\n{first_handshakes}\n{steady}\n{target_text}", results.memory.polling_vms);
     let _ = writeln!(
         printed,
         "finished in {elapsed:.0} s; load average before {} / after {}",
@@ -681,6 +683,32 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
              {interception}"
         );
     }
+    if !grpc.is_empty() {
+        let _ = writeln!(
+            md,
+            "### gRPC unary calls (h2c)\n\n\
+             (k) and (l) are (a) and (e) for gRPC: the same listener (`codec_type: AUTO`), the \
+             upstream cluster speaking HTTP/2 with prior knowledge; (l) runs our filter warm, \
+             with its own control plane seeded like (e) except that the load's service is \
+             `upstream_tls: false, upstream_h2c: true`, so the filter marks its calls `h2c` and \
+             only that route forwards. The agents are the benchmark's own (wrk speaks HTTP/1.1 \
+             only): per run N h2c connections (prior knowledge) to Envoy's plain listener, each \
+             carrying {streams} concurrent call(s) in a closed loop after {warmup} warm-up calls; \
+             each call is `POST {path}` with `content-type: application/grpc`, `te: trailers`, \
+             `:authority` `localhost:<upstream>` and the same `proxy-authorization` as (e)'s \
+             requests, one {body}-byte message, and counts as OK only if its trailers carry \
+             `grpc-status: 0`. The upstream, in the benchmark process too, answers every `POST` \
+             with `200`, one message and `grpc-status: 0` trailers, and counts the calls that \
+             carried the injected credential. In the results table their req/s are calls/s and \
+             their non-2xx the calls not OK. The filter's cost is compared with the same cost \
+             on a plain request, (e) over (a), from the same rounds (paired per round, \
+             medians).\n\n{grpc}",
+            streams = args.grpc_streams,
+            warmup = crate::GRPC_WARMUP_CALLS,
+            path = crate::grpc::PATH,
+            body = crate::grpc::MESSAGE_BYTES,
+        );
+    }
     if !first_handshakes.is_empty() {
         let _ = writeln!(
             md,
@@ -811,6 +839,79 @@ fn interception(args: &Args, results: &Results) -> String {
     }
     if ran(Variant::Plain) && ran(Variant::FilterWarm) {
         let _ = writeln!(out, "\n{}", interception_summary(args, results));
+    }
+    out
+}
+
+/// The gRPC pair against the plain pair: what the filter costs on a unary gRPC call
+/// and on a plain request, from the same rounds, and whether every call of (l) carried
+/// the credential to the upstream. Empty when (k) or (l) did not run.
+fn grpc_pair(args: &Args, results: &Results) -> String {
+    let ran = |v: Variant| args.variants.contains(&v);
+    let (k, l) = (Variant::GrpcPlain, Variant::GrpcFilter);
+    if !ran(k) || !ran(l) {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| conns × streams | (k) calls/s | (l) calls/s | (l)/(k) calls/s | (e)/(a) req/s | p50 (k) → (l) µs | p99 (k) → (l) µs | p50 added to a call, (l) − (k) | p50 added on a plain request, (e) − (a) | Envoy CPU µs/call added: gRPC | plain | calls not OK (k) / (l) | upstream saw the credential, (l) |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for &c in &args.connections {
+        let added = |v: Variant, base: Variant, f: fn(&Sample) -> f64| {
+            paired(results, v, base, c, |a, b| f(a) - f(b))
+        };
+        let p50 = |s: &Sample| s.run.p50_us;
+        let cpu = |s: &Sample| s.envoy_cpu_us;
+        let signed = |x: f64| {
+            if x.is_finite() {
+                format!("{x:+.0} µs")
+            } else {
+                "—".into()
+            }
+        };
+        let plain_ran = ran(Variant::Plain) && ran(Variant::FilterWarm);
+        let plain = |text: String| if plain_ran { text } else { "—".into() };
+        let not_ok = |v: Variant| -> u64 {
+            samples(results, v, c)
+                .iter()
+                .map(|s| s.run.non_2xx + s.run.socket_errors)
+                .sum()
+        };
+        let (with_credential, requests) =
+            samples(results, l, c).iter().fold((0, 0), |(w, r), s| {
+                (w + s.upstream.with_credential, r + s.upstream.requests)
+            });
+        let _ = writeln!(
+            out,
+            "| {c} × {} | {} | {} | {}× ({}) | {} | {} → {} | {} → {} | {} | {} | {} | {} | {} / {} | {with_credential} of {requests} |",
+            args.grpc_streams,
+            num(med(results, k, c, |s| s.run.rps), 0),
+            num(med(results, l, c, |s| s.run.rps), 0),
+            num(rps_ratio(results, l, k, c), 3),
+            rps_ratio_range(results, l, k, c),
+            plain(format!(
+                "{}×",
+                num(
+                    rps_ratio(results, Variant::FilterWarm, Variant::Plain, c),
+                    3
+                )
+            )),
+            num(med(results, k, c, |s| s.run.p50_us), 0),
+            num(med(results, l, c, |s| s.run.p50_us), 0),
+            num(med(results, k, c, |s| s.run.p99_us), 0),
+            num(med(results, l, c, |s| s.run.p99_us), 0),
+            signed(added(l, k, p50)),
+            plain(signed(added(Variant::FilterWarm, Variant::Plain, p50))),
+            signed(added(l, k, cpu)),
+            plain(signed(added(Variant::FilterWarm, Variant::Plain, cpu))),
+            not_ok(k),
+            not_ok(l),
+        );
     }
     out
 }
@@ -1716,6 +1817,55 @@ mod tests {
             candidate_state_only: false,
             feature_rounds: 0,
             steady_secs: 0,
+            grpc_streams: 1,
         }
+    }
+
+    /// The gRPC pair's table: (l)/(k) from the same rounds next to (e)/(a), and how many
+    /// of (l)'s calls the upstream saw with the credential; nothing when (k) or (l) did
+    /// not run.
+    #[test]
+    fn the_grpc_table_pairs_l_with_k_next_to_e_over_a_and_counts_the_credential() {
+        let mut samples = Vec::new();
+        for round in 0..3 {
+            for (variant, rps) in [
+                (Variant::Plain, 1000.0),
+                (Variant::FilterWarm, 900.0),
+                (Variant::GrpcPlain, 800.0),
+                (Variant::GrpcFilter, 600.0),
+            ] {
+                let mut sample = sample(variant, 16, round, rps, 0.0);
+                sample.upstream.requests = 100;
+                sample.upstream.with_credential = if variant == Variant::GrpcFilter {
+                    100
+                } else {
+                    0
+                };
+                samples.push(sample);
+            }
+        }
+        let mut args = test_args();
+        args.connections = vec![16];
+        args.variants = vec![
+            Variant::Plain,
+            Variant::FilterWarm,
+            Variant::GrpcPlain,
+            Variant::GrpcFilter,
+        ];
+        let results = results(samples, None);
+        let table = grpc_pair(&args, &results);
+        assert!(
+            table.contains("| 16 × 1 | 800 | 600 | 0.750× (rounds 0.75–0.75) | 0.900× |"),
+            "{table}"
+        );
+        assert!(table.contains("| 0 / 0 | 300 of 300 |"), "{table}");
+        let (_, md) = render(&args, &results);
+        assert!(md.contains("### gRPC unary calls (h2c)"), "{md}");
+        assert!(
+            md.contains("| (l) gRPC unary (h2c): Agent Vault filter, warm | 16 | 600 |"),
+            "{md}"
+        );
+        args.variants.retain(|v| *v != Variant::GrpcPlain);
+        assert!(grpc_pair(&args, &results).is_empty());
     }
 }

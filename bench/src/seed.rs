@@ -1,7 +1,8 @@
 //! The vaults the benchmark runs against.
 //!
 //! Small (10 services × 10 agents): `bench` (the load's service: `localhost:<upstream>`,
-//! plain HTTP, bearer `BENCH_TOKEN`), `probe` (`127.0.0.1:<upstream>`, bearer
+//! plain HTTP, bearer `BENCH_TOKEN`; for the gRPC pair's (l), plain HTTP/2:
+//! `upstream_h2c`), `probe` (`127.0.0.1:<upstream>`, bearer
 //! `PROBE_KEY`, for the credential-delete propagation probe), 8 more; agents
 //! `bench-0` … `bench-8` and `prober`. The HTTPS pair's (h, j) adds `new-hosts`, the
 //! wildcard `*.bench.test`, so that the control plane mints a certificate for any name
@@ -59,25 +60,35 @@ fn filler(i: usize) -> Value {
 }
 
 pub fn small(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seeded, String> {
-    small_with(cp, upstream_port, secret, Vec::new())
+    let bench = service("bench", &format!("localhost:{upstream_port}"), LOAD_KEY);
+    small_with(cp, upstream_port, secret, bench, Vec::new())
+}
+
+/// [`small`] with the load's service an h2c upstream (`upstream_h2c`): the gRPC calls'.
+pub fn grpc(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seeded, String> {
+    let mut bench = service("bench", &format!("localhost:{upstream_port}"), LOAD_KEY);
+    bench["upstream_h2c"] = true.into();
+    small_with(cp, upstream_port, secret, bench, Vec::new())
 }
 
 /// [`small`] and the wildcard service of the first handshakes.
 pub fn https(cp: &ControlPlane, upstream_port: u16, secret: &str) -> Result<Seeded, String> {
+    let bench = service("bench", &format!("localhost:{upstream_port}"), LOAD_KEY);
     let wildcard = service("new-hosts", &format!("*.{NEW_HOSTS_DOMAIN}"), LOAD_KEY);
-    small_with(cp, upstream_port, secret, vec![wildcard])
+    small_with(cp, upstream_port, secret, bench, vec![wildcard])
 }
 
 fn small_with(
     cp: &ControlPlane,
     upstream_port: u16,
     secret: &str,
+    bench: Value,
     extra: Vec<Value>,
 ) -> Result<Seeded, String> {
     cp.set_credential(LOAD_KEY, secret)?;
     cp.set_credential(PROBE_KEY, "sk_probe_value")?;
     let mut services = vec![
-        service("bench", &format!("localhost:{upstream_port}"), LOAD_KEY),
+        bench,
         service("probe", &format!("127.0.0.1:{upstream_port}"), PROBE_KEY),
     ];
     services.extend((2..10).map(filler));

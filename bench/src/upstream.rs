@@ -1,7 +1,8 @@
-//! The upstream every variant routes to: a minimal HTTP/1.1 server on loopback that
-//! answers `200 ok` to everything, with one thread per (keep-alive) connection. It
-//! also counts what it saw, so the benchmark can check that the variants that inject
-//! a credential did inject it and that no agent token reached the upstream.
+//! The upstream every variant but the gRPC pair (k, l: `grpc`) routes to: a minimal
+//! HTTP/1.1 server on loopback that answers `200 ok` to everything, with one thread per
+//! (keep-alive) connection. It also counts what it saw, so the benchmark can check that
+//! the variants that inject a credential did inject it and that no agent token reached
+//! the upstream.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
