@@ -629,7 +629,11 @@ pub fn without_filter(rendered: &str) -> Result<String, String> {
                     let Some(routes) = host["routes"].as_array_mut() else {
                         continue;
                     };
-                    routes.retain(|r| !matches!(marker(r).as_deref(), Some("tls" | "opaque")));
+                    // Only plain HTTP/1.1 requests here: no TLS, h2c or WebSocket route.
+                    routes.retain(|r| {
+                        !matches!(marker(r).as_deref(), Some("tls" | "opaque" | "h2c"))
+                            && !upgrade_route(r)
+                    });
                     for route in routes {
                         if let Some(kind) = marker(route) {
                             if let Some(m) = route["match"].as_object_mut() {
@@ -652,6 +656,13 @@ pub fn without_filter(rendered: &str) -> Result<String, String> {
     }
     octal_modes(&mut config);
     serde_json::to_string_pretty(&config).map_err(|e| e.to_string())
+}
+
+/// Whether `route` is for upgrades only (WebSocket: it matches on `upgrade`).
+fn upgrade_route(route: &serde_json::Value) -> bool {
+    route["match"]["headers"]
+        .as_array()
+        .is_some_and(|headers| headers.iter().any(|h| h["name"] == "upgrade"))
 }
 
 /// Unix socket modes (`mode: 0600`) as the numbers Envoy reads them as: its YAML parser
@@ -967,7 +978,10 @@ mod tests {
             // plain HTTP); everything else gets the fail-closed 403.
             let shipped_plain = forwarding_routes(&shipped)
                 .into_iter()
-                .find(|m| m["headers"][0]["string_match"]["exact"] == "plain")
+                .find(|m| {
+                    m["headers"][0]["string_match"]["exact"] == "plain"
+                        && m["headers"].as_array().map(Vec::len) == Some(1)
+                })
                 .expect("the shipped plain route");
             assert_eq!(
                 forwarding_routes(&bench),
