@@ -886,16 +886,11 @@ mod tests {
     /// The benchmark writes its own bootstrap so that every variant shares one listener
     /// and upstream; what it measures for our filter is only worth something if the
     /// filter, its routing header and the router are set up as users get them.
-    #[test]
-    fn the_filter_variants_set_up_the_filter_and_its_routing_header_as_the_shipped_forward_proxy_does(
-    ) {
-        let template_path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/forward-proxy.yaml");
-        let template = std::fs::read_to_string(&template_path).expect("the template");
-        let wasm = Path::new("/opt/agent_vault_filter.wasm");
-        let inputs = Inputs {
+    /// The inputs of the config tests: paths that exist nowhere, as Envoy is not run.
+    fn test_inputs() -> Inputs<'static> {
+        Inputs {
             upstream_port: 18080,
-            filter_wasm: wasm,
+            filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
             noop_wasm: Path::new("/opt/noop.wasm"),
             candidate_wasm: None,
             candidate_access_log: false,
@@ -905,7 +900,17 @@ mod tests {
             proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
             dir: Path::new("/nonexistent"),
             static_credential: "unused",
-        };
+        }
+    }
+
+    #[test]
+    fn the_filter_variants_set_up_the_filter_and_its_routing_header_as_the_shipped_forward_proxy_does(
+    ) {
+        let template_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/forward-proxy.yaml");
+        let template = std::fs::read_to_string(&template_path).expect("the template");
+        let inputs = test_inputs();
+        let wasm = inputs.filter_wasm;
         for (variant, ttl_ms) in [
             (Variant::FilterWarm, "60000"),
             (Variant::FilterNoCache, "0"),
@@ -1006,19 +1011,7 @@ mod tests {
     /// upstream), with everything else refused as in (e).
     #[test]
     fn the_grpc_pair_is_a_and_e_with_an_h2c_upstream_and_l_forwards_only_the_h2c_marker() {
-        let inputs = Inputs {
-            upstream_port: 18080,
-            filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
-            noop_wasm: Path::new("/opt/noop.wasm"),
-            candidate_wasm: None,
-            candidate_access_log: false,
-            candidate_state_only: false,
-            socket: Path::new("/run/agent-vault/dataplane.sock"),
-            sds_socket: Path::new("/run/agent-vault/sds.sock"),
-            proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
-            dir: Path::new("/nonexistent"),
-            static_credential: "unused",
-        };
+        let inputs = test_inputs();
         let admin = Path::new("/run/agent-vault-envoy/admin.sock");
         let bootstrap =
             |variant: Variant| yaml(&config(variant, 10000, admin, &inputs).expect("config"));
@@ -1069,19 +1062,7 @@ mod tests {
     /// so the pair measures the filter in a tunnel and nothing else.
     #[test]
     fn the_https_pair_runs_the_shipped_forward_proxy_and_h_differs_only_by_the_filter() {
-        let inputs = Inputs {
-            upstream_port: 18080,
-            filter_wasm: Path::new("/opt/agent_vault_filter.wasm"),
-            noop_wasm: Path::new("/opt/noop.wasm"),
-            candidate_wasm: None,
-            candidate_access_log: false,
-            candidate_state_only: false,
-            socket: Path::new("/run/agent-vault/dataplane.sock"),
-            sds_socket: Path::new("/run/agent-vault/sds.sock"),
-            proxy_ca: Path::new("/var/lib/agent-vault/ca.pem"),
-            dir: Path::new("/nonexistent"),
-            static_credential: "unused",
-        };
+        let inputs = test_inputs();
         let admin = Path::new("/run/agent-vault-envoy/admin.sock");
         let j = config(Variant::HttpsFilter, 10000, admin, &inputs).expect("(j)");
         let h = config(Variant::HttpsPlain, 10000, admin, &inputs).expect("(h)");

@@ -60,6 +60,21 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A TLS server's configuration for a loopback upstream: a leaf for `localhost`
+    /// and `127.0.0.1` from this CA, offering exactly the ALPN protocols `alpn`.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let (chain, key) = self.issue(&["localhost", "127.0.0.1"]);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server cert");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
     /// A leaf certificate for `names` (DNS names or IP literals), signed by this CA:
     /// the DER chain (leaf only) and the PKCS#8 private key.
     pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
@@ -93,16 +108,7 @@ impl Echo {
 
     /// A TLS echo server with a certificate for `localhost` and `127.0.0.1` from `ca`.
     pub fn tls(ca: &TestCa) -> Echo {
-        let (chain, key) = ca.issue(&["localhost", "127.0.0.1"]);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server cert");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Echo::start(Some(Arc::new(config)))
+        Echo::start(Some(ca.server_config(&[b"http/1.1"])))
     }
 
     fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Echo {

@@ -99,16 +99,7 @@ struct H2Echo {
 
 impl H2Echo {
     fn start(ca: &TestCa) -> H2Echo {
-        let (chain, key) = ca.issue(&["localhost", "127.0.0.1"]);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server cert");
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(&[b"h2"]));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -512,18 +503,7 @@ struct WsEcho {
 
 impl WsEcho {
     fn start(tls: Option<&TestCa>) -> WsEcho {
-        let config = tls.map(|ca| {
-            let (chain, key) = ca.issue(&["localhost", "127.0.0.1"]);
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("tls versions")
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .expect("server cert");
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Arc::new(config)
-        });
+        let config = tls.map(|ca| ca.server_config(&[b"http/1.1"]));
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let upgrades = Arc::new(Mutex::new(Vec::new()));
