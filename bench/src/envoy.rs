@@ -646,12 +646,14 @@ pub fn without_filter(rendered: &str) -> Result<String, String> {
             }
         }
     }
-    // Two listeners, each with the filter; the agents' one routes CONNECT to the tunnel
-    // and requests to `plain`, the tunnel's one requests to `plain`.
-    if filters_removed != 2 || routes_opened != ["tunnel", "plain", "plain"] {
+    // Two listeners with the filter, the tunnels' one in two filter chains (TLS and
+    // plain HTTP inside the CONNECT); the agents' one routes CONNECT to the tunnel and
+    // requests to `plain`, each of the tunnel's chains requests to `plain`.
+    if filters_removed != 3 || routes_opened != ["tunnel", "plain", "plain", "plain"] {
         return Err(format!(
             "envoy/forward-proxy.yaml is not shaped as the benchmark expects: removed {filters_removed} \
-             wasm filters (expected 2), opened the routes {routes_opened:?} (expected tunnel, plain, plain)"
+             wasm filters (expected 3), opened the routes {routes_opened:?} (expected tunnel, plain, \
+             plain, plain)"
         ));
     }
     octal_modes(&mut config);
@@ -1090,8 +1092,16 @@ mod tests {
                 .collect()
         };
         let (j_hcms, h_hcms) = (all_hcms(&j), all_hcms(&h));
-        assert_eq!(j_hcms.len(), 2, "the agents' listener and the tunnel's");
-        assert_eq!(h_hcms.len(), 2);
+        assert_eq!(
+            j_hcms.len(),
+            3,
+            "the agents' listener and the tunnel's two chains (TLS, plain)"
+        );
+        assert_eq!(h_hcms.len(), 3);
+        assert_eq!(
+            h_hcms[1], h_hcms[2],
+            "the tunnel's chains handle HTTP alike"
+        );
         for (jh, hh) in j_hcms.iter().zip(&h_hcms) {
             assert!(names(jh).contains(&"envoy.filters.http.wasm".to_string()));
             let without: Vec<String> = names(jh)
@@ -1124,9 +1134,11 @@ mod tests {
             [(serde_json::json!({"prefix": "/"}), Value::from("dfp_plain"))]
         );
         // Everything else is (j)'s: put (j)'s filters and routes into (h) and compare.
-        for (i, jh) in j_hcms.iter().enumerate() {
-            let hcm = &mut h["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]
-                ["typed_config"];
+        // (listener, filter chain) of each connection manager, in all_hcms' order.
+        let places = [(0, 0), (1, 0), (1, 1)];
+        for (jh, (listener, chain)) in j_hcms.iter().zip(places) {
+            let hcm = &mut h["static_resources"]["listeners"][listener]["filter_chains"][chain]
+                ["filters"][0]["typed_config"];
             assert!(hcm.get("access_log").is_none(), "(h) logs nothing");
             hcm["http_filters"] = jh["http_filters"].clone();
             hcm["route_config"] = jh["route_config"].clone();

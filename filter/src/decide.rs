@@ -85,6 +85,9 @@ pub struct Tunnelled<'a> {
     pub identity: Option<&'a str>,
     /// The TLS SNI the agent's client sent when it started TLS inside the tunnel.
     pub sni: Option<&'a str>,
+    /// The tunnel's bytes are TLS Envoy decrypted ([`crate::config::Mode::Tunnel`]);
+    /// `false`: plain HTTP ([`crate::config::Mode::PlainTunnel`]), no SNI to check.
+    pub tls: bool,
 }
 
 /// What to do with a request.
@@ -501,6 +504,7 @@ fn decide_inner(
         host,
         port,
         in_tunnel: false,
+        tls: false,
         method: request.method,
     };
     decide_service(found, cache, request.path, now_ms, log, store)
@@ -627,8 +631,9 @@ fn decide_in_tunnel(
     log.vault = Some(Rc::clone(&vault.name));
 
     // The tunnel's host only: its certificate was minted for it, and the CONNECT was
-    // authorised for it. The SNI first: it chose the certificate.
-    if !sni_names(tunnel.sni, &identity.host) {
+    // authorised for it. The SNI first: it chose the certificate. (A plain tunnel has
+    // no TLS, so no SNI and no certificate: only its :authority is checked.)
+    if tunnel.tls && !sni_names(tunnel.sni, &identity.host) {
         log.host.clone_from(&identity.host);
         return R(reply::tunnel_host_mismatch(
             "TLS server name (SNI)",
@@ -636,9 +641,10 @@ fn decide_in_tunnel(
             &identity.authority(),
         ));
     }
+    let default_port = if tunnel.tls { TLS_PORT } else { DEFAULT_PORT };
     let Some((host, port)) = request
         .authority
-        .and_then(|a| normalize_authority(a, TLS_PORT))
+        .and_then(|a| normalize_authority(a, default_port))
     else {
         return R(reply::invalid_request());
     };
@@ -657,6 +663,7 @@ fn decide_in_tunnel(
         host,
         port,
         in_tunnel: true,
+        tls: tunnel.tls,
         method: request.method,
     };
     decide_service(found, cache, request.path, now_ms, log, store)
@@ -683,9 +690,11 @@ struct Matched<'a> {
     token_sha256: &'a str,
     host: String,
     port: u16,
-    /// Decrypted from a tunnel: the agent spoke TLS, so 443 is the default port and
-    /// an untouched request goes on over TLS.
+    /// From inside a tunnel.
     in_tunnel: bool,
+    /// The agent spoke TLS (a decrypted tunnel): an untouched request goes on over
+    /// TLS.
+    tls: bool,
     /// The request's `:method`.
     method: &'a str,
 }
@@ -707,15 +716,14 @@ fn decide_service(
         host,
         port,
         in_tunnel,
+        tls,
         method,
     } = found;
 
     // 7. Service.
     let Some(index) = vault.matcher.find(&host, port, path) else {
         let decision = match (vault.policy, in_tunnel) {
-            (UnmatchedHostPolicy::Passthrough, _) => {
-                Decision::Forward(Forward::untouched(in_tunnel))
-            }
+            (UnmatchedHostPolicy::Passthrough, _) => Decision::Forward(Forward::untouched(tls)),
             (UnmatchedHostPolicy::Deny, false) => R(reply::no_service(&vault.name, &host, port)),
             (UnmatchedHostPolicy::Deny, true) => {
                 R(reply::no_service_for_tunnel(&vault.name, &host, port))
@@ -1748,7 +1756,11 @@ pub(crate) mod tests {
             path: "/v1/charges",
             proxy_authorization,
             x_vault: None,
-            tunnel: Some(Tunnelled { identity, sni }),
+            tunnel: Some(Tunnelled {
+                identity,
+                sni,
+                tls: true,
+            }),
         }
     }
 

@@ -274,6 +274,7 @@ impl Http {
                 tunnel: tunnel.as_ref().map(|tunnel| Tunnelled {
                     identity: tunnel.identity.as_deref(),
                     sni: tunnel.sni.as_deref(),
+                    tls: tunnel.tls,
                 }),
             };
             match (worker.as_mut(), self.log.try_borrow_mut()) {
@@ -2278,6 +2279,7 @@ mod tests {
         TunnelInfo {
             identity: Some(identity(ALICE, "default", "api.stripe.com", 443)),
             sni: Some("api.stripe.com".to_owned()),
+            tls: true,
         }
     }
 
@@ -2421,6 +2423,42 @@ mod tests {
                 reject(3, 421, "tunnel_host_mismatch")
             ]
         );
+    }
+
+    #[test]
+    fn in_a_plain_tunnel_no_sni_is_needed_and_a_host_without_port_is_port_80() {
+        let mut vm = Vm::running(r#"{"mode":"tunnel"}"#);
+        // A CONNECT to api.stripe.com:80, plain HTTP inside: no TLS, so no SNI.
+        let plain = TunnelInfo {
+            identity: Some(identity(ALICE, "default", "api.stripe.com", 80)),
+            sni: None,
+            tls: false,
+        };
+        vm.host.tunnels.insert(2, plain.clone());
+        vm.request_with(2, inside("/a", None));
+        vm.answer(2, FIRST, credentials("sk_1"));
+        let calls = vm.calls();
+        assert!(
+            calls.iter().any(|call| matches!(
+                call,
+                Call::Forward {
+                    context: 2,
+                    route: "tls",
+                    ..
+                }
+            )),
+            "the service's own upstream (TLS): {calls:?}"
+        );
+        // Another host, or the tunnel's host on another port: 421 as in a TLS tunnel.
+        vm.host.tunnels.insert(3, plain.clone());
+        let mut headers = inside("/a", None);
+        headers[1].1 = "api.stripe.com:8080".to_owned();
+        vm.request_with(3, headers);
+        assert!(vm.calls().contains(&reject(3, 421, "tunnel_host_mismatch")));
+        // TLS without an SNI: refused, the SNI chose the certificate.
+        vm.host.tunnels.insert(4, TunnelInfo { tls: true, ..plain });
+        vm.request_with(4, inside("/a", None));
+        assert!(vm.calls().contains(&reject(4, 421, "tunnel_host_mismatch")));
     }
 
     /// The usual snapshot, with stripe forwarding `GET` only.

@@ -68,6 +68,9 @@ pub struct TunnelInfo {
     pub identity: Option<String>,
     /// The TLS SNI the agent's client sent, if any.
     pub sni: Option<String>,
+    /// The tunnel's bytes are TLS Envoy decrypted; `false`: plain HTTP inside the
+    /// `CONNECT` (no SNI, no certificate).
+    pub tls: bool,
 }
 
 /// Something the filter's Envoy stats count (see [`crate::stats`]). Request-path

@@ -57,9 +57,15 @@ impl Host for ProxyWasmHost {
     }
 
     fn tunnel(&mut self) -> TunnelInfo {
+        let sni = property(&["connection", "requested_server_name"]);
+        // Every TLS connection of the decrypting listener has an SNI (a handshake
+        // without one gets no certificate), so only a tunnel without one pays for
+        // the second read: TLS without an SNI, or plain HTTP.
+        let tls = sni.is_some() || property(&["connection", "tls_version"]).is_some();
         TunnelInfo {
             identity: property(&["filter_state", TUNNEL_STATE]),
-            sni: property(&["connection", "requested_server_name"]),
+            sni,
+            tls,
         }
     }
 

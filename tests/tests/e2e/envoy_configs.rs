@@ -487,8 +487,17 @@ fn the_forward_proxy_decrypts_tunnels_with_on_demand_certificates_and_the_identi
         "envoy.bootstrap.internal_listener"
     );
     let hcms = hcms(&bootstrap);
-    assert_eq!(hcms.len(), 2, "the agents' listener and the decrypting one");
+    assert_eq!(
+        hcms.len(),
+        3,
+        "the agents' listener and the decrypting one's two chains"
+    );
     let (outer, inner) = (&hcms[0], &hcms[1]);
+    // Plain HTTP inside a CONNECT: the same HTTP handling, filter included.
+    assert_eq!(
+        hcms[2], *inner,
+        "the plain tunnel chain handles HTTP as the TLS one"
+    );
 
     let set_state = outer["http_filters"]
         .as_array()
@@ -520,6 +529,13 @@ fn the_forward_proxy_decrypts_tunnels_with_on_demand_certificates_and_the_identi
     assert_eq!(
         listener["listener_filters"][0]["name"], "envoy.filters.listener.tls_inspector",
         "the SNI reaches the filter"
+    );
+    let chains = listener["filter_chains"].as_array().unwrap();
+    assert_eq!(chains[0]["filter_chain_match"]["transport_protocol"], "tls");
+    assert!(
+        chains[1].get("filter_chain_match").is_none()
+            && chains[1].get("transport_socket").is_none(),
+        "the other chain takes what is not TLS, undecrypted"
     );
     let tls = &listener["filter_chains"][0]["transport_socket"]["typed_config"];
     assert_eq!(tls["disable_stateless_session_resumption"], true);

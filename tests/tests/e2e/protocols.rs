@@ -24,7 +24,7 @@ use tungstenite::{ClientRequestBuilder, Message};
 use agent_vault_testkit::control_plane::ServerOptions;
 use agent_vault_testkit::envoy::workspace_root;
 use agent_vault_testkit::http::{proxy_basic, Stream};
-use agent_vault_testkit::https_agent::{HttpsTunnel, TlsOptions};
+use agent_vault_testkit::https_agent::{connect, HttpsTunnel, TlsOptions};
 use agent_vault_testkit::net::{serve_loopback, Serving};
 use agent_vault_testkit::process::die_with_parent;
 use agent_vault_testkit::stack::{wait_for, Stack};
@@ -375,6 +375,21 @@ fn grpc_over_h2c_reaches_an_h2c_upstream_with_the_credential_and_refusals_are_gr
         .unwrap_or_default();
     assert_eq!(indexes, vec![0, 1, 2, 3, 4], "{stream}");
 
+    // The same client with the proxy from http_proxy instead: grpcio sends a CONNECT
+    // and speaks h2c inside it, which the proxy handles as a plain tunnel.
+    let proxy_url = system.proxy_url();
+    let tunnelled = grpc_call(&[&authority, "--unary"], &[("http_proxy", &proxy_url)]);
+    assert_eq!(tunnelled["ok"], true, "{tunnelled}");
+    let tunnelled = grpc_call(
+        &[&authority, "--stream", "2"],
+        &[("http_proxy", &proxy_url)],
+    );
+    assert_eq!(
+        tunnelled["responses"].as_array().map(Vec::len),
+        Some(2),
+        "{tunnelled}"
+    );
+
     // No proxy credential: UNAUTHENTICATED, with the JSON body's message and the
     // HTTP status of DESIGN.md §6 in the trailers.
     let refused = call(&["--unary"], None);
@@ -654,6 +669,43 @@ fn a_websocket_through_the_proxy_is_authenticated_injected_and_its_frames_pass_u
     }
     socket.close(None).expect("close");
     let _ = socket.flush();
+}
+
+#[test]
+fn a_ws_websocket_inside_a_plain_connect_tunnel_is_checked_like_one_sent_to_the_port() {
+    let echo = WsEcho::start(None);
+    let system = System::start(TestCa::new("upstream test CA"), &[echo.port]);
+    system.add_service("ws", &echo.authority(), json!({"upstream_tls": false}));
+    let auth = system.proxy_auth();
+    // As clients that tunnel even ws:// through a proxy: CONNECT, then plain HTTP.
+    let tunnel = || {
+        connect(
+            system.stack.envoy.port,
+            &echo.authority(),
+            &[("Proxy-Authorization", &auth)],
+        )
+        .ok()
+        .and_then(|(_, stream)| stream)
+    };
+    let stream = wait_for(FIRST_SNAPSHOT, tunnel).expect("a tunnel to the WebSocket's host");
+    let mut socket = open_websocket(stream, &echo.authority(), None)
+        .unwrap_or_else(|status| panic!("the upgrade in the tunnel got {status}"));
+    let upgrade = echo.upgrades().pop().expect("the upstream saw the upgrade");
+    assert_eq!(
+        upgrade["authorization"],
+        format!("Bearer {SECRET}").as_str()
+    );
+    assert_eq!(
+        round_trip(&mut socket, "over a plain tunnel"),
+        "over a plain tunnel"
+    );
+    // Inside the tunnel only the CONNECT's host: another one is refused 421.
+    let stream = tunnel().expect("a second tunnel");
+    assert_eq!(
+        open_websocket(stream, "localhost:1", None).err(),
+        Some(421),
+        "another host inside the tunnel"
+    );
 }
 
 #[test]
