@@ -432,13 +432,14 @@ fn plain_requests_get_each_placeholder_on_its_declared_surfaces_and_nowhere_else
     assert!(!refused.body.contains(BODY_SECRET), "{}", refused.body);
     assert_cut_off(&recorder, b"token=", false);
 
-    // The request log keeps the path as the agent wrote it.
+    // The request log keeps the path as the agent wrote it. Each Envoy worker posts
+    // its own batch: wait for both records, which may come from different workers.
     let records = wait_for(SNAPSHOT, || {
         let records = stack.request_log("default");
-        records
-            .iter()
-            .any(|r| r["path"] == "/bot__TG_TOKEN__/send")
-            .then_some(records)
+        let refused = |r: &Value| r["error"] == "unsupported_substitution_body";
+        (records.iter().any(|r| r["path"] == "/bot__TG_TOKEN__/send")
+            && records.iter().any(refused))
+        .then_some(records)
     })
     .unwrap_or_else(|| panic!("not logged: {:?}", stack.request_log("default")));
     let logged = serde_json::to_string(&records).unwrap();
