@@ -24,7 +24,7 @@ use h2::client::SendRequest;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::runtime::Runtime;
 
-use crate::load::{percentile, Run};
+use crate::load::Run;
 use crate::upstream::{Seen, Upstream};
 
 /// The method every call names.
@@ -343,17 +343,12 @@ impl Load {
             }
             Ok::<_, String>((all, not_ok, errors))
         })?;
-        let mut all = latencies;
-        all.sort_unstable();
-        let elapsed = duration.as_secs_f64();
-        Ok(Run {
-            requests: all.len() as u64,
-            rps: all.len() as f64 / elapsed,
-            p50_us: percentile(&all, 0.50),
-            p99_us: percentile(&all, 0.99),
-            non_2xx: not_ok,
-            socket_errors: errors,
-        })
+        Ok(Run::of_latencies(
+            latencies,
+            duration.as_secs_f64(),
+            not_ok,
+            errors,
+        ))
     }
 }
 

@@ -22,7 +22,7 @@ use agent_vault_testkit::http::{Conn, Stream};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::load::{percentile, Run};
+use crate::load::Run;
 
 /// TLS inside a tunnel.
 pub struct Tls(rustls::StreamOwned<rustls::ClientConnection, TcpStream>);
@@ -272,15 +272,7 @@ impl Load {
             non_2xx += measured.non_2xx;
             errors += measured.errors;
         }
-        all.sort_unstable();
-        Ok(Run {
-            requests: all.len() as u64,
-            rps: all.len() as f64 / elapsed,
-            p50_us: percentile(&all, 0.50),
-            p99_us: percentile(&all, 0.99),
-            non_2xx,
-            socket_errors: errors,
-        })
+        Ok(Run::of_latencies(all, elapsed, non_2xx, errors))
     }
 }
 

@@ -20,6 +20,26 @@ pub struct Run {
     pub socket_errors: u64,
 }
 
+impl Run {
+    /// A run of `elapsed_s` seconds from every request's latency (µs, any order).
+    pub fn of_latencies(
+        mut all: Vec<u32>,
+        elapsed_s: f64,
+        non_2xx: u64,
+        socket_errors: u64,
+    ) -> Run {
+        all.sort_unstable();
+        Run {
+            requests: all.len() as u64,
+            rps: all.len() as f64 / elapsed_s,
+            p50_us: percentile(&all, 0.50),
+            p99_us: percentile(&all, 0.99),
+            non_2xx,
+            socket_errors,
+        }
+    }
+}
+
 /// What wrk sends.
 pub struct Target<'a> {
     pub port: u16,
@@ -193,15 +213,7 @@ pub fn socket_loop(
         all.extend(latencies);
         wrong += w;
     }
-    all.sort_unstable();
-    Ok(Run {
-        requests: all.len() as u64,
-        rps: all.len() as f64 / elapsed,
-        p50_us: percentile(&all, 0.50),
-        p99_us: percentile(&all, 0.99),
-        non_2xx: wrong,
-        socket_errors: 0,
-    })
+    Ok(Run::of_latencies(all, elapsed, wrong, 0))
 }
 
 /// The `q` quantile of sorted values (nearest rank).

@@ -783,6 +783,55 @@ pub fn render(args: &Args, results: &Results) -> (String, String) {
     (printed, md)
 }
 
+/// The median over rounds of `f(v) − f(base)`, paired per round, at `c` connections.
+fn added(results: &Results, v: Variant, base: Variant, c: usize, f: fn(&Sample) -> f64) -> f64 {
+    paired(results, v, base, c, |a, b| f(a) - f(b))
+}
+
+fn p50(sample: &Sample) -> f64 {
+    sample.run.p50_us
+}
+
+fn cpu(sample: &Sample) -> f64 {
+    sample.envoy_cpu_us
+}
+
+/// `+12 µs`, or `—` for a figure that could not be computed.
+fn signed_us(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:+.0} µs")
+    } else {
+        "—".into()
+    }
+}
+
+/// The plain pair's columns next to another pair's: (e)/(a) req/s and what (e) adds
+/// over (a) in p50 and Envoy CPU, at one connection count; `—` when (a) or (e) did not
+/// run.
+struct PlainPair {
+    ratio: String,
+    p50_added: String,
+    cpu_added: String,
+}
+
+impl PlainPair {
+    fn of(args: &Args, results: &Results, c: usize) -> PlainPair {
+        let (a, e) = (Variant::Plain, Variant::FilterWarm);
+        if !(args.variants.contains(&a) && args.variants.contains(&e)) {
+            return PlainPair {
+                ratio: "—".into(),
+                p50_added: "—".into(),
+                cpu_added: "—".into(),
+            };
+        }
+        PlainPair {
+            ratio: format!("{}×", num(rps_ratio(results, e, a, c), 3)),
+            p50_added: signed_us(added(results, e, a, c, p50)),
+            cpu_added: signed_us(added(results, e, a, c, cpu)),
+        }
+    }
+}
+
 /// The HTTPS pair against the plain pair: what the filter costs inside a tunnel and on
 /// a plain request, from the same rounds. Empty when (h) or (j) did not run.
 fn interception(args: &Args, results: &Results) -> String {
@@ -797,44 +846,22 @@ fn interception(args: &Args, results: &Results) -> String {
     );
     let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &c in &args.connections {
-        let p50_added = |v: Variant, base: Variant| {
-            paired(results, v, base, c, |a, b| a.run.p50_us - b.run.p50_us)
-        };
-        let cpu_added = |v: Variant, base: Variant| {
-            paired(results, v, base, c, |a, b| a.envoy_cpu_us - b.envoy_cpu_us)
-        };
-        let signed = |x: f64| {
-            if x.is_finite() {
-                format!("{x:+.0} µs")
-            } else {
-                "—".into()
-            }
-        };
-        let plain_ran = ran(Variant::Plain) && ran(Variant::FilterWarm);
-        let plain = |text: String| if plain_ran { text } else { "—".into() };
+        let (h, j) = (Variant::HttpsPlain, Variant::HttpsFilter);
+        let plain = PlainPair::of(args, results, c);
         let _ = writeln!(
             out,
             "| {c} | {} | {} | {}× ({}) | {} | {} → {} | {} | {} | {} | {} |",
-            num(med(results, Variant::HttpsPlain, c, |s| s.run.rps), 0),
-            num(med(results, Variant::HttpsFilter, c, |s| s.run.rps), 0),
-            num(
-                rps_ratio(results, Variant::HttpsFilter, Variant::HttpsPlain, c),
-                3
-            ),
-            rps_ratio_range(results, Variant::HttpsFilter, Variant::HttpsPlain, c),
-            plain(format!(
-                "{}×",
-                num(
-                    rps_ratio(results, Variant::FilterWarm, Variant::Plain, c),
-                    3
-                )
-            )),
-            num(med(results, Variant::HttpsPlain, c, |s| s.run.p50_us), 0),
-            num(med(results, Variant::HttpsFilter, c, |s| s.run.p50_us), 0),
-            signed(p50_added(Variant::HttpsFilter, Variant::HttpsPlain)),
-            plain(signed(p50_added(Variant::FilterWarm, Variant::Plain))),
-            signed(cpu_added(Variant::HttpsFilter, Variant::HttpsPlain)),
-            plain(signed(cpu_added(Variant::FilterWarm, Variant::Plain))),
+            num(med(results, h, c, |s| s.run.rps), 0),
+            num(med(results, j, c, |s| s.run.rps), 0),
+            num(rps_ratio(results, j, h, c), 3),
+            rps_ratio_range(results, j, h, c),
+            plain.ratio,
+            num(med(results, h, c, |s| s.run.p50_us), 0),
+            num(med(results, j, c, |s| s.run.p50_us), 0),
+            signed_us(added(results, j, h, c, p50)),
+            plain.p50_added,
+            signed_us(added(results, j, h, c, cpu)),
+            plain.cpu_added,
         );
     }
     if ran(Variant::Plain) && ran(Variant::FilterWarm) {
@@ -862,20 +889,7 @@ fn grpc_pair(args: &Args, results: &Results) -> String {
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for &c in &args.connections {
-        let added = |v: Variant, base: Variant, f: fn(&Sample) -> f64| {
-            paired(results, v, base, c, |a, b| f(a) - f(b))
-        };
-        let p50 = |s: &Sample| s.run.p50_us;
-        let cpu = |s: &Sample| s.envoy_cpu_us;
-        let signed = |x: f64| {
-            if x.is_finite() {
-                format!("{x:+.0} µs")
-            } else {
-                "—".into()
-            }
-        };
-        let plain_ran = ran(Variant::Plain) && ran(Variant::FilterWarm);
-        let plain = |text: String| if plain_ran { text } else { "—".into() };
+        let plain = PlainPair::of(args, results, c);
         let not_ok = |v: Variant| -> u64 {
             samples(results, v, c)
                 .iter()
@@ -894,21 +908,15 @@ fn grpc_pair(args: &Args, results: &Results) -> String {
             num(med(results, l, c, |s| s.run.rps), 0),
             num(rps_ratio(results, l, k, c), 3),
             rps_ratio_range(results, l, k, c),
-            plain(format!(
-                "{}×",
-                num(
-                    rps_ratio(results, Variant::FilterWarm, Variant::Plain, c),
-                    3
-                )
-            )),
+            plain.ratio,
             num(med(results, k, c, |s| s.run.p50_us), 0),
             num(med(results, l, c, |s| s.run.p50_us), 0),
             num(med(results, k, c, |s| s.run.p99_us), 0),
             num(med(results, l, c, |s| s.run.p99_us), 0),
-            signed(added(l, k, p50)),
-            plain(signed(added(Variant::FilterWarm, Variant::Plain, p50))),
-            signed(added(l, k, cpu)),
-            plain(signed(added(Variant::FilterWarm, Variant::Plain, cpu))),
+            signed_us(added(results, l, k, c, p50)),
+            plain.p50_added,
+            signed_us(added(results, l, k, c, cpu)),
+            plain.cpu_added,
             not_ok(k),
             not_ok(l),
         );
