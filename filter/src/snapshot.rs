@@ -84,7 +84,8 @@ pub struct CompiledVault {
 pub struct CompiledSnapshot {
     /// The control plane's version (sent back in `If-None-Match`).
     pub version: String,
-    agents: HashMap<String, Agent>,
+    /// By token hash: the key is the agent's own `token_sha256`.
+    agents: HashMap<Rc<str>, Agent>,
     vaults: HashMap<String, CompiledVault>,
 }
 
@@ -146,10 +147,10 @@ impl CompiledSnapshot {
                         .map_or_else(|| Rc::from(g.vault.as_str()), |v| Rc::clone(&v.name))
                 })
                 .collect();
-            let token_sha256 = agent.token_sha256.to_ascii_lowercase();
-            agents.entry(token_sha256.clone()).or_insert(Agent {
+            let token_sha256: Rc<str> = Rc::from(agent.token_sha256.to_ascii_lowercase());
+            agents.entry(Rc::clone(&token_sha256)).or_insert(Agent {
                 name: Rc::from(agent.name.as_str()),
-                token_sha256: Rc::from(token_sha256),
+                token_sha256,
                 vaults: grants,
                 expires_at: agent.expires_at,
             });

@@ -90,14 +90,4 @@ impl OpenUpgrades {
         });
         revoked
     }
-
-    /// How many are open.
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    /// Whether none is open.
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
 }
