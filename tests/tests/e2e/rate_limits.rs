@@ -18,6 +18,8 @@ use agent_vault_testkit::https_agent::{HttpsTunnel, TlsOptions};
 use agent_vault_testkit::stack::{on_every_worker, wait_for, Stack};
 use agent_vault_testkit::upstream::{Echo, TestCa};
 
+use crate::proxy::is_refusal;
+
 /// Both workers load their first snapshot within this.
 const SNAPSHOT: Duration = Duration::from_secs(15);
 
@@ -424,19 +426,17 @@ fn a_vault_wide_limit_counts_all_its_services_together_and_the_cli_sets_and_remo
         "{listed}"
     );
     let agent = stack.create_agent("vault-rate", &["default"]);
-    let other = stack.create_agent("vault-rate-other", &["default"]);
-    // Both workers have the snapshot with the limit (the agents came after it): the
-    // other agent probes a host no service lists, which the limit never counts (every
-    // service of the vault is under it, so a probe of theirs would spend a budget the
-    // streak may need more than once when one worker takes most connections): 407
-    // while a worker does not know the agent yet, 403 `forbidden` once it does.
+    // Both workers have the snapshot with the limit (the agent came after it). Every
+    // service of the vault is under the limit, so the probe asks for a host none lists,
+    // which is never counted (the 5 of 10 below would show it): 407 while a worker does
+    // not know the agent yet, 403 `forbidden` once it does.
     let unlisted = Echo::plain();
     on_every_worker(
         &stack.envoy,
         SNAPSHOT,
         4,
-        || stack.get_as(&other, "default", &unlisted.url("/ready"), &[]),
-        |r| crate::proxy::is_refusal(r, 403, "forbidden"),
+        || stack.get_as(&agent, "default", &unlisted.url("/ready"), &[]),
+        |r| is_refusal(r, 403, "forbidden"),
     );
     assert!(unlisted.received().is_empty());
 
