@@ -687,9 +687,18 @@ fn a_ws_websocket_inside_a_plain_connect_tunnel_is_checked_like_one_sent_to_the_
         .ok()
         .and_then(|(_, stream)| stream)
     };
-    let stream = wait_for(FIRST_SNAPSHOT, tunnel).expect("a tunnel to the WebSocket's host");
-    let mut socket = open_websocket(stream, &echo.authority(), None)
-        .unwrap_or_else(|status| panic!("the upgrade in the tunnel got {status}"));
+    // The tunnel's filter (its own root context, so its own snapshot) may learn of the
+    // new service a few milliseconds after the one that let the CONNECT through: wait for
+    // the upgrade inside, not only for the tunnel.
+    let mut socket = wait_for(FIRST_SNAPSHOT, || {
+        open_websocket(tunnel()?, &echo.authority(), None).ok()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "an upgrade inside a tunnel to the WebSocket's host\n{}",
+            system.stack.envoy.log_tail(30)
+        )
+    });
     let upgrade = echo.upgrades().pop().expect("the upstream saw the upgrade");
     assert_eq!(
         upgrade["authorization"],
@@ -716,19 +725,24 @@ fn a_websocket_inside_an_https_tunnel_is_checked_like_a_plain_one() {
     system.add_service("ws", &echo.authority(), json!({}));
     let proxy_ca = std::fs::read_to_string(system.proxy_ca()).expect("the proxy CA");
     let auth = system.proxy_auth();
-    let tunnel = wait_for(FIRST_SNAPSHOT, || {
-        HttpsTunnel::open(
+    // wss://: the upgrade inside the decrypted tunnel carries no proxy credential. As
+    // above, wait for the upgrade inside, whose filter may see the service last.
+    let mut socket = wait_for(FIRST_SNAPSHOT, || {
+        let tunnel = HttpsTunnel::open(
             system.stack.envoy.port,
             &echo.authority(),
             &[("Proxy-Authorization", &auth)],
             &TlsOptions::new("localhost", &proxy_ca),
         )
-        .ok()
+        .ok()?;
+        open_websocket(tunnel.into_stream(), &echo.authority(), None).ok()
     })
-    .expect("a tunnel to the WebSocket's host");
-    // wss://: the upgrade inside the decrypted tunnel carries no proxy credential.
-    let mut socket = open_websocket(tunnel.into_stream(), &echo.authority(), None)
-        .unwrap_or_else(|status| panic!("the upgrade in the tunnel got {status}"));
+    .unwrap_or_else(|| {
+        panic!(
+            "an upgrade inside a TLS tunnel to the WebSocket's host\n{}",
+            system.stack.envoy.log_tail(30)
+        )
+    });
     let upgrade = echo.upgrades().pop().expect("the upstream saw the upgrade");
     assert_eq!(
         upgrade["authorization"],
